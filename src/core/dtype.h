@@ -1,0 +1,43 @@
+// Element types of checkpoints, activations and trace stores, and the float conversions between them.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <string_view>
+
+namespace moetrace {
+
+enum class DType : uint8_t { kF32, kF16, kBF16, kF64, kI64, kI32, kI16, kI8, kU8, kBool };
+
+size_t dtype_size(DType t);
+// Safetensors spelling: "F32", "BF16", "I64", "BOOL", ...
+std::string_view dtype_name(DType t);
+// Parses the safetensors spelling; returns false for an unknown name.
+bool parse_dtype(std::string_view name, DType* out);
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Round to nearest even, as torch does; NaN stays NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+float f16_to_f32(uint16_t h);
+uint16_t f32_to_f16(float f);
+
+// Converts n elements of src (F32, F16 or BF16) to float32.
+void convert_to_f32(DType src_type, const void* src, float* dst, size_t n);
+// Converts n float32 elements to dst_type (F32, F16 or BF16).
+void convert_from_f32(const float* src, DType dst_type, void* dst, size_t n);
+
+}  // namespace moetrace
