@@ -1,0 +1,197 @@
+"""python -m moetrace SUBCOMMAND ...
+
+  summary STORE                  what `moetrace inspect` reports, recomputed from the shards in Python
+  export-pickle STORE OUT.pkl    the seed system's pickle (+ OUT.json metadata)
+  analyze ..., speculate ...     dispatched to moetrace.analysis / moetrace.speculate when present
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+import numpy as np
+
+from .errors import StoreError
+from .store import TraceStore, open_store
+
+# Subcommands implemented in their own modules: each exposes main(argv) -> int.
+PLUGIN_COMMANDS = {"analyze": "moetrace.analysis", "speculate": "moetrace.speculate"}
+
+
+def compute_summary(store: TraceStore) -> dict:
+    """Counts recomputed from the shards (streaming, one shard at a time)."""
+    e = store.num_experts
+    layers = {name: {"expert_counts": np.zeros(e, np.int64), "dropped": 0, "tokens": 0} for name in store.layers}
+    datasets: dict[str, int] = {}
+    samples = real = tokens = dec_tokens = nbytes = 0
+    for shard in store.iter_shards():
+        nbytes += int(shard.entry.get("bytes") or 0)
+        if shard.num_samples == 0:
+            continue
+        samples += shard.num_samples
+        real += int(np.count_nonzero(shard.tensor("sample_kind") == 0))
+        tokens += shard.num_tokens
+        if shard.dec_sample_offsets is not None:
+            dec_tokens += int(shard.dec_sample_offsets[-1])
+        for d in shard.metadata["datasets"]:
+            datasets[d] = datasets.get(d, 0) + 1
+        for name, acc in layers.items():
+            if not shard.has(f"{name}.expert"):
+                continue
+            expert = shard.tensor(f"{name}.expert")
+            acc["expert_counts"] += np.bincount(expert, minlength=e)[:e]
+            acc["dropped"] += int(np.count_nonzero(shard.tensor(f"{name}.dropped")))
+            acc["tokens"] += int(expert.shape[0])
+    n_enc = len(store.encoder_layers)
+    dist = sum((layers[f"enc.{i}"]["expert_counts"] for i in store.encoder_layers), np.zeros(e, np.int64))
+    used = int(np.count_nonzero(dist))
+    return {
+        "num_samples": samples, "real_samples": real, "synthetic_samples": samples - real,
+        "num_tokens": tokens, "num_decoder_tokens": dec_tokens, "bytes": nbytes,
+        "total_traces": samples * n_enc,
+        "expert_distribution": {str(k): int(c) for k, c in enumerate(dist)},
+        "experts_used": used,
+        "diversity_percentage": 100.0 * used / e if e else 0.0,
+        "dataset_distribution": {d: c * n_enc for d, c in sorted(datasets.items())},
+        "per_layer": {name: {"expert_counts": [int(c) for c in acc["expert_counts"]], "dropped": acc["dropped"],
+                             "tokens": acc["tokens"],
+                             "drop_rate": acc["dropped"] / acc["tokens"] if acc["tokens"] else 0.0}
+                      for name, acc in layers.items()},
+    }
+
+
+def check_against_manifest(store: TraceStore, s: dict) -> list[str]:
+    """Differences between recomputed counts and the manifest's (empty when the store is consistent)."""
+    m = store.manifest
+    problems = []
+    for key in ("num_samples", "num_tokens", "total_traces", "expert_distribution", "experts_used",
+                "dataset_distribution"):
+        if key in m and m[key] != s[key]:
+            problems.append(f"{key}: manifest {m[key]!r}, shards {s[key]!r}")
+    for name, want in (m.get("per_layer") or {}).items():
+        got = s["per_layer"].get(name)
+        if got is None:
+            problems.append(f"per_layer.{name}: in the manifest but not a layer of the store")
+            continue
+        for key in ("expert_counts", "dropped", "tokens"):
+            if key in want and want[key] != got[key]:
+                problems.append(f"per_layer.{name}.{key}: manifest {want[key]!r}, shards {got[key]!r}")
+    return problems
+
+
+def print_summary(store: TraceStore, s: dict, problems: list[str], out=sys.stdout) -> None:
+    m = store.manifest
+    st = m.get("settings", {}) or {}
+    model = m.get("model", {}) or {}
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"store:        {store.path}")
+    p(f"format:       {m.get('format')} v{m.get('format_version')}, written by moetrace {m.get('moetrace_version', '?')}, "
+      f"{'complete' if m.get('complete') else 'INCOMPLETE (collection running or interrupted)'}")
+    p(f"model:        {model.get('id', '?')}{' (demo)' if model.get('demo') else ''}; "
+      f"{store.num_experts} experts, d_model {store.d_model}")
+    if st:
+        p("settings:     " + ", ".join(f"{k}={v}" for k, v in st.items()))
+    p(f"layers:       encoder {store.encoder_layers}, decoder {store.decoder_layers}")
+    p(f"samples:      {s['num_samples']} ({s['real_samples']} real, {s['synthetic_samples']} synthetic), "
+      f"{s['num_tokens']} tokens, {s['num_decoder_tokens']} decoder tokens")
+    p(f"shards:       {len(store.shards)}, {s['bytes'] / 2**20:.1f} MiB")
+    p(f"traces:       {s['total_traces']} (samples x encoder MoE layers); experts used {s['experts_used']}/"
+      f"{store.num_experts} ({s['diversity_percentage']:.1f}%)")
+    if m.get("collection_time") is not None:
+        p(f"collection:   {m.get('collection_time')} s on {m.get('device', '?')}"
+          + (f", {m['throughput_tokens_per_s']:.0f} tokens/s" if m.get("throughput_tokens_per_s") else ""))
+    p("datasets (traces):")
+    for d, c in s["dataset_distribution"].items():
+        p(f"  {d:<32} {c}")
+    p("per layer:")
+    p(f"  {'layer':<8} {'tokens':>10} {'dropped':>9} {'drop%':>7}  expert counts")
+    for name, acc in s["per_layer"].items():
+        p(f"  {name:<8} {acc['tokens']:>10} {acc['dropped']:>9} {100 * acc['drop_rate']:>6.2f}%  "
+          + " ".join(str(c) for c in acc["expert_counts"]))
+    if problems:
+        p("manifest check: MISMATCH")
+        for line in problems:
+            p(f"  {line}")
+    else:
+        p("manifest check: ok (counts recomputed from the shards equal the manifest's)")
+
+
+def cmd_summary(args) -> int:
+    store = open_store(args.store, verify=args.verify)
+    s = compute_summary(store)
+    problems = check_against_manifest(store, s)
+    if args.json:
+        json.dump({**s, "manifest_mismatches": problems}, sys.stdout, indent=2)
+        print()
+    else:
+        print_summary(store, s, problems)
+    return 1 if problems else 0
+
+
+def cmd_export_pickle(args) -> int:
+    from .compat import export_pickle
+    layers = None
+    if args.layers:
+        layers = [x for part in args.layers for x in part.split(",") if x]
+    meta = export_pickle(args.store, args.out, layers=layers, limit=args.limit, fmt=args.format,
+                         real_only=args.real_only)
+    print(f"wrote {meta['exported_traces']} records ({args.format}) to {args.out} and its metadata beside it",
+          file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m moetrace", description="Read moetrace trace stores in Python.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("summary", help="counts of a store, recomputed from its shards and checked against the manifest")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--verify", action="store_true", help="also check every shard's SHA-256")
+    p.set_defaults(func=cmd_summary)
+    p = sub.add_parser("export-pickle", help="write the seed system's pickle of routing records (+ OUT.json)")
+    p.add_argument("store")
+    p.add_argument("out", help="OUT.pkl; the metadata goes to OUT.json")
+    p.add_argument("--layers", nargs="+", help="encoder MoE layers to export: block indices or enc.{i} (default all)")
+    p.add_argument("--limit", type=int, help="export at most N samples")
+    p.add_argument("--format", choices=("dict", "dataclass"), default="dict",
+                   help="dict: plain dicts (default); dataclass: moetrace.compat.GatingDataPoint instances "
+                        "(loading them needs moetrace importable)")
+    p.add_argument("--real-only", action="store_true", help="skip synthetic samples")
+    p.set_defaults(func=cmd_export_pickle)
+    for name in PLUGIN_COMMANDS:
+        sub.add_parser(name, help=f"see python -m moetrace {name} --help", add_help=False)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PLUGIN_COMMANDS:
+        try:
+            module = importlib.import_module(PLUGIN_COMMANDS[argv[0]])
+        except ModuleNotFoundError as e:
+            if e.name != PLUGIN_COMMANDS[argv[0]]:
+                raise
+            print(f"moetrace: error: the {argv[0]} subcommand is not available in this version "
+                  f"({PLUGIN_COMMANDS[argv[0]]} is missing)", file=sys.stderr)
+            return 2
+        return int(module.main(argv[1:]) or 0)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "func", None):
+        ap.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except StoreError as e:
+        print(f"moetrace: error: {e}", file=sys.stderr)
+        return 1
+    except KeyError as e:  # an unknown layer, sample or tensor name
+        print(f"moetrace: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Records in the structure of the seed system's routing traces, and export to its pickle format.
+
+The seed pickled a list of per-(sample, encoder MoE layer) records. gating_records() yields them as
+dicts with the seed's keys and numpy values; export_pickle() writes that list (or instances of the
+GatingDataPoint dataclass below) plus the seed's metadata JSON beside it.
+
+Record fields (S tokens, E experts, d = d_model):
+  layer_id          int: the encoder block index of the MoE layer (1, 3, ..., 11)
+  hidden_states     float32 [S, d]: the router's input when the store has it (--hidden), else None
+  input_embeddings  int64 [S]: the token ids (the seed stored the ids under this name, not embeddings)
+  target_routing    float32 [S, E]: softmax of the router logits
+  target_top_k      int64 [S, 1]: the top-1 expert
+  prev_layer_gates  list of float32 [S, E]: target_routing of up to 3 earlier MoE layers, oldest first
+  sequence_length   int: S
+  token_ids         int64 [S]
+  dataset_name      str: the catalog name, e.g. glue/mrpc
+  sample_id         str: '<dataset>/<config>/<split>/<row>'
+The seed held torch tensors; these are numpy arrays (torch.from_numpy() converts without a copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .store import TraceStore, open_store, softmax
+
+PREV_LAYERS = 3  # the seed's window of earlier layers' gates
+SEED_METADATA_FIELDS = ("total_traces", "num_experts", "expert_distribution", "experts_used",
+                        "diversity_percentage", "dataset_distribution", "collection_time", "device")
+
+
+@dataclasses.dataclass
+class GatingDataPoint:
+    """The seed's record type with numpy arrays in place of torch tensors. Unpickling instances needs
+    the moetrace package importable (pickle stores the class as moetrace.compat.GatingDataPoint)."""
+
+    layer_id: int
+    hidden_states: Any
+    input_embeddings: Any
+    target_routing: Any
+    target_top_k: Any
+    prev_layer_gates: list
+    sequence_length: int
+    token_ids: Any
+    dataset_name: str
+    sample_id: str
+
+
+def _encoder_layers(store: TraceStore, layers: Iterable | None) -> list[int]:
+    """Normalises a layer selection (block indices or 'enc.{i}' names) to encoder block indices."""
+    if layers is None:
+        return list(store.encoder_layers)
+    out = []
+    for x in layers:
+        s = str(x)
+        i = int(s[4:]) if s.startswith("enc.") else int(s)
+        if i not in store.encoder_layers:
+            raise KeyError(f"no encoder MoE layer {x!r} in {store.path} (encoder layers: {store.encoder_layers})")
+        out.append(i)
+    return out
+
+
+def gating_records(store: TraceStore | str | os.PathLike, layers: Iterable | None = None,
+                   limit: int | None = None, real_only: bool = False) -> Iterator[dict]:
+    """Yields one seed-style dict per (sample, encoder MoE layer), samples in store order, layers in
+    block order. `layers` restricts the records written (prev_layer_gates still use all earlier MoE
+    layers of the model); `limit` caps the number of samples; `real_only` skips synthetic samples."""
+    if not isinstance(store, TraceStore):
+        store = open_store(store)
+    wanted = set(_encoder_layers(store, layers))
+    done = 0
+    for sample in store:
+        if limit is not None and done >= limit:
+            return
+        if real_only and sample.synthetic:
+            continue
+        done += 1
+        token_ids = np.array(sample.token_ids, dtype=np.int64)
+        gates: list[np.ndarray] = []
+        for block in store.encoder_layers:
+            view = sample.layer(f"enc.{block}")
+            probs = softmax(view.router_logits)
+            if block in wanted:
+                hidden = view.hidden
+                yield {
+                    "layer_id": int(block),
+                    "hidden_states": None if hidden is None else np.array(hidden, dtype=np.float32),
+                    "input_embeddings": token_ids.copy(),
+                    "target_routing": probs,
+                    "target_top_k": np.array(view.expert, dtype=np.int64).reshape(-1, 1),
+                    "prev_layer_gates": list(gates[-PREV_LAYERS:]),
+                    "sequence_length": int(len(token_ids)),
+                    "token_ids": token_ids,
+                    "dataset_name": sample.dataset,
+                    "sample_id": sample.sample_id,
+                }
+            gates.append(probs)
+
+
+def seed_metadata(store: TraceStore, records_summary: dict | None = None) -> dict:
+    """The seed's metadata fields. From the manifest, or, when the export was filtered
+    (records_summary given), recomputed over the exported records with the same definitions."""
+    m = store.manifest
+    if records_summary is None:
+        out = {k: m.get(k) for k in SEED_METADATA_FIELDS}
+    else:
+        counts = records_summary["expert_counts"]
+        used = int(np.count_nonzero(counts))
+        out = {
+            "total_traces": records_summary["traces"],
+            "num_experts": store.num_experts,
+            "expert_distribution": {str(e): int(c) for e, c in enumerate(counts)},
+            "experts_used": used,
+            "diversity_percentage": 100.0 * used / store.num_experts if store.num_experts else 0.0,
+            "dataset_distribution": records_summary["datasets"],
+            "collection_time": m.get("collection_time"),
+            "device": m.get("device"),
+        }
+    return out
+
+
+class _StreamedList:
+    """Pickles as a plain list whose items are pickled one at a time (bounded memory)."""
+
+    def __init__(self, items: Iterable):
+        self.items = items
+
+    def __reduce__(self):
+        return list, (), None, iter(self.items)
+
+
+def export_pickle(store: TraceStore | str | os.PathLike, out_path: str | os.PathLike,
+                  layers: Iterable | None = None, limit: int | None = None, fmt: str = "dict",
+                  real_only: bool = False) -> dict:
+    """Writes OUT.pkl (a list of records: dicts, or GatingDataPoint with fmt='dataclass') and OUT.json
+    (the seed's metadata fields, plus `source_store` and `filtered`). Returns the metadata."""
+    if fmt not in ("dict", "dataclass"):
+        raise ValueError(f"fmt must be 'dict' or 'dataclass', not {fmt!r}")
+    if not isinstance(store, TraceStore):
+        store = open_store(store)
+    out_path = os.fspath(out_path)
+    filtered = layers is not None or limit is not None or real_only
+    summary = {"traces": 0, "expert_counts": np.zeros(store.num_experts, np.int64), "datasets": {}}
+
+    def records():
+        for rec in gating_records(store, layers=layers, limit=limit, real_only=real_only):
+            summary["traces"] += 1
+            summary["expert_counts"] += np.bincount(rec["target_top_k"][:, 0], minlength=store.num_experts)[:store.num_experts]
+            summary["datasets"][rec["dataset_name"]] = summary["datasets"].get(rec["dataset_name"], 0) + 1
+            yield GatingDataPoint(**rec) if fmt == "dataclass" else rec
+
+    tmp = out_path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickler = pickle.Pickler(f, protocol=4)
+        pickler.fast = True  # no memo: records are written and forgotten one by one
+        pickler.dump(_StreamedList(records()))
+    os.replace(tmp, out_path)
+    meta = seed_metadata(store, summary if filtered else None)
+    meta["source_store"] = os.path.abspath(store.path)
+    meta["filtered"] = filtered
+    meta["exported_traces"] = summary["traces"]
+    meta["record_format"] = fmt
+    json_path = os.path.splitext(out_path)[0] + ".json"
+    with open(json_path, "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    return meta

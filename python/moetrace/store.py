@@ -1,0 +1,533 @@
+"""Reading a moetrace trace store (docs/TRACE_FORMAT.md, format v1) with numpy alone.
+
+Tensors are memory-mapped: nothing is copied until a caller asks for a converted value (BF16/F16 ->
+float32, softmax probabilities, ColumnView.to_numpy()).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+
+from .errors import StoreError
+from .safetensors_io import DTYPES, SafetensorsFile
+
+FORMAT = "moetrace-trace"
+FORMAT_VERSIONS = (1,)  # the versions this reader knows; others are refused
+LAYER_FIELDS = ("router_logits", "expert", "dropped", "gate", "hidden")
+REQUIRED_TENSORS = ("token_ids", "sample_offsets", "sample_kind")
+
+
+def open_store(path: str | os.PathLike, verify: bool = False, backend: str = "numpy") -> "TraceStore":
+    """Opens the store at `path` (the directory, or its manifest.json).
+
+    verify=True recomputes every shard's SHA-256 against the manifest (reads everything once).
+    backend="numpy" maps the shards with numpy (zero copy); "safetensors" reads tensors through the
+    `safetensors` package (copies; BF16 is still read here since numpy has no bfloat16).
+    """
+    path = os.fspath(path)
+    if os.path.basename(path) == "manifest.json" and os.path.isfile(path):
+        path = os.path.dirname(path) or "."
+    return TraceStore(path, verify=verify, backend=backend)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row softmax in float32 over the last axis (the engine's routing math is fp32)."""
+    x = np.asarray(logits, dtype=np.float32)
+    if x.size == 0:
+        return x.copy()
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _check_version(where: str, fmt, version) -> None:
+    if fmt != FORMAT:
+        raise StoreError(f"{where}: format is {fmt!r}, expected {FORMAT!r} (not a moetrace trace store)")
+    try:
+        v = int(version)
+    except (TypeError, ValueError):
+        v = None
+    if v not in FORMAT_VERSIONS or str(version).strip() != str(v):
+        known = ", ".join(str(k) for k in FORMAT_VERSIONS)
+        raise StoreError(f"{where}: format_version {version!r} is not supported by this reader "
+                         f"(it reads version {known}); install a newer moetrace Python package")
+
+
+class Shard:
+    """One committed shard: samples [first_sample, first_sample + num_samples) of the store."""
+
+    def __init__(self, store_path: str, entry: dict, backend: str = "numpy"):
+        self.entry = entry
+        self.file = entry["file"]
+        self.path = os.path.join(store_path, self.file)
+        self.first_sample = int(entry["first_sample"])
+        self.num_samples = int(entry["num_samples"])
+        self._backend = backend
+        self._st: SafetensorsFile | None = None
+        self._metadata: dict | None = None
+        self._offsets: np.ndarray | None = None
+        self._dec_offsets: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        return f"Shard({self.file!r}, first_sample={self.first_sample}, num_samples={self.num_samples})"
+
+    # -- opening and checks ------------------------------------------------------------------
+    def _file(self) -> SafetensorsFile:
+        if self._st is None:
+            st = SafetensorsFile(self.path)
+            self._metadata = self._parse_metadata(st.metadata)
+            self._st = st
+            self._check_tensors()
+        return self._st
+
+    def _parse_metadata(self, meta: dict) -> dict:
+        _check_version(f"{self.path} (__metadata__)", meta.get("format"), meta.get("format_version"))
+        out = dict(meta)
+        try:
+            out["first_sample"] = int(meta["first_sample"])
+            for key in ("sample_ids", "datasets", "rows"):
+                out[key] = json.loads(meta[key])
+                if not isinstance(out[key], list) or len(out[key]) != self.num_samples:
+                    raise StoreError(f"{self.path}: __metadata__ {key!r} must be a JSON array of "
+                                     f"{self.num_samples} entries (the manifest's num_samples)")
+        except KeyError as e:
+            raise StoreError(f"{self.path}: __metadata__ lacks {e.args[0]!r}") from None
+        except (ValueError, TypeError) as e:
+            raise StoreError(f"{self.path}: invalid __metadata__: {e}") from None
+        if out["first_sample"] != self.first_sample:
+            raise StoreError(f"{self.path}: first_sample {out['first_sample']} differs from the manifest's "
+                             f"{self.first_sample}")
+        return out
+
+    def _check_tensors(self) -> None:
+        infos = self._st.infos
+        for name in REQUIRED_TENSORS:
+            if name not in infos:
+                raise StoreError(f"{self.path}: missing tensor {name!r}")
+        offsets = self._checked_offsets("sample_offsets", infos["token_ids"].shape[0])
+        self._offsets = offsets
+        if "dec.sample_offsets" in infos:
+            g = infos["dec.input_ids"].shape[0] if "dec.input_ids" in infos else None
+            self._dec_offsets = self._checked_offsets("dec.sample_offsets", g)
+        if infos["sample_kind"].shape != (self.num_samples,):
+            raise StoreError(f"{self.path}: sample_kind has shape {list(infos['sample_kind'].shape)}, "
+                             f"expected [{self.num_samples}]")
+        t = int(offsets[-1])
+        g = int(self._dec_offsets[-1]) if self._dec_offsets is not None else 0
+        for name, info in infos.items():
+            rows = g if name.startswith("dec.") and name != "dec.sample_offsets" else t
+            if (name.startswith("enc.") or name.startswith("dec.")) and name != "dec.sample_offsets":
+                if not info.shape or info.shape[0] != rows:
+                    raise StoreError(f"{self.path}: tensor {name!r} has shape {list(info.shape)}, "
+                                     f"expected {rows} rows")
+
+    def _checked_offsets(self, name: str, rows: int | None) -> np.ndarray:
+        off = np.asarray(self._st.tensor(name), dtype=np.int64)
+        n = self.num_samples
+        if off.shape != (n + 1,) or off[0] != 0 or np.any(np.diff(off) < 0) or (rows is not None and off[-1] != rows):
+            raise StoreError(f"{self.path}: {name} must be {n + 1} non-decreasing offsets from 0 to "
+                             f"{rows}, got shape {list(off.shape)}")
+        return np.array(off)
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def metadata(self) -> dict:
+        """The shard's __metadata__, with first_sample as int and sample_ids/datasets/rows as lists."""
+        self._file()
+        return self._metadata
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._file().infos)
+
+    def has(self, name: str) -> bool:
+        return name in self._file().infos
+
+    def info(self, name: str):
+        """(dtype string, shape) of a tensor as the header declares it."""
+        i = self._file().infos.get(name)
+        if i is None:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        return i.dtype, i.shape
+
+    def tensor(self, name: str, float32: bool = False) -> np.ndarray:
+        """A memory-mapped view of tensor `name`; BF16 comes as uint16 bits unless float32=True."""
+        st = self._file()
+        if name not in st.infos:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        if self._backend == "safetensors" and st.infos[name].dtype != "BF16":
+            from safetensors import safe_open  # optional dependency
+            with safe_open(self.path, framework="numpy") as f:
+                arr = f.get_tensor(name)
+            return arr.astype(np.float32) if float32 and arr.dtype != np.float32 else arr
+        return st.tensor(name, float32=float32)
+
+    @property
+    def sample_offsets(self) -> np.ndarray:
+        """int64 [N+1]: sample k of this shard owns token rows sample_offsets[k]:sample_offsets[k+1]."""
+        self._file()
+        return self._offsets
+
+    @property
+    def dec_sample_offsets(self) -> np.ndarray | None:
+        self._file()
+        return self._dec_offsets
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sample_offsets[-1])
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    def verify(self) -> None:
+        """Raises StoreError when the file's SHA-256 is not the manifest's."""
+        want = self.entry.get("sha256")
+        if want:
+            got = self.sha256()
+            if got != want:
+                raise StoreError(f"{self.path}: sha256 mismatch: file has {got}, manifest says {want} "
+                                 f"(corrupt or rewritten shard)")
+
+    def release(self) -> None:
+        """Forgets the memory map (arrays already handed out stay valid)."""
+        if self._st is not None:
+            self._st.release()
+
+
+class LayerView:
+    """One MoE layer of one sample: per-token routing, rows in token order."""
+
+    def __init__(self, shard: Shard, name: str, begin: int, end: int):
+        self._shard, self.name, self._begin, self._end = shard, name, begin, end
+
+    def __repr__(self) -> str:
+        return f"LayerView({self.name!r}, tokens={self._end - self._begin})"
+
+    def _rows(self, field: str, float32: bool = False) -> np.ndarray:
+        return self._shard.tensor(f"{self.name}.{field}", float32=float32)[self._begin:self._end]
+
+    @property
+    def router_logits(self) -> np.ndarray:
+        """float32 [S, E] (widened when stored as F16/BF16)."""
+        return self._rows("router_logits", float32=True)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """float32 [S, E]: softmax of the stored logits."""
+        return softmax(self.router_logits)
+
+    @property
+    def expert(self) -> np.ndarray:
+        """int32 [S]: top-1 expert (also for dropped tokens)."""
+        return self._rows("expert")
+
+    @property
+    def dropped(self) -> np.ndarray:
+        """bool [S]: the token exceeded its expert's capacity and skipped the expert."""
+        return self._rows("dropped").astype(bool)
+
+    @property
+    def gate(self) -> np.ndarray:
+        """float32 [S]: top-1 router probability as the engine computed it."""
+        return self._rows("gate", float32=True)
+
+    @property
+    def hidden(self) -> np.ndarray | None:
+        """float32 [S, d_model] router input, or None when the store was collected without --hidden."""
+        if not self._shard.has(f"{self.name}.hidden"):
+            return None
+        return self._rows("hidden", float32=True)
+
+
+class Sample:
+    """One sample (one input text) of a store."""
+
+    def __init__(self, store: "TraceStore", index: int, shard: Shard, local: int):
+        self.index, self.shard, self.local = index, shard, local
+        meta = shard.metadata
+        self.sample_id: str = meta["sample_ids"][local]
+        self.dataset: str = meta["datasets"][local]
+        self.row = meta["rows"][local]
+        self.synthetic: bool = bool(shard.tensor("sample_kind")[local] == 1)
+        off = shard.sample_offsets
+        self._begin, self._end = int(off[local]), int(off[local + 1])
+        dec = shard.dec_sample_offsets
+        self._dec = (int(dec[local]), int(dec[local + 1])) if dec is not None else None
+        self._store = store
+
+    def __repr__(self) -> str:
+        return f"Sample({self.index}, {self.sample_id!r}, tokens={len(self)})"
+
+    def __len__(self) -> int:
+        return self._end - self._begin
+
+    @property
+    def layers(self) -> list[str]:
+        return self._store.layers
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        """int32 [S]: encoder input ids, ending in </s> = 1."""
+        return self.shard.tensor("token_ids")[self._begin:self._end]
+
+    @property
+    def has_decoder(self) -> bool:
+        return self._dec is not None
+
+    def _dec_rows(self, name: str) -> np.ndarray | None:
+        if self._dec is None:
+            return None
+        return self.shard.tensor(name)[self._dec[0]:self._dec[1]]
+
+    @property
+    def dec_input_ids(self) -> np.ndarray | None:
+        """int32 [G]: decoder input token of each generation step (None without --decoder)."""
+        return self._dec_rows("dec.input_ids")
+
+    @property
+    def dec_output_ids(self) -> np.ndarray | None:
+        """int32 [G]: token generated at each step (None without --decoder)."""
+        return self._dec_rows("dec.output_ids")
+
+    def layer(self, name: str) -> LayerView:
+        """'enc.{i}' or 'dec.{i}' (an int i means 'enc.{i}')."""
+        if isinstance(name, (int, np.integer)):
+            name = f"enc.{int(name)}"
+        if name not in self._store.layers:
+            raise KeyError(f"no MoE layer {name!r} in this store (layers: {', '.join(self._store.layers)})")
+        if name.startswith("dec."):
+            if self._dec is None:
+                raise KeyError(f"{self.shard.path}: no decoder routing stored (collected without --decoder)")
+            return LayerView(self.shard, name, *self._dec)
+        return LayerView(self.shard, name, self._begin, self._end)
+
+
+class ColumnView:
+    """One tensor across all shards, as if concatenated along its first axis (rows are tokens for
+    per-token tensors, samples for sample_kind). Indexing reads only the shards it touches."""
+
+    def __init__(self, store: "TraceStore", name: str, float32: bool = False):
+        self.name, self.float32, self._store = name, float32, store
+        shards = [s for s in store.shards if s.num_samples > 0]
+        if not shards:
+            raise KeyError(f"{store.path}: the store has no samples, so no column {name!r}")
+        missing = [s.path for s in shards if not s.has(name)]
+        if missing:
+            raise KeyError(f"{missing[0]}: no tensor named {name!r}")
+        self._shards = shards
+        rows = [s.info(name)[1][0] if s.info(name)[1] else 0 for s in shards]
+        self._starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        dtype, shape = shards[0].info(name)
+        self.stored_dtype = dtype
+        self.shape = (int(self._starts[-1]),) + tuple(shape[1:])
+        self.dtype = np.dtype(np.float32) if float32 and dtype in ("BF16", "F16", "F32") else np.dtype(DTYPES[dtype])
+
+    def __repr__(self) -> str:
+        return f"ColumnView({self.name!r}, shape={list(self.shape)}, dtype={self.dtype}, shards={len(self._shards)})"
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _shard_array(self, k: int) -> np.ndarray:
+        return self._shards[k].tensor(self.name, float32=self.float32)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """Yields the per-shard arrays in order (views; BF16 widened copies when float32=True)."""
+        for k in range(len(self._shards)):
+            yield self._shard_array(k)
+
+    def to_numpy(self) -> np.ndarray:
+        """The whole column as one array (a copy)."""
+        parts = list(self.chunks())
+        return np.concatenate(parts) if parts else np.zeros(self.shape, self.dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.to_numpy()
+        return a.astype(dtype) if dtype is not None else a
+
+    def __getitem__(self, key):
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        n = len(self)
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + n if key < 0 else int(key)
+            if not 0 <= i < n:
+                raise IndexError(f"row {key} out of range for column {self.name!r} of {n} rows")
+            k = int(np.searchsorted(self._starts, i, side="right")) - 1
+            return self._shard_array(k)[(i - self._starts[k],) + rest]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step == 1:
+                parts = []
+                for k in range(len(self._shards)):
+                    lo, hi = max(start, self._starts[k]), min(stop, self._starts[k + 1])
+                    if lo < hi:
+                        parts.append(self._shard_array(k)[lo - self._starts[k]:hi - self._starts[k]])
+                if len(parts) == 1:
+                    out = parts[0]
+                elif parts:
+                    out = np.concatenate(parts)
+                else:
+                    out = np.zeros((0,) + self.shape[1:], self.dtype)
+                return out[(slice(None),) + rest] if rest else out
+            key = np.arange(start, stop, step)
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = np.where(idx < 0, idx + n, idx).astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"row index out of range for column {self.name!r} of {n} rows")
+        out = np.empty(idx.shape + self.shape[1:], self.dtype)
+        which = np.searchsorted(self._starts, idx, side="right") - 1
+        for k in np.unique(which):
+            sel = which == k
+            out[sel] = self._shard_array(int(k))[idx[sel] - self._starts[k]]
+        return out[(Ellipsis,) + rest] if rest else out
+
+
+class TraceStore:
+    """A trace store directory: manifest.json plus the shards it lists."""
+
+    def __init__(self, path: str, verify: bool = False, backend: str = "numpy"):
+        if backend not in ("numpy", "safetensors"):
+            raise ValueError(f"backend must be 'numpy' or 'safetensors', not {backend!r}")
+        self.path = path
+        manifest_path = os.path.join(path, "manifest.json")
+        try:
+            with open(manifest_path, "rb") as f:
+                self.manifest: dict = json.loads(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            raise StoreError(f"{manifest_path}: not found ({path} is not a trace store)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StoreError(f"{manifest_path}: cannot read: {e}") from None
+        if not isinstance(self.manifest, dict):
+            raise StoreError(f"{manifest_path}: not a JSON object")
+        _check_version(manifest_path, self.manifest.get("format"), self.manifest.get("format_version"))
+        try:
+            layers = self.manifest.get("layers", {})
+            self.encoder_layers: list[int] = [int(i) for i in layers.get("encoder", [])]
+            self.decoder_layers: list[int] = [int(i) for i in layers.get("decoder", [])]
+            self.num_experts: int = int(self.manifest["num_experts"])
+            self.d_model: int = int(self.manifest["d_model"])
+            entries = list(self.manifest["shards"])
+            self.shards: list[Shard] = [Shard(path, e, backend) for e in entries]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StoreError(f"{manifest_path}: invalid manifest ({type(e).__name__}: {e})") from None
+        self.layers: list[str] = [f"enc.{i}" for i in self.encoder_layers] + [f"dec.{i}" for i in self.decoder_layers]
+        expected = 0
+        for s in self.shards:
+            if s.first_sample != expected:
+                raise StoreError(f"{manifest_path}: shard {s.file} starts at sample {s.first_sample}, expected {expected}")
+            expected += s.num_samples
+            try:
+                size = os.path.getsize(s.path)
+            except FileNotFoundError:
+                raise StoreError(f"{s.path}: listed in {manifest_path} but missing") from None
+            want = int(s.entry.get("bytes") or 0)
+            if want and size != want:
+                raise StoreError(f"{s.path}: {size} bytes but the manifest says {want} "
+                                 f"({'truncated' if size < want else 'rewritten'} shard)")
+            if verify:
+                s.verify()
+        self._num_samples = expected
+        declared = self.manifest.get("num_samples")
+        if declared is not None and int(declared) != expected:
+            raise StoreError(f"{manifest_path}: num_samples {declared} but its shards hold {expected}")
+        self._firsts = [s.first_sample for s in self.shards]
+        self._ids: dict[str, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"TraceStore({self.path!r}, samples={len(self)}, layers={self.layers})"
+
+    def __len__(self) -> int:
+        return self._num_samples
+
+    def __iter__(self) -> Iterator[Sample]:
+        for shard in self.iter_shards():
+            for k in range(shard.num_samples):
+                yield Sample(self, shard.first_sample + k, shard, k)
+
+    def __getitem__(self, key) -> Sample:
+        return self.sample(key)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete", False))
+
+    def iter_shards(self) -> Iterator[Shard]:
+        """Yields the shards in order, releasing each one's map after the caller moves on."""
+        for s in self.shards:
+            try:
+                yield s
+            finally:
+                s.release()
+
+    def verify(self) -> None:
+        for s in self.shards:
+            s.verify()
+
+    def column(self, name: str, float32: bool = False) -> ColumnView:
+        if name in ("sample_offsets", "dec.sample_offsets"):
+            raise KeyError(f"{name} is shard-local; use store.{name.replace('.', '_')} for global offsets")
+        return ColumnView(self, name, float32=float32)
+
+    def _global_offsets(self, attr: str) -> np.ndarray | None:
+        parts, base = [np.zeros(1, np.int64)], 0
+        for s in self.shards:
+            off = getattr(s, attr)
+            if off is None:
+                return None
+            parts.append(off[1:] + base)
+            base += int(off[-1])
+        return np.concatenate(parts)
+
+    @property
+    def sample_offsets(self) -> np.ndarray:
+        """int64 [N+1] global: sample i owns rows sample_offsets[i]:sample_offsets[i+1] of any
+        per-token column (store.column('enc.1.expert') ...)."""
+        return self._global_offsets("sample_offsets")
+
+    @property
+    def dec_sample_offsets(self) -> np.ndarray | None:
+        """int64 [N+1] global offsets into the dec.* columns, or None without --decoder."""
+        return self._global_offsets("dec_sample_offsets") if self.decoder_layers else None
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [x for s in self.shards for x in s.metadata["sample_ids"]]
+
+    @property
+    def datasets(self) -> list[str]:
+        return [x for s in self.shards for x in s.metadata["datasets"]]
+
+    def locate(self, index: int) -> tuple[Shard, int]:
+        n = len(self)
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError(f"sample {index} out of range for a store of {n} samples")
+        k = bisect.bisect_right(self._firsts, i) - 1
+        while self.shards[k].num_samples == 0 or i >= self.shards[k].first_sample + self.shards[k].num_samples:
+            k += 1  # empty shards share a first_sample with the next one
+        return self.shards[k], i - self.shards[k].first_sample
+
+    def sample(self, key: int | str) -> Sample:
+        """Sample by global index or by sample id ('<dataset>/<config>/<split>/<row>')."""
+        if isinstance(key, str):
+            if self._ids is None:
+                self._ids = {sid: i for i, sid in enumerate(self.sample_ids)}
+            if key not in self._ids:
+                raise KeyError(f"no sample with id {key!r} in {self.path}")
+            key = self._ids[key]
+        shard, local = self.locate(int(key))
+        return Sample(self, shard.first_sample + local, shard, local)
