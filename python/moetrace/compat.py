@@ -156,11 +156,16 @@ def export_pickle(store: TraceStore | str | os.PathLike, out_path: str | os.Path
             yield GatingDataPoint(**rec) if fmt == "dataclass" else rec
 
     tmp = out_path + ".tmp"
-    with open(tmp, "wb") as f:
-        pickler = pickle.Pickler(f, protocol=4)
-        pickler.fast = True  # no memo: records are written and forgotten one by one
-        pickler.dump(_StreamedList(records()))
-    os.replace(tmp, out_path)
+    try:
+        with open(tmp, "wb") as f:
+            pickler = pickle.Pickler(f, protocol=4)
+            pickler.fast = True  # no memo: records are written and forgotten one by one
+            pickler.dump(_StreamedList(records()))
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     meta = seed_metadata(store, summary if filtered else None)
     meta["source_store"] = os.path.abspath(store.path)
     meta["filtered"] = filtered
