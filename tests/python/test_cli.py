@@ -1,0 +1,80 @@
+"""python -m moetrace summary, and the dispatch to the analysis/speculate modules."""
+
+import json
+import os
+import sys
+import types
+
+import pytest
+
+from moetrace import __main__ as cli
+from conftest import run_module
+
+
+def test_summary_text(store_factory):
+    path, truth = store_factory(synthetic_every=3, dec_layers=(1,))
+    proc = run_module("summary", path)
+    out = proc.stdout
+    assert "moetrace-trace v1" in out and "complete" in out
+    assert "layers:       encoder [1, 3, 5], decoder [1]" in out
+    assert "samples:      7 (5 real, 2 synthetic)" in out
+    assert "traces:       21" in out
+    assert "manifest check: ok" in out
+    assert out.count("enc.") >= 3 and "dec.1" in out
+
+
+def test_summary_json_matches_manifest(store_factory):
+    path, _ = store_factory()
+    s = json.loads(run_module("summary", path, "--json", "--verify").stdout)
+    m = json.load(open(os.path.join(path, "manifest.json")))
+    for key in ("num_samples", "num_tokens", "total_traces", "expert_distribution", "experts_used",
+                "diversity_percentage", "dataset_distribution", "per_layer"):
+        assert s[key] == m[key], key
+    assert s["manifest_mismatches"] == []
+
+
+def test_summary_reports_a_manifest_that_disagrees_with_its_shards(store_factory):
+    path, _ = store_factory()
+    mpath = os.path.join(path, "manifest.json")
+    m = json.load(open(mpath))
+    m["per_layer"]["enc.3"]["dropped"] += 1
+    m["expert_distribution"]["0"] += 1
+    json.dump(m, open(mpath, "w"))
+    proc = run_module("summary", path, check=False)
+    assert proc.returncode == 1
+    assert "manifest check: MISMATCH" in proc.stdout
+    assert "per_layer.enc.3.dropped" in proc.stdout and "expert_distribution" in proc.stdout
+
+
+def test_summary_error_names_the_file(store_factory):
+    path, _ = store_factory()
+    with open(os.path.join(path, "shard-00001.safetensors"), "r+b") as f:
+        f.truncate(100)
+    proc = run_module("summary", path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("moetrace: error: ") and "shard-00001.safetensors" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_plugin_subcommands_dispatch(monkeypatch):
+    calls = []
+    fake = types.ModuleType("moetrace_fake_analysis")
+    fake.main = lambda argv: calls.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "moetrace_fake_analysis", fake)
+    monkeypatch.setitem(cli.PLUGIN_COMMANDS, "analyze", "moetrace_fake_analysis")
+    assert cli.main(["analyze", "STORE", "--x"]) == 3
+    assert calls == [["STORE", "--x"]]
+    monkeypatch.setitem(cli.PLUGIN_COMMANDS, "speculate", "moetrace_not_there")
+    assert cli.main(["speculate"]) == 2
+
+
+def test_help_lists_subcommands():
+    out = run_module("--help").stdout
+    for name in ("summary", "export-pickle", "analyze", "speculate"):
+        assert name in out
+    assert run_module(check=False).returncode == 2
+
+
+@pytest.mark.parametrize("args", [["export-pickle", "--help"], ["summary", "--help"]])
+def test_subcommand_help(args):
+    assert run_module(*args).returncode == 0
