@@ -50,3 +50,36 @@ function(moetrace_find_blas)
     message(STATUS "moetrace: BLAS = ${BLAS_LIBRARIES}")
   endif()
 endfunction()
+
+# CUDA backend (src/kernels/cuda, src/model/cuda). MOETRACE_CUDA=ON requires nvcc, AUTO uses it when
+# found, OFF skips it. Sets MOETRACE_WITH_CUDA. Code for sm_90 (H100/H200) plus compute_90 PTX so
+# that newer GPUs can JIT it. Override with -DCMAKE_CUDA_ARCHITECTURES=...
+macro(moetrace_enable_cuda)
+  set(MOETRACE_WITH_CUDA OFF)
+  if(NOT MOETRACE_CUDA STREQUAL "OFF")
+    if(NOT CMAKE_CUDA_COMPILER AND NOT DEFINED ENV{CUDACXX} AND EXISTS /usr/local/cuda/bin/nvcc)
+      set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
+    endif()
+    include(CheckLanguage)
+    check_language(CUDA)
+    if(CMAKE_CUDA_COMPILER)
+      if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+        set(CMAKE_CUDA_ARCHITECTURES 90-real 90-virtual)
+      endif()
+      enable_language(CUDA)
+      set(CMAKE_CUDA_STANDARD 17)  # .cu files need no C++20; CMake 3.25 knows no CUDA20 for nvcc
+      set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+      find_package(CUDAToolkit REQUIRED)
+      set(MOETRACE_WITH_CUDA ON)
+      message(STATUS "moetrace: CUDA backend ON (${CMAKE_CUDA_COMPILER}, archs ${CMAKE_CUDA_ARCHITECTURES})")
+    elseif(MOETRACE_CUDA STREQUAL "ON")
+      message(FATAL_ERROR "MOETRACE_CUDA=ON but no CUDA compiler (nvcc) was found; set CMAKE_CUDA_COMPILER")
+    else()
+      message(STATUS "moetrace: CUDA backend OFF (no nvcc found)")
+    endif()
+  endif()
+endmacro()
+
+# Flags for .cu files of moetrace targets: host warnings through nvcc, fast math off (routing is
+# tie-sensitive), line info for Nsight Compute.
+set(MOETRACE_CUDA_FLAGS -Xcompiler=-Wall,-Wextra,-Wno-unused-parameter --expt-relaxed-constexpr -lineinfo)

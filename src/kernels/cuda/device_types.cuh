@@ -1,0 +1,62 @@
+// Device-side helpers shared by the .cu files: activation element types and float conversions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#include "core/dtype.h"
+#include "core/error.h"
+
+namespace moetrace::cuda {
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+
+template <class T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+// Rounds a float32 to the activation type and back (what torch's .to(dtype) does to a value).
+template <class T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_f32(from_f32<T>(v));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace moetrace::cuda
+
+// Calls F<T>(args...) with T the device type of `dt` (float, __nv_bfloat16, __half).
+#define MT_DISPATCH_ACT(dt, T, ...)                                                              \
+  do {                                                                                           \
+    switch (dt) {                                                                                \
+      case ::moetrace::DType::kF32: { using T = float; __VA_ARGS__; break; }                     \
+      case ::moetrace::DType::kBF16: { using T = __nv_bfloat16; __VA_ARGS__; break; }            \
+      case ::moetrace::DType::kF16: { using T = __half; __VA_ARGS__; break; }                    \
+      default: ::moetrace::fail("unsupported GPU activation dtype ", ::moetrace::dtype_name(dt)); \
+    }                                                                                            \
+  } while (0)

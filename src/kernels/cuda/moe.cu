@@ -1,0 +1,410 @@
+// The mixture-of-experts layer on the GPU: router (softmax, top-1, per-sequence capacity scan, gate),
+// the expert permutation plan, and the grouped expert GEMMs whose epilogues fuse the ReLU and the
+// gate-scaled un-permute into the residual add. Nothing here waits for the host: expert counts stay
+// on the device and drive a tile table that the GEMM grids read.
+#include <mma.h>
+
+#include <algorithm>
+
+#include "kernels/cuda/common.h"
+#include "kernels/cuda/device_types.cuh"
+#include "kernels/cuda/ops.h"
+
+namespace moetrace::cuda {
+namespace {
+
+constexpr int kRouteThreads = 256;
+constexpr int kMaxSeq = 1024;
+constexpr int kMaxExpertsPerLane = 8;  // E <= 256
+
+// One block per sequence. Phase 1: one warp per token (softmax, argmax, gate). Phase 2: the capacity
+// scan in position order, as a count of earlier same-expert tokens (S² / 2 shared-memory compares).
+template <class T>
+__global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(const float* logits, int S, int E, int capacity,
+                                                                  int32_t* expert, uint8_t* dropped, float* gate,
+                                                                  int32_t* counts, uint16_t* logits_f16) {
+  __shared__ int16_t top[kMaxSeq];
+  const int b = blockIdx.x;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  for (int s = warp; s < S; s += n_warps) {
+    const int64_t t = static_cast<int64_t>(b) * S + s;
+    const float* l = logits + t * E;
+    float v[kMaxExpertsPerLane];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kMaxExpertsPerLane; ++u) {
+      const int e = u * 32 + lane;
+      v[u] = e < E ? l[e] : -INFINITY;
+      mx = fmaxf(mx, v[u]);
+      if (logits_f16 && e < E) {
+        const __half hv = __float2half_rn(v[u]);
+        logits_f16[t * E + e] = *reinterpret_cast<const uint16_t*>(&hv);
+      }
+    }
+    mx = warp_max(mx);
+    float sum = 0.f;
+#pragma unroll
+    for (int u = 0; u < kMaxExpertsPerLane; ++u) {
+      const int e = u * 32 + lane;
+      if (e < E) {
+        v[u] = expf(v[u] - mx);
+        sum += v[u];
+      }
+    }
+    sum = warp_sum(sum);
+    // argmax of the probabilities as the activation dtype holds them; lowest index wins ties.
+    float best = -1.f;
+    int best_e = E;
+#pragma unroll
+    for (int u = 0; u < kMaxExpertsPerLane; ++u) {
+      const int e = u * 32 + lane;
+      if (e < E) {
+        const float p = round_to<T>(v[u] / sum);
+        if (p > best) {  // e increases with u: the first max is the lowest index of this lane
+          best = p;
+          best_e = e;
+        }
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
+      if (ob > best || (ob == best && oe < best_e)) {
+        best = ob;
+        best_e = oe;
+      }
+    }
+    if (lane == 0) {
+      top[s] = static_cast<int16_t>(best_e);
+      expert[t] = best_e;
+      gate[t] = best;
+    }
+  }
+  __syncthreads();
+  for (int s = threadIdx.x; s < S; s += blockDim.x) {
+    const int e = top[s];
+    int rank = 0;
+    for (int j = 0; j < s; ++j) rank += top[j] == e;
+    const bool drop = rank >= capacity;
+    dropped[static_cast<int64_t>(b) * S + s] = drop ? 1 : 0;
+    if (!drop) atomicAdd(&counts[e], 1);
+  }
+}
+
+__global__ void moe_plan_kernel(const int32_t* counts, int E, int tile_m, int max_tiles, int32_t* offsets,
+                                int32_t* tile_expert, int32_t* tile_row, int32_t* cursor) {
+  __shared__ int total_tiles;
+  if (threadIdx.x == 0) {
+    int off = 0, tiles = 0;
+    for (int e = 0; e < E; ++e) {
+      offsets[e] = off;
+      const int c = counts[e];
+      for (int r = 0; r < c; r += tile_m) {
+        tile_expert[tiles] = e;
+        tile_row[tiles] = off + r;
+        ++tiles;
+      }
+      off += c;
+    }
+    offsets[E] = off;
+    total_tiles = tiles;
+  }
+  __syncthreads();
+  for (int i = total_tiles + threadIdx.x; i < max_tiles; i += blockDim.x) {
+    tile_expert[i] = -1;
+    tile_row[i] = 0;
+  }
+  for (int e = threadIdx.x; e < E; e += blockDim.x) cursor[e] = 0;
+}
+
+__global__ void moe_permute_kernel(const int32_t* expert, const uint8_t* dropped, int64_t T, const int32_t* offsets,
+                                   int32_t* cursor, int32_t* perm) {
+  const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (t >= T || dropped[t]) return;
+  const int e = expert[t];
+  perm[offsets[e] + atomicAdd(&cursor[e], 1)] = static_cast<int32_t>(t);
+}
+
+// ---- grouped GEMM, tensor cores (bf16 / fp16 in, fp32 accumulate) ---------------------------------
+
+constexpr int kBM = kGroupedTileM, kBN = 128, kBK = 32, kStages = 3, kLds = kBK + 8;
+constexpr int kThreads = 256;
+constexpr int kLdc = kBN + 4;
+constexpr size_t kPipeSmem = static_cast<size_t>(kStages) * (kBM + kBN) * kLds * 2;
+constexpr size_t kEpiSmem = static_cast<size_t>(kBM) * kLdc * 4;
+constexpr size_t kWmmaSmem = kPipeSmem > kEpiSmem ? kPipeSmem : kEpiSmem;
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int n = valid ? 16 : 0;  // 0 source bytes: the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Applies the epilogue to one float32 accumulator value of permuted row r, column n.
+template <class T>
+__device__ __forceinline__ void epilogue_store(GroupedEpilogue ep, float acc, int r, int n, const int32_t* perm,
+                                               void* out, int64_t ldo, const float* gate) {
+  if (ep == GroupedEpilogue::kRelu) {
+    static_cast<T*>(out)[static_cast<int64_t>(r) * ldo + n] = from_f32<T>(fmaxf(acc, 0.f));
+  } else {
+    const int tok = perm[r];
+    static_cast<float*>(out)[static_cast<int64_t>(tok) * ldo + n] += gate[tok] * acc;
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) grouped_gemm_wmma_kernel(
+    const T* A, int64_t lda, bool a_gather, const int32_t* perm, const T* W, int N, int K, const int32_t* tile_expert,
+    const int32_t* tile_row, const int32_t* offsets, GroupedEpilogue ep, void* out, int64_t ldo, const float* gate) {
+  using namespace nvcuda;
+  const int e = tile_expert[blockIdx.y];
+  if (e < 0) return;
+  const int row0 = tile_row[blockIdx.y];
+  const int row_end = offsets[e + 1];
+  const int n0 = blockIdx.x * kBN;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* As = reinterpret_cast<T*>(smem);
+  T* Bs = As + kStages * kBM * kLds;
+  const T* We = W + static_cast<int64_t>(e) * N * K;
+  const int tid = threadIdx.x;
+
+  // Each thread copies 2 16-byte chunks of A and 2 of B per stage (128 rows x 4 chunks each).
+  const T* a_src[2];
+  bool a_ok[2];
+  const T* b_src[2];
+  bool b_ok[2];
+  int ld_row[2], ld_col[2];
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int chunk = tid + c * kThreads;
+    ld_row[c] = chunk / (kBK / 8);
+    ld_col[c] = (chunk % (kBK / 8)) * 8;
+    const int r = row0 + ld_row[c];
+    a_ok[c] = r < row_end;
+    const int64_t arow = a_ok[c] ? (a_gather ? perm[r] : r) : 0;
+    a_src[c] = A + arow * lda + ld_col[c];
+    const int n = n0 + ld_row[c];
+    b_ok[c] = n < N;
+    b_src[c] = We + static_cast<int64_t>(b_ok[c] ? n : 0) * K + ld_col[c];
+  }
+  const int k_tiles = (K + kBK - 1) / kBK;
+  auto load_stage = [&](int stage, int kt) {
+    const int k0 = kt * kBK;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const bool kin = k0 + ld_col[c] < K;
+      cp_async16(As + (stage * kBM + ld_row[c]) * kLds + ld_col[c], kin && a_ok[c] ? a_src[c] + k0 : A,
+                 kin && a_ok[c]);
+      cp_async16(Bs + (stage * kBN + ld_row[c]) * kLds + ld_col[c], kin && b_ok[c] ? b_src[c] + k0 : W,
+                 kin && b_ok[c]);
+    }
+  };
+
+  const int warp = tid / 32;
+  const int wm = warp / 4, wn = warp % 4;  // 2 x 4 warps, each 64 x 32 of the 128 x 128 tile
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int stage = kt % kStages;
+    const T* as = As + stage * kBM * kLds;
+    const T* bs = Bs + stage * kBN * kLds;
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], as + (wm * 64 + i * 16) * kLds + kk, kLds);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], bs + (wn * 32 + j * 16) * kLds + kk, kLds);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    const int next = kt + kStages - 1;
+    if (next < k_tiles) load_stage(next % kStages, next);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  float* Cs = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(Cs + (wm * 64 + i * 16) * kLdc + wn * 32 + j * 16, acc[i][j], kLdc, wmma::mem_row_major);
+  __syncthreads();
+  // 8 consecutive columns per thread and step.
+  for (int idx = tid; idx < kBM * kBN / 8; idx += kThreads) {
+    const int r = idx / (kBN / 8);
+    const int c = (idx % (kBN / 8)) * 8;
+    const int grow = row0 + r;
+    if (grow >= row_end) continue;
+    const float* cs = Cs + r * kLdc + c;
+    const int n = n0 + c;
+    if (ep == GroupedEpilogue::kRelu && n + 8 <= N && ldo % 8 == 0 && sizeof(T) == 2) {
+      alignas(16) T v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] = from_f32<T>(fmaxf(cs[u], 0.f));
+      *reinterpret_cast<uint4*>(static_cast<T*>(out) + static_cast<int64_t>(grow) * ldo + n) =
+          *reinterpret_cast<const uint4*>(v);
+    } else if (ep == GroupedEpilogue::kGateResidual && n + 8 <= N && ldo % 4 == 0) {
+      const int tok = perm[grow];
+      const float g = gate[tok];
+      float4* x = reinterpret_cast<float4*>(static_cast<float*>(out) + static_cast<int64_t>(tok) * ldo + n);
+      float4 x0 = x[0], x1 = x[1];
+      x0.x += g * cs[0]; x0.y += g * cs[1]; x0.z += g * cs[2]; x0.w += g * cs[3];
+      x1.x += g * cs[4]; x1.y += g * cs[5]; x1.z += g * cs[6]; x1.w += g * cs[7];
+      x[0] = x0;
+      x[1] = x1;
+    } else {
+      for (int u = 0; u < 8 && n + u < N; ++u) epilogue_store<T>(ep, cs[u], grow, n + u, perm, out, ldo, gate);
+    }
+  }
+}
+
+// ---- grouped GEMM, float32 SIMT (parity mode; no TF32) ------------------------------------------
+
+constexpr int kFM = kGroupedTileMF32, kFN = 64, kFK = 16;
+
+__global__ void __launch_bounds__(256) grouped_gemm_f32_kernel(const float* A, int64_t lda, bool a_gather,
+                                                               const int32_t* perm, const float* W, int N, int K,
+                                                               const int32_t* tile_expert, const int32_t* tile_row,
+                                                               const int32_t* offsets, GroupedEpilogue ep, void* out,
+                                                               int64_t ldo, const float* gate) {
+  const int e = tile_expert[blockIdx.y];
+  if (e < 0) return;
+  const int row0 = tile_row[blockIdx.y];
+  const int row_end = offsets[e + 1];
+  const int n0 = blockIdx.x * kFN;
+  const float* We = W + static_cast<int64_t>(e) * N * K;
+  __shared__ float As[kFK][kFM + 4];
+  __shared__ float Bs[kFK][kFN + 4];
+  const int tid = threadIdx.x;
+  const int tr = tid / 16, tc = tid % 16;  // 16 x 16 threads, 4 x 4 outputs each
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < K; k0 += kFK) {
+    for (int i = tid; i < kFM * kFK; i += 256) {
+      const int r = i / kFK, k = i % kFK;
+      const int grow = row0 + r;
+      float v = 0.f;
+      if (grow < row_end && k0 + k < K) v = A[static_cast<int64_t>(a_gather ? perm[grow] : grow) * lda + k0 + k];
+      As[k][r] = v;
+    }
+    for (int i = tid; i < kFN * kFK; i += 256) {
+      const int n = i / kFK, k = i % kFK;
+      Bs[k][n] = (n0 + n < N && k0 + k < K) ? We[static_cast<int64_t>(n0 + n) * K + k0 + k] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kFK; ++k) {
+      float a[4], b[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        a[u] = As[k][tr * 4 + u];
+        b[u] = Bs[k][tc * 4 + u];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int grow = row0 + tr * 4 + i;
+    if (grow >= row_end) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = n0 + tc * 4 + j;
+      if (n < N) epilogue_store<float>(ep, acc[i][j], grow, n, perm, out, ldo, gate);
+    }
+  }
+}
+
+}  // namespace
+
+void moe_route(const float* logits, int64_t B, int64_t S, int64_t E, int64_t capacity, DType act, int32_t* expert,
+               uint8_t* dropped, float* gate, int32_t* counts, uint16_t* logits_f16, cudaStream_t stream) {
+  if (S > kMaxSeq) fail("moe_route: sequence length ", S, " > ", kMaxSeq);
+  if (E > 32 * kMaxExpertsPerLane) fail("moe_route: ", E, " experts > ", 32 * kMaxExpertsPerLane);
+  if (B == 0 || S == 0) return;
+  const int cap = static_cast<int>(std::min<int64_t>(capacity, 1 << 30));
+  MT_DISPATCH_ACT(act, T,
+                  moe_route_kernel<T><<<B, kRouteThreads, 0, stream>>>(logits, static_cast<int>(S),
+                                                                       static_cast<int>(E), cap, expert, dropped,
+                                                                       gate, counts, logits_f16));
+  MT_CUDA_CHECK_LAUNCH();
+}
+
+void moe_plan(const int32_t* counts, int64_t E, int tile_m, int64_t max_tiles, int32_t* offsets, int32_t* tile_expert,
+              int32_t* tile_row, int32_t* cursor, cudaStream_t stream) {
+  moe_plan_kernel<<<1, 256, 0, stream>>>(counts, static_cast<int>(E), tile_m, static_cast<int>(max_tiles), offsets,
+                                         tile_expert, tile_row, cursor);
+  MT_CUDA_CHECK_LAUNCH();
+}
+
+void moe_permute(const int32_t* expert, const uint8_t* dropped, int64_t T, const int32_t* offsets, int32_t* cursor,
+                 int32_t* perm, cudaStream_t stream) {
+  if (T == 0) return;
+  moe_permute_kernel<<<ceil_div(T, 256), 256, 0, stream>>>(expert, dropped, T, offsets, cursor, perm);
+  MT_CUDA_CHECK_LAUNCH();
+}
+
+int grouped_tile_m(DType act) { return act == DType::kF32 ? kGroupedTileMF32 : kGroupedTileM; }
+
+void grouped_gemm(const void* A, int64_t lda, bool a_gather, const int32_t* perm, const void* W, int64_t N, int64_t K,
+                  const int32_t* tile_expert, const int32_t* tile_row, const int32_t* offsets, int64_t max_tiles,
+                  GroupedEpilogue epilogue, void* out, int64_t ldo, const float* gate, DType act,
+                  cudaStream_t stream) {
+  if (K % 8 != 0) fail("grouped_gemm: K = ", K, " must be a multiple of 8");
+  if (max_tiles == 0 || N == 0) return;
+  if (act == DType::kF32) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(N, kFN)), static_cast<unsigned>(max_tiles));
+    grouped_gemm_f32_kernel<<<grid, 256, 0, stream>>>(static_cast<const float*>(A), lda, a_gather, perm,
+                                                      static_cast<const float*>(W), static_cast<int>(N),
+                                                      static_cast<int>(K), tile_expert, tile_row, offsets, epilogue,
+                                                      out, ldo, gate);
+    MT_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(N, kBN)), static_cast<unsigned>(max_tiles));
+  auto launch = [&](auto* kernel, const auto* a, const auto* w) {
+    static bool attr_set = false;  // per instantiation; the attribute is per function and device
+    if (!attr_set) {
+      MT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kWmmaSmem)));
+      attr_set = true;
+    }
+    kernel<<<grid, kThreads, kWmmaSmem, stream>>>(a, lda, a_gather, perm, w, static_cast<int>(N), static_cast<int>(K),
+                                                  tile_expert, tile_row, offsets, epilogue, out, ldo, gate);
+  };
+  if (act == DType::kBF16) {
+    launch(grouped_gemm_wmma_kernel<__nv_bfloat16>, static_cast<const __nv_bfloat16*>(A),
+           static_cast<const __nv_bfloat16*>(W));
+  } else if (act == DType::kF16) {
+    launch(grouped_gemm_wmma_kernel<__half>, static_cast<const __half*>(A), static_cast<const __half*>(W));
+  } else {
+    fail("grouped_gemm: unsupported dtype ", dtype_name(act));
+  }
+  MT_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moetrace::cuda
