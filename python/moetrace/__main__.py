@@ -82,7 +82,8 @@ def check_against_manifest(store: TraceStore, s: dict) -> list[str]:
     return problems
 
 
-def print_summary(store: TraceStore, s: dict, problems: list[str], out=sys.stdout) -> None:
+def print_summary(store: TraceStore, s: dict, problems: list[str], out=None) -> None:
+    out = out or sys.stdout
     m = store.manifest
     st = m.get("settings", {}) or {}
     model = m.get("model", {}) or {}

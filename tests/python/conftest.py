@@ -196,13 +196,28 @@ def moetrace_cli():
     return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
 
 
-def run_module(*args, check=True):
-    """Runs `python -m moetrace ARGS` with the repository's package importable."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = PYTHON_DIR + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "moetrace", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=REPO)
+def run_module(*args, check=True, fresh=False):
+    """Runs `python -m moetrace ARGS`: in this process (fast), or with fresh=True in a new interpreter
+    with the repository's package on PYTHONPATH. Returns an object with returncode, stdout, stderr."""
+    args = [str(a) for a in args]
+    if fresh:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = PYTHON_DIR + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, "-m", "moetrace", *args], capture_output=True, text=True,
+                              env=env, cwd=REPO)
+    else:
+        import contextlib
+        import io
+        import types
+        from moetrace.__main__ import main
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(args)
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else 1
+        proc = types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
     if check and proc.returncode != 0:
-        raise AssertionError(f"python -m moetrace {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+        raise AssertionError(f"python -m moetrace {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc

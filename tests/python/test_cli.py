@@ -13,7 +13,7 @@ from conftest import run_module
 
 def test_summary_text(store_factory):
     path, truth = store_factory(synthetic_every=3, dec_layers=(1,))
-    proc = run_module("summary", path)
+    proc = run_module("summary", path, fresh=True)
     out = proc.stdout
     assert "moetrace-trace v1" in out and "complete" in out
     assert "layers:       encoder [1, 3, 5], decoder [1]" in out
@@ -50,7 +50,7 @@ def test_summary_error_names_the_file(store_factory):
     path, _ = store_factory()
     with open(os.path.join(path, "shard-00001.safetensors"), "r+b") as f:
         f.truncate(100)
-    proc = run_module("summary", path, check=False)
+    proc = run_module("summary", path, check=False, fresh=True)
     assert proc.returncode == 1
     assert proc.stderr.startswith("moetrace: error: ") and "shard-00001.safetensors" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -69,7 +69,7 @@ def test_plugin_subcommands_dispatch(monkeypatch):
 
 
 def test_help_lists_subcommands():
-    out = run_module("--help").stdout
+    out = run_module("--help", fresh=True).stdout
     for name in ("summary", "export-pickle", "analyze", "speculate"):
         assert name in out
     assert run_module(check=False).returncode == 2

@@ -76,7 +76,7 @@ def _load_without_moetrace(pkl):
 def test_export_pickle_round_trip(store_factory, tmp_path):
     path, truth = store_factory(hidden_dtype="BF16", logits_dtype="F16")
     pkl = tmp_path / "traces.pkl"
-    run_module("export-pickle", path, pkl)
+    run_module("export-pickle", path, pkl, fresh=True)
     with open(pkl, "rb") as f:
         data = pickle.load(f)
     assert isinstance(data, list) and len(data) == 7 * 3
