@@ -11,9 +11,9 @@ struct DTypeInfo {
   size_t size;
 };
 constexpr DTypeInfo kInfos[] = {
-    {DType::kF32, "F32", 4}, {DType::kF16, "F16", 2}, {DType::kBF16, "BF16", 2},
-    {DType::kF64, "F64", 8}, {DType::kI64, "I64", 8}, {DType::kI32, "I32", 4},
-    {DType::kI16, "I16", 2}, {DType::kI8, "I8", 1},   {DType::kU8, "U8", 1},
+    {DType::kF32, "F32", 4},   {DType::kF16, "F16", 2}, {DType::kBF16, "BF16", 2},
+    {DType::kF64, "F64", 8},   {DType::kI64, "I64", 8}, {DType::kI32, "I32", 4},
+    {DType::kI16, "I16", 2},   {DType::kI8, "I8", 1},   {DType::kU8, "U8", 1},
     {DType::kBool, "BOOL", 1},
 };
 }  // namespace
@@ -63,9 +63,9 @@ uint16_t f32_to_f16(float f) {
   std::memcpy(&bits, &f, 4);
   const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
   const uint32_t abs = bits & 0x7fffffffu;
-  if (abs > 0x7f800000u) return sign | 0x7e00u;             // NaN
-  if (abs >= 0x477ff000u) return sign | 0x7c00u;            // overflow (incl. inf) after rounding
-  if (abs < 0x33000001u) return sign;                       // underflow to zero
+  if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // overflow (incl. inf) after rounding
+  if (abs < 0x33000001u) return sign;             // underflow to zero
   int exp = static_cast<int>(abs >> 23) - 127 + 15;
   uint32_t mant = abs & 0x7fffffu;
   if (exp <= 0) {  // subnormal half

@@ -1,4 +1,5 @@
-// Element types of checkpoints, activations and trace stores, and the float conversions between them.
+// Element types of checkpoints, activations and trace stores, and the float conversions between
+// them.
 #pragma once
 
 #include <cstdint>

@@ -23,8 +23,8 @@ template <class... Parts>
 }
 
 // Internal invariants (not input problems): checked in every build, cheap.
-#define MT_ASSERT(cond)                                                               \
-  do {                                                                                \
+#define MT_ASSERT(cond)                                                                        \
+  do {                                                                                         \
     if (!(cond)) ::moetrace::fail("internal error: ", #cond, " at ", __FILE__, ":", __LINE__); \
   } while (0)
 

@@ -22,10 +22,16 @@ void log(LogLevel level, Parts&&... parts) {
   log_line(level, os.str());
 }
 template <class... P>
-void log_info(P&&... p) { log(LogLevel::kInfo, std::forward<P>(p)...); }
+void log_info(P&&... p) {
+  log(LogLevel::kInfo, std::forward<P>(p)...);
+}
 template <class... P>
-void log_warn(P&&... p) { log(LogLevel::kWarn, std::forward<P>(p)...); }
+void log_warn(P&&... p) {
+  log(LogLevel::kWarn, std::forward<P>(p)...);
+}
 template <class... P>
-void log_debug(P&&... p) { log(LogLevel::kDebug, std::forward<P>(p)...); }
+void log_debug(P&&... p) {
+  log(LogLevel::kDebug, std::forward<P>(p)...);
+}
 
 }  // namespace moetrace

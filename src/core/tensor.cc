@@ -29,7 +29,8 @@ Tensor::Tensor(DType dtype, Shape shape) : dtype_(dtype), shape_(std::move(shape
   const size_t bytes = nbytes();
   const size_t padded = (bytes + 63) / 64 * 64 + 64;
   void* p = std::aligned_alloc(64, padded);
-  if (p == nullptr) fail("out of memory allocating a tensor of ", padded, " bytes ", shape_str(shape_));
+  if (p == nullptr)
+    fail("out of memory allocating a tensor of ", padded, " bytes ", shape_str(shape_));
   std::memset(p, 0, padded);
   data_.reset(p);
 }

@@ -33,7 +33,7 @@ struct TensorView {
 class Tensor {
  public:
   Tensor() = default;
-  Tensor(DType dtype, Shape shape);  // zero-filled
+  Tensor(DType dtype, Shape shape);              // zero-filled
   static Tensor from_view(const TensorView& v);  // deep copy
 
   DType dtype() const { return dtype_; }

@@ -42,8 +42,7 @@ class SafetensorsSource : public TensorSource {
 // index names must be in its shard; tensors a shard holds beyond the index are ignored.
 class ShardedSource : public TensorSource {
  public:
-  ShardedSource(const fs::path& index,
-                std::unique_ptr<TensorSource> (*open_shard)(const fs::path&),
+  ShardedSource(const fs::path& index, std::unique_ptr<TensorSource> (*open_shard)(const fs::path&),
                 std::string format)
       : format_(std::move(format)) {
     std::ifstream in(index);
@@ -59,19 +58,24 @@ class ShardedSource : public TensorSource {
     }
     const fs::path dir = index.parent_path();
     for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
-      if (!it.value().is_string()) fail(index.string(), ": weight_map['", it.key(), "'] is not a file name");
+      if (!it.value().is_string())
+        fail(index.string(), ": weight_map['", it.key(), "'] is not a file name");
       const std::string shard = it.value().get<std::string>();
       if (shard.find('/') != std::string::npos || shard == "..") {
-        fail(index.string(), ": weight_map['", it.key(), "'] = '", shard, "' is not a file in ", dir.string());
+        fail(index.string(), ": weight_map['", it.key(), "'] = '", shard, "' is not a file in ",
+             dir.string());
       }
       if (!shards_.count(shard)) {
         const fs::path p = dir / shard;
-        if (!fs::exists(p)) fail(index.string(), ": shard '", shard, "' (for tensor '", it.key(), "') is missing");
+        if (!fs::exists(p))
+          fail(index.string(), ": shard '", shard, "' (for tensor '", it.key(), "') is missing");
         shards_[shard] = open_shard(p);
         order_.push_back(p);
       }
       const CheckpointTensor* t = shards_[shard]->find(it.key());
-      if (t == nullptr) fail(dir / shard, ": tensor '", it.key(), "' named by ", index.filename().string(), " is missing");
+      if (t == nullptr)
+        fail(dir / shard, ": tensor '", it.key(), "' named by ", index.filename().string(),
+             " is missing");
       by_name_[it.key()] = t;
     }
   }
@@ -119,7 +123,8 @@ std::unique_ptr<TensorSource> open_checkpoint(const fs::path& dir_or_file) {
     if (ends_with(".safetensors")) return open_safetensors(dir_or_file);
     return open_torch_checkpoint(dir_or_file);
   }
-  if (!fs::is_directory(dir_or_file)) fail(dir_or_file.string(), ": no such model directory or checkpoint file");
+  if (!fs::is_directory(dir_or_file))
+    fail(dir_or_file.string(), ": no such model directory or checkpoint file");
   const std::pair<const char*, std::unique_ptr<TensorSource> (*)(const fs::path&)> kinds[] = {
       {"model.safetensors", &open_safetensors},
       {"model.safetensors.index.json", &open_safetensors_index},
@@ -129,7 +134,8 @@ std::unique_ptr<TensorSource> open_checkpoint(const fs::path& dir_or_file) {
   for (const auto& [file, open] : kinds) {
     if (fs::exists(dir_or_file / file)) return open(dir_or_file / file);
   }
-  fail(dir_or_file.string(), ": no checkpoint found (expected model.safetensors, model.safetensors.index.json, "
+  fail(dir_or_file.string(),
+       ": no checkpoint found (expected model.safetensors, model.safetensors.index.json, "
        "pytorch_model.bin or pytorch_model.bin.index.json)");
 }
 

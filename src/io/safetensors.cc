@@ -29,7 +29,8 @@ SafetensorsFile::parse_header(std::string_view header, size_t data_size, const s
     if (name == "__metadata__") {
       if (!e.is_object()) fail(what, ": __metadata__ must be an object of strings");
       for (auto m = e.begin(); m != e.end(); ++m) {
-        if (!m.value().is_string()) fail(what, ": __metadata__ value '", m.key(), "' is not a string");
+        if (!m.value().is_string())
+          fail(what, ": __metadata__ value '", m.key(), "' is not a string");
         if (metadata != nullptr) (*metadata)[m.key()] = m.value().get<std::string>();
       }
       continue;
@@ -67,15 +68,16 @@ SafetensorsFile::parse_header(std::string_view header, size_t data_size, const s
            "] pass the end of the data region (", data_size, " bytes; file truncated?)");
     }
     if (end - begin != numel * dtype_size(v.dtype)) {
-      fail(what, ": tensor '", name, "': shape ", shape.dump(), " of ", dtype_name(v.dtype), " needs ",
-           numel * dtype_size(v.dtype), " bytes but data_offsets span ", end - begin);
+      fail(what, ": tensor '", name, "': shape ", shape.dump(), " of ", dtype_name(v.dtype),
+           " needs ", numel * dtype_size(v.dtype), " bytes but data_offsets span ", end - begin);
     }
     out.push_back({name, {v, {static_cast<size_t>(begin), static_cast<size_t>(end)}}});
   }
   // Regions must not overlap (empty tensors may sit anywhere).
   std::vector<std::pair<std::pair<size_t, size_t>, const std::string*>> spans;
   for (const auto& t : out) {
-    if (t.second.second.second > t.second.second.first) spans.push_back({t.second.second, &t.first});
+    if (t.second.second.second > t.second.second.first)
+      spans.push_back({t.second.second, &t.first});
   }
   std::sort(spans.begin(), spans.end());
   for (size_t i = 1; i < spans.size(); ++i) {
@@ -92,7 +94,8 @@ SafetensorsFile SafetensorsFile::open(const std::filesystem::path& path) {
   f.file_ = MappedFile::open(path);
   const std::string what = path.string();
   const size_t size = f.file_->size();
-  if (size < 8) fail(what, ": truncated safetensors file (", size, " bytes, expected an 8-byte header length)");
+  if (size < 8)
+    fail(what, ": truncated safetensors file (", size, " bytes, expected an 8-byte header length)");
   uint64_t header_len = 0;
   std::memcpy(&header_len, f.file_->data(), 8);  // little-endian hosts only
   if (header_len > size - 8) {
@@ -138,7 +141,8 @@ void write_safetensors(const std::filesystem::path& path, const std::vector<Name
   FILE* fp = std::fopen(path.c_str(), "wb");
   if (fp == nullptr) fail(path.string(), ": cannot create: ", std::strerror(errno));
   const uint64_t len = text.size();
-  bool ok = std::fwrite(&len, 8, 1, fp) == 1 && std::fwrite(text.data(), 1, text.size(), fp) == text.size();
+  bool ok = std::fwrite(&len, 8, 1, fp) == 1 &&
+            std::fwrite(text.data(), 1, text.size(), fp) == text.size();
   for (const NamedView* t : order) {
     const size_t n = t->view.nbytes();
     if (ok && n > 0) ok = std::fwrite(t->view.data, 1, n, fp) == n;

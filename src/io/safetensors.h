@@ -24,7 +24,8 @@ class SafetensorsFile {
   // Maps and validates the file: header length and JSON, known dtypes, shape·dtype = offsets span,
   // offsets inside the data region and not overlapping. Throws Error naming the file and tensor.
   static SafetensorsFile open(const std::filesystem::path& path);
-  // Parses a header held in memory (used by open() and the fuzzer). data_size is the data region size.
+  // Parses a header held in memory (used by open() and the fuzzer). data_size is the data region
+  // size.
   static std::vector<std::pair<std::string, std::pair<TensorView, std::pair<size_t, size_t>>>>
   parse_header(std::string_view header, size_t data_size, const std::string& what,
                std::map<std::string, std::string>* metadata);

@@ -21,7 +21,8 @@ struct FromJson {
       if (!v.is_boolean()) fail(what, ": field '", key, "' must be true or false, got ", v.dump());
       field = v.get<bool>();
     } else if constexpr (std::is_same_v<T, int64_t>) {
-      if (!v.is_number_integer()) fail(what, ": field '", key, "' must be an integer, got ", v.dump());
+      if (!v.is_number_integer())
+        fail(what, ": field '", key, "' must be an integer, got ", v.dump());
       field = v.get<int64_t>();
     } else if constexpr (std::is_same_v<T, double>) {
       if (!v.is_number()) fail(what, ": field '", key, "' must be a number, got ", v.dump());
@@ -60,27 +61,31 @@ void SwitchConfig::derive_and_validate(const std::string& what) {
   positive("expert_capacity", expert_capacity);
   positive("relative_attention_num_buckets", relative_attention_num_buckets);
   positive("relative_attention_max_distance", relative_attention_max_distance);
-  if (num_decoder_layers < 0) fail(what, ": num_decoder_layers = ", num_decoder_layers, " is impossible");
+  if (num_decoder_layers < 0)
+    fail(what, ": num_decoder_layers = ", num_decoder_layers, " is impossible");
   if (num_sparse_encoder_layers < 0 || num_sparse_encoder_layers > num_layers) {
-    fail(what, ": num_sparse_encoder_layers = ", num_sparse_encoder_layers, " must be in [0, num_layers = ",
-         num_layers, "]");
+    fail(what, ": num_sparse_encoder_layers = ", num_sparse_encoder_layers,
+         " must be in [0, num_layers = ", num_layers, "]");
   }
   if (num_sparse_decoder_layers < 0 || num_sparse_decoder_layers > num_decoder_layers) {
     fail(what, ": num_sparse_decoder_layers = ", num_sparse_decoder_layers,
          " must be in [0, num_decoder_layers = ", num_decoder_layers, "]");
   }
-  if (d_model > (1 << 16) || d_ff > (1 << 20) || num_heads * d_kv > (1 << 16) || num_experts > 65536 ||
-      vocab_size > (1 << 24) || num_layers > 1024 || num_decoder_layers > 1024) {
-    fail(what, ": sizes are implausibly large (d_model ", d_model, ", d_ff ", d_ff, ", experts ", num_experts,
-         ")");
+  if (d_model > (1 << 16) || d_ff > (1 << 20) || num_heads * d_kv > (1 << 16) ||
+      num_experts > 65536 || vocab_size > (1 << 24) || num_layers > 1024 ||
+      num_decoder_layers > 1024) {
+    fail(what, ": sizes are implausibly large (d_model ", d_model, ", d_ff ", d_ff, ", experts ",
+         num_experts, ")");
   }
   if (relative_attention_num_buckets % 2 != 0 || relative_attention_num_buckets < 4) {
     fail(what, ": relative_attention_num_buckets = ", relative_attention_num_buckets,
          " must be even and >= 4");
   }
   if (layer_norm_epsilon <= 0) fail(what, ": layer_norm_epsilon must be > 0");
-  if (router_dtype != "float32") fail(what, ": router_dtype '", router_dtype, "' unsupported (expected float32)");
-  if (dense_act_fn != "relu") fail(what, ": dense_act_fn '", dense_act_fn, "' unsupported (expected relu)");
+  if (router_dtype != "float32")
+    fail(what, ": router_dtype '", router_dtype, "' unsupported (expected float32)");
+  if (dense_act_fn != "relu")
+    fail(what, ": dense_act_fn '", dense_act_fn, "' unsupported (expected relu)");
   if (feed_forward_proj != "relu") {
     fail(what, ": feed_forward_proj '", feed_forward_proj, "' unsupported (expected relu)");
   }
@@ -89,17 +94,23 @@ void SwitchConfig::derive_and_validate(const std::string& what) {
         num_sparse_encoder_layers > 0 ? num_layers / num_sparse_encoder_layers : num_layers;
   }
   if (decoder_sparse_step < 0) {
-    decoder_sparse_step =
-        num_sparse_decoder_layers > 0 ? num_decoder_layers / num_sparse_decoder_layers : num_decoder_layers;
+    decoder_sparse_step = num_sparse_decoder_layers > 0
+                              ? num_decoder_layers / num_sparse_decoder_layers
+                              : num_decoder_layers;
   }
-  if (pad_token_id < 0 || pad_token_id >= vocab_size || eos_token_id < 0 || eos_token_id >= vocab_size ||
-      decoder_start_token_id < 0 || decoder_start_token_id >= vocab_size) {
+  if (pad_token_id < 0 || pad_token_id >= vocab_size || eos_token_id < 0 ||
+      eos_token_id >= vocab_size || decoder_start_token_id < 0 ||
+      decoder_start_token_id >= vocab_size) {
     fail(what, ": pad/eos/decoder_start token ids must lie in [0, vocab_size = ", vocab_size, ")");
   }
 }
 
-bool SwitchConfig::encoder_block_sparse(int64_t i) const { return block_sparse(encoder_sparse_step, i); }
-bool SwitchConfig::decoder_block_sparse(int64_t i) const { return block_sparse(decoder_sparse_step, i); }
+bool SwitchConfig::encoder_block_sparse(int64_t i) const {
+  return block_sparse(encoder_sparse_step, i);
+}
+bool SwitchConfig::decoder_block_sparse(int64_t i) const {
+  return block_sparse(decoder_sparse_step, i);
+}
 
 std::vector<int> SwitchConfig::sparse_encoder_blocks() const {
   std::vector<int> out;

@@ -20,7 +20,8 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", level, "debug, info, warn, error or off")->capture_default_str();
   app.parse_complete_callback([&] {
     moetrace::LogLevel l;
-    if (!moetrace::parse_log_level(level, &l)) throw CLI::ValidationError("--log-level", "unknown level " + level);
+    if (!moetrace::parse_log_level(level, &l))
+      throw CLI::ValidationError("--log-level", "unknown level " + level);
     moetrace::set_log_level(l);
   });
   for (auto& setup : moetrace::cli::command_registry()) setup(app);

@@ -9,16 +9,16 @@ namespace moetrace::cpu {
 // C[M,N] = alpha * A[M,K] · B[N,K]ᵀ + beta * C  (B in PyTorch Linear layout [out, in]).
 // lda/ldb/ldc are row strides in elements. Runs on BLAS; threads itself unless called inside an
 // OpenMP parallel region (then single-threaded).
-void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-             int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+             const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 // C[M,N] = alpha * A[M,K] · B[K,N] + beta * C.
-void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda, const float* B,
-             int64_t ldb, float beta, float* C, int64_t ldc);
+void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+             const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
 // out[r,:] = w * x[r,:] * rsqrt(mean(x[r,:]²) + eps); out may alias x.
 void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, float* out);
-// In-place softmax over each row of x[rows, n]. Rows whose entries are all -inf become uniform NaN-free
-// (the max-subtraction keeps finite values finite).
+// In-place softmax over each row of x[rows, n]. Rows whose entries are all -inf become uniform
+// NaN-free (the max-subtraction keeps finite values finite).
 void softmax_rows(float* x, int64_t rows, int64_t n);
 void relu_inplace(float* x, int64_t n);
 

@@ -1,0 +1,87 @@
+// The Switch checkpoint mapped onto typed per-block structs, every shape checked against the
+// config. Dense weights are float32 copies; expert weights stay in the checkpoint's dtype
+// (memory-mapped) and are converted when used unless the whole set fits the f32 cache budget.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "io/checkpoint.h"
+#include "model/config.h"
+
+namespace moetrace {
+
+// A [rows, cols] matrix in PyTorch Linear layout [out, in].
+struct Matrix {
+  int64_t rows = 0, cols = 0;
+  DType dtype = DType::kF32;
+  const void* raw = nullptr;  // checkpoint bytes (mapped), may be non-f32
+  std::vector<float> f32;     // converted copy; empty when not materialised
+
+  // Returns float32 data: the copy, the raw bytes when they are f32, or `scratch` filled by
+  // conversion.
+  const float* get(std::vector<float>& scratch) const;
+  void materialize();
+  size_t f32_bytes() const { return static_cast<size_t>(rows * cols) * 4; }
+};
+
+struct Expert {
+  Matrix wi;  // [d_ff, d]
+  Matrix wo;  // [d, d_ff]
+};
+
+struct SparseMLP {
+  Matrix router;            // [E, d], always f32
+  std::vector<float> bias;  // [E] or empty
+  std::vector<Expert> experts;
+};
+
+struct DenseMLP {
+  Matrix wi;  // [d_ff, d]
+  Matrix wo;  // [d, d_ff]
+};
+
+struct Attention {
+  Matrix qkv;    // [3*H*dk, d]: q, k, v stacked (one GEMM)
+  Matrix o;      // [d, H*dk]
+  Matrix q, kv;  // decoder cross-attention splits: q [H*dk, d], kv [2*H*dk, d]
+};
+
+struct Block {
+  std::vector<float> ln_attn;  // [d]
+  Attention self_attn;
+  std::vector<float> ln_cross;  // decoder only
+  Attention cross_attn;         // decoder only
+  std::vector<float> ln_ff;     // [d]
+  bool sparse = false;
+  DenseMLP dense;
+  SparseMLP moe;
+};
+
+struct SwitchWeights {
+  Matrix embed;                     // [V, d] (shared.weight), kept in its dtype
+  std::vector<float> enc_rel_bias;  // [num_buckets, H]
+  std::vector<Block> encoder;
+  std::vector<float> enc_final_ln;
+  std::vector<float> dec_rel_bias;
+  std::vector<Block> decoder;
+  std::vector<float> dec_final_ln;
+  Matrix lm_head;  // [V, d]; aliases embed when tied
+  bool has_decoder = false;
+};
+
+struct WeightOptions {
+  bool encoder_only = false;
+  // Expert weights are converted to f32 at load when their f32 size stays under this budget;
+  // otherwise each expert is converted when a batch uses it.
+  size_t f32_expert_budget_bytes = size_t{4} << 30;
+};
+
+// Maps the source's tensors (names per SWITCH_SPEC.md, aliases for the embedding resolved) and
+// checks every shape; Error names the tensor and file on a mismatch or a missing tensor.
+SwitchWeights map_weights(const SwitchConfig& config, const TensorSource& source,
+                          const WeightOptions& options);
+
+}  // namespace moetrace
