@@ -31,6 +31,15 @@ def widen_bf16(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+def as_float32(arr: np.ndarray, stored_dtype: str) -> np.ndarray:
+    """Floating tensors as float32 (BF16 bits widened, F16/F64 converted: copies); others unchanged."""
+    if stored_dtype == "BF16":
+        return widen_bf16(arr)
+    if stored_dtype in ("F16", "F64"):
+        return arr.astype(np.float32)
+    return arr
+
+
 class TensorInfo:
     __slots__ = ("name", "dtype", "shape", "begin", "end")
 
@@ -116,7 +125,8 @@ class SafetensorsFile:
 
     def tensor(self, name: str, float32: bool = False) -> np.ndarray:
         """The tensor as a zero-copy memmap view; BF16 comes as uint16 bits unless float32=True
-        (then it is widened, which copies). float32=True also converts F16 (copy) and leaves F32 as is."""
+        (then it is widened, which copies). float32=True also converts F16/F64 (copy); F32 and integer
+        tensors come unchanged."""
         info = self.infos.get(name)
         if info is None:
             raise StoreError(f"{self.path}: no tensor named {name!r}")
@@ -125,9 +135,4 @@ class SafetensorsFile:
         else:
             raw = self._mapped()[self._data_start + info.begin:self._data_start + info.end]
             arr = raw.view(DTYPES[info.dtype]).reshape(info.shape)
-        if float32:
-            if info.dtype == "BF16":
-                return widen_bf16(arr)
-            if arr.dtype != np.float32:
-                return arr.astype(np.float32)
-        return arr
+        return as_float32(arr, info.dtype) if float32 else arr

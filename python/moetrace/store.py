@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import StoreError
-from .safetensors_io import DTYPES, SafetensorsFile
+from .safetensors_io import DTYPES, SafetensorsFile, as_float32
 
 FORMAT = "moetrace-trace"
 FORMAT_VERSIONS = (1,)  # the versions this reader knows; others are refused
@@ -164,7 +164,7 @@ class Shard:
             from safetensors import safe_open  # optional dependency
             with safe_open(self.path, framework="numpy") as f:
                 arr = f.get_tensor(name)
-            return arr.astype(np.float32) if float32 and arr.dtype != np.float32 else arr
+            return as_float32(arr, st.infos[name].dtype) if float32 else arr
         return st.tensor(name, float32=float32)
 
     @property
@@ -214,7 +214,9 @@ class LayerView:
         return f"LayerView({self.name!r}, tokens={self._end - self._begin})"
 
     def _rows(self, field: str, float32: bool = False) -> np.ndarray:
-        return self._shard.tensor(f"{self.name}.{field}", float32=float32)[self._begin:self._end]
+        name = f"{self.name}.{field}"
+        rows = self._shard.tensor(name)[self._begin:self._end]  # slice the map first: converts S rows only
+        return as_float32(rows, self._shard.info(name)[0]) if float32 else rows
 
     @property
     def router_logits(self) -> np.ndarray:
@@ -328,9 +330,13 @@ class ColumnView:
         rows = [s.info(name)[1][0] if s.info(name)[1] else 0 for s in shards]
         self._starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
         dtype, shape = shards[0].info(name)
+        for s in shards[1:]:
+            if s.info(name)[0] != dtype or tuple(s.info(name)[1][1:]) != tuple(shape[1:]):
+                raise StoreError(f"{s.path}: tensor {name!r} is {s.info(name)[0]} {list(s.info(name)[1])}, but "
+                                 f"{shards[0].file} has {dtype} {list(shape)}")
         self.stored_dtype = dtype
         self.shape = (int(self._starts[-1]),) + tuple(shape[1:])
-        self.dtype = np.dtype(np.float32) if float32 and dtype in ("BF16", "F16", "F32") else np.dtype(DTYPES[dtype])
+        self.dtype = np.dtype(np.float32) if float32 and dtype in ("BF16", "F16", "F32", "F64") else np.dtype(DTYPES[dtype])
 
     def __repr__(self) -> str:
         return f"ColumnView({self.name!r}, shape={list(self.shape)}, dtype={self.dtype}, shards={len(self._shards)})"
@@ -339,12 +345,16 @@ class ColumnView:
         return self.shape[0]
 
     def _shard_array(self, k: int) -> np.ndarray:
-        return self._shards[k].tensor(self.name, float32=self.float32)
+        """Shard k's tensor as stored (a map view); _convert() after indexing, so only rows read convert."""
+        return self._shards[k].tensor(self.name)
+
+    def _convert(self, arr: np.ndarray) -> np.ndarray:
+        return as_float32(arr, self.stored_dtype) if self.float32 else arr
 
     def chunks(self) -> Iterator[np.ndarray]:
         """Yields the per-shard arrays in order (views; BF16 widened copies when float32=True)."""
         for k in range(len(self._shards)):
-            yield self._shard_array(k)
+            yield self._convert(self._shard_array(k))
 
     def to_numpy(self) -> np.ndarray:
         """The whole column as one array (a copy)."""
@@ -365,7 +375,7 @@ class ColumnView:
             if not 0 <= i < n:
                 raise IndexError(f"row {key} out of range for column {self.name!r} of {n} rows")
             k = int(np.searchsorted(self._starts, i, side="right")) - 1
-            return self._shard_array(k)[(i - self._starts[k],) + rest]
+            return self._convert(self._shard_array(k)[(i - self._starts[k],) + rest])
         if isinstance(key, slice):
             start, stop, step = key.indices(n)
             if step == 1:
@@ -373,7 +383,7 @@ class ColumnView:
                 for k in range(len(self._shards)):
                     lo, hi = max(start, self._starts[k]), min(stop, self._starts[k + 1])
                     if lo < hi:
-                        parts.append(self._shard_array(k)[lo - self._starts[k]:hi - self._starts[k]])
+                        parts.append(self._convert(self._shard_array(k)[lo - self._starts[k]:hi - self._starts[k]]))
                 if len(parts) == 1:
                     out = parts[0]
                 elif parts:
@@ -392,7 +402,7 @@ class ColumnView:
         which = np.searchsorted(self._starts, idx, side="right") - 1
         for k in np.unique(which):
             sel = which == k
-            out[sel] = self._shard_array(int(k))[idx[sel] - self._starts[k]]
+            out[sel] = self._convert(self._shard_array(int(k))[idx[sel] - self._starts[k]])
         return out[(Ellipsis,) + rest] if rest else out
 
 
