@@ -103,26 +103,23 @@ def gating_records(store: TraceStore | str | os.PathLike, layers: Iterable | Non
             gates.append(probs)
 
 
-def seed_metadata(store: TraceStore, records_summary: dict | None = None) -> dict:
-    """The seed's metadata fields. From the manifest, or, when the export was filtered
-    (records_summary given), recomputed over the exported records with the same definitions."""
+def seed_metadata(store: TraceStore, records_summary: dict) -> dict:
+    """The seed's metadata fields for the exported records, with the manifest's definitions: equal to
+    the manifest's own values when the whole store is exported (a test checks that), and right for a
+    filtered export too. collection_time and device come from the manifest."""
     m = store.manifest
-    if records_summary is None:
-        out = {k: m.get(k) for k in SEED_METADATA_FIELDS}
-    else:
-        counts = records_summary["expert_counts"]
-        used = int(np.count_nonzero(counts))
-        out = {
-            "total_traces": records_summary["traces"],
-            "num_experts": store.num_experts,
-            "expert_distribution": {str(e): int(c) for e, c in enumerate(counts)},
-            "experts_used": used,
-            "diversity_percentage": 100.0 * used / store.num_experts if store.num_experts else 0.0,
-            "dataset_distribution": records_summary["datasets"],
-            "collection_time": m.get("collection_time"),
-            "device": m.get("device"),
-        }
-    return out
+    counts = records_summary["expert_counts"]
+    used = int(np.count_nonzero(counts))
+    return {
+        "total_traces": records_summary["traces"],
+        "num_experts": store.num_experts,
+        "expert_distribution": {str(e): int(c) for e, c in enumerate(counts)},
+        "experts_used": used,
+        "diversity_percentage": 100.0 * used / store.num_experts if store.num_experts else 0.0,
+        "dataset_distribution": dict(sorted(records_summary["datasets"].items())),
+        "collection_time": m.get("collection_time"),
+        "device": m.get("device"),
+    }
 
 
 class _StreamedList:
@@ -139,7 +136,8 @@ def export_pickle(store: TraceStore | str | os.PathLike, out_path: str | os.Path
                   layers: Iterable | None = None, limit: int | None = None, fmt: str = "dict",
                   real_only: bool = False) -> dict:
     """Writes OUT.pkl (a list of records: dicts, or GatingDataPoint with fmt='dataclass') and OUT.json
-    (the seed's metadata fields, plus `source_store` and `filtered`). Returns the metadata."""
+    (the seed's metadata fields computed over the exported records, plus `source_store`, `filtered`,
+    `exported_traces`, `record_format`). Returns the metadata."""
     if fmt not in ("dict", "dataclass"):
         raise ValueError(f"fmt must be 'dict' or 'dataclass', not {fmt!r}")
     if not isinstance(store, TraceStore):
@@ -166,7 +164,7 @@ def export_pickle(store: TraceStore | str | os.PathLike, out_path: str | os.Path
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    meta = seed_metadata(store, summary if filtered else None)
+    meta = seed_metadata(store, summary)
     meta["source_store"] = os.path.abspath(store.path)
     meta["filtered"] = filtered
     meta["exported_traces"] = summary["traces"]
