@@ -48,7 +48,10 @@ DeviceBuffer to_device_raw(const std::vector<T>& v) {
   upload(buf.get(), v.data(), v.size() * sizeof(T));
   return buf;
 }
+// The kernels run on non-blocking streams, which the legacy default stream does not wait for: the
+// downloads below synchronize the device first.
 inline std::vector<float> from_device(const DeviceBuffer& buf, size_t n, DType t) {
+  MT_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<uint8_t> host(n * act_size(t));
   download(host.data(), buf.get(), host.size());
   std::vector<float> out(n);
@@ -57,6 +60,7 @@ inline std::vector<float> from_device(const DeviceBuffer& buf, size_t n, DType t
 }
 template <class T>
 std::vector<T> from_device_raw(const DeviceBuffer& buf, size_t n) {
+  MT_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<T> out(n);
   download(out.data(), buf.get(), n * sizeof(T));
   return out;
