@@ -78,11 +78,11 @@ class Shard:
 
     # -- opening and checks ------------------------------------------------------------------
     def _file(self) -> SafetensorsFile:
-        if self._st is None:
+        if self._st is None:  # stays None when a check fails, so every access reports the problem
             st = SafetensorsFile(self.path)
-            self._metadata = self._parse_metadata(st.metadata)
-            self._st = st
-            self._check_tensors()
+            metadata = self._parse_metadata(st.metadata)
+            self._offsets, self._dec_offsets = self._check_tensors(st)
+            self._st, self._metadata = st, metadata
         return self._st
 
     def _parse_metadata(self, meta: dict) -> dict:
@@ -104,35 +104,39 @@ class Shard:
                              f"{self.first_sample}")
         return out
 
-    def _check_tensors(self) -> None:
-        infos = self._st.infos
+    def _check_tensors(self, st: SafetensorsFile) -> tuple[np.ndarray, np.ndarray | None]:
+        """Checks the row structure; returns (sample_offsets, dec.sample_offsets or None)."""
+        infos = st.infos
         for name in REQUIRED_TENSORS:
             if name not in infos:
                 raise StoreError(f"{self.path}: missing tensor {name!r}")
-        offsets = self._checked_offsets("sample_offsets", infos["token_ids"].shape[0])
-        self._offsets = offsets
-        if "dec.sample_offsets" in infos:
-            g = infos["dec.input_ids"].shape[0] if "dec.input_ids" in infos else None
-            self._dec_offsets = self._checked_offsets("dec.sample_offsets", g)
         if infos["sample_kind"].shape != (self.num_samples,):
             raise StoreError(f"{self.path}: sample_kind has shape {list(infos['sample_kind'].shape)}, "
                              f"expected [{self.num_samples}]")
-        t = int(offsets[-1])
-        g = int(self._dec_offsets[-1]) if self._dec_offsets is not None else 0
+        offsets = self._checked_offsets(st, "sample_offsets", infos["token_ids"].shape)
+        dec_offsets = None
+        if "dec.sample_offsets" in infos:
+            g = infos["dec.input_ids"].shape if "dec.input_ids" in infos else None
+            dec_offsets = self._checked_offsets(st, "dec.sample_offsets", g)
+        rows = {"enc.": int(offsets[-1]), "dec.": int(dec_offsets[-1]) if dec_offsets is not None else 0}
         for name, info in infos.items():
-            rows = g if name.startswith("dec.") and name != "dec.sample_offsets" else t
-            if (name.startswith("enc.") or name.startswith("dec.")) and name != "dec.sample_offsets":
-                if not info.shape or info.shape[0] != rows:
-                    raise StoreError(f"{self.path}: tensor {name!r} has shape {list(info.shape)}, "
-                                     f"expected {rows} rows")
+            prefix = name[:4]
+            if prefix in rows and name != "dec.sample_offsets" and (not info.shape or info.shape[0] != rows[prefix]):
+                raise StoreError(f"{self.path}: tensor {name!r} has shape {list(info.shape)}, "
+                                 f"expected {rows[prefix]} rows (the last of the sample offsets)")
+        return offsets, dec_offsets
 
-    def _checked_offsets(self, name: str, rows: int | None) -> np.ndarray:
-        off = np.asarray(self._st.tensor(name), dtype=np.int64)
+    def _checked_offsets(self, st: SafetensorsFile, name: str, ids_shape: tuple | None) -> np.ndarray:
+        """[N+1] offsets from 0 to the length of the 1-D ids tensor they cut, non-decreasing."""
         n = self.num_samples
-        if off.shape != (n + 1,) or off[0] != 0 or np.any(np.diff(off) < 0) or (rows is not None and off[-1] != rows):
-            raise StoreError(f"{self.path}: {name} must be {n + 1} non-decreasing offsets from 0 to "
-                             f"{rows}, got shape {list(off.shape)}")
-        return np.array(off)
+        off = np.array(st.tensor(name), dtype=np.int64)
+        rows = ids_shape[0] if ids_shape and len(ids_shape) == 1 else None
+        if (off.shape != (n + 1,) or off[0] != 0 or np.any(np.diff(off) < 0)
+                or (ids_shape is not None and off[-1] != rows)):
+            raise StoreError(f"{self.path}: {name} must be {n + 1} non-decreasing offsets from 0 to the "
+                             f"{rows if rows is not None else '?'} rows of its ids, got {off.tolist()[:8]}"
+                             f"{'...' if off.size > 8 else ''} (shape {list(off.shape)})")
+        return off
 
     # -- public ------------------------------------------------------------------------------
     @property

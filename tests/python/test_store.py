@@ -256,3 +256,41 @@ def test_unlisted_files_are_ignored(store_factory):
     open(os.path.join(path, ".tmp-shard-00003.safetensors"), "wb").write(b"partial")
     store = moetrace.open_store(path)
     assert len(store) == 6 and store.sample_ids == [x["sample_id"] for x in truth[:6]]
+
+
+def _rewrite_shard(path, file, changes):
+    """Rewrites one shard with some tensors replaced (None removes one); the manifest's size and hash
+    are cleared so that only the shard's own structure is checked."""
+    from moetrace.safetensors_io import SafetensorsFile
+    from conftest import write_safetensors
+    f = SafetensorsFile(os.path.join(path, file))
+    tensors = {k: np.array(f.tensor(k)) for k in f.infos}
+    for k, v in changes.items():
+        if v is None:
+            del tensors[k]
+        else:
+            tensors[k] = v
+    meta = dict(f.metadata)
+    del f
+    write_safetensors(os.path.join(path, file), tensors, meta)
+    m = json.load(open(os.path.join(path, "manifest.json")))
+    for s in m["shards"]:
+        s["bytes"], s["sha256"] = 0, ""
+    _edit_manifest(path, shards=m["shards"])
+
+
+def test_bad_row_structure_is_named_on_every_access(store_factory):
+    path, truth = store_factory()
+    n = sum(len(x["token_ids"]) for x in truth[3:6])
+    _rewrite_shard(path, "shard-00001.safetensors", {"sample_offsets": np.array([0, 5, 2, n], np.int64)})
+    store = moetrace.open_store(path)
+    for _ in range(2):
+        with pytest.raises(StoreError, match=r"shard-00001\.safetensors: sample_offsets must be 4 non-decreasing"):
+            store.sample(3)
+    path, truth = store_factory("other")
+    _rewrite_shard(path, "shard-00000.safetensors", {"enc.3.expert": np.zeros(2, np.int32)})
+    with pytest.raises(StoreError, match=r"shard-00000\.safetensors: tensor 'enc.3.expert' has shape \[2\]"):
+        moetrace.open_store(path).sample(0)
+    _rewrite_shard(path, "shard-00000.safetensors", {"sample_kind": None})
+    with pytest.raises(StoreError, match=r"shard-00000\.safetensors: missing tensor 'sample_kind'"):
+        moetrace.open_store(path).sample(0)
