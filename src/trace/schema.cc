@@ -1,0 +1,459 @@
+#include "trace/schema.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "core/error.h"
+#include "trace/store.h"
+
+namespace moetrace::trace {
+
+namespace fs = std::filesystem;
+
+std::string shard_file_name(int64_t index) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "shard-%05lld.safetensors", static_cast<long long>(index));
+  return buf;
+}
+
+bool parse_shard_file_name(const std::string& name, int64_t* index) {
+  const std::string prefix = "shard-", suffix = ".safetensors";
+  if (name.size() <= prefix.size() + suffix.size() || name.rfind(prefix, 0) != 0 ||
+      name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+    return false;
+  }
+  const std::string digits =
+      name.substr(prefix.size(), name.size() - prefix.size() - suffix.size());
+  if (digits.size() > 15) return false;
+  int64_t v = 0;
+  for (char c : digits) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + (c - '0');
+  }
+  *index = v;
+  return true;
+}
+
+bool is_store_file(const std::string& name) {
+  int64_t index;
+  return name == kManifestName || name.rfind(kTmpPrefix, 0) == 0 ||
+         parse_shard_file_name(name, &index);
+}
+
+std::string layer_key(bool decoder, int block) {
+  return (decoder ? "dec." : "enc.") + std::to_string(block);
+}
+
+std::string hidden_dtype_name(const std::optional<DType>& t) {
+  return t ? std::string(dtype_name(*t)) : std::string("none");
+}
+
+namespace {
+
+const json& field(const json& j, const char* key, const std::string& what) {
+  if (!j.is_object() || !j.contains(key)) fail(what, ": missing field \"", key, "\"");
+  return j.at(key);
+}
+
+int64_t int_field(const json& j, const char* key, const std::string& what, int64_t min_value) {
+  const json& v = field(j, key, what);
+  if (!v.is_number_integer() || v.get<int64_t>() < min_value) {
+    fail(what, ": field \"", key, "\" must be an integer >= ", min_value, ", got ", v.dump());
+  }
+  return v.get<int64_t>();
+}
+
+std::vector<int> layer_list(const json& j, const std::string& what) {
+  if (!j.is_array()) fail(what, ": must be an array of block indices");
+  std::vector<int> out;
+  for (const json& v : j) {
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > 100000) {
+      fail(what, ": bad block index ", v.dump());
+    }
+    out.push_back(v.get<int>());
+  }
+  std::set<int> uniq(out.begin(), out.end());
+  if (uniq.size() != out.size()) fail(what, ": repeated block index");
+  return out;
+}
+
+}  // namespace
+
+Layout layout_from_manifest(const json& m, const std::string& what) {
+  Layout l;
+  const json& layers = field(m, "layers", what);
+  l.enc_layers = layer_list(field(layers, "encoder", what + ": layers"), what + ": layers.encoder");
+  l.dec_layers = layer_list(field(layers, "decoder", what + ": layers"), what + ": layers.decoder");
+  l.num_experts = int_field(m, "num_experts", what, 1);
+  l.d_model = int_field(m, "d_model", what, 1);
+  l.samples_per_shard = int_field(m, "samples_per_shard", what, 1);
+  const json& ld = field(m, "logits_dtype", what);
+  if (!ld.is_string() || !parse_dtype(ld.get<std::string>(), &l.logits_dtype) ||
+      (l.logits_dtype != DType::kF32 && l.logits_dtype != DType::kF16 &&
+       l.logits_dtype != DType::kBF16)) {
+    fail(what, ": logits_dtype must be \"F32\", \"F16\" or \"BF16\", got ", ld.dump());
+  }
+  const json& hd = field(m, "hidden_dtype", what);
+  DType h;
+  if (hd == "none") {
+    l.hidden_dtype.reset();
+  } else if (hd.is_string() && parse_dtype(hd.get<std::string>(), &h) &&
+             (h == DType::kBF16 || h == DType::kF32)) {
+    l.hidden_dtype = h;
+  } else {
+    fail(what, ": hidden_dtype must be \"none\", \"BF16\" or \"F32\", got ", hd.dump());
+  }
+  const json& dec = field(m, "decoder", what);
+  if (!dec.is_boolean()) fail(what, ": decoder must be true or false");
+  l.decoder = dec.get<bool>();
+  if (!l.decoder && !l.dec_layers.empty()) {
+    fail(what, ": layers.decoder is not empty but decoder is false");
+  }
+  return l;
+}
+
+void Stats::add(const Stats& o) {
+  num_samples += o.num_samples;
+  num_tokens += o.num_tokens;
+  num_decoder_tokens += o.num_decoder_tokens;
+  for (const auto& [key, ls] : o.layers) {
+    LayerStats& d = layers[key];
+    if (d.expert_counts.size() < ls.expert_counts.size())
+      d.expert_counts.resize(ls.expert_counts.size());
+    for (size_t e = 0; e < ls.expert_counts.size(); ++e) d.expert_counts[e] += ls.expert_counts[e];
+    d.dropped += ls.dropped;
+    d.tokens += ls.tokens;
+  }
+  for (const auto& [name, n] : o.dataset_samples) dataset_samples[name] += n;
+}
+
+Stats empty_stats(const Layout& layout) {
+  Stats s;
+  const size_t e = static_cast<size_t>(layout.num_experts);
+  for (int b : layout.enc_layers) s.layers[layer_key(false, b)].expert_counts.assign(e, 0);
+  for (int b : layout.dec_layers) s.layers[layer_key(true, b)].expert_counts.assign(e, 0);
+  return s;
+}
+
+void count_rows(LayerStats* s, const int32_t* expert, const uint8_t* dropped, int64_t n) {
+  for (int64_t r = 0; r < n; ++r) {
+    ++s->expert_counts[static_cast<size_t>(expert[r])];
+    s->dropped += dropped[r] != 0;
+  }
+  s->tokens += n;
+}
+
+json stats_fields(const Stats& t, const Layout& layout) {
+  json j;
+  const int64_t n_enc = static_cast<int64_t>(layout.enc_layers.size());
+  j["num_samples"] = t.num_samples;
+  j["num_tokens"] = t.num_tokens;
+  j["num_decoder_tokens"] = t.num_decoder_tokens;
+  j["total_traces"] = t.num_samples * n_enc;
+  std::vector<int64_t> dist(static_cast<size_t>(layout.num_experts), 0);
+  for (int b : layout.enc_layers) {
+    auto it = t.layers.find(layer_key(false, b));
+    if (it == t.layers.end()) continue;
+    for (size_t e = 0; e < dist.size() && e < it->second.expert_counts.size(); ++e) {
+      dist[e] += it->second.expert_counts[e];
+    }
+  }
+  json ed = json::object();
+  int64_t used = 0;
+  for (size_t e = 0; e < dist.size(); ++e) {
+    ed[std::to_string(e)] = dist[e];
+    used += dist[e] != 0;
+  }
+  j["expert_distribution"] = ed;
+  j["experts_used"] = used;
+  j["diversity_percentage"] =
+      100.0 * static_cast<double>(used) / static_cast<double>(layout.num_experts);
+  json dd = json::object();
+  for (const auto& [name, n] : t.dataset_samples) dd[name] = n * n_enc;
+  j["dataset_distribution"] = dd;
+  json pl = json::object();
+  auto put_layer = [&](bool dec, int b) {
+    const std::string key = layer_key(dec, b);
+    LayerStats ls;
+    ls.expert_counts.assign(static_cast<size_t>(layout.num_experts), 0);
+    auto it = t.layers.find(key);
+    if (it != t.layers.end()) ls = it->second;
+    pl[key] = {
+        {"expert_counts", ls.expert_counts},
+        {"dropped", ls.dropped},
+        {"tokens", ls.tokens},
+        {"drop_rate",
+         ls.tokens > 0 ? static_cast<double>(ls.dropped) / static_cast<double>(ls.tokens) : 0.0}};
+  };
+  for (int b : layout.enc_layers) put_layer(false, b);
+  for (int b : layout.dec_layers) put_layer(true, b);
+  j["per_layer"] = pl;
+  return j;
+}
+
+json shard_entry_json(const ShardEntry& e) {
+  return {{"file", e.file},
+          {"first_sample", e.first_sample},
+          {"num_samples", e.num_samples},
+          {"num_tokens", e.num_tokens},
+          {"num_decoder_tokens", e.num_decoder_tokens},
+          {"bytes", e.bytes},
+          {"sha256", e.sha256}};
+}
+
+ShardEntry shard_entry_from_json(const json& j, const std::string& what) {
+  ShardEntry e;
+  const json& file = field(j, "file", what);
+  if (!file.is_string()) fail(what, ": field \"file\" must be a string");
+  e.file = file.get<std::string>();
+  int64_t index;
+  if (!parse_shard_file_name(e.file, &index)) {
+    fail(what, ": file \"", e.file, "\" is not named shard-NNNNN.safetensors");
+  }
+  e.first_sample = int_field(j, "first_sample", what, 0);
+  e.num_samples = int_field(j, "num_samples", what, 1);
+  e.num_tokens = int_field(j, "num_tokens", what, 0);
+  e.num_decoder_tokens = int_field(j, "num_decoder_tokens", what, 0);
+  e.bytes = int_field(j, "bytes", what, 8);
+  const json& sha = field(j, "sha256", what);
+  if (!sha.is_string() || sha.get<std::string>().size() != 64) {
+    fail(what, ": field \"sha256\" must be 64 hex digits");
+  }
+  e.sha256 = sha.get<std::string>();
+  return e;
+}
+
+namespace {
+
+// Parses a metadata value that holds a JSON array of n elements.
+json meta_array(const SafetensorsFile& f, const char* key, size_t n) {
+  const std::string what = f.path().string();
+  auto it = f.metadata().find(key);
+  if (it == f.metadata().end()) fail(what, ": __metadata__ lacks \"", key, "\"");
+  json j;
+  try {
+    j = json::parse(it->second);
+  } catch (const json::exception&) {
+    fail(what, ": __metadata__ \"", key, "\" is not valid JSON");
+  }
+  if (!j.is_array() || j.size() != n) {
+    fail(what, ": __metadata__ \"", key, "\" must be a JSON array of ", n, " entries");
+  }
+  return j;
+}
+
+const NamedView& expect_tensor(const SafetensorsFile& f, const std::string& name, DType dtype,
+                               const Shape& shape, std::set<std::string>* seen) {
+  const NamedView* t = f.find(name);
+  if (t == nullptr) fail(f.path().string(), ": missing tensor ", name);
+  if (t->view.dtype != dtype || t->view.shape != shape) {
+    fail(f.path().string(), ": tensor ", name, " is ", dtype_name(t->view.dtype), " ",
+         shape_str(t->view.shape), ", expected ", dtype_name(dtype), " ", shape_str(shape));
+  }
+  seen->insert(name);
+  return *t;
+}
+
+// [n+1] offsets: 0 at the start, non-decreasing, ending at total.
+void check_offsets(const SafetensorsFile& f, const std::string& name, const int64_t* off, int64_t n,
+                   int64_t total) {
+  if (off[0] != 0) fail(f.path().string(), ": ", name, "[0] is ", off[0], ", expected 0");
+  for (int64_t k = 0; k < n; ++k) {
+    if (off[k + 1] < off[k]) {
+      fail(f.path().string(), ": ", name, " decreases at sample ", k, " (", off[k], " > ",
+           off[k + 1], ")");
+    }
+  }
+  if (off[n] != total) {
+    fail(f.path().string(), ": ", name, "[", n, "] is ", off[n], ", expected ", total);
+  }
+}
+
+// Checks and counts one MoE layer's tensors of rows rows.
+void check_layer(const SafetensorsFile& f, const Layout& layout, bool dec, int block, int64_t rows,
+                 std::set<std::string>* seen, LayerStats* stats) {
+  const std::string p = layer_key(dec, block) + ".";
+  expect_tensor(f, p + "router_logits", layout.logits_dtype, {rows, layout.num_experts}, seen);
+  const auto& expert = expect_tensor(f, p + "expert", DType::kI32, {rows}, seen);
+  const auto& dropped = expect_tensor(f, p + "dropped", DType::kU8, {rows}, seen);
+  expect_tensor(f, p + "gate", DType::kF32, {rows}, seen);
+  if (layout.hidden_dtype) {
+    expect_tensor(f, p + "hidden", *layout.hidden_dtype, {rows, layout.d_model}, seen);
+  }
+  const int32_t* e = expert.view.as<int32_t>();
+  const uint8_t* d = dropped.view.as<uint8_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    if (e[r] < 0 || e[r] >= layout.num_experts) {
+      fail(f.path().string(), ": ", p, "expert[", r, "] = ", e[r], " is outside [0, ",
+           layout.num_experts, ")");
+    }
+    if (d[r] > 1)
+      fail(f.path().string(), ": ", p, "dropped[", r, "] = ", int{d[r]}, " is not 0 or 1");
+  }
+  count_rows(stats, e, d, rows);
+}
+
+}  // namespace
+
+Stats check_shard(const SafetensorsFile& f, const Layout& layout, int64_t expected_first_sample,
+                  ShardMeta* meta_out) {
+  const std::string what = f.path().string();
+  const auto& md = f.metadata();
+  auto get = [&](const char* key) -> const std::string& {
+    auto it = md.find(key);
+    if (it == md.end()) fail(what, ": __metadata__ lacks \"", key, "\"");
+    return it->second;
+  };
+  if (get("format") != kTraceFormat) fail(what, ": __metadata__ format is not ", kTraceFormat);
+  if (get("format_version") != std::to_string(kTraceFormatVersion)) {
+    fail(what, ": __metadata__ format_version is \"", get("format_version"), "\", expected \"",
+         kTraceFormatVersion, "\"");
+  }
+  if (get("first_sample") != std::to_string(expected_first_sample)) {
+    fail(what, ": __metadata__ first_sample is \"", get("first_sample"), "\", expected \"",
+         expected_first_sample, "\"");
+  }
+  const NamedView* kind_t = f.find("sample_kind");
+  const NamedView* tok_t = f.find("token_ids");
+  if (kind_t == nullptr || kind_t->view.shape.size() != 1)
+    fail(what, ": missing tensor sample_kind [N]");
+  if (tok_t == nullptr || tok_t->view.shape.size() != 1)
+    fail(what, ": missing tensor token_ids [T]");
+  const int64_t n = kind_t->view.shape[0];
+  const int64_t t = tok_t->view.shape[0];
+  std::set<std::string> seen;
+  expect_tensor(f, "token_ids", DType::kI32, {t}, &seen);
+  const auto& offsets = expect_tensor(f, "sample_offsets", DType::kI64, {n + 1}, &seen);
+  const auto& kind = expect_tensor(f, "sample_kind", DType::kU8, {n}, &seen);
+  check_offsets(f, "sample_offsets", offsets.view.as<int64_t>(), n, t);
+  for (int64_t k = 0; k < n; ++k) {
+    if (kind.view.as<uint8_t>()[k] > 1) fail(what, ": sample_kind[", k, "] is not 0 or 1");
+  }
+
+  ShardMeta meta;
+  meta.first_sample = expected_first_sample;
+  const json ids = meta_array(f, "sample_ids", static_cast<size_t>(n));
+  const json datasets = meta_array(f, "datasets", static_cast<size_t>(n));
+  const json rows = meta_array(f, "rows", static_cast<size_t>(n));
+  for (int64_t k = 0; k < n; ++k) {
+    const json& id = ids[static_cast<size_t>(k)];
+    const json& ds = datasets[static_cast<size_t>(k)];
+    const json& row = rows[static_cast<size_t>(k)];
+    if (!id.is_string() || !ds.is_string() || !row.is_number_integer()) {
+      fail(what, ": __metadata__ entry ", k, " of sample_ids/datasets/rows has the wrong type");
+    }
+    meta.sample_ids.push_back(id.get<std::string>());
+    meta.datasets.push_back(ds.get<std::string>());
+    meta.rows.push_back(row.get<int64_t>());
+  }
+
+  Stats s = empty_stats(layout);
+  s.num_samples = n;
+  s.num_tokens = t;
+  for (const auto& d : meta.datasets) ++s.dataset_samples[d];
+  for (int b : layout.enc_layers)
+    check_layer(f, layout, false, b, t, &seen, &s.layers[layer_key(false, b)]);
+  if (layout.decoder) {
+    const NamedView* in_t = f.find("dec.input_ids");
+    if (in_t == nullptr || in_t->view.shape.size() != 1)
+      fail(what, ": missing tensor dec.input_ids [G]");
+    const int64_t g = in_t->view.shape[0];
+    expect_tensor(f, "dec.input_ids", DType::kI32, {g}, &seen);
+    expect_tensor(f, "dec.output_ids", DType::kI32, {g}, &seen);
+    const auto& dec_off = expect_tensor(f, "dec.sample_offsets", DType::kI64, {n + 1}, &seen);
+    check_offsets(f, "dec.sample_offsets", dec_off.view.as<int64_t>(), n, g);
+    s.num_decoder_tokens = g;
+    for (int b : layout.dec_layers)
+      check_layer(f, layout, true, b, g, &seen, &s.layers[layer_key(true, b)]);
+  }
+  for (const auto& nv : f.tensors()) {
+    if (!seen.count(nv.name)) fail(what, ": unexpected tensor ", nv.name);
+  }
+  if (meta_out != nullptr) *meta_out = std::move(meta);
+  return s;
+}
+
+void fsync_file(const fs::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail(path.string(), ": cannot open for fsync: ", std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) fail(path.string(), ": fsync failed: ", std::strerror(err));
+}
+
+void fsync_dir(const fs::path& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) fail(dir.string(), ": cannot open directory for fsync: ", std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) fail(dir.string(), ": fsync of the directory failed: ", std::strerror(err));
+}
+
+void atomic_write_file(const fs::path& dir, const std::string& name, const std::string& bytes) {
+  const fs::path tmp = dir / (kTmpPrefix + name);
+  const fs::path dst = dir / name;
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail(tmp.string(), ": cannot create: ", std::strerror(errno));
+  size_t done = 0;
+  int err = 0;
+  while (done < bytes.size()) {
+    const ssize_t w = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      err = w < 0 ? errno : EIO;
+      break;
+    }
+    done += static_cast<size_t>(w);
+  }
+  if (err == 0 && ::fsync(fd) != 0) err = errno;
+  if (::close(fd) != 0 && err == 0) err = errno;
+  if (err != 0) {
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    fail(tmp.string(), ": write failed: ", std::strerror(err));
+  }
+  if (::rename(tmp.c_str(), dst.c_str()) != 0) {
+    err = errno;
+    std::error_code ec;
+    fs::remove(tmp, ec);
+    fail(dst.string(), ": cannot rename ", tmp.filename().string(),
+         " into place: ", std::strerror(err));
+  }
+  fsync_dir(dir);
+}
+
+json read_manifest(const fs::path& dir) {
+  const fs::path p = dir / kManifestName;
+  std::ifstream in(p, std::ios::binary);
+  if (!in) fail(p.string(), ": cannot open (not a trace store?)");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  json m;
+  try {
+    m = json::parse(ss.str());
+  } catch (const json::exception& e) {
+    fail(p.string(), ": not valid JSON (", e.what(), ")");
+  }
+  if (!m.is_object() || !m.contains("format") || m["format"] != kTraceFormat) {
+    fail(p.string(), ": \"format\" is not \"", kTraceFormat, "\"");
+  }
+  if (!m.contains("format_version") || !m["format_version"].is_number_integer()) {
+    fail(p.string(), ": missing integer \"format_version\"");
+  }
+  if (m["format_version"].get<int64_t>() != kTraceFormatVersion) {
+    fail(p.string(), ": format_version ", m["format_version"].dump(),
+         " is not supported (this moetrace reads version ", kTraceFormatVersion, ")");
+  }
+  return m;
+}
+
+}  // namespace moetrace::trace

@@ -1,0 +1,103 @@
+// Internal to src/trace: the shard schema, the counts the manifest carries, and the checks shared
+// by the writer (resume), the reader and verify_store(). Names follow docs/TRACE_FORMAT.md.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "io/safetensors.h"
+
+namespace moetrace::trace {
+
+using json = nlohmann::json;
+
+inline constexpr const char* kManifestName = "manifest.json";
+inline constexpr const char* kTmpPrefix = ".tmp-";
+
+// "shard-00042.safetensors"
+std::string shard_file_name(int64_t index);
+// True for "shard-<digits>.safetensors"; *index gets the number.
+bool parse_shard_file_name(const std::string& name, int64_t* index);
+// Files a store owns: manifest.json, shard-*.safetensors and .tmp-* leftovers.
+bool is_store_file(const std::string& name);
+
+// "enc.3" / "dec.5": the prefix of a MoE layer's tensors and its per_layer key.
+std::string layer_key(bool decoder, int block);
+
+// What the shards of a store hold (fixed for the life of the store).
+struct Layout {
+  std::vector<int> enc_layers, dec_layers;
+  int64_t num_experts = 0, d_model = 0;
+  DType logits_dtype = DType::kF16;
+  std::optional<DType> hidden_dtype;
+  bool decoder = false;
+  int64_t samples_per_shard = 0;
+};
+// Reads the layout fields of a manifest; throws Error naming the field when one is missing or
+// wrong.
+Layout layout_from_manifest(const json& manifest, const std::string& what);
+// "none", "BF16", "F32"
+std::string hidden_dtype_name(const std::optional<DType>& t);
+
+struct LayerStats {
+  std::vector<int64_t> expert_counts;  // [E] top-1 choices
+  int64_t dropped = 0;
+  int64_t tokens = 0;
+};
+
+// Counts of a set of samples (one shard, or the whole store), from which the manifest's statistics
+// are derived.
+struct Stats {
+  int64_t num_samples = 0, num_tokens = 0, num_decoder_tokens = 0;
+  std::map<std::string, LayerStats> layers;        // "enc.{i}" / "dec.{i}"
+  std::map<std::string, int64_t> dataset_samples;  // samples per dataset
+  void add(const Stats& other);
+};
+Stats empty_stats(const Layout& layout);
+// Adds n rows of one layer (experts already checked to lie in [0, E)).
+void count_rows(LayerStats* s, const int32_t* expert, const uint8_t* dropped, int64_t n);
+
+// The manifest's count fields derived from the totals: num_samples, num_tokens, num_decoder_tokens,
+// total_traces, expert_distribution, experts_used, diversity_percentage, dataset_distribution,
+// per_layer.
+json stats_fields(const Stats& totals, const Layout& layout);
+
+// One manifest "shards" entry.
+struct ShardEntry {
+  std::string file;
+  int64_t first_sample = 0, num_samples = 0, num_tokens = 0, num_decoder_tokens = 0;
+  int64_t bytes = 0;
+  std::string sha256;
+};
+json shard_entry_json(const ShardEntry& e);
+ShardEntry shard_entry_from_json(const json& j, const std::string& what);  // throws Error
+
+// A shard's per-sample metadata, parsed from its safetensors __metadata__.
+struct ShardMeta {
+  int64_t first_sample = 0;
+  std::vector<std::string> sample_ids, datasets;
+  std::vector<int64_t> rows;
+};
+
+// Checks one shard against the layout: metadata, the exact tensor set with shapes and dtypes,
+// offsets, value ranges; returns its counts. Throws Error naming the file (and tensor) at the first
+// problem. meta (optional) receives the parsed metadata.
+Stats check_shard(const SafetensorsFile& f, const Layout& layout, int64_t expected_first_sample,
+                  ShardMeta* meta);
+
+// Writes bytes to dir/.tmp-<name>, fsyncs it, renames it to dir/<name> and fsyncs dir.
+void atomic_write_file(const std::filesystem::path& dir, const std::string& name,
+                       const std::string& bytes);
+void fsync_file(const std::filesystem::path& path);
+void fsync_dir(const std::filesystem::path& dir);
+
+// Reads and parses dir/manifest.json, checking format and format_version; throws Error.
+json read_manifest(const std::filesystem::path& dir);
+
+}  // namespace moetrace::trace

@@ -1,0 +1,154 @@
+// The trace store (docs/TRACE_FORMAT.md, format version 1): a directory of safetensors shards and a
+// manifest.json. TraceWriter appends samples and commits whole shards atomically on a background
+// thread; TraceStore reads samples back; verify_store() checks a store against its manifest.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace moetrace {
+
+inline constexpr const char* kTraceFormat = "moetrace-trace";
+inline constexpr int kTraceFormatVersion = 1;
+
+// One MoE layer of one sample: S rows (S = tokens of the sample, or G decoder steps). The pointers
+// must stay valid during TraceWriter::add() only; add() copies them.
+struct LayerRecord {
+  const float* router_logits = nullptr;  // [S, E] fp32
+  const int32_t* expert = nullptr;       // [S] top-1 choice in [0, E)
+  const uint8_t* dropped = nullptr;      // [S] 0 or 1
+  const float* gate = nullptr;           // [S] top-1 router probability
+  const float* hidden =
+      nullptr;  // [S, d_model] fp32, or nullptr (zeros are stored if the store has hidden)
+};
+
+struct SampleRecord {
+  std::string sample_id;  // <dataset>/<config>/<split>/<row>, unique in the store
+  std::string dataset;    // catalog name, e.g. glue/mrpc
+  int64_t row = 0;
+  bool synthetic = false;
+  std::vector<int32_t> token_ids;  // [S]
+  std::vector<LayerRecord> enc;    // one per StoreSettings::enc_layers, same order
+  std::vector<int32_t> dec_input_ids, dec_output_ids;  // [G] (only with decoder)
+  std::vector<LayerRecord> dec;                        // one per dec_layers, G rows each
+};
+
+// A layer of a sample read back from a store; logits and hidden widened to fp32.
+struct LayerRecordOwned {
+  std::vector<float> router_logits;  // [S * E]
+  std::vector<int32_t> expert;       // [S]
+  std::vector<uint8_t> dropped;      // [S]
+  std::vector<float> gate;           // [S]
+  std::vector<float> hidden;         // [S * d_model], empty when the store has no hidden states
+};
+
+struct SampleRecordOwned {
+  std::string sample_id, dataset;
+  int64_t row = 0;
+  bool synthetic = false;
+  std::vector<int32_t> token_ids;
+  std::vector<LayerRecordOwned> enc;
+  std::vector<int32_t> dec_input_ids, dec_output_ids;
+  std::vector<LayerRecordOwned> dec;
+};
+
+struct StoreSettings {
+  nlohmann::json settings;  // manifest "settings" (sampling/run parameters); compared on resume
+  nlohmann::json
+      model;  // manifest "model" (id, files, config, tokenizer_sha256); compared on resume
+  std::vector<std::string> command_line;
+  std::vector<int> enc_layers, dec_layers;  // block indices of the MoE layers
+  int64_t num_experts = 0, d_model = 0;
+  DType logits_dtype = DType::kF16;   // F32, F16 or BF16
+  std::optional<DType> hidden_dtype;  // BF16 or F32; nullopt = no hidden states
+  bool decoder = false;
+  int64_t samples_per_shard =
+      1024;            // shard boundaries depend on this only -> resume reproduces them
+  std::string device;  // manifest "device"
+};
+
+enum class OpenMode { kCreate, kResume, kOverwrite };
+
+class TraceWriter {
+ public:
+  // kCreate: dir must not exist or be empty, else Error ("... use --resume or --overwrite").
+  // kResume: dir must hold a store whose settings/model/layers/dtypes equal these (Error naming the
+  //   first difference otherwise); committed shards are checked against their sha256; uncommitted
+  //   leftovers (.tmp-*, unlisted shards) are removed. A partial last shard (left by
+  //   commit_partial()) is loaded back and rewritten once it fills, so shard contents equal those
+  //   of an uninterrupted run. If dir is empty or absent it behaves like kCreate.
+  // kOverwrite: removes an existing store's files (manifest.json, shard-*.safetensors, .tmp-*;
+  //   refuses if dir holds other files) and creates.
+  // A new store gets a manifest with no shards and complete=false at once.
+  static std::unique_ptr<TraceWriter> open(const std::filesystem::path& dir, const StoreSettings& s,
+                                           OpenMode mode);
+  ~TraceWriter();  // without finish(): waits for queued commits; the manifest keeps complete=false
+  TraceWriter(const TraceWriter&) = delete;
+  TraceWriter& operator=(const TraceWriter&) = delete;
+
+  // Samples in the store when it was opened, plus those added since (a resumed run skips the first
+  // committed_samples() of its plan). Equal to the number of add() calls the store has seen.
+  int64_t committed_samples() const;
+  // Samples whose shards are on disk and listed in the manifest now.
+  int64_t durable_samples() const;
+
+  // Copies and converts the sample into the current shard's buffers. When the shard reaches
+  // samples_per_shard it is queued for commit on the writer thread; add() blocks only while two
+  // shards are already queued. Throws Error for a malformed record, or rethrows the writer thread's
+  // error (e.g. a full disk) of an earlier commit.
+  void add(const SampleRecord& sample);
+  // Waits for queued commits, then commits the current partial shard now (the Ctrl-C path).
+  void commit_partial();
+  // Commits the partial shard, waits for the writer thread, and writes the manifest with
+  // complete=true; collection_time grows by collection_seconds_this_run.
+  void finish(double collection_seconds_this_run);
+
+ private:
+  struct Impl;
+  explicit TraceWriter(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Read access to a store: the shards the manifest lists, mapped lazily.
+class TraceStore {
+ public:
+  // Parses manifest.json; refuses another format or an unknown format_version.
+  static TraceStore open(const std::filesystem::path& dir);
+
+  const std::filesystem::path& dir() const;
+  const nlohmann::json& manifest() const;
+  int64_t num_samples() const;
+  int64_t num_shards() const;
+  const std::vector<int>& enc_layers() const;
+  const std::vector<int>& dec_layers() const;
+  // Loads sample i (0 <= i < num_samples()): token ids and per-layer tensors, logits and hidden
+  // widened to fp32. Throws Error naming the shard when it is missing or malformed.
+  SampleRecordOwned sample(int64_t i) const;
+
+ private:
+  struct State;
+  std::shared_ptr<State> state_;
+};
+
+// Full check: manifest structure, every listed shard exists, sizes and sha256 match, tensor names,
+// shapes and dtypes agree with the manifest, sample_offsets monotone and ending at T, experts in
+// [0, E), dropped and sample_kind in {0, 1}, sample ids unique, and every count of the manifest
+// (expert_distribution, per_layer, dataset_distribution, totals) recomputed from the shards.
+// Returns one line per problem (empty = OK).
+std::vector<std::string> verify_store(const std::filesystem::path& dir);
+
+// A human-readable summary of the manifest (for `moetrace inspect STORE`); reads no shard.
+void print_store_summary(const std::filesystem::path& dir, std::ostream& out);
+
+// True when dir holds a manifest.json whose "format" is "moetrace-trace".
+bool is_trace_store(const std::filesystem::path& dir);
+
+}  // namespace moetrace

@@ -1,0 +1,764 @@
+// TraceWriter: buffers one shard in memory, commits full shards on a writer thread (at most two
+// queued), and rewrites manifest.json after every commit so that a kill at any point leaves a valid
+// store of the committed shards.
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <unordered_set>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "core/sha256.h"
+#include "io/safetensors.h"
+#include "trace/schema.h"
+#include "trace/store.h"
+
+#ifndef MOETRACE_VERSION
+#define MOETRACE_VERSION "unknown"
+#endif
+
+namespace moetrace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using ordered_json = nlohmann::ordered_json;
+using trace::Layout;
+using trace::ShardEntry;
+using trace::Stats;
+
+namespace {
+
+// Shards whose queue holds this many (being written or waiting) make add() wait.
+constexpr size_t kMaxQueuedShards = 2;
+
+struct LayerBuf {
+  std::vector<uint8_t> logits;   // [T, E] in the store's logits dtype
+  std::vector<int32_t> expert;   // [T]
+  std::vector<uint8_t> dropped;  // [T]
+  std::vector<float> gate;       // [T]
+  std::vector<uint8_t> hidden;   // [T, d_model] in the hidden dtype (empty without hidden)
+};
+
+// The samples of one shard, laid out as the shard's tensors.
+struct ShardBuf {
+  int64_t index = 0, first_sample = 0;
+  std::vector<int32_t> token_ids;
+  std::vector<int64_t> offsets{0};
+  std::vector<uint8_t> kind;
+  std::vector<LayerBuf> enc, dec;
+  std::vector<int32_t> dec_in, dec_out;
+  std::vector<int64_t> dec_offsets{0};
+  std::vector<std::string> ids, datasets;
+  std::vector<int64_t> rows;
+  Stats stats;
+
+  int64_t num_samples() const { return static_cast<int64_t>(kind.size()); }
+};
+
+template <class T>
+TensorView view_of(const std::vector<T>& v, DType dtype, Shape shape) {
+  return TensorView{dtype, std::move(shape), v.data()};
+}
+
+template <class T>
+void append_raw(std::vector<T>* dst, const TensorView& v) {
+  const size_t n = v.nbytes() / sizeof(T);
+  const size_t old = dst->size();
+  dst->resize(old + n);
+  if (n > 0) std::memcpy(dst->data() + old, v.data, v.nbytes());
+}
+
+std::string dtype_str(DType t) { return std::string(dtype_name(t)); }
+
+// The first place where two JSON values differ, as "path: stored vs new", or "" when equal.
+std::string first_difference(const json& a, const json& b, const std::string& path) {
+  if (a.is_object() && b.is_object()) {
+    std::set<std::string> keys;
+    for (auto it = a.begin(); it != a.end(); ++it) keys.insert(it.key());
+    for (auto it = b.begin(); it != b.end(); ++it) keys.insert(it.key());
+    for (const auto& k : keys) {
+      if (!a.contains(k)) return path + "." + k + ": absent in the store, " + b[k].dump() + " now";
+      if (!b.contains(k)) return path + "." + k + ": " + a[k].dump() + " in the store, absent now";
+      std::string d = first_difference(a[k], b[k], path + "." + k);
+      if (!d.empty()) return d;
+    }
+    return "";
+  }
+  if (a.is_array() && b.is_array() && a.size() == b.size()) {
+    for (size_t i = 0; i < a.size(); ++i) {
+      std::string d = first_difference(a[i], b[i], path + "[" + std::to_string(i) + "]");
+      if (!d.empty()) return d;
+    }
+    return "";
+  }
+  if (a == b) return "";
+  std::string sa = a.dump(), sb = b.dump();
+  if (sa.size() > 80) sa = sa.substr(0, 77) + "...";
+  if (sb.size() > 80) sb = sb.substr(0, 77) + "...";
+  return path + ": " + sa + " in the store, " + sb + " now";
+}
+
+Layout layout_of(const StoreSettings& s) {
+  Layout l;
+  l.enc_layers = s.enc_layers;
+  l.dec_layers = s.dec_layers;
+  l.num_experts = s.num_experts;
+  l.d_model = s.d_model;
+  l.logits_dtype = s.logits_dtype;
+  l.hidden_dtype = s.hidden_dtype;
+  l.decoder = s.decoder;
+  l.samples_per_shard = s.samples_per_shard;
+  return l;
+}
+
+void check_settings(const StoreSettings& s) {
+  if (s.num_experts < 1) fail("trace store: num_experts must be >= 1, got ", s.num_experts);
+  if (s.d_model < 1) fail("trace store: d_model must be >= 1, got ", s.d_model);
+  if (s.samples_per_shard < 1) {
+    fail("trace store: samples_per_shard must be >= 1, got ", s.samples_per_shard);
+  }
+  if (s.logits_dtype != DType::kF32 && s.logits_dtype != DType::kF16 &&
+      s.logits_dtype != DType::kBF16) {
+    fail("trace store: logits dtype must be F32, F16 or BF16, got ", dtype_name(s.logits_dtype));
+  }
+  if (s.hidden_dtype && *s.hidden_dtype != DType::kF32 && *s.hidden_dtype != DType::kBF16) {
+    fail("trace store: hidden dtype must be BF16 or F32, got ", dtype_name(*s.hidden_dtype));
+  }
+  if (!s.decoder && !s.dec_layers.empty())
+    fail("trace store: decoder layers given without decoder");
+  for (const auto* layers : {&s.enc_layers, &s.dec_layers}) {
+    std::set<int> uniq(layers->begin(), layers->end());
+    if (uniq.size() != layers->size()) fail("trace store: a MoE layer index is repeated");
+    for (int b : *layers) {
+      if (b < 0) fail("trace store: negative block index ", b);
+    }
+  }
+}
+
+}  // namespace
+
+struct TraceWriter::Impl {
+  fs::path dir;
+  StoreSettings settings;
+  Layout layout;
+  double prior_time = 0;  // collection_time of earlier runs, seconds
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+
+  // Main thread only.
+  std::unordered_set<std::string> ids;  // every sample id in the store or added
+  int64_t added = 0;                    // samples in the store at open + add() calls since
+  std::unique_ptr<ShardBuf> cur;        // the shard being filled
+  int64_t cur_durable = 0;              // samples of cur already committed (a partial shard)
+  bool finished = false;
+
+  // Shared with the writer thread, under mu. Only one commit runs at a time: the writer thread's,
+  // or the main thread's after the queue has drained.
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::unique_ptr<ShardBuf>> queue;  // front = being written
+  bool stop = false;
+  std::exception_ptr error;
+  std::vector<ShardEntry> shards;  // committed, listed in the manifest
+  std::vector<Stats> shard_stats;  // counts of each committed shard
+  std::thread thread;
+
+  std::unique_ptr<ShardBuf> new_buf(int64_t index) const {
+    auto b = std::make_unique<ShardBuf>();
+    b->index = index;
+    b->first_sample = index * layout.samples_per_shard;
+    b->enc.resize(layout.enc_layers.size());
+    b->dec.resize(layout.dec_layers.size());
+    b->stats = trace::empty_stats(layout);
+    return b;
+  }
+
+  void rethrow_error() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (error) std::rethrow_exception(error);
+  }
+
+  ordered_json manifest(bool complete, double collection_time) const {
+    std::vector<ShardEntry> sh;
+    Stats totals = trace::empty_stats(layout);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      sh = shards;
+      for (const auto& s : shard_stats) totals.add(s);
+    }
+    // ordered_json keeps the documented field order; the nested objects come from json.
+    auto ord = [](const json& j) { return ordered_json::parse(j.dump()); };
+    ordered_json m;
+    m["format"] = kTraceFormat;
+    m["format_version"] = kTraceFormatVersion;
+    m["moetrace_version"] = MOETRACE_VERSION;
+    m["complete"] = complete;
+    m["command_line"] = settings.command_line;
+    m["settings"] = ord(settings.settings.is_null() ? json::object() : settings.settings);
+    m["model"] = ord(settings.model.is_null() ? json::object() : settings.model);
+    m["layers"] = {{"encoder", layout.enc_layers}, {"decoder", layout.dec_layers}};
+    m["num_experts"] = layout.num_experts;
+    m["d_model"] = layout.d_model;
+    m["logits_dtype"] = dtype_str(layout.logits_dtype);
+    m["hidden_dtype"] = trace::hidden_dtype_name(layout.hidden_dtype);
+    m["decoder"] = layout.decoder;
+    m["samples_per_shard"] = layout.samples_per_shard;
+    m["shards"] = ordered_json::array();
+    for (const auto& e : sh) m["shards"].push_back(ord(trace::shard_entry_json(e)));
+    const json st = trace::stats_fields(totals, layout);
+    for (const char* k : {"num_samples", "num_tokens", "num_decoder_tokens", "total_traces"}) {
+      m[k] = st[k];
+    }
+    ordered_json dist = ordered_json::object();  // "0".."E-1" in numeric order
+    for (int64_t e = 0; e < layout.num_experts; ++e) {
+      dist[std::to_string(e)] = st["expert_distribution"][std::to_string(e)];
+    }
+    m["expert_distribution"] = dist;
+    m["experts_used"] = st["experts_used"];
+    m["diversity_percentage"] = st["diversity_percentage"];
+    m["dataset_distribution"] = ord(st["dataset_distribution"]);
+    m["collection_time"] = collection_time;
+    m["device"] = settings.device;
+    ordered_json pl = ordered_json::object();  // layers in block order, encoder first
+    auto put = [&](bool dec, int b) {
+      const std::string key = trace::layer_key(dec, b);
+      const json& l = st["per_layer"][key];
+      pl[key] = {{"expert_counts", l["expert_counts"]},
+                 {"dropped", l["dropped"]},
+                 {"tokens", l["tokens"]},
+                 {"drop_rate", l["drop_rate"]}};
+    };
+    for (int b : layout.enc_layers) put(false, b);
+    for (int b : layout.dec_layers) put(true, b);
+    m["per_layer"] = pl;
+    m["throughput_tokens_per_s"] =
+        collection_time > 0 ? static_cast<double>(totals.num_tokens) / collection_time : 0.0;
+    return m;
+  }
+
+  double elapsed() const {
+    return prior_time +
+           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+
+  void write_manifest(bool complete, double collection_time) {
+    trace::atomic_write_file(dir, trace::kManifestName,
+                             manifest(complete, collection_time).dump(2) + "\n");
+  }
+
+  // Writes buf as shard buf.index: .tmp- file, fsync, rename, manifest. A shard that replaces the
+  // committed partial shard of the same index is first dropped from the manifest, so a crash in
+  // between leaves a valid (shorter) store rather than a manifest naming a changed file.
+  void commit(const ShardBuf& b) {
+    const std::string name = trace::shard_file_name(b.index);
+    const fs::path tmp = dir / (trace::kTmpPrefix + name);
+    const fs::path dst = dir / name;
+    const int64_t n = b.num_samples();
+    const int64_t t = static_cast<int64_t>(b.token_ids.size());
+    const int64_t g = static_cast<int64_t>(b.dec_in.size());
+    const int64_t e = layout.num_experts, d = layout.d_model;
+    std::vector<NamedView> views;
+    views.push_back({"token_ids", view_of(b.token_ids, DType::kI32, {t})});
+    views.push_back({"sample_offsets", view_of(b.offsets, DType::kI64, {n + 1})});
+    views.push_back({"sample_kind", view_of(b.kind, DType::kU8, {n})});
+    auto add_layer = [&](const LayerBuf& l, bool dec, int block, int64_t rows) {
+      const std::string p = trace::layer_key(dec, block) + ".";
+      views.push_back({p + "router_logits", view_of(l.logits, layout.logits_dtype, {rows, e})});
+      views.push_back({p + "expert", view_of(l.expert, DType::kI32, {rows})});
+      views.push_back({p + "dropped", view_of(l.dropped, DType::kU8, {rows})});
+      views.push_back({p + "gate", view_of(l.gate, DType::kF32, {rows})});
+      if (layout.hidden_dtype) {
+        views.push_back({p + "hidden", view_of(l.hidden, *layout.hidden_dtype, {rows, d})});
+      }
+    };
+    for (size_t i = 0; i < layout.enc_layers.size(); ++i) {
+      add_layer(b.enc[i], false, layout.enc_layers[i], t);
+    }
+    if (layout.decoder) {
+      views.push_back({"dec.input_ids", view_of(b.dec_in, DType::kI32, {g})});
+      views.push_back({"dec.output_ids", view_of(b.dec_out, DType::kI32, {g})});
+      views.push_back({"dec.sample_offsets", view_of(b.dec_offsets, DType::kI64, {n + 1})});
+      for (size_t i = 0; i < layout.dec_layers.size(); ++i) {
+        add_layer(b.dec[i], true, layout.dec_layers[i], g);
+      }
+    }
+    const std::map<std::string, std::string> meta = {
+        {"format", kTraceFormat},
+        {"format_version", std::to_string(kTraceFormatVersion)},
+        {"first_sample", std::to_string(b.first_sample)},
+        {"sample_ids", json(b.ids).dump()},
+        {"datasets", json(b.datasets).dump()},
+        {"rows", json(b.rows).dump()},
+    };
+    ShardEntry entry;
+    entry.file = name;
+    entry.first_sample = b.first_sample;
+    entry.num_samples = n;
+    entry.num_tokens = t;
+    entry.num_decoder_tokens = g;
+    try {
+      write_safetensors(tmp, views, meta);
+      trace::fsync_file(tmp);
+      entry.bytes = static_cast<int64_t>(fs::file_size(tmp));
+      entry.sha256 = sha256_file(tmp);
+    } catch (...) {
+      std::error_code ec;
+      fs::remove(tmp, ec);
+      throw;
+    }
+    bool replaces = false;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      const auto committed = static_cast<int64_t>(shards.size());
+      MT_ASSERT(b.index == committed || b.index == committed - 1);
+      replaces = b.index == committed - 1;
+    }
+    if (replaces) {
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        shards.pop_back();
+        shard_stats.pop_back();
+      }
+      write_manifest(false, elapsed());
+    }
+    if (::rename(tmp.c_str(), dst.c_str()) != 0) {
+      const int err = errno;
+      std::error_code ec;
+      fs::remove(tmp, ec);
+      fail(dst.string(), ": cannot rename ", tmp.filename().string(),
+           " into place: ", std::strerror(err));
+    }
+    trace::fsync_dir(dir);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      shards.push_back(entry);
+      shard_stats.push_back(b.stats);
+    }
+    write_manifest(false, elapsed());
+    log_debug("trace store: committed ", dst.string(), " (", n, " samples, ", entry.bytes,
+              " bytes)");
+  }
+
+  void thread_main() {
+    while (true) {
+      ShardBuf* job = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return stop || !queue.empty(); });
+        if (queue.empty()) return;
+        job = queue.front().get();
+        if (error) {  // after a failure nothing more is committed: shards must stay contiguous
+          queue.pop_front();
+          cv.notify_all();
+          continue;
+        }
+      }
+      try {
+        commit(*job);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        error = std::current_exception();
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      queue.pop_front();
+      cv.notify_all();
+    }
+  }
+
+  void drain() {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return queue.empty(); });
+    if (error) std::rethrow_exception(error);
+  }
+
+  void enqueue(std::unique_ptr<ShardBuf> b) {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return queue.size() < kMaxQueuedShards || error; });
+    if (error) std::rethrow_exception(error);
+    queue.push_back(std::move(b));
+    cv.notify_all();
+  }
+
+  void validate(const SampleRecord& s) const {
+    const std::string& id = s.sample_id;
+    if (id.empty()) fail("trace store: a sample has an empty sample_id");
+    if (ids.count(id)) fail("trace store: sample ", id, " is already in the store");
+    if (s.enc.size() != layout.enc_layers.size()) {
+      fail("trace store: sample ", id, " has ", s.enc.size(), " encoder layer records, expected ",
+           layout.enc_layers.size());
+    }
+    if (!layout.decoder &&
+        (!s.dec.empty() || !s.dec_input_ids.empty() || !s.dec_output_ids.empty())) {
+      fail("trace store: sample ", id, " has decoder records but the store has no decoder");
+    }
+    if (layout.decoder) {
+      if (s.dec.size() != layout.dec_layers.size()) {
+        fail("trace store: sample ", id, " has ", s.dec.size(), " decoder layer records, expected ",
+             layout.dec_layers.size());
+      }
+      if (s.dec_input_ids.size() != s.dec_output_ids.size()) {
+        fail("trace store: sample ", id, ": dec_input_ids has ", s.dec_input_ids.size(),
+             " entries but dec_output_ids ", s.dec_output_ids.size());
+      }
+    }
+    auto check = [&](const LayerRecord& l, bool dec, int block, size_t rows) {
+      if (rows == 0) return;
+      const std::string key = trace::layer_key(dec, block);
+      if (l.router_logits == nullptr || l.expert == nullptr || l.dropped == nullptr ||
+          l.gate == nullptr) {
+        fail("trace store: sample ", id, " layer ", key, ": a required pointer is null");
+      }
+      for (size_t r = 0; r < rows; ++r) {
+        if (l.expert[r] < 0 || l.expert[r] >= layout.num_experts) {
+          fail("trace store: sample ", id, " ", key, ".expert[", r, "] = ", l.expert[r],
+               " is outside [0, ", layout.num_experts, ")");
+        }
+        if (l.dropped[r] > 1) {
+          fail("trace store: sample ", id, " ", key, ".dropped[", r, "] is not 0 or 1");
+        }
+      }
+    };
+    for (size_t i = 0; i < s.enc.size(); ++i) {
+      check(s.enc[i], false, layout.enc_layers[i], s.token_ids.size());
+    }
+    for (size_t i = 0; i < s.dec.size(); ++i) {
+      check(s.dec[i], true, layout.dec_layers[i], s.dec_input_ids.size());
+    }
+  }
+
+  void append_layer(LayerBuf* l, trace::LayerStats* st, const LayerRecord& r, size_t rows) {
+    const size_t e = static_cast<size_t>(layout.num_experts);
+    const size_t d = static_cast<size_t>(layout.d_model);
+    const size_t ls = dtype_size(layout.logits_dtype);
+    size_t old = l->logits.size();
+    l->logits.resize(old + rows * e * ls);
+    if (rows > 0)
+      convert_from_f32(r.router_logits, layout.logits_dtype, l->logits.data() + old, rows * e);
+    if (rows > 0) {
+      l->expert.insert(l->expert.end(), r.expert, r.expert + rows);
+      l->dropped.insert(l->dropped.end(), r.dropped, r.dropped + rows);
+      l->gate.insert(l->gate.end(), r.gate, r.gate + rows);
+    }
+    if (layout.hidden_dtype) {
+      const size_t hs = dtype_size(*layout.hidden_dtype);
+      old = l->hidden.size();
+      l->hidden.resize(old + rows * d * hs);  // zeros when the record has no hidden state
+      if (rows > 0 && r.hidden != nullptr) {
+        convert_from_f32(r.hidden, *layout.hidden_dtype, l->hidden.data() + old, rows * d);
+      }
+    }
+    if (rows > 0) trace::count_rows(st, r.expert, r.dropped, static_cast<int64_t>(rows));
+  }
+
+  void append(const SampleRecord& s) {
+    ShardBuf& b = *cur;
+    b.token_ids.insert(b.token_ids.end(), s.token_ids.begin(), s.token_ids.end());
+    b.offsets.push_back(static_cast<int64_t>(b.token_ids.size()));
+    b.kind.push_back(s.synthetic ? 1 : 0);
+    b.ids.push_back(s.sample_id);
+    b.datasets.push_back(s.dataset);
+    b.rows.push_back(s.row);
+    for (size_t i = 0; i < s.enc.size(); ++i) {
+      append_layer(&b.enc[i], &b.stats.layers[trace::layer_key(false, layout.enc_layers[i])],
+                   s.enc[i], s.token_ids.size());
+    }
+    if (layout.decoder) {
+      b.dec_in.insert(b.dec_in.end(), s.dec_input_ids.begin(), s.dec_input_ids.end());
+      b.dec_out.insert(b.dec_out.end(), s.dec_output_ids.begin(), s.dec_output_ids.end());
+      b.dec_offsets.push_back(static_cast<int64_t>(b.dec_in.size()));
+      for (size_t i = 0; i < s.dec.size(); ++i) {
+        append_layer(&b.dec[i], &b.stats.layers[trace::layer_key(true, layout.dec_layers[i])],
+                     s.dec[i], s.dec_input_ids.size());
+      }
+      b.stats.num_decoder_tokens += static_cast<int64_t>(s.dec_input_ids.size());
+    }
+    b.stats.num_samples += 1;
+    b.stats.num_tokens += static_cast<int64_t>(s.token_ids.size());
+    b.stats.dataset_samples[s.dataset] += 1;
+  }
+
+  // Loads a committed partial shard back into cur, byte for byte (logits stay in their dtype).
+  void load_partial(const SafetensorsFile& f, const Stats& stats, trace::ShardMeta meta) {
+    ShardBuf& b = *cur;
+    auto get = [&](const std::string& name) -> const TensorView& { return f.find(name)->view; };
+    b.token_ids.clear();
+    append_raw(&b.token_ids, get("token_ids"));
+    b.offsets.clear();
+    append_raw(&b.offsets, get("sample_offsets"));
+    append_raw(&b.kind, get("sample_kind"));
+    auto load_layer = [&](LayerBuf* l, bool dec, int block) {
+      const std::string p = trace::layer_key(dec, block) + ".";
+      append_raw(&l->logits, get(p + "router_logits"));
+      append_raw(&l->expert, get(p + "expert"));
+      append_raw(&l->dropped, get(p + "dropped"));
+      append_raw(&l->gate, get(p + "gate"));
+      if (layout.hidden_dtype) append_raw(&l->hidden, get(p + "hidden"));
+    };
+    for (size_t i = 0; i < layout.enc_layers.size(); ++i)
+      load_layer(&b.enc[i], false, layout.enc_layers[i]);
+    if (layout.decoder) {
+      append_raw(&b.dec_in, get("dec.input_ids"));
+      append_raw(&b.dec_out, get("dec.output_ids"));
+      b.dec_offsets.clear();
+      append_raw(&b.dec_offsets, get("dec.sample_offsets"));
+      for (size_t i = 0; i < layout.dec_layers.size(); ++i)
+        load_layer(&b.dec[i], true, layout.dec_layers[i]);
+    }
+    b.ids = std::move(meta.sample_ids);
+    b.datasets = std::move(meta.datasets);
+    b.rows = std::move(meta.rows);
+    b.stats = stats;
+    cur_durable = b.num_samples();
+  }
+
+  void create() {
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    if (ec) fail(dir.string(), ": cannot create the store directory: ", ec.message());
+    cur = new_buf(0);
+    write_manifest(false, 0.0);
+  }
+
+  void resume() {
+    const std::string what = (dir / trace::kManifestName).string();
+    const json m = trace::read_manifest(dir);
+    const Layout stored = trace::layout_from_manifest(m, what);
+    auto refuse = [&](const std::string& diff) {
+      fail(dir.string(), ": cannot resume: the store was collected with other settings (", diff,
+           "); use --overwrite to start again");
+    };
+    auto layers_str = [](const std::vector<int>& v) { return json(v).dump(); };
+    if (stored.enc_layers != layout.enc_layers) {
+      refuse("layers.encoder: " + layers_str(stored.enc_layers) + " in the store, " +
+             layers_str(layout.enc_layers) + " now");
+    }
+    if (stored.dec_layers != layout.dec_layers) {
+      refuse("layers.decoder: " + layers_str(stored.dec_layers) + " in the store, " +
+             layers_str(layout.dec_layers) + " now");
+    }
+    auto num = [&](const char* name, int64_t a, int64_t b) {
+      if (a != b)
+        refuse(std::string(name) + ": " + std::to_string(a) + " in the store, " +
+               std::to_string(b) + " now");
+    };
+    num("num_experts", stored.num_experts, layout.num_experts);
+    num("d_model", stored.d_model, layout.d_model);
+    num("samples_per_shard", stored.samples_per_shard, layout.samples_per_shard);
+    if (stored.logits_dtype != layout.logits_dtype) {
+      refuse("logits_dtype: " + dtype_str(stored.logits_dtype) + " in the store, " +
+             dtype_str(layout.logits_dtype) + " now");
+    }
+    if (stored.hidden_dtype != layout.hidden_dtype) {
+      refuse("hidden_dtype: " + trace::hidden_dtype_name(stored.hidden_dtype) + " in the store, " +
+             trace::hidden_dtype_name(layout.hidden_dtype) + " now");
+    }
+    if (stored.decoder != layout.decoder) {
+      refuse(std::string("decoder: ") + (stored.decoder ? "true" : "false") + " in the store, " +
+             (layout.decoder ? "true" : "false") + " now");
+    }
+    for (const char* key : {"settings", "model"}) {
+      const json now = std::string(key) == "settings" ? settings.settings : settings.model;
+      const json had = m.contains(key) ? m[key] : json();
+      const std::string d = first_difference(had.is_null() ? json::object() : had,
+                                             now.is_null() ? json::object() : now, key);
+      if (!d.empty()) refuse(d);
+    }
+    if (!m.contains("shards") || !m["shards"].is_array())
+      fail(what, ": \"shards\" must be an array");
+    const json& tm = m.contains("collection_time") ? m["collection_time"] : json();
+    if (!tm.is_number() || tm.get<double>() < 0)
+      fail(what, ": collection_time must be a number >= 0");
+    prior_time = tm.get<double>();
+
+    // Every committed shard must be intact: resuming on top of a damaged one would hide it.
+    std::set<std::string> listed;
+    const size_t n_shards = m["shards"].size();
+    int64_t next = 0;
+    for (size_t k = 0; k < n_shards; ++k) {
+      const std::string ew = what + ": shards[" + std::to_string(k) + "]";
+      ShardEntry e = trace::shard_entry_from_json(m["shards"][k], ew);
+      if (e.file != trace::shard_file_name(static_cast<int64_t>(k)) || e.first_sample != next) {
+        fail(ew, ": expected ", trace::shard_file_name(static_cast<int64_t>(k)),
+             " starting at sample ", next);
+      }
+      if (k + 1 < n_shards && e.num_samples != layout.samples_per_shard) {
+        fail(ew, ": holds ", e.num_samples, " samples; only the last shard may hold fewer than ",
+             layout.samples_per_shard);
+      }
+      const fs::path p = dir / e.file;
+      std::error_code ec;
+      const auto size = fs::file_size(p, ec);
+      auto damaged = [&](const std::string& why) {
+        fail(p.string(), ": ", why, "; the store is damaged (run `moetrace verify ", dir.string(),
+             "`), use --overwrite to start again");
+      };
+      if (ec) damaged("missing (" + ec.message() + ")");
+      if (static_cast<int64_t>(size) != e.bytes) {
+        damaged("has " + std::to_string(size) + " bytes, the manifest says " +
+                std::to_string(e.bytes));
+      }
+      if (sha256_file(p) != e.sha256) damaged("sha256 differs from the manifest");
+      const SafetensorsFile f = SafetensorsFile::open(p);
+      trace::ShardMeta meta;
+      const Stats st = trace::check_shard(f, layout, e.first_sample, &meta);
+      if (st.num_samples != e.num_samples || st.num_tokens != e.num_tokens ||
+          st.num_decoder_tokens != e.num_decoder_tokens) {
+        damaged("its sample or token counts differ from the manifest");
+      }
+      for (const auto& id : meta.sample_ids) {
+        if (!ids.insert(id).second) damaged("sample id " + id + " appears twice in the store");
+      }
+      listed.insert(e.file);
+      shards.push_back(e);
+      shard_stats.push_back(st);
+      next += e.num_samples;
+      if (k + 1 == n_shards && e.num_samples < layout.samples_per_shard) {
+        cur = new_buf(static_cast<int64_t>(k));
+        load_partial(f, st, std::move(meta));
+      }
+    }
+    added = next;
+    if (!cur) cur = new_buf(static_cast<int64_t>(n_shards));
+    // Leftovers of an interrupted commit: never listed, so never part of the store.
+    for (const auto& ent : fs::directory_iterator(dir)) {
+      const std::string name = ent.path().filename().string();
+      int64_t index;
+      const bool leftover = name.rfind(trace::kTmpPrefix, 0) == 0 ||
+                            (trace::parse_shard_file_name(name, &index) && !listed.count(name));
+      if (leftover) {
+        std::error_code ec;
+        fs::remove(ent.path(), ec);
+        if (ec)
+          fail(ent.path().string(), ": cannot remove an uncommitted leftover: ", ec.message());
+        log_info("trace store: removed uncommitted ", ent.path().string());
+      }
+    }
+    log_info("trace store: resuming ", dir.string(), " at sample ", added, " (", shards.size(),
+             " committed shards)");
+  }
+};
+
+TraceWriter::TraceWriter(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+std::unique_ptr<TraceWriter> TraceWriter::open(const fs::path& dir, const StoreSettings& s,
+                                               OpenMode mode) {
+  check_settings(s);
+  auto impl = std::make_unique<Impl>();
+  impl->dir = dir;
+  impl->settings = s;
+  impl->layout = layout_of(s);
+
+  std::vector<std::string> store_files, other_files;
+  std::error_code ec;
+  if (fs::exists(dir, ec)) {
+    if (!fs::is_directory(dir, ec)) fail(dir.string(), ": exists and is not a directory");
+    for (const auto& ent : fs::directory_iterator(dir)) {
+      const std::string name = ent.path().filename().string();
+      (trace::is_store_file(name) ? store_files : other_files).push_back(name);
+    }
+  }
+  const bool has_manifest = fs::exists(dir / trace::kManifestName, ec);
+  const bool empty = store_files.empty() && other_files.empty();
+  switch (mode) {
+    case OpenMode::kCreate:
+      if (!empty) {
+        fail(dir.string(), ": is not empty (",
+             has_manifest ? "it holds a trace store" : "it holds files",
+             "); use --resume or --overwrite");
+      }
+      impl->create();
+      break;
+    case OpenMode::kOverwrite:
+      if (!other_files.empty()) {
+        fail(dir.string(), ": holds files that are not part of a trace store (",
+             other_files.front(), "); refusing to overwrite");
+      }
+      for (const auto& name : store_files) {
+        fs::remove(dir / name, ec);
+        if (ec) fail((dir / name).string(), ": cannot remove: ", ec.message());
+      }
+      impl->create();
+      break;
+    case OpenMode::kResume:
+      if (has_manifest) {
+        impl->resume();
+      } else if (other_files.empty()) {
+        // Nothing committed yet (or only leftovers of a first commit): start afresh.
+        for (const auto& name : store_files) fs::remove(dir / name, ec);
+        impl->create();
+      } else {
+        fail(dir.string(), ": holds no manifest.json and other files (", other_files.front(),
+             "); nothing to resume");
+      }
+      break;
+  }
+  impl->thread = std::thread([p = impl.get()] { p->thread_main(); });
+  return std::unique_ptr<TraceWriter>(new TraceWriter(std::move(impl)));
+}
+
+TraceWriter::~TraceWriter() {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->stop = true;
+  }
+  impl_->cv.notify_all();
+  if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+int64_t TraceWriter::committed_samples() const { return impl_->added; }
+
+int64_t TraceWriter::durable_samples() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  int64_t n = 0;
+  for (const auto& e : impl_->shards) n += e.num_samples;
+  return n;
+}
+
+void TraceWriter::add(const SampleRecord& sample) {
+  Impl& m = *impl_;
+  if (m.finished) fail(m.dir.string(), ": add() after finish()");
+  m.rethrow_error();
+  m.validate(sample);
+  m.append(sample);
+  m.ids.insert(sample.sample_id);
+  ++m.added;
+  if (m.cur->num_samples() == m.layout.samples_per_shard) {
+    const int64_t next = m.cur->index + 1;
+    auto full = std::move(m.cur);
+    m.cur = m.new_buf(next);
+    m.cur_durable = 0;
+    m.enqueue(std::move(full));
+  }
+}
+
+void TraceWriter::commit_partial() {
+  Impl& m = *impl_;
+  if (m.finished) return;
+  m.drain();
+  if (m.cur->num_samples() > m.cur_durable) {
+    m.commit(*m.cur);
+    m.cur_durable = m.cur->num_samples();
+  }
+}
+
+void TraceWriter::finish(double collection_seconds_this_run) {
+  Impl& m = *impl_;
+  if (m.finished) fail(m.dir.string(), ": finish() called twice");
+  commit_partial();
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    m.stop = true;
+  }
+  m.cv.notify_all();
+  m.thread.join();
+  m.write_manifest(true, m.prior_time + std::max(0.0, collection_seconds_this_run));
+  m.finished = true;
+}
+
+}  // namespace moetrace
