@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 
 import numpy as np
@@ -28,7 +29,7 @@ def compute_summary(store: TraceStore) -> dict:
     datasets: dict[str, int] = {}
     samples = real = tokens = dec_tokens = nbytes = 0
     for shard in store.iter_shards():
-        nbytes += int(shard.entry.get("bytes") or 0)
+        nbytes += os.path.getsize(shard.path)
         if shard.num_samples == 0:
             continue
         samples += shard.num_samples
@@ -82,42 +83,72 @@ def check_against_manifest(store: TraceStore, s: dict) -> list[str]:
     return problems
 
 
+def _stored_dtypes(store: TraceStore) -> tuple[str, str]:
+    """(logits dtype, hidden dtype or 'none') as the shard headers declare them."""
+    settings = store.manifest.get("settings") or {}
+    logits = store.manifest.get("logits_dtype", settings.get("logits_dtype", "?"))
+    hidden = store.manifest.get("hidden_dtype", settings.get("hidden_dtype", "none"))
+    for shard in store.shards:
+        if shard.num_samples and store.layers:
+            first = store.layers[0]
+            logits = shard.info(f"{first}.router_logits")[0]
+            hidden = shard.info(f"{first}.hidden")[0] if shard.has(f"{first}.hidden") else "none"
+            break
+    return logits, hidden
+
+
 def print_summary(store: TraceStore, s: dict, problems: list[str], out=None) -> None:
+    """The layout of `moetrace inspect` (src/trace/verify.cc, print_store_summary), with the counts
+    recomputed from the shards; then the sample kinds and the manifest check."""
     out = out or sys.stdout
     m = store.manifest
-    st = m.get("settings", {}) or {}
-    model = m.get("model", {}) or {}
-    p = lambda *a: print(*a, file=out)  # noqa: E731
-    p(f"store:        {store.path}")
-    p(f"format:       {m.get('format')} v{m.get('format_version')}, written by moetrace {m.get('moetrace_version', '?')}, "
-      f"{'complete' if m.get('complete') else 'INCOMPLETE (collection running or interrupted)'}")
-    p(f"model:        {model.get('id', '?')}{' (demo)' if model.get('demo') else ''}; "
-      f"{store.num_experts} experts, d_model {store.d_model}")
-    if st:
-        p("settings:     " + ", ".join(f"{k}={v}" for k, v in st.items()))
-    p(f"layers:       encoder {store.encoder_layers}, decoder {store.decoder_layers}")
-    p(f"samples:      {s['num_samples']} ({s['real_samples']} real, {s['synthetic_samples']} synthetic), "
-      f"{s['num_tokens']} tokens, {s['num_decoder_tokens']} decoder tokens")
-    p(f"shards:       {len(store.shards)}, {s['bytes'] / 2**20:.1f} MiB")
-    p(f"traces:       {s['total_traces']} (samples x encoder MoE layers); experts used {s['experts_used']}/"
-      f"{store.num_experts} ({s['diversity_percentage']:.1f}%)")
-    if m.get("collection_time") is not None:
-        p(f"collection:   {m.get('collection_time')} s on {m.get('device', '?')}"
-          + (f", {m['throughput_tokens_per_s']:.0f} tokens/s" if m.get("throughput_tokens_per_s") else ""))
-    p("datasets (traces):")
-    for d, c in s["dataset_distribution"].items():
-        p(f"  {d:<32} {c}")
-    p("per layer:")
-    p(f"  {'layer':<8} {'tokens':>10} {'dropped':>9} {'drop%':>7}  expert counts")
-    for name, acc in s["per_layer"].items():
-        p(f"  {name:<8} {acc['tokens']:>10} {acc['dropped']:>9} {100 * acc['drop_rate']:>6.2f}%  "
-          + " ".join(str(c) for c in acc["expert_counts"]))
+    p = lambda line: print(line, file=out)  # noqa: E731
+    text = lambda key: m[key] if isinstance(m.get(key), str) else "?"  # noqa: E731
+    number = lambda key: m[key] if isinstance(m.get(key), (int, float)) and not isinstance(m[key], bool) else 0  # noqa: E731
+    layers = lambda v: json.dumps(v, separators=(",", ":")) if v else "none"  # noqa: E731
+    model = m.get("model") if isinstance(m.get("model"), dict) else {}
+    e = store.num_experts
+    per_shard = m.get("samples_per_shard") or max((sh.num_samples for sh in store.shards), default=0)
+    p(f"trace store     {store.path}")
+    p("status          " + ("complete" if m.get("complete") is True else
+                            "INCOMPLETE (interrupted or running; `moetrace collect --resume` continues it)"))
+    p(f"format          {m.get('format')} v{m.get('format_version')}, written by moetrace {text('moetrace_version')}")
+    p(f"model           {model.get('id') if isinstance(model.get('id'), str) else '?'}")
+    p(f"samples         {s['num_samples']} ({s['total_traces']} traces)")
+    p(f"tokens          {s['num_tokens']} encoder" + (f", {s['num_decoder_tokens']} decoder" if store.decoder_layers else ""))
+    p(f"shards          {len(store.shards)} ({s['bytes']} bytes, {per_shard} samples per shard)")
+    p(f"MoE layers      encoder {layers(store.encoder_layers)}, decoder {layers(store.decoder_layers)}")
+    p(f"experts         {e}, d_model {store.d_model}")
+    logits, hidden = _stored_dtypes(store)
+    p(f"stored          logits {logits}, hidden {hidden}")
+    p(f"device          {text('device')}")
+    p(f"collection      {number('collection_time'):.1f} s, {number('throughput_tokens_per_s'):.1f} tokens/s")
+    if s["dataset_distribution"]:
+        p("datasets (traces)")
+        for name, count in s["dataset_distribution"].items():
+            p(f"  {name:<32} {count}")
+    p(f"experts used    {s['experts_used']} of {e} ({s['diversity_percentage']:.1f}%), top-1 over the encoder MoE layers")
+    counts = [(int(c), k) for k, c in enumerate(s["expert_distribution"].values())]
+    total = sum(c for c, _ in counts)
+    everything = e <= 16
+    if not everything:
+        counts.sort(key=lambda ce: -ce[0])  # stable: ties keep expert order
+        p("  (10 most chosen)")
+    for c, k in counts if everything else counts[:10]:
+        p(f"  expert {k:>4}  {c:>12}  {100.0 * c / total if total else 0.0:>5.1f}%")
+    if not everything:
+        p(f"  least chosen: expert {counts[-1][1]} ({counts[-1][0]})")
+    if s["per_layer"]:
+        p(f"per layer       {'tokens':>12}{'dropped':>12}{'drop rate':>11}")
+        for name, acc in s["per_layer"].items():
+            p(f"  {name:<14}{acc['tokens']:>12}{acc['dropped']:>12}{100.0 * acc['drop_rate']:>10.2f}%")
+    p(f"sample kinds    {s['real_samples']} real, {s['synthetic_samples']} synthetic")
     if problems:
-        p("manifest check: MISMATCH")
+        p("manifest check  MISMATCH")
         for line in problems:
             p(f"  {line}")
     else:
-        p("manifest check: ok (counts recomputed from the shards equal the manifest's)")
+        p("manifest check  ok (counts recomputed from the shards equal the manifest's)")
 
 
 def cmd_summary(args) -> int:

@@ -12,15 +12,34 @@ from conftest import run_module
 
 
 def test_summary_text(store_factory):
-    path, truth = store_factory(synthetic_every=3, dec_layers=(1,))
-    proc = run_module("summary", path, fresh=True)
-    out = proc.stdout
-    assert "moetrace-trace v1" in out and "complete" in out
-    assert "layers:       encoder [1, 3, 5], decoder [1]" in out
-    assert "samples:      7 (5 real, 2 synthetic)" in out
-    assert "traces:       21" in out
-    assert "manifest check: ok" in out
-    assert out.count("enc.") >= 3 and "dec.1" in out
+    path, truth = store_factory(synthetic_every=3, dec_layers=(1,), logits_dtype="BF16", hidden_dtype="F32")
+    out = run_module("summary", path, fresh=True).stdout
+    lines = out.splitlines()
+    assert lines[0] == f"trace store     {path}"
+    for line in ("status          complete",
+                 "format          moetrace-trace v1, written by moetrace 0.1.0",
+                 "samples         7 (21 traces)",
+                 "MoE layers      encoder [1,3,5], decoder [1]",
+                 "experts         8, d_model 16",
+                 "stored          logits BF16, hidden F32",
+                 "collection      1.5 s, 100.0 tokens/s",
+                 "datasets (traces)",
+                 "  glue/mrpc                        12",
+                 "sample kinds    5 real, 2 synthetic",
+                 "per layer             tokens     dropped  drop rate"):
+        assert line in lines, line
+    assert lines[-1].startswith("manifest check  ok")
+    assert sum(line.startswith("  expert ") for line in lines) == 8
+    assert any(line.startswith("  dec.1 ") for line in lines)
+
+
+def test_summary_with_many_experts_lists_the_ten_most_chosen(store_factory):
+    path, truth = store_factory(num_experts=40)
+    lines = run_module("summary", path).stdout.splitlines()
+    assert "  (10 most chosen)" in lines
+    shown = [int(line.split()[2]) for line in lines if line.startswith("  expert ")]
+    assert len(shown) == 10 and shown == sorted(shown, reverse=True)
+    assert any(line.startswith("  least chosen: expert ") for line in lines)
 
 
 def test_summary_json_matches_manifest(store_factory):
@@ -42,7 +61,7 @@ def test_summary_reports_a_manifest_that_disagrees_with_its_shards(store_factory
     json.dump(m, open(mpath, "w"))
     proc = run_module("summary", path, check=False)
     assert proc.returncode == 1
-    assert "manifest check: MISMATCH" in proc.stdout
+    assert "manifest check  MISMATCH" in proc.stdout
     assert "per_layer.enc.3.dropped" in proc.stdout and "expert_distribution" in proc.stdout
 
 
