@@ -1,0 +1,1183 @@
+"""`moetrace speculate STORE -o DIR`: how well can the experts a token will need be predicted early
+enough to prefetch them, and what does that buy an offloading runtime?
+
+1. Split by sample (seeded hash of the sample id; optionally by dataset), never by token.
+2. One streaming pass over the train samples fits every predictor (frequency, transition for
+   lookahead 1-3, history with backoff, token id, learned softmax regression, decoder temporal);
+   pregate needs no training (the next router applied to the current hidden state).
+3. One streaming pass over the test samples ranks the E experts per token, per predictor and target
+   layer, and accumulates recall@k with sample-clustered 95% confidence intervals.
+4. The test samples' routing is replayed through a per-layer GPU expert cache (LRU, LFU, Belady's
+   optimum; each with or without prefetching a predictor's top-k) for hit rate, bytes and a modeled
+   time per token.
+
+Keys of speculation.json are documented in docs/ANALYSIS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .analysis import SparseCounts, rows_f32
+
+SPECULATION_VERSION = 1
+KS = (1, 2, 4, 8, 16)
+CHUNK_ROWS = 1 << 16
+DENSE_LIMIT = 1 << 23          # count tables with more cells than this are kept sparse
+Z95 = 1.959963984540054
+ALL_PREDICTORS = ("frequency", "transition", "history", "token", "pregate", "learned", "temporal")
+POLICIES = ("lru", "lfu", "belady")
+
+# --------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------
+
+
+def hash_unit(sample_id: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by (seed, sample id): the split never depends on order."""
+    h = hashlib.blake2b(f"{seed}\x00{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2.0 ** 64
+
+
+@dataclass
+class Split:
+    """Which samples train and which test. test_datasets / train_datasets: split by dataset instead."""
+    seed: int = 0
+    test_fraction: float = 0.2
+    test_datasets: tuple = ()
+    train_datasets: tuple = ()
+
+    def assign(self, sample_ids: list[str], datasets: list[str]) -> np.ndarray:
+        """int8 per sample: 0 train, 1 test, -1 neither (a dataset in no list)."""
+        out = np.empty(len(sample_ids), np.int8)
+        for k, (sid, ds) in enumerate(zip(sample_ids, datasets)):
+            if self.test_datasets:
+                if ds in self.test_datasets:
+                    out[k] = 1
+                elif not self.train_datasets or ds in self.train_datasets:
+                    out[k] = 0
+                else:
+                    out[k] = -1
+            else:
+                out[k] = 1 if hash_unit(sid, self.seed) < self.test_fraction else 0
+        return out
+
+    def describe(self) -> dict:
+        if self.test_datasets:
+            return {"by": "dataset", "test_datasets": list(self.test_datasets),
+                    "train_datasets": list(self.train_datasets) or "all others"}
+        return {"by": "sample", "seed": self.seed, "test_fraction": self.test_fraction,
+                "hash": "blake2b-64 of '<seed>\\0<sample_id>' / 2^64 < test_fraction -> test"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Count tables and ranking
+# --------------------------------------------------------------------------------------------------
+
+
+class CountTable:
+    """counts[key, expert] for keys in [0, num_keys): dense when small, else sparse sorted keys."""
+
+    def __init__(self, num_keys: int, num_experts: int):
+        self.k, self.e = int(num_keys), num_experts
+        self.dense = self.k * self.e <= DENSE_LIMIT
+        self.table = np.zeros(self.k * self.e, np.int64) if self.dense else None
+        self.sparse = None if self.dense else SparseCounts()
+        self.keys = self.counts = None
+
+    def add(self, keys: np.ndarray, experts: np.ndarray) -> None:
+        ok = (keys >= 0) & (keys < self.k)
+        flat = keys[ok].astype(np.int64) * self.e + experts[ok]
+        if self.dense:
+            self.table += np.bincount(flat, minlength=self.table.size)
+        else:
+            self.sparse.add(flat)
+
+    def finish(self) -> None:
+        if self.dense:
+            self.table = self.table.reshape(self.k, self.e)
+        else:
+            self.keys, self.counts = self.sparse.finish()
+            self.sparse = None
+
+    def rows(self, keys: np.ndarray) -> np.ndarray:
+        """[n, E] float64 counts of each key's row (0 for unseen or out-of-range keys)."""
+        keys = keys.astype(np.int64)
+        ok = (keys >= 0) & (keys < self.k)
+        out = np.zeros((keys.size, self.e), np.float64)
+        if self.dense:
+            out[ok] = self.table[keys[ok]]
+        elif self.keys.size:
+            q = keys[ok][:, None] * self.e + np.arange(self.e)
+            pos = np.minimum(np.searchsorted(self.keys, q), self.keys.size - 1)
+            out[ok] = np.where(self.keys[pos] == q, self.counts[pos], 0)
+        return out
+
+
+def backoff(counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Ranks by counts first, ties (and unseen rows) by fallback: counts + 0.5 * fallback / rowmax.
+    Counts are integers, so the added term (< 1) never reorders experts with different counts."""
+    fb = np.broadcast_to(fallback, counts.shape)
+    mx = fb.max(axis=1, keepdims=True)
+    return counts + 0.5 * fb / np.where(mx > 0, mx, 1.0)
+
+
+def true_ranks(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """0-based rank of the true expert y among scores [n, E]; ties go to the lower expert index."""
+    s = scores[np.arange(y.size), y][:, None]
+    idx = np.arange(scores.shape[1])
+    return ((scores > s) | ((scores == s) & (idx < y[:, None]))).sum(axis=1)
+
+
+def topk_experts(scores: np.ndarray, k: int) -> np.ndarray:
+    """[n, k] experts in rank order (ties to the lower index), consistent with true_ranks."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return order[:, :k]
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics with sample-clustered confidence intervals
+# --------------------------------------------------------------------------------------------------
+
+
+class RecallCell:
+    """recall@k of one (predictor, lookahead, target layer, dataset). Tokens of a sample are
+    correlated, so the 95% interval uses the cluster (ratio-estimator) variance over samples."""
+
+    def __init__(self, num_experts: int):
+        self.rank_hist = np.zeros(num_experts, np.int64)
+        self.samples = 0
+        self.sums = np.zeros((len(KS), 4))  # per k: sum h, sum h^2, sum h*n, (sum n^2 shared)
+        self.n2 = 0.0
+
+    def add(self, ranks: np.ndarray, sample: np.ndarray) -> None:
+        if ranks.size == 0:
+            return
+        self.rank_hist += np.bincount(ranks, minlength=self.rank_hist.size)
+        _, inv = np.unique(sample, return_inverse=True)
+        n_s = np.bincount(inv).astype(np.float64)
+        self.samples += n_s.size
+        self.n2 += float((n_s * n_s).sum())
+        for i, k in enumerate(KS):
+            h = np.bincount(inv, weights=(ranks < k).astype(np.float64), minlength=n_s.size)
+            self.sums[i] += (h.sum(), (h * h).sum(), (h * n_s).sum(), 0.0)
+
+    def result(self) -> dict:
+        n = int(self.rank_hist.sum())
+        cum = np.cumsum(self.rank_hist)
+        rec, ci = {}, {}
+        for i, k in enumerate(KS):
+            p = float(cum[min(k, cum.size) - 1] / n) if n else 0.0
+            rec[str(k)] = p
+            s = self.samples
+            if s >= 2 and n:
+                sh, shh, shn, _ = self.sums[i]
+                var = s / (s - 1) * max(0.0, shh - 2 * p * shn + p * p * self.n2) / (n * n)
+                half = Z95 * np.sqrt(var)
+                ci[str(k)] = [max(0.0, p - half), min(1.0, p + half)]
+            else:
+                ci[str(k)] = None
+        return {"tokens": n, "samples": self.samples, "top1": rec["1"], "recall": rec, "ci95": ci}
+
+
+# --------------------------------------------------------------------------------------------------
+# Data of one chunk of rows of one stack
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    experts: np.ndarray         # [n, L] int64: the stack's MoE layers in order
+    tokens: np.ndarray          # [n] token id (decoder: the step's input id)
+    sample: np.ndarray          # [n] global sample index
+    dataset: np.ndarray         # [n] index into the run's dataset names
+    prev_step: np.ndarray | None  # [n, L] experts at the previous decoder step of the sample, -1 at step 0
+    hidden_fn: object = None    # j -> [n, d] float32 router input at MoE layer j, or None
+
+    def hidden(self, j: int):
+        return None if self.hidden_fn is None else self.hidden_fn(j)
+
+
+# --------------------------------------------------------------------------------------------------
+# Predictors: fit(chunk) on train rows, scores(chunk, t) -> [n, E] on test rows
+# --------------------------------------------------------------------------------------------------
+
+
+class Predictor:
+    name = "?"
+    lookahead = 0
+    needs_hidden = False
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.L, self.e = num_layers, num_experts
+
+    def targets(self) -> list[int]:
+        return list(range(self.lookahead, self.L))
+
+    def fit(self, c: Chunk) -> None:
+        pass
+
+    def finish(self, freq: "Frequency") -> None:
+        self.freq = freq
+
+    def scores(self, c: Chunk, t: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {}
+
+
+class Frequency(Predictor):
+    name = "frequency"
+
+    def __init__(self, L, E):
+        super().__init__(L, E)
+        self.counts = np.zeros((L, E), np.int64)
+
+    def fit(self, c):
+        for t in range(self.L):
+            self.counts[t] += np.bincount(c.experts[:, t], minlength=self.e)
+
+    def prob(self, t: int) -> np.ndarray:
+        s = self.counts[t].sum()
+        return self.counts[t] / s if s else np.full(self.e, 1.0 / self.e)
+
+    def scores(self, c, t):
+        return np.broadcast_to(self.counts[t].astype(np.float64) + 0.5 * self.prob(t), (c.experts.shape[0], self.e))
+
+
+class Transition(Predictor):
+    """P(expert at layer t | expert at layer t - d), falling back to frequency for unseen rows."""
+    name = "transition"
+
+    def __init__(self, L, E, d):
+        super().__init__(L, E)
+        self.lookahead = d
+        self.counts = np.zeros((L, E, E), np.int64)
+
+    def fit(self, c):
+        d, e = self.lookahead, self.e
+        for t in range(d, self.L):
+            self.counts[t] += np.bincount(c.experts[:, t - d] * e + c.experts[:, t], minlength=e * e).reshape(e, e)
+
+    def scores(self, c, t):
+        return backoff(self.counts[t][c.experts[:, t - self.lookahead]].astype(np.float64), self.freq.prob(t))
+
+
+class History(Predictor):
+    """Conditioned on the experts of the previous h MoE layers (lookahead 1), backing off to h-1, ...,
+    1 previous layers and then to frequency."""
+    lookahead = 1
+
+    def __init__(self, L, E, h):
+        super().__init__(L, E)
+        self.h = h
+        self.name = f"history-{h}"
+        self.tables = {(t, g): CountTable(E ** g, E) for t in range(1, L) for g in range(1, min(h, t) + 1)}
+
+    def _key(self, c, t, g):
+        k = np.zeros(c.experts.shape[0], np.int64)
+        for j in range(t - g, t):
+            k = k * self.e + c.experts[:, j]
+        return k
+
+    def fit(self, c):
+        for (t, g), tab in self.tables.items():
+            tab.add(self._key(c, t, g), c.experts[:, t])
+
+    def finish(self, freq):
+        super().finish(freq)
+        for tab in self.tables.values():
+            tab.finish()
+
+    def scores(self, c, t):
+        s = np.broadcast_to(self.freq.prob(t), (c.experts.shape[0], self.e))
+        for g in range(1, min(self.h, t) + 1):
+            s = backoff(self.tables[(t, g)].rows(self._key(c, t, g)), s)
+        return s
+
+
+class TokenId(Predictor):
+    """The expert a token id chose most often in training at that layer (SiDA-style); frequency for
+    ids never seen."""
+    name = "token"
+
+    def __init__(self, L, E, vocab):
+        super().__init__(L, E)
+        self.tables = [CountTable(vocab, E) for _ in range(L)]
+
+    def fit(self, c):
+        for t in range(self.L):
+            self.tables[t].add(c.tokens, c.experts[:, t])
+
+    def finish(self, freq):
+        super().finish(freq)
+        for tab in self.tables:
+            tab.finish()
+
+    def scores(self, c, t):
+        return backoff(self.tables[t].rows(c.tokens), self.freq.prob(t))
+
+
+class Temporal(Predictor):
+    """Decoder: the same layer's expert at the sample's previous generated token."""
+    name = "temporal"
+
+    def __init__(self, L, E):
+        super().__init__(L, E)
+        self.counts = np.zeros((L, E, E), np.int64)
+
+    def fit(self, c):
+        ok = c.prev_step[:, 0] >= 0
+        e = self.e
+        for t in range(self.L):
+            self.counts[t] += np.bincount(c.prev_step[ok, t] * e + c.experts[ok, t], minlength=e * e).reshape(e, e)
+
+    def scores(self, c, t):
+        prev = c.prev_step[:, t]
+        rows = np.where((prev >= 0)[:, None], self.counts[t][np.maximum(prev, 0)], 0).astype(np.float64)
+        return backoff(rows, self.freq.prob(t))
+
+
+class Pregate(Predictor):
+    """The router of layer t applied to the router input (hidden state) of layer t - d."""
+    needs_hidden = True
+    name = "pregate"
+
+    def __init__(self, L, E, d, weights: list[np.ndarray], biases: list):
+        super().__init__(L, E)
+        self.lookahead = d
+        self.w, self.b = weights, biases
+
+    def scores(self, c, t):
+        h = c.hidden(t - self.lookahead)
+        s = h @ self.w[t].T
+        return (s + self.b[t] if self.b[t] is not None else s).astype(np.float64)
+
+
+class Learned(Predictor):
+    """Softmax regression trained by moetrace on a subsample of the train split: features are the
+    (standardised) router input at layer t-1 when the store has hidden states, plus one-hot experts
+    of layers t-1 and t-2. Trained with Adam; the loss curve is reported."""
+    name = "learned"
+    lookahead = 1
+
+    def __init__(self, L, E, use_hidden: bool, keep_prob: float, steps: int, seed: int, lr: float = 0.02):
+        super().__init__(L, E)
+        self.use_hidden, self.keep_prob, self.steps, self.lr = use_hidden, keep_prob, steps, lr
+        self.rng = np.random.default_rng(seed)
+        self.data = {t: [] for t in range(1, L)}
+        self.models, self.curves, self.train_tokens = {}, {}, {}
+        self.needs_hidden = use_hidden
+
+    def _features(self, c, t, rows=None):
+        ex = c.experts if rows is None else c.experts[rows]
+        n = ex.shape[0]
+        parts = []
+        if self.use_hidden:
+            h = c.hidden(t - 1)
+            parts.append(h if rows is None else h[rows])
+        for j in (t - 1, t - 2):
+            oh = np.zeros((n, self.e), np.float32)
+            if j >= 0:
+                oh[np.arange(n), ex[:, j]] = 1.0
+            parts.append(oh)
+        return np.concatenate(parts, axis=1)
+
+    def fit(self, c):
+        keep = np.flatnonzero(self.rng.random(c.experts.shape[0]) < self.keep_prob)
+        if keep.size == 0:
+            return
+        for t in self.data:
+            self.data[t].append((self._features(c, t, keep).astype(np.float16), c.experts[keep, t].copy()))
+
+    def finish(self, freq):
+        super().finish(freq)
+        for t, parts in self.data.items():
+            if not parts:
+                continue
+            x = np.concatenate([p[0] for p in parts]).astype(np.float32)
+            y = np.concatenate([p[1] for p in parts])
+            mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
+            w, b, curve = self._train((x - mu) / sd, y)
+            self.models[t] = (w, b, mu, sd)
+            self.curves[t] = curve
+            self.train_tokens[t] = int(y.size)
+        self.data = {}
+
+    def _train(self, x, y):
+        """Adam on the mean cross-entropy, minibatches of 512; returns (W [F, E], b [E], curve)."""
+        n, f = x.shape
+        w = np.zeros((f, self.e), np.float32)
+        b = np.log(np.bincount(y, minlength=self.e) + 1.0).astype(np.float32)
+        b -= b.mean()
+        m = [np.zeros_like(w), np.zeros_like(b)]
+        v = [np.zeros_like(w), np.zeros_like(b)]
+        curve, run = [], []
+        b1, b2 = 0.9, 0.999
+        for step in range(1, self.steps + 1):
+            idx = self.rng.integers(0, n, size=min(512, n))
+            xb, yb = x[idx], y[idx]
+            z = xb @ w + b
+            z -= z.max(axis=1, keepdims=True)
+            p = np.exp(z)
+            p /= p.sum(axis=1, keepdims=True)
+            run.append(float(-np.log(p[np.arange(yb.size), yb] + 1e-12).mean()))
+            p[np.arange(yb.size), yb] -= 1.0
+            p /= yb.size
+            grads = [xb.T @ p + 1e-4 * w, p.sum(axis=0)]
+            for i, (par, g) in enumerate(zip((w, b), grads)):
+                m[i] = b1 * m[i] + (1 - b1) * g
+                v[i] = b2 * v[i] + (1 - b2) * g * g
+                par -= self.lr * (m[i] / (1 - b1 ** step)) / (np.sqrt(v[i] / (1 - b2 ** step)) + 1e-8)
+            if step % 10 == 0 or step == self.steps:
+                curve.append({"step": step, "loss": float(np.mean(run))})
+                run = []
+        return w, b, curve
+
+    def targets(self):
+        return sorted(self.models)
+
+    def scores(self, c, t):
+        w, b, mu, sd = self.models[t]
+        return (((self._features(c, t) - mu) / sd) @ w + b).astype(np.float64)
+
+    def describe(self):
+        return {"features": ("hidden state at t-1 + " if self.use_hidden else "") + "one-hot experts at t-1 and t-2",
+                "model": "softmax regression (Adam, minibatch 512, L2 1e-4)",
+                "train_tokens": {str(t): n for t, n in self.train_tokens.items()},
+                "loss_curves": {str(t): c for t, c in self.curves.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Expert cache simulator
+# --------------------------------------------------------------------------------------------------
+
+
+def next_uses(requests: list[np.ndarray], prefetch: list | None, num_experts: int):
+    """Backward pass: for request i, nxt[i][e] = next request index > i that needs e (for e in
+    R_i), and pre[i][e] = next request index >= i that needs e (for e in the prefetch set P_i)."""
+    inf = len(requests) + 1
+    seen = [inf] * num_experts
+    nxt = [None] * len(requests)
+    pre = [None] * len(requests) if prefetch is not None else None
+    for i in range(len(requests) - 1, -1, -1):
+        r = requests[i]
+        nxt[i] = [seen[e] for e in r]
+        for e in r:
+            seen[e] = i
+        if prefetch is not None:
+            pre[i] = [seen[e] for e in prefetch[i]]
+    return nxt, pre
+
+
+def simulate_cache(requests: list, capacity: int, policy: str, num_experts: int, prefetch: list | None = None) -> dict:
+    """Replays requests (each a list of distinct experts needed at once by one layer: a prefill
+    sequence's experts, or one decode token's) through a cache of `capacity` experts.
+
+    Before request i the prefetch set P_i (if any) is loaded. After a request (or prefetch) the cache
+    keeps at most `capacity` experts: those just used/prefetched are kept first, the rest evicted by
+    policy: lru (least recently touched), lfu (fewest demand uses, then least recent), belady (the
+    one needed farthest in the future; optimal for demand fetching, and it may also decline to keep a
+    just-used expert). Returns counts and per-request demand/prefetch loads (for the time model)."""
+    n = len(requests)
+    cache: set = set()
+    last = [-1] * num_experts
+    freq = [0] * num_experts
+    nuse = [n + 1] * num_experts
+    nxt = pre = None
+    if policy == "belady":
+        nxt, pre = next_uses(requests, prefetch, num_experts)
+    demand = np.zeros(n, np.int32)
+    loaded = np.zeros(n, np.int32)
+    hits = accesses = 0
+    clock = 0
+
+    def shrink(pinned):
+        excess = len(cache) - capacity
+        if excess <= 0:
+            return
+        if policy == "belady":  # farthest next use goes first, pinned or not
+            victims = sorted(cache, key=lambda e: (-nuse[e], e))[:excess]
+        else:
+            key = (lambda e: (e in pinned, last[e], e)) if policy == "lru" else \
+                (lambda e: (e in pinned, freq[e], last[e], e))
+            victims = sorted(cache, key=key)[:excess]
+        cache.difference_update(victims)
+
+    for i in range(n):
+        if prefetch is not None and len(prefetch[i]):
+            p = prefetch[i]
+            clock += 1
+            new = [e for e in p if e not in cache]
+            loaded[i] = len(new)
+            cache.update(new)
+            for k, e in enumerate(p):
+                last[e] = clock
+                if policy == "belady":
+                    nuse[e] = pre[i][k]
+            shrink(set(p))
+        r = requests[i]
+        clock += 1
+        got = sum(1 for e in r if e in cache)
+        hits += got
+        accesses += len(r)
+        demand[i] = len(r) - got
+        cache.update(r)
+        for k, e in enumerate(r):
+            last[e] = clock
+            freq[e] += 1
+            if policy == "belady":
+                nuse[e] = nxt[i][k]
+        shrink(set(r))
+    return {"accesses": accesses, "hits": hits, "hit_rate": hits / accesses if accesses else 0.0,
+            "demand_loads": int(demand.sum()), "prefetch_loads": int(loaded.sum()),
+            "demand_per_request": demand, "prefetch_per_request": loaded}
+
+
+@dataclass
+class TimeModel:
+    expert_bytes: float
+    bandwidth_gbs: float = 24.0   # host-to-device GB/s
+    layer_ms: float = 0.2         # compute of one MoE layer for one request (a decode step or a prefill sequence)
+
+    def transfer_ms(self, experts) -> np.ndarray:
+        return np.asarray(experts, np.float64) * self.expert_bytes / (self.bandwidth_gbs * 1e9) * 1e3
+
+    def request_ms(self, demand, prefetched) -> float:
+        """Demand loads stall the layer; prefetches overlap the previous layer's compute."""
+        c = self.layer_ms
+        return float(np.sum(c + self.transfer_ms(demand) + np.maximum(0.0, self.transfer_ms(prefetched) - c)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a store
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StackSpec:
+    key: str            # "encoder" / "decoder"
+    layers: list        # ["enc.1", ...]
+    offsets: str        # "sample_offsets" / "dec.sample_offsets"
+    tokens: str         # "token_ids" / "dec.input_ids"
+
+
+def stack_chunks(shard, spec: StackSpec, role: np.ndarray, want: int, ds_index: dict, with_hidden: bool):
+    """Yields Chunks of the rows of samples whose role == want, at most CHUNK_ROWS rows each."""
+    off = shard.sample_offsets if spec.offsets == "sample_offsets" else shard.dec_sample_offsets
+    if off is None or not all(shard.has(f"{n}.expert") for n in spec.layers):
+        return
+    lengths = np.diff(off)
+    rows_role = np.repeat(role, lengths)
+    sample = np.repeat(np.arange(shard.num_samples) + shard.first_sample, lengths)
+    ds = np.repeat(np.array([ds_index[d] for d in shard.metadata["datasets"]], np.int64), lengths)
+    total = int(off[-1])
+    exp_all = [shard.tensor(f"{n}.expert") for n in spec.layers]
+    tok_all = shard.tensor(spec.tokens)
+    hid_all = ([shard.tensor(f"{n}.hidden") if shard.has(f"{n}.hidden") else None for n in spec.layers]
+               if with_hidden else None)
+    decoder = spec.key == "decoder"
+    step0 = np.zeros(total, bool)
+    step0[off[:-1][lengths > 0]] = True
+    for a in range(0, total, CHUNK_ROWS):
+        b = min(total, a + CHUNK_ROWS)
+        m = rows_role[a:b] == want
+        if not m.any():
+            continue
+        ex = np.stack([np.asarray(x[a:b], np.int64) for x in exp_all], axis=1)
+        prev = None
+        if decoder:
+            prev_full = np.full_like(ex, -1)
+            if a > 0:
+                prev_full[0] = np.stack([np.asarray(x[a - 1], np.int64) for x in exp_all])
+            prev_full[1:] = ex[:-1]
+            prev_full[step0[a:b]] = -1
+            prev = prev_full[m]
+        hidden_fn = None
+        if hid_all is not None:
+            cache = {}
+
+            def hidden_fn(j, a=a, b=b, m=m, cache=cache):
+                if j not in cache:
+                    h = hid_all[j]
+                    cache[j] = None if h is None else rows_f32(h, a, b)[m]
+                return cache[j]
+        yield Chunk(experts=ex[m], tokens=np.asarray(tok_all[a:b], np.int64)[m], sample=sample[a:b][m],
+                    dataset=ds[a:b][m], prev_step=prev, hidden_fn=hidden_fn)
+
+
+def load_routers(path: str, spec: StackSpec, num_experts: int, d_model: int):
+    """Router weights [E, d] (and bias or None) per layer of the stack from `moetrace routers` output."""
+    from .safetensors_io import SafetensorsFile
+    st = SafetensorsFile(path)
+    ws, bs = [], []
+    for n in spec.layers:
+        w = np.array(st.tensor(f"{n}.router.weight", float32=True), np.float32)
+        if w.shape != (num_experts, d_model):
+            raise ValueError(f"{path}: {n}.router.weight has shape {list(w.shape)}, expected [{num_experts}, {d_model}]")
+        ws.append(w)
+        bs.append(np.array(st.tensor(f"{n}.router.bias", float32=True)) if f"{n}.router.bias" in st.infos else None)
+    return ws, bs
+
+
+def model_dir_of(manifest: dict) -> str | None:
+    model = manifest.get("model", {}) or {}
+    for key in ("dir", "path"):
+        if model.get(key) and os.path.isdir(model[key]):
+            return model[key]
+    for f in model.get("files", []) or []:
+        p = f.get("path") if isinstance(f, dict) else f
+        if p and os.path.isdir(os.path.dirname(p)) and os.path.exists(os.path.join(os.path.dirname(p), "config.json")):
+            return os.path.dirname(p)
+    return None
+
+
+def extract_routers(model_dir: str, out_path: str) -> None:
+    """Runs `moetrace routers` (the executable that started us, or moetrace on PATH)."""
+    exe = os.environ.get("MOETRACE_EXE") or "moetrace"
+    r = subprocess.run([exe, "routers", "--model", model_dir, "-o", out_path], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"`{exe} routers --model {model_dir}` failed: {r.stderr.strip() or r.stdout.strip()}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    predictors: tuple = ALL_PREDICTORS
+    lookaheads: tuple = (1, 2, 3)
+    histories: tuple = (2, 3)
+    split: Split = None
+    cache_sizes: tuple = ()
+    cache_bytes: tuple = ()
+    policies: tuple = POLICIES
+    prefetch_predictor: str = "transition"
+    prefetch_k: int = 1
+    expert_dtype_bytes: int = 4
+    bandwidth_gbs: float = 24.0
+    layer_ms: float = 0.2
+    routers: str | None = None
+    model: str | None = None
+    learned_tokens: int = 20000
+    learned_steps: int = 300
+    encoder_replay: str = "prefill"
+    simulate: bool = True
+
+
+def _predictor_key(p: Predictor) -> str:
+    return f"{p.name}@{p.lookahead}"
+
+
+def build_predictors(opt: Options, spec: StackSpec, store, has_hidden: bool, routers, keep_prob: float,
+                     seed: int, unavailable: dict) -> list[Predictor]:
+    L, E = len(spec.layers), store.num_experts
+    cfg = (store.manifest.get("model", {}) or {}).get("config", {}) or {}
+    vocab = int(cfg.get("vocab_size") or 32128)
+    preds: list[Predictor] = []
+    want = set(opt.predictors)
+    if "frequency" in want:
+        preds.append(Frequency(L, E))
+    if "transition" in want:
+        preds += [Transition(L, E, d) for d in opt.lookaheads if d < L]
+    if "history" in want:
+        preds += [History(L, E, h) for h in opt.histories if 2 <= h and h - 1 < L]
+    if "token" in want:
+        preds.append(TokenId(L, E, vocab))
+    if "temporal" in want and spec.key == "decoder":
+        preds.append(Temporal(L, E))
+    if "pregate" in want:
+        if not has_hidden:
+            unavailable[f"{spec.key}/pregate"] = "the store has no hidden states (collect with --hidden)"
+        elif routers is None:
+            unavailable[f"{spec.key}/pregate"] = unavailable.get("routers", "no router weights (--routers or --model)")
+        else:
+            preds += [Pregate(L, E, d, *routers) for d in (1, 2) if d < L]
+    if "learned" in want and L > 1:
+        preds.append(Learned(L, E, has_hidden, keep_prob, opt.learned_steps, seed))
+    return preds
+
+
+def stack_has_hidden(store, spec: StackSpec) -> bool:
+    """True when the store holds the router inputs of every layer of the stack (and they are not the
+    zero rows of a purely synthetic collection)."""
+    if (store.manifest.get("settings", {}) or {}).get("mode") == "synthetic":
+        return False
+    first = next((s for s in store.shards if s.num_samples), None)
+    return first is not None and all(first.has(f"{n}.hidden") for n in spec.layers)
+
+
+def run_stack(store, spec: StackSpec, opt: Options, routers, progress, ds_names: list[str], unavailable: dict) -> dict:
+    E, L = store.num_experts, len(spec.layers)
+    ds_index = {d: k for k, d in enumerate(ds_names)}
+    has_hidden = stack_has_hidden(store, spec)
+    total_tokens = int(store.manifest.get("num_tokens") or 1) if spec.key == "encoder" else \
+        int(sum(int(s.entry.get("num_decoder_tokens") or 0) for s in store.shards) or 1)
+    train_share = 1.0 - opt.split.test_fraction if not opt.split.test_datasets else 0.5
+    keep_prob = min(1.0, opt.learned_tokens / max(1.0, total_tokens * train_share))
+    preds = build_predictors(opt, spec, store, has_hidden, routers, keep_prob, opt.split.seed, unavailable)
+    freq = next((p for p in preds if isinstance(p, Frequency)), None) or Frequency(L, E)
+    need_hidden = any(p.needs_hidden for p in preds)
+    roles = {}
+    t0 = time.perf_counter()
+    counts = {"train": [0, 0], "test": [0, 0]}  # samples, tokens
+    for shard in store.iter_shards():
+        if not shard.num_samples:
+            continue
+        md = shard.metadata
+        role = opt.split.assign(md["sample_ids"], md["datasets"])
+        roles[shard.first_sample] = role
+        for c in stack_chunks(shard, spec, role, 0, ds_index, need_hidden):
+            counts["train"][1] += c.experts.shape[0]
+            if freq not in preds:
+                freq.fit(c)
+            for p in preds:
+                p.fit(c)
+        counts["train"][0] += int(np.count_nonzero(role == 0))
+        counts["test"][0] += int(np.count_nonzero(role == 1))
+    fit_s = time.perf_counter() - t0
+    for p in preds:
+        p.finish(freq)
+    if progress:
+        progress(f"speculate: {spec.key}: fitted {len(preds)} predictors on {counts['train'][1]} train tokens "
+                 f"in {fit_s:.2f} s")
+    cells: dict = {}
+    sim_pred = None
+    if opt.simulate:
+        sim_pred = next((p for p in preds if p.name == opt.prefetch_predictor or _predictor_key(p) == opt.prefetch_predictor),
+                        None)
+    kpre = max(1, opt.prefetch_k)
+    pred_top: list = []   # per test chunk: [n, L, k] prefetch predictions
+    routing: list = []    # per test chunk: (experts [n, L], sample [n])
+    t1 = time.perf_counter()
+    for shard in store.iter_shards():
+        if not shard.num_samples:
+            continue
+        role = roles[shard.first_sample]
+        for c in stack_chunks(shard, spec, role, 1, ds_index, need_hidden):
+            n = c.experts.shape[0]
+            counts["test"][1] += n
+            present = np.unique(c.dataset)
+            if opt.simulate:
+                routing.append((c.experts.astype(np.int16), c.sample))
+                top = np.empty((n, L, kpre), np.int16)
+            for p in preds:
+                for t in p.targets():
+                    sc = p.scores(c, t)
+                    r = true_ranks(sc, c.experts[:, t])
+                    key = (_predictor_key(p), t)
+                    cell = cells.setdefault(key, {"all": RecallCell(E)})
+                    cell["all"].add(r, c.sample)
+                    if len(ds_names) > 1:
+                        for d in present:
+                            m = c.dataset == d
+                            cell.setdefault(ds_names[d], RecallCell(E)).add(r[m], c.sample[m])
+                    if p is sim_pred:
+                        top[:, t] = topk_experts(sc, kpre)
+            if opt.simulate:
+                if sim_pred is not None:  # layers the predictor cannot reach get the train frequency top-k
+                    for t in set(range(L)) - set(sim_pred.targets()):
+                        top[:, t] = topk_experts(freq.scores(c, t), kpre)
+                    pred_top.append(top)
+    eval_s = time.perf_counter() - t1
+    if progress:
+        progress(f"speculate: {spec.key}: evaluated on {counts['test'][1]} test tokens in {eval_s:.2f} s")
+    results = []
+    for (pk, t), by_ds in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        name, la = pk.split("@")
+        for d, cell in by_ds.items():
+            results.append({"predictor": name, "lookahead": int(la), "target": spec.layers[t], "dataset": d,
+                            **cell.result()})
+    out = {"layers": spec.layers, "has_hidden": has_hidden,
+           "train": {"samples": counts["train"][0], "tokens": counts["train"][1]},
+           "test": {"samples": counts["test"][0], "tokens": counts["test"][1]},
+           "fit_s": fit_s, "eval_s": eval_s, "results": results, "summary": summarize(results),
+           "learned": next((p.describe() for p in preds if isinstance(p, Learned)), None)}
+    if opt.simulate and routing:
+        t2 = time.perf_counter()
+        out["cache"] = simulate_stack(spec, opt, store, routing, pred_top if sim_pred is not None else None,
+                                      freq, sim_pred)
+        out["cache"]["elapsed_s"] = time.perf_counter() - t2
+        if progress:
+            progress(f"speculate: {spec.key}: cache simulation in {out['cache']['elapsed_s']:.2f} s")
+    return out
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """Per (predictor, lookahead): token-weighted recall@k over its target layers, all datasets."""
+    rows = {}
+    for r in results:
+        if r["dataset"] != "all":
+            continue
+        k = (r["predictor"], r["lookahead"])
+        row = rows.setdefault(k, {"predictor": r["predictor"], "lookahead": r["lookahead"], "targets": [],
+                                  "tokens": 0, "_w": {kk: 0.0 for kk in r["recall"]}})
+        row["targets"].append(r["target"])
+        row["tokens"] += r["tokens"]
+        for kk, v in r["recall"].items():
+            row["_w"][kk] += v * r["tokens"]
+    out = []
+    for row in rows.values():
+        w = row.pop("_w")
+        row["recall"] = {kk: v / row["tokens"] if row["tokens"] else 0.0 for kk, v in w.items()}
+        row["top1"] = row["recall"]["1"]
+        out.append(row)
+    out.sort(key=lambda r: (-r["top1"], r["lookahead"], r["predictor"]))
+    for i, row in enumerate(out):
+        row["rank"] = i + 1
+    return out
+
+
+def expert_bytes(store, dtype_bytes: int) -> int:
+    cfg = (store.manifest.get("model", {}) or {}).get("config", {}) or {}
+    d = int(cfg.get("d_model") or store.d_model)
+    ff = int(cfg.get("d_ff") or 4 * d)
+    return 2 * d * ff * dtype_bytes  # wi [d_ff, d] + wo [d, d_ff]
+
+
+def simulate_stack(spec, opt: Options, store, routing, pred_top, freq, sim_pred) -> dict:
+    E, L = store.num_experts, len(spec.layers)
+    ex = np.concatenate([r[0] for r in routing])
+    sample = np.concatenate([r[1] for r in routing])
+    top = np.concatenate(pred_top)[:, :, :opt.prefetch_k] if pred_top else None
+    per_token = spec.key == "decoder" or opt.encoder_replay == "token"
+    if per_token:
+        groups = [np.array([i]) for i in range(ex.shape[0])]
+    else:
+        cut = np.flatnonzero(np.diff(sample)) + 1
+        groups = np.split(np.arange(ex.shape[0]), cut)
+    ebytes = expert_bytes(store, opt.expert_dtype_bytes)
+    tm = TimeModel(ebytes, opt.bandwidth_gbs, opt.layer_ms)
+    sizes = sorted(set(int(s) for s in opt.cache_sizes if 0 < int(s) <= E) |
+                   {max(1, min(E, int(b // (L * ebytes)))) for b in opt.cache_bytes})
+    if not sizes:
+        sizes = sorted({max(1, E // 8), max(1, E // 4), max(1, E // 2), max(1, 3 * E // 4)})
+    reqs = [[sorted(set(ex[g, t].tolist())) for g in groups] for t in range(L)]
+    pre = None
+    if top is not None:
+        pre = []
+        for t in range(L):
+            lst = []
+            for g in groups:  # the predicted experts of the request's tokens, most often predicted first
+                v, c = np.unique(top[g, t], return_counts=True)
+                lst.append(v[np.argsort(-c, kind="stable")].tolist())
+            pre.append(lst)
+    tokens = int(ex.shape[0])
+    all_gpu_ms = tm.layer_ms * len(groups) * L
+    no_cache_ms = sum(tm.request_ms([len(r) for r in reqs[t]], np.zeros(len(groups))) for t in range(L))
+    runs = []
+    for size in sizes:
+        for policy in opt.policies:
+            for prefetch in ([False, True] if pre is not None else [False]):
+                acc = hit = dem = pf = 0
+                ms = 0.0
+                for t in range(L):
+                    p_t = [x[:size] for x in pre[t]] if prefetch else None
+                    r = simulate_cache(reqs[t], size, policy, E, p_t)
+                    acc += r["accesses"]
+                    hit += r["hits"]
+                    dem += r["demand_loads"]
+                    pf += r["prefetch_loads"]
+                    ms += tm.request_ms(r["demand_per_request"], r["prefetch_per_request"])
+                runs.append({"cache_experts_per_layer": size, "cache_bytes": size * L * ebytes, "policy": policy,
+                             "prefetch": prefetch, "accesses": acc, "hits": hit, "hit_rate": hit / acc if acc else 0.0,
+                             "experts_transferred": dem + pf, "demand_loads": dem, "prefetch_loads": pf,
+                             "bytes_transferred": (dem + pf) * ebytes, "ms_per_token": ms / tokens})
+    return {"mode": "decode" if per_token else "prefill", "requests_per_layer": len(groups), "tokens": tokens,
+            "expert_bytes": ebytes, "bandwidth_gbs": tm.bandwidth_gbs, "layer_ms": tm.layer_ms,
+            "prefetch_predictor": _predictor_key(sim_pred) if sim_pred is not None else None,
+            "prefetch_k": opt.prefetch_k, "cache_sizes": sizes,
+            "all_on_gpu_ms_per_token": all_gpu_ms / tokens, "no_cache_ms_per_token": no_cache_ms / tokens,
+            "no_cache_bytes": int(sum(len(r) for t in range(L) for r in reqs[t])) * ebytes,
+            "runs": runs}
+
+
+def speculate_store(store, opt: Options, progress=None) -> dict:
+    t0 = time.perf_counter()
+    ds_names = sorted({d for s in store.shards if s.num_samples for d in s.metadata["datasets"]})
+    unavailable: dict = {}
+    routers_path = opt.routers
+    tmpdir = None
+    if "pregate" in opt.predictors and routers_path is None:
+        model = opt.model or model_dir_of(store.manifest)
+        if model is None:
+            unavailable["routers"] = "no router weights: pass --routers FILE (from `moetrace routers`) or --model DIR"
+        else:
+            tmpdir = tempfile.TemporaryDirectory(prefix="moetrace-routers-")
+            routers_path = os.path.join(tmpdir.name, "routers.safetensors")
+            try:
+                extract_routers(model, routers_path)
+            except (RuntimeError, OSError) as e:
+                unavailable["routers"] = str(e)
+                routers_path = None
+    stacks = {}
+    specs = [StackSpec("encoder", [f"enc.{i}" for i in store.encoder_layers], "sample_offsets", "token_ids")]
+    if store.decoder_layers:
+        specs.append(StackSpec("decoder", [f"dec.{i}" for i in store.decoder_layers], "dec.sample_offsets",
+                               "dec.input_ids"))
+    for spec in specs:
+        if not spec.layers:
+            continue
+        routers = None
+        if routers_path is not None and stack_has_hidden(store, spec):
+            from .errors import StoreError
+            try:
+                routers = load_routers(routers_path, spec, store.num_experts, store.d_model)
+            except (KeyError, ValueError, OSError, StoreError) as e:
+                unavailable[f"{spec.key}/pregate"] = f"router weights unusable: {e}"
+        stacks[spec.key] = run_stack(store, spec, opt, routers, progress, ds_names, unavailable)
+    if tmpdir is not None:
+        tmpdir.cleanup()
+    for k in list(unavailable):
+        if k == "routers" and any(x.endswith("/pregate") for x in unavailable):
+            del unavailable[k]
+    elapsed = time.perf_counter() - t0
+    tokens = sum(s["train"]["tokens"] + s["test"]["tokens"] for s in stacks.values())
+    return {
+        "moetrace_speculation_version": SPECULATION_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "store": os.path.abspath(getattr(store, "path", "")),
+        "model": (store.manifest.get("model", {}) or {}).get("id"),
+        "num_experts": store.num_experts, "ks": list(KS), "datasets": ds_names,
+        "split": opt.split.describe(),
+        "predictors": list(opt.predictors), "unavailable": unavailable,
+        "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+        "encoder": stacks.get("encoder"), "decoder": stacks.get("decoder"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def render_markdown(res: dict) -> str:
+    out = ["# moetrace speculate", "",
+           f"Store `{res['store']}`, model {res['model']}, {res['num_experts']} experts. Split: "
+           f"{json.dumps(res['split'])}. {res['elapsed_s']:.2f} s.", ""]
+    if res["unavailable"]:
+        out.append("Unavailable: " + "; ".join(f"{k}: {v}" for k, v in res["unavailable"].items()))
+        out.append("")
+    for key in ("encoder", "decoder"):
+        st = res.get(key)
+        if not st:
+            continue
+        out += [f"## {key.capitalize()}", "",
+                f"Train: {st['train']['samples']} samples, {st['train']['tokens']} tokens; test: "
+                f"{st['test']['samples']} samples, {st['test']['tokens']} tokens.", "",
+                "Predictors ranked by top-1 accuracy on held-out samples (token-weighted over the target layers "
+                "each can reach; lookahead = MoE layers ahead, 0 = known before the forward pass):", "",
+                "| rank | predictor | lookahead | targets | " + " | ".join(f"recall@{k}" for k in KS) + " |",
+                "|---|---|---|---|" + "---|" * len(KS)]
+        for r in st["summary"]:
+            out.append(f"| {r['rank']} | {r['predictor']} | {r['lookahead']} | {len(r['targets'])} | "
+                       + " | ".join(_pct(r["recall"].get(str(k))) for k in KS) + " |")
+        out.append("")
+        out += ["Per target layer (all datasets; 95% CI of top-1 over samples):", "",
+                "| predictor | lookahead | target | tokens | top-1 | 95% CI | recall@2 | recall@4 |", "|---|---|---|---|---|---|---|---|"]
+        for r in st["results"]:
+            if r["dataset"] != "all":
+                continue
+            ci = r["ci95"]["1"]
+            out.append(f"| {r['predictor']} | {r['lookahead']} | {r['target']} | {r['tokens']} | {_pct(r['top1'])} | "
+                       + (f"{_pct(ci[0])}–{_pct(ci[1])}" if ci else "–")
+                       + f" | {_pct(r['recall']['2'])} | {_pct(r['recall']['4'])} |")
+        out.append("")
+        c = st.get("cache")
+        if c:
+            out += [f"Expert cache ({c['mode']} replay of the test samples, {c['tokens']} tokens; expert "
+                    f"{c['expert_bytes'] / 2**20:.1f} MiB, {c['bandwidth_gbs']} GB/s, {c['layer_ms']} ms per layer "
+                    f"request; prefetch: {c['prefetch_predictor']} top-{c['prefetch_k']}). All experts on the GPU: "
+                    f"{c['all_on_gpu_ms_per_token']:.3f} ms/token; no cache: {c['no_cache_ms_per_token']:.3f} ms/token.",
+                    "", "| experts/layer | policy | prefetch | hit rate | experts moved | GiB moved | ms/token |",
+                    "|---|---|---|---|---|---|---|"]
+            for r in c["runs"]:
+                out.append(f"| {r['cache_experts_per_layer']} | {r['policy']} | {'yes' if r['prefetch'] else 'no'} | "
+                           f"{_pct(r['hit_rate'])} | {r['experts_transferred']} | {r['bytes_transferred'] / 2**30:.2f} | "
+                           f"{r['ms_per_token']:.3f} |")
+            out.append("")
+        if st.get("learned"):
+            curves = st["learned"]["loss_curves"]
+            out.append("Learned predictor loss (first → last logged step): " + ", ".join(
+                f"{st['layers'][int(t)]}: {c[0]['loss']:.3f} → {c[-1]['loss']:.3f}" for t, c in curves.items() if c))
+            out.append("")
+    return "\n".join(out)
+
+
+def make_plots(res: dict, out_dir: str) -> list[str]:
+    from . import plots
+    files = []
+    for key in ("encoder", "decoder"):
+        st = res.get(key)
+        if not st:
+            continue
+        series = {f"{r['predictor']} (d={r['lookahead']})": [r["recall"].get(str(k)) for k in KS] for r in st["summary"]}
+        files.append(plots.lines(os.path.join(out_dir, f"{key}_recall_at_k.png"), list(KS), series,
+                                 f"{key}: recall@k on held-out samples", "k (experts prefetched per layer)",
+                                 "recall@k", logx=True, ylim=(0, 1.02)))
+        c = st.get("cache")
+        if c and c["runs"]:
+            series = {}
+            for pol in POLICIES:
+                for pf in (False, True):
+                    rs = [r for r in c["runs"] if r["policy"] == pol and r["prefetch"] == pf]
+                    if rs:
+                        series[pol + (" + prefetch" if pf else "")] = [r["hit_rate"] for r in
+                                                                       sorted(rs, key=lambda r: r["cache_experts_per_layer"])]
+            files.append(plots.lines(os.path.join(out_dir, f"{key}_cache_hit_rate.png"), c["cache_sizes"], series,
+                                     f"{key}: expert cache hit rate ({c['mode']} replay)",
+                                     "cache size (experts per layer)", "hit rate", ylim=(0, 1.02)))
+        if st.get("learned") and st["learned"]["loss_curves"]:
+            series = {st["layers"][int(t)]: [p["loss"] for p in cv] for t, cv in st["learned"]["loss_curves"].items()}
+            steps = next(iter(st["learned"]["loss_curves"].values()))
+            files.append(plots.lines(os.path.join(out_dir, f"{key}_learned_loss.png"), [p["step"] for p in steps],
+                                     series, f"{key}: learned predictor training loss (per target layer)",
+                                     "step", "cross-entropy (nats)", markers=False))
+    return files
+
+
+def _jsonable(o):
+    if isinstance(o, dict):
+        return {k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return o
+
+
+def write_outputs(res: dict, out_dir: str, plots_on: bool = True) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "speculation.json"), "w") as f:
+        json.dump(_jsonable(res), f, indent=1)
+    md = render_markdown(res)
+    files = make_plots(res, out_dir) if plots_on else []
+    with open(os.path.join(out_dir, "speculation.md"), "w") as f:
+        f.write(md + "\n" + "".join(f"\n![{x}]({x})\n" for x in files))
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _csv(s: str) -> list[str]:
+    return [x for x in s.replace(" ", ",").split(",") if x]
+
+
+def parse_bytes(s: str) -> float:
+    s = s.strip().upper()
+    for suf, m in (("GIB", 2 ** 30), ("MIB", 2 ** 20), ("KIB", 2 ** 10), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3),
+                   ("G", 2 ** 30), ("M", 2 ** 20), ("K", 2 ** 10), ("B", 1)):
+        if s.endswith(suf):
+            return float(s[:-len(suf)]) * m
+    return float(s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moetrace speculate", description=(
+        "Expert-prediction baselines trained on a train split and evaluated on held-out samples, and an "
+        "expert cache simulator. Writes DIR/speculation.json (keys in docs/ANALYSIS.md), DIR/speculation.md "
+        "and PNG plots."))
+    ap.add_argument("store", help="trace store directory (or its manifest.json)")
+    ap.add_argument("-o", "--output", default="speculation", help="output directory (default: ./speculation)")
+    ap.add_argument("--predictors", default=",".join(ALL_PREDICTORS),
+                    help=f"comma-separated subset of {','.join(ALL_PREDICTORS)} (default: all)")
+    ap.add_argument("--lookaheads", default="1,2,3", help="transition lookaheads in MoE layers (default 1,2,3)")
+    ap.add_argument("--histories", default="2,3", help="history lengths of the history predictor (default 2,3)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sample split (and the learned model)")
+    ap.add_argument("--test-fraction", type=float, default=0.2, help="share of samples held out (default 0.2)")
+    ap.add_argument("--test-datasets", default="", help="split by dataset: these datasets are the test set")
+    ap.add_argument("--train-datasets", default="", help="with --test-datasets: train only on these (default: all others)")
+    ap.add_argument("--cache-sizes", default="", help="cache sizes in experts per layer, e.g. 1,2,4 (default: E/8, E/4, E/2, 3E/4)")
+    ap.add_argument("--cache-bytes", default="", help="cache budgets for all MoE layers together, e.g. 2GiB,4GiB")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="cache policies (default lru,lfu,belady)")
+    ap.add_argument("--prefetch-predictor", default="transition",
+                    help="predictor whose top-k is prefetched before each layer, as name or name@lookahead "
+                         "(default transition, i.e. lookahead 1)")
+    ap.add_argument("--prefetch-k", type=int, default=1, help="experts prefetched per token and layer (default 1)")
+    ap.add_argument("--expert-dtype", choices=("f32", "bf16", "f16"), default="f32",
+                    help="dtype of the offloaded expert weights (default f32, as the engine runs)")
+    ap.add_argument("--bandwidth-gbs", type=float, default=24.0, help="host-to-device bandwidth, GB/s (default 24)")
+    ap.add_argument("--layer-ms", type=float, default=0.2,
+                    help="compute time of one MoE layer per request (decode token or prefill sequence), ms (default 0.2)")
+    ap.add_argument("--encoder-replay", choices=("prefill", "token"), default="prefill",
+                    help="encoder replay: per sequence (prefill, default) or one token at a time")
+    ap.add_argument("--routers", help="router weights from `moetrace routers` (for pregate)")
+    ap.add_argument("--model", help="model directory, to extract router weights (default: the store's model)")
+    ap.add_argument("--learned-tokens", type=int, default=20000, help="train tokens sampled for the learned model")
+    ap.add_argument("--learned-steps", type=int, default=300, help="Adam steps of the learned model")
+    ap.add_argument("--no-cache", action="store_true", help="skip the cache simulation")
+    ap.add_argument("--no-plots", action="store_true", help="write speculation.json and .md only")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    return ap
+
+
+def options_from_args(args) -> Options:
+    preds = tuple(_csv(args.predictors))
+    bad = [p for p in preds if p not in ALL_PREDICTORS]
+    if bad:
+        raise ValueError(f"unknown predictor(s) {', '.join(bad)}; choose from {', '.join(ALL_PREDICTORS)}")
+    pols = tuple(_csv(args.policies))
+    if any(p not in POLICIES for p in pols):
+        raise ValueError(f"unknown policy in {args.policies!r}; choose from {', '.join(POLICIES)}")
+    if not 0.0 < args.test_fraction < 1.0:
+        raise ValueError("--test-fraction must be between 0 and 1")
+    return Options(
+        predictors=preds, lookaheads=tuple(int(x) for x in _csv(args.lookaheads)),
+        histories=tuple(int(x) for x in _csv(args.histories)),
+        split=Split(args.seed, args.test_fraction, tuple(_csv(args.test_datasets)), tuple(_csv(args.train_datasets))),
+        cache_sizes=tuple(int(x) for x in _csv(args.cache_sizes)),
+        cache_bytes=tuple(parse_bytes(x) for x in _csv(args.cache_bytes)), policies=pols,
+        prefetch_predictor=args.prefetch_predictor, prefetch_k=args.prefetch_k,
+        expert_dtype_bytes={"f32": 4, "bf16": 2, "f16": 2}[args.expert_dtype],
+        bandwidth_gbs=args.bandwidth_gbs, layer_ms=args.layer_ms, routers=args.routers, model=args.model,
+        learned_tokens=args.learned_tokens, learned_steps=args.learned_steps, encoder_replay=args.encoder_replay,
+        simulate=not args.no_cache)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    from .errors import StoreError
+    from .store import open_store
+    try:
+        opt = options_from_args(args)
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        store = open_store(args.store)
+        progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        res = speculate_store(store, opt, progress)
+    except (StoreError, KeyError, ValueError) as e:
+        print(f"moetrace: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 1
+    write_outputs(res, args.output, plots_on=not args.no_plots)
+    if not args.quiet:
+        print(f"speculate: done in {res['elapsed_s']:.2f} s; wrote {args.output}/speculation.json and "
+              f"{args.output}/speculation.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
