@@ -68,8 +68,8 @@ def check_against_manifest(store: TraceStore, s: dict) -> list[str]:
     """Differences between recomputed counts and the manifest's (empty when the store is consistent)."""
     m = store.manifest
     problems = []
-    for key in ("num_samples", "num_tokens", "total_traces", "expert_distribution", "experts_used",
-                "dataset_distribution"):
+    for key in ("num_samples", "num_tokens", "num_decoder_tokens", "total_traces", "expert_distribution",
+                "experts_used", "dataset_distribution"):
         if key in m and m[key] != s[key]:
             problems.append(f"{key}: manifest {m[key]!r}, shards {s[key]!r}")
     for name, want in (m.get("per_layer") or {}).items():
