@@ -131,6 +131,7 @@ if has test; then
 fi
 
 if has bench && [[ -x $BUILD/bench_gpu ]]; then
+  [[ -e /tmp/moetrace_mix.txt ]] || python3 $ROOT/bench/hf_switch_bench.py --write-mix
   $BUILD/bench_gpu --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
 fi
 

@@ -1,0 +1,130 @@
+// The Switch encoder on one CUDA GPU: the twin of SwitchModel (model/switch_model.h), with the same
+// observation keys, plus an asynchronous capture pipeline for trace collection.
+//
+// Precision: weights and GEMM operands in bf16 (default), fp16 or fp32, always with fp32
+// accumulation. The residual stream, RMS norms, softmaxes and the whole router stay float32 in every
+// mode (the router's logits come from the float32 norm output, never TF32); fp32 mode is the parity
+// mode. Per-sequence expert capacity, top-1 ties and dropped tokens follow SWITCH_SPEC.md exactly.
+//
+// Two ways to run the encoder:
+//  * encode(batch, observer): synchronous, the same keys and shapes as SwitchModel::encode
+//    (enc.{i}.input/hidden/router_logits/expert/dropped/gate, enc.output), each copied to the host
+//    only when observer->wants(key). For tests, parity and small jobs.
+//  * submit(batch) / poll(): the collection pipeline. submit() copies the batch into a pinned slot
+//    and enqueues the forward on the compute stream without waiting; the router writes the observed
+//    tensors into that slot's device staging area, which a copy stream moves to pinned host memory
+//    while the next batch computes. poll() hands back finished batches in submit order as
+//    CapturedBatch objects (host views into pinned memory); destroying one returns its slot. No
+//    device-wide synchronization, none per layer: the expert plan stays on the device.
+//
+//      CudaSwitchModel m(...);  m.set_capture(spec);
+//      for (const Batch& b : batches) {
+//        if (m.in_flight() == m.slots()) consume(m.poll(true));  // consume may hand it to a writer thread
+//        m.submit(b);
+//      }
+//      while (auto r = m.poll(true)) consume(std::move(r));
+//
+//    submit() waits while every slot is held by an unreleased CapturedBatch (another thread is
+//    expected to release it) and throws if every slot is in flight (poll first). One thread calls
+//    submit/poll/encode; CapturedBatch objects may be released from any thread.
+//
+// The decoder and generation are not implemented on the GPU yet (use SwitchModel).
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/tensor.h"
+#include "io/checkpoint.h"
+#include "model/config.h"
+#include "model/observer.h"
+#include "model/switch_model.h"
+
+namespace moetrace {
+
+struct CudaOptions {
+  DType precision = DType::kBF16;  // kBF16, kF16 or kF32 (parity mode)
+  int device = 0;
+};
+
+// What the pipeline copies to the host for every sparse encoder block i.
+struct CaptureSpec {
+  bool router_logits = true;       // enc.{i}.router_logits [B,S,E]
+  DType logits_dtype = DType::kF16;  // kF16 (half the bytes) or kF32
+  bool expert = true;              // enc.{i}.expert [B,S] I32
+  bool dropped = true;             // enc.{i}.dropped [B,S] U8
+  bool gate = false;               // enc.{i}.gate [B,S] F32
+  int slots = 3;                   // batches in flight + held
+};
+
+class CudaSwitchModel;
+
+// One finished batch of the pipeline. Views point into pinned host memory owned by the model and
+// stay valid until this object is destroyed (which returns the slot).
+class CapturedBatch {
+ public:
+  ~CapturedBatch();
+  CapturedBatch(const CapturedBatch&) = delete;
+  CapturedBatch& operator=(const CapturedBatch&) = delete;
+
+  uint64_t ticket = 0;  // submit() order, from 0
+  int64_t B = 0, S = 0;
+  std::vector<std::pair<std::string, TensorView>> tensors;  // in block order
+  const TensorView* find(std::string_view key) const;
+
+  // Internal: the slot states and pinned buffers shared with the model (kept alive by this object).
+  struct Pool;
+  CapturedBatch(std::shared_ptr<Pool> pool, int slot) : pool_(std::move(pool)), slot_(slot) {}
+
+ private:
+  std::shared_ptr<Pool> pool_;
+  int slot_ = -1;
+};
+
+class CudaSwitchModel {
+ public:
+  // Uploads the encoder weights (and, unless load.encoder_only, nothing else yet: the decoder is not
+  // on the GPU) in options.precision. Throws Error for unsupported configs (router_bias, d_kv·H or
+  // d_ff not multiples of 8, more than 256 experts).
+  static std::unique_ptr<CudaSwitchModel> from_source(SwitchConfig config, std::shared_ptr<TensorSource> source,
+                                                      const LoadOptions& load, const CudaOptions& options);
+  static std::unique_ptr<CudaSwitchModel> load(const std::filesystem::path& dir, const LoadOptions& load,
+                                               const CudaOptions& options);
+  ~CudaSwitchModel();
+  CudaSwitchModel(const CudaSwitchModel&) = delete;
+  CudaSwitchModel& operator=(const CudaSwitchModel&) = delete;
+
+  const SwitchConfig& config() const;
+  DType precision() const;
+  // Bytes of device memory held now (weights + activations + staging).
+  size_t device_bytes() const;
+  // Seconds the weight upload took.
+  double load_seconds() const;
+
+  // Synchronous encoder; returns enc.output [B,S,d] float32.
+  Tensor encode(const Batch& batch, Observer* obs);
+
+  // The asynchronous pipeline (see the file comment).
+  void set_capture(const CaptureSpec& spec);  // only while nothing is in flight or held
+  uint64_t submit(const Batch& batch);
+  std::unique_ptr<CapturedBatch> poll(bool wait);
+  int in_flight() const;
+  int slots() const;
+
+  // Prepares buffers for batches up to B x S (optional; they grow on demand otherwise).
+  void reserve(int64_t B, int64_t S);
+
+  struct Impl;
+
+ private:
+  explicit CudaSwitchModel(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace moetrace
