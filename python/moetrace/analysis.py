@@ -227,7 +227,8 @@ def token_expert_stats(keys: np.ndarray, counts: np.ndarray, num_experts: int, m
 
 
 class LayerAcc:
-    """Everything accumulated for one (MoE layer, dataset group)."""
+    """Everything accumulated for one (MoE layer, dataset). A layer's "all" is the merge of its
+    datasets' accumulators, so every token is processed once."""
 
     def __init__(self, num_experts: int):
         e = num_experts
@@ -243,32 +244,24 @@ class LayerAcc:
         self.margin_hist = np.zeros(len(MARGIN_BINS) - 1, np.int64)
         self.margin_stats = [0.0, 0.0, np.inf, -np.inf]
 
-    def add_routing(self, expert: np.ndarray, dropped: np.ndarray | None) -> None:
-        self.counts += np.bincount(expert, minlength=self.e)[:self.e]
-        self.tokens += int(expert.size)
-        if dropped is not None:
-            self.dropped += int(np.count_nonzero(dropped))
-
     @staticmethod
-    def _hist(values: np.ndarray, edges: np.ndarray, hist: np.ndarray, stats: list) -> None:
-        if values.size == 0:
-            return
-        v = values.astype(np.float64)
-        nb = len(edges) - 1
-        idx = np.clip(((v - edges[0]) / (edges[-1] - edges[0]) * nb).astype(np.int64), 0, nb - 1)
-        hist += np.bincount(idx, minlength=nb)
-        stats[0] += float(v.sum())
-        stats[1] += float((v * v).sum())
-        stats[2] = min(stats[2], float(v.min()))
-        stats[3] = max(stats[3], float(v.max()))
-
-    def add_logits(self, probs: np.ndarray, lse: np.ndarray, margin: np.ndarray, gate: np.ndarray) -> None:
-        """probs [T, E] softmax, lse [T] logsumexp, margin [T] top1-top2 logit, gate [T] top-1 prob."""
-        self.logit_tokens += int(lse.size)
-        self.prob_sum += probs.sum(axis=0, dtype=np.float64)
-        self.z_sum += float((lse.astype(np.float64) ** 2).sum())
-        self._hist(margin, MARGIN_BINS, self.margin_hist, self.margin_stats)
-        self._hist(gate, GATE_BINS, self.gate_hist, self.gate_stats)
+    def merge(accs: list["LayerAcc"]) -> "LayerAcc":
+        out = LayerAcc(accs[0].e)
+        for a in accs:
+            out.counts += a.counts
+            out.dropped += a.dropped
+            out.tokens += a.tokens
+            out.logit_tokens += a.logit_tokens
+            out.prob_sum += a.prob_sum
+            out.z_sum += a.z_sum
+            out.gate_hist += a.gate_hist
+            out.margin_hist += a.margin_hist
+            for mine, theirs in ((out.gate_stats, a.gate_stats), (out.margin_stats, a.margin_stats)):
+                mine[0] += theirs[0]
+                mine[1] += theirs[1]
+                mine[2] = min(mine[2], theirs[2])
+                mine[3] = max(mine[3], theirs[3])
+        return out
 
     def summary(self) -> dict:
         out = usage_stats(self.counts)
@@ -294,14 +287,32 @@ def logit_features(logits: np.ndarray):
     mx = logits.max(axis=1, keepdims=True)
     z = np.exp(logits - mx)
     s = z.sum(axis=1, keepdims=True)
-    probs = z / s
+    z /= s
     lse = (mx + np.log(s))[:, 0]
     if logits.shape[1] >= 2:
-        top2 = np.partition(logits, logits.shape[1] - 2, axis=1)[:, -2:]
-        margin = top2[:, 1] - top2[:, 0]
+        top2 = np.partition(logits, logits.shape[1] - 2, axis=1)[:, -2]
+        margin = mx[:, 0] - top2
     else:
         margin = np.zeros(logits.shape[0], np.float32)
-    return probs, lse, margin
+    return z, lse, margin
+
+
+def grouped_hist(values: np.ndarray, g: np.ndarray, ng: int, edges: np.ndarray) -> tuple:
+    """Per group: histogram counts [G, bins] (values outside the edges go to the end bins), sum,
+    sum of squares, min and max."""
+    v = values.astype(np.float64)
+    nb = len(edges) - 1
+    idx = np.clip(((v - edges[0]) * (nb / (edges[-1] - edges[0]))).astype(np.int64), 0, nb - 1)
+    hist = np.bincount(g * nb + idx, minlength=ng * nb).reshape(ng, nb)
+    sums = np.bincount(g, weights=v, minlength=ng)
+    sq = np.bincount(g, weights=v * v, minlength=ng)
+    if ng == 1:
+        mins, maxs = np.array([v.min()]), np.array([v.max()])
+    else:
+        mins, maxs = np.full(ng, np.inf), np.full(ng, -np.inf)
+        np.minimum.at(mins, g, v)
+        np.maximum.at(maxs, g, v)
+    return hist, sums, sq, mins, maxs
 
 
 def rows_f32(arr: np.ndarray, a: int, b: int, dtype: str | None = None) -> np.ndarray:
@@ -312,6 +323,40 @@ def rows_f32(arr: np.ndarray, a: int, b: int, dtype: str | None = None) -> np.nd
     return x.astype(np.float32, copy=False)
 
 
+class TokenCounts:
+    """Counts of (token id * E + expert): a dense bincount while the keys stay below 2^24, sparse
+    (SparseCounts) beyond."""
+
+    DENSE_MAX = 1 << 24
+
+    def __init__(self):
+        self.dense = np.zeros(0, np.int64)
+        self.sparse: SparseCounts | None = None
+
+    def add(self, keys: np.ndarray) -> None:
+        if keys.size == 0:
+            return
+        if self.sparse is None:
+            top = int(keys.max()) + 1
+            if top <= self.DENSE_MAX:
+                if top > self.dense.size:
+                    self.dense = np.concatenate([self.dense, np.zeros(max(top, 2 * self.dense.size) - self.dense.size,
+                                                                      np.int64)])
+                self.dense += np.bincount(keys, minlength=self.dense.size)
+                return
+            self.sparse = SparseCounts()
+            nz = np.flatnonzero(self.dense)
+            self.sparse.add(np.repeat(nz, self.dense[nz]))
+            self.dense = np.zeros(0, np.int64)
+        self.sparse.add(keys)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.sparse is not None:
+            return self.sparse.finish()
+        nz = np.flatnonzero(self.dense)
+        return nz.astype(np.int64), self.dense[nz]
+
+
 class StackAnalysis:
     """Accumulates one stack (encoder or decoder) of MoE layers over shards."""
 
@@ -319,65 +364,88 @@ class StackAnalysis:
         self.prefix = prefix
         self.layers = layers
         self.e = num_experts
-        self.acc: dict[str, dict[str, LayerAcc]] = {name: {} for name in layers}  # layer -> group -> acc
+        self.acc: dict[str, dict[str, LayerAcc]] = {name: {} for name in layers}  # layer -> dataset -> acc
         self.trans = [np.zeros((num_experts, num_experts), np.int64) for _ in layers[1:]]
-        self.token_counts = {name: SparseCounts() for name in layers} if token_stats else None
+        self.token_counts = {name: TokenCounts() for name in layers} if token_stats else None
         self.ds_tokens: dict[str, int] = {}
 
-    def _group(self, layer: str, group: str) -> LayerAcc:
-        g = self.acc[layer].get(group)
-        if g is None:
-            g = self.acc[layer][group] = LayerAcc(self.e)
-        return g
+    def _accs(self, layer: str, names: list[str]) -> list[LayerAcc]:
+        d = self.acc[layer]
+        return [d.setdefault(n, LayerAcc(self.e)) for n in names]
 
     def add_shard(self, shard, offsets: np.ndarray, datasets: list[str], token_ids: np.ndarray) -> None:
         """offsets: this stack's per-sample row offsets in the shard; token_ids: [rows] ids."""
         e = self.e
         lengths = np.diff(offsets)
         names = sorted(set(datasets))
+        ng = len(names)
         ds_index = np.array([names.index(d) for d in datasets], np.int64)
-        tok_ds = np.repeat(ds_index, lengths)
-        masks = {d: tok_ds == k for k, d in enumerate(names)} if len(names) > 1 else None
-        for d, n in zip(names, np.bincount(tok_ds, minlength=len(names))):
+        g_all = np.repeat(ds_index, lengths)  # [rows] dataset of each token
+        for d, n in zip(names, np.bincount(g_all, minlength=ng)):
             self.ds_tokens[d] = self.ds_tokens.get(d, 0) + int(n)
         rows = int(offsets[-1])
+        tok_keys = token_ids.astype(np.int64) * e
         prev = None
         for li, name in enumerate(self.layers):
             if not shard.has(f"{name}.expert"):
                 prev = None
                 continue
+            accs = self._accs(name, names)
             expert = np.asarray(shard.tensor(f"{name}.expert"), np.int64)
-            dropped = np.asarray(shard.tensor(f"{name}.dropped")) if shard.has(f"{name}.dropped") else None
-            groups = [("all", slice(None))] + ([(d, masks[d]) for d in names] if masks else [(names[0], slice(None))])
-            for g, sel in groups:
-                self._group(name, g).add_routing(expert[sel], None if dropped is None else dropped[sel])
+            counts = np.bincount(g_all * e + expert, minlength=ng * e).reshape(ng, e)
+            tokens = np.bincount(g_all, minlength=ng)
+            dropped = (np.bincount(g_all, weights=np.asarray(shard.tensor(f"{name}.dropped"), np.float64),
+                                   minlength=ng) if shard.has(f"{name}.dropped") else np.zeros(ng))
+            for k, acc in enumerate(accs):
+                acc.counts += counts[k]
+                acc.tokens += int(tokens[k])
+                acc.dropped += int(round(dropped[k]))
             if prev is not None:
                 self.trans[li - 1] += np.bincount(prev * e + expert, minlength=e * e).reshape(e, e)
             prev = expert
             if self.token_counts is not None:
-                self.token_counts[name].add(token_ids.astype(np.int64) * e + expert)
-            if shard.has(f"{name}.router_logits"):
-                lg_all = shard.tensor(f"{name}.router_logits")
-                gate_all = shard.tensor(f"{name}.gate") if shard.has(f"{name}.gate") else None
-                for a in range(0, rows, CHUNK_ROWS):
-                    b = min(rows, a + CHUNK_ROWS)
-                    probs, lse, margin = logit_features(rows_f32(lg_all, a, b))
-                    gate = (np.asarray(gate_all[a:b], np.float32) if gate_all is not None
-                            else probs.max(axis=1))
-                    for g, sel in groups:
-                        if isinstance(sel, slice):
-                            self._group(name, g).add_logits(probs, lse, margin, gate)
-                        else:
-                            m = sel[a:b]
-                            self._group(name, g).add_logits(probs[m], lse[m], margin[m], gate[m])
+                self.token_counts[name].add(tok_keys + expert)
+            if not shard.has(f"{name}.router_logits"):
+                continue
+            lg_all = shard.tensor(f"{name}.router_logits")
+            gate_all = shard.tensor(f"{name}.gate") if shard.has(f"{name}.gate") else None
+            for a in range(0, rows, CHUNK_ROWS):
+                b = min(rows, a + CHUNK_ROWS)
+                g = g_all[a:b]
+                probs, lse, margin = logit_features(rows_f32(lg_all, a, b))
+                gate = np.asarray(gate_all[a:b], np.float32) if gate_all is not None else probs.max(axis=1)
+                if ng == 1:
+                    psum = probs.sum(axis=0, dtype=np.float64)[None]
+                else:
+                    onehot = np.zeros((b - a, ng), np.float32)
+                    onehot[np.arange(b - a), g] = 1.0
+                    psum = (onehot.T @ probs).astype(np.float64)
+                zs = np.bincount(g, weights=lse.astype(np.float64) ** 2, minlength=ng)
+                gh = grouped_hist(gate, g, ng, GATE_BINS)
+                mh = grouped_hist(margin, g, ng, MARGIN_BINS)
+                nt = np.bincount(g, minlength=ng)
+                for k, acc in enumerate(accs):
+                    if nt[k] == 0:
+                        continue
+                    acc.logit_tokens += int(nt[k])
+                    acc.prob_sum += psum[k]
+                    acc.z_sum += float(zs[k])
+                    for (hist, sums, sq, mins, maxs), h, st in ((gh, acc.gate_hist, acc.gate_stats),
+                                                                (mh, acc.margin_hist, acc.margin_stats)):
+                        h += hist[k]
+                        st[0] += float(sums[k])
+                        st[1] += float(sq[k])
+                        st[2] = min(st[2], float(mins[k]))
+                        st[3] = max(st[3], float(maxs[k]))
 
     def result(self) -> dict:
         per_layer = {}
         overall_counts: dict[str, np.ndarray] = {}
         for name in self.layers:
             groups = self.acc[name]
-            if "all" not in groups:
+            if not groups:
                 continue
+            groups = {"all": LayerAcc.merge(list(groups.values())), **groups}
             s = groups["all"].summary()
             s["per_dataset"] = {}
             for g, acc in sorted(groups.items()):
@@ -539,7 +607,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def make_plots(stats: dict, out_dir: str) -> dict[str, list[str]]:
+def make_plots(stats: dict, out_dir: str, per_layer_charts: bool = False) -> dict[str, list[str]]:
     """Draws every chart of the report into out_dir; returns {section: [file names]}."""
     from . import plots
 
@@ -554,9 +622,10 @@ def make_plots(stats: dict, out_dir: str) -> dict[str, list[str]]:
         f = files.setdefault(stack_key, [])
         f.append(plots.usage_grid(os.path.join(out_dir, f"{tag}_usage_grid.png"), names,
                                   [pl[n]["expert_counts"] for n in names], f"{title}: top-1 expert usage per layer"))
-        for n in names:
-            f.append(plots.usage_bars(os.path.join(out_dir, f"usage_{n}.png"), pl[n]["expert_counts"],
-                                      f"{n}: top-1 expert usage ({pl[n]['tokens']} tokens)"))
+        if per_layer_charts:
+            for n in names:
+                f.append(plots.usage_bars(os.path.join(out_dir, f"usage_{n}.png"), pl[n]["expert_counts"],
+                                          f"{n}: top-1 expert usage ({pl[n]['tokens']} tokens)"))
         share = np.array([np.asarray(pl[n]["expert_counts"], float) / max(1, pl[n]["tokens"]) * 100 for n in names])
         f.append(plots.heatmap(os.path.join(out_dir, f"{tag}_layer_expert_heatmap.png"), share,
                                f"{title}: share of tokens per expert (%)", "expert", "MoE layer",
@@ -577,19 +646,19 @@ def make_plots(stats: dict, out_dir: str) -> dict[str, list[str]]:
             "z-loss": [pl[n]["z_loss"] for n in names],
         }, f"{title}: load-balance losses across layers", "MoE layer", "value", xticklabels=names))
         if any(pl[n]["gate"].get("count") for n in names):
-            f.append(plots.histograms(os.path.join(out_dir, f"{tag}_gate_hist.png"), GATE_BINS,
-                                      {n: pl[n]["gate"]["hist"]["counts"] for n in names if pl[n]["gate"].get("count")},
-                                      f"{title}: top-1 gate probability", "gate probability"))
-            f.append(plots.histograms(os.path.join(out_dir, f"{tag}_margin_hist.png"), MARGIN_BINS,
-                                      {n: pl[n]["margin"]["hist"]["counts"] for n in names if pl[n]["margin"].get("count")},
-                                      f"{title}: top-1 minus top-2 logit (last bin: ≥ {MARGIN_BINS[-2]:g})",
-                                      "logit margin"))
-        for t in st["transitions"]:
-            f.append(plots.heatmap(os.path.join(out_dir, f"transition_{t['from']}_{t['to']}.png"),
-                                   transition_probs(t["counts"]),
-                                   f"P({t['to']} expert | {t['from']} expert); MI {t['mutual_information_bits']:.2f} bits",
-                                   f"expert at {t['to']}", f"expert at {t['from']}", "probability",
-                                   figsize=plots.SQUARE, vmin=0, vmax=1))
+            f.append(plots.histogram_pair(
+                os.path.join(out_dir, f"{tag}_confidence.png"),
+                (GATE_BINS, {n: pl[n]["gate"]["hist"]["counts"] for n in names if pl[n]["gate"].get("count")},
+                 "top-1 gate probability"),
+                (MARGIN_BINS, {n: pl[n]["margin"]["hist"]["counts"] for n in names if pl[n]["margin"].get("count")},
+                 f"top-1 minus top-2 logit (last bin: ≥ {MARGIN_BINS[-2]:g})"),
+                f"{title}: router confidence"))
+        if st["transitions"]:
+            f.append(plots.heatmap_grid(
+                os.path.join(out_dir, f"{tag}_transitions.png"), [transition_probs(t["counts"]) for t in st["transitions"]],
+                [f"{t['from']} → {t['to']}: MI {t['mutual_information_bits']:.2f} bits" for t in st["transitions"]],
+                f"{title}: P(expert at next MoE layer | expert at this layer)", "expert at next layer",
+                "expert at this layer", "probability"))
         dv = st["dataset_divergence"]
         ds = dv["datasets"]
         if len(ds) > 1:
@@ -645,14 +714,14 @@ def render_html(stats: dict, files: dict[str, list[str]]) -> str:
                           [[n, pl[n]["max_mean_load"], pl[n]["gini"], pl[n]["aux_loss"], pl[n]["z_loss"],
                             pl[n]["gate"].get("mean"), pl[n]["gate"].get("p10"), pl[n]["margin"].get("mean"),
                             pl[n]["margin"].get("p50")] for n in st["layers"]]))
-        out += [img(x) for x in imgs if any(s in x for s in ("_balance", "_loads", "_gate_hist", "_margin_hist"))]
+        out += [img(x) for x in imgs if any(s in x for s in ("_balance", "_loads", "_confidence"))]
         out.append("<h3>Layer to layer</h3><p>In-sample top-k accuracy of a transition table (an upper bound of "
                    "what the <code>transition</code> predictor reaches on held-out samples).</p>")
         out.append(_table(["from", "to", "H(to)", "H(to|from)", "MI (bits)", "MI/H", "top-1", "top-2", "top-4"],
                           [[t["from"], t["to"], t["h_to_bits"], t["conditional_entropy_bits"],
                             t["mutual_information_bits"], t["normalized_mi"], t["topk_accuracy"]["1"],
                             t["topk_accuracy"]["2"], t["topk_accuracy"]["4"]] for t in st["transitions"]]))
-        out += [img(x) for x in imgs if x.startswith("transition_")]
+        out += [img(x) for x in imgs if x.endswith("_transitions.png")]
         if any("token" in pl[n] for n in st["layers"]):
             out.append("<h3>Token ids</h3><p>consistency: share of tokens whose id's most frequent expert is the one "
                        "chosen (SiDA-style); explained: I(token id; expert) / H(expert).</p>")
@@ -669,8 +738,9 @@ def render_html(stats: dict, files: dict[str, list[str]]) -> str:
                               [[n] + [dv["per_layer"][n][i][j] for i in range(len(dv["datasets"]))
                                       for j in range(i + 1, len(dv["datasets"]))] for n in st["layers"]]))
             out += [img(x) for x in imgs if "_datasets_" in x]
-        out.append("<h3>Per-layer charts</h3>")
-        out += [img(x) for x in imgs if x.startswith("usage_")]
+        if any(x.startswith("usage_") for x in imgs):
+            out.append("<h3>Per-layer charts</h3>")
+            out += [img(x) for x in imgs if x.startswith("usage_")]
     if stats["examples"]:
         out.append("<h2>Example expert paths</h2><p>One row per token: token id, then the expert at each MoE "
                    "layer.</p>")
@@ -681,11 +751,11 @@ def render_html(stats: dict, files: dict[str, list[str]]) -> str:
     return "\n".join(out)
 
 
-def write_report(stats: dict, out_dir: str) -> None:
+def write_report(stats: dict, out_dir: str, per_layer_charts: bool = False) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
-    files = make_plots(stats, out_dir)
+    files = make_plots(stats, out_dir, per_layer_charts)
     with open(os.path.join(out_dir, "report.html"), "w") as f:
         f.write(render_html(stats, files))
 
@@ -706,6 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--examples", type=int, default=5, help="number of example expert paths")
     ap.add_argument("--no-token-stats", action="store_true", help="skip the token-id statistics (saves memory)")
     ap.add_argument("--no-plots", action="store_true", help="write stats.json only")
+    ap.add_argument("--per-layer-charts", action="store_true",
+                    help="also draw one expert-usage bar chart per layer (usage_<layer>.png)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     return ap
 
@@ -727,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.output, "stats.json"), "w") as f:
             json.dump(stats, f, indent=1)
     else:
-        write_report(stats, args.output)
+        write_report(stats, args.output, args.per_layer_charts)
     if not args.quiet:
         print(f"analyze: {stats['num_tokens']} tokens in {stats['elapsed_s']:.2f} s "
               f"({stats['tokens_per_s'] or 0:.0f} tokens/s); wrote {args.output}/stats.json"

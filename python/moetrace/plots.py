@@ -140,3 +140,47 @@ def histograms(path: str, edges, series: dict[str, list], title: str, xlabel: st
     if series:
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def heatmap_grid(path: str, mats: list, titles: list[str], title: str, xlabel: str, ylabel: str,
+                 cbar_label: str, vmin=0.0, vmax=1.0, cols: int = 3) -> str:
+    """Several heatmaps on one shared colour scale (e.g. one transition matrix per layer pair)."""
+    n = max(1, len(mats))
+    cols = min(cols, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.2, 3.4 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    im = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(mats):
+            ax.axis("off")
+            continue
+        m = np.asarray(mats[k], np.float64)
+        im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax)
+        _expert_ticks(ax, m.shape[1], "x")
+        _expert_ticks(ax, m.shape[0], "y")
+        ax.set_title(titles[k], fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.8).set_label(cbar_label)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def histogram_pair(path: str, left: tuple, right: tuple, title: str) -> str:
+    """Two panels of fixed-bin histograms; each side is (edges, {name: counts}, xlabel)."""
+    fig, axes = plt.subplots(1, 2, figsize=WIDE, layout="constrained")
+    for ax, (edges, series, xlabel) in zip(axes, (left, right)):
+        edges = np.asarray(edges, np.float64)
+        for name, counts in series.items():
+            c = np.asarray(counts, np.float64)
+            if c.sum() > 0:
+                ax.stairs(c / c.sum(), edges, label=name)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("share of tokens per bin")
+        if series:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -161,17 +161,24 @@ class RecallCell:
         self.sums = np.zeros((len(KS), 4))  # per k: sum h, sum h^2, sum h*n, (sum n^2 shared)
         self.n2 = 0.0
 
-    def add(self, ranks: np.ndarray, sample: np.ndarray) -> None:
+    def add(self, ranks: np.ndarray, inv: np.ndarray, nsamp: int) -> None:
+        """ranks [n] of the true expert; inv [n] the token's sample as an index in [0, nsamp)."""
         if ranks.size == 0:
             return
         self.rank_hist += np.bincount(ranks, minlength=self.rank_hist.size)
-        _, inv = np.unique(sample, return_inverse=True)
-        n_s = np.bincount(inv).astype(np.float64)
-        self.samples += n_s.size
+        nk = len(KS)
+        # b = how many of KS are <= rank: the token is a hit for KS[i] exactly when i >= b
+        b = np.searchsorted(np.asarray(KS), ranks, side="right")
+        per = np.bincount(inv * (nk + 1) + b, minlength=nsamp * (nk + 1)).reshape(nsamp, nk + 1)
+        n_s = per.sum(axis=1)
+        keep = n_s > 0
+        per, n_s = per[keep].astype(np.float64), n_s[keep].astype(np.float64)
+        hits = np.cumsum(per, axis=1)[:, :nk]  # [samples, k]
+        self.samples += int(n_s.size)
         self.n2 += float((n_s * n_s).sum())
-        for i, k in enumerate(KS):
-            h = np.bincount(inv, weights=(ranks < k).astype(np.float64), minlength=n_s.size)
-            self.sums[i] += (h.sum(), (h * h).sum(), (h * n_s).sum(), 0.0)
+        self.sums[:, 0] += hits.sum(axis=0)
+        self.sums[:, 1] += (hits * hits).sum(axis=0)
+        self.sums[:, 2] += (hits * n_s[:, None]).sum(axis=0)
 
     def result(self) -> dict:
         n = int(self.rank_hist.sum())
@@ -771,7 +778,9 @@ def run_stack(store, spec: StackSpec, opt: Options, routers, progress, ds_names:
         for c in stack_chunks(shard, spec, role, 1, ds_index, need_hidden):
             n = c.experts.shape[0]
             counts["test"][1] += n
-            present = np.unique(c.dataset)
+            inv = np.concatenate([[0], np.cumsum(np.diff(c.sample) != 0)]).astype(np.int64)  # rows are in sample order
+            nsamp = int(inv[-1]) + 1
+            ds_masks = [(d, c.dataset == d) for d in np.unique(c.dataset)] if len(ds_names) > 1 else []
             if opt.simulate:
                 routing.append((c.experts.astype(np.int16), c.sample))
                 top = np.empty((n, L, kpre), np.int16)
@@ -781,11 +790,10 @@ def run_stack(store, spec: StackSpec, opt: Options, routers, progress, ds_names:
                     r = true_ranks(sc, c.experts[:, t])
                     key = (_predictor_key(p), t)
                     cell = cells.setdefault(key, {"all": RecallCell(E)})
-                    cell["all"].add(r, c.sample)
+                    cell["all"].add(r, inv, nsamp)
                     if len(ds_names) > 1:
-                        for d in present:
-                            m = c.dataset == d
-                            cell.setdefault(ds_names[d], RecallCell(E)).add(r[m], c.sample[m])
+                        for d, m in ds_masks:
+                            cell.setdefault(ds_names[d], RecallCell(E)).add(r[m], inv[m], nsamp)
                     if p is sim_pred:
                         top[:, t] = topk_experts(sc, kpre)
             if opt.simulate:

@@ -274,20 +274,21 @@ SEED_KEYS = ("entropy_bits", "skewness", "kurtosis", "median", "q25", "q75", "iq
 def test_cli_writes_stats_and_report(random_store, tmp_path):
     path, _ = random_store
     out = tmp_path / "out"
-    assert analysis.main([path, "-o", str(out), "-q"]) == 0
+    assert analysis.main([path, "-o", str(out), "-q", "--per-layer-charts"]) == 0
     stats = json.loads((out / "stats.json").read_text())
     for name in ("enc.1", "enc.3", "enc.5"):
         for key in SEED_KEYS:
             assert key in stats["encoder"]["per_layer"][name], key
     html = (out / "report.html").read_text()
     imgs = [x.split("'")[0] for x in html.split("<img src='")[1:]]
-    assert len(imgs) >= 10
+    assert len(imgs) >= 9
     for name in imgs:
         p = out / name
         assert p.exists() and p.stat().st_size > 2000, name
     assert png_size(out / "usage_enc.1.png") == (1000, 450)
     assert png_size(out / "enc_layer_expert_heatmap.png") == (1000, 450)
-    assert png_size(out / "transition_enc.1_enc.3.png") == (600, 500)
+    assert png_size(out / "enc_transitions.png") == (840, 400)  # 2 layer pairs side by side
+    assert png_size(out / "enc_confidence.png") == (1000, 450)
     assert png_size(out / "enc_datasets_jsd.png") == (700, 600)
     assert "glue/sst2" in html
 

@@ -310,3 +310,28 @@ def test_cli_end_to_end(tmp_path):
     assert r2["split"]["by"] == "dataset" and r2["encoder"]["test"]["samples"] == n // 2
     with pytest.raises(SystemExit):
         speculate.main([path, "--predictors", "oracle"])
+
+
+def test_recall_cell_matches_cluster_formula():
+    rng = np.random.default_rng(11)
+    sizes = rng.integers(1, 30, size=40)
+    sample = np.repeat(np.arange(40), sizes)
+    ranks = rng.integers(0, E, size=sample.size)
+    cell = speculate.RecallCell(E)
+    half = sample.size // 2  # two chunks, the cut inside a sample
+    for part in (slice(0, half), slice(half, None)):
+        s = sample[part]
+        inv = np.concatenate([[0], np.cumsum(np.diff(s) != 0)])
+        cell.add(ranks[part], inv, int(inv[-1]) + 1)
+    r = cell.result()
+    for k in (1, 2, 4):
+        hit = (ranks < k).astype(float)
+        p = hit.mean()
+        assert r["recall"][str(k)] == pytest.approx(p)
+        # the cut sample counts as two clusters, exactly as the streaming cell sees it
+        cl = np.concatenate([sample[:half], sample[half:] + 1000])
+        ids = np.unique(cl)
+        h = np.array([hit[cl == i].sum() for i in ids])
+        n = np.array([(cl == i).sum() for i in ids], float)
+        var = len(ids) / (len(ids) - 1) * np.sum((h - p * n) ** 2) / n.sum() ** 2
+        assert r["ci95"][str(k)][0] == pytest.approx(max(0, p - 1.959963984540054 * np.sqrt(var)))
