@@ -335,3 +335,21 @@ def test_recall_cell_matches_cluster_formula():
         n = np.array([(cl == i).sum() for i in ids], float)
         var = len(ids) / (len(ids) - 1) * np.sum((h - p * n) ** 2) / n.sum() ** 2
         assert r["ci95"][str(k)][0] == pytest.approx(max(0, p - 1.959963984540054 * np.sqrt(var)))
+
+
+def test_torch_example_loads_the_same_split(tmp_path):
+    from moetrace.examples import train_predictor
+    n, length = 30, 10
+    rng = np.random.default_rng(12)
+    experts = {f"enc.{i}": rng.integers(0, E, size=n * length) for i in (1, 3, 5)}
+    path = make_store(str(tmp_path / "s"), lengths=[length] * n, experts=experts, num_experts=E)
+    split = Split(seed=0, test_fraction=0.3)
+    xtr, ytr, xte, yte = train_predictor.load_split(open_store(path), "enc.5", split, 10 ** 9)
+    role = split.assign([f"ds/a/default/train/{k}" for k in range(n)], ["ds/a"] * n)
+    assert len(yte) == role.sum() * length and len(ytr) == (n - role.sum()) * length
+    assert xtr.shape[1] == 2 * E  # one-hot experts of enc.3 and enc.1 (no hidden states stored)
+    tok_role = np.repeat(role, length)
+    assert np.array_equal(ytr, experts["enc.5"][tok_role == 0])
+    assert np.array_equal(xte[:, :E].argmax(1), experts["enc.3"][tok_role == 1])
+    pytest.importorskip("torch")
+    assert train_predictor.main([path, "--epochs", "1"]) == 0
