@@ -684,6 +684,7 @@ class Options:
     learned_steps: int = 300
     encoder_replay: str = "prefill"
     simulate: bool = True
+    max_replay: int = 50000
 
 
 def _predictor_key(p: Predictor) -> str:
@@ -868,6 +869,10 @@ def simulate_stack(spec, opt: Options, store, routing, pred_top, freq, sim_pred)
     else:
         cut = np.flatnonzero(np.diff(sample)) + 1
         groups = np.split(np.arange(ex.shape[0]), cut)
+    truncated = len(groups) > opt.max_replay
+    if truncated:  # the simulator is a per-request Python loop: bound its cost, say so in the output
+        groups = groups[:opt.max_replay]
+        ex = ex[:int(groups[-1][-1]) + 1]
     ebytes = expert_bytes(store, opt.expert_dtype_bytes)
     tm = TimeModel(ebytes, opt.bandwidth_gbs, opt.layer_ms)
     sizes = sorted(set(int(s) for s in opt.cache_sizes if 0 < int(s) <= E) |
@@ -906,6 +911,7 @@ def simulate_stack(spec, opt: Options, store, routing, pred_top, freq, sim_pred)
                              "experts_transferred": dem + pf, "demand_loads": dem, "prefetch_loads": pf,
                              "bytes_transferred": (dem + pf) * ebytes, "ms_per_token": ms / tokens})
     return {"mode": "decode" if per_token else "prefill", "requests_per_layer": len(groups), "tokens": tokens,
+            "truncated": truncated,
             "expert_bytes": ebytes, "bandwidth_gbs": tm.bandwidth_gbs, "layer_ms": tm.layer_ms,
             "prefetch_predictor": _predictor_key(sim_pred) if sim_pred is not None else None,
             "prefetch_k": opt.prefetch_k, "cache_sizes": sizes,
@@ -1135,6 +1141,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", help="model directory, to extract router weights (default: the store's model)")
     ap.add_argument("--learned-tokens", type=int, default=20000, help="train tokens sampled for the learned model")
     ap.add_argument("--learned-steps", type=int, default=300, help="Adam steps of the learned model")
+    ap.add_argument("--max-replay", type=int, default=50000,
+                    help="replay at most this many requests per layer (the first test samples; default 50000)")
     ap.add_argument("--no-cache", action="store_true", help="skip the cache simulation")
     ap.add_argument("--no-plots", action="store_true", help="write speculation.json and .md only")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
@@ -1161,7 +1169,7 @@ def options_from_args(args) -> Options:
         expert_dtype_bytes={"f32": 4, "bf16": 2, "f16": 2}[args.expert_dtype],
         bandwidth_gbs=args.bandwidth_gbs, layer_ms=args.layer_ms, routers=args.routers, model=args.model,
         learned_tokens=args.learned_tokens, learned_steps=args.learned_steps, encoder_replay=args.encoder_replay,
-        simulate=not args.no_cache)
+        simulate=not args.no_cache, max_replay=max(1, args.max_replay))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -353,3 +353,15 @@ def test_torch_example_loads_the_same_split(tmp_path):
     assert np.array_equal(xte[:, :E].argmax(1), experts["enc.3"][tok_role == 1])
     pytest.importorskip("torch")
     assert train_predictor.main([path, "--epochs", "1"]) == 0
+
+
+def test_replay_can_be_bounded(tmp_path):
+    rng = np.random.default_rng(13)
+    n = 30
+    experts = {f"enc.{i}": rng.integers(0, E, size=n * 4) for i in (1, 3)}
+    path = make_store(str(tmp_path / "s"), lengths=[4] * n, experts=experts, num_experts=E)
+    res = speculate.speculate_store(open_store(path), opts(predictors=("frequency",), encoder_replay="token",
+                                                           max_replay=7))
+    c = res["encoder"]["cache"]
+    assert c["truncated"] and c["requests_per_layer"] == 7 and c["tokens"] == 7
+    assert all(r["accesses"] == 7 * 2 for r in c["runs"])
