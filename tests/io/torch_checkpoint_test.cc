@@ -124,10 +124,10 @@ TEST(TorchCheckpoint, NestedDictsAreFlattenedAndNonTensorsSkipped) {
   expect_same_tensor(*pt->find("model.a"), want->find("proto4.a")->view);
 }
 
-TEST(TorchCheckpoint, Zip64FieldsAndUnalignedData) {
-  auto pt = open_torch_checkpoint(kData / "io/crafted_zip64.pt");
-  const CheckpointTensor* w = pt->find("w");
-  const CheckpointTensor* wt = pt->find("w_t");
+// w [3, 4] = 0..11 and its transpose w_t on one storage.
+void expect_crafted_w(const TensorSource& pt) {
+  const CheckpointTensor* w = pt.find("w");
+  const CheckpointTensor* wt = pt.find("w_t");
   ASSERT_TRUE(w != nullptr && wt != nullptr);
   EXPECT_EQ(w->view.shape, (Shape{3, 4}));
   EXPECT_EQ(wt->view.shape, (Shape{4, 3}));
@@ -137,6 +137,18 @@ TEST(TorchCheckpoint, Zip64FieldsAndUnalignedData) {
       EXPECT_EQ(wt->view.as<float>()[c * 3 + r], static_cast<float>(r * 4 + c));
     }
   }
+}
+
+TEST(TorchCheckpoint, Zip64Fields) {
+  // Sizes and offsets all 0xFFFFFFFF in the central directory, the real values in ZIP64 extras.
+  expect_crafted_w(*open_torch_checkpoint(kData / "io/crafted_zip64.pt"));
+}
+
+TEST(TorchCheckpoint, UnalignedStorageIsCopied) {
+  // Storage bytes at 2 mod 64: reading floats in place would be misaligned, so the reader copies.
+  auto pt = open_torch_checkpoint(kData / "io/crafted_unaligned.pt");
+  expect_crafted_w(*pt);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(pt->find("w")->view.data) % alignof(float), 0u);
 }
 
 // ---- bad inputs: one-line Errors naming the file and the tensor, never a crash ----

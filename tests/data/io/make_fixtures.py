@@ -89,9 +89,10 @@ write_safetensors(path("expected.safetensors"), {k: v.detach() for k, v in back.
 
 # ---------------------------------------------------------------------------------------------
 # A zip writer in the torch.save layout, with the knobs torch.save does not have.
-def write_zip(file, entries, zip64=False, deflate=()):
+def write_zip(file, entries, zip64=False, deflate=(), misalign=False):
     """entries: list of (name, bytes). zip64: write every size and offset as 0xFFFFFFFF plus a ZIP64
-    extra field (what a > 4 GiB checkpoint looks like). deflate: names to store compressed."""
+    extra field (what a > 4 GiB checkpoint looks like). deflate: names to store compressed.
+    misalign: start every entry's data at 2 mod 64 instead of 0 mod 64."""
     out = io.BytesIO()
     central = []
     for name, data in entries:
@@ -104,7 +105,7 @@ def write_zip(file, entries, zip64=False, deflate=()):
         csize32 = 0xFFFFFFFF if zip64 else len(payload)
         # Pad the local extra field so that the data starts 64-aligned, as torch does.
         head = 30 + len(n) + len(local_extra)
-        pad = (-(offset + head + 4)) % 64
+        pad = (-(offset + head + 4) + (2 if misalign else 0)) % 64
         local_extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad
         out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0, method, 0, 0x21, crc,
                               csize32, size32, len(n), len(local_extra)))
@@ -168,6 +169,7 @@ floats = struct.pack("<12f", *[float(i) for i in range(12)])
 st = FakeStorage(torch.FloatStorage, "0", 12)
 good = {"w": FakeTensor(st, 0, (3, 4), (4, 1)), "w_t": FakeTensor(st, 0, (4, 3), (1, 4))}
 crafted("crafted_zip64.pt", good, {"0": floats}, zip64=True)
+crafted("crafted_unaligned.pt", good, {"0": floats}, misalign=True)
 crafted("crafted_compressed.pt", good, {"0": floats}, deflate=("archive/data/0",))
 crafted("crafted_missing_storage.pt", good, {"0": floats}, skip=("0",))
 crafted("crafted_extent.pt", {"w": FakeTensor(st, 4, (3, 4), (4, 1))}, {"0": floats})
