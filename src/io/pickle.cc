@@ -154,9 +154,14 @@ class Unpickler {
         case kMark:
           marks_.push_back(stack_.size());
           break;
-        case kPop:
-          if (stack_.empty()) bad("POP on an empty stack");
-          stack_.pop_back();
+        case kPop:  // as Python: the top value, or the MARK itself when nothing is above it
+          if (stack_.size() > stack_floor()) {
+            stack_.pop_back();
+          } else if (!marks_.empty()) {
+            marks_.pop_back();
+          } else {
+            bad("POP on an empty stack");
+          }
           break;
         case kPopMark:
           pop_mark();

@@ -144,6 +144,17 @@ TEST(Pickle, MalformedStreams) {
       },
       {"APPEND on a int"});
   expect_error([] { parse("\x80\x09."); }, {"protocol 9"});
+  expect_error([] { parse("\x80\x02N0."); }, {"STOP with 0 values"});
+  expect_error(
+      [] {
+        parse(
+            "\x80\x02"
+            "0.");
+      },
+      {"POP on an empty stack"});
+  // POP under a MARK removes the MARK, never values below it.
+  EXPECT_EQ(parse("\x80\x02K\x07(0.").root()->i, 7);
+  expect_error([] { parse("\x80\x02K\x07(0t."); }, {"needs a MARK"});
   expect_error(
       [] {
         parse(
