@@ -117,7 +117,9 @@ class CountTable:
         ok = (keys >= 0) & (keys < self.k)
         out = np.zeros((keys.size, self.e), np.float64)
         if self.dense:
-            out[ok] = self.table[keys[ok]]
+            out = self.table.take(np.clip(keys, 0, self.k - 1), axis=0).astype(np.float64)
+            if not ok.all():
+                out[~ok] = 0.0
         elif self.keys.size:
             q = keys[ok][:, None] * self.e + np.arange(self.e)
             pos = np.minimum(np.searchsorted(self.keys, q), self.keys.size - 1)
@@ -128,9 +130,11 @@ class CountTable:
 def backoff(counts: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """Ranks by counts first, ties (and unseen rows) by fallback: counts + 0.5 * fallback / rowmax.
     Counts are integers, so the added term (< 1) never reorders experts with different counts."""
-    fb = np.broadcast_to(fallback, counts.shape)
-    mx = fb.max(axis=1, keepdims=True)
-    return counts + 0.5 * fb / np.where(mx > 0, mx, 1.0)
+    if fallback.ndim == 1:  # one vector for every row (frequency): scale it once
+        mx = fallback.max()
+        return counts + (0.5 / mx if mx > 0 else 0.5) * fallback
+    mx = fallback.max(axis=1, keepdims=True)
+    return counts + 0.5 * fallback / np.where(mx > 0, mx, 1.0)
 
 
 def true_ranks(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -309,7 +313,7 @@ class History(Predictor):
             tab.finish()
 
     def scores(self, c, t):
-        s = np.broadcast_to(self.freq.prob(t), (c.experts.shape[0], self.e))
+        s = self.freq.prob(t)  # 1-D: backoff broadcasts it
         for g in range(1, min(self.h, t) + 1):
             s = backoff(self.tables[(t, g)].rows(self._key(c, t, g)), s)
         return s

@@ -1,0 +1,120 @@
+// `moetrace routers --model DIR -o OUT.safetensors`: extracts every sparse block's router weights
+// as float32 so that Python (moetrace speculate's `pregate` predictor) can apply the next layer's
+// router to the current layer's hidden state without reading a checkpoint itself.
+//
+// Output tensors (float32): `enc.{i}.router.weight` [E, d_model] for each sparse encoder block i,
+// `enc.{i}.router.bias` [E] when the config has router_bias, and the same for `dec.{i}`.
+// __metadata__: format "moetrace-routers", num_experts, d_model, model (the directory).
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "command.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "core/tensor.h"
+#include "io/checkpoint.h"
+#include "io/safetensors.h"
+#include "model/config.h"
+
+namespace moetrace::cli {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct RoutersOptions {
+  std::string model_dir;
+  std::string output;
+};
+
+// The checkpoint name of block `block`'s router classifier in stack `stack` ("encoder"/"decoder"):
+// `{stack}.block.{i}.layer.{j}.mlp.router.classifier.{what}`, j being 1 in the encoder and 2 in the
+// decoder; found by pattern so a layout with another j still works. nullptr when absent.
+const CheckpointTensor* find_router(const TensorSource& src, const std::string& stack, int block,
+                                    const std::string& what) {
+  const std::string prefix = stack + ".block." + std::to_string(block) + ".layer.";
+  const std::string suffix = ".mlp.router.classifier." + what;
+  for (const auto& name : src.names()) {
+    if (name.size() > prefix.size() + suffix.size() &&
+        name.compare(0, prefix.size(), prefix) == 0 &&
+        name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      return src.find(name);
+    }
+  }
+  return nullptr;
+}
+
+Tensor to_f32(const CheckpointTensor& t) {
+  Tensor out(DType::kF32, t.view.shape);
+  convert_to_f32(t.view.dtype, t.view.data, out.data<float>(), static_cast<size_t>(t.view.numel()));
+  return out;
+}
+
+void run_routers(const RoutersOptions& opt) {
+  const fs::path dir = opt.model_dir;
+  const SwitchConfig cfg = load_config(dir / "config.json");
+  const auto src = open_checkpoint(dir);
+  std::vector<Tensor> owned;  // keeps the converted data alive until written
+  std::vector<std::pair<std::string, size_t>> names;
+  auto add_stack = [&](const std::string& stack, const std::string& key,
+                       const std::vector<int>& blocks) {
+    for (int i : blocks) {
+      const CheckpointTensor* w = find_router(*src, stack, i, "weight");
+      if (w == nullptr) {
+        fail(dir.string(), ": no router weight `", stack, ".block.", i,
+             ".layer.*.mlp.router.classifier.weight` for sparse block ", i);
+      }
+      if (w->view.shape != Shape{cfg.num_experts, cfg.d_model}) {
+        fail(w->file.string(), ": tensor '", w->name, "' has shape ", shape_str(w->view.shape),
+             ", expected [", cfg.num_experts, ", ", cfg.d_model, "]");
+      }
+      owned.push_back(to_f32(*w));
+      names.emplace_back(key + "." + std::to_string(i) + ".router.weight", owned.size() - 1);
+      if (cfg.router_bias) {
+        const CheckpointTensor* b = find_router(*src, stack, i, "bias");
+        if (b == nullptr) {
+          fail(dir.string(), ": config has router_bias but `", stack, ".block.", i,
+               ".layer.*.mlp.router.classifier.bias` is missing");
+        }
+        if (b->view.shape != Shape{cfg.num_experts}) {
+          fail(b->file.string(), ": tensor '", b->name, "' has shape ", shape_str(b->view.shape),
+               ", expected [", cfg.num_experts, "]");
+        }
+        owned.push_back(to_f32(*b));
+        names.emplace_back(key + "." + std::to_string(i) + ".router.bias", owned.size() - 1);
+      }
+    }
+  };
+  add_stack("encoder", "enc", cfg.sparse_encoder_blocks());
+  if (cfg.is_encoder_decoder) add_stack("decoder", "dec", cfg.sparse_decoder_blocks());
+  std::vector<NamedView> views;
+  for (const auto& [name, k] : names) views.push_back(NamedView{name, owned[k].view()});
+  const std::map<std::string, std::string> meta = {
+      {"format", "moetrace-routers"},
+      {"num_experts", std::to_string(cfg.num_experts)},
+      {"d_model", std::to_string(cfg.d_model)},
+      {"model", fs::absolute(dir).string()},
+  };
+  const fs::path out = opt.output;
+  const fs::path tmp = out.parent_path() / (".tmp-" + out.filename().string());
+  write_safetensors(tmp, views, meta);
+  fs::rename(tmp, out);
+  log_info("routers: wrote ", views.size(), " tensors to ", out.string());
+}
+
+RegisterCommand reg([](CLI::App& app) {
+  auto opt = std::make_shared<RoutersOptions>();
+  auto* sub = app.add_subcommand(
+      "routers",
+      "Write each sparse block's router weights (float32) to a safetensors file (for `moetrace "
+      "speculate --routers`)");
+  sub->add_option("--model", opt->model_dir, "model directory (config.json + checkpoint)")
+      ->required();
+  sub->add_option("-o,--output", opt->output, "output .safetensors file")->required();
+  sub->callback([opt] { run_routers(*opt); });
+});
+
+}  // namespace
+}  // namespace moetrace::cli
