@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -93,14 +94,32 @@ Layout layout_from_manifest(const json& m, const std::string& what) {
   l.dec_layers = layer_list(field(layers, "decoder", what + ": layers"), what + ": layers.decoder");
   l.num_experts = int_field(m, "num_experts", what, 1);
   l.d_model = int_field(m, "d_model", what, 1);
-  l.samples_per_shard = int_field(m, "samples_per_shard", what, 1);
-  const json& ld = field(m, "logits_dtype", what);
+  // The storage fields may be absent in stores of other writers (e.g. numpy-made test stores):
+  // they are then taken from "settings" and the first shard.
+  const json& settings =
+      m.contains("settings") && m["settings"].is_object() ? m["settings"] : json();
+  auto storage = [&](const char* key) -> const json& {
+    if (m.contains(key)) return m[key];
+    if (settings.contains(key)) return settings[key];
+    fail(what, ": missing field \"", key, "\"");
+  };
+  if (m.contains("samples_per_shard")) {
+    l.samples_per_shard = int_field(m, "samples_per_shard", what, 1);
+  } else {
+    const json& sh = m.contains("shards") ? m["shards"] : json();
+    l.samples_per_shard = 1;
+    if (sh.is_array() && !sh.empty() && sh[0].is_object() && sh[0].contains("num_samples") &&
+        sh[0]["num_samples"].is_number_integer()) {
+      l.samples_per_shard = std::max<int64_t>(1, sh[0]["num_samples"].get<int64_t>());
+    }
+  }
+  const json& ld = storage("logits_dtype");
   if (!ld.is_string() || !parse_dtype(ld.get<std::string>(), &l.logits_dtype) ||
       (l.logits_dtype != DType::kF32 && l.logits_dtype != DType::kF16 &&
        l.logits_dtype != DType::kBF16)) {
     fail(what, ": logits_dtype must be \"F32\", \"F16\" or \"BF16\", got ", ld.dump());
   }
-  const json& hd = field(m, "hidden_dtype", what);
+  const json& hd = storage("hidden_dtype");
   DType h;
   if (hd == "none") {
     l.hidden_dtype.reset();
@@ -110,7 +129,9 @@ Layout layout_from_manifest(const json& m, const std::string& what) {
   } else {
     fail(what, ": hidden_dtype must be \"none\", \"BF16\" or \"F32\", got ", hd.dump());
   }
-  const json& dec = field(m, "decoder", what);
+  const json& dec = m.contains("decoder") || settings.contains("decoder")
+                        ? storage("decoder")
+                        : json(!l.dec_layers.empty());
   if (!dec.is_boolean()) fail(what, ": decoder must be true or false");
   l.decoder = dec.get<bool>();
   if (!l.decoder && !l.dec_layers.empty()) {
@@ -218,7 +239,7 @@ ShardEntry shard_entry_from_json(const json& j, const std::string& what) {
     fail(what, ": file \"", e.file, "\" is not named shard-NNNNN.safetensors");
   }
   e.first_sample = int_field(j, "first_sample", what, 0);
-  e.num_samples = int_field(j, "num_samples", what, 1);
+  e.num_samples = int_field(j, "num_samples", what, 0);
   e.num_tokens = int_field(j, "num_tokens", what, 0);
   e.num_decoder_tokens = int_field(j, "num_decoder_tokens", what, 0);
   e.bytes = int_field(j, "bytes", what, 8);

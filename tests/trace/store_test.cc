@@ -693,6 +693,20 @@ TEST_F(Verify, ContentsThatDisagreeWithTheManifest) {
   EXPECT_TRUE(contains(problems, "enc.3.expert[1] = 9 is outside [0, 5)")) << joined(problems);
 }
 
+// Stores of other writers (numpy-made test stores) may leave out the storage fields; they come from
+// "settings" and the first shard then.
+TEST_F(Verify, StorageFieldsFromSettings) {
+  json m = manifest();
+  for (const char* k : {"logits_dtype", "hidden_dtype", "decoder", "samples_per_shard"}) m.erase(k);
+  m["settings"]["hidden_dtype"] = "BF16";
+  set_manifest(m);
+  EXPECT_TRUE(verify_store(dir_).empty()) << joined(verify_store(dir_));
+  EXPECT_EQ(TraceStore::open(dir_).sample(9).dec.size(), 1u);
+  m["settings"].erase("hidden_dtype");
+  set_manifest(m);
+  EXPECT_TRUE(contains(verify_store(dir_), "missing field \"hidden_dtype\""));
+}
+
 TEST_F(Verify, UnknownFormatVersion) {
   json m = manifest();
   m["format_version"] = 2;
