@@ -140,7 +140,21 @@ if has hf && [[ -e $ROOT/bench/hf_switch_bench.py ]]; then
 fi
 
 if has ncu && [[ -x $BUILD/bench_gpu ]]; then
-  ncu --clock-control none --target-processes all -k regex:'grouped|route|softmax|rmsnorm|gemm|Kernel|sm90' \
-    --launch-skip 200 --launch-count 40 --csv --print-summary per-kernel \
-    $BUILD/bench_gpu --ncu 2>&1 | tee "$OUT/ncu.csv" | tail -30
+  # Kernel durations of one 128x256 batch (bench_gpu --ncu brackets it with cudaProfilerStart/Stop).
+  ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+    $BUILD/bench_gpu --ncu >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
+  python3 - "$OUT/ncu.csv" <<'PY' | tee "$OUT/ncu_summary.txt"
+import csv, sys, collections
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+hdr = rows[0]; name_i = hdr.index("Kernel Name"); val_i = hdr.index("Metric Value"); unit_i = hdr.index("Metric Unit")
+tot = collections.defaultdict(float); cnt = collections.Counter()
+for r in rows[1:]:
+    v = float(r[val_i].replace(",", "")); u = r[unit_i]
+    v *= {"ns": 1e-3, "us": 1, "usecond": 1, "nsecond": 1e-3, "ms": 1e3, "msecond": 1e3}.get(u, 1)
+    k = r[name_i][:90]; tot[k] += v; cnt[k] += 1
+all_us = sum(tot.values())
+print(f"total kernel time of one batch: {all_us/1e3:.2f} ms")
+for k, v in sorted(tot.items(), key=lambda x: -x[1])[:18]:
+    print(f"{v/1e3:8.3f} ms {100*v/all_us:5.1f}% x{cnt[k]:<4} {k}")
+PY
 fi

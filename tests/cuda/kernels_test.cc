@@ -38,6 +38,7 @@ class CudaKernels : public CudaTest {
     CudaKernels* self;
     cudaStream_t get() const { return self->stream_holder_->get(); }
   } stream_{this};
+  void check_rmsnorm(int64_t rows, int64_t d, DType t);
 };
 
 TEST_F(CudaKernels, Embed) {
@@ -58,18 +59,20 @@ TEST_F(CudaKernels, Embed) {
 }
 
 TEST_F(CudaKernels, RmsNorm) {
-  const int64_t rows = 37, d = 771;
-  auto x = random_vec(rows * d, 2, -3, 3);
+  for (const int64_t d : {771, 772})
+    for (DType t : kActs) check_rmsnorm(37, d, t);
+}
+
+void CudaKernels::check_rmsnorm(int64_t rows, int64_t d, DType t) {
+  auto x = random_vec(rows * d, 2 + d, -3, 3);
   auto w = random_vec(d, 3, 0.5f, 1.5f);
   std::vector<float> want;
   ref::rmsnorm(x, w, rows, d, 1e-6f, want);
   auto dx = to_device(x, DType::kF32), dw = to_device(w, DType::kF32);
-  for (DType t : kActs) {
-    DeviceBuffer out(rows * d * 4), out32(rows * d * 4);
-    rmsnorm(dx.as<float>(), dw.as<float>(), rows, d, 1e-6f, out.get(), t, out32.as<float>(), stream_.get());
-    EXPECT_LT(rel_err(from_device(out32, rows * d, DType::kF32), want), 1e-6) << dtype_name(t);
-    EXPECT_LT(rel_err(from_device(out, rows * d, t), want), tol(t)) << dtype_name(t);
-  }
+  DeviceBuffer out(rows * d * 4), out32(rows * d * 4);
+  rmsnorm(dx.as<float>(), dw.as<float>(), rows, d, 1e-6f, out.get(), t, out32.as<float>(), stream_.get());
+  EXPECT_LT(rel_err(from_device(out32, rows * d, DType::kF32), want), 1e-6) << dtype_name(t) << " d=" << d;
+  EXPECT_LT(rel_err(from_device(out, rows * d, t), want), tol(t)) << dtype_name(t) << " d=" << d;
 }
 
 TEST_F(CudaKernels, AttentionSoftmaxBiasMaskCausal) {
@@ -255,6 +258,45 @@ TEST_F(CudaKernels, AttentionBatchedGemms) {
             for (int64_t j = 0; j < S; ++j)
               acc += static_cast<double>(pr[((b * H + h) * S + i) * S + j]) * qkv[(b * S + j) * ld + 2 * H * dk + h * dk + c];
             want[(b * S + i) * H * dk + h * dk + c] = static_cast<float>(acc);
+          }
+    EXPECT_LT(rel_err(from_device(ctx, want.size(), t), want), tol(t) * 2) << dtype_name(t);
+  }
+}
+
+// The fused kernel (head size 64, bf16/fp16) against the same CPU math, odd S and padding.
+TEST_F(CudaKernels, FlashAttention) {
+  const int64_t B = 3, S = 77, H = 2, dk = 64, inner = H * dk, ld = 3 * inner;
+  for (DType t : {DType::kBF16, DType::kF16}) {
+    auto qkv = random_vec(B * S * ld, 17, -0.5f, 0.5f);
+    round_vec(qkv, t);
+    auto bias = random_vec(H * (2 * S - 1), 18, -1, 1);
+    std::vector<int32_t> mask(B * S, 1);
+    for (int64_t s = 30; s < S; ++s) mask[S + s] = 0;
+    for (int64_t s = 1; s < S; ++s) mask[2 * S + s] = 0;
+    auto dqkv = to_device(qkv, t), dbias = to_device(bias, DType::kF32);
+    auto dmask = to_device_raw(mask);
+    DeviceBuffer ctx(B * S * inner * 2);
+    ASSERT_TRUE(flash_attention_supported(dk, S, t));
+    flash_attention(dqkv.get(), dbias.as<float>(), dmask.as<int32_t>(), B, S, H, dk, ctx.get(), t, stream_.get());
+    std::vector<float> sc(B * H * S * S), pr, want(B * S * inner);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < S; ++i)
+          for (int64_t j = 0; j < S; ++j) {
+            double acc = 0;
+            for (int64_t c = 0; c < dk; ++c)
+              acc += static_cast<double>(qkv[(b * S + i) * ld + h * dk + c]) * qkv[(b * S + j) * ld + inner + h * dk + c];
+            sc[((b * H + h) * S + i) * S + j] = static_cast<float>(acc);
+          }
+    ref::attention_softmax(sc, bias.data(), mask.data(), false, B, H, S, S, pr);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < S; ++i)
+          for (int64_t c = 0; c < dk; ++c) {
+            double acc = 0;
+            for (int64_t j = 0; j < S; ++j)
+              acc += static_cast<double>(pr[((b * H + h) * S + i) * S + j]) * qkv[(b * S + j) * ld + 2 * inner + h * dk + c];
+            want[(b * S + i) * inner + h * dk + c] = static_cast<float>(acc);
           }
     EXPECT_LT(rel_err(from_device(ctx, want.size(), t), want), tol(t) * 2) << dtype_name(t);
   }

@@ -7,6 +7,7 @@
 #include "cuda_test_util.h"
 #include "io/checkpoint.h"
 #include "model/cuda/cuda_switch_model.h"
+#include "model/cuda/hf_init_weights.h"
 #include "model/random_weights.h"
 #include "model/recording_observer.h"
 #include "model/switch_model.h"
@@ -93,10 +94,11 @@ Batch random_batch(int64_t B, int64_t S, int64_t vocab, uint64_t seed) {
 }
 
 // bf16 on the GPU vs the float32 CPU engine: logits within 2e-2, top-1 agreement >= 99% (on a
-// small random model; bench_gpu --parity does the switch-base-128 shape).
+// small random model at transformers' init scales; bench_gpu --parity does the switch-base-128
+// shape). fp32 on the GPU matches the CPU within 1e-4 even on the sharper make_random_weights model.
 TEST_F(CudaTest, Bf16MatchesCpuFp32) {
   SwitchConfig c = demo_config();
-  auto src = make_random_weights(c, RandomWeightOptions{7, DType::kBF16, true});
+  auto src = make_hf_init_random_weights(c, RandomWeightOptions{7, DType::kBF16, true});
   auto cpu = SwitchModel::from_source(c, src, LoadOptions{true});
   const Batch batch = random_batch(6, 70, c.vocab_size, 3);
   RecordingObserver want, got;
@@ -131,10 +133,12 @@ TEST_F(CudaTest, CapturePipelineMatchesEncode) {
   gpu->set_capture(spec);
   std::vector<Batch> batches;
   for (int i = 0; i < 5; ++i) batches.push_back(random_batch(3 + i, 17 + 9 * i, c.vocab_size, 100 + i));
-  std::vector<std::unique_ptr<CapturedBatch>> results;
   for (const Batch& b : batches) {
-    if (gpu->in_flight() == gpu->slots()) results.push_back(gpu->poll(true));
-    results.back().reset();  // a consumer that is done with it releases the slot
+    if (gpu->in_flight() == gpu->slots()) {
+      auto r = gpu->poll(true);
+      ASSERT_NE(r, nullptr);
+      r.reset();  // a consumer that is done with it releases the slot
+    }
     gpu->submit(b);
   }
   std::vector<std::unique_ptr<CapturedBatch>> rest;

@@ -2,7 +2,6 @@
 // the expert permutation plan, and the grouped expert GEMMs whose epilogues fuse the ReLU and the
 // gate-scaled un-permute into the residual add. Nothing here waits for the host: expert counts stay
 // on the device and drive a tile table that the GEMM grids read.
-#include <mma.h>
 
 #include <algorithm>
 
@@ -127,12 +126,11 @@ __global__ void moe_permute_kernel(const int32_t* expert, const uint8_t* dropped
 
 // ---- grouped GEMM, tensor cores (bf16 / fp16 in, fp32 accumulate) ---------------------------------
 
-constexpr int kBM = kGroupedTileM, kBN = 128, kBK = 32, kStages = 3, kLds = kBK + 8;
-constexpr int kThreads = 256;
-constexpr int kLdc = kBN + 4;
-constexpr size_t kPipeSmem = static_cast<size_t>(kStages) * (kBM + kBN) * kLds * 2;
-constexpr size_t kEpiSmem = static_cast<size_t>(kBM) * kLdc * 4;
-constexpr size_t kWmmaSmem = kPipeSmem > kEpiSmem ? kPipeSmem : kEpiSmem;
+constexpr int kBM = kGroupedTileM, kBN = 256, kBK = 32, kStages = 3, kLds = kBK + 8;
+constexpr int kThreads = 256;  // 8 warps as 2 (M) x 4 (N), each 64 x 64
+constexpr int kAChunks = kBM * kBK / 8 / kThreads;  // 16-byte copies per thread and stage
+constexpr int kBChunks = kBN * kBK / 8 / kThreads;
+constexpr size_t kWmmaSmem = static_cast<size_t>(kStages) * (kBM + kBN) * kLds * 2;
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -158,10 +156,39 @@ __device__ __forceinline__ void epilogue_store(GroupedEpilogue ep, float acc, in
 }
 
 template <class T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// Tensor-core grouped GEMM: mma.sync m16n8k16 fed by ldmatrix from a 3-stage cp.async pipeline.
+// Block tile 128 x 256 x 32, 8 warps as 2 (M) x 4 (N), each 64 x 64 = 4 x 8 m16n8 tiles. Fragment
+// layouts as in the PTX ISA: accumulator c0,c1 at row g = lane/4, columns 2t, 2t+1 (t = lane%4);
+// c2,c3 at row g + 8.
+template <class T>
 __global__ void __launch_bounds__(kThreads) grouped_gemm_wmma_kernel(
     const T* A, int64_t lda, bool a_gather, const int32_t* perm, const T* W, int N, int K, const int32_t* tile_expert,
     const int32_t* tile_row, const int32_t* offsets, GroupedEpilogue ep, void* out, int64_t ldo, const float* gate) {
-  using namespace nvcuda;
   const int e = tile_expert[blockIdx.y];
   if (e < 0) return;
   const int row0 = tile_row[blockIdx.y];
@@ -173,110 +200,126 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wmma_kernel(
   const T* We = W + static_cast<int64_t>(e) * N * K;
   const int tid = threadIdx.x;
 
-  // Each thread copies 2 16-byte chunks of A and 2 of B per stage (128 rows x 4 chunks each).
-  const T* a_src[2];
-  bool a_ok[2];
-  const T* b_src[2];
-  bool b_ok[2];
-  int ld_row[2], ld_col[2];
+  const T* a_src[kAChunks];
+  bool a_ok[kAChunks];
+  int a_off[kAChunks];
 #pragma unroll
-  for (int c = 0; c < 2; ++c) {
+  for (int c = 0; c < kAChunks; ++c) {
     const int chunk = tid + c * kThreads;
-    ld_row[c] = chunk / (kBK / 8);
-    ld_col[c] = (chunk % (kBK / 8)) * 8;
-    const int r = row0 + ld_row[c];
-    a_ok[c] = r < row_end;
-    const int64_t arow = a_ok[c] ? (a_gather ? perm[r] : r) : 0;
-    a_src[c] = A + arow * lda + ld_col[c];
-    const int n = n0 + ld_row[c];
-    b_ok[c] = n < N;
-    b_src[c] = We + static_cast<int64_t>(b_ok[c] ? n : 0) * K + ld_col[c];
+    const int r = chunk / (kBK / 8), col = (chunk % (kBK / 8)) * 8;
+    a_ok[c] = row0 + r < row_end;
+    const int64_t arow = a_ok[c] ? (a_gather ? perm[row0 + r] : row0 + r) : 0;
+    a_src[c] = A + arow * lda + col;
+    a_off[c] = r * kLds + col;
+  }
+  const T* b_src[kBChunks];
+  bool b_ok[kBChunks];
+  int b_off[kBChunks];
+#pragma unroll
+  for (int c = 0; c < kBChunks; ++c) {
+    const int chunk = tid + c * kThreads;
+    const int r = chunk / (kBK / 8), col = (chunk % (kBK / 8)) * 8;
+    b_ok[c] = n0 + r < N;
+    b_src[c] = We + static_cast<int64_t>(b_ok[c] ? n0 + r : 0) * K + col;
+    b_off[c] = r * kLds + col;
   }
   const int k_tiles = (K + kBK - 1) / kBK;
   auto load_stage = [&](int stage, int kt) {
     const int k0 = kt * kBK;
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const bool kin = k0 + ld_col[c] < K;
-      cp_async16(As + (stage * kBM + ld_row[c]) * kLds + ld_col[c], kin && a_ok[c] ? a_src[c] + k0 : A,
-                 kin && a_ok[c]);
-      cp_async16(Bs + (stage * kBN + ld_row[c]) * kLds + ld_col[c], kin && b_ok[c] ? b_src[c] + k0 : W,
-                 kin && b_ok[c]);
+    for (int c = 0; c < kAChunks; ++c) {
+      const bool ok = a_ok[c] && k0 + (a_off[c] % kLds) < K;
+      cp_async16(As + stage * kBM * kLds + a_off[c], ok ? a_src[c] + k0 : A, ok);
+    }
+#pragma unroll
+    for (int c = 0; c < kBChunks; ++c) {
+      const bool ok = b_ok[c] && k0 + (b_off[c] % kLds) < K;
+      cp_async16(Bs + stage * kBN * kLds + b_off[c], ok ? b_src[c] + k0 : W, ok);
     }
   };
 
-  const int warp = tid / 32;
-  const int wm = warp / 4, wn = warp % 4;  // 2 x 4 warps, each 64 x 32 of the 128 x 128 tile
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+  const int warp = tid / 32, lane = tid % 32;
+  const int wm = warp / 4, wn = warp % 4;
+  float acc[4][8][4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    for (int j = 0; j < 8; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < k_tiles) load_stage(s, s);
     cp_async_commit();
   }
+  // ldmatrix row addresses: A x4 -> lanes 0-15 rows 0-15 at k 0, lanes 16-31 rows 0-15 at k 8;
+  // B x4 (two n8 tiles) -> lanes 0-7 rows n 0-7 at k 0, 8-15 n 0-7 at k 8, 16-23 n 8-15 at k 0,
+  // 24-31 n 8-15 at k 8.
+  const int a_row = wm * 64 + (lane % 16), a_col = (lane / 16) * 8;
+  const int b_row = wn * 64 + (lane % 8) + (lane / 16) * 8, b_col = ((lane / 8) % 2) * 8;
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
+    const int next = kt + kStages - 1;  // refill the stage computed in the previous iteration
+    if (next < k_tiles) load_stage(next % kStages, next);
+    cp_async_commit();
     const int stage = kt % kStages;
     const T* as = As + stage * kBM * kLds;
     const T* bs = Bs + stage * kBN * kLds;
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+      uint32_t fa[4][4], fb[4][4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], as + (wm * 64 + i * 16) * kLds + kk, kLds);
+      for (int i = 0; i < 4; ++i) ldmatrix_x4(fa[i], as + (a_row + i * 16) * kLds + kk + a_col);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], bs + (wn * 32 + j * 16) * kLds + kk, kLds);
+      for (int j = 0; j < 4; ++j) ldmatrix_x4(fb[j], bs + (b_row + j * 16) * kLds + kk + b_col);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        for (int j = 0; j < 4; ++j) {
+          mma16816<T>(acc[i][2 * j], fa[i], fb[j][0], fb[j][1]);
+          mma16816<T>(acc[i][2 * j + 1], fa[i], fb[j][2], fb[j][3]);
+        }
     }
-    const int next = kt + kStages - 1;
-    if (next < k_tiles) load_stage(next % kStages, next);
-    cp_async_commit();
   }
   cp_async_wait<0>();
-  __syncthreads();
-  float* Cs = reinterpret_cast<float*>(smem);
+  const int g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(Cs + (wm * 64 + i * 16) * kLdc + wn * 32 + j * 16, acc[i][j], kLdc, wmma::mem_row_major);
-  __syncthreads();
-  // 8 consecutive columns per thread and step.
-  for (int idx = tid; idx < kBM * kBN / 8; idx += kThreads) {
-    const int r = idx / (kBN / 8);
-    const int c = (idx % (kBN / 8)) * 8;
-    const int grow = row0 + r;
-    if (grow >= row_end) continue;
-    const float* cs = Cs + r * kLdc + c;
-    const int n = n0 + c;
-    if (ep == GroupedEpilogue::kRelu && n + 8 <= N && ldo % 8 == 0 && sizeof(T) == 2) {
-      alignas(16) T v[8];
+    for (int half = 0; half < 2; ++half) {
+      const int grow = row0 + wm * 64 + i * 16 + g + half * 8;
+      if (grow >= row_end) continue;
+      if (ep == GroupedEpilogue::kRelu) {
+        T* o = static_cast<T*>(out) + static_cast<int64_t>(grow) * ldo;
 #pragma unroll
-      for (int u = 0; u < 8; ++u) v[u] = from_f32<T>(fmaxf(cs[u], 0.f));
-      *reinterpret_cast<uint4*>(static_cast<T*>(out) + static_cast<int64_t>(grow) * ldo + n) =
-          *reinterpret_cast<const uint4*>(v);
-    } else if (ep == GroupedEpilogue::kGateResidual && n + 8 <= N && ldo % 4 == 0) {
-      const int tok = perm[grow];
-      const float g = gate[tok];
-      float4* x = reinterpret_cast<float4*>(static_cast<float*>(out) + static_cast<int64_t>(tok) * ldo + n);
-      float4 x0 = x[0], x1 = x[1];
-      x0.x += g * cs[0]; x0.y += g * cs[1]; x0.z += g * cs[2]; x0.w += g * cs[3];
-      x1.x += g * cs[4]; x1.y += g * cs[5]; x1.z += g * cs[6]; x1.w += g * cs[7];
-      x[0] = x0;
-      x[1] = x1;
-    } else {
-      for (int u = 0; u < 8 && n + u < N; ++u) epilogue_store<T>(ep, cs[u], grow, n + u, perm, out, ldo, gate);
+        for (int j = 0; j < 8; ++j) {
+          const int n = n0 + wn * 64 + j * 8 + t * 2;
+          const float v0 = fmaxf(acc[i][j][half * 2], 0.f), v1 = fmaxf(acc[i][j][half * 2 + 1], 0.f);
+          if (n + 1 < N && ldo % 2 == 0) {
+            T pair[2] = {from_f32<T>(v0), from_f32<T>(v1)};
+            *reinterpret_cast<uint32_t*>(o + n) = *reinterpret_cast<const uint32_t*>(pair);
+          } else if (n < N) {
+            o[n] = from_f32<T>(v0);
+          }
+        }
+      } else {
+        const int tok = perm[grow];
+        const float gt = gate[tok];
+        float* x = static_cast<float*>(out) + static_cast<int64_t>(tok) * ldo;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int n = n0 + wn * 64 + j * 8 + t * 2;
+          if (n + 1 < N && ldo % 2 == 0) {
+            float2 v = *reinterpret_cast<float2*>(x + n);
+            v.x += gt * acc[i][j][half * 2];
+            v.y += gt * acc[i][j][half * 2 + 1];
+            *reinterpret_cast<float2*>(x + n) = v;
+          } else if (n < N) {
+            x[n] += gt * acc[i][j][half * 2];
+          }
+        }
+      }
     }
-  }
 }
 
 // ---- grouped GEMM, float32 SIMT (parity mode; no TF32) ------------------------------------------

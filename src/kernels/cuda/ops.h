@@ -46,6 +46,16 @@ struct AttentionPointers {
 void attention_pointers(const void* qkv, const float* scores, const void* probs, void* ctx, int64_t B, int64_t S,
                         int64_t H, int64_t dk, DType act, AttentionPointers p, cudaStream_t stream);
 
+// Fused self-attention over packed qkv [B*S, 3*H*dk] (q | k | v, head-major columns): for each
+// (b, h), ctx[b,i,h,:] = softmax_j(q_i·k_j + bias[h, j-i+S-1] + (mask[b,j] ? 0 : lowest)) · v_j,
+// unscaled (T5), float32 softmax, probs rounded to the activation dtype for the probs·v product.
+// ctx [B*S, H*dk]. bias [H, 2S-1] or null, mask [B,S] or null. Only where
+// flash_attention_supported(): d_kv = 64, S <= 1024, BF16/F16 (elsewhere the unfused path:
+// batched GEMMs + attention_softmax).
+bool flash_attention_supported(int64_t dk, int64_t S, DType act);
+void flash_attention(const void* qkv, const float* bias, const int32_t* mask, int64_t B, int64_t S, int64_t H,
+                     int64_t dk, void* ctx, DType act, cudaStream_t stream);
+
 // ---- Mixture of experts --------------------------------------------------------------------------
 
 // The Switch router after its logits, per sequence b (one block each), exactly as SWITCH_SPEC.md:

@@ -223,7 +223,7 @@ void CudaSwitchModel::Impl::reserve(int64_t B, int64_t S) {
     cursor.reserve(static_cast<size_t>(E + 1) * 4);
     cap_T = T;
   }
-  if (B * H * S * S > cap_BHSS) {
+  if (!cuda::flash_attention_supported(dk, S, act) && B * H * S * S > cap_BHSS) {
     scores.reserve(static_cast<size_t>(B * H * S * S) * 4);
     probs.reserve(static_cast<size_t>(B * H * S * S) * as);
     cap_BHSS = B * H * S * S;
@@ -268,7 +268,9 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs, const C
   cuda::AttentionPointers p{const_cast<const void**>(tab), const_cast<const void**>(tab + n),
                             const_cast<const void**>(tab + 2 * n), tab + 3 * n,
                             const_cast<const void**>(tab + 4 * n), tab + 5 * n};
-  cuda::attention_pointers(qkv.get(), scores.as<float>(), probs.get(), ctx.get(), B, S, H, dk, act, p, s);
+  // Attention: fused on the tensor cores where it applies, else batched GEMMs around a softmax.
+  const bool flash = cuda::flash_attention_supported(dk, S, act);
+  if (!flash) cuda::attention_pointers(qkv.get(), scores.as<float>(), probs.get(), ctx.get(), B, S, H, dk, act, p, s);
   cuda::embed(d_ids, embed.get(), embed_dt, T, d, X, s);
 
   for (size_t i = 0; i < blocks.size(); ++i) {
@@ -278,9 +280,13 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs, const C
     // Self-attention: x += o(softmax(q·kᵀ + bias + mask)·v).
     cuda::rmsnorm(X, b.ln_attn.as<float>(), T, d, eps, h.get(), act, nullptr, s);
     blas->gemm_nt(GemmArgs{T, 3 * inner, d, h.get(), d, b.qkv.get(), d, qkv.get(), 3 * inner, act, act});
-    blas->batched_nt(n, S, S, dk, p.q, 3 * inner, p.k, 3 * inner, p.scores, S, act, DType::kF32);
-    cuda::attention_softmax(scores.as<float>(), bias, d_mask, false, B, H, S, S, probs.get(), act, s);
-    blas->batched_nn(n, S, dk, S, p.probs, S, p.v, 3 * inner, p.ctx, inner, act, act);
+    if (flash) {
+      cuda::flash_attention(qkv.get(), bias, d_mask, B, S, H, dk, ctx.get(), act, s);
+    } else {
+      blas->batched_nt(n, S, S, dk, p.q, 3 * inner, p.k, 3 * inner, p.scores, S, act, DType::kF32);
+      cuda::attention_softmax(scores.as<float>(), bias, d_mask, false, B, H, S, S, probs.get(), act, s);
+      blas->batched_nn(n, S, dk, S, p.probs, S, p.v, 3 * inner, p.ctx, inner, act, act);
+    }
     blas->gemm_nt(GemmArgs{T, d, inner, ctx.get(), inner, b.o.get(), inner, X, d, act, DType::kF32, true});
     // Feed-forward.
     cuda::rmsnorm(X, b.ln_ff.as<float>(), T, d, eps, h.get(), act, b.sparse ? hr.as<float>() : nullptr, s);

@@ -1,0 +1,207 @@
+// Fused self-attention for head size 64 on the tensor cores (mma.sync m16n8k16, bf16/fp16 operands,
+// fp32 accumulation and softmax): scores, relative position bias, padding mask, online softmax and
+// probs·v in one pass, without the [B,H,S,S] scores in device memory (flash-attention style).
+#include <cstdint>
+
+#include "kernels/cuda/common.h"
+#include "kernels/cuda/device_types.cuh"
+#include "kernels/cuda/ops.h"
+
+namespace moetrace::cuda {
+namespace {
+
+constexpr int kD = 64, kBQ = 64, kBK = 64, kLds = kD + 8, kMaxS = 1024;
+
+template <class T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <class T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  T l = from_f32<T>(lo), h = from_f32<T>(hi);
+  return static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&l)) |
+         (static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&h)) << 16);
+}
+template <class T>
+__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
+  return static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&lo)) |
+         (static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&hi)) << 16);
+}
+__device__ __forceinline__ uint32_t ld32(const void* p) { return *static_cast<const uint32_t*>(p); }
+
+// Grid (ceil(S/64), H, B), 4 warps; warp w owns query rows [64*x + 16*w, +16). Fragment layouts
+// are those of the PTX ISA for m16n8k16: g = lane/4 picks the row (and row + 8), t = lane%4 the
+// column pair.
+template <class T>
+__global__ void __launch_bounds__(128) flash_attention_kernel(const T* qkv, int64_t ld, int64_t inner,
+                                                              const float* bias, const int32_t* mask, int S,
+                                                              T* ctx) {
+  __shared__ __align__(16) T Ks[kBK][kLds];
+  __shared__ __align__(16) T Vs[kBK][kLds];
+  __shared__ float bias_s[2 * kMaxS - 1];
+  __shared__ float madd_s[kBK];
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const T* base = qkv + static_cast<int64_t>(b) * S * ld;
+  if (bias)
+    for (int i = tid; i < 2 * S - 1; i += blockDim.x) bias_s[i] = bias[static_cast<int64_t>(h) * (2 * S - 1) + i];
+
+  const int r0 = blockIdx.x * kBQ + warp * 16 + g, r1 = r0 + 8;
+  uint32_t qa[4][4];
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) {
+    const int c = h * kD + ks * 16 + t * 2;
+    qa[ks][0] = r0 < S ? ld32(base + static_cast<int64_t>(r0) * ld + c) : 0u;
+    qa[ks][1] = r1 < S ? ld32(base + static_cast<int64_t>(r1) * ld + c) : 0u;
+    qa[ks][2] = r0 < S ? ld32(base + static_cast<int64_t>(r0) * ld + c + 8) : 0u;
+    qa[ks][3] = r1 < S ? ld32(base + static_cast<int64_t>(r1) * ld + c + 8) : 0u;
+  }
+  float o[8][4];
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  // Bias index of key j for a row: j - row + S - 1 (rows past S read row S-1's; they are not written).
+  const int b0i = S - 1 - min(r0, S - 1), b1i = S - 1 - min(r1, S - 1);
+
+  for (int k0 = 0; k0 < S; k0 += kBK) {
+    __syncthreads();
+    for (int c = tid; c < kBK * 8; c += blockDim.x) {
+      const int r = c / 8, col = (c % 8) * 8, key = k0 + r;
+      uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+      if (key < S) {
+        const T* row = base + static_cast<int64_t>(key) * ld + h * kD + col;
+        kv = *reinterpret_cast<const uint4*>(row + inner);
+        vv = *reinterpret_cast<const uint4*>(row + 2 * inner);
+      }
+      *reinterpret_cast<uint4*>(&Ks[r][col]) = kv;
+      *reinterpret_cast<uint4*>(&Vs[r][col]) = vv;
+    }
+    for (int c = tid; c < kBK; c += blockDim.x) {
+      const int key = k0 + c;
+      // Keys past the end do not exist (-inf); masked keys get HF's finite lowest().
+      madd_s[c] = key >= S ? -INFINITY : (mask && mask[static_cast<int64_t>(b) * S + key] == 0 ? -FLT_MAX : 0.f);
+    }
+    __syncthreads();
+
+    float s[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        const uint32_t kb0 = ld32(&Ks[nt * 8 + g][ks * 16 + t * 2]);
+        const uint32_t kb1 = ld32(&Ks[nt * 8 + g][ks * 16 + 8 + t * 2]);
+        mma16816<T>(s[nt], qa[ks], kb0, kb1);
+      }
+    }
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int jj = nt * 8 + t * 2 + (e & 1);
+        const int j = k0 + jj;
+        float v = s[nt][e];
+        if (bias && j < S) v += bias_s[j + (e < 2 ? b0i : b1i)];
+        v += madd_s[jj];
+        s[nt][e] = v;
+        if (e < 2)
+          mx0 = fmaxf(mx0, v);
+        else
+          mx1 = fmaxf(mx1, v);
+      }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);  // finite: key k0 = 0 always exists
+    const float sc0 = expf(m0 - n0), sc1 = expf(m1 - n1);
+    m0 = n0;
+    m1 = n1;
+    l0 *= sc0;
+    l1 *= sc1;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      o[nt][0] *= sc0;
+      o[nt][1] *= sc0;
+      o[nt][2] *= sc1;
+      o[nt][3] *= sc1;
+      s[nt][0] = expf(s[nt][0] - n0);
+      s[nt][1] = expf(s[nt][1] - n0);
+      s[nt][2] = expf(s[nt][2] - n1);
+      s[nt][3] = expf(s[nt][3] - n1);
+      l0 += s[nt][0] + s[nt][1];
+      l1 += s[nt][2] + s[nt][3];
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int kr = kk * 16 + t * 2, n = nt * 8 + g;
+        const uint32_t vb0 = pack2<T>(Vs[kr][n], Vs[kr + 1][n]);
+        const uint32_t vb1 = pack2<T>(Vs[kr + 8][n], Vs[kr + 9][n]);
+        mma16816<T>(o[nt], pa, vb0, vb1);
+      }
+    }
+  }
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const int col = h * kD + nt * 8 + t * 2;
+    if (r0 < S)
+      *reinterpret_cast<uint32_t*>(ctx + (static_cast<int64_t>(b) * S + r0) * inner + col) =
+          pack2<T>(o[nt][0] * inv0, o[nt][1] * inv0);
+    if (r1 < S)
+      *reinterpret_cast<uint32_t*>(ctx + (static_cast<int64_t>(b) * S + r1) * inner + col) =
+          pack2<T>(o[nt][2] * inv1, o[nt][3] * inv1);
+  }
+}
+
+}  // namespace
+
+bool flash_attention_supported(int64_t dk, int64_t S, DType act) {
+  return dk == kD && S <= kMaxS && (act == DType::kBF16 || act == DType::kF16);
+}
+
+void flash_attention(const void* qkv, const float* bias, const int32_t* mask, int64_t B, int64_t S, int64_t H,
+                     int64_t dk, void* ctx, DType act, cudaStream_t stream) {
+  if (!flash_attention_supported(dk, S, act))
+    fail("flash_attention: needs d_kv 64, S <= ", kMaxS, " and BF16/F16 (got d_kv ", dk, ", S ", S, ", ",
+         dtype_name(act), ")");
+  if (B == 0 || S == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(S, kBQ)), static_cast<unsigned>(H), static_cast<unsigned>(B));
+  const int64_t inner = H * dk;
+  if (act == DType::kBF16)
+    flash_attention_kernel<__nv_bfloat16><<<grid, 128, 0, stream>>>(
+        static_cast<const __nv_bfloat16*>(qkv), 3 * inner, inner, bias, mask, static_cast<int>(S),
+        static_cast<__nv_bfloat16*>(ctx));
+  else
+    flash_attention_kernel<__half><<<grid, 128, 0, stream>>>(static_cast<const __half*>(qkv), 3 * inner, inner, bias,
+                                                             mask, static_cast<int>(S), static_cast<__half*>(ctx));
+  MT_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moetrace::cuda
