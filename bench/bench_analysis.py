@@ -57,6 +57,17 @@ def synthetic_store(path: str, tokens: int, num_experts: int, layers: int, seed:
     return {"samples": n, "tokens": t}
 
 
+class Phase:
+    """Wall and CPU seconds of a block: on a shared machine CPU time shows the code's own cost."""
+
+    def __enter__(self):
+        self.w, self.c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
+
+
 def machine() -> str:
     cpu = platform.processor() or "?"
     try:
@@ -78,47 +89,51 @@ def main() -> int:
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="moetrace-bench-")
     store_path = args.keep or os.path.join(tmp, "store")
-    rows = []
+    rows = []  # (phase, wall s, cpu s, tokens)
+    load_before = os.getloadavg()[0]
     try:
-        t0 = time.perf_counter()
-        info = synthetic_store(store_path, args.tokens, args.experts, args.layers, args.seed)
-        rows.append(("build synthetic store", time.perf_counter() - t0, info["tokens"]))
+        with Phase() as p:
+            info = synthetic_store(store_path, args.tokens, args.experts, args.layers, args.seed)
+        rows.append(("build synthetic store", p.wall, p.cpu, info["tokens"]))
         store = open_store(store_path)
-
-        t0 = time.perf_counter()
-        stats = analysis.analyze_store(store)
-        rows.append(("analyze: statistics (stats.json)", time.perf_counter() - t0, info["tokens"]))
-        t0 = time.perf_counter()
-        analysis.write_report(stats, os.path.join(tmp, "analysis"))
-        rows.append(("analyze: report (PNG charts + HTML)", time.perf_counter() - t0, None))
-
+        with Phase() as p:
+            stats = analysis.analyze_store(store)
+        rows.append(("analyze: statistics (stats.json)", p.wall, p.cpu, info["tokens"]))
+        with Phase() as p:
+            analysis.write_report(stats, os.path.join(tmp, "analysis"))
+        rows.append(("analyze: report (PNG charts + HTML)", p.wall, p.cpu, None))
         opt = speculate.Options(split=speculate.Split(seed=0, test_fraction=0.2), simulate=False)
-        t0 = time.perf_counter()
-        res = speculate.speculate_store(store, opt)
+        with Phase() as p:
+            res = speculate.speculate_store(store, opt)
         enc = res["encoder"]
-        rows.append(("speculate: fit all predictors (train split)", enc["fit_s"], enc["train"]["tokens"]))
-        rows.append(("speculate: evaluate all predictors (test split)", enc["eval_s"], enc["test"]["tokens"]))
-        rows.append(("speculate: predictors total", time.perf_counter() - t0, info["tokens"]))
+        rows.append(("speculate: fit all predictors (train split)", enc["fit_s"], None, enc["train"]["tokens"]))
+        rows.append(("speculate: evaluate all predictors (test split)", enc["eval_s"], None, enc["test"]["tokens"]))
+        rows.append(("speculate: predictors total (incl. learned training)", p.wall, p.cpu, info["tokens"]))
         opt = speculate.Options(split=speculate.Split(seed=0, test_fraction=0.2), predictors=("frequency", "transition"))
-        t0 = time.perf_counter()
-        res2 = speculate.speculate_store(store, opt)
+        with Phase() as p:
+            res2 = speculate.speculate_store(store, opt)
         c = res2["encoder"]["cache"]
-        rows.append((f"speculate: cache simulation ({len(c['runs'])} runs, prefill)", c["elapsed_s"], c["tokens"]))
-        t0 = time.perf_counter()
-        speculate.write_outputs(res, os.path.join(tmp, "speculation"))
-        rows.append(("speculate: summary + plots", time.perf_counter() - t0, None))
+        rows.append((f"speculate: cache simulation ({len(c['runs'])} runs, prefill)", c["elapsed_s"], None, c["tokens"]))
+        with Phase() as p:
+            speculate.write_outputs(res, os.path.join(tmp, "speculation"))
+        rows.append(("speculate: summary + plots", p.wall, p.cpu, None))
         summary = [{"predictor": r["predictor"], "lookahead": r["lookahead"], "top1": r["top1"]} for r in enc["summary"]]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    load_after = os.getloadavg()[0]
     print(f"\nmoetrace analyze/speculate benchmark: {info['tokens']} tokens, {info['samples']} samples, "
-          f"{args.experts} experts, {args.layers} MoE layers\n{machine()}\n")
-    print(f"{'phase':<52} {'seconds':>9} {'tokens/s':>12}")
-    for name, sec, tok in rows:
-        print(f"{name:<52} {sec:>9.2f} {(f'{tok / sec:,.0f}' if tok and sec > 0 else '–'):>12}")
+          f"{args.experts} experts, {args.layers} MoE layers\n{machine()}; load average {load_before:.1f} -> "
+          f"{load_after:.1f}\n")
+    print(f"{'phase':<56} {'wall s':>8} {'cpu s':>8} {'tokens/s (wall)':>16}")
+    for name, sec, cpu, tok in rows:
+        print(f"{name:<56} {sec:>8.2f} {(f'{cpu:.2f}' if cpu is not None else '–'):>8} "
+              f"{(f'{tok / sec:,.0f}' if tok and sec > 0 else '–'):>16}")
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+           "load_average": [load_before, load_after],
            "tokens": info["tokens"], "samples": info["samples"], "experts": args.experts, "layers": args.layers,
-           "phases": [{"phase": n, "seconds": s, "tokens": t, "tokens_per_s": (t / s if t and s > 0 else None)}
-                      for n, s, t in rows], "predictor_top1": summary}
+           "phases": [{"phase": n, "seconds": s, "cpu_seconds": c, "tokens": t,
+                       "tokens_per_s": (t / s if t and s > 0 else None)} for n, s, c, t in rows],
+           "predictor_top1": summary}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"\nwrote {args.out}")

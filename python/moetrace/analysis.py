@@ -330,7 +330,7 @@ class TokenCounts:
     DENSE_MAX = 1 << 24
 
     def __init__(self):
-        self.dense = np.zeros(0, np.int64)
+        self.dense = np.zeros(0, np.int32)
         self.sparse: SparseCounts | None = None
 
     def add(self, keys: np.ndarray) -> None:
@@ -340,14 +340,14 @@ class TokenCounts:
             top = int(keys.max()) + 1
             if top <= self.DENSE_MAX:
                 if top > self.dense.size:
-                    self.dense = np.concatenate([self.dense, np.zeros(max(top, 2 * self.dense.size) - self.dense.size,
-                                                                      np.int64)])
-                self.dense += np.bincount(keys, minlength=self.dense.size)
+                    grown = min(self.DENSE_MAX, max(top, 2 * self.dense.size))
+                    self.dense = np.concatenate([self.dense, np.zeros(grown - self.dense.size, np.int32)])
+                self.dense[:top] += np.bincount(keys, minlength=top).astype(np.int32)
                 return
             self.sparse = SparseCounts()
             nz = np.flatnonzero(self.dense)
-            self.sparse.add(np.repeat(nz, self.dense[nz]))
-            self.dense = np.zeros(0, np.int64)
+            self.sparse.add(nz, weights=self.dense[nz].astype(np.float64))
+            self.dense = np.zeros(0, np.int32)
         self.sparse.add(keys)
 
     def finish(self) -> tuple[np.ndarray, np.ndarray]:

@@ -304,3 +304,20 @@ def test_permutation_store_helper(tmp_path):
     assert all(t["topk_accuracy"]["1"] == 1.0 for t in s["encoder"]["transitions"])
     assert "token" not in s["encoder"]["per_layer"]["enc.1"]
     assert softmax(np.zeros((1, 4))).sum() == pytest.approx(1.0)
+
+
+def test_token_counts_dense_then_sparse(monkeypatch):
+    monkeypatch.setattr(analysis.TokenCounts, "DENSE_MAX", 1000)
+    rng = np.random.default_rng(3)
+    tc = analysis.TokenCounts()
+    parts = [rng.integers(0, 500, 300), rng.integers(0, 900, 300), rng.integers(0, 5000, 300), rng.integers(0, 50, 10)]
+    for p in parts:
+        tc.add(p)
+    keys, counts = tc.finish()
+    ref_k, ref_c = np.unique(np.concatenate(parts), return_counts=True)
+    assert np.array_equal(keys, ref_k) and np.array_equal(counts, ref_c)
+    tc = analysis.TokenCounts()
+    tc.add(parts[0])
+    keys, counts = tc.finish()
+    ref_k, ref_c = np.unique(parts[0], return_counts=True)
+    assert np.array_equal(keys, ref_k) and np.array_equal(counts, ref_c)

@@ -365,3 +365,16 @@ def test_replay_can_be_bounded(tmp_path):
     c = res["encoder"]["cache"]
     assert c["truncated"] and c["requests_per_layer"] == 7 and c["tokens"] == 7
     assert all(r["accesses"] == 7 * 2 for r in c["runs"])
+
+
+@pytest.mark.parametrize("n,layers", [(1, (1,)), (3, (1,)), (2, (1, 3))])
+def test_tiny_stores_do_not_break(tmp_path, n, layers):
+    rng = np.random.default_rng(14)
+    experts = {f"enc.{i}": rng.integers(0, E, size=n * 3) for i in layers}
+    path = make_store(str(tmp_path / "s"), lengths=[3] * n, experts=experts, num_experts=E)
+    out = tmp_path / "o"
+    assert speculate.main([path, "-o", str(out), "-q", "--test-fraction", "0.5", "--learned-steps", "5"]) == 0
+    from moetrace import analysis
+    assert analysis.main([path, "-o", str(tmp_path / "a"), "-q"]) == 0
+    stats = json.loads((tmp_path / "a" / "stats.json").read_text())
+    assert stats["encoder"]["transitions"] == [] or len(layers) > 1
