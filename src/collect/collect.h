@@ -1,0 +1,57 @@
+// `moetrace collect`: sampling plan -> tokenizer -> batched engine -> trace store, as a pipeline.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+
+namespace moetrace {
+
+struct CollectOptions {
+  // The seed system's options, same meanings.
+  int64_t traces = 3000;  // a trace is one (sample, encoder MoE layer) pair
+  std::string model;      // directory, Hub id, "demo"; empty: largest cached switch-base, else demo
+  std::string output = "routing_data/traces";
+  std::string mode = "real";  // real | synthetic | mixed
+  double real_ratio = 0.5;
+  // Data.
+  std::string datasets;  // empty: "core", or "demo" with the demo model
+  std::vector<std::filesystem::path> data_roots;
+  std::filesystem::path catalog;  // extra dataset spec file
+  uint64_t seed = 0;
+  int max_length = 256;
+  // Engine.
+  std::string device = "cpu";  // cpu | cuda
+  int threads = 0;
+  int64_t batch_tokens = 8192;
+  std::string precision = "bf16";  // cuda only: bf16 | fp16 | fp32
+  // What to store.
+  DType logits_dtype = DType::kF16;
+  std::optional<DType> hidden_dtype;
+  bool decoder = false;
+  int max_new_tokens = 32;
+  int64_t samples_per_shard = 1024;
+  // Run control.
+  bool resume = false;
+  bool overwrite = false;
+  bool progress = true;
+  std::vector<std::string> command_line;
+};
+
+struct CollectResult {
+  int64_t samples = 0, tokens = 0, traces = 0;
+  double seconds = 0;
+  bool interrupted = false;
+};
+
+CollectResult run_collect(const CollectOptions& options);
+
+// The order of real and synthetic samples in a mixed run: sample k is real iff
+// floor((k+1)·r) > floor(k·r), which interleaves them evenly and gives round(n·r) real ones in all.
+bool mixed_is_real(int64_t k, double ratio);
+
+}  // namespace moetrace

@@ -1,0 +1,105 @@
+#include "collect/model_source.h"
+
+#include <unistd.h>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "core/sha256.h"
+#include "io/hf_cache.h"
+#include "model/random_weights.h"
+
+namespace moetrace {
+
+namespace fs = std::filesystem;
+
+fs::path assets_dir() {
+  if (const char* env = std::getenv("MOETRACE_ASSETS")) return env;
+  // Next to the executable first (a relocated checkout), then the source tree it was built from.
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (fs::path p = exe.parent_path(); !p.empty() && p != p.root_path(); p = p.parent_path()) {
+      if (fs::exists(p / "assets/demo/spiece.model")) return p / "assets";
+    }
+  }
+  return MOETRACE_ASSETS_DIR;
+}
+
+ModelChoice choose_model(const std::string& spec, bool encoder_only) {
+  ModelChoice m;
+  std::string chosen = spec;
+  if (chosen.empty()) {
+    const auto cached = list_cached_models("google/switch-base-");
+    if (!cached.empty()) {
+      chosen = cached.back().id;  // sorted by expert count: the last is the largest
+      log_info("no --model given: using ", chosen, ", the largest switch-base model in ",
+               hf_hub_cache_dir().string());
+    } else {
+      chosen = "demo";
+      log_warn("no --model given and no google/switch-base-* in the Hugging Face cache (",
+               hf_hub_cache_dir().string(),
+               "): using the built-in demo model. Its weights are seeded random numbers, so its "
+               "routing says "
+               "nothing about a trained model's; pass --model for real traces.");
+    }
+  }
+  if (chosen == "demo") {
+    m.id = "moetrace-demo";
+    m.demo = true;
+    m.config = demo_config();
+    RandomWeightOptions ro;
+    ro.seed = kDemoSeed;
+    ro.encoder_only = encoder_only;
+    m.weights = make_random_weights(m.config, ro);
+    m.spiece = assets_dir() / "demo/spiece.model";
+    return m;
+  }
+  const ResolvedModel r = resolve_model(chosen);
+  m.id = r.id;
+  m.dir = r.dir;
+  m.config = load_config(r.dir / "config.json");
+  m.weights = open_checkpoint(r.dir);
+  m.spiece = r.dir / "spiece.model";
+  if (!fs::exists(m.spiece))
+    fail(r.dir.string(), ": no spiece.model beside the checkpoint (the T5 tokenizer is needed)");
+  return m;
+}
+
+namespace {
+
+// The Hugging Face cache stores LFS files as blobs named by their sha256 and links snapshot files
+// to them; reuse that name instead of hashing tens of GB at every start.
+std::string file_sha256(const fs::path& f) {
+  std::error_code ec;
+  if (fs::is_symlink(f, ec)) {
+    const std::string name = fs::read_symlink(f, ec).filename().string();
+    if (!ec && name.size() == 64 && name.find_first_not_of("0123456789abcdef") == std::string::npos)
+      return name;
+  }
+  return sha256_file(f);
+}
+
+}  // namespace
+
+nlohmann::json describe_model(const ModelChoice& m, const std::string& tokenizer_sha256) {
+  nlohmann::json files = nlohmann::json::array();
+  if (!m.demo) {
+    for (const fs::path& f : m.weights->files()) {
+      files.push_back(
+          {{"path", f.string()}, {"bytes", fs::file_size(f)}, {"sha256", file_sha256(f)}});
+    }
+    files.push_back({{"path", (m.dir / "config.json").string()},
+                     {"bytes", fs::file_size(m.dir / "config.json")},
+                     {"sha256", sha256_file(m.dir / "config.json")}});
+  }
+  nlohmann::json j = {{"id", m.id},
+                      {"demo", m.demo},
+                      {"format", m.weights->format()},
+                      {"files", files},
+                      {"config", m.config.to_json()},
+                      {"tokenizer_sha256", tokenizer_sha256}};
+  if (m.demo) j["demo_seed"] = kDemoSeed;
+  return j;
+}
+
+}  // namespace moetrace

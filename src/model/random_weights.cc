@@ -1,0 +1,150 @@
+#include "model/random_weights.h"
+
+#include <cmath>
+#include <map>
+
+#include "core/error.h"
+
+namespace moetrace {
+
+namespace {
+
+uint64_t splitmix64(uint64_t& s) {
+  uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+uint64_t hash_name(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+class RandomSource : public TensorSource {
+ public:
+  std::vector<std::string> names() const override {
+    std::vector<std::string> out;
+    for (const auto& [n, t] : tensors_) out.push_back(n);
+    return out;
+  }
+  const CheckpointTensor* find(const std::string& name) const override {
+    auto it = refs_.find(name);
+    return it == refs_.end() ? nullptr : &it->second;
+  }
+  std::vector<std::filesystem::path> files() const override { return {}; }
+  std::string format() const override { return "random (in memory)"; }
+
+  // Uniform in [-a, a] with a = std·√3 (the given standard deviation), or the constant `fill`.
+  void add(const std::string& name, Shape shape, DType dtype, uint64_t seed, float stddev,
+           float fill = 0.f) {
+    Tensor t(dtype, shape);
+    const size_t n = static_cast<size_t>(t.numel());
+    std::vector<float> f(n, fill);
+    if (stddev > 0.f) {
+      uint64_t s = seed ^ hash_name(name);
+      const float a = stddev * std::sqrt(3.0f);
+      const float scale = 2.0f * a / 16777216.0f;
+      for (size_t i = 0; i < n; ++i) f[i] = static_cast<float>(splitmix64(s) >> 40) * scale - a;
+    }
+    convert_from_f32(f.data(), dtype, t.raw(), n);
+    refs_[name] = CheckpointTensor{name, t.view(), {}};
+    tensors_[name] = std::move(t);
+  }
+
+ private:
+  std::map<std::string, Tensor> tensors_;
+  std::map<std::string, CheckpointTensor> refs_;
+};
+
+void add_block(RandomSource& src, const SwitchConfig& c, const std::string& stack, int64_t i,
+               bool decoder, bool sparse, const RandomWeightOptions& o) {
+  const int64_t d = c.d_model, inner = c.num_heads * c.d_kv;
+  const std::string p = stack + ".block." + std::to_string(i) + ".layer.";
+  const DType t = o.dtype;
+  const float sd = 1.0f / std::sqrt(static_cast<float>(d));
+  const float si = 1.0f / std::sqrt(static_cast<float>(inner));
+  const float sf = 1.0f / std::sqrt(static_cast<float>(c.d_ff));
+  auto attn = [&](const std::string& name) {
+    for (const char* m : {"q", "k", "v"})
+      src.add(p + name + "." + m + ".weight", {inner, d}, t, o.seed, sd);
+    src.add(p + name + ".o.weight", {d, inner}, t, o.seed, si);
+  };
+  src.add(p + "0.layer_norm.weight", {d}, t, o.seed, 0.f, 1.0f);
+  attn("0.SelfAttention");
+  if (i == 0) {
+    src.add(p + "0.SelfAttention.relative_attention_bias.weight",
+            {c.relative_attention_num_buckets, c.num_heads}, t, o.seed, 1.0f);
+  }
+  std::string ff = p + "1.";
+  if (decoder) {
+    src.add(p + "1.layer_norm.weight", {d}, t, o.seed, 0.f, 1.0f);
+    attn("1.EncDecAttention");
+    ff = p + "2.";
+  }
+  src.add(ff + "layer_norm.weight", {d}, t, o.seed, 0.f, 1.0f);
+  if (!sparse) {
+    src.add(ff + "mlp.wi.weight", {c.d_ff, d}, t, o.seed, sd);
+    src.add(ff + "mlp.wo.weight", {d, c.d_ff}, t, o.seed, sf);
+    return;
+  }
+  src.add(ff + "mlp.router.classifier.weight", {c.num_experts, d}, t, o.seed, sd);
+  if (c.router_bias) src.add(ff + "mlp.router.classifier.bias", {c.num_experts}, t, o.seed, 0.f);
+  for (int64_t e = 0; e < c.num_experts; ++e) {
+    const std::string ep = ff + "mlp.experts.expert_" + std::to_string(e) + ".";
+    src.add(ep + "wi.weight", {c.d_ff, d}, t, o.seed, sd);
+    src.add(ep + "wo.weight", {d, c.d_ff}, t, o.seed, sf);
+  }
+}
+
+}  // namespace
+
+std::shared_ptr<TensorSource> make_random_weights(const SwitchConfig& c,
+                                                  const RandomWeightOptions& o) {
+  if (o.dtype != DType::kF32 && o.dtype != DType::kF16 && o.dtype != DType::kBF16) {
+    fail("random weights: dtype ", dtype_name(o.dtype), " unsupported (expected F32, F16 or BF16)");
+  }
+  auto src = std::make_shared<RandomSource>();
+  src->add("shared.weight", {c.vocab_size, c.d_model}, o.dtype, o.seed, 1.0f);
+  for (int64_t i = 0; i < c.num_layers; ++i)
+    add_block(*src, c, "encoder", i, false, c.encoder_block_sparse(i), o);
+  src->add("encoder.final_layer_norm.weight", {c.d_model}, o.dtype, o.seed, 0.f, 1.0f);
+  if (!o.encoder_only) {
+    for (int64_t i = 0; i < c.num_decoder_layers; ++i) {
+      add_block(*src, c, "decoder", i, true, c.decoder_block_sparse(i), o);
+    }
+    src->add("decoder.final_layer_norm.weight", {c.d_model}, o.dtype, o.seed, 0.f, 1.0f);
+  }
+  return src;
+}
+
+SwitchConfig switch_base_config(int64_t num_experts) {
+  SwitchConfig c;
+  c.d_model = 768;
+  c.d_ff = 3072;
+  c.d_kv = 64;
+  c.num_heads = 12;
+  c.num_layers = 12;
+  c.num_decoder_layers = 12;
+  c.num_sparse_encoder_layers = 6;
+  c.num_sparse_decoder_layers = 6;
+  c.num_experts = num_experts;
+  c.expert_capacity = 64;
+  c.derive_and_validate("switch-base-" + std::to_string(num_experts));
+  return c;
+}
+
+SwitchConfig demo_config() {
+  SwitchConfig c = switch_base_config(8);
+  c.d_model = 64;
+  c.d_ff = 256;
+  c.d_kv = 16;
+  c.num_heads = 4;
+  c.encoder_sparse_step = -1;
+  c.decoder_sparse_step = -1;
+  c.derive_and_validate("moetrace-demo");
+  return c;
+}
+
+}  // namespace moetrace

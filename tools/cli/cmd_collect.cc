@@ -1,0 +1,115 @@
+// moetrace collect: batched trace collection into a resumable trace store (docs/TRACE_FORMAT.md).
+#include "collect/collect.h"
+#include "command.h"
+#include "core/error.h"
+
+namespace moetrace::cli {
+namespace {
+
+struct CollectArgs {
+  CollectOptions o;
+  std::string logits = "f16", hidden = "none";
+  std::vector<std::string> data_roots;
+  std::string catalog;
+  bool no_progress = false;
+};
+
+DType parse_store_dtype(const std::string& s, const char* flag) {
+  if (s == "f32") return DType::kF32;
+  if (s == "f16") return DType::kF16;
+  if (s == "bf16") return DType::kBF16;
+  fail(flag, " '", s, "': expected f32, f16 or bf16");
+}
+
+const RegisterCommand reg([](CLI::App& app) {
+  auto a = std::make_shared<CollectArgs>();
+  CollectOptions& o = a->o;
+  CLI::App* sub =
+      app.add_subcommand("collect", "Collect MoE routing traces into a trace store (the main job)");
+  auto* g = "The seed's options";
+  sub->add_option("--traces,-t", o.traces,
+                  "traces to collect; one trace = one (sample, encoder MoE layer)")
+      ->capture_default_str()
+      ->group(g);
+  sub->add_option("--model,-m", o.model,
+                  "model directory or Hub id (offline, from the HF cache); default: the largest "
+                  "google/switch-base-* "
+                  "in the cache, else the built-in demo model ('demo')")
+      ->group(g);
+  sub->add_option("--output,-o", o.output, "trace store directory")
+      ->capture_default_str()
+      ->group(g);
+  sub->add_option("--mode", o.mode, "real | synthetic | mixed")->capture_default_str()->group(g);
+  sub->add_option("--real-ratio", o.real_ratio, "share of real traces in mixed mode")
+      ->capture_default_str()
+      ->group(g);
+  auto* gd = "Data";
+  sub->add_option("--datasets", o.datasets,
+                  "core | maximum | demo | a group | name,name,... (moetrace datasets list); "
+                  "default: core, or demo "
+                  "with the demo model")
+      ->group(gd);
+  sub->add_option("--data-root", a->data_roots,
+                  "folders holding Hub dataset repos (repeatable); the HF cache is searched too")
+      ->group(gd);
+  sub->add_option("--catalog", a->catalog,
+                  "extra dataset spec file (same schema as assets/catalog/datasets.json)")
+      ->group(gd);
+  sub->add_option("--seed", o.seed, "seed of the sampling plan and of synthetic traces")
+      ->capture_default_str()
+      ->group(gd);
+  sub->add_option("--max-length", o.max_length,
+                  "tokens per sample at most (the final </s> is kept)")
+      ->capture_default_str()
+      ->group(gd);
+  auto* ge = "Engine";
+  sub->add_option("--device", o.device, "cpu | cuda")->capture_default_str()->group(ge);
+  sub->add_option("--threads", o.threads, "CPU threads (0 = all cores)")
+      ->capture_default_str()
+      ->group(ge);
+  sub->add_option("--batch-tokens", o.batch_tokens, "batch budget: batch size × padded length")
+      ->capture_default_str()
+      ->group(ge);
+  sub->add_option("--precision", o.precision, "cuda: bf16 | fp16 | fp32 (router always fp32)")
+      ->capture_default_str()
+      ->group(ge);
+  auto* gs = "What to store";
+  sub->add_option("--logits", a->logits, "router logits dtype: f32 | f16 | bf16")
+      ->capture_default_str()
+      ->group(gs);
+  sub->add_option("--hidden", a->hidden, "router input hidden states: none | bf16 | f32")
+      ->capture_default_str()
+      ->group(gs);
+  sub->add_flag("--decoder", o.decoder, "also record decoder routing during greedy generation")
+      ->group(gs);
+  sub->add_option("--max-new-tokens", o.max_new_tokens, "generation steps with --decoder")
+      ->capture_default_str()
+      ->group(gs);
+  sub->add_option("--samples-per-shard", o.samples_per_shard, "samples per shard file")
+      ->capture_default_str()
+      ->group(gs);
+  auto* gr = "Run control";
+  sub->add_flag("--resume", o.resume, "continue an interrupted store with the same settings")
+      ->group(gr);
+  sub->add_flag("--overwrite", o.overwrite, "replace an existing store in --output")->group(gr);
+  sub->add_flag("--no-progress", a->no_progress, "no progress bar or progress lines")->group(gr);
+  sub->callback([a, sub] {
+    CollectOptions opts = a->o;
+    opts.logits_dtype = parse_store_dtype(a->logits, "--logits");
+    if (a->hidden != "none") {
+      opts.hidden_dtype = parse_store_dtype(a->hidden, "--hidden");
+      if (*opts.hidden_dtype == DType::kF16) fail("--hidden 'f16': expected none, bf16 or f32");
+    }
+    for (const auto& r : a->data_roots) opts.data_roots.emplace_back(r);
+    opts.catalog = a->catalog;
+    opts.progress = !a->no_progress;
+    opts.command_line = {"moetrace", "collect"};
+    for (const std::string& arg : sub->remaining_for_passthrough())
+      opts.command_line.push_back(arg);
+    const CollectResult r = run_collect(opts);
+    if (r.interrupted) std::exit(130);
+  });
+});
+
+}  // namespace
+}  // namespace moetrace::cli
