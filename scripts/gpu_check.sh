@@ -118,11 +118,11 @@ endif()
 CMAKE
   t0=$(date +%s)
   set -o pipefail
-  cmake -S $BUILD/src -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release "${cmake_args[@]}" 2>&1 | tee "$OUT/configure.log" | tail -15 || exit 1
+  cmake -S $BUILD/src -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release "${cmake_args[@]}" 2>&1 | tee "$BUILD/configure.log" | tail -15 || exit 1
   targets=(cuda_tests)
   grep -q '^build bench_gpu' $BUILD/build.ninja 2>/dev/null && targets+=(bench_gpu)
-  cmake --build $BUILD -j "$NPROC" --target "${targets[@]}" 2>&1 | tee "$OUT/build.log" | grep -E "error|warning: |FAILED" | head -40
-  [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "BUILD FAILED"; tail -30 "$OUT/build.log"; exit 1; }
+  cmake --build $BUILD -j "$NPROC" --target "${targets[@]}" 2>&1 | tee "$BUILD/build.log" | grep -E "error|warning: |FAILED" | head -40
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "BUILD FAILED"; tail -30 "$BUILD/build.log"; exit 1; }
   echo "== build: $(( $(date +%s) - t0 )) s"
 fi
 
@@ -142,8 +142,8 @@ fi
 if has ncu && [[ -x $BUILD/bench_gpu ]]; then
   # Kernel durations of one 128x256 batch (bench_gpu --ncu brackets it with cudaProfilerStart/Stop).
   ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
-    $BUILD/bench_gpu --ncu >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
-  python3 - "$OUT/ncu.csv" <<'PY' | tee "$OUT/ncu_summary.txt"
+    $BUILD/bench_gpu --ncu >"$BUILD/ncu.csv" 2>"$BUILD/ncu.err"
+  python3 - "$BUILD/ncu.csv" <<'PY' | tee "$OUT/ncu_summary.txt"
 import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 hdr = rows[0]; name_i = hdr.index("Kernel Name"); val_i = hdr.index("Metric Value"); unit_i = hdr.index("Metric Unit")

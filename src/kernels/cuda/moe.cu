@@ -12,7 +12,7 @@
 namespace moetrace::cuda {
 namespace {
 
-constexpr int kRouteThreads = 256;
+constexpr int kRouteThreads = 1024;  // 32 warps: one sequence per block, tokens spread over warps
 constexpr int kMaxSeq = 1024;
 constexpr int kMaxExpertsPerLane = 8;  // E <= 256
 
@@ -126,7 +126,7 @@ __global__ void moe_permute_kernel(const int32_t* expert, const uint8_t* dropped
 
 // ---- grouped GEMM, tensor cores (bf16 / fp16 in, fp32 accumulate) ---------------------------------
 
-constexpr int kBM = kGroupedTileM, kBN = 256, kBK = 32, kStages = 3, kLds = kBK + 8;
+constexpr int kBM = kGroupedTileM, kBN = 256, kBK = 64, kStages = 3, kLds = kBK + 8;
 constexpr int kThreads = 256;  // 8 warps as 2 (M) x 4 (N), each 64 x 64
 constexpr int kAChunks = kBM * kBK / 8 / kThreads;  // 16-byte copies per thread and stage
 constexpr int kBChunks = kBN * kBK / 8 / kThreads;
@@ -212,17 +212,10 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wmma_kernel(
     a_src[c] = A + arow * lda + col;
     a_off[c] = r * kLds + col;
   }
-  const T* b_src[kBChunks];
-  bool b_ok[kBChunks];
-  int b_off[kBChunks];
-#pragma unroll
-  for (int c = 0; c < kBChunks; ++c) {
-    const int chunk = tid + c * kThreads;
-    const int r = chunk / (kBK / 8), col = (chunk % (kBK / 8)) * 8;
-    b_ok[c] = n0 + r < N;
-    b_src[c] = We + static_cast<int64_t>(b_ok[c] ? n0 + r : 0) * K + col;
-    b_off[c] = r * kLds + col;
-  }
+  // B rows of this thread: tid / (kBK/8) + c * kBRowStep, all at column b_col0.
+  constexpr int kBRowStep = kThreads / (kBK / 8);
+  const int b_r0 = tid / (kBK / 8), b_col0 = (tid % (kBK / 8)) * 8;
+  const T* b_base = We + static_cast<int64_t>(n0 + b_r0) * K + b_col0;
   const int k_tiles = (K + kBK - 1) / kBK;
   auto load_stage = [&](int stage, int kt) {
     const int k0 = kt * kBK;
@@ -233,8 +226,9 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wmma_kernel(
     }
 #pragma unroll
     for (int c = 0; c < kBChunks; ++c) {
-      const bool ok = b_ok[c] && k0 + (b_off[c] % kLds) < K;
-      cp_async16(Bs + stage * kBN * kLds + b_off[c], ok ? b_src[c] + k0 : W, ok);
+      const bool ok = n0 + b_r0 + c * kBRowStep < N && k0 + b_col0 < K;
+      cp_async16(Bs + stage * kBN * kLds + (b_r0 + c * kBRowStep) * kLds + b_col0,
+                 ok ? b_base + static_cast<int64_t>(c * kBRowStep) * K + k0 : W, ok);
     }
   };
 
