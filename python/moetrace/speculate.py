@@ -988,6 +988,7 @@ def _pct(v) -> str:
 
 
 def render_markdown(res: dict) -> str:
+    ks = [k for k in KS if k < res["num_experts"]] or [1]  # recall@E and beyond are 100% by definition
     out = ["# moetrace speculate", "",
            f"Store `{res['store']}`, model {res['model']}, {res['num_experts']} experts. Split: "
            f"{json.dumps(res['split'])}. {res['elapsed_s']:.2f} s.", ""]
@@ -1003,11 +1004,11 @@ def render_markdown(res: dict) -> str:
                 f"{st['test']['samples']} samples, {st['test']['tokens']} tokens.", "",
                 "Predictors ranked by top-1 accuracy on held-out samples (token-weighted over the target layers "
                 "each can reach; lookahead = MoE layers ahead, 0 = known before the forward pass):", "",
-                "| rank | predictor | lookahead | targets | " + " | ".join(f"recall@{k}" for k in KS) + " |",
-                "|---|---|---|---|" + "---|" * len(KS)]
+                "| rank | predictor | lookahead | targets | " + " | ".join(f"recall@{k}" for k in ks) + " |",
+                "|---|---|---|---|" + "---|" * len(ks)]
         for r in st["summary"]:
             out.append(f"| {r['rank']} | {r['predictor']} | {r['lookahead']} | {len(r['targets'])} | "
-                       + " | ".join(_pct(r["recall"].get(str(k))) for k in KS) + " |")
+                       + " | ".join(_pct(r["recall"].get(str(k))) for k in ks) + " |")
         out.append("")
         out += ["Per target layer (all datasets; 95% CI of top-1 over samples):", "",
                 "| predictor | lookahead | target | tokens | top-1 | 95% CI | recall@2 | recall@4 |", "|---|---|---|---|---|---|---|---|"]
@@ -1047,8 +1048,9 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
         st = res.get(key)
         if not st:
             continue
-        series = {f"{r['predictor']} (d={r['lookahead']})": [r["recall"].get(str(k)) for k in KS] for r in st["summary"]}
-        files.append(plots.lines(os.path.join(out_dir, f"{key}_recall_at_k.png"), list(KS), series,
+        ks = [k for k in KS if k <= res["num_experts"]]
+        series = {f"{r['predictor']} (d={r['lookahead']})": [r["recall"].get(str(k)) for k in ks] for r in st["summary"]}
+        files.append(plots.lines(os.path.join(out_dir, f"{key}_recall_at_k.png"), ks, series,
                                  f"{key}: recall@k on held-out samples", "k (experts prefetched per layer)",
                                  "recall@k", logx=True, ylim=(0, 1.02)))
         c = st.get("cache")
