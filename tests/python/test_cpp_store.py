@@ -4,9 +4,8 @@ computes for the same token ids.
 Skipped while the CLI is not built (bash scripts/build.sh; MOETRACE_CLI overrides the path) or lacks the
 collect/forward subcommands. Assumes forward takes `input_ids`/`attention_mask` (I32 [B,S]) in
 --inputs and writes the reference fixtures' keys, `encoder_router.{n}.{router_logits, top1, kept,
-max_prob, router_input}` for the n-th sparse encoder layer. Each sample is run alone (B=1, no padding),
-and f32 logits must be bit-exact: a sample's routing must not depend on how collect batched it
-(forward itself gives ~5e-6 different logits for a sample padded in a batch than alone).
+max_prob, router_input}` for the n-th sparse encoder layer. forward runs collect's batch again, and the
+stored values must be bit-exact (F16/BF16: forward's f32 rounded to nearest even).
 """
 
 import os
@@ -21,7 +20,6 @@ from moetrace.safetensors_io import SafetensorsFile
 from conftest import REPO, moetrace_cli, run_module, to_bf16_bits, write_safetensors
 
 MODEL = os.path.join(REPO, "tests", "data", "fixtures", "tiny-a", "model")
-CHECKED_SAMPLES = 8  # forward runs, one per sample (~0.4 s each)
 
 
 def _cli_or_skip(*subcommands):
@@ -41,13 +39,26 @@ def _run(cmd):
     return proc
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny fixture model with a T5 tokenizer beside it (collect needs spiece.model; the fixture
+    has none): links in a temporary directory."""
+    if os.path.isfile(os.path.join(MODEL, "spiece.model")):
+        return MODEL
+    d = tmp_path_factory.mktemp("tiny-a-model")
+    for name in os.listdir(MODEL):
+        os.symlink(os.path.join(MODEL, name), d / name)
+    os.symlink(os.path.join(REPO, "assets", "demo", "spiece.model"), d / "spiece.model")
+    return str(d)
+
+
 @pytest.fixture(scope="module", params=["f32", "f16", "bf16"])
-def collected(request, tmp_path_factory):
+def collected(request, tmp_path_factory, model_dir):
     """(store path, logits dtype) of a 40-trace collection on the tiny fixture model."""
     cli = _cli_or_skip("collect", "forward")
     dtype = request.param
     out = tmp_path_factory.mktemp(f"collect-{dtype}") / "store"
-    _run([cli, "collect", "--model", MODEL, "--datasets", "demo", "--data-root", "assets/demo/data",
+    _run([cli, "collect", "--model", model_dir, "--datasets", "demo", "--data-root", "assets/demo/data",
           "--traces", 40, "--logits", dtype, "--hidden", "f32" if dtype == "f32" else "bf16", "-o", out,
           "--threads", 2])
     return str(out), dtype
@@ -80,38 +91,49 @@ def test_collected_values_equal_forward(collected, tmp_path):
     path, dtype = collected
     cli = moetrace_cli()
     store = moetrace.open_store(path)
-    real = [i for i in range(len(store)) if not store.sample(i).synthetic][:CHECKED_SAMPLES]
-    assert real, "the collection holds no real samples"
-    for i in real:
-        sample = store.sample(i)
-        ids = np.asarray(sample.token_ids, dtype=np.int32)[None, :]
-        inp, out = tmp_path / f"in-{i}.safetensors", tmp_path / f"out-{i}.safetensors"
-        write_safetensors(str(inp), {"input_ids": ids, "attention_mask": np.ones_like(ids)}, {})
-        _run([cli, "forward", "--model", MODEL, "--inputs", inp, "--output", out, "--threads", 2])
-        ref = SafetensorsFile(str(out))
-        for n, block in enumerate(store.encoder_layers):
+    samples = [store.sample(i) for i in range(len(store))]
+    assert samples and not any(s.synthetic for s in samples)
+    # Rebuild collect's one batch (src/collect/collect.cc, make_batches): the samples sorted by length,
+    # longest first (stable), right-padded. The store is small enough to be one window and one batch of
+    # the default --batch-tokens 8192. Padding changes the f32 bits (up to ~5e-6 on these logits), so
+    # only the same batch can be compared bit for bit.
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i]))
+    S = len(samples[order[0]])
+    assert len(samples) * S <= 8192 and sum(len(s) for s in samples) <= 16384, "the store is not one batch"
+    ids = np.zeros((len(order), S), np.int32)
+    mask = np.zeros((len(order), S), np.int32)
+    for b, i in enumerate(order):
+        ids[b, :len(samples[i])] = samples[i].token_ids
+        mask[b, :len(samples[i])] = 1
+    inp, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    write_safetensors(str(inp), {"input_ids": ids, "attention_mask": mask}, {})
+    _run([cli, "forward", "--model", MODEL, "--inputs", inp, "--output", out, "--threads", 2])
+    ref = SafetensorsFile(str(out))
+    for b, i in enumerate(order):
+        sample, n = samples[i], len(samples[i])
+        for k, block in enumerate(store.encoder_layers):
             view = sample.layer(f"enc.{block}")
-            want = np.asarray(ref.tensor(f"encoder_router.{n}.router_logits", float32=True))[0]
-            got = view.router_logits
+            where = f"{sample.sample_id} enc.{block}"
+            want = np.asarray(ref.tensor(f"encoder_router.{k}.router_logits", float32=True))[b, :n]
             if dtype == "f16":
                 want = want.astype(np.float16).astype(np.float32)
             elif dtype == "bf16":
                 want = (to_bf16_bits(want).astype(np.uint32) << 16).view(np.float32)
-            where = f"{sample.sample_id} enc.{block}"
+            got = view.router_logits
             assert got.shape == want.shape, where
             assert got.tobytes() == want.tobytes(), (
                 f"{where}: logits differ from forward's (max |diff| {np.abs(got - want).max():g})")
-            top1 = np.asarray(ref.tensor(f"encoder_router.{n}.top1"))[0]
-            kept = np.asarray(ref.tensor(f"encoder_router.{n}.kept"))[0]
-            assert np.array_equal(view.expert, top1), where
+            assert np.array_equal(view.expert, np.asarray(ref.tensor(f"encoder_router.{k}.top1"))[b, :n]), where
+            kept = np.asarray(ref.tensor(f"encoder_router.{k}.kept"))[b, :n]
             assert np.array_equal(view.dropped, kept == 0), where
-            gate = np.asarray(ref.tensor(f"encoder_router.{n}.max_prob", float32=True))[0].reshape(-1)
-            np.testing.assert_allclose(view.gate, gate, rtol=1e-6, err_msg=where)
-            hidden = np.asarray(ref.tensor(f"encoder_router.{n}.router_input", float32=True))[0]
+            gate = np.asarray(ref.tensor(f"encoder_router.{k}.max_prob", float32=True))[b, :n].reshape(-1)
+            assert view.gate.tobytes() == gate.tobytes(), where
+            hidden = np.asarray(ref.tensor(f"encoder_router.{k}.router_input", float32=True))[b, :n]
             if dtype == "f32":
                 assert view.hidden.tobytes() == hidden.tobytes(), f"{where}: hidden differs from forward's"
             else:
-                assert np.array_equal(view.hidden, (to_bf16_bits(hidden).astype(np.uint32) << 16).view(np.float32)), where
+                want_h = (to_bf16_bits(hidden).astype(np.uint32) << 16).view(np.float32)
+                assert view.hidden.tobytes() == want_h.tobytes(), where
 
 
 def test_collected_store_exports_seed_pickle(collected, tmp_path):
@@ -126,3 +148,41 @@ def test_collected_store_exports_seed_pickle(collected, tmp_path):
     assert len(data) == len(store) * 2 == store.manifest["total_traces"]
     assert data[1]["layer_id"] == 3 and len(data[1]["prev_layer_gates"]) == 1
     assert data[0]["hidden_states"].shape == (data[0]["sequence_length"], 32)
+
+
+@pytest.mark.parametrize("options", [{}, {"logits_dtype": "BF16", "hidden_dtype": "BF16", "dec_layers": (1, 3),
+                                          "synthetic_every": 3},
+                                     {"logits_dtype": "F16", "hidden_dtype": "F32", "num_samples": 9}])
+def test_cpp_verify_accepts_the_test_writers_stores(store_factory, options):
+    """The Python tests' store writer and the C++ reader agree on the format."""
+    cli = _cli_or_skip("verify")
+    path, _ = store_factory(**options)
+    _run([cli, "verify", path])
+
+
+def test_collected_decoder_store_reads_back(model_dir, tmp_path):
+    cli = _cli_or_skip("collect")
+    out = tmp_path / "store"
+    _run([cli, "collect", "--model", model_dir, "--datasets", "demo", "--data-root", "assets/demo/data",
+          "--traces", 12, "--decoder", "--max-new-tokens", 4, "--mode", "mixed", "--samples-per-shard", 2,
+          "-o", out, "--threads", 2, "--no-progress"])
+    store = moetrace.open_store(str(out), verify=True)
+    assert store.decoder_layers == [1, 3] and store.layers == ["enc.1", "enc.3", "dec.1", "dec.3"]
+    assert len(store.shards) > 1
+    for sample in store:
+        g = len(sample.dec_input_ids)
+        if sample.synthetic:  # the model did not run: no generation (collect writes no decoder rows)
+            assert g == 0
+            continue
+        assert 1 <= g <= 4 and sample.dec_input_ids[0] == 0
+        assert np.array_equal(sample.dec_input_ids[1:], sample.dec_output_ids[:-1])
+        for name in ("dec.1", "dec.3"):
+            view = sample.layer(name)
+            assert view.router_logits.shape == (g, 8) and not view.dropped.any()
+            assert np.array_equal(view.expert, view.router_logits.argmax(axis=1))
+    assert {s.synthetic for s in store} == {True, False}
+    summary = run_module("summary", str(out)).stdout.splitlines()
+    assert summary[-1].startswith("manifest check  ok")
+    if re.search(r"^\s+inspect\b", subprocess.run([cli, "--help"], capture_output=True, text=True).stdout, re.M):
+        inspect = _run([cli, "inspect", out]).stdout.splitlines()
+        assert summary[:len(inspect)] == inspect
