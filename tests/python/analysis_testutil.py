@@ -40,6 +40,15 @@ def logits_for(experts: np.ndarray, num_experts: int, rng: np.random.Generator, 
     return lg
 
 
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> BF16 bit patterns (uint16, truncated), as the store keeps BF16 tensors."""
+    return (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     z = np.exp(x - x.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
@@ -85,13 +94,15 @@ def make_store(path: str, *, lengths, experts: dict[str, np.ndarray], num_expert
              "sample_offsets": (offs[s0:s1 + 1] - a).astype(np.int64),
              "sample_kind": kinds[s0:s1]}
         for name in experts:
-            t[f"{name}.router_logits"] = logits[name][a:b].astype(logits_dtype)
+            lg = logits[name][a:b]
+            t[f"{name}.router_logits"] = to_bf16_bits(lg) if logits_dtype == "bf16" else lg.astype(logits_dtype)
             t[f"{name}.expert"] = experts[name][a:b].astype(np.int32)
             dr = dropped[name][a:b] if dropped and name in dropped else np.zeros(b - a)
             t[f"{name}.dropped"] = dr.astype(np.uint8)
             t[f"{name}.gate"] = softmax(logits[name][a:b].astype(np.float32)).max(axis=1).astype(np.float32)
             if hidden and name in hidden:
-                t[f"{name}.hidden"] = hidden[name][a:b].astype(np.float32)
+                h = hidden[name][a:b]  # uint16 arrays are kept as BF16 bits
+                t[f"{name}.hidden"] = h if h.dtype == np.uint16 else h.astype(np.float32)
         ndec = 0
         if dec_experts:
             da, db = int(doffs[s0]), int(doffs[s1])

@@ -321,3 +321,19 @@ def test_token_counts_dense_then_sparse(monkeypatch):
     keys, counts = tc.finish()
     ref_k, ref_c = np.unique(parts[0], return_counts=True)
     assert np.array_equal(keys, ref_k) and np.array_equal(counts, ref_c)
+
+
+def test_bf16_logits(tmp_path):
+    from analysis_testutil import from_bf16_bits, to_bf16_bits
+    rng = np.random.default_rng(21)
+    t = 20 * 12
+    lg = (rng.normal(size=(t, E)) * 3).astype(np.float32)
+    wide = from_bf16_bits(to_bf16_bits(lg)).astype(np.float64)
+    ex = wide.argmax(axis=1).astype(np.int32)
+    s = run(tmp_path, lengths=[12] * 20, experts={"enc.1": ex}, logits={"enc.1": lg}, logits_dtype="bf16",
+            num_experts=E)
+    pl = s["encoder"]["per_layer"]["enc.1"]
+    lse = np.log(np.exp(wide).sum(axis=1))
+    assert pl["z_loss"] == pytest.approx(np.mean(lse ** 2), rel=1e-5)
+    srt = np.sort(wide, axis=1)
+    assert pl["margin"]["mean"] == pytest.approx(np.mean(srt[:, -1] - srt[:, -2]), rel=1e-5)

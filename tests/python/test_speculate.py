@@ -378,3 +378,19 @@ def test_tiny_stores_do_not_break(tmp_path, n, layers):
     assert analysis.main([path, "-o", str(tmp_path / "a"), "-q"]) == 0
     stats = json.loads((tmp_path / "a" / "stats.json").read_text())
     assert stats["encoder"]["transitions"] == [] or len(layers) > 1
+
+
+def test_pregate_on_bf16_hidden_states(tmp_path):
+    from analysis_testutil import from_bf16_bits, to_bf16_bits
+    n, length, d = 30, 10, 16
+    rng = np.random.default_rng(15)
+    bits = to_bf16_bits(rng.normal(size=(n * length, d)).astype(np.float32))
+    h = from_bf16_bits(bits)
+    w = {i: rng.normal(size=(E, d)).astype(np.float32) for i in (1, 3)}
+    experts = {f"enc.{i}": (h @ w[i].T).argmax(1) for i in (1, 3)}
+    path = make_store(str(tmp_path / "s"), lengths=[length] * n, experts=experts, num_experts=E, d_model=d,
+                      hidden={"enc.1": bits, "enc.3": bits}, token_ids=random_tokens(n * length))
+    routers = str(tmp_path / "r.safetensors")
+    write_safetensors(routers, {f"enc.{i}.router.weight": w[i] for i in w}, {})
+    res = speculate.speculate_store(open_store(path), opts(predictors=("pregate",), routers=routers, simulate=False))
+    assert [r["top1"] for r in cells(res, "pregate", 1)] == [1.0]
