@@ -365,7 +365,7 @@ class StackAnalysis:
         self.layers = layers
         self.e = num_experts
         self.acc: dict[str, dict[str, LayerAcc]] = {name: {} for name in layers}  # layer -> dataset -> acc
-        self.trans = [np.zeros((num_experts, num_experts), np.int64) for _ in layers[1:]]
+        self.trans: list[dict[str, np.ndarray]] = [{} for _ in layers[1:]]  # per pair: dataset -> [E, E]
         self.token_counts = {name: TokenCounts() for name in layers} if token_stats else None
         self.ds_tokens: dict[str, int] = {}
 
@@ -401,7 +401,10 @@ class StackAnalysis:
                 acc.tokens += int(tokens[k])
                 acc.dropped += int(round(dropped[k]))
             if prev is not None:
-                self.trans[li - 1] += np.bincount(prev * e + expert, minlength=e * e).reshape(e, e)
+                joint = np.bincount((g_all * e + prev) * e + expert, minlength=ng * e * e).reshape(ng, e, e)
+                for k, d in enumerate(names):
+                    tr = self.trans[li - 1]
+                    tr[d] = tr[d] + joint[k] if d in tr else joint[k]
             prev = expert
             if self.token_counts is not None:
                 self.token_counts[name].add(tok_keys + expert)
@@ -468,9 +471,14 @@ class StackAnalysis:
             a, b = self.layers[li - 1], self.layers[li]
             if a not in per_layer or b not in per_layer:
                 continue
-            j = self.trans[li - 1]
+            by_ds = self.trans[li - 1]
+            if not by_ds:
+                continue
+            j = sum(by_ds.values())
             t = {"from": a, "to": b, **joint_stats(j), "topk_accuracy": table_topk_accuracy(j),
-                 "counts": j.tolist()}
+                 "counts": j.tolist(),
+                 "per_dataset": {d: {**joint_stats(m), "topk_accuracy": table_topk_accuracy(m)}
+                                 for d, m in sorted(by_ds.items())}}
             transitions.append(t)
         datasets = sorted(self.ds_tokens)
         divergence = {"datasets": datasets, "per_layer": {}, "mean_over_layers": None, "overall": None}

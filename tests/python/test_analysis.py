@@ -231,6 +231,13 @@ def test_random_store_against_direct(random_store, monkeypatch):
     h_cond = -sum(j[x, y] / n * math.log2(j[x, y] / j[x].sum()) for x in range(E) for y in range(E) if j[x, y])
     assert tr["conditional_entropy_bits"] == pytest.approx(h_cond)
     assert tr["topk_accuracy"]["1"] == pytest.approx(j.max(axis=1).sum() / n)
+    for ds in set(d["datasets"]):  # the same per dataset
+        m = tok_ds == ds
+        jd = np.zeros((E, E))
+        np.add.at(jd, (a[m], b[m]), 1)
+        ref = analysis.joint_stats(jd)
+        assert tr["per_dataset"][ds]["mutual_information_bits"] == pytest.approx(ref["mutual_information_bits"])
+        assert tr["per_dataset"][ds]["topk_accuracy"]["1"] == pytest.approx(jd.max(axis=1).sum() / m.sum())
     overall = np.sum([np.bincount(v, minlength=E) for v in d["experts"].values()], axis=0)
     assert s["encoder"]["overall"]["expert_counts"] == overall.tolist()
     # examples: seeded, and the paths are the stored experts
