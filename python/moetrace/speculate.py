@@ -928,9 +928,15 @@ def speculate_store(store, opt: Options, progress=None) -> dict:
     t0 = time.perf_counter()
     ds_names = sorted({d for s in store.shards if s.num_samples for d in s.metadata["datasets"]})
     unavailable: dict = {}
+    specs = [StackSpec("encoder", [f"enc.{i}" for i in store.encoder_layers], "sample_offsets", "token_ids")]
+    if store.decoder_layers:
+        specs.append(StackSpec("decoder", [f"dec.{i}" for i in store.decoder_layers], "dec.sample_offsets",
+                               "dec.input_ids"))
+    specs = [s for s in specs if s.layers]
     routers_path = opt.routers
     tmpdir = None
-    if "pregate" in opt.predictors and routers_path is None:
+    want_routers = "pregate" in opt.predictors and any(stack_has_hidden(store, s) for s in specs)
+    if want_routers and routers_path is None:
         model = opt.model or model_dir_of(store.manifest)
         if model is None:
             unavailable["routers"] = "no router weights: pass --routers FILE (from `moetrace routers`) or --model DIR"
@@ -943,13 +949,7 @@ def speculate_store(store, opt: Options, progress=None) -> dict:
                 unavailable["routers"] = str(e)
                 routers_path = None
     stacks = {}
-    specs = [StackSpec("encoder", [f"enc.{i}" for i in store.encoder_layers], "sample_offsets", "token_ids")]
-    if store.decoder_layers:
-        specs.append(StackSpec("decoder", [f"dec.{i}" for i in store.decoder_layers], "dec.sample_offsets",
-                               "dec.input_ids"))
     for spec in specs:
-        if not spec.layers:
-            continue
         routers = None
         if routers_path is not None and stack_has_hidden(store, spec):
             from .errors import StoreError
@@ -960,9 +960,11 @@ def speculate_store(store, opt: Options, progress=None) -> dict:
         stacks[spec.key] = run_stack(store, spec, opt, routers, progress, ds_names, unavailable)
     if tmpdir is not None:
         tmpdir.cleanup()
-    for k in list(unavailable):
-        if k == "routers" and any(x.endswith("/pregate") for x in unavailable):
-            del unavailable[k]
+    if "routers" in unavailable:  # say it once per stack that could have used them
+        reason = unavailable.pop("routers")
+        for spec in specs:
+            if stack_has_hidden(store, spec):
+                unavailable.setdefault(f"{spec.key}/pregate", reason)
     elapsed = time.perf_counter() - t0
     tokens = sum(s["train"]["tokens"] + s["test"]["tokens"] for s in stacks.values())
     return {

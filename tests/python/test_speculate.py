@@ -298,7 +298,7 @@ def test_cli_end_to_end(tmp_path):
     assert rc == 0
     res = json.loads((out / "speculation.json").read_text())
     assert res["encoder"]["cache"]["cache_sizes"][0] >= 1
-    assert "encoder/pregate" in res["unavailable"] or "routers" in res["unavailable"]
+    assert "encoder/pregate" in res["unavailable"]
     md = (out / "speculation.md").read_text()
     assert "| rank | predictor" in md
     assert png_size(out / "encoder_recall_at_k.png") == (1000, 450)
@@ -394,3 +394,14 @@ def test_pregate_on_bf16_hidden_states(tmp_path):
     write_safetensors(routers, {f"enc.{i}.router.weight": w[i] for i in w}, {})
     res = speculate.speculate_store(open_store(path), opts(predictors=("pregate",), routers=routers, simulate=False))
     assert [r["top1"] for r in cells(res, "pregate", 1)] == [1.0]
+
+
+def test_pregate_reports_failed_router_extraction(tmp_path, monkeypatch):
+    rng = np.random.default_rng(16)
+    h = rng.normal(size=(40, 8)).astype(np.float32)
+    path = make_store(str(tmp_path / "s"), lengths=[4] * 10, experts={"enc.1": h.argmax(1) % E, "enc.3": h.argmax(1) % E},
+                      num_experts=E, d_model=8, hidden={"enc.1": h, "enc.3": h})
+    monkeypatch.setenv("MOETRACE_EXE", str(tmp_path / "no-such-moetrace"))
+    res = speculate.speculate_store(open_store(path), opts(predictors=("pregate",), model=str(tmp_path), simulate=False))
+    assert set(res["unavailable"]) == {"encoder/pregate"}
+    assert "no-such-moetrace" in res["unavailable"]["encoder/pregate"] or "No such file" in res["unavailable"]["encoder/pregate"]
