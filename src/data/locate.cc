@@ -1,0 +1,138 @@
+#include "data/locate.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <fstream>
+#include <system_error>
+
+#include "data/records.h"
+
+namespace moetrace::data {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+bool is_dir(const fs::path& p) {
+  std::error_code ec;
+  return fs::is_directory(p, ec);
+}
+
+bool is_data_file(const fs::path& p) {
+  std::error_code ec;
+  return fs::is_regular_file(p, ec) && format_from_name(p) != Format::kAuto;
+}
+
+std::vector<std::string> split_aliases(const std::string& split) {
+  std::vector<std::string> out{split};
+  if (split == "validation") out.insert(out.end(), {"valid", "val", "dev"});
+  if (split == "validation_matched") out.push_back("dev_matched");
+  if (split == "validation_mismatched") out.push_back("dev_mismatched");
+  return out;
+}
+
+std::vector<fs::path> sorted_files_in(const fs::path& dir) {
+  std::vector<fs::path> out;
+  std::error_code ec;
+  for (const auto& e : fs::recursive_directory_iterator(dir, ec)) {
+    if (is_data_file(e.path())) out.push_back(e.path());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+}  // namespace
+
+std::vector<fs::path> hf_cache_dirs() {
+  std::vector<fs::path> out;
+  if (const char* v = std::getenv("HF_HUB_CACHE"); v && *v) {
+    out.emplace_back(v);
+  } else if (const char* h = std::getenv("HF_HOME"); h && *h) {
+    out.push_back(fs::path(h) / "hub");
+  } else if (const char* home = std::getenv("HOME"); home && *home) {
+    out.push_back(fs::path(home) / ".cache/huggingface/hub");
+  }
+  std::erase_if(out, [](const fs::path& p) { return !is_dir(p); });
+  return out;
+}
+
+std::vector<fs::path> repo_dirs(const fs::path& root, const std::string& hub) {
+  std::vector<fs::path> out;
+  const size_t slash = hub.find('/');
+  const std::string name = slash == std::string::npos ? hub : hub.substr(slash + 1);
+  for (const fs::path& p : {root / hub, root / name}) {
+    if (is_dir(p) && std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
+  }
+  const std::string cache_name =
+      "datasets--" + (slash == std::string::npos ? hub : hub.substr(0, slash) + "--" + name);
+  const fs::path cached = root / cache_name;
+  if (is_dir(cached / "snapshots")) {
+    std::string rev;
+    std::ifstream ref(cached / "refs/main");
+    if (ref) std::getline(ref, rev);
+    if (!rev.empty() && is_dir(cached / "snapshots" / rev)) {
+      out.push_back(cached / "snapshots" / rev);
+    } else {
+      // No usable ref: the most recently written snapshot.
+      fs::path best;
+      fs::file_time_type best_time{};
+      std::error_code ec;
+      for (const auto& e : fs::directory_iterator(cached / "snapshots", ec)) {
+        auto t = fs::last_write_time(e.path(), ec);
+        if (is_dir(e.path()) && (best.empty() || t > best_time)) {
+          best = e.path();
+          best_time = t;
+        }
+      }
+      if (!best.empty()) out.push_back(best);
+    }
+  }
+  return out;
+}
+
+std::vector<fs::path> split_files(const fs::path& repo_dir, const std::string& config,
+                                  const std::string& split) {
+  std::vector<fs::path> dirs;
+  if (!config.empty()) {
+    dirs.push_back(repo_dir / config);
+    dirs.push_back(repo_dir / "data" / config);
+  }
+  dirs.push_back(repo_dir / "data");
+  dirs.push_back(repo_dir);
+  for (const auto& dir : dirs) {
+    if (!is_dir(dir)) continue;
+    for (const auto& alias : split_aliases(split)) {
+      std::vector<fs::path> found;
+      if (is_dir(dir / alias)) found = sorted_files_in(dir / alias);
+      std::error_code ec;
+      for (const auto& e : fs::directory_iterator(dir, ec)) {
+        if (!is_data_file(e.path())) continue;
+        std::string file = e.path().filename().string();
+        std::string stem = file.substr(0, file.find('.'));
+        if (stem == alias || stem.starts_with(alias + "-")) found.push_back(e.path());
+      }
+      if (!found.empty()) {
+        std::sort(found.begin(), found.end());
+        return found;
+      }
+    }
+  }
+  return {};
+}
+
+std::optional<LocatedDataset> locate(const DatasetSpec& spec, const std::vector<fs::path>& roots,
+                                     bool search_hf_cache) {
+  std::vector<fs::path> all = roots;
+  if (search_hf_cache) {
+    for (const auto& c : hf_cache_dirs()) all.push_back(c);
+  }
+  for (const auto& root : all) {
+    for (const auto& repo : repo_dirs(root, spec.hub)) {
+      auto files = split_files(repo, spec.config, spec.split);
+      if (!files.empty()) return LocatedDataset{repo, std::move(files)};
+    }
+  }
+  return std::nullopt;
+}
+
+}  // namespace moetrace::data
