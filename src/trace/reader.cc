@@ -84,23 +84,12 @@ LayerRecordOwned read_layer(const SafetensorsFile& f, const trace::Layout& layou
   const size_t e = static_cast<size_t>(layout.num_experts);
   const size_t d = static_cast<size_t>(layout.d_model);
   const size_t r0 = static_cast<size_t>(row0);
-  const TensorView& logits = f.find(prefix + "router_logits")->view;
-  l.router_logits.resize(n * e);
-  convert_to_f32(logits.dtype,
-                 static_cast<const uint8_t*>(logits.data) + r0 * e * dtype_size(logits.dtype),
-                 l.router_logits.data(), n * e);
-  const int32_t* ex = f.find(prefix + "expert")->view.as<int32_t>() + r0;
-  l.expert.assign(ex, ex + n);
-  const uint8_t* dr = f.find(prefix + "dropped")->view.as<uint8_t>() + r0;
-  l.dropped.assign(dr, dr + n);
-  const float* g = f.find(prefix + "gate")->view.as<float>() + r0;
-  l.gate.assign(g, g + n);
-  if (layout.hidden_dtype) {
-    const TensorView& h = f.find(prefix + "hidden")->view;
-    l.hidden.resize(n * d);
-    convert_to_f32(h.dtype, static_cast<const uint8_t*>(h.data) + r0 * d * dtype_size(h.dtype),
-                   l.hidden.data(), n * d);
-  }
+  auto view = [&](const char* name) -> const TensorView& { return f.find(prefix + name)->view; };
+  l.router_logits = trace::read_f32_rows(view("router_logits"), r0, n, e);
+  l.expert = trace::read_elems<int32_t>(view("expert"), r0, n);
+  l.dropped = trace::read_elems<uint8_t>(view("dropped"), r0, n);
+  l.gate = trace::read_elems<float>(view("gate"), r0, n);
+  if (layout.hidden_dtype) l.hidden = trace::read_f32_rows(view("hidden"), r0, n, d);
   return l;
 }
 
@@ -124,21 +113,22 @@ SampleRecordOwned TraceStore::sample(int64_t i) const {
   s.sample_id = loaded->meta.sample_ids[j];
   s.dataset = loaded->meta.datasets[j];
   s.row = loaded->meta.rows[j];
-  s.synthetic = f.find("sample_kind")->view.as<uint8_t>()[j] != 0;
-  const int64_t* off = f.find("sample_offsets")->view.as<int64_t>();
-  const int64_t t0 = off[j], t1 = off[j + 1];
-  const int32_t* tok = f.find("token_ids")->view.as<int32_t>();
-  s.token_ids.assign(tok + t0, tok + t1);
+  auto view = [&](const char* name) -> const TensorView& { return f.find(name)->view; };
+  s.synthetic = trace::read_elems<uint8_t>(view("sample_kind"), j, 1)[0] != 0;
+  const std::vector<int64_t> off = trace::read_elems<int64_t>(view("sample_offsets"), j, 2);
+  const int64_t t0 = off[0], t1 = off[1];
+  s.token_ids = trace::read_elems<int32_t>(view("token_ids"), static_cast<size_t>(t0),
+                                           static_cast<size_t>(t1 - t0));
   for (int b : st.layout.enc_layers) {
     s.enc.push_back(read_layer(f, st.layout, trace::layer_key(false, b) + ".", t0, t1 - t0));
   }
   if (st.layout.decoder) {
-    const int64_t* doff = f.find("dec.sample_offsets")->view.as<int64_t>();
-    const int64_t g0 = doff[j], g1 = doff[j + 1];
-    const int32_t* in = f.find("dec.input_ids")->view.as<int32_t>();
-    const int32_t* out = f.find("dec.output_ids")->view.as<int32_t>();
-    s.dec_input_ids.assign(in + g0, in + g1);
-    s.dec_output_ids.assign(out + g0, out + g1);
+    const std::vector<int64_t> doff = trace::read_elems<int64_t>(view("dec.sample_offsets"), j, 2);
+    const int64_t g0 = doff[0], g1 = doff[1];
+    const size_t g = static_cast<size_t>(g1 - g0);
+    s.dec_input_ids = trace::read_elems<int32_t>(view("dec.input_ids"), static_cast<size_t>(g0), g);
+    s.dec_output_ids =
+        trace::read_elems<int32_t>(view("dec.output_ids"), static_cast<size_t>(g0), g);
     for (int b : st.layout.dec_layers) {
       s.dec.push_back(read_layer(f, st.layout, trace::layer_key(true, b) + ".", g0, g1 - g0));
     }

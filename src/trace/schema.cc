@@ -283,8 +283,9 @@ const NamedView& expect_tensor(const SafetensorsFile& f, const std::string& name
 }
 
 // [n+1] offsets: 0 at the start, non-decreasing, ending at total.
-void check_offsets(const SafetensorsFile& f, const std::string& name, const int64_t* off, int64_t n,
-                   int64_t total) {
+void check_offsets(const SafetensorsFile& f, const std::string& name, const TensorView& v,
+                   int64_t n, int64_t total) {
+  const std::vector<int64_t> off = read_elems<int64_t>(v, 0, static_cast<size_t>(n) + 1);
   if (off[0] != 0) fail(f.path().string(), ": ", name, "[0] is ", off[0], ", expected 0");
   for (int64_t k = 0; k < n; ++k) {
     if (off[k + 1] < off[k]) {
@@ -308,8 +309,8 @@ void check_layer(const SafetensorsFile& f, const Layout& layout, bool dec, int b
   if (layout.hidden_dtype) {
     expect_tensor(f, p + "hidden", *layout.hidden_dtype, {rows, layout.d_model}, seen);
   }
-  const int32_t* e = expert.view.as<int32_t>();
-  const uint8_t* d = dropped.view.as<uint8_t>();
+  const std::vector<int32_t> e = read_elems<int32_t>(expert.view, 0, static_cast<size_t>(rows));
+  const std::vector<uint8_t> d = read_elems<uint8_t>(dropped.view, 0, static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     if (e[r] < 0 || e[r] >= layout.num_experts) {
       fail(f.path().string(), ": ", p, "expert[", r, "] = ", e[r], " is outside [0, ",
@@ -318,7 +319,7 @@ void check_layer(const SafetensorsFile& f, const Layout& layout, bool dec, int b
     if (d[r] > 1)
       fail(f.path().string(), ": ", p, "dropped[", r, "] = ", int{d[r]}, " is not 0 or 1");
   }
-  count_rows(stats, e, d, rows);
+  count_rows(stats, e.data(), d.data(), rows);
 }
 
 }  // namespace
@@ -353,7 +354,7 @@ Stats check_shard(const SafetensorsFile& f, const Layout& layout, int64_t expect
   expect_tensor(f, "token_ids", DType::kI32, {t}, &seen);
   const auto& offsets = expect_tensor(f, "sample_offsets", DType::kI64, {n + 1}, &seen);
   const auto& kind = expect_tensor(f, "sample_kind", DType::kU8, {n}, &seen);
-  check_offsets(f, "sample_offsets", offsets.view.as<int64_t>(), n, t);
+  check_offsets(f, "sample_offsets", offsets.view, n, t);
   for (int64_t k = 0; k < n; ++k) {
     if (kind.view.as<uint8_t>()[k] > 1) fail(what, ": sample_kind[", k, "] is not 0 or 1");
   }
@@ -389,7 +390,7 @@ Stats check_shard(const SafetensorsFile& f, const Layout& layout, int64_t expect
     expect_tensor(f, "dec.input_ids", DType::kI32, {g}, &seen);
     expect_tensor(f, "dec.output_ids", DType::kI32, {g}, &seen);
     const auto& dec_off = expect_tensor(f, "dec.sample_offsets", DType::kI64, {n + 1}, &seen);
-    check_offsets(f, "dec.sample_offsets", dec_off.view.as<int64_t>(), n, g);
+    check_offsets(f, "dec.sample_offsets", dec_off.view, n, g);
     s.num_decoder_tokens = g;
     for (int b : layout.dec_layers)
       check_layer(f, layout, true, b, g, &seen, &s.layers[layer_key(true, b)]);
@@ -399,6 +400,17 @@ Stats check_shard(const SafetensorsFile& f, const Layout& layout, int64_t expect
   }
   if (meta_out != nullptr) *meta_out = std::move(meta);
   return s;
+}
+
+std::vector<float> read_f32_rows(const TensorView& v, size_t row0, size_t rows, size_t width) {
+  std::vector<float> out(rows * width);
+  if (v.dtype == DType::kF32) {
+    out = read_elems<float>(v, row0 * width, rows * width);
+  } else {
+    const std::vector<uint16_t> raw = read_elems<uint16_t>(v, row0 * width, rows * width);
+    convert_to_f32(v.dtype, raw.data(), out.data(), raw.size());
+  }
+  return out;
 }
 
 void fsync_file(const fs::path& path) {

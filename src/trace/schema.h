@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -90,6 +91,18 @@ struct ShardMeta {
 // problem. meta (optional) receives the parsed metadata.
 Stats check_shard(const SafetensorsFile& f, const Layout& layout, int64_t expected_first_sample,
                   ShardMeta* meta);
+
+// Elements [begin, begin + n) of a tensor as T. Tensors of a shard may sit at any byte offset
+// (safetensors packs them without padding), so typed reads copy instead of casting the pointer.
+template <class T>
+std::vector<T> read_elems(const TensorView& v, size_t begin, size_t n) {
+  std::vector<T> out(n);
+  if (n > 0)
+    std::memcpy(out.data(), static_cast<const uint8_t*>(v.data) + begin * sizeof(T), n * sizeof(T));
+  return out;
+}
+// n * width elements of an F32, F16 or BF16 tensor from row row0 on, widened to fp32.
+std::vector<float> read_f32_rows(const TensorView& v, size_t row0, size_t rows, size_t width);
 
 // Writes bytes to dir/.tmp-<name>, fsyncs it, renames it to dir/<name> and fsyncs dir.
 void atomic_write_file(const std::filesystem::path& dir, const std::string& name,
