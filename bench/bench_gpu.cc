@@ -2,10 +2,13 @@
 // encoder through the capture pipeline (router logits fp16 + experts + drops to pinned host memory,
 // a writer thread copying every batch out as a store would), per shape:
 //   1x128, 32x256, 128x256 (random ids) and the real-text mix (the file bench/hf_switch_bench.py
-//   --write-mix writes: one sample per line, T5 ids), 128 samples per batch after sorting by length.
+//   --write-mix writes: one sample per line, T5 ids), 128 samples per batch after sorting by
+//   length.
 // Also: the bf16 matrix-product ceiling of this GPU (cuBLASLt 8192³), the achieved fraction of it,
 // GPU memory, and with --parity N the bf16-vs-CPU-fp32 routing comparison on N real samples.
 // Prints a table; --json writes everything with the date and the GPU.
+#include <cuda_profiler_api.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -16,15 +19,13 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <numeric>
 #include <random>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <cuda_profiler_api.h>
-#include <nlohmann/json.hpp>
 
 #include "bench_util.h"
 #include "core/error.h"
@@ -56,24 +57,33 @@ Args parse(int argc, char** argv) {
       if (i + 1 >= argc) fail("bench_gpu: ", k, " needs a value");
       return argv[++i];
     };
-    if (k == "--experts") a.experts = std::stoll(val());
+    if (k == "--experts")
+      a.experts = std::stoll(val());
     else if (k == "--precision") {
       const std::string p = val();
       a.precision = p == "f32" ? DType::kF32 : p == "f16" ? DType::kF16 : DType::kBF16;
-    } else if (k == "--json") a.json = val();
-    else if (k == "--mix") a.mix = val();
-    else if (k == "--shapes") a.shapes = val();
-    else if (k == "--budget") a.budget = std::stod(val());
-    else if (k == "--parity") a.parity = std::stoi(val());
-    else if (k == "--ncu") a.ncu = true;
-    else fail("bench_gpu: unknown option ", k);
+    } else if (k == "--json")
+      a.json = val();
+    else if (k == "--mix")
+      a.mix = val();
+    else if (k == "--shapes")
+      a.shapes = val();
+    else if (k == "--budget")
+      a.budget = std::stod(val());
+    else if (k == "--parity")
+      a.parity = std::stoi(val());
+    else if (k == "--ncu")
+      a.ncu = true;
+    else
+      fail("bench_gpu: unknown option ", k);
   }
   return a;
 }
 
 std::vector<std::vector<int32_t>> read_mix(const std::string& path) {
   std::ifstream in(path);
-  if (!in) fail(path, ": cannot open the mix file (write it with bench/hf_switch_bench.py --write-mix)");
+  if (!in)
+    fail(path, ": cannot open the mix file (write it with bench/hf_switch_bench.py --write-mix)");
   std::vector<std::vector<int32_t>> out;
   std::string line;
   while (std::getline(in, line)) {
@@ -89,7 +99,8 @@ std::vector<std::vector<int32_t>> read_mix(const std::string& path) {
 Batch pad_batch(const std::vector<std::vector<int32_t>>& samples, size_t begin, size_t end) {
   Batch b;
   b.B = static_cast<int64_t>(end - begin);
-  for (size_t i = begin; i < end; ++i) b.S = std::max<int64_t>(b.S, static_cast<int64_t>(samples[i].size()));
+  for (size_t i = begin; i < end; ++i)
+    b.S = std::max<int64_t>(b.S, static_cast<int64_t>(samples[i].size()));
   for (size_t i = begin; i < end; ++i) {
     for (int64_t s = 0; s < b.S; ++s) {
       const bool real = s < static_cast<int64_t>(samples[i].size());
@@ -101,10 +112,12 @@ Batch pad_batch(const std::vector<std::vector<int32_t>>& samples, size_t begin, 
 }
 
 std::vector<Batch> mix_batches(std::vector<std::vector<int32_t>> samples, int64_t per_batch) {
-  std::stable_sort(samples.begin(), samples.end(), [](const auto& a, const auto& b) { return a.size() < b.size(); });
+  std::stable_sort(samples.begin(), samples.end(),
+                   [](const auto& a, const auto& b) { return a.size() < b.size(); });
   std::vector<Batch> out;
   for (size_t i = 0; i < samples.size(); i += static_cast<size_t>(per_batch))
-    out.push_back(pad_batch(samples, i, std::min(samples.size(), i + static_cast<size_t>(per_batch))));
+    out.push_back(
+        pad_batch(samples, i, std::min(samples.size(), i + static_cast<size_t>(per_batch))));
   return out;
 }
 
@@ -160,7 +173,8 @@ class Writer {
         for (const auto& [k, v] : b->tensors) {
           const size_t per = v.nbytes() / static_cast<size_t>(b->B);
           sample.resize(per);
-          std::memcpy(sample.data(), static_cast<const uint8_t*>(v.data) + per * static_cast<size_t>(i), per);
+          std::memcpy(sample.data(),
+                      static_cast<const uint8_t*>(v.data) + per * static_cast<size_t>(i), per);
           bytes_ += per;
         }
     }
@@ -231,18 +245,20 @@ size_t gpu_used_bytes() {
   return total_b - free_b;
 }
 
-nlohmann::json parity(const SwitchConfig& c, std::shared_ptr<TensorSource> src, CudaSwitchModel& gpu,
-                      const std::vector<std::vector<int32_t>>& mix, int n) {
+nlohmann::json parity(const SwitchConfig& c, std::shared_ptr<TensorSource> src,
+                      CudaSwitchModel& gpu, const std::vector<std::vector<int32_t>>& mix, int n) {
   // One padded batch of n real samples spread over the mix.
   std::vector<std::vector<int32_t>> picked;
-  for (int i = 0; i < n; ++i) picked.push_back(mix[static_cast<size_t>(i) * mix.size() / static_cast<size_t>(n)]);
+  for (int i = 0; i < n; ++i)
+    picked.push_back(mix[static_cast<size_t>(i) * mix.size() / static_cast<size_t>(n)]);
   const Batch batch = pad_batch(picked, 0, picked.size());
   const double t0 = bench::now_s();
   LoadOptions lo{true};
   lo.f32_expert_budget_bytes = size_t{64} << 30;
   auto cpu = SwitchModel::from_source(c, src, lo);
   auto filter = [](std::string_view k) {
-    return k.find("router_logits") != std::string_view::npos || k.find("expert") != std::string_view::npos;
+    return k.find("router_logits") != std::string_view::npos ||
+           k.find("expert") != std::string_view::npos;
   };
   RecordingObserver want(filter), got(filter);
   cpu->encode(batch, &want);
@@ -274,33 +290,44 @@ nlohmann::json parity(const SwitchConfig& c, std::shared_ptr<TensorSource> src, 
       const double margin = sorted[0] - sorted[1];
       all_margins.push_back(margin);
       ++lt;
-      if (we[t] == ge[t]) ++la;
-      else margins.push_back(margin);
+      if (we[t] == ge[t])
+        ++la;
+      else
+        margins.push_back(margin);
     }
     agree += la;
     total += lt;
-    layers.push_back({{"block", blk}, {"logits_rel_err", std::sqrt(num / den)},
+    layers.push_back({{"block", blk},
+                      {"logits_rel_err", std::sqrt(num / den)},
                       {"top1_agreement", static_cast<double>(la) / static_cast<double>(lt)}});
   }
   std::sort(margins.begin(), margins.end());
   std::sort(all_margins.begin(), all_margins.end());
-  auto q = [](const std::vector<double>& v, double p) { return v.empty() ? 0.0 : v[static_cast<size_t>(p * (v.size() - 1))]; };
-  std::printf("\nparity bf16 GPU vs fp32 CPU: %d samples, %lld real tokens x %zu layers (CPU %.1f s)\n", n,
-              static_cast<long long>(total / static_cast<int64_t>(layers.size())), layers.size(), cpu_s);
+  auto q = [](const std::vector<double>& v, double p) {
+    return v.empty() ? 0.0 : v[static_cast<size_t>(p * (v.size() - 1))];
+  };
+  std::printf(
+      "\nparity bf16 GPU vs fp32 CPU: %d samples, %lld real tokens x %zu layers (CPU %.1f s)\n", n,
+      static_cast<long long>(total / static_cast<int64_t>(layers.size())), layers.size(), cpu_s);
   for (const auto& l : layers)
     std::printf("  block %2d  logits rel err %.2e  top-1 agreement %.4f\n", l["block"].get<int>(),
                 l["logits_rel_err"].get<double>(), l["top1_agreement"].get<double>());
-  std::printf("  overall top-1 agreement %.5f; %zu disagreements; their CPU top-2 margin: max %.4f, median %.4f "
-              "(all tokens: median %.4f, 1%% quantile %.4f)\n",
-              static_cast<double>(agree) / static_cast<double>(total), margins.size(),
-              margins.empty() ? 0.0 : margins.back(), q(margins, 0.5), q(all_margins, 0.5), q(all_margins, 0.01));
-  return {{"samples", n},
-          {"real_tokens_per_layer", total / static_cast<int64_t>(layers.size())},
-          {"layers", layers},
-          {"top1_agreement", static_cast<double>(agree) / static_cast<double>(total)},
-          {"disagreement_margins", margins},
-          {"margin_quantiles_all", {{"q01", q(all_margins, 0.01)}, {"q10", q(all_margins, 0.1)}, {"q50", q(all_margins, 0.5)}}},
-          {"cpu_seconds", cpu_s}};
+  std::printf(
+      "  overall top-1 agreement %.5f; %zu disagreements; their CPU top-2 margin: max %.4f, median "
+      "%.4f "
+      "(all tokens: median %.4f, 1%% quantile %.4f)\n",
+      static_cast<double>(agree) / static_cast<double>(total), margins.size(),
+      margins.empty() ? 0.0 : margins.back(), q(margins, 0.5), q(all_margins, 0.5),
+      q(all_margins, 0.01));
+  return {
+      {"samples", n},
+      {"real_tokens_per_layer", total / static_cast<int64_t>(layers.size())},
+      {"layers", layers},
+      {"top1_agreement", static_cast<double>(agree) / static_cast<double>(total)},
+      {"disagreement_margins", margins},
+      {"margin_quantiles_all",
+       {{"q01", q(all_margins, 0.01)}, {"q10", q(all_margins, 0.1)}, {"q50", q(all_margins, 0.5)}}},
+      {"cpu_seconds", cpu_s}};
 }
 
 int main_impl(int argc, char** argv) {
@@ -317,7 +344,8 @@ int main_impl(int argc, char** argv) {
   j["experts"] = a.experts;
   const SwitchConfig c = switch_base_config(a.experts);
   std::printf("bench_gpu: switch-base-%lld shape, %s, %s\n", static_cast<long long>(a.experts),
-              std::string(dtype_name(a.precision)).c_str(), std::string(cuda::device_name()).c_str());
+              std::string(dtype_name(a.precision)).c_str(),
+              std::string(cuda::device_name()).c_str());
 
   const double peak = a.ncu ? 0.0 : measure_peak_tflops();
   j["peak_bf16_tflops_measured"] = peak;
@@ -328,8 +356,10 @@ int main_impl(int argc, char** argv) {
   const double gen_s = bench::now_s() - t0;
   const size_t used0 = gpu_used_bytes();
   auto m = CudaSwitchModel::from_source(c, src, LoadOptions{true}, CudaOptions{a.precision});
-  std::printf("random weights %.1f s, upload %.1f s, weights+buffers %.2f GiB; matrix ceiling %.0f TFLOP/s\n", gen_s,
-              m->load_seconds(), static_cast<double>(m->device_bytes()) / (1 << 30), peak);
+  std::printf(
+      "random weights %.1f s, upload %.1f s, weights+buffers %.2f GiB; matrix ceiling %.0f "
+      "TFLOP/s\n",
+      gen_s, m->load_seconds(), static_cast<double>(m->device_bytes()) / (1 << 30), peak);
   j["load_seconds"] = m->load_seconds();
   CaptureSpec spec;  // fp16 logits + experts + drops
   m->set_capture(spec);
@@ -337,8 +367,8 @@ int main_impl(int argc, char** argv) {
   std::vector<std::vector<int32_t>> mix;
   if (a.shapes.find("mix") != std::string::npos || a.parity > 0) mix = read_mix(a.mix);
 
-  std::printf("\n%-9s %8s %12s %12s %9s %8s %10s\n", "shape", "batches", "tokens/s", "real tok/s", "TFLOP/s",
-              "roofline", "GPU GiB");
+  std::printf("\n%-9s %8s %12s %12s %9s %8s %10s\n", "shape", "batches", "tokens/s", "real tok/s",
+              "TFLOP/s", "roofline", "GPU GiB");
   nlohmann::json rows = nlohmann::json::array();
   std::stringstream shapes(a.ncu ? std::string("128x256") : a.shapes);
   std::string shape;
@@ -349,24 +379,27 @@ int main_impl(int argc, char** argv) {
     } else {
       const auto x = shape.find('x');
       const int64_t B = std::stoll(shape.substr(0, x)), S = std::stoll(shape.substr(x + 1));
-      for (int i = 0; i < 16; ++i) batches.push_back(random_batch(B, S, c.vocab_size, 7 + static_cast<uint64_t>(i)));
+      for (int i = 0; i < 16; ++i)
+        batches.push_back(random_batch(B, S, c.vocab_size, 7 + static_cast<uint64_t>(i)));
     }
     int64_t tokens = 0, real = 0;
     double flops = 0;
     for (const Batch& b : batches) {
       tokens += b.B * b.S;
-      const int64_t r = std::accumulate(b.attention_mask.begin(), b.attention_mask.end(), int64_t{0});
+      const int64_t r =
+          std::accumulate(b.attention_mask.begin(), b.attention_mask.end(), int64_t{0});
       real += r;
       flops += flops_per_token(c, static_cast<double>(b.S)) * static_cast<double>(b.B * b.S);
     }
     run_pipeline(*m, batches);  // warm-up: buffers, cuBLASLt plans, bias tables
-    if (a.ncu) {  // one batch under `ncu --profile-from-start off`
+    if (a.ncu) {                // one batch under `ncu --profile-from-start off`
       MT_CUDA_CHECK(cudaProfilerStart());
       run_pipeline(*m, {batches.front()});
       MT_CUDA_CHECK(cudaProfilerStop());
       break;
     }
-    const double first = run_pipeline(*m, batches);  // one cold-ish pass (the seed job's size for "mix")
+    const double first =
+        run_pipeline(*m, batches);  // one cold-ish pass (the seed job's size for "mix")
     int reps = 1;
     double secs = first;
     while (secs < a.budget) {
@@ -377,15 +410,24 @@ int main_impl(int argc, char** argv) {
     const double tps = static_cast<double>(tokens) / per, rtps = static_cast<double>(real) / per;
     const double tflops = flops / per / 1e12;
     const double mem = static_cast<double>(gpu_used_bytes() - used0) / (1 << 30);
-    std::printf("%-9s %8zu %12.0f %12.0f %9.1f %7.1f%% %10.2f\n", shape.c_str(), batches.size(), tps, rtps, tflops,
-                peak > 0 ? 100.0 * tflops / peak : 0.0, mem);
-    rows.push_back({{"shape", shape}, {"batches", batches.size()}, {"tokens", tokens}, {"real_tokens", real},
-                    {"seconds_per_pass", per}, {"first_pass_seconds", first}, {"tokens_per_s", tps},
-                    {"real_tokens_per_s", rtps}, {"tflops", tflops}, {"roofline_fraction", peak > 0 ? tflops / peak : 0.0},
+    std::printf("%-9s %8zu %12.0f %12.0f %9.1f %7.1f%% %10.2f\n", shape.c_str(), batches.size(),
+                tps, rtps, tflops, peak > 0 ? 100.0 * tflops / peak : 0.0, mem);
+    rows.push_back({{"shape", shape},
+                    {"batches", batches.size()},
+                    {"tokens", tokens},
+                    {"real_tokens", real},
+                    {"seconds_per_pass", per},
+                    {"first_pass_seconds", first},
+                    {"tokens_per_s", tps},
+                    {"real_tokens_per_s", rtps},
+                    {"tflops", tflops},
+                    {"roofline_fraction", peak > 0 ? tflops / peak : 0.0},
                     {"gpu_gib_since_load_start", mem}});
     if (shape == "mix")
-      std::printf("  seed job: %zu real samples (%lld real tokens) collected end to end in %.3f s (first pass)\n",
-                  mix.size(), static_cast<long long>(real), first);
+      std::printf(
+          "  seed job: %zu real samples (%lld real tokens) collected end to end in %.3f s (first "
+          "pass)\n",
+          mix.size(), static_cast<long long>(real), first);
   }
   j["rows"] = rows;
   j["device_bytes_model"] = m->device_bytes();

@@ -14,9 +14,9 @@ double tol(DType t) { return t == DType::kF32 ? 2e-6 : t == DType::kBF16 ? 8e-3 
 
 TEST(CudaReference, RelativeBucketMatchesSpecTable) {
   // SWITCH_SPEC.md, encoder with 32 buckets / max distance 128.
-  const std::pair<int64_t, int64_t> cases[] = {{0, 0},   {7, 7},   {8, 8},   {11, 8},  {12, 9},  {15, 9},
-                                               {16, 10}, {22, 10}, {23, 11}, {31, 11}, {32, 12}, {45, 12},
-                                               {46, 13}, {63, 13}, {64, 14}, {90, 14}, {91, 15}, {500, 15}};
+  const std::pair<int64_t, int64_t> cases[] = {
+      {0, 0},   {7, 7},   {8, 8},   {11, 8},  {12, 9},  {15, 9},  {16, 10}, {22, 10}, {23, 11},
+      {31, 11}, {32, 12}, {45, 12}, {46, 13}, {63, 13}, {64, 14}, {90, 14}, {91, 15}, {500, 15}};
   for (auto [a, want] : cases) {
     EXPECT_EQ(ref::relative_bucket(-a, true, 32, 128), want) << "rp=" << -a;
     if (a > 0) {
@@ -70,8 +70,10 @@ void CudaKernels::check_rmsnorm(int64_t rows, int64_t d, DType t) {
   ref::rmsnorm(x, w, rows, d, 1e-6f, want);
   auto dx = to_device(x, DType::kF32), dw = to_device(w, DType::kF32);
   DeviceBuffer out(rows * d * 4), out32(rows * d * 4);
-  rmsnorm(dx.as<float>(), dw.as<float>(), rows, d, 1e-6f, out.get(), t, out32.as<float>(), stream_.get());
-  EXPECT_LT(rel_err(from_device(out32, rows * d, DType::kF32), want), 1e-6) << dtype_name(t) << " d=" << d;
+  rmsnorm(dx.as<float>(), dw.as<float>(), rows, d, 1e-6f, out.get(), t, out32.as<float>(),
+          stream_.get());
+  EXPECT_LT(rel_err(from_device(out32, rows * d, DType::kF32), want), 1e-6)
+      << dtype_name(t) << " d=" << d;
   EXPECT_LT(rel_err(from_device(out, rows * d, t), want), tol(t)) << dtype_name(t) << " d=" << d;
 }
 
@@ -87,11 +89,12 @@ TEST_F(CudaKernels, AttentionSoftmaxBiasMaskCausal) {
   for (bool causal : {false, true})
     for (DType t : kActs) {
       DeviceBuffer dp(B * H * S * S * 4);
-      attention_softmax(ds.as<float>(), db.as<float>(), dm.as<int32_t>(), causal, B, H, S, S, dp.get(), t,
-                        stream_.get());
+      attention_softmax(ds.as<float>(), db.as<float>(), dm.as<int32_t>(), causal, B, H, S, S,
+                        dp.get(), t, stream_.get());
       std::vector<float> want;
       ref::attention_softmax(scores, bias.data(), mask.data(), causal, B, H, S, S, want);
-      EXPECT_LT(rel_err(from_device(dp, want.size(), t), want), tol(t)) << dtype_name(t) << " causal=" << causal;
+      EXPECT_LT(rel_err(from_device(dp, want.size(), t), want), tol(t))
+          << dtype_name(t) << " causal=" << causal;
     }
 }
 
@@ -99,7 +102,7 @@ TEST_F(CudaKernels, AttentionSoftmaxBiasMaskCausal) {
 std::vector<float> router_logits(int64_t T, int64_t E, uint64_t seed) {
   auto l = random_vec(T * E, seed, -2, 2);
   for (int64_t t = 0; t < T; ++t) {
-    if (t % 5 == 0) l[t * E + 3] += 3.f;  // expert 3 overfills
+    if (t % 5 == 0) l[t * E + 3] += 3.f;                      // expert 3 overfills
     if (t % 7 == 0) l[t * E + 1] = l[t * E + (E - 2)] = 9.f;  // an exact tie: lowest index wins
   }
   return l;
@@ -112,8 +115,8 @@ TEST_F(CudaKernels, MoeRoute) {
   for (DType t : kActs) {
     DeviceBuffer dexp(B * S * 4), ddrop(B * S), dgate(B * S * 4), dcnt(E * 4), d16(B * S * E * 2);
     MT_CUDA_CHECK(cudaMemsetAsync(dcnt.get(), 0, E * 4, stream_.get()));
-    moe_route(dl.as<float>(), B, S, E, cap, t, dexp.as<int32_t>(), ddrop.as<uint8_t>(), dgate.as<float>(),
-              dcnt.as<int32_t>(), d16.as<uint16_t>(), stream_.get());
+    moe_route(dl.as<float>(), B, S, E, cap, t, dexp.as<int32_t>(), ddrop.as<uint8_t>(),
+              dgate.as<float>(), dcnt.as<int32_t>(), d16.as<uint16_t>(), stream_.get());
     std::vector<int32_t> e, c;
     std::vector<uint8_t> dr;
     std::vector<float> g;
@@ -148,22 +151,25 @@ TEST_F(CudaKernels, MoeExpertLayer) {
 
     const int tile_m = grouped_tile_m(t);
     const int64_t max_tiles = (T + tile_m - 1) / tile_m + E;
-    auto dl = to_device(logits, DType::kF32), dh = to_device(h, t), dwi = to_device(wi, t), dwo = to_device(wo, t);
+    auto dl = to_device(logits, DType::kF32), dh = to_device(h, t), dwi = to_device(wi, t),
+         dwo = to_device(wo, t);
     auto dx = to_device(x0, DType::kF32);
-    DeviceBuffer dexp(T * 4), ddrop(T), dgate(T * 4), dcnt(E * 4), doff((E + 1) * 4), dcur(E * 4), dperm(T * 4),
-        dte(max_tiles * 4), dtr(max_tiles * 4), dinner(T * F * 4);
+    DeviceBuffer dexp(T * 4), ddrop(T), dgate(T * 4), dcnt(E * 4), doff((E + 1) * 4), dcur(E * 4),
+        dperm(T * 4), dte(max_tiles * 4), dtr(max_tiles * 4), dinner(T * F * 4);
     cudaStream_t s = stream_.get();
     MT_CUDA_CHECK(cudaMemsetAsync(dcnt.get(), 0, E * 4, s));
-    moe_route(dl.as<float>(), B, S, E, cap, t, dexp.as<int32_t>(), ddrop.as<uint8_t>(), dgate.as<float>(),
-              dcnt.as<int32_t>(), nullptr, s);
-    moe_plan(dcnt.as<int32_t>(), E, tile_m, max_tiles, doff.as<int32_t>(), dte.as<int32_t>(), dtr.as<int32_t>(),
-             dcur.as<int32_t>(), s);
+    moe_route(dl.as<float>(), B, S, E, cap, t, dexp.as<int32_t>(), ddrop.as<uint8_t>(),
+              dgate.as<float>(), dcnt.as<int32_t>(), nullptr, s);
+    moe_plan(dcnt.as<int32_t>(), E, tile_m, max_tiles, doff.as<int32_t>(), dte.as<int32_t>(),
+             dtr.as<int32_t>(), dcur.as<int32_t>(), s);
     moe_permute(dexp.as<int32_t>(), ddrop.as<uint8_t>(), T, doff.as<int32_t>(), dcur.as<int32_t>(),
                 dperm.as<int32_t>(), s);
-    grouped_gemm(dh.get(), K, true, dperm.as<int32_t>(), dwi.get(), F, K, dte.as<int32_t>(), dtr.as<int32_t>(),
-                 doff.as<int32_t>(), max_tiles, GroupedEpilogue::kRelu, dinner.get(), F, nullptr, t, s);
-    grouped_gemm(dinner.get(), F, false, dperm.as<int32_t>(), dwo.get(), K, F, dte.as<int32_t>(), dtr.as<int32_t>(),
-                 doff.as<int32_t>(), max_tiles, GroupedEpilogue::kGateResidual, dx.get(), K, dgate.as<float>(), t, s);
+    grouped_gemm(dh.get(), K, true, dperm.as<int32_t>(), dwi.get(), F, K, dte.as<int32_t>(),
+                 dtr.as<int32_t>(), doff.as<int32_t>(), max_tiles, GroupedEpilogue::kRelu,
+                 dinner.get(), F, nullptr, t, s);
+    grouped_gemm(dinner.get(), F, false, dperm.as<int32_t>(), dwo.get(), K, F, dte.as<int32_t>(),
+                 dtr.as<int32_t>(), doff.as<int32_t>(), max_tiles, GroupedEpilogue::kGateResidual,
+                 dx.get(), K, dgate.as<float>(), t, s);
     const auto got = from_device(dx, T * K, DType::kF32);
     std::vector<float> got_delta(T * K), want_delta(T * K);
     for (int64_t i = 0; i < T * K; ++i) {
@@ -206,7 +212,8 @@ TEST_F(CudaKernels, GemmNtReluAccumulate) {
     blas.gemm_nt({M, N, K, da.get(), K, db.get(), K, dc.get(), N, t, DType::kF32, true, false});
     std::vector<float> want_acc(M * N);
     for (int64_t i = 0; i < M * N; ++i) want_acc[i] = c0[i] + prod[i];
-    EXPECT_LT(rel_err(from_device(dc, M * N, DType::kF32), want_acc), t == DType::kF32 ? 1e-6 : 1e-5)
+    EXPECT_LT(rel_err(from_device(dc, M * N, DType::kF32), want_acc),
+              t == DType::kF32 ? 1e-6 : 1e-5)
         << dtype_name(t);
   }
 }
@@ -227,14 +234,15 @@ TEST_F(CudaKernels, AttentionBatchedGemms) {
         ptrs(6 * B * H * sizeof(void*));
     auto** tab = ptrs.as<void*>();
     const int64_t n = B * H;
-    AttentionPointers p{const_cast<const void**>(tab), const_cast<const void**>(tab + n),
-                        const_cast<const void**>(tab + 2 * n), tab + 3 * n, const_cast<const void**>(tab + 4 * n),
-                        tab + 5 * n};
+    AttentionPointers p{const_cast<const void**>(tab),         const_cast<const void**>(tab + n),
+                        const_cast<const void**>(tab + 2 * n), tab + 3 * n,
+                        const_cast<const void**>(tab + 4 * n), tab + 5 * n};
     cudaStream_t s = stream_.get();
-    attention_pointers(dqkv.get(), scores.as<float>(), probs.get(), ctx.get(), B, S, H, dk, t, p, s);
+    attention_pointers(dqkv.get(), scores.as<float>(), probs.get(), ctx.get(), B, S, H, dk, t, p,
+                       s);
     blas.batched_nt(n, S, S, dk, p.q, 3 * H * dk, p.k, 3 * H * dk, p.scores, S, t, DType::kF32);
-    attention_softmax(scores.as<float>(), dbias.as<float>(), dmask.as<int32_t>(), false, B, H, S, S, probs.get(), t,
-                      s);
+    attention_softmax(scores.as<float>(), dbias.as<float>(), dmask.as<int32_t>(), false, B, H, S, S,
+                      probs.get(), t, s);
     blas.batched_nn(n, S, dk, S, p.probs, S, p.v, 3 * H * dk, p.ctx, H * dk, t, t);
 
     std::vector<float> sc(B * H * S * S), pr, want(B * S * H * dk);
@@ -245,7 +253,8 @@ TEST_F(CudaKernels, AttentionBatchedGemms) {
           for (int64_t j = 0; j < S; ++j) {
             double acc = 0;
             for (int64_t c = 0; c < dk; ++c)
-              acc += static_cast<double>(qkv[(b * S + i) * ld + h * dk + c]) * qkv[(b * S + j) * ld + H * dk + h * dk + c];
+              acc += static_cast<double>(qkv[(b * S + i) * ld + h * dk + c]) *
+                     qkv[(b * S + j) * ld + H * dk + h * dk + c];
             sc[((b * H + h) * S + i) * S + j] = static_cast<float>(acc);
           }
     ref::attention_softmax(sc, bias.data(), mask.data(), false, B, H, S, S, pr);
@@ -256,7 +265,8 @@ TEST_F(CudaKernels, AttentionBatchedGemms) {
           for (int64_t c = 0; c < dk; ++c) {
             double acc = 0;
             for (int64_t j = 0; j < S; ++j)
-              acc += static_cast<double>(pr[((b * H + h) * S + i) * S + j]) * qkv[(b * S + j) * ld + 2 * H * dk + h * dk + c];
+              acc += static_cast<double>(pr[((b * H + h) * S + i) * S + j]) *
+                     qkv[(b * S + j) * ld + 2 * H * dk + h * dk + c];
             want[(b * S + i) * H * dk + h * dk + c] = static_cast<float>(acc);
           }
     EXPECT_LT(rel_err(from_device(ctx, want.size(), t), want), tol(t) * 2) << dtype_name(t);
@@ -277,7 +287,8 @@ TEST_F(CudaKernels, FlashAttention) {
     auto dmask = to_device_raw(mask);
     DeviceBuffer ctx(B * S * inner * 2);
     ASSERT_TRUE(flash_attention_supported(dk, S, t));
-    flash_attention(dqkv.get(), dbias.as<float>(), dmask.as<int32_t>(), B, S, H, dk, ctx.get(), t, stream_.get());
+    flash_attention(dqkv.get(), dbias.as<float>(), dmask.as<int32_t>(), B, S, H, dk, ctx.get(), t,
+                    stream_.get());
     std::vector<float> sc(B * H * S * S), pr, want(B * S * inner);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < H; ++h)
@@ -285,7 +296,8 @@ TEST_F(CudaKernels, FlashAttention) {
           for (int64_t j = 0; j < S; ++j) {
             double acc = 0;
             for (int64_t c = 0; c < dk; ++c)
-              acc += static_cast<double>(qkv[(b * S + i) * ld + h * dk + c]) * qkv[(b * S + j) * ld + inner + h * dk + c];
+              acc += static_cast<double>(qkv[(b * S + i) * ld + h * dk + c]) *
+                     qkv[(b * S + j) * ld + inner + h * dk + c];
             sc[((b * H + h) * S + i) * S + j] = static_cast<float>(acc);
           }
     ref::attention_softmax(sc, bias.data(), mask.data(), false, B, H, S, S, pr);
@@ -295,7 +307,8 @@ TEST_F(CudaKernels, FlashAttention) {
           for (int64_t c = 0; c < dk; ++c) {
             double acc = 0;
             for (int64_t j = 0; j < S; ++j)
-              acc += static_cast<double>(pr[((b * H + h) * S + i) * S + j]) * qkv[(b * S + j) * ld + 2 * inner + h * dk + c];
+              acc += static_cast<double>(pr[((b * H + h) * S + i) * S + j]) *
+                     qkv[(b * S + j) * ld + 2 * inner + h * dk + c];
             want[(b * S + i) * inner + h * dk + c] = static_cast<float>(acc);
           }
     EXPECT_LT(rel_err(from_device(ctx, want.size(), t), want), tol(t) * 2) << dtype_name(t);

@@ -58,15 +58,20 @@ TEST_P(CudaModelFixture, Fp32MatchesTransformersReference) {
     const std::string got = i < c.num_layers ? "enc." + std::to_string(i) + ".input" : "enc.output";
     EXPECT_LT(rel_err(as_f32(rec.last(got).view()), as_f32(ref->find(want)->view)), 1e-4) << got;
   }
-  EXPECT_LT(rel_err(as_f32(out.view()), as_f32(ref->find("encoder_last_hidden_state")->view)), 1e-4);
+  EXPECT_LT(rel_err(as_f32(out.view()), as_f32(ref->find("encoder_last_hidden_state")->view)),
+            1e-4);
   const auto sparse = c.sparse_encoder_blocks();
   for (size_t n = 0; n < sparse.size(); ++n) {
     const std::string r = "encoder_router." + std::to_string(n) + ".";
     const std::string k = "enc." + std::to_string(sparse[n]) + ".";
-    EXPECT_LT(rel_err(as_f32(rec.last(k + "hidden").view()), as_f32(ref->find(r + "router_input")->view)), 1e-4);
-    EXPECT_LT(rel_err(as_f32(rec.last(k + "router_logits").view()), as_f32(ref->find(r + "router_logits")->view)),
+    EXPECT_LT(
+        rel_err(as_f32(rec.last(k + "hidden").view()), as_f32(ref->find(r + "router_input")->view)),
+        1e-4);
+    EXPECT_LT(rel_err(as_f32(rec.last(k + "router_logits").view()),
+                      as_f32(ref->find(r + "router_logits")->view)),
               1e-4);
-    EXPECT_LT(rel_err(as_f32(rec.last(k + "gate").view()), as_f32(ref->find(r + "max_prob")->view)), 1e-4);
+    EXPECT_LT(rel_err(as_f32(rec.last(k + "gate").view()), as_f32(ref->find(r + "max_prob")->view)),
+              1e-4);
     EXPECT_EQ(as_f32(rec.last(k + "expert").view()), as_f32(ref->find(r + "top1")->view)) << k;
     auto kept = as_f32(rec.last(k + "dropped").view());
     for (auto& v : kept) v = 1.f - v;
@@ -86,7 +91,8 @@ Batch random_batch(int64_t B, int64_t S, int64_t vocab, uint64_t seed) {
     const int64_t len = i == 0 ? S : 1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(S));
     for (int64_t s = 0; s < S; ++s) {
       const bool real = s < len;
-      b.input_ids.push_back(real ? (s + 1 == len ? 1 : static_cast<int32_t>(2 + rng() % (vocab / 8))) : 0);
+      b.input_ids.push_back(
+          real ? (s + 1 == len ? 1 : static_cast<int32_t>(2 + rng() % (vocab / 8))) : 0);
       b.attention_mask.push_back(real ? 1 : 0);
     }
   }
@@ -95,7 +101,8 @@ Batch random_batch(int64_t B, int64_t S, int64_t vocab, uint64_t seed) {
 
 // bf16 on the GPU vs the float32 CPU engine: logits within 2e-2, top-1 agreement >= 99% (on a
 // small random model at transformers' init scales; bench_gpu --parity does the switch-base-128
-// shape). fp32 on the GPU matches the CPU within 1e-4 even on the sharper make_random_weights model.
+// shape). fp32 on the GPU matches the CPU within 1e-4 even on the sharper make_random_weights
+// model.
 TEST_F(CudaTest, Bf16MatchesCpuFp32) {
   SwitchConfig c = demo_config();
   auto src = make_hf_init_random_weights(c, RandomWeightOptions{7, DType::kBF16, true});
@@ -110,13 +117,16 @@ TEST_F(CudaTest, Bf16MatchesCpuFp32) {
     int64_t agree = 0, total = 0;
     for (int blk : c.sparse_encoder_blocks()) {
       const std::string k = "enc." + std::to_string(blk) + ".";
-      const double err = rel_err(as_f32(got.last(k + "router_logits").view()), as_f32(want.last(k + "router_logits").view()));
+      const double err = rel_err(as_f32(got.last(k + "router_logits").view()),
+                                 as_f32(want.last(k + "router_logits").view()));
       EXPECT_LT(err, prec == DType::kF32 ? 1e-4 : 2e-2) << k << " " << dtype_name(prec);
-      const auto ge = as_f32(got.last(k + "expert").view()), we = as_f32(want.last(k + "expert").view());
+      const auto ge = as_f32(got.last(k + "expert").view()),
+                 we = as_f32(want.last(k + "expert").view());
       for (size_t i = 0; i < ge.size(); ++i) agree += ge[i] == we[i];
       total += static_cast<int64_t>(ge.size());
     }
-    EXPECT_GE(static_cast<double>(agree) / static_cast<double>(total), prec == DType::kF32 ? 0.999 : 0.99)
+    EXPECT_GE(static_cast<double>(agree) / static_cast<double>(total),
+              prec == DType::kF32 ? 0.999 : 0.99)
         << dtype_name(prec);
   }
 }
@@ -132,7 +142,8 @@ TEST_F(CudaTest, CapturePipelineMatchesEncode) {
   spec.slots = 2;
   gpu->set_capture(spec);
   std::vector<Batch> batches;
-  for (int i = 0; i < 5; ++i) batches.push_back(random_batch(3 + i, 17 + 9 * i, c.vocab_size, 100 + i));
+  for (int i = 0; i < 5; ++i)
+    batches.push_back(random_batch(3 + i, 17 + 9 * i, c.vocab_size, 100 + i));
   for (const Batch& b : batches) {
     if (gpu->in_flight() == gpu->slots()) {
       auto r = gpu->poll(true);
@@ -157,7 +168,8 @@ TEST_F(CudaTest, CapturePipelineMatchesEncode) {
       const std::string k = "enc." + std::to_string(blk) + ".";
       ASSERT_NE(rest[j]->find(k + "router_logits"), nullptr);
       EXPECT_EQ(rest[j]->find(k + "router_logits")->dtype, DType::kF16);
-      EXPECT_LT(rel_err(as_f32(*rest[j]->find(k + "router_logits")), as_f32(want.last(k + "router_logits").view())),
+      EXPECT_LT(rel_err(as_f32(*rest[j]->find(k + "router_logits")),
+                        as_f32(want.last(k + "router_logits").view())),
                 1e-3);
       EXPECT_EQ(as_f32(*rest[j]->find(k + "expert")), as_f32(want.last(k + "expert").view())) << k;
       const auto d = as_f32(*rest[j]->find(k + "dropped"));

@@ -13,8 +13,9 @@ constexpr int kMaxKeysPerLane = 32;  // Sk <= 1024
 
 // One warp per (b, h, i) row; the row lives in registers.
 template <class T>
-__global__ void attention_softmax_kernel(const float* scores, const float* bias, const int32_t* mask, bool causal,
-                                         int64_t B, int64_t H, int64_t Sq, int64_t Sk, T* probs) {
+__global__ void attention_softmax_kernel(const float* scores, const float* bias,
+                                         const int32_t* mask, bool causal, int64_t B, int64_t H,
+                                         int64_t Sq, int64_t Sk, T* probs) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
   if (row >= B * H * Sq) return;
   const int lane = threadIdx.x % 32;
@@ -61,8 +62,9 @@ __global__ void attention_softmax_kernel(const float* scores, const float* bias,
 }
 
 template <class T>
-__global__ void attention_pointers_kernel(const T* qkv, const float* scores, const T* probs, T* ctx, int64_t B,
-                                          int64_t S, int64_t H, int64_t dk, AttentionPointers p) {
+__global__ void attention_pointers_kernel(const T* qkv, const float* scores, const T* probs, T* ctx,
+                                          int64_t B, int64_t S, int64_t H, int64_t dk,
+                                          AttentionPointers p) {
   const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (n >= B * H) return;
   const int64_t b = n / H, h = n % H;
@@ -78,9 +80,11 @@ __global__ void attention_pointers_kernel(const T* qkv, const float* scores, con
 
 }  // namespace
 
-void attention_softmax(const float* scores, const float* bias, const int32_t* mask, bool causal, int64_t B,
-                       int64_t H, int64_t Sq, int64_t Sk, void* probs, DType act, cudaStream_t stream) {
-  if (Sk > 32 * kMaxKeysPerLane) fail("attention_softmax: ", Sk, " keys; at most ", 32 * kMaxKeysPerLane);
+void attention_softmax(const float* scores, const float* bias, const int32_t* mask, bool causal,
+                       int64_t B, int64_t H, int64_t Sq, int64_t Sk, void* probs, DType act,
+                       cudaStream_t stream) {
+  if (Sk > 32 * kMaxKeysPerLane)
+    fail("attention_softmax: ", Sk, " keys; at most ", 32 * kMaxKeysPerLane);
   const int64_t rows = B * H * Sq;
   if (rows == 0) return;
   constexpr int kWarps = 8;
@@ -90,14 +94,15 @@ void attention_softmax(const float* scores, const float* bias, const int32_t* ma
   MT_CUDA_CHECK_LAUNCH();
 }
 
-void attention_pointers(const void* qkv, const float* scores, const void* probs, void* ctx, int64_t B, int64_t S,
-                        int64_t H, int64_t dk, DType act, AttentionPointers p, cudaStream_t stream) {
+void attention_pointers(const void* qkv, const float* scores, const void* probs, void* ctx,
+                        int64_t B, int64_t S, int64_t H, int64_t dk, DType act, AttentionPointers p,
+                        cudaStream_t stream) {
   const int64_t n = B * H;
   if (n == 0) return;
   MT_DISPATCH_ACT(act, T,
                   attention_pointers_kernel<T><<<ceil_div(n, 256), 256, 0, stream>>>(
-                      static_cast<const T*>(qkv), scores, static_cast<const T*>(probs), static_cast<T*>(ctx), B, S,
-                      H, dk, p));
+                      static_cast<const T*>(qkv), scores, static_cast<const T*>(probs),
+                      static_cast<T*>(ctx), B, S, H, dk, p));
   MT_CUDA_CHECK_LAUNCH();
 }
 

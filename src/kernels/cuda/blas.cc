@@ -12,10 +12,14 @@ constexpr size_t kWorkspaceBytes = 32u << 20;
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
-    case DType::kF32: return CUDA_R_32F;
-    case DType::kBF16: return CUDA_R_16BF;
-    case DType::kF16: return CUDA_R_16F;
-    default: fail("GEMM: unsupported dtype ", dtype_name(t));
+    case DType::kF32:
+      return CUDA_R_32F;
+    case DType::kBF16:
+      return CUDA_R_16BF;
+    case DType::kF16:
+      return CUDA_R_16F;
+    default:
+      fail("GEMM: unsupported dtype ", dtype_name(t));
   }
 }
 
@@ -67,21 +71,25 @@ void Blas::set_stream(cudaStream_t stream) {
   MT_CUBLAS_CHECK(cublasSetStream(blas(handle_), stream));
 }
 
-// Row-major D[M,N] = A[M,K]·B[N,K]ᵀ is column-major Dᵀ[N,M] = op_T(B)·A: cuBLASLt sees m = N, n = M,
-// its "A" is our B (k x N, transposed) and its "B" is our A (k x M).
+// Row-major D[M,N] = A[M,K]·B[N,K]ᵀ is column-major Dᵀ[N,M] = op_T(B)·A: cuBLASLt sees m = N, n =
+// M, its "A" is our B (k x N, transposed) and its "B" is our A (k x M).
 Blas::Plan& Blas::plan_for(const GemmArgs& g) {
-  const auto key = std::make_tuple(g.M, g.N, g.K, g.lda, g.ldb, g.ldd, static_cast<int>(g.in), static_cast<int>(g.out),
-                                   static_cast<int>(g.accumulate), static_cast<int>(g.relu));
+  const auto key = std::make_tuple(g.M, g.N, g.K, g.lda, g.ldb, g.ldd, static_cast<int>(g.in),
+                                   static_cast<int>(g.out), static_cast<int>(g.accumulate),
+                                   static_cast<int>(g.relu));
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
   auto p = std::make_unique<Plan>();
   MT_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->op, lt_compute_type(g.in), CUDA_R_32F));
   const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
-  MT_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-  MT_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  MT_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  MT_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
   if (g.relu) {
     const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_RELU;
-    MT_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+    MT_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
   }
   MT_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->a, cuda_type(g.in), static_cast<uint64_t>(g.K),
                                              static_cast<uint64_t>(g.N), g.ldb));
@@ -92,16 +100,16 @@ Blas::Plan& Blas::plan_for(const GemmArgs& g) {
   cublasLtMatmulPreference_t pref;
   MT_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   const size_t ws = workspace_.bytes();
-  MT_CUBLAS_CHECK(
-      cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  MT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  const cublasStatus_t st =
-      cublasLtMatmulAlgoGetHeuristic(lt(lt_handle_), p->op, p->a, p->b, p->d, p->d, pref, 1, &result, &found);
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt(lt_handle_), p->op, p->a, p->b, p->d,
+                                                           p->d, pref, 1, &result, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (st != CUBLAS_STATUS_SUCCESS || found == 0)
-    fail("cuBLASLt: no algorithm for GEMM M=", g.M, " N=", g.N, " K=", g.K, " in=", dtype_name(g.in),
-         " out=", dtype_name(g.out), (g.relu ? " relu" : ""));
+    fail("cuBLASLt: no algorithm for GEMM M=", g.M, " N=", g.N, " K=", g.K,
+         " in=", dtype_name(g.in), " out=", dtype_name(g.out), (g.relu ? " relu" : ""));
   p->algo = result.algo;
   return *plans_.emplace(key, std::move(p)).first->second;
 }
@@ -111,31 +119,33 @@ void Blas::gemm_nt(const GemmArgs& g) {
   MT_ASSERT(!(g.relu && g.accumulate));
   Plan& p = plan_for(g);
   const float alpha = 1.f, beta = g.accumulate ? 1.f : 0.f;
-  MT_CUBLAS_CHECK(cublasLtMatmul(lt(lt_handle_), p.op, &alpha, g.B, p.a, g.A, p.b, &beta, g.D, p.d, g.D, p.d,
-                                 &p.algo, workspace_.get(), workspace_.bytes(), stream_));
+  MT_CUBLAS_CHECK(cublasLtMatmul(lt(lt_handle_), p.op, &alpha, g.B, p.a, g.A, p.b, &beta, g.D, p.d,
+                                 g.D, p.d, &p.algo, workspace_.get(), workspace_.bytes(), stream_));
 }
 
-void Blas::batched_nt(int64_t count, int64_t M, int64_t N, int64_t K, const void* const* A, int64_t lda,
-                      const void* const* B, int64_t ldb, void* const* C, int64_t ldc, DType in, DType out) {
+void Blas::batched_nt(int64_t count, int64_t M, int64_t N, int64_t K, const void* const* A,
+                      int64_t lda, const void* const* B, int64_t ldb, void* const* C, int64_t ldc,
+                      DType in, DType out) {
   if (count == 0) return;
   const float alpha = 1.f, beta = 0.f;
-  MT_CUBLAS_CHECK(cublasGemmBatchedEx(blas(handle_), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N),
-                                      static_cast<int>(M), static_cast<int>(K), &alpha, B, cuda_type(in),
-                                      static_cast<int>(ldb), A, cuda_type(in), static_cast<int>(lda), &beta, C,
-                                      cuda_type(out), static_cast<int>(ldc), static_cast<int>(count),
-                                      compute_type(in), CUBLAS_GEMM_DEFAULT));
+  MT_CUBLAS_CHECK(cublasGemmBatchedEx(
+      blas(handle_), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(M),
+      static_cast<int>(K), &alpha, B, cuda_type(in), static_cast<int>(ldb), A, cuda_type(in),
+      static_cast<int>(lda), &beta, C, cuda_type(out), static_cast<int>(ldc),
+      static_cast<int>(count), compute_type(in), CUBLAS_GEMM_DEFAULT));
 }
 
 // Row-major C[M,N] = A[M,K]·B[K,N] is column-major Cᵀ[N,M] = Bᶜ[N,K]·Aᶜ[K,M], no transposes.
-void Blas::batched_nn(int64_t count, int64_t M, int64_t N, int64_t K, const void* const* A, int64_t lda,
-                      const void* const* B, int64_t ldb, void* const* C, int64_t ldc, DType in, DType out) {
+void Blas::batched_nn(int64_t count, int64_t M, int64_t N, int64_t K, const void* const* A,
+                      int64_t lda, const void* const* B, int64_t ldb, void* const* C, int64_t ldc,
+                      DType in, DType out) {
   if (count == 0) return;
   const float alpha = 1.f, beta = 0.f;
-  MT_CUBLAS_CHECK(cublasGemmBatchedEx(blas(handle_), CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(N),
-                                      static_cast<int>(M), static_cast<int>(K), &alpha, B, cuda_type(in),
-                                      static_cast<int>(ldb), A, cuda_type(in), static_cast<int>(lda), &beta, C,
-                                      cuda_type(out), static_cast<int>(ldc), static_cast<int>(count),
-                                      compute_type(in), CUBLAS_GEMM_DEFAULT));
+  MT_CUBLAS_CHECK(cublasGemmBatchedEx(
+      blas(handle_), CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(M),
+      static_cast<int>(K), &alpha, B, cuda_type(in), static_cast<int>(ldb), A, cuda_type(in),
+      static_cast<int>(lda), &beta, C, cuda_type(out), static_cast<int>(ldc),
+      static_cast<int>(count), compute_type(in), CUBLAS_GEMM_DEFAULT));
 }
 
 }  // namespace moetrace::cuda

@@ -4,12 +4,12 @@
 // tie-sensitive, and fp32 mode is the parity mode).
 #pragma once
 
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <tuple>
-
-#include <cuda_runtime_api.h>
 
 #include "core/dtype.h"
 #include "kernels/cuda/common.h"
@@ -46,9 +46,11 @@ class Blas {
   //   nn: C[i] (M x N, ldc) = A[i] (M x K, lda) · B[i] (K x N, ldb)
   // A and B in `in`, C in `out` (in or F32).
   void batched_nt(int64_t count, int64_t M, int64_t N, int64_t K, const void* const* A, int64_t lda,
-                  const void* const* B, int64_t ldb, void* const* C, int64_t ldc, DType in, DType out);
+                  const void* const* B, int64_t ldb, void* const* C, int64_t ldc, DType in,
+                  DType out);
   void batched_nn(int64_t count, int64_t M, int64_t N, int64_t K, const void* const* A, int64_t lda,
-                  const void* const* B, int64_t ldb, void* const* C, int64_t ldc, DType in, DType out);
+                  const void* const* B, int64_t ldb, void* const* C, int64_t ldc, DType in,
+                  DType out);
 
  private:
   struct Plan;
@@ -58,7 +60,8 @@ class Blas {
   void* handle_ = nullptr;     // cublasHandle_t
   void* lt_handle_ = nullptr;  // cublasLtHandle_t
   DeviceBuffer workspace_;
-  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, int>, std::unique_ptr<Plan>>
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, int>,
+           std::unique_ptr<Plan>>
       plans_;
 };
 

@@ -10,13 +10,14 @@ namespace moetrace::cuda {
 
 void check_cuda(cudaError_t err, const char* call, const char* file, int line) {
   if (err == cudaSuccess) return;
-  fail("CUDA error ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ") in ", call, " at ", file, ":", line);
+  fail("CUDA error ", cudaGetErrorName(err), " (", cudaGetErrorString(err), ") in ", call, " at ",
+       file, ":", line);
 }
 
 void check_cublas(int status, const char* call, const char* file, int line) {
   if (status == CUBLAS_STATUS_SUCCESS) return;
-  fail("cuBLAS error ", cublasGetStatusString(static_cast<cublasStatus_t>(status)), " (", status, ") in ", call,
-       " at ", file, ":", line);
+  fail("cuBLAS error ", cublasGetStatusString(static_cast<cublasStatus_t>(status)), " (", status,
+       ") in ", call, " at ", file, ":", line);
 }
 
 bool device_available() {
@@ -32,20 +33,26 @@ std::string_view device_name() {
   static const std::string name = [] {
     int dev = 0;
     cudaDeviceProp p{};
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&p, dev) != cudaSuccess) return std::string("none");
-    return std::string(p.name) + " (sm_" + std::to_string(p.major) + std::to_string(p.minor) + ", " +
-           std::to_string(p.multiProcessorCount) + " SMs, " +
-           std::to_string(static_cast<double>(p.totalGlobalMem) / (1024.0 * 1024 * 1024)).substr(0, 5) + " GiB)";
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&p, dev) != cudaSuccess)
+      return std::string("none");
+    return std::string(p.name) + " (sm_" + std::to_string(p.major) + std::to_string(p.minor) +
+           ", " + std::to_string(p.multiProcessorCount) + " SMs, " +
+           std::to_string(static_cast<double>(p.totalGlobalMem) / (1024.0 * 1024 * 1024))
+               .substr(0, 5) +
+           " GiB)";
   }();
   return name;
 }
 
 size_t act_size(DType t) {
   switch (t) {
-    case DType::kF32: return 4;
+    case DType::kF32:
+      return 4;
     case DType::kBF16:
-    case DType::kF16: return 2;
-    default: fail("unsupported GPU activation dtype ", dtype_name(t), " (expected F32, BF16 or F16)");
+    case DType::kF16:
+      return 2;
+    default:
+      fail("unsupported GPU activation dtype ", dtype_name(t), " (expected F32, BF16 or F16)");
   }
 }
 

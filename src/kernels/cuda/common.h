@@ -1,13 +1,14 @@
-// CUDA plumbing shared by the GPU kernels and the GPU engine: checked calls, device buffers, streams
-// and events with RAII, and the activation dtype names. Every CUDA/cuBLAS call goes through a check.
+// CUDA plumbing shared by the GPU kernels and the GPU engine: checked calls, device buffers,
+// streams and events with RAII, and the activation dtype names. Every CUDA/cuBLAS call goes through
+// a check.
 #pragma once
+
+#include <cuda_runtime_api.h>
 
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
 #include <utility>
-
-#include <cuda_runtime_api.h>
 
 #include "core/dtype.h"
 
@@ -18,7 +19,8 @@ void check_cuda(cudaError_t err, const char* call, const char* file, int line);
 void check_cublas(int status, const char* call, const char* file, int line);
 
 #define MT_CUDA_CHECK(call) ::moetrace::cuda::check_cuda((call), #call, __FILE__, __LINE__)
-#define MT_CUBLAS_CHECK(call) ::moetrace::cuda::check_cublas(static_cast<int>(call), #call, __FILE__, __LINE__)
+#define MT_CUBLAS_CHECK(call) \
+  ::moetrace::cuda::check_cublas(static_cast<int>(call), #call, __FILE__, __LINE__)
 // After every kernel launch: catches bad launch configurations at once.
 #define MT_CUDA_CHECK_LAUNCH() MT_CUDA_CHECK(cudaGetLastError())
 
@@ -36,7 +38,8 @@ class DeviceBuffer {
   DeviceBuffer() = default;
   explicit DeviceBuffer(size_t bytes);
   ~DeviceBuffer();
-  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  DeviceBuffer(DeviceBuffer&& o) noexcept
+      : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
@@ -61,7 +64,8 @@ class PinnedBuffer {
   PinnedBuffer() = default;
   explicit PinnedBuffer(size_t bytes);
   ~PinnedBuffer();
-  PinnedBuffer(PinnedBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  PinnedBuffer(PinnedBuffer&& o) noexcept
+      : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
   PinnedBuffer& operator=(PinnedBuffer&& o) noexcept;
   PinnedBuffer(const PinnedBuffer&) = delete;
   PinnedBuffer& operator=(const PinnedBuffer&) = delete;

@@ -51,12 +51,25 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 }  // namespace moetrace::cuda
 
 // Calls F<T>(args...) with T the device type of `dt` (float, __nv_bfloat16, __half).
-#define MT_DISPATCH_ACT(dt, T, ...)                                                              \
-  do {                                                                                           \
-    switch (dt) {                                                                                \
-      case ::moetrace::DType::kF32: { using T = float; __VA_ARGS__; break; }                     \
-      case ::moetrace::DType::kBF16: { using T = __nv_bfloat16; __VA_ARGS__; break; }            \
-      case ::moetrace::DType::kF16: { using T = __half; __VA_ARGS__; break; }                    \
-      default: ::moetrace::fail("unsupported GPU activation dtype ", ::moetrace::dtype_name(dt)); \
-    }                                                                                            \
+#define MT_DISPATCH_ACT(dt, T, ...)                                                        \
+  do {                                                                                     \
+    switch (dt) {                                                                          \
+      case ::moetrace::DType::kF32: {                                                      \
+        using T = float;                                                                   \
+        __VA_ARGS__;                                                                       \
+        break;                                                                             \
+      }                                                                                    \
+      case ::moetrace::DType::kBF16: {                                                     \
+        using T = __nv_bfloat16;                                                           \
+        __VA_ARGS__;                                                                       \
+        break;                                                                             \
+      }                                                                                    \
+      case ::moetrace::DType::kF16: {                                                      \
+        using T = __half;                                                                  \
+        __VA_ARGS__;                                                                       \
+        break;                                                                             \
+      }                                                                                    \
+      default:                                                                             \
+        ::moetrace::fail("unsupported GPU activation dtype ", ::moetrace::dtype_name(dt)); \
+    }                                                                                      \
   } while (0)

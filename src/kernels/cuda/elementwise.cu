@@ -17,8 +17,8 @@ __global__ void embed_kernel(const int32_t* ids, const T* table, int64_t d, floa
 // One warp per row, the row in registers (d <= 32 * 4 * kMaxVec); float32 sum of squares.
 constexpr int kMaxVec = 8;  // d <= 1024
 template <class T>
-__global__ void rmsnorm_kernel(const float* x, const float* w, int64_t rows, int d, float eps, T* out,
-                               float* out_f32) {
+__global__ void rmsnorm_kernel(const float* x, const float* w, int64_t rows, int d, float eps,
+                               T* out, float* out_f32) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
   if (r >= rows) return;
   const int lane = threadIdx.x % 32;
@@ -42,8 +42,8 @@ __global__ void rmsnorm_kernel(const float* x, const float* w, int64_t rows, int
     const int i = u * 32 + lane;
     if (i < n4) {
       const float4 ww = w4[i];
-      const float4 y = make_float4(ww.x * (v[u].x * scale), ww.y * (v[u].y * scale), ww.z * (v[u].z * scale),
-                                   ww.w * (v[u].w * scale));
+      const float4 y = make_float4(ww.x * (v[u].x * scale), ww.y * (v[u].y * scale),
+                                   ww.z * (v[u].z * scale), ww.w * (v[u].w * scale));
       T* o = out + r * d + i * 4;
       o[0] = from_f32<T>(y.x);
       o[1] = from_f32<T>(y.y);
@@ -56,7 +56,8 @@ __global__ void rmsnorm_kernel(const float* x, const float* w, int64_t rows, int
 
 // Any d: one block per row.
 template <class T>
-__global__ void rmsnorm_any_kernel(const float* x, const float* w, int64_t d, float eps, T* out, float* out_f32) {
+__global__ void rmsnorm_any_kernel(const float* x, const float* w, int64_t d, float eps, T* out,
+                                   float* out_f32) {
   const int64_t r = blockIdx.x;
   const float* xr = x + r * d;
   float ss = 0.f;
@@ -92,12 +93,13 @@ __global__ void convert_kernel(const float* src, int64_t n, T* dst) {
 void embed(const int32_t* ids, const void* table, DType table_dt, int64_t T, int64_t d, float* x,
            cudaStream_t stream) {
   if (T == 0) return;
-  MT_DISPATCH_ACT(table_dt, E, embed_kernel<E><<<T, 256, 0, stream>>>(ids, static_cast<const E*>(table), d, x));
+  MT_DISPATCH_ACT(table_dt, E,
+                  embed_kernel<E><<<T, 256, 0, stream>>>(ids, static_cast<const E*>(table), d, x));
   MT_CUDA_CHECK_LAUNCH();
 }
 
-void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, void* out, DType act,
-             float* out_f32, cudaStream_t stream) {
+void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, void* out,
+             DType act, float* out_f32, cudaStream_t stream) {
   if (rows == 0) return;
   if (d % 4 == 0 && d <= 32 * 4 * kMaxVec) {
     constexpr int kWarps = 8;
@@ -106,7 +108,8 @@ void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps,
                         x, w, rows, static_cast<int>(d), eps, static_cast<T*>(out), out_f32));
   } else {
     MT_DISPATCH_ACT(act, T,
-                    rmsnorm_any_kernel<T><<<rows, 256, 0, stream>>>(x, w, d, eps, static_cast<T*>(out), out_f32));
+                    rmsnorm_any_kernel<T>
+                    <<<rows, 256, 0, stream>>>(x, w, d, eps, static_cast<T*>(out), out_f32));
   }
   MT_CUDA_CHECK_LAUNCH();
 }
@@ -114,7 +117,8 @@ void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps,
 void convert_f32(const float* src, int64_t n, void* dst, DType dst_dt, cudaStream_t stream) {
   if (n == 0) return;
   const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), 4096);
-  MT_DISPATCH_ACT(dst_dt, T, convert_kernel<T><<<blocks, 256, 0, stream>>>(src, n, static_cast<T*>(dst)));
+  MT_DISPATCH_ACT(dst_dt, T,
+                  convert_kernel<T><<<blocks, 256, 0, stream>>>(src, n, static_cast<T*>(dst)));
   MT_CUDA_CHECK_LAUNCH();
 }
 

@@ -13,10 +13,11 @@ namespace {
 constexpr int kD = 64, kBQ = 64, kBK = 64, kLds = kD + 8, kMaxS = 1024;
 
 template <class T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1);
 template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                        uint32_t b1) {
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                        uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -24,7 +25,8 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 template <>
-__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                 uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -49,9 +51,9 @@ __device__ __forceinline__ uint32_t ld32(const void* p) { return *static_cast<co
 // are those of the PTX ISA for m16n8k16: g = lane/4 picks the row (and row + 8), t = lane%4 the
 // column pair.
 template <class T>
-__global__ void __launch_bounds__(128) flash_attention_kernel(const T* qkv, int64_t ld, int64_t inner,
-                                                              const float* bias, const int32_t* mask, int S,
-                                                              T* ctx) {
+__global__ void __launch_bounds__(128)
+    flash_attention_kernel(const T* qkv, int64_t ld, int64_t inner, const float* bias,
+                           const int32_t* mask, int S, T* ctx) {
   __shared__ __align__(16) T Ks[kBK][kLds];
   __shared__ __align__(16) T Vs[kBK][kLds];
   __shared__ float bias_s[2 * kMaxS - 1];
@@ -60,7 +62,8 @@ __global__ void __launch_bounds__(128) flash_attention_kernel(const T* qkv, int6
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const T* base = qkv + static_cast<int64_t>(b) * S * ld;
   if (bias)
-    for (int i = tid; i < 2 * S - 1; i += blockDim.x) bias_s[i] = bias[static_cast<int64_t>(h) * (2 * S - 1) + i];
+    for (int i = tid; i < 2 * S - 1; i += blockDim.x)
+      bias_s[i] = bias[static_cast<int64_t>(h) * (2 * S - 1) + i];
 
   const int r0 = blockIdx.x * kBQ + warp * 16 + g, r1 = r0 + 8;
   uint32_t qa[4][4];
@@ -76,7 +79,8 @@ __global__ void __launch_bounds__(128) flash_attention_kernel(const T* qkv, int6
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
-  // Bias index of key j for a row: j - row + S - 1 (rows past S read row S-1's; they are not written).
+  // Bias index of key j for a row: j - row + S - 1 (rows past S read row S-1's; they are not
+  // written).
   const int b0i = S - 1 - min(r0, S - 1), b1i = S - 1 - min(r1, S - 1);
 
   for (int k0 = 0; k0 < S; k0 += kBK) {
@@ -95,7 +99,9 @@ __global__ void __launch_bounds__(128) flash_attention_kernel(const T* qkv, int6
     for (int c = tid; c < kBK; c += blockDim.x) {
       const int key = k0 + c;
       // Keys past the end do not exist (-inf); masked keys get HF's finite lowest().
-      madd_s[c] = key >= S ? -INFINITY : (mask && mask[static_cast<int64_t>(b) * S + key] == 0 ? -FLT_MAX : 0.f);
+      madd_s[c] = key >= S
+                      ? -INFINITY
+                      : (mask && mask[static_cast<int64_t>(b) * S + key] == 0 ? -FLT_MAX : 0.f);
     }
     __syncthreads();
 
@@ -151,7 +157,8 @@ __global__ void __launch_bounds__(128) flash_attention_kernel(const T* qkv, int6
     }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                              pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
@@ -186,21 +193,23 @@ bool flash_attention_supported(int64_t dk, int64_t S, DType act) {
   return dk == kD && S <= kMaxS && (act == DType::kBF16 || act == DType::kF16);
 }
 
-void flash_attention(const void* qkv, const float* bias, const int32_t* mask, int64_t B, int64_t S, int64_t H,
-                     int64_t dk, void* ctx, DType act, cudaStream_t stream) {
+void flash_attention(const void* qkv, const float* bias, const int32_t* mask, int64_t B, int64_t S,
+                     int64_t H, int64_t dk, void* ctx, DType act, cudaStream_t stream) {
   if (!flash_attention_supported(dk, S, act))
-    fail("flash_attention: needs d_kv 64, S <= ", kMaxS, " and BF16/F16 (got d_kv ", dk, ", S ", S, ", ",
-         dtype_name(act), ")");
+    fail("flash_attention: needs d_kv 64, S <= ", kMaxS, " and BF16/F16 (got d_kv ", dk, ", S ", S,
+         ", ", dtype_name(act), ")");
   if (B == 0 || S == 0) return;
-  const dim3 grid(static_cast<unsigned>(ceil_div(S, kBQ)), static_cast<unsigned>(H), static_cast<unsigned>(B));
+  const dim3 grid(static_cast<unsigned>(ceil_div(S, kBQ)), static_cast<unsigned>(H),
+                  static_cast<unsigned>(B));
   const int64_t inner = H * dk;
   if (act == DType::kBF16)
-    flash_attention_kernel<__nv_bfloat16><<<grid, 128, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(qkv), 3 * inner, inner, bias, mask, static_cast<int>(S),
-        static_cast<__nv_bfloat16*>(ctx));
+    flash_attention_kernel<__nv_bfloat16>
+        <<<grid, 128, 0, stream>>>(static_cast<const __nv_bfloat16*>(qkv), 3 * inner, inner, bias,
+                                   mask, static_cast<int>(S), static_cast<__nv_bfloat16*>(ctx));
   else
-    flash_attention_kernel<__half><<<grid, 128, 0, stream>>>(static_cast<const __half*>(qkv), 3 * inner, inner, bias,
-                                                             mask, static_cast<int>(S), static_cast<__half*>(ctx));
+    flash_attention_kernel<__half>
+        <<<grid, 128, 0, stream>>>(static_cast<const __half*>(qkv), 3 * inner, inner, bias, mask,
+                                   static_cast<int>(S), static_cast<__half*>(ctx));
   MT_CUDA_CHECK_LAUNCH();
 }
 

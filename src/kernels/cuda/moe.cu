@@ -1,7 +1,7 @@
-// The mixture-of-experts layer on the GPU: router (softmax, top-1, per-sequence capacity scan, gate),
-// the expert permutation plan, and the grouped expert GEMMs whose epilogues fuse the ReLU and the
-// gate-scaled un-permute into the residual add. Nothing here waits for the host: expert counts stay
-// on the device and drive a tile table that the GEMM grids read.
+// The mixture-of-experts layer on the GPU: router (softmax, top-1, per-sequence capacity scan,
+// gate), the expert permutation plan, and the grouped expert GEMMs whose epilogues fuse the ReLU
+// and the gate-scaled un-permute into the residual add. Nothing here waits for the host: expert
+// counts stay on the device and drive a tile table that the GEMM grids read.
 
 #include <algorithm>
 
@@ -16,12 +16,13 @@ constexpr int kRouteThreads = 1024;  // 32 warps: one sequence per block, tokens
 constexpr int kMaxSeq = 1024;
 constexpr int kMaxExpertsPerLane = 8;  // E <= 256
 
-// One block per sequence. Phase 1: one warp per token (softmax, argmax, gate). Phase 2: the capacity
-// scan in position order, as a count of earlier same-expert tokens (S² / 2 shared-memory compares).
+// One block per sequence. Phase 1: one warp per token (softmax, argmax, gate). Phase 2: the
+// capacity scan in position order, as a count of earlier same-expert tokens (S² / 2 shared-memory
+// compares).
 template <class T>
-__global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(const float* logits, int S, int E, int capacity,
-                                                                  int32_t* expert, uint8_t* dropped, float* gate,
-                                                                  int32_t* counts, uint16_t* logits_f16) {
+__global__ void __launch_bounds__(kRouteThreads)
+    moe_route_kernel(const float* logits, int S, int E, int capacity, int32_t* expert,
+                     uint8_t* dropped, float* gate, int32_t* counts, uint16_t* logits_f16) {
   __shared__ int16_t top[kMaxSeq];
   const int b = blockIdx.x;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
@@ -90,8 +91,9 @@ __global__ void __launch_bounds__(kRouteThreads) moe_route_kernel(const float* l
   }
 }
 
-__global__ void moe_plan_kernel(const int32_t* counts, int E, int tile_m, int max_tiles, int32_t* offsets,
-                                int32_t* tile_expert, int32_t* tile_row, int32_t* cursor) {
+__global__ void moe_plan_kernel(const int32_t* counts, int E, int tile_m, int max_tiles,
+                                int32_t* offsets, int32_t* tile_expert, int32_t* tile_row,
+                                int32_t* cursor) {
   __shared__ int total_tiles;
   if (threadIdx.x == 0) {
     int off = 0, tiles = 0;
@@ -116,18 +118,19 @@ __global__ void moe_plan_kernel(const int32_t* counts, int E, int tile_m, int ma
   for (int e = threadIdx.x; e < E; e += blockDim.x) cursor[e] = 0;
 }
 
-__global__ void moe_permute_kernel(const int32_t* expert, const uint8_t* dropped, int64_t T, const int32_t* offsets,
-                                   int32_t* cursor, int32_t* perm) {
+__global__ void moe_permute_kernel(const int32_t* expert, const uint8_t* dropped, int64_t T,
+                                   const int32_t* offsets, int32_t* cursor, int32_t* perm) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (t >= T || dropped[t]) return;
   const int e = expert[t];
   perm[offsets[e] + atomicAdd(&cursor[e], 1)] = static_cast<int32_t>(t);
 }
 
-// ---- grouped GEMM, tensor cores (bf16 / fp16 in, fp32 accumulate) ---------------------------------
+// ---- grouped GEMM, tensor cores (bf16 / fp16 in, fp32 accumulate)
+// ---------------------------------
 
 constexpr int kBM = kGroupedTileM, kBN = 256, kBK = 64, kStages = 3, kLds = kBK + 8;
-constexpr int kThreads = 256;  // 8 warps as 2 (M) x 4 (N), each 64 x 64
+constexpr int kThreads = 256;                       // 8 warps as 2 (M) x 4 (N), each 64 x 64
 constexpr int kAChunks = kBM * kBK / 8 / kThreads;  // 16-byte copies per thread and stage
 constexpr int kBChunks = kBN * kBK / 8 / kThreads;
 constexpr size_t kWmmaSmem = static_cast<size_t>(kStages) * (kBM + kBN) * kLds * 2;
@@ -145,8 +148,9 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Applies the epilogue to one float32 accumulator value of permuted row r, column n.
 template <class T>
-__device__ __forceinline__ void epilogue_store(GroupedEpilogue ep, float acc, int r, int n, const int32_t* perm,
-                                               void* out, int64_t ldo, const float* gate) {
+__device__ __forceinline__ void epilogue_store(GroupedEpilogue ep, float acc, int r, int n,
+                                               const int32_t* perm, void* out, int64_t ldo,
+                                               const float* gate) {
   if (ep == GroupedEpilogue::kRelu) {
     static_cast<T*>(out)[static_cast<int64_t>(r) * ldo + n] = from_f32<T>(fmaxf(acc, 0.f));
   } else {
@@ -156,10 +160,11 @@ __device__ __forceinline__ void epilogue_store(GroupedEpilogue ep, float acc, in
 }
 
 template <class T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1);
 template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                        uint32_t b1) {
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                        uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -167,7 +172,8 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uin
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 template <>
-__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                 uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -186,9 +192,11 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
 // layouts as in the PTX ISA: accumulator c0,c1 at row g = lane/4, columns 2t, 2t+1 (t = lane%4);
 // c2,c3 at row g + 8.
 template <class T>
-__global__ void __launch_bounds__(kThreads) grouped_gemm_wmma_kernel(
-    const T* A, int64_t lda, bool a_gather, const int32_t* perm, const T* W, int N, int K, const int32_t* tile_expert,
-    const int32_t* tile_row, const int32_t* offsets, GroupedEpilogue ep, void* out, int64_t ldo, const float* gate) {
+__global__ void __launch_bounds__(kThreads)
+    grouped_gemm_wmma_kernel(const T* A, int64_t lda, bool a_gather, const int32_t* perm,
+                             const T* W, int N, int K, const int32_t* tile_expert,
+                             const int32_t* tile_row, const int32_t* offsets, GroupedEpilogue ep,
+                             void* out, int64_t ldo, const float* gate) {
   const int e = tile_expert[blockIdx.y];
   if (e < 0) return;
   const int row0 = tile_row[blockIdx.y];
@@ -288,7 +296,8 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wmma_kernel(
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
           const int n = n0 + wn * 64 + j * 8 + t * 2;
-          const float v0 = fmaxf(acc[i][j][half * 2], 0.f), v1 = fmaxf(acc[i][j][half * 2 + 1], 0.f);
+          const float v0 = fmaxf(acc[i][j][half * 2], 0.f),
+                      v1 = fmaxf(acc[i][j][half * 2 + 1], 0.f);
           if (n + 1 < N && ldo % 2 == 0) {
             T pair[2] = {from_f32<T>(v0), from_f32<T>(v1)};
             *reinterpret_cast<uint32_t*>(o + n) = *reinterpret_cast<const uint32_t*>(pair);
@@ -320,11 +329,11 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wmma_kernel(
 
 constexpr int kFM = kGroupedTileMF32, kFN = 64, kFK = 16;
 
-__global__ void __launch_bounds__(256) grouped_gemm_f32_kernel(const float* A, int64_t lda, bool a_gather,
-                                                               const int32_t* perm, const float* W, int N, int K,
-                                                               const int32_t* tile_expert, const int32_t* tile_row,
-                                                               const int32_t* offsets, GroupedEpilogue ep, void* out,
-                                                               int64_t ldo, const float* gate) {
+__global__ void __launch_bounds__(256)
+    grouped_gemm_f32_kernel(const float* A, int64_t lda, bool a_gather, const int32_t* perm,
+                            const float* W, int N, int K, const int32_t* tile_expert,
+                            const int32_t* tile_row, const int32_t* offsets, GroupedEpilogue ep,
+                            void* out, int64_t ldo, const float* gate) {
   const int e = tile_expert[blockIdx.y];
   if (e < 0) return;
   const int row0 = tile_row[blockIdx.y];
@@ -341,7 +350,8 @@ __global__ void __launch_bounds__(256) grouped_gemm_f32_kernel(const float* A, i
       const int r = i / kFK, k = i % kFK;
       const int grow = row0 + r;
       float v = 0.f;
-      if (grow < row_end && k0 + k < K) v = A[static_cast<int64_t>(a_gather ? perm[grow] : grow) * lda + k0 + k];
+      if (grow < row_end && k0 + k < K)
+        v = A[static_cast<int64_t>(a_gather ? perm[grow] : grow) * lda + k0 + k];
       As[k][r] = v;
     }
     for (int i = tid; i < kFN * kFK; i += 256) {
@@ -378,47 +388,50 @@ __global__ void __launch_bounds__(256) grouped_gemm_f32_kernel(const float* A, i
 
 }  // namespace
 
-void moe_route(const float* logits, int64_t B, int64_t S, int64_t E, int64_t capacity, DType act, int32_t* expert,
-               uint8_t* dropped, float* gate, int32_t* counts, uint16_t* logits_f16, cudaStream_t stream) {
+void moe_route(const float* logits, int64_t B, int64_t S, int64_t E, int64_t capacity, DType act,
+               int32_t* expert, uint8_t* dropped, float* gate, int32_t* counts,
+               uint16_t* logits_f16, cudaStream_t stream) {
   if (S > kMaxSeq) fail("moe_route: sequence length ", S, " > ", kMaxSeq);
   if (E > 32 * kMaxExpertsPerLane) fail("moe_route: ", E, " experts > ", 32 * kMaxExpertsPerLane);
   if (B == 0 || S == 0) return;
   const int cap = static_cast<int>(std::min<int64_t>(capacity, 1 << 30));
   MT_DISPATCH_ACT(act, T,
-                  moe_route_kernel<T><<<B, kRouteThreads, 0, stream>>>(logits, static_cast<int>(S),
-                                                                       static_cast<int>(E), cap, expert, dropped,
-                                                                       gate, counts, logits_f16));
+                  moe_route_kernel<T><<<B, kRouteThreads, 0, stream>>>(
+                      logits, static_cast<int>(S), static_cast<int>(E), cap, expert, dropped, gate,
+                      counts, logits_f16));
   MT_CUDA_CHECK_LAUNCH();
 }
 
-void moe_plan(const int32_t* counts, int64_t E, int tile_m, int64_t max_tiles, int32_t* offsets, int32_t* tile_expert,
-              int32_t* tile_row, int32_t* cursor, cudaStream_t stream) {
-  moe_plan_kernel<<<1, 256, 0, stream>>>(counts, static_cast<int>(E), tile_m, static_cast<int>(max_tiles), offsets,
-                                         tile_expert, tile_row, cursor);
+void moe_plan(const int32_t* counts, int64_t E, int tile_m, int64_t max_tiles, int32_t* offsets,
+              int32_t* tile_expert, int32_t* tile_row, int32_t* cursor, cudaStream_t stream) {
+  moe_plan_kernel<<<1, 256, 0, stream>>>(counts, static_cast<int>(E), tile_m,
+                                         static_cast<int>(max_tiles), offsets, tile_expert,
+                                         tile_row, cursor);
   MT_CUDA_CHECK_LAUNCH();
 }
 
-void moe_permute(const int32_t* expert, const uint8_t* dropped, int64_t T, const int32_t* offsets, int32_t* cursor,
-                 int32_t* perm, cudaStream_t stream) {
+void moe_permute(const int32_t* expert, const uint8_t* dropped, int64_t T, const int32_t* offsets,
+                 int32_t* cursor, int32_t* perm, cudaStream_t stream) {
   if (T == 0) return;
-  moe_permute_kernel<<<ceil_div(T, 256), 256, 0, stream>>>(expert, dropped, T, offsets, cursor, perm);
+  moe_permute_kernel<<<ceil_div(T, 256), 256, 0, stream>>>(expert, dropped, T, offsets, cursor,
+                                                           perm);
   MT_CUDA_CHECK_LAUNCH();
 }
 
 int grouped_tile_m(DType act) { return act == DType::kF32 ? kGroupedTileMF32 : kGroupedTileM; }
 
-void grouped_gemm(const void* A, int64_t lda, bool a_gather, const int32_t* perm, const void* W, int64_t N, int64_t K,
-                  const int32_t* tile_expert, const int32_t* tile_row, const int32_t* offsets, int64_t max_tiles,
-                  GroupedEpilogue epilogue, void* out, int64_t ldo, const float* gate, DType act,
-                  cudaStream_t stream) {
+void grouped_gemm(const void* A, int64_t lda, bool a_gather, const int32_t* perm, const void* W,
+                  int64_t N, int64_t K, const int32_t* tile_expert, const int32_t* tile_row,
+                  const int32_t* offsets, int64_t max_tiles, GroupedEpilogue epilogue, void* out,
+                  int64_t ldo, const float* gate, DType act, cudaStream_t stream) {
   if (K % 8 != 0) fail("grouped_gemm: K = ", K, " must be a multiple of 8");
   if (max_tiles == 0 || N == 0) return;
   if (act == DType::kF32) {
     const dim3 grid(static_cast<unsigned>(ceil_div(N, kFN)), static_cast<unsigned>(max_tiles));
-    grouped_gemm_f32_kernel<<<grid, 256, 0, stream>>>(static_cast<const float*>(A), lda, a_gather, perm,
-                                                      static_cast<const float*>(W), static_cast<int>(N),
-                                                      static_cast<int>(K), tile_expert, tile_row, offsets, epilogue,
-                                                      out, ldo, gate);
+    grouped_gemm_f32_kernel<<<grid, 256, 0, stream>>>(
+        static_cast<const float*>(A), lda, a_gather, perm, static_cast<const float*>(W),
+        static_cast<int>(N), static_cast<int>(K), tile_expert, tile_row, offsets, epilogue, out,
+        ldo, gate);
     MT_CUDA_CHECK_LAUNCH();
     return;
   }
@@ -430,14 +443,16 @@ void grouped_gemm(const void* A, int64_t lda, bool a_gather, const int32_t* perm
                                          static_cast<int>(kWmmaSmem)));
       attr_set = true;
     }
-    kernel<<<grid, kThreads, kWmmaSmem, stream>>>(a, lda, a_gather, perm, w, static_cast<int>(N), static_cast<int>(K),
-                                                  tile_expert, tile_row, offsets, epilogue, out, ldo, gate);
+    kernel<<<grid, kThreads, kWmmaSmem, stream>>>(a, lda, a_gather, perm, w, static_cast<int>(N),
+                                                  static_cast<int>(K), tile_expert, tile_row,
+                                                  offsets, epilogue, out, ldo, gate);
   };
   if (act == DType::kBF16) {
     launch(grouped_gemm_wmma_kernel<__nv_bfloat16>, static_cast<const __nv_bfloat16*>(A),
            static_cast<const __nv_bfloat16*>(W));
   } else if (act == DType::kF16) {
-    launch(grouped_gemm_wmma_kernel<__half>, static_cast<const __half*>(A), static_cast<const __half*>(W));
+    launch(grouped_gemm_wmma_kernel<__half>, static_cast<const __half*>(A),
+           static_cast<const __half*>(W));
   } else {
     fail("grouped_gemm: unsupported dtype ", dtype_name(act));
   }

@@ -1,13 +1,13 @@
-// GPU kernels of the Switch encoder, as host launchers on a stream. No knowledge of models or files.
-// Pointers are device pointers; row-major, dense unless an ld (row stride, in elements) is given.
-// `act` is the activation dtype of GEMM operands: kF32, kBF16 or kF16. The residual stream, norms,
-// softmax and everything of the router are float32 in every mode. Each op has a plain CPU twin in
-// kernels/cuda/reference.h that tests/cuda compares it with on random inputs of odd sizes.
+// GPU kernels of the Switch encoder, as host launchers on a stream. No knowledge of models or
+// files. Pointers are device pointers; row-major, dense unless an ld (row stride, in elements) is
+// given. `act` is the activation dtype of GEMM operands: kF32, kBF16 or kF16. The residual stream,
+// norms, softmax and everything of the router are float32 in every mode. Each op has a plain CPU
+// twin in kernels/cuda/reference.h that tests/cuda compares it with on random inputs of odd sizes.
 #pragma once
 
-#include <cstdint>
-
 #include <cuda_runtime_api.h>
+
+#include <cstdint>
 
 #include "core/dtype.h"
 
@@ -19,22 +19,23 @@ void embed(const int32_t* ids, const void* table, DType table_dt, int64_t T, int
 
 // out[r,:] = act(w * x[r,:] * rsqrt(mean(x[r,:]²) + eps)) for r < rows; also the float32 value into
 // out_f32 when it is not null (the router's input). x, w float32.
-void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, void* out, DType act,
-             float* out_f32, cudaStream_t stream);
+void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, void* out,
+             DType act, float* out_f32, cudaStream_t stream);
 
 // Converts n float32 values to dst_dt (F32, BF16, F16): the capture of fp16 logits, tests.
 void convert_f32(const float* src, int64_t n, void* dst, DType dst_dt, cudaStream_t stream);
 
 // Attention probabilities of one layer, in place of the scores' softmax:
 //   probs[b,h,i,:] = act(softmax(scores[b,h,i,:] + bias[h, j-i+Sk-1] + (mask[b,j] ? 0 : lowest)))
-// scores [B,H,Sq,Sk] float32; bias [H, 2*Sk-1] float32 or null (no position bias); mask [B,Sk] int32
-// or null (no padding); causal masks j > i (decoder self-attention; Sq == Sk). Sk <= 1024.
-void attention_softmax(const float* scores, const float* bias, const int32_t* mask, bool causal, int64_t B,
-                       int64_t H, int64_t Sq, int64_t Sk, void* probs, DType act, cudaStream_t stream);
+// scores [B,H,Sq,Sk] float32; bias [H, 2*Sk-1] float32 or null (no position bias); mask [B,Sk]
+// int32 or null (no padding); causal masks j > i (decoder self-attention; Sq == Sk). Sk <= 1024.
+void attention_softmax(const float* scores, const float* bias, const int32_t* mask, bool causal,
+                       int64_t B, int64_t H, int64_t Sq, int64_t Sk, void* probs, DType act,
+                       cudaStream_t stream);
 
-// Pointer tables for the per-(b,h) attention GEMMs over a packed qkv buffer [B*S, 3*H*dk] (q | k | v,
-// each head-major: column h*dk + c) and ctx [B*S, H*dk]; scores/probs [B,H,S,S]. Each table has B*H
-// entries, written on the device: q, k, v, scores, probs, ctx.
+// Pointer tables for the per-(b,h) attention GEMMs over a packed qkv buffer [B*S, 3*H*dk] (q | k |
+// v, each head-major: column h*dk + c) and ctx [B*S, H*dk]; scores/probs [B,H,S,S]. Each table has
+// B*H entries, written on the device: q, k, v, scores, probs, ctx.
 struct AttentionPointers {
   const void** q;
   const void** k;
@@ -43,8 +44,9 @@ struct AttentionPointers {
   const void** probs;
   void** ctx;
 };
-void attention_pointers(const void* qkv, const float* scores, const void* probs, void* ctx, int64_t B, int64_t S,
-                        int64_t H, int64_t dk, DType act, AttentionPointers p, cudaStream_t stream);
+void attention_pointers(const void* qkv, const float* scores, const void* probs, void* ctx,
+                        int64_t B, int64_t S, int64_t H, int64_t dk, DType act, AttentionPointers p,
+                        cudaStream_t stream);
 
 // Fused self-attention over packed qkv [B*S, 3*H*dk] (q | k | v, head-major columns): for each
 // (b, h), ctx[b,i,h,:] = softmax_j(q_i·k_j + bias[h, j-i+S-1] + (mask[b,j] ? 0 : lowest)) · v_j,
@@ -53,48 +55,52 @@ void attention_pointers(const void* qkv, const float* scores, const void* probs,
 // flash_attention_supported(): d_kv = 64, S <= 1024, BF16/F16 (elsewhere the unfused path:
 // batched GEMMs + attention_softmax).
 bool flash_attention_supported(int64_t dk, int64_t S, DType act);
-void flash_attention(const void* qkv, const float* bias, const int32_t* mask, int64_t B, int64_t S, int64_t H,
-                     int64_t dk, void* ctx, DType act, cudaStream_t stream);
+void flash_attention(const void* qkv, const float* bias, const int32_t* mask, int64_t B, int64_t S,
+                     int64_t H, int64_t dk, void* ctx, DType act, cudaStream_t stream);
 
-// ---- Mixture of experts --------------------------------------------------------------------------
+// ---- Mixture of experts
+// --------------------------------------------------------------------------
 
 // The Switch router after its logits, per sequence b (one block each), exactly as SWITCH_SPEC.md:
 //   probs = act(softmax(logits[b,s,:])) (float32 softmax, rounded to the activation dtype),
 //   expert = argmax(probs) (lowest index on ties), gate = max(probs),
-//   rank = number of earlier positions s' < s of sequence b with the same expert (pad tokens count),
-//   dropped = rank >= capacity.
+//   rank = number of earlier positions s' < s of sequence b with the same expert (pad tokens
+//   count), dropped = rank >= capacity.
 // logits [B,S,E] float32. Writes expert [B*S] int32, dropped [B*S] uint8, gate [B*S] float32 and
 // adds the kept tokens of each expert to counts[E] (zero it first). When logits_f16 is not null the
 // logits are also written there as float16 (the capture copy). S <= 1024.
-void moe_route(const float* logits, int64_t B, int64_t S, int64_t E, int64_t capacity, DType act, int32_t* expert,
-               uint8_t* dropped, float* gate, int32_t* counts, uint16_t* logits_f16, cudaStream_t stream);
+void moe_route(const float* logits, int64_t B, int64_t S, int64_t E, int64_t capacity, DType act,
+               int32_t* expert, uint8_t* dropped, float* gate, int32_t* counts,
+               uint16_t* logits_f16, cudaStream_t stream);
 
 // One block: offsets[e] = sum of counts[< e] (offsets[E] = kept tokens), and the tile table of the
 // grouped GEMMs: tile i < n_tiles covers rows [tile_row[i], tile_row[i] + tile_m) of expert
 // tile_expert[i] (row numbers within the permuted order); the remaining of max_tiles entries get
 // tile_expert = -1. max_tiles must be >= ceil(T/tile_m) + E. Zeroes cursor[E].
-void moe_plan(const int32_t* counts, int64_t E, int tile_m, int64_t max_tiles, int32_t* offsets, int32_t* tile_expert,
-              int32_t* tile_row, int32_t* cursor, cudaStream_t stream);
+void moe_plan(const int32_t* counts, int64_t E, int tile_m, int64_t max_tiles, int32_t* offsets,
+              int32_t* tile_expert, int32_t* tile_row, int32_t* cursor, cudaStream_t stream);
 
-// perm[offsets[e] + k] = token (k-th kept token of expert e in arrival order, not deterministic; the
-// result does not depend on it). T tokens.
-void moe_permute(const int32_t* expert, const uint8_t* dropped, int64_t T, const int32_t* offsets, int32_t* cursor,
-                 int32_t* perm, cudaStream_t stream);
+// perm[offsets[e] + k] = token (k-th kept token of expert e in arrival order, not deterministic;
+// the result does not depend on it). T tokens.
+void moe_permute(const int32_t* expert, const uint8_t* dropped, int64_t T, const int32_t* offsets,
+                 int32_t* cursor, int32_t* perm, cudaStream_t stream);
 
 // Grouped expert GEMM over the permuted rows, one weight matrix per expert:
-//   for every tile of the table, rows r of expert e:  acc[r,:] = A[row(r),:] · W[e]ᵀ   (W[e]: [N,K])
-// A rows come from perm (a_gather: A row = perm[r], the token) or are r itself (A already permuted).
-// Epilogue kRelu:         out[r,:] = act(relu(acc))                  (out: [rows, ldo] act dtype)
-// Epilogue kGateResidual: x[perm[r],:] += gate[perm[r]] * acc        (x: float32 [T, ldo]; the
+//   for every tile of the table, rows r of expert e:  acc[r,:] = A[row(r),:] · W[e]ᵀ   (W[e]:
+//   [N,K])
+// A rows come from perm (a_gather: A row = perm[r], the token) or are r itself (A already
+// permuted). Epilogue kRelu:         out[r,:] = act(relu(acc))                  (out: [rows, ldo]
+// act dtype) Epilogue kGateResidual: x[perm[r],:] += gate[perm[r]] * acc        (x: float32 [T,
+// ldo]; the
 //                         un-permute fused into the residual add; each token appears once)
 // W: [E, N, K] act dtype contiguous. K % 8 == 0. fp32 runs a plain SIMT kernel (no TF32).
 enum class GroupedEpilogue { kRelu, kGateResidual };
 constexpr int kGroupedTileM = 128;  // tile_m to pass to moe_plan for bf16/f16
 constexpr int kGroupedTileMF32 = 64;
 int grouped_tile_m(DType act);
-void grouped_gemm(const void* A, int64_t lda, bool a_gather, const int32_t* perm, const void* W, int64_t N,
-                  int64_t K, const int32_t* tile_expert, const int32_t* tile_row, const int32_t* offsets,
-                  int64_t max_tiles, GroupedEpilogue epilogue, void* out, int64_t ldo, const float* gate, DType act,
-                  cudaStream_t stream);
+void grouped_gemm(const void* A, int64_t lda, bool a_gather, const int32_t* perm, const void* W,
+                  int64_t N, int64_t K, const int32_t* tile_expert, const int32_t* tile_row,
+                  const int32_t* offsets, int64_t max_tiles, GroupedEpilogue epilogue, void* out,
+                  int64_t ldo, const float* gate, DType act, cudaStream_t stream);
 
 }  // namespace moetrace::cuda

@@ -9,20 +9,24 @@ namespace moetrace::cuda::ref {
 
 float round_to(float v, DType t) {
   switch (t) {
-    case DType::kBF16: return bf16_to_f32(f32_to_bf16(v));
-    case DType::kF16: return f16_to_f32(f32_to_f16(v));
-    default: return v;
+    case DType::kBF16:
+      return bf16_to_f32(f32_to_bf16(v));
+    case DType::kF16:
+      return f16_to_f32(f32_to_f16(v));
+    default:
+      return v;
   }
 }
 
-void embed(const std::vector<int32_t>& ids, const std::vector<float>& table, int64_t d, std::vector<float>& x) {
+void embed(const std::vector<int32_t>& ids, const std::vector<float>& table, int64_t d,
+           std::vector<float>& x) {
   x.assign(ids.size() * static_cast<size_t>(d), 0.f);
   for (size_t t = 0; t < ids.size(); ++t)
     std::copy_n(table.begin() + ids[t] * d, d, x.begin() + static_cast<int64_t>(t) * d);
 }
 
-void rmsnorm(const std::vector<float>& x, const std::vector<float>& w, int64_t rows, int64_t d, float eps,
-             std::vector<float>& out) {
+void rmsnorm(const std::vector<float>& x, const std::vector<float>& w, int64_t rows, int64_t d,
+             float eps, std::vector<float>& out) {
   out.resize(static_cast<size_t>(rows * d));
   for (int64_t r = 0; r < rows; ++r) {
     double ss = 0;
@@ -32,8 +36,9 @@ void rmsnorm(const std::vector<float>& x, const std::vector<float>& w, int64_t r
   }
 }
 
-void attention_softmax(const std::vector<float>& scores, const float* bias, const int32_t* mask, bool causal,
-                       int64_t B, int64_t H, int64_t Sq, int64_t Sk, std::vector<float>& probs) {
+void attention_softmax(const std::vector<float>& scores, const float* bias, const int32_t* mask,
+                       bool causal, int64_t B, int64_t H, int64_t Sq, int64_t Sk,
+                       std::vector<float>& probs) {
   probs.resize(scores.size());
   std::vector<float> v(static_cast<size_t>(Sk));
   for (int64_t b = 0; b < B; ++b)
@@ -56,9 +61,9 @@ void attention_softmax(const std::vector<float>& scores, const float* bias, cons
       }
 }
 
-void moe_route(const std::vector<float>& logits, int64_t B, int64_t S, int64_t E, int64_t capacity, DType act,
-               std::vector<int32_t>& expert, std::vector<uint8_t>& dropped, std::vector<float>& gate,
-               std::vector<int32_t>& counts) {
+void moe_route(const std::vector<float>& logits, int64_t B, int64_t S, int64_t E, int64_t capacity,
+               DType act, std::vector<int32_t>& expert, std::vector<uint8_t>& dropped,
+               std::vector<float>& gate, std::vector<int32_t>& counts) {
   const int64_t T = B * S;
   expert.assign(T, 0);
   dropped.assign(T, 0);
@@ -86,21 +91,24 @@ void moe_route(const std::vector<float>& logits, int64_t B, int64_t S, int64_t E
   }
 }
 
-void moe_ffn(const std::vector<float>& h, const std::vector<float>& wi, const std::vector<float>& wo,
-             const std::vector<int32_t>& expert, const std::vector<uint8_t>& dropped, const std::vector<float>& gate,
-             int64_t T, int64_t K, int64_t F, DType act, std::vector<float>& x) {
+void moe_ffn(const std::vector<float>& h, const std::vector<float>& wi,
+             const std::vector<float>& wo, const std::vector<int32_t>& expert,
+             const std::vector<uint8_t>& dropped, const std::vector<float>& gate, int64_t T,
+             int64_t K, int64_t F, DType act, std::vector<float>& x) {
   std::vector<float> inner(static_cast<size_t>(F));
   for (int64_t t = 0; t < T; ++t) {
     if (dropped[t]) continue;
     const int64_t e = expert[t];
     for (int64_t f = 0; f < F; ++f) {
       double acc = 0;
-      for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(h[t * K + k]) * wi[(e * F + f) * K + k];
+      for (int64_t k = 0; k < K; ++k)
+        acc += static_cast<double>(h[t * K + k]) * wi[(e * F + f) * K + k];
       inner[f] = round_to(std::max(static_cast<float>(acc), 0.f), act);
     }
     for (int64_t k = 0; k < K; ++k) {
       double acc = 0;
-      for (int64_t f = 0; f < F; ++f) acc += static_cast<double>(inner[f]) * wo[(e * K + k) * F + f];
+      for (int64_t f = 0; f < F; ++f)
+        acc += static_cast<double>(inner[f]) * wo[(e * K + k) * F + f];
       x[t * K + k] += gate[t] * static_cast<float>(acc);
     }
   }

@@ -1,6 +1,6 @@
 // Plain CPU twins of the GPU ops in kernels/cuda/ops.h (float32, scalar loops, no threads), for the
-// tests in tests/cuda. `act` rounding is modelled with moetrace's bf16/fp16 conversions, so a GPU op
-// and its twin see the same rounded inputs.
+// tests in tests/cuda. `act` rounding is modelled with moetrace's bf16/fp16 conversions, so a GPU
+// op and its twin see the same rounded inputs.
 #pragma once
 
 #include <cstdint>
@@ -13,20 +13,23 @@ namespace moetrace::cuda::ref {
 // Rounds v to dtype t (F32: unchanged) and back.
 float round_to(float v, DType t);
 
-void embed(const std::vector<int32_t>& ids, const std::vector<float>& table, int64_t d, std::vector<float>& x);
-void rmsnorm(const std::vector<float>& x, const std::vector<float>& w, int64_t rows, int64_t d, float eps,
-             std::vector<float>& out);
-void attention_softmax(const std::vector<float>& scores, const float* bias, const int32_t* mask, bool causal,
-                       int64_t B, int64_t H, int64_t Sq, int64_t Sk, std::vector<float>& probs);
+void embed(const std::vector<int32_t>& ids, const std::vector<float>& table, int64_t d,
+           std::vector<float>& x);
+void rmsnorm(const std::vector<float>& x, const std::vector<float>& w, int64_t rows, int64_t d,
+             float eps, std::vector<float>& out);
+void attention_softmax(const std::vector<float>& scores, const float* bias, const int32_t* mask,
+                       bool causal, int64_t B, int64_t H, int64_t Sq, int64_t Sk,
+                       std::vector<float>& probs);
 // Route as moe_route (expert, dropped, gate per token; counts of kept tokens per expert).
-void moe_route(const std::vector<float>& logits, int64_t B, int64_t S, int64_t E, int64_t capacity, DType act,
-               std::vector<int32_t>& expert, std::vector<uint8_t>& dropped, std::vector<float>& gate,
-               std::vector<int32_t>& counts);
+void moe_route(const std::vector<float>& logits, int64_t B, int64_t S, int64_t E, int64_t capacity,
+               DType act, std::vector<int32_t>& expert, std::vector<uint8_t>& dropped,
+               std::vector<float>& gate, std::vector<int32_t>& counts);
 // The whole expert layer on tokens h [T, K] (rows already in act precision), experts Wi [E, F, K],
 // Wo [E, K, F]: x[t] += gate[t] * (act(relu(h[t]·Wi[e]ᵀ)) · Wo[e]ᵀ) for kept tokens.
-void moe_ffn(const std::vector<float>& h, const std::vector<float>& wi, const std::vector<float>& wo,
-             const std::vector<int32_t>& expert, const std::vector<uint8_t>& dropped, const std::vector<float>& gate,
-             int64_t T, int64_t K, int64_t F, DType act, std::vector<float>& x);
+void moe_ffn(const std::vector<float>& h, const std::vector<float>& wi,
+             const std::vector<float>& wo, const std::vector<int32_t>& expert,
+             const std::vector<uint8_t>& dropped, const std::vector<float>& gate, int64_t T,
+             int64_t K, int64_t F, DType act, std::vector<float>& x);
 // Relative position bucket (SWITCH_SPEC.md), float32 log as Mesh-TF.
 int64_t relative_bucket(int64_t rp, bool bidirectional, int64_t num_buckets, int64_t max_distance);
 

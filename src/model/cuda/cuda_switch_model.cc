@@ -21,12 +21,16 @@ using cuda::Stream;
 
 namespace {
 
-std::string key(int64_t block, const char* name) { return "enc." + std::to_string(block) + "." + name; }
+std::string key(int64_t block, const char* name) {
+  return "enc." + std::to_string(block) + "." + name;
+}
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
-// Uploads a [rows, cols] checkpoint matrix as `act` into dst. Bytes already in `act` go as they are.
-void upload_matrix(const Matrix& m, DType act, void* dst, std::vector<float>& scratch, std::vector<uint8_t>& conv) {
+// Uploads a [rows, cols] checkpoint matrix as `act` into dst. Bytes already in `act` go as they
+// are.
+void upload_matrix(const Matrix& m, DType act, void* dst, std::vector<float>& scratch,
+                   std::vector<uint8_t>& conv) {
   const size_t n = static_cast<size_t>(m.rows * m.cols);
   if (m.f32.empty() && m.dtype == act) {
     MT_CUDA_CHECK(cudaMemcpy(dst, m.raw, n * dtype_size(act), cudaMemcpyHostToDevice));
@@ -49,7 +53,8 @@ DeviceBuffer upload_f32(const std::vector<float>& v) {
 }
 
 // The per-batch layout of a capture slot (device staging and pinned host alike), for T tokens and L
-// sparse blocks: [logits L*T*E][expert L*T i32][gate L*T f32][dropped L*T u8], each part 256-aligned.
+// sparse blocks: [logits L*T*E][expert L*T i32][gate L*T f32][dropped L*T u8], each part
+// 256-aligned.
 struct CaptureLayout {
   size_t logits = 0, expert = 0, gate = 0, dropped = 0, total = 0;
   size_t logit_bytes = 0;
@@ -134,8 +139,8 @@ struct CudaSwitchModel::Impl {
 
   // Activations, sized for cap_T tokens / cap_BHSS attention scores.
   int64_t cap_T = 0, cap_BHSS = 0, cap_BH = 0;
-  DeviceBuffer ids, mask, x, h, hr, qkv, ctx, scores, probs, ffn, logits, counts, offsets, cursor, perm, tile_expert,
-      tile_row, ptrs, expert_s, dropped_s, gate_s, out;
+  DeviceBuffer ids, mask, x, h, hr, qkv, ctx, scores, probs, ffn, logits, counts, offsets, cursor,
+      perm, tile_expert, tile_row, ptrs, expert_s, dropped_s, gate_s, out;
 
   CaptureSpec spec;
   std::shared_ptr<CapturedBatch::Pool> pool;
@@ -181,8 +186,10 @@ void CudaSwitchModel::Impl::upload_weights(const SwitchWeights& w) {
       db.wo.reserve(per * static_cast<size_t>(E));
       for (int64_t e = 0; e < E; ++e) {
         const Expert& ex = b.moe.experts[static_cast<size_t>(e)];
-        upload_matrix(ex.wi, act, db.wi.as<uint8_t>() + static_cast<size_t>(e) * per, scratch, conv);
-        upload_matrix(ex.wo, act, db.wo.as<uint8_t>() + static_cast<size_t>(e) * per, scratch, conv);
+        upload_matrix(ex.wi, act, db.wi.as<uint8_t>() + static_cast<size_t>(e) * per, scratch,
+                      conv);
+        upload_matrix(ex.wo, act, db.wo.as<uint8_t>() + static_cast<size_t>(e) * per, scratch,
+                      conv);
       }
     } else {
       db.wi.reserve(static_cast<size_t>(F * d) * as);
@@ -239,21 +246,24 @@ const float* CudaSwitchModel::Impl::bias_table(int64_t S) {
   if (it != bias_tables.end()) return it->second.as<float>();
   std::vector<float> table(static_cast<size_t>(H * (2 * S - 1)));
   for (int64_t rp = -(S - 1); rp <= S - 1; ++rp) {
-    const int bucket =
-        relative_position_bucket(rp, true, c.relative_attention_num_buckets, c.relative_attention_max_distance);
-    for (int64_t hh = 0; hh < H; ++hh) table[hh * (2 * S - 1) + rp + S - 1] = rel_bias[bucket * H + hh];
+    const int bucket = relative_position_bucket(rp, true, c.relative_attention_num_buckets,
+                                                c.relative_attention_max_distance);
+    for (int64_t hh = 0; hh < H; ++hh)
+      table[hh * (2 * S - 1) + rp + S - 1] = rel_bias[bucket * H + hh];
   }
   return bias_tables.emplace(S, upload_f32(table)).first->second.as<float>();
 }
 
-void CudaSwitchModel::Impl::offer(Observer* obs, const std::string& k, const void* dev, DType dt, Shape shape) {
+void CudaSwitchModel::Impl::offer(Observer* obs, const std::string& k, const void* dev, DType dt,
+                                  Shape shape) {
   if (obs == nullptr || !obs->wants(k)) return;
   Tensor t(dt, std::move(shape));
   cuda::download(t.raw(), dev, t.nbytes(), compute->get());
   obs->observe(k, t.view());
 }
 
-void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs, const CaptureTargets* cap) {
+void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs,
+                                    const CaptureTargets* cap) {
   const int64_t T = B * S;
   cudaStream_t s = compute->get();
   const int32_t* d_ids = ids.as<int32_t>();
@@ -265,12 +275,15 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs, const C
 
   auto** tab = ptrs.as<void*>();
   const int64_t n = B * H;
-  cuda::AttentionPointers p{const_cast<const void**>(tab), const_cast<const void**>(tab + n),
-                            const_cast<const void**>(tab + 2 * n), tab + 3 * n,
-                            const_cast<const void**>(tab + 4 * n), tab + 5 * n};
+  cuda::AttentionPointers p{
+      const_cast<const void**>(tab),         const_cast<const void**>(tab + n),
+      const_cast<const void**>(tab + 2 * n), tab + 3 * n,
+      const_cast<const void**>(tab + 4 * n), tab + 5 * n};
   // Attention: fused on the tensor cores where it applies, else batched GEMMs around a softmax.
   const bool flash = cuda::flash_attention_supported(dk, S, act);
-  if (!flash) cuda::attention_pointers(qkv.get(), scores.as<float>(), probs.get(), ctx.get(), B, S, H, dk, act, p, s);
+  if (!flash)
+    cuda::attention_pointers(qkv.get(), scores.as<float>(), probs.get(), ctx.get(), B, S, H, dk,
+                             act, p, s);
   cuda::embed(d_ids, embed.get(), embed_dt, T, d, X, s);
 
   for (size_t i = 0; i < blocks.size(); ++i) {
@@ -279,19 +292,24 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs, const C
     offer(obs, key(bi, "input"), X, DType::kF32, {B, S, d});
     // Self-attention: x += o(softmax(q·kᵀ + bias + mask)·v).
     cuda::rmsnorm(X, b.ln_attn.as<float>(), T, d, eps, h.get(), act, nullptr, s);
-    blas->gemm_nt(GemmArgs{T, 3 * inner, d, h.get(), d, b.qkv.get(), d, qkv.get(), 3 * inner, act, act});
+    blas->gemm_nt(
+        GemmArgs{T, 3 * inner, d, h.get(), d, b.qkv.get(), d, qkv.get(), 3 * inner, act, act});
     if (flash) {
       cuda::flash_attention(qkv.get(), bias, d_mask, B, S, H, dk, ctx.get(), act, s);
     } else {
       blas->batched_nt(n, S, S, dk, p.q, 3 * inner, p.k, 3 * inner, p.scores, S, act, DType::kF32);
-      cuda::attention_softmax(scores.as<float>(), bias, d_mask, false, B, H, S, S, probs.get(), act, s);
+      cuda::attention_softmax(scores.as<float>(), bias, d_mask, false, B, H, S, S, probs.get(), act,
+                              s);
       blas->batched_nn(n, S, dk, S, p.probs, S, p.v, 3 * inner, p.ctx, inner, act, act);
     }
-    blas->gemm_nt(GemmArgs{T, d, inner, ctx.get(), inner, b.o.get(), inner, X, d, act, DType::kF32, true});
+    blas->gemm_nt(
+        GemmArgs{T, d, inner, ctx.get(), inner, b.o.get(), inner, X, d, act, DType::kF32, true});
     // Feed-forward.
-    cuda::rmsnorm(X, b.ln_ff.as<float>(), T, d, eps, h.get(), act, b.sparse ? hr.as<float>() : nullptr, s);
+    cuda::rmsnorm(X, b.ln_ff.as<float>(), T, d, eps, h.get(), act,
+                  b.sparse ? hr.as<float>() : nullptr, s);
     if (!b.sparse) {
-      blas->gemm_nt(GemmArgs{T, F, d, h.get(), d, b.wi.get(), d, ffn.get(), F, act, act, false, true});
+      blas->gemm_nt(
+          GemmArgs{T, F, d, h.get(), d, b.wi.get(), d, ffn.get(), F, act, act, false, true});
       blas->gemm_nt(GemmArgs{T, d, F, ffn.get(), F, b.wo.get(), F, X, d, act, DType::kF32, true});
       continue;
     }
@@ -309,7 +327,8 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs, const C
       gt = reinterpret_cast<float*>(base + cap->layout.gate) + lt;
       dr = base + cap->layout.dropped + lt;
       if (cap->spec.router_logits) {
-        uint8_t* lb = base + cap->layout.logits + lt * static_cast<size_t>(E) * cap->layout.logit_bytes;
+        uint8_t* lb =
+            base + cap->layout.logits + lt * static_cast<size_t>(E) * cap->layout.logit_bytes;
         if (cap->spec.logits_dtype == DType::kF16)
           l16 = reinterpret_cast<uint16_t*>(lb);
         else
@@ -317,7 +336,8 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs, const C
       }
     }
     float* L = l32 ? l32 : logits.as<float>();
-    blas->gemm_nt(GemmArgs{T, E, d, hr.get(), d, b.router.get(), d, L, E, DType::kF32, DType::kF32});
+    blas->gemm_nt(
+        GemmArgs{T, E, d, hr.get(), d, b.router.get(), d, L, E, DType::kF32, DType::kF32});
     MT_CUDA_CHECK(cudaMemsetAsync(counts.get(), 0, static_cast<size_t>(E) * 4, s));
     cuda::moe_route(L, B, S, E, capacity, act, ex, dr, gt, counts.as<int32_t>(), l16, s);
     offer(obs, key(bi, "hidden"), hr.get(), DType::kF32, {B, S, d});
@@ -326,15 +346,16 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs, const C
     offer(obs, key(bi, "dropped"), dr, DType::kU8, {B, S});
     offer(obs, key(bi, "gate"), gt, DType::kF32, {B, S});
     // Experts: permute by expert on the device, grouped GEMMs, gate + un-permute fused into x.
-    cuda::moe_plan(counts.as<int32_t>(), E, tile_m, max_tiles, offsets.as<int32_t>(), tile_expert.as<int32_t>(),
-                   tile_row.as<int32_t>(), cursor.as<int32_t>(), s);
-    cuda::moe_permute(ex, dr, T, offsets.as<int32_t>(), cursor.as<int32_t>(), perm.as<int32_t>(), s);
-    cuda::grouped_gemm(h.get(), d, true, perm.as<int32_t>(), b.wi.get(), F, d, tile_expert.as<int32_t>(),
-                       tile_row.as<int32_t>(), offsets.as<int32_t>(), max_tiles, cuda::GroupedEpilogue::kRelu,
-                       ffn.get(), F, nullptr, act, s);
-    cuda::grouped_gemm(ffn.get(), F, false, perm.as<int32_t>(), b.wo.get(), d, F, tile_expert.as<int32_t>(),
-                       tile_row.as<int32_t>(), offsets.as<int32_t>(), max_tiles,
-                       cuda::GroupedEpilogue::kGateResidual, X, d, gt, act, s);
+    cuda::moe_plan(counts.as<int32_t>(), E, tile_m, max_tiles, offsets.as<int32_t>(),
+                   tile_expert.as<int32_t>(), tile_row.as<int32_t>(), cursor.as<int32_t>(), s);
+    cuda::moe_permute(ex, dr, T, offsets.as<int32_t>(), cursor.as<int32_t>(), perm.as<int32_t>(),
+                      s);
+    cuda::grouped_gemm(h.get(), d, true, perm.as<int32_t>(), b.wi.get(), F, d,
+                       tile_expert.as<int32_t>(), tile_row.as<int32_t>(), offsets.as<int32_t>(),
+                       max_tiles, cuda::GroupedEpilogue::kRelu, ffn.get(), F, nullptr, act, s);
+    cuda::grouped_gemm(ffn.get(), F, false, perm.as<int32_t>(), b.wo.get(), d, F,
+                       tile_expert.as<int32_t>(), tile_row.as<int32_t>(), offsets.as<int32_t>(),
+                       max_tiles, cuda::GroupedEpilogue::kGateResidual, X, d, gt, act, s);
   }
   cuda::rmsnorm(X, final_ln.as<float>(), T, d, eps, out.get(), DType::kF32, nullptr, s);
   offer(obs, "enc.output", out.get(), DType::kF32, {B, S, d});
@@ -343,12 +364,13 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs, const C
 size_t CudaSwitchModel::Impl::device_bytes() const {
   size_t n = embed.bytes() + final_ln.bytes();
   for (const auto& b : blocks)
-    n += b.ln_attn.bytes() + b.ln_ff.bytes() + b.qkv.bytes() + b.o.bytes() + b.wi.bytes() + b.wo.bytes() +
-         b.router.bytes();
+    n += b.ln_attn.bytes() + b.ln_ff.bytes() + b.qkv.bytes() + b.o.bytes() + b.wi.bytes() +
+         b.wo.bytes() + b.router.bytes();
   for (const auto& [S, t] : bias_tables) n += t.bytes();
-  for (const DeviceBuffer* b : {&ids, &mask, &x, &h, &hr, &qkv, &ctx, &scores, &probs, &ffn, &logits, &counts,
-                                &offsets, &cursor, &perm, &tile_expert, &tile_row, &ptrs, &expert_s, &dropped_s,
-                                &gate_s, &out})
+  for (const DeviceBuffer* b :
+       {&ids,      &mask, &x,        &h,         &hr,      &qkv,    &ctx,  &scores,
+        &probs,    &ffn,  &logits,   &counts,    &offsets, &cursor, &perm, &tile_expert,
+        &tile_row, &ptrs, &expert_s, &dropped_s, &gate_s,  &out})
     n += b->bytes();
   for (const auto& sl : slots) n += sl->staging.bytes();
   return n;
@@ -363,7 +385,8 @@ void CudaSwitchModel::Impl::configure_slots() {
   for (int i = 0; i < spec.slots; ++i) slots.push_back(std::make_unique<SlotDev>());
 }
 
-// ---- public --------------------------------------------------------------------------------------
+// ---- public
+// --------------------------------------------------------------------------------------
 
 CudaSwitchModel::CudaSwitchModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CudaSwitchModel::~CudaSwitchModel() {
@@ -371,7 +394,8 @@ CudaSwitchModel::~CudaSwitchModel() {
   if (impl_ && impl_->copy) (void)cudaStreamSynchronize(impl_->copy->get());
 }
 
-std::unique_ptr<CudaSwitchModel> CudaSwitchModel::load(const std::filesystem::path& dir, const LoadOptions& load,
+std::unique_ptr<CudaSwitchModel> CudaSwitchModel::load(const std::filesystem::path& dir,
+                                                       const LoadOptions& load,
                                                        const CudaOptions& options) {
   SwitchConfig config = load_config(dir / "config.json");
   std::shared_ptr<TensorSource> source = open_checkpoint(dir);
@@ -380,10 +404,13 @@ std::unique_ptr<CudaSwitchModel> CudaSwitchModel::load(const std::filesystem::pa
 
 std::unique_ptr<CudaSwitchModel> CudaSwitchModel::from_source(SwitchConfig config,
                                                               std::shared_ptr<TensorSource> source,
-                                                              const LoadOptions& load, const CudaOptions& options) {
+                                                              const LoadOptions& load,
+                                                              const CudaOptions& options) {
   const auto t0 = std::chrono::steady_clock::now();
-  if (options.precision != DType::kF32 && options.precision != DType::kBF16 && options.precision != DType::kF16)
-    fail("CudaSwitchModel: precision must be F32, BF16 or F16, not ", dtype_name(options.precision));
+  if (options.precision != DType::kF32 && options.precision != DType::kBF16 &&
+      options.precision != DType::kF16)
+    fail("CudaSwitchModel: precision must be F32, BF16 or F16, not ",
+         dtype_name(options.precision));
   if (!cuda::device_available()) fail("CudaSwitchModel: no CUDA device available");
   MT_CUDA_CHECK(cudaSetDevice(options.device));
   auto impl = std::make_unique<Impl>();
@@ -400,8 +427,8 @@ std::unique_ptr<CudaSwitchModel> CudaSwitchModel::from_source(SwitchConfig confi
   m.capacity = m.c.expert_capacity;
   m.eps = static_cast<float>(m.c.layer_norm_epsilon);
   if (m.d % 8 || m.F % 8 || m.inner % 8)
-    fail("CudaSwitchModel: d_model, d_ff and num_heads*d_kv must be multiples of 8 (got ", m.d, ", ", m.F, ", ",
-         m.inner, ")");
+    fail("CudaSwitchModel: d_model, d_ff and num_heads*d_kv must be multiples of 8 (got ", m.d,
+         ", ", m.F, ", ", m.inner, ")");
   if (m.E > 256) fail("CudaSwitchModel: at most 256 experts on the GPU (config has ", m.E, ")");
   m.compute = std::make_unique<Stream>();
   m.copy = std::make_unique<Stream>();
@@ -428,16 +455,19 @@ void CudaSwitchModel::reserve(int64_t B, int64_t S) { impl_->reserve(B, S); }
 Tensor CudaSwitchModel::encode(const Batch& batch, Observer* obs) {
   Impl& m = *impl_;
   const int64_t B = batch.B, S = batch.S, T = B * S;
-  if (static_cast<int64_t>(batch.input_ids.size()) != T || static_cast<int64_t>(batch.attention_mask.size()) != T)
-    fail("CudaSwitchModel::encode: batch of ", B, "x", S, " has ", batch.input_ids.size(), " ids and ",
-         batch.attention_mask.size(), " mask values");
+  if (static_cast<int64_t>(batch.input_ids.size()) != T ||
+      static_cast<int64_t>(batch.attention_mask.size()) != T)
+    fail("CudaSwitchModel::encode: batch of ", B, "x", S, " has ", batch.input_ids.size(),
+         " ids and ", batch.attention_mask.size(), " mask values");
   for (int64_t i = 0; i < T; ++i)
     if (batch.input_ids[i] < 0 || batch.input_ids[i] >= m.c.vocab_size)
-      fail("input_ids[", i, "] = ", batch.input_ids[i], " is outside the vocabulary [0, ", m.c.vocab_size, ")");
+      fail("input_ids[", i, "] = ", batch.input_ids[i], " is outside the vocabulary [0, ",
+           m.c.vocab_size, ")");
   m.reserve(B, S);
-  MT_CUDA_CHECK(cudaMemcpyAsync(m.ids.get(), batch.input_ids.data(), T * 4, cudaMemcpyHostToDevice, m.compute->get()));
-  MT_CUDA_CHECK(
-      cudaMemcpyAsync(m.mask.get(), batch.attention_mask.data(), T * 4, cudaMemcpyHostToDevice, m.compute->get()));
+  MT_CUDA_CHECK(cudaMemcpyAsync(m.ids.get(), batch.input_ids.data(), T * 4, cudaMemcpyHostToDevice,
+                                m.compute->get()));
+  MT_CUDA_CHECK(cudaMemcpyAsync(m.mask.get(), batch.attention_mask.data(), T * 4,
+                                cudaMemcpyHostToDevice, m.compute->get()));
   m.forward(B, S, obs, nullptr);
   Tensor out(DType::kF32, {B, S, m.d});
   cuda::download(out.raw(), m.out.get(), out.nbytes(), m.compute->get());
@@ -450,7 +480,8 @@ void CudaSwitchModel::set_capture(const CaptureSpec& spec) {
   {
     std::lock_guard<std::mutex> lock(m.pool->mu);
     for (auto st : m.pool->state)
-      if (st != CapturedBatch::Pool::kFree) fail("CudaSwitchModel::set_capture: captured batches are still held");
+      if (st != CapturedBatch::Pool::kFree)
+        fail("CudaSwitchModel::set_capture: captured batches are still held");
   }
   if (spec.slots < 1) fail("CudaSwitchModel::set_capture: slots must be >= 1");
   if (spec.router_logits && spec.logits_dtype != DType::kF16 && spec.logits_dtype != DType::kF32)
@@ -465,11 +496,13 @@ int CudaSwitchModel::slots() const { return impl_->spec.slots; }
 uint64_t CudaSwitchModel::submit(const Batch& batch) {
   Impl& m = *impl_;
   const int64_t B = batch.B, S = batch.S, T = B * S;
-  if (static_cast<int64_t>(batch.input_ids.size()) != T || static_cast<int64_t>(batch.attention_mask.size()) != T)
+  if (static_cast<int64_t>(batch.input_ids.size()) != T ||
+      static_cast<int64_t>(batch.attention_mask.size()) != T)
     fail("CudaSwitchModel::submit: batch of ", B, "x", S, " has ", batch.input_ids.size(), " ids");
   for (int64_t i = 0; i < T; ++i)
     if (batch.input_ids[i] < 0 || batch.input_ids[i] >= m.c.vocab_size)
-      fail("input_ids[", i, "] = ", batch.input_ids[i], " is outside the vocabulary [0, ", m.c.vocab_size, ")");
+      fail("input_ids[", i, "] = ", batch.input_ids[i], " is outside the vocabulary [0, ",
+           m.c.vocab_size, ")");
   int k = -1;
   {
     std::unique_lock<std::mutex> lock(m.pool->mu);
@@ -483,7 +516,8 @@ uint64_t CudaSwitchModel::submit(const Batch& batch) {
         held |= m.pool->state[i] == CapturedBatch::Pool::kHeld;
       }
       if (k >= 0) break;
-      if (!held) fail("CudaSwitchModel::submit: all ", m.spec.slots, " slots are in flight; poll() first");
+      if (!held)
+        fail("CudaSwitchModel::submit: all ", m.spec.slots, " slots are in flight; poll() first");
       m.pool->cv.wait(lock);
     }
     m.pool->state[static_cast<size_t>(k)] = CapturedBatch::Pool::kInFlight;
@@ -509,8 +543,8 @@ uint64_t CudaSwitchModel::submit(const Batch& batch) {
   m.forward(B, S, nullptr, &cap);
   sl.computed.record(s);
   MT_CUDA_CHECK(cudaStreamWaitEvent(m.copy->get(), sl.computed.get(), 0));
-  MT_CUDA_CHECK(cudaMemcpyAsync(m.pool->host[static_cast<size_t>(k)].get(), sl.staging.get(), layout.total,
-                                cudaMemcpyDeviceToHost, m.copy->get()));
+  MT_CUDA_CHECK(cudaMemcpyAsync(m.pool->host[static_cast<size_t>(k)].get(), sl.staging.get(),
+                                layout.total, cudaMemcpyDeviceToHost, m.copy->get()));
   sl.copied.record(m.copy->get());
   sl.ticket = m.next_ticket++;
   sl.B = B;
@@ -546,15 +580,20 @@ std::unique_ptr<CapturedBatch> CudaSwitchModel::poll(bool wait) {
     const int64_t bi = &b - m.blocks.data();
     const auto lt = static_cast<size_t>(b.sparse_index * T);
     if (m.spec.router_logits)
-      r->tensors.emplace_back(key(bi, "router_logits"),
-                              TensorView{m.spec.logits_dtype, {sl.B, sl.S, m.E},
-                                         base + layout.logits + lt * static_cast<size_t>(m.E) * layout.logit_bytes});
+      r->tensors.emplace_back(
+          key(bi, "router_logits"),
+          TensorView{m.spec.logits_dtype,
+                     {sl.B, sl.S, m.E},
+                     base + layout.logits + lt * static_cast<size_t>(m.E) * layout.logit_bytes});
     if (m.spec.expert)
-      r->tensors.emplace_back(key(bi, "expert"), TensorView{DType::kI32, {sl.B, sl.S}, base + layout.expert + lt * 4});
+      r->tensors.emplace_back(key(bi, "expert"),
+                              TensorView{DType::kI32, {sl.B, sl.S}, base + layout.expert + lt * 4});
     if (m.spec.dropped)
-      r->tensors.emplace_back(key(bi, "dropped"), TensorView{DType::kU8, {sl.B, sl.S}, base + layout.dropped + lt});
+      r->tensors.emplace_back(key(bi, "dropped"),
+                              TensorView{DType::kU8, {sl.B, sl.S}, base + layout.dropped + lt});
     if (m.spec.gate)
-      r->tensors.emplace_back(key(bi, "gate"), TensorView{DType::kF32, {sl.B, sl.S}, base + layout.gate + lt * 4});
+      r->tensors.emplace_back(key(bi, "gate"),
+                              TensorView{DType::kF32, {sl.B, sl.S}, base + layout.gate + lt * 4});
   }
   return r;
 }

@@ -2,9 +2,10 @@
 // observation keys, plus an asynchronous capture pipeline for trace collection.
 //
 // Precision: weights and GEMM operands in bf16 (default), fp16 or fp32, always with fp32
-// accumulation. The residual stream, RMS norms, softmaxes and the whole router stay float32 in every
-// mode (the router's logits come from the float32 norm output, never TF32); fp32 mode is the parity
-// mode. Per-sequence expert capacity, top-1 ties and dropped tokens follow SWITCH_SPEC.md exactly.
+// accumulation. The residual stream, RMS norms, softmaxes and the whole router stay float32 in
+// every mode (the router's logits come from the float32 norm output, never TF32); fp32 mode is the
+// parity mode. Per-sequence expert capacity, top-1 ties and dropped tokens follow SWITCH_SPEC.md
+// exactly.
 //
 // Two ways to run the encoder:
 //  * encode(batch, observer): synchronous, the same keys and shapes as SwitchModel::encode
@@ -19,8 +20,8 @@
 //
 //      CudaSwitchModel m(...);  m.set_capture(spec);
 //      for (const Batch& b : batches) {
-//        if (m.in_flight() == m.slots()) consume(m.poll(true));  // consume may hand it to a writer thread
-//        m.submit(b);
+//        if (m.in_flight() == m.slots()) consume(m.poll(true));  // consume may hand it to a writer
+//        thread m.submit(b);
 //      }
 //      while (auto r = m.poll(true)) consume(std::move(r));
 //
@@ -55,12 +56,12 @@ struct CudaOptions {
 
 // What the pipeline copies to the host for every sparse encoder block i.
 struct CaptureSpec {
-  bool router_logits = true;       // enc.{i}.router_logits [B,S,E]
+  bool router_logits = true;         // enc.{i}.router_logits [B,S,E]
   DType logits_dtype = DType::kF16;  // kF16 (half the bytes) or kF32
-  bool expert = true;              // enc.{i}.expert [B,S] I32
-  bool dropped = true;             // enc.{i}.dropped [B,S] U8
-  bool gate = false;               // enc.{i}.gate [B,S] F32
-  int slots = 3;                   // batches in flight + held
+  bool expert = true;                // enc.{i}.expert [B,S] I32
+  bool dropped = true;               // enc.{i}.dropped [B,S] U8
+  bool gate = false;                 // enc.{i}.gate [B,S] F32
+  int slots = 3;                     // batches in flight + held
 };
 
 class CudaSwitchModel;
@@ -89,13 +90,15 @@ class CapturedBatch {
 
 class CudaSwitchModel {
  public:
-  // Uploads the encoder weights (and, unless load.encoder_only, nothing else yet: the decoder is not
-  // on the GPU) in options.precision. Throws Error for unsupported configs (router_bias, d_kv·H or
-  // d_ff not multiples of 8, more than 256 experts).
-  static std::unique_ptr<CudaSwitchModel> from_source(SwitchConfig config, std::shared_ptr<TensorSource> source,
-                                                      const LoadOptions& load, const CudaOptions& options);
-  static std::unique_ptr<CudaSwitchModel> load(const std::filesystem::path& dir, const LoadOptions& load,
-                                               const CudaOptions& options);
+  // Uploads the encoder weights (and, unless load.encoder_only, nothing else yet: the decoder is
+  // not on the GPU) in options.precision. Throws Error for unsupported configs (router_bias, d_kv·H
+  // or d_ff not multiples of 8, more than 256 experts).
+  static std::unique_ptr<CudaSwitchModel> from_source(SwitchConfig config,
+                                                      std::shared_ptr<TensorSource> source,
+                                                      const LoadOptions& load,
+                                                      const CudaOptions& options);
+  static std::unique_ptr<CudaSwitchModel> load(const std::filesystem::path& dir,
+                                               const LoadOptions& load, const CudaOptions& options);
   ~CudaSwitchModel();
   CudaSwitchModel(const CudaSwitchModel&) = delete;
   CudaSwitchModel& operator=(const CudaSwitchModel&) = delete;

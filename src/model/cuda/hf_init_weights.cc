@@ -40,7 +40,8 @@ class RescaledSource : public TensorSource {
 
 }  // namespace
 
-std::shared_ptr<TensorSource> make_hf_init_random_weights(const SwitchConfig& c, const RandomWeightOptions& o) {
+std::shared_ptr<TensorSource> make_hf_init_random_weights(const SwitchConfig& c,
+                                                          const RandomWeightOptions& o) {
   auto src = std::make_shared<RescaledSource>(make_random_weights(c, o));
   const float q_factor = 1.0f / std::sqrt(static_cast<float>(c.d_kv));
   const float bias_factor = 1.0f / std::sqrt(static_cast<float>(c.d_model));
@@ -51,7 +52,9 @@ std::shared_ptr<TensorSource> make_hf_init_random_weights(const SwitchConfig& c,
       src->rescale(p + "0.SelfAttention.q.weight", q_factor);
       src->rescale(p + "1.EncDecAttention.q.weight", q_factor);
     }
-    src->rescale(std::string(stack) + ".block.0.layer.0.SelfAttention.relative_attention_bias.weight", bias_factor);
+    src->rescale(
+        std::string(stack) + ".block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+        bias_factor);
   }
   return src;
 }
