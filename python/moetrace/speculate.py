@@ -380,11 +380,12 @@ class Pregate(Predictor):
 class Learned(Predictor):
     """Softmax regression trained by moetrace on a subsample of the train split: features are the
     (standardised) router input at layer t-1 when the store has hidden states, plus one-hot experts
-    of layers t-1 and t-2. Trained with Adam; the loss curve is reported."""
+    of layers t-1 and t-2 (kept as indices: their weights are rows looked up, not a GEMM). Trained
+    with Adam on minibatches of 512; the loss curve is reported."""
     name = "learned"
     lookahead = 1
 
-    def __init__(self, L, E, use_hidden: bool, keep_prob: float, steps: int, seed: int, lr: float = 0.02):
+    def __init__(self, L, E, use_hidden: bool, keep_prob: float, steps: int, seed: int, lr: float = 0.05):
         super().__init__(L, E)
         self.use_hidden, self.keep_prob, self.steps, self.lr = use_hidden, keep_prob, steps, lr
         self.rng = np.random.default_rng(seed)
@@ -392,81 +393,101 @@ class Learned(Predictor):
         self.models, self.curves, self.train_tokens = {}, {}, {}
         self.needs_hidden = use_hidden
 
-    def _features(self, c, t, rows=None):
+    def _inputs(self, c, t, rows=None):
+        """(hidden [n, d] or None, previous experts [n, 2] with E for 'no such layer')."""
         ex = c.experts if rows is None else c.experts[rows]
-        n = ex.shape[0]
-        parts = []
+        prev = np.stack([ex[:, t - 1], ex[:, t - 2] if t >= 2 else np.full(ex.shape[0], self.e)], axis=1)
+        h = None
         if self.use_hidden:
             h = c.hidden(t - 1)
-            parts.append(h if rows is None else h[rows])
-        for j in (t - 1, t - 2):
-            oh = np.zeros((n, self.e), np.float32)
-            if j >= 0:
-                oh[np.arange(n), ex[:, j]] = 1.0
-            parts.append(oh)
-        return np.concatenate(parts, axis=1)
+            h = h if rows is None else h[rows]
+        return h, prev
 
     def fit(self, c):
         keep = np.flatnonzero(self.rng.random(c.experts.shape[0]) < self.keep_prob)
         if keep.size == 0:
             return
         for t in self.data:
-            self.data[t].append((self._features(c, t, keep).astype(np.float16), c.experts[keep, t].copy()))
+            h, prev = self._inputs(c, t, keep)
+            self.data[t].append((None if h is None else h.astype(np.float16), prev, c.experts[keep, t].copy()))
 
     def finish(self, freq):
         super().finish(freq)
         for t, parts in self.data.items():
             if not parts:
                 continue
-            x = np.concatenate([p[0] for p in parts]).astype(np.float32)
-            y = np.concatenate([p[1] for p in parts])
-            mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
-            w, b, curve = self._train((x - mu) / sd, y)
-            self.models[t] = (w, b, mu, sd)
+            prev = np.concatenate([p[1] for p in parts])
+            y = np.concatenate([p[2] for p in parts])
+            h, mu, sd = None, None, None
+            if self.use_hidden:
+                h = np.concatenate([p[0] for p in parts]).astype(np.float32)
+                mu, sd = h.mean(axis=0), h.std(axis=0) + 1e-6
+                h = (h - mu) / sd
+            params, curve = self._train(h, prev, y)
+            self.models[t] = (params, mu, sd)
             self.curves[t] = curve
             self.train_tokens[t] = int(y.size)
         self.data = {}
 
-    def _train(self, x, y):
-        """Adam on the mean cross-entropy, minibatches of 512; returns (W [F, E], b [E], curve)."""
-        n, f = x.shape
-        w = np.zeros((f, self.e), np.float32)
-        b = np.log(np.bincount(y, minlength=self.e) + 1.0).astype(np.float32)
-        b -= b.mean()
-        m = [np.zeros_like(w), np.zeros_like(b)]
-        v = [np.zeros_like(w), np.zeros_like(b)]
+    def _logits(self, params, h, prev):
+        wh, emb, b = params  # [d, E] or None, [2, E+1, E], [E]
+        z = b + emb[0][prev[:, 0]] + emb[1][prev[:, 1]]
+        if wh is not None:
+            z = z + h @ wh
+        return z
+
+    def _train(self, h, prev, y):
+        """Adam on the mean cross-entropy (L2 1e-4 on the weights); returns (params, curve)."""
+        n, e = y.size, self.e
+        b = np.log(np.bincount(y, minlength=e) + 1.0).astype(np.float32)
+        params = [None if h is None else np.zeros((h.shape[1], e), np.float32), np.zeros((2, e + 1, e), np.float32),
+                  b - b.mean()]
+        m = [None if x is None else np.zeros_like(x) for x in params]
+        v = [None if x is None else np.zeros_like(x) for x in params]
         curve, run = [], []
         b1, b2 = 0.9, 0.999
+        cols = np.arange(e)
         for step in range(1, self.steps + 1):
             idx = self.rng.integers(0, n, size=min(512, n))
-            xb, yb = x[idx], y[idx]
-            z = xb @ w + b
+            hb = None if h is None else h[idx]
+            pb, yb = prev[idx], y[idx]
+            z = self._logits(params, hb, pb)
             z -= z.max(axis=1, keepdims=True)
             p = np.exp(z)
             p /= p.sum(axis=1, keepdims=True)
             run.append(float(-np.log(p[np.arange(yb.size), yb] + 1e-12).mean()))
             p[np.arange(yb.size), yb] -= 1.0
-            p /= yb.size
-            grads = [xb.T @ p + 1e-4 * w, p.sum(axis=0)]
-            for i, (par, g) in enumerate(zip((w, b), grads)):
+            p /= yb.size  # d loss / d z
+            g_emb = np.stack([  # rows of p summed per previous expert (a bincount beats np.add.at)
+                np.bincount((pb[:, j, None] * e + cols).ravel(), weights=p.ravel(), minlength=(e + 1) * e)
+                .reshape(e + 1, e) for j in (0, 1)]).astype(np.float32)
+            grads = [None if hb is None else hb.T @ p + 1e-4 * params[0], g_emb + 1e-4 * params[1], p.sum(axis=0)]
+            for i, g in enumerate(grads):
+                if g is None:
+                    continue
                 m[i] = b1 * m[i] + (1 - b1) * g
                 v[i] = b2 * v[i] + (1 - b2) * g * g
-                par -= self.lr * (m[i] / (1 - b1 ** step)) / (np.sqrt(v[i] / (1 - b2 ** step)) + 1e-8)
+                params[i] -= self.lr * (m[i] / (1 - b1 ** step)) / (np.sqrt(v[i] / (1 - b2 ** step)) + 1e-8)
             if step % 10 == 0 or step == self.steps:
                 curve.append({"step": step, "loss": float(np.mean(run))})
                 run = []
-        return w, b, curve
+        return params, curve
 
     def targets(self):
         return sorted(self.models)
 
     def scores(self, c, t):
-        w, b, mu, sd = self.models[t]
-        return (((self._features(c, t) - mu) / sd) @ w + b).astype(np.float64)
+        params, mu, sd = self.models[t]
+        h, prev = self._inputs(c, t)
+        if h is not None:
+            h = (h - mu) / sd
+        return self._logits(params, h, prev).astype(np.float64)
 
     def describe(self):
-        return {"features": ("hidden state at t-1 + " if self.use_hidden else "") + "one-hot experts at t-1 and t-2",
-                "model": "softmax regression (Adam, minibatch 512, L2 1e-4)",
+        return {"features": ("standardised hidden state at t-1 + " if self.use_hidden else "")
+                + "one-hot experts at t-1 and t-2",
+                "model": "softmax regression (Adam, lr 0.05, minibatch 512, L2 1e-4)",
+                "steps": self.steps,
                 "train_tokens": {str(t): n for t, n in self.train_tokens.items()},
                 "loss_curves": {str(t): c for t, c in self.curves.items()}}
 
@@ -787,7 +808,7 @@ def run_stack(store, spec: StackSpec, opt: Options, routers, progress, ds_names:
             nsamp = int(inv[-1]) + 1
             ds_masks = [(d, c.dataset == d) for d in np.unique(c.dataset)] if len(ds_names) > 1 else []
             if opt.simulate:
-                routing.append((c.experts.astype(np.int16), c.sample))
+                routing.append((c.experts.astype(np.int16), c.sample.astype(np.int32)))
                 top = np.empty((n, L, kpre), np.int16)
             for p in preds:
                 for t in p.targets():
