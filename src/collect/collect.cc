@@ -189,13 +189,23 @@ CollectResult run_collect(const CollectOptions& o) {
   if (o.device == "cuda")
     fail("--device cuda: this moetrace was built without the CUDA backend (no nvcc found)");
 #endif
+  // Refuse an unusable output before any slow work (the writer checks again, fully).
+  std::error_code ec;
+  if (!o.resume && !o.overwrite && fs::is_directory(o.output, ec) && !fs::is_empty(o.output, ec)) {
+    fail(o.output,
+         ": is not empty; use --resume to continue a store of the same settings or --overwrite to "
+         "replace it");
+  }
   cpu::set_num_threads(o.threads);
   const double t_start = progress_clock();
 
   // Model and tokenizer.
   ModelChoice mc = choose_model(o.model, !o.decoder);
   const SwitchConfig& cfg = mc.config;
-  const T5Tokenizer tok = T5Tokenizer::load(mc.spiece);
+  if (o.tokenizer.empty() && !fs::exists(mc.spiece)) {
+    fail(mc.spiece.string(), ": no spiece.model beside the checkpoint; pass --tokenizer FILE");
+  }
+  const T5Tokenizer tok = T5Tokenizer::load(o.tokenizer.empty() ? mc.spiece : o.tokenizer);
   const std::vector<int> enc_layers = cfg.sparse_encoder_blocks();
   const std::vector<int> dec_layers = o.decoder ? cfg.sparse_decoder_blocks() : std::vector<int>{};
   if (enc_layers.empty()) fail(mc.id, ": the model has no sparse encoder layers: nothing to trace");
@@ -350,6 +360,11 @@ CollectResult run_collect(const CollectOptions& o) {
   BatchCapture cap(enc_layers, dec_layers, want_hidden);
   CollectResult result;
   double engine_seconds = 0;
+  // MOETRACE_FAULT_KILL_AFTER=N: SIGKILL this process right after the N-th sample of this run
+  // reached the writer (tests kill runs at chosen points, between and inside shard commits).
+  const char* fault = std::getenv("MOETRACE_FAULT_KILL_AFTER");
+  const int64_t kill_after = fault != nullptr ? std::atoll(fault) : -1;
+  int64_t added = 0;
   try {
     while (true) {
       std::pair<size_t, size_t> win;
@@ -446,6 +461,7 @@ CollectResult run_collect(const CollectOptions& o) {
         }
         writer->add(r);
         result.tokens += static_cast<int64_t>(r.token_ids.size());
+        if (++added == kill_after) std::raise(SIGKILL);  // fault injection for the resume tests
         if (w.synthetic) progress.samples_skipped(1);
       }
       result.samples += static_cast<int64_t>(n);

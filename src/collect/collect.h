@@ -24,6 +24,7 @@ struct CollectOptions {
   std::filesystem::path catalog;  // extra dataset spec file
   uint64_t seed = 0;
   int max_length = 256;
+  std::filesystem::path tokenizer;  // spiece.model; default: the one beside the checkpoint
   // Engine.
   std::string device = "cpu";  // cpu | cuda
   int threads = 0;

@@ -10,7 +10,7 @@ struct CollectArgs {
   CollectOptions o;
   std::string logits = "f16", hidden = "none";
   std::vector<std::string> data_roots;
-  std::string catalog;
+  std::string catalog, tokenizer;
   bool no_progress = false;
 };
 
@@ -58,6 +58,9 @@ const RegisterCommand reg([](CLI::App& app) {
   sub->add_option("--seed", o.seed, "seed of the sampling plan and of synthetic traces")
       ->capture_default_str()
       ->group(gd);
+  sub->add_option("--tokenizer", a->tokenizer,
+                  "spiece.model to use (default: the one beside the checkpoint)")
+      ->group(gd);
   sub->add_option("--max-length", o.max_length,
                   "tokens per sample at most (the final </s> is kept)")
       ->capture_default_str()
@@ -102,6 +105,7 @@ const RegisterCommand reg([](CLI::App& app) {
     }
     for (const auto& r : a->data_roots) opts.data_roots.emplace_back(r);
     opts.catalog = a->catalog;
+    opts.tokenizer = a->tokenizer;
     opts.progress = !a->no_progress;
     opts.command_line = {"moetrace", "collect"};
     for (const std::string& arg : sub->remaining_for_passthrough())
