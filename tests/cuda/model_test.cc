@@ -110,7 +110,7 @@ TEST_F(CudaTest, Bf16MatchesCpuFp32) {
   const Batch batch = random_batch(6, 70, c.vocab_size, 3);
   RecordingObserver want, got;
   cpu->encode(batch, &want);
-  for (DType prec : {DType::kBF16, DType::kF32}) {
+  for (DType prec : {DType::kBF16, DType::kF16, DType::kF32}) {
     auto gpu = CudaSwitchModel::from_source(c, src, LoadOptions{true}, CudaOptions{prec});
     got.clear();
     gpu->encode(batch, &got);
@@ -139,6 +139,7 @@ TEST_F(CudaTest, CapturePipelineMatchesEncode) {
   auto gpu = CudaSwitchModel::from_source(c, src, LoadOptions{true}, CudaOptions{DType::kBF16});
   CaptureSpec spec;
   spec.gate = true;
+  spec.hidden = true;  // bf16
   spec.slots = 2;
   gpu->set_capture(spec);
   std::vector<Batch> batches;
@@ -175,6 +176,11 @@ TEST_F(CudaTest, CapturePipelineMatchesEncode) {
       const auto d = as_f32(*rest[j]->find(k + "dropped"));
       EXPECT_EQ(d, as_f32(want.last(k + "dropped").view())) << k;
       EXPECT_EQ(as_f32(*rest[j]->find(k + "gate")), as_f32(want.last(k + "gate").view())) << k;
+      ASSERT_NE(rest[j]->find(k + "hidden"), nullptr);
+      EXPECT_EQ(rest[j]->find(k + "hidden")->dtype, DType::kBF16);
+      EXPECT_LT(
+          rel_err(as_f32(*rest[j]->find(k + "hidden")), as_f32(want.last(k + "hidden").view())),
+          5e-3);
       for (float v : d) dropped += v > 0;
     }
     EXPECT_GT(dropped, 0) << "capacity 9 should drop tokens";

@@ -56,16 +56,18 @@ DeviceBuffer upload_f32(const std::vector<float>& v) {
 // sparse blocks: [logits L*T*E][expert L*T i32][gate L*T f32][dropped L*T u8], each part
 // 256-aligned.
 struct CaptureLayout {
-  size_t logits = 0, expert = 0, gate = 0, dropped = 0, total = 0;
-  size_t logit_bytes = 0;
-  CaptureLayout(const CaptureSpec& spec, int64_t T, int64_t L, int64_t E) {
+  size_t logits = 0, expert = 0, gate = 0, dropped = 0, hidden = 0, total = 0;
+  size_t logit_bytes = 0, hidden_bytes = 0;
+  CaptureLayout(const CaptureSpec& spec, int64_t T, int64_t L, int64_t E, int64_t d) {
     logit_bytes = spec.router_logits ? dtype_size(spec.logits_dtype) : 0;
+    hidden_bytes = spec.hidden ? dtype_size(spec.hidden_dtype) : 0;
     const size_t lt = static_cast<size_t>(L * T);
     logits = 0;
     expert = align256(lt * static_cast<size_t>(E) * logit_bytes);
     gate = expert + align256(lt * 4);
     dropped = gate + align256(lt * 4);
-    total = dropped + align256(lt);
+    hidden = dropped + align256(lt);
+    total = hidden + align256(lt * static_cast<size_t>(d) * hidden_bytes);
   }
 };
 
@@ -115,7 +117,7 @@ struct SlotDev {
 // Device destinations of the router outputs of one forward; null members use scratch.
 struct CaptureTargets {
   uint8_t* base = nullptr;
-  CaptureLayout layout{CaptureSpec{}, 0, 0, 0};
+  CaptureLayout layout{CaptureSpec{}, 0, 0, 0, 0};
   CaptureSpec spec;
 };
 
@@ -340,6 +342,11 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs,
         GemmArgs{T, E, d, hr.get(), d, b.router.get(), d, L, E, DType::kF32, DType::kF32});
     MT_CUDA_CHECK(cudaMemsetAsync(counts.get(), 0, static_cast<size_t>(E) * 4, s));
     cuda::moe_route(L, B, S, E, capacity, act, ex, dr, gt, counts.as<int32_t>(), l16, s);
+    if (cap && cap->spec.hidden)
+      cuda::convert_f32(hr.as<float>(), T * d,
+                        cap->base + cap->layout.hidden +
+                            static_cast<size_t>(li * T * d) * cap->layout.hidden_bytes,
+                        cap->spec.hidden_dtype, s);
     offer(obs, key(bi, "hidden"), hr.get(), DType::kF32, {B, S, d});
     offer(obs, key(bi, "router_logits"), L, DType::kF32, {B, S, E});
     offer(obs, key(bi, "expert"), ex, DType::kI32, {B, S});
@@ -484,6 +491,9 @@ void CudaSwitchModel::set_capture(const CaptureSpec& spec) {
         fail("CudaSwitchModel::set_capture: captured batches are still held");
   }
   if (spec.slots < 1) fail("CudaSwitchModel::set_capture: slots must be >= 1");
+  if (spec.hidden && spec.hidden_dtype != DType::kF32 && spec.hidden_dtype != DType::kBF16 &&
+      spec.hidden_dtype != DType::kF16)
+    fail("CudaSwitchModel::set_capture: hidden dtype must be F32, BF16 or F16");
   if (spec.router_logits && spec.logits_dtype != DType::kF16 && spec.logits_dtype != DType::kF32)
     fail("CudaSwitchModel::set_capture: logits dtype must be F16 or F32");
   m.spec = spec;
@@ -525,7 +535,7 @@ uint64_t CudaSwitchModel::submit(const Batch& batch) {
   SlotDev& sl = *m.slots[static_cast<size_t>(k)];
   cudaStream_t s = m.compute->get();
   m.reserve(B, S);
-  const CaptureLayout layout(m.spec, T, m.n_sparse, m.E);
+  const CaptureLayout layout(m.spec, T, m.n_sparse, m.E, m.d);
   sl.ids.reserve(static_cast<size_t>(T) * 4);
   sl.mask.reserve(static_cast<size_t>(T) * 4);
   std::memcpy(sl.ids.get(), batch.input_ids.data(), static_cast<size_t>(T) * 4);
@@ -573,7 +583,7 @@ std::unique_ptr<CapturedBatch> CudaSwitchModel::poll(bool wait) {
   r->B = sl.B;
   r->S = sl.S;
   const int64_t T = sl.B * sl.S;
-  const CaptureLayout layout(m.spec, T, m.n_sparse, m.E);
+  const CaptureLayout layout(m.spec, T, m.n_sparse, m.E, m.d);
   const auto* base = static_cast<const uint8_t*>(m.pool->host[static_cast<size_t>(k)].get());
   for (const DevBlock& b : m.blocks) {
     if (!b.sparse) continue;
@@ -591,6 +601,12 @@ std::unique_ptr<CapturedBatch> CudaSwitchModel::poll(bool wait) {
     if (m.spec.dropped)
       r->tensors.emplace_back(key(bi, "dropped"),
                               TensorView{DType::kU8, {sl.B, sl.S}, base + layout.dropped + lt});
+    if (m.spec.hidden)
+      r->tensors.emplace_back(
+          key(bi, "hidden"),
+          TensorView{m.spec.hidden_dtype,
+                     {sl.B, sl.S, m.d},
+                     base + layout.hidden + lt * static_cast<size_t>(m.d) * layout.hidden_bytes});
     if (m.spec.gate)
       r->tensors.emplace_back(key(bi, "gate"),
                               TensorView{DType::kF32, {sl.B, sl.S}, base + layout.gate + lt * 4});

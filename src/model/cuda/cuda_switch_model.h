@@ -56,12 +56,14 @@ struct CudaOptions {
 
 // What the pipeline copies to the host for every sparse encoder block i.
 struct CaptureSpec {
-  bool router_logits = true;         // enc.{i}.router_logits [B,S,E]
-  DType logits_dtype = DType::kF16;  // kF16 (half the bytes) or kF32
-  bool expert = true;                // enc.{i}.expert [B,S] I32
-  bool dropped = true;               // enc.{i}.dropped [B,S] U8
-  bool gate = false;                 // enc.{i}.gate [B,S] F32
-  int slots = 3;                     // batches in flight + held
+  bool router_logits = true;          // enc.{i}.router_logits [B,S,E]
+  DType logits_dtype = DType::kF16;   // kF16 (half the bytes) or kF32
+  bool expert = true;                 // enc.{i}.expert [B,S] I32
+  bool dropped = true;                // enc.{i}.dropped [B,S] U8
+  bool gate = false;                  // enc.{i}.gate [B,S] F32
+  bool hidden = false;                // enc.{i}.hidden [B,S,d]: the router input (RMS-normed)
+  DType hidden_dtype = DType::kBF16;  // kF32, kBF16 or kF16
+  int slots = 3;                      // batches in flight + held
 };
 
 class CudaSwitchModel;
