@@ -24,6 +24,9 @@
 #include "data/plan.h"
 #include "kernels/cpu/ops.h"
 #include "model/switch_model.h"
+#ifdef MOETRACE_WITH_CUDA
+#include "model/cuda/cuda_switch_model.h"
+#endif
 #include "text/tokenizer.h"
 #include "trace/store.h"
 
@@ -292,7 +295,7 @@ CollectResult run_collect(const CollectOptions& o) {
   ss.decoder = o.decoder;
   ss.samples_per_shard = o.samples_per_shard;
   const int threads = cpu::num_threads();
-  ss.device = o.device == "cpu" ? cpu_description(threads) : "cuda";
+  ss.device = o.device == "cpu" ? cpu_description(threads) : "cuda:0 (" + o.precision + ")";
   const OpenMode mode = o.resume      ? OpenMode::kResume
                         : o.overwrite ? OpenMode::kOverwrite
                                       : OpenMode::kCreate;
@@ -305,7 +308,24 @@ CollectResult run_collect(const CollectOptions& o) {
   // The engine (model weights materialised once).
   LoadOptions lo;
   lo.encoder_only = !o.decoder;
-  std::unique_ptr<SwitchModel> model = SwitchModel::from_source(cfg, mc.weights, lo);
+  std::unique_ptr<SwitchModel> model;
+#ifdef MOETRACE_WITH_CUDA
+  std::unique_ptr<CudaSwitchModel> gpu;
+  if (o.device == "cuda") {
+    if (o.decoder) fail("--decoder with --device cuda: the decoder runs on the CPU only for now (use --device cpu)");
+    CudaOptions co;
+    co.precision = o.precision == "fp32" ? DType::kF32 : o.precision == "fp16" ? DType::kF16 : DType::kBF16;
+    if (o.precision != "bf16" && o.precision != "fp16" && o.precision != "fp32") {
+      fail("--precision '", o.precision, "': expected bf16, fp16 or fp32");
+    }
+    gpu = CudaSwitchModel::from_source(cfg, mc.weights, lo, co);
+    log_info("model on the GPU in ", gpu->load_seconds(), " s (", gpu->device_bytes() >> 20, " MiB)");
+  } else {
+    model = SwitchModel::from_source(cfg, mc.weights, lo);
+  }
+#else
+  model = SwitchModel::from_source(cfg, mc.weights, lo);
+#endif
   if (mc.demo) {
     log_warn("demo model: seeded random weights in the switch-base layout (", cfg.num_layers,
              " layers, d_model ", cfg.d_model, ", ", E,
@@ -402,8 +422,15 @@ CollectResult run_collect(const CollectOptions& o) {
         cap.clear();
         const double t0 = progress_clock();
         GenerateResult gen;
-        Tensor enc = model->encode(batch, &cap);
-        if (o.decoder) gen = model->generate(enc, batch, o.max_new_tokens, 0, &cap);
+#ifdef MOETRACE_WITH_CUDA
+        if (gpu) {
+          gpu->encode(batch, &cap);
+        } else
+#endif
+        {
+          Tensor enc = model->encode(batch, &cap);
+          if (o.decoder) gen = model->generate(enc, batch, o.max_new_tokens, 0, &cap);
+        }
         engine_seconds += progress_clock() - t0;
         for (int64_t b = 0; b < batch.B; ++b) {
           const size_t j = members[static_cast<size_t>(b)];

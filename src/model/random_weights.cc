@@ -75,7 +75,7 @@ void add_block(RandomSource& src, const SwitchConfig& c, const std::string& stac
   attn("0.SelfAttention");
   if (i == 0) {
     src.add(p + "0.SelfAttention.relative_attention_bias.weight",
-            {c.relative_attention_num_buckets, c.num_heads}, t, o.seed, 1.0f);
+            {c.relative_attention_num_buckets, c.num_heads}, t, o.seed, sd);
   }
   std::string ff = p + "1.";
   if (decoder) {
