@@ -36,6 +36,7 @@
 #include "model/random_weights.h"
 #include "model/recording_observer.h"
 #include "model/switch_model.h"
+#include "trace/store.h"
 
 namespace moetrace {
 namespace {
@@ -47,6 +48,7 @@ struct Args {
   double budget = 3.0;
   int parity = 0;
   bool ncu = false;
+  std::string store;  // --store DIR: also collect the mix end to end into a real trace store
 };
 
 Args parse(int argc, char** argv) {
@@ -57,7 +59,9 @@ Args parse(int argc, char** argv) {
       if (i + 1 >= argc) fail("bench_gpu: ", k, " needs a value");
       return argv[++i];
     };
-    if (k == "--experts")
+    if (k == "--store")
+      a.store = val();
+    else if (k == "--experts")
       a.experts = std::stoll(val());
     else if (k == "--precision") {
       const std::string p = val();
@@ -197,6 +201,60 @@ double run_pipeline(CudaSwitchModel& m, const std::vector<Batch>& batches) {
   }
   while (auto r = m.poll(true)) w.push(std::move(r));
   w.finish();
+  return bench::now_s() - t0;
+}
+
+// The seed job end to end into a real trace store: submit -> GPU -> pinned host -> TraceWriter
+// (f16 logits widened, then stored as F16; shards committed on the writer's thread). Returns the
+// seconds from the first submit until the manifest says complete.
+uint64_t first_ticket_ = 0;
+
+double run_into_store(CudaSwitchModel& m, const SwitchConfig& c, const std::vector<Batch>& batches,
+                      const std::string& dir) {
+  const double t0 = bench::now_s();
+  StoreSettings ss;
+  ss.settings = {{"benchmark", "bench_gpu --store"}, {"samples", "the real-text mix"}};
+  ss.model = {{"id", "random switch-base-" + std::to_string(c.num_experts) + " (HF init, bf16)"}};
+  ss.command_line = {"bench_gpu", "--store", dir};
+  ss.enc_layers = c.sparse_encoder_blocks();
+  ss.num_experts = c.num_experts;
+  ss.d_model = c.d_model;
+  ss.logits_dtype = DType::kF16;
+  ss.device = "cuda:0";
+  auto writer = TraceWriter::open(dir, ss, OpenMode::kOverwrite);
+  const int64_t E = c.num_experts;
+  int64_t sample = 0;
+  std::vector<std::vector<float>> logits(ss.enc_layers.size());
+  auto consume = [&](std::unique_ptr<CapturedBatch> r) {
+    const Batch& b = batches[static_cast<size_t>(r->ticket - first_ticket_)];
+    for (int64_t i = 0; i < r->B; ++i) {
+      const int32_t* mask = b.attention_mask.data() + i * r->S;
+      const int64_t len = std::accumulate(mask, mask + r->S, int64_t{0});
+      SampleRecord rec;
+      rec.sample_id = "mix/" + std::to_string(sample);
+      rec.dataset = "mix";
+      rec.row = sample++;
+      rec.token_ids.assign(b.input_ids.begin() + i * r->S, b.input_ids.begin() + i * r->S + len);
+      for (size_t l = 0; l < ss.enc_layers.size(); ++l) {
+        const std::string p = "enc." + std::to_string(ss.enc_layers[l]) + ".";
+        const TensorView* lg = r->find(p + "router_logits");
+        logits[l].resize(static_cast<size_t>(len * E));
+        convert_to_f32(lg->dtype, static_cast<const uint16_t*>(lg->data) + i * r->S * E, logits[l].data(),
+                       logits[l].size());
+        rec.enc.push_back(LayerRecord{logits[l].data(), r->find(p + "expert")->as<int32_t>() + i * r->S,
+                                      r->find(p + "dropped")->as<uint8_t>() + i * r->S,
+                                      r->find(p + "gate")->as<float>() + i * r->S, nullptr});
+      }
+      writer->add(rec);
+    }
+  };
+  for (const Batch& b : batches) {
+    if (m.in_flight() == m.slots()) consume(m.poll(true));
+    const uint64_t t = m.submit(b);
+    if (&b == &batches.front()) first_ticket_ = t;
+  }
+  while (auto r = m.poll(true)) consume(std::move(r));
+  writer->finish(bench::now_s() - t0);
   return bench::now_s() - t0;
 }
 
@@ -431,6 +489,21 @@ int main_impl(int argc, char** argv) {
   }
   j["rows"] = rows;
   j["device_bytes_model"] = m->device_bytes();
+  if (!a.store.empty() && !a.ncu) {
+    CaptureSpec store_spec;
+    store_spec.gate = true;
+    m->set_capture(store_spec);
+    const std::vector<Batch> batches = mix_batches(mix, 128);
+    const double secs = run_into_store(*m, c, batches, a.store);
+    const auto problems = verify_store(a.store);
+    std::printf("  seed job into a trace store (%s): %zu samples, %zu traces, %.3f s end to end after model "
+                "load; verify: %s\n",
+                a.store.c_str(), mix.size(), mix.size() * c.sparse_encoder_blocks().size(), secs,
+                problems.empty() ? "OK" : problems.front().c_str());
+    j["store_seconds"] = secs;
+    j["store_verify_ok"] = problems.empty();
+    m->set_capture(spec);
+  }
   if (a.parity > 0 && !a.ncu) j["parity"] = parity(c, src, *m, mix, a.parity);
   if (!a.json.empty()) {
     std::ofstream(a.json) << j.dump(1) << "\n";

@@ -123,11 +123,14 @@ void write_safetensors(const std::filesystem::path& path, const std::vector<Name
                        const std::map<std::string, std::string>& metadata) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
-  // The header's keys come out sorted; lay the data region out in the same order.
   std::vector<const NamedView*> order;
   for (const auto& t : tensors) order.push_back(&t);
-  std::sort(order.begin(), order.end(),
-            [](const NamedView* a, const NamedView* b) { return a->name < b->name; });
+  // Data region: widest element type first, so every tensor starts aligned to its element size
+  // (the header is padded to a multiple of 8), then by name.
+  std::sort(order.begin(), order.end(), [](const NamedView* a, const NamedView* b) {
+    const size_t sa = dtype_size(a->view.dtype), sb = dtype_size(b->view.dtype);
+    return sa != sb ? sa > sb : a->name < b->name;
+  });
   size_t offset = 0;
   for (const NamedView* t : order) {
     const size_t n = t->view.nbytes();
