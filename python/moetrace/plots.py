@@ -25,10 +25,21 @@ def _save(fig, path: str) -> str:
     return os.path.basename(path)
 
 
-def _expert_ticks(ax, n: int, axis: str = "x") -> None:
-    step = max(1, int(np.ceil(n / 32)))
-    ticks = np.arange(0, n, step)
-    (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks)
+def _expert_ticks(ax, n: int, axis: str = "x", most: int = 16) -> None:
+    """Integer expert ticks, every expert up to `most`, else a readable subset."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+    loc = FixedLocator(np.arange(n)) if n <= most else MaxNLocator(nbins=most, integer=True)
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(loc)
+
+
+def _bars(ax, values) -> None:
+    """Bars per expert; beyond 32 experts one filled step artist (one patch per bar is slow)."""
+    n = len(values)
+    if n <= 32:
+        ax.bar(np.arange(n), values, color="#4C72B0", width=0.8)
+    else:
+        ax.stairs(values, np.arange(n + 1) - 0.5, fill=True, color="#4C72B0")
+        ax.set_xlim(-0.5, n - 0.5)
 
 
 def usage_bars(path: str, counts, title: str) -> str:
@@ -37,7 +48,7 @@ def usage_bars(path: str, counts, title: str) -> str:
     total = counts.sum()
     share = counts / total * 100 if total else counts
     fig, ax = plt.subplots(figsize=WIDE, layout="constrained")
-    ax.bar(np.arange(len(counts)), share, color="#4C72B0", width=0.8)
+    _bars(ax, share)
     if len(counts):
         ax.axhline(100.0 / len(counts), color="#C44E52", ls="--", lw=1, label="uniform")
         ax.legend(loc="upper right")
@@ -61,9 +72,9 @@ def usage_grid(path: str, names: list[str], counts: list, title: str) -> str:
             continue
         c = np.asarray(counts[k], np.float64)
         share = c / c.sum() * 100 if c.sum() else c
-        ax.bar(np.arange(len(c)), share, color="#4C72B0", width=0.8)
+        _bars(ax, share)
         ax.axhline(100.0 / len(c), color="#C44E52", ls="--", lw=1)
-        _expert_ticks(ax, len(c))
+        _expert_ticks(ax, len(c), most=8)
         ax.set_title(names[k], fontsize=10)
         ax.set_xlabel("expert")
         if k % cols == 0:
@@ -157,8 +168,8 @@ def heatmap_grid(path: str, mats: list, titles: list[str], title: str, xlabel: s
             continue
         m = np.asarray(mats[k], np.float64)
         im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax)
-        _expert_ticks(ax, m.shape[1], "x")
-        _expert_ticks(ax, m.shape[0], "y")
+        _expert_ticks(ax, m.shape[1], "x", most=8)
+        _expert_ticks(ax, m.shape[0], "y", most=8)
         ax.set_title(titles[k], fontsize=9)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_ylabel(ylabel, fontsize=9)
