@@ -119,7 +119,9 @@ class CsvReader : public RecordReader {
       bool quoted = false;      // inside quotes now
       bool was_quoted = false;  // field began with a quote
       auto end_field = [&] {
-        cells->push_back(std::move(field));
+        // An oversize record is only scanned to its end: no cells kept (a 10 MB row of commas
+        // would otherwise become millions of them).
+        if (!oversize) cells->push_back(std::move(field));
         field.clear();
         was_quoted = false;
       };

@@ -331,6 +331,9 @@ TEST(Readers, HugeRowIsSkipped) {
   auto jl = read_bytes("{\"text\": \"" + big + "\"}\n{\"text\": \"after\"}\n", Format::kJsonLines);
   ASSERT_EQ(jl.records.size(), 1u);
   EXPECT_EQ(jl.counters.skipped.at("too large"), 1);
+  auto commas = read_bytes("text\n" + std::string(10 << 20, ',') + "\nafter\n", Format::kCsv);
+  ASSERT_EQ(commas.records.size(), 1u);
+  EXPECT_EQ(commas.counters.skipped.at("too large"), 1);
   auto txt = read_bytes(big + "\nafter\n", Format::kText);
   ASSERT_EQ(txt.records.size(), 1u);
   EXPECT_EQ(txt.records[0].row, 1);
