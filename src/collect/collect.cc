@@ -35,6 +35,26 @@ namespace moetrace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
+std::vector<std::vector<size_t>> length_batches(const std::vector<int64_t>& lengths,
+                                                int64_t batch_tokens) {
+  std::vector<size_t> order(lengths.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return lengths[a] > lengths[b]; });
+  std::vector<std::vector<size_t>> batches;
+  for (size_t i : order) {
+    if (!batches.empty()) {
+      auto& cur = batches.back();
+      if (static_cast<int64_t>(cur.size() + 1) * lengths[cur.front()] <= batch_tokens) {
+        cur.push_back(i);
+        continue;
+      }
+    }
+    batches.push_back({i});
+  }
+  return batches;
+}
+
 bool mixed_is_real(int64_t k, double ratio) {
   return std::floor(static_cast<double>(k + 1) * ratio) >
          std::floor(static_cast<double>(k) * ratio);
@@ -133,26 +153,14 @@ LayerRecord record_of(const LayerData& l) {
                      l.hidden.empty() ? nullptr : l.hidden.data()};
 }
 
-// Batches of one window: indices sorted by length (longest first), grown while B × S_max stays
-// within the token budget. Padding never changes a trace (capacity is per sequence, pads come
-// last).
 std::vector<std::vector<size_t>> make_batches(const std::vector<WorkItem>& items,
                                               const std::vector<size_t>& real,
                                               int64_t batch_tokens) {
-  std::vector<size_t> order = real;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](size_t a, size_t b) { return items[a].ids.size() > items[b].ids.size(); });
-  std::vector<std::vector<size_t>> batches;
-  for (size_t i : order) {
-    if (!batches.empty()) {
-      auto& cur = batches.back();
-      const int64_t S = static_cast<int64_t>(items[cur.front()].ids.size());
-      if (static_cast<int64_t>(cur.size() + 1) * S <= batch_tokens) {
-        cur.push_back(i);
-        continue;
-      }
-    }
-    batches.push_back({i});
+  std::vector<int64_t> lengths;
+  for (size_t i : real) lengths.push_back(static_cast<int64_t>(items[i].ids.size()));
+  auto batches = length_batches(lengths, batch_tokens);
+  for (auto& b : batches) {
+    for (size_t& j : b) j = real[j];
   }
   return batches;
 }
@@ -312,14 +320,20 @@ CollectResult run_collect(const CollectOptions& o) {
 #ifdef MOETRACE_WITH_CUDA
   std::unique_ptr<CudaSwitchModel> gpu;
   if (o.device == "cuda") {
-    if (o.decoder) fail("--decoder with --device cuda: the decoder runs on the CPU only for now (use --device cpu)");
+    if (o.decoder)
+      fail(
+          "--decoder with --device cuda: the decoder runs on the CPU only for now (use --device "
+          "cpu)");
     CudaOptions co;
-    co.precision = o.precision == "fp32" ? DType::kF32 : o.precision == "fp16" ? DType::kF16 : DType::kBF16;
+    co.precision = o.precision == "fp32"   ? DType::kF32
+                   : o.precision == "fp16" ? DType::kF16
+                                           : DType::kBF16;
     if (o.precision != "bf16" && o.precision != "fp16" && o.precision != "fp32") {
       fail("--precision '", o.precision, "': expected bf16, fp16 or fp32");
     }
     gpu = CudaSwitchModel::from_source(cfg, mc.weights, lo, co);
-    log_info("model on the GPU in ", gpu->load_seconds(), " s (", gpu->device_bytes() >> 20, " MiB)");
+    log_info("model on the GPU in ", gpu->load_seconds(), " s (", gpu->device_bytes() >> 20,
+             " MiB)");
   } else {
     model = SwitchModel::from_source(cfg, mc.weights, lo);
   }
@@ -373,6 +387,7 @@ CollectResult run_collect(const CollectOptions& o) {
     if (producer.joinable()) producer.join();
   };
 
+  const double t_loop = progress_clock();
   g_interrupted = false;
   auto previous_handler = std::signal(SIGINT, on_sigint);
   Progress progress(static_cast<int64_t>(items.size()), start, L, o.progress);
@@ -505,6 +520,8 @@ CollectResult run_collect(const CollectOptions& o) {
 
   const double seconds = progress_clock() - t_start;
   result.seconds = seconds;
+  result.loop_seconds = progress_clock() - t_loop;
+  result.engine_seconds = engine_seconds;
   result.traces = result.samples * L;
   if (g_interrupted) {
     writer->commit_partial();
