@@ -103,7 +103,7 @@ def heatmap(path: str, matrix, title: str, xlabel: str, ylabel: str, cbar_label:
         _expert_ticks(ax, m.shape[1], "x")
     if annotate and m.size <= 400:
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=7,
+            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=7,
                     color="white" if v < (np.nanmax(m) + np.nanmin(m)) / 2 else "black")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
