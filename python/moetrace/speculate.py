@@ -664,15 +664,18 @@ def load_routers(path: str, spec: StackSpec, num_experts: int, d_model: int):
     return ws, bs
 
 
-def model_dir_of(manifest: dict) -> str | None:
+def model_dir_of(manifest: dict, store_dir: str = "") -> str | None:
+    """The model directory the store was collected with: manifest.model's files (paths as collect saw
+    them: absolute, or relative to where it ran; tried from here, then from the store's directory)."""
     model = manifest.get("model", {}) or {}
-    for key in ("dir", "path"):
-        if model.get(key) and os.path.isdir(model[key]):
-            return model[key]
-    for f in model.get("files", []) or []:
-        p = f.get("path") if isinstance(f, dict) else f
-        if p and os.path.isdir(os.path.dirname(p)) and os.path.exists(os.path.join(os.path.dirname(p), "config.json")):
-            return os.path.dirname(p)
+    cands = [model.get(k) for k in ("dir", "path")]
+    cands += [os.path.dirname(f.get("path", "") if isinstance(f, dict) else str(f)) for f in model.get("files", []) or []]
+    for c in cands:
+        if not c:
+            continue
+        for d in (c, os.path.join(store_dir, c)):
+            if os.path.isfile(os.path.join(d, "config.json")):
+                return d
     return None
 
 
@@ -958,7 +961,7 @@ def speculate_store(store, opt: Options, progress=None) -> dict:
     tmpdir = None
     want_routers = "pregate" in opt.predictors and any(stack_has_hidden(store, s) for s in specs)
     if want_routers and routers_path is None:
-        model = opt.model or model_dir_of(store.manifest)
+        model = opt.model or model_dir_of(store.manifest, getattr(store, "path", ""))
         if model is None:
             unavailable["routers"] = "no router weights: pass --routers FILE (from `moetrace routers`) or --model DIR"
         else:

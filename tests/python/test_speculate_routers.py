@@ -122,3 +122,44 @@ def test_cli_wrappers_pass_arguments_and_exit_codes(tmp_path):
     env["MOETRACE_PYTHON"] = str(tmp_path / "no-such-python")
     r = subprocess.run([exe, "analyze", path], capture_output=True, text=True, env=env)
     assert r.returncode != 0 and "MOETRACE_PYTHON" in r.stderr
+
+
+def test_routers_reproduce_the_stored_logits_of_a_collected_store(tmp_path):
+    """End to end with a real checkpoint: `moetrace collect --hidden bf16` on the tiny fixture model,
+    then `moetrace routers`: router weight x stored hidden state = stored logits (up to BF16
+    rounding of the hidden state), and speculate's pregate finds the weights by itself."""
+    exe = find_exe()
+    model = os.path.join(ROOT, "tests", "data", "fixtures", "tiny-a", "model")
+    data = os.path.join(ROOT, "assets", "demo", "data")
+    if not (os.path.isdir(model) and os.path.isdir(data)):
+        pytest.skip("tiny-a fixture or demo data missing")
+    store = str(tmp_path / "store")
+    r = subprocess.run([exe, "collect", "-t", "40", "-m", model, "--tokenizer", os.path.join(ROOT, "assets", "demo", "spiece.model"),
+                        "-o", store, "--hidden", "bf16", "--threads", "1", "--datasets", "demo", "--data-root", data],
+                       capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        pytest.skip(f"moetrace collect failed here: {r.stderr.strip()[-300:]}")
+    out = str(tmp_path / "routers.safetensors")
+    r = subprocess.run([exe, "routers", "--model", model, "-o", out], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from moetrace.analysis import rows_f32
+    from moetrace.safetensors_io import SafetensorsFile
+    w = SafetensorsFile(out)
+    st = open_store(store)
+    for shard in st.iter_shards():
+        for name in st.layers:
+            h = rows_f32(shard.tensor(f"{name}.hidden"), 0, shard.num_tokens)
+            logits = h @ np.asarray(w.tensor(f"{name}.router.weight")).T
+            stored = shard.tensor(f"{name}.router_logits", float32=True)
+            assert np.abs(logits - stored).max() < 0.25
+            assert np.mean(logits.argmax(1) == np.asarray(shard.tensor(f"{name}.expert"))) > 0.98
+    os.environ["MOETRACE_EXE"] = exe
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the manifest names the model files relative to where collect ran
+    try:
+        res = speculate.speculate_store(st, speculate.Options(split=speculate.Split(), predictors=("pregate",),
+                                                              simulate=False))
+    finally:
+        os.chdir(cwd)
+        del os.environ["MOETRACE_EXE"]
+    assert res["unavailable"] == {} and res["encoder"]["results"]
