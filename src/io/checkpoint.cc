@@ -14,28 +14,18 @@ using json = nlohmann::json;
 
 namespace {
 
-class SafetensorsSource : public TensorSource {
+class SafetensorsSource : public MapTensorSource {
  public:
   explicit SafetensorsSource(const fs::path& file) : file_(SafetensorsFile::open(file)) {
     for (const auto& t : file_.tensors()) {
       by_name_[t.name] = CheckpointTensor{t.name, t.view, file};
     }
   }
-  std::vector<std::string> names() const override {
-    std::vector<std::string> out;
-    for (const auto& [n, t] : by_name_) out.push_back(n);
-    return out;
-  }
-  const CheckpointTensor* find(const std::string& name) const override {
-    auto it = by_name_.find(name);
-    return it == by_name_.end() ? nullptr : &it->second;
-  }
   std::vector<fs::path> files() const override { return {file_.path()}; }
   std::string format() const override { return "safetensors"; }
 
  private:
   SafetensorsFile file_;
-  std::map<std::string, CheckpointTensor> by_name_;
 };
 
 // An index.json ({"weight_map": {tensor: shard file}}) over shards of one format. Every tensor the
@@ -99,6 +89,17 @@ class ShardedSource : public TensorSource {
 };
 
 }  // namespace
+
+std::vector<std::string> MapTensorSource::names() const {
+  std::vector<std::string> out;
+  for (const auto& [n, t] : by_name_) out.push_back(n);
+  return out;
+}
+
+const CheckpointTensor* MapTensorSource::find(const std::string& name) const {
+  auto it = by_name_.find(name);
+  return it == by_name_.end() ? nullptr : &it->second;
+}
 
 std::unique_ptr<TensorSource> open_safetensors(const fs::path& file) {
   return std::make_unique<SafetensorsSource>(file);

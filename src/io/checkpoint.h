@@ -5,6 +5,7 @@
 #pragma once
 
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -29,6 +30,16 @@ class TensorSource {
   virtual std::vector<std::filesystem::path> files() const = 0;
   // "safetensors", "safetensors (sharded)", "pytorch", "pytorch (sharded)"
   virtual std::string format() const = 0;
+};
+
+// A source whose tensors live in a name-ordered map: names() and find() for every concrete source.
+class MapTensorSource : public TensorSource {
+ public:
+  std::vector<std::string> names() const override;
+  const CheckpointTensor* find(const std::string& name) const override;
+
+ protected:
+  std::map<std::string, CheckpointTensor> by_name_;
 };
 
 // Opens the checkpoint in a model directory (preferring safetensors over .bin) or a single file.

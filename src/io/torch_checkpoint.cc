@@ -24,7 +24,7 @@ constexpr int kMaxNesting = 16;
 // stride-0 (expanded) views; past this size such a copy is refused rather than allocated.
 constexpr uint64_t kMaxExpandBytes = uint64_t{1} << 28;
 
-class TorchSource : public TensorSource {
+class TorchSource : public MapTensorSource {
  public:
   explicit TorchSource(const fs::path& path) : path_(path), file_(MappedFile::open(path)) {
     const std::string what = path.string();
@@ -70,15 +70,6 @@ class TorchSource : public TensorSource {
     for (const auto& [name, t] : tensors) add_tensor(name, *t);
   }
 
-  std::vector<std::string> names() const override {
-    std::vector<std::string> out;
-    for (const auto& [n, t] : by_name_) out.push_back(n);
-    return out;
-  }
-  const CheckpointTensor* find(const std::string& name) const override {
-    auto it = by_name_.find(name);
-    return it == by_name_.end() ? nullptr : &it->second;
-  }
   std::vector<fs::path> files() const override { return {path_}; }
   std::string format() const override { return "pytorch"; }
 
@@ -222,7 +213,6 @@ class TorchSource : public TensorSource {
   std::shared_ptr<MappedFile> file_;
   ZipArchive zip_;
   std::string prefix_;
-  std::map<std::string, CheckpointTensor> by_name_;
   std::vector<Tensor> owned_;  // dense copies of strided tensors
 };
 

@@ -22,17 +22,8 @@ uint64_t hash_name(const std::string& s) {
   return h;
 }
 
-class RandomSource : public TensorSource {
+class RandomSource : public MapTensorSource {
  public:
-  std::vector<std::string> names() const override {
-    std::vector<std::string> out;
-    for (const auto& [n, t] : tensors_) out.push_back(n);
-    return out;
-  }
-  const CheckpointTensor* find(const std::string& name) const override {
-    auto it = refs_.find(name);
-    return it == refs_.end() ? nullptr : &it->second;
-  }
   std::vector<std::filesystem::path> files() const override { return {}; }
   std::string format() const override { return "random (in memory)"; }
 
@@ -49,13 +40,12 @@ class RandomSource : public TensorSource {
       for (size_t i = 0; i < n; ++i) f[i] = static_cast<float>(splitmix64(s) >> 40) * scale - a;
     }
     convert_from_f32(f.data(), dtype, t.raw(), n);
-    refs_[name] = CheckpointTensor{name, t.view(), {}};
+    by_name_[name] = CheckpointTensor{name, t.view(), {}};
     tensors_[name] = std::move(t);
   }
 
  private:
   std::map<std::string, Tensor> tensors_;
-  std::map<std::string, CheckpointTensor> refs_;
 };
 
 void add_block(RandomSource& src, const SwitchConfig& c, const std::string& stack, int64_t i,
