@@ -4,12 +4,9 @@
 #include <vector>
 
 #include "command.h"
+#include "python_bridge.h"
 
 namespace moetrace::cli {
-
-// Defined in cmd_analyze.cc: replaces the process with `python -m moetrace SUBCOMMAND ARGS...`.
-[[noreturn]] void run_python_subcommand(const std::string& subcommand,
-                                        const std::vector<std::string>& args);
 
 namespace {
 

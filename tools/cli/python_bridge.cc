@@ -1,0 +1,100 @@
+// The bridge to the Python half of moetrace (analyze, speculate): finds a Python and replaces this
+// process with `python -m moetrace SUBCOMMAND ARGS...`, so arguments, output and the exit code pass
+// through unchanged.
+#include "python_bridge.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include "core/error.h"
+
+namespace moetrace::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// The repository root: the first ancestor of the executable's directory that holds
+// python/moetrace (build/tools/cli/moetrace -> ../../..). Empty when not found (installed
+// elsewhere).
+fs::path find_source_root() {
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (ec) return {};
+  for (fs::path dir = exe.parent_path(); !dir.empty(); dir = dir.parent_path()) {
+    if (fs::is_directory(dir / "python" / "moetrace", ec)) return dir;
+    if (dir == dir.root_path()) break;
+  }
+  return {};
+}
+
+// $MOETRACE_PYTHON, else the repository's .venv, else python3 from PATH.
+std::string find_python(const fs::path& root) {
+  if (const char* env = std::getenv("MOETRACE_PYTHON"); env != nullptr && *env != '\0') return env;
+  std::error_code ec;
+  if (!root.empty()) {
+    const fs::path venv = root / ".venv" / "bin" / "python";
+    if (fs::exists(venv, ec)) return venv.string();
+  }
+  return "python3";
+}
+
+// Run by the interpreter: checks the dependencies first so that a missing one gives one clear line
+// (not a traceback), then runs the package like `python -m moetrace` would.
+constexpr const char* kBootstrap = R"PY(
+import sys
+try:
+    import numpy, matplotlib
+except ImportError as e:
+    sys.stderr.write("moetrace: error: %s needs numpy and matplotlib in %s (%s); run scripts/setup.sh "
+                     "or set MOETRACE_PYTHON to a Python that has them\n" % (sys.argv[1], sys.executable, e))
+    sys.exit(1)
+import importlib.util, runpy
+sys.argv = ["moetrace"] + sys.argv[1:]
+if importlib.util.find_spec("moetrace.__main__") is not None:
+    runpy.run_module("moetrace", run_name="__main__", alter_sys=True)
+else:
+    import importlib
+    mod = importlib.import_module({"analyze": "moetrace.analysis", "speculate": "moetrace.speculate"}[sys.argv[1]])
+    sys.exit(mod.main(sys.argv[2:]))
+)PY";
+
+}  // namespace
+
+// Replaces the process with the Python implementation of `subcommand`; returns only on failure
+// (throws Error saying which interpreter could not be started and how to fix it).
+[[noreturn]] void run_python_subcommand(const std::string& subcommand,
+                                        const std::vector<std::string>& args) {
+  const fs::path root = find_source_root();
+  // `moetrace speculate` runs `$MOETRACE_EXE routers` to get router weights for its pregate
+  // predictor.
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) setenv("MOETRACE_EXE", exe.c_str(), 1);
+  const std::string python = find_python(root);
+  if (!root.empty()) {
+    std::string path = (root / "python").string();
+    if (const char* old = std::getenv("PYTHONPATH"); old != nullptr && *old != '\0') {
+      path += ":";
+      path += old;
+    }
+    setenv("PYTHONPATH", path.c_str(), 1);
+  }
+  std::vector<std::string> argv_s = {python, "-c", kBootstrap, subcommand};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& a : argv_s) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  execvp(python.c_str(), argv.data());
+  fail("cannot run '", python, "' for `moetrace ", subcommand, "` (", std::strerror(errno),
+       "); run scripts/setup.sh or set MOETRACE_PYTHON to a Python with numpy and matplotlib");
+}
+
+}  // namespace moetrace::cli

@@ -1,0 +1,15 @@
+// The bridge to the Python half of moetrace (analyze, speculate; python/moetrace).
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace moetrace::cli {
+
+// Replaces the process with `python -m moetrace SUBCOMMAND ARGS...` (Python: $MOETRACE_PYTHON, else
+// the repository's .venv, else python3; PYTHONPATH gets the repository's python/). Returns only by
+// throwing Error, saying which interpreter could not be started and how to fix it.
+[[noreturn]] void run_python_subcommand(const std::string& subcommand,
+                                        const std::vector<std::string>& args);
+
+}  // namespace moetrace::cli
