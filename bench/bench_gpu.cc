@@ -239,9 +239,10 @@ double run_into_store(CudaSwitchModel& m, const SwitchConfig& c, const std::vect
         const std::string p = "enc." + std::to_string(ss.enc_layers[l]) + ".";
         const TensorView* lg = r->find(p + "router_logits");
         logits[l].resize(static_cast<size_t>(len * E));
-        convert_to_f32(lg->dtype, static_cast<const uint16_t*>(lg->data) + i * r->S * E, logits[l].data(),
-                       logits[l].size());
-        rec.enc.push_back(LayerRecord{logits[l].data(), r->find(p + "expert")->as<int32_t>() + i * r->S,
+        convert_to_f32(lg->dtype, static_cast<const uint16_t*>(lg->data) + i * r->S * E,
+                       logits[l].data(), logits[l].size());
+        rec.enc.push_back(LayerRecord{logits[l].data(),
+                                      r->find(p + "expert")->as<int32_t>() + i * r->S,
                                       r->find(p + "dropped")->as<uint8_t>() + i * r->S,
                                       r->find(p + "gate")->as<float>() + i * r->S, nullptr});
       }
@@ -496,10 +497,12 @@ int main_impl(int argc, char** argv) {
     const std::vector<Batch> batches = mix_batches(mix, 128);
     const double secs = run_into_store(*m, c, batches, a.store);
     const auto problems = verify_store(a.store);
-    std::printf("  seed job into a trace store (%s): %zu samples, %zu traces, %.3f s end to end after model "
-                "load; verify: %s\n",
-                a.store.c_str(), mix.size(), mix.size() * c.sparse_encoder_blocks().size(), secs,
-                problems.empty() ? "OK" : problems.front().c_str());
+    std::printf(
+        "  seed job into a trace store (%s): %zu samples, %zu traces, %.3f s end to end after "
+        "model "
+        "load; verify: %s\n",
+        a.store.c_str(), mix.size(), mix.size() * c.sparse_encoder_blocks().size(), secs,
+        problems.empty() ? "OK" : problems.front().c_str());
     j["store_seconds"] = secs;
     j["store_verify_ok"] = problems.empty();
     m->set_capture(spec);
