@@ -173,9 +173,17 @@ void sparse_ff(const SwitchConfig& c, const SparseMLP& m, const float* h, int64_
     }
     tokens[static_cast<size_t>(expert[t])].push_back(t);
   }
+  // Busiest experts first (longest-processing-time order): with one GEMM per thread, the dynamic
+  // schedule then balances the threads even when routing is skewed.
+  std::vector<int64_t> order(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) order[static_cast<size_t>(e)] = e;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return tokens[static_cast<size_t>(a)].size() > tokens[static_cast<size_t>(b)].size();
+  });
   const bool nested = omp_get_max_threads() > 1 && E > 1;
 #pragma omp parallel for schedule(dynamic) if (nested)
-  for (int64_t e = 0; e < E; ++e) {
+  for (int64_t oi = 0; oi < E; ++oi) {
+    const int64_t e = order[static_cast<size_t>(oi)];
     const auto& tok = tokens[static_cast<size_t>(e)];
     if (tok.empty()) continue;
     const int64_t ne = static_cast<int64_t>(tok.size());
