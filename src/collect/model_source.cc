@@ -43,6 +43,24 @@ ModelChoice choose_model(const std::string& spec, bool encoder_only) {
                "nothing about a trained model's; pass --model for real traces.");
     }
   }
+  // random:switch-base-N: that published shape with seeded random weights (transformers' init
+  // scales; bf16 from 64 experts up), for benchmarks and pipeline checks without a download.
+  const std::string kRandom = "random:switch-base-";
+  if (chosen.rfind(kRandom, 0) == 0) {
+    const int64_t experts = std::atoll(chosen.c_str() + kRandom.size());
+    if (experts < 1 || experts > 4096)
+      fail("--model '", chosen, "': expected random:switch-base-<experts>");
+    m.id = chosen;
+    m.demo = true;
+    m.config = switch_base_config(experts);
+    RandomWeightOptions ro;
+    ro.seed = kDemoSeed;
+    ro.encoder_only = encoder_only;
+    ro.dtype = experts >= 64 ? DType::kBF16 : DType::kF32;
+    m.weights = make_random_weights(m.config, ro);
+    m.spiece = assets_dir() / "demo/spiece.model";
+    return m;
+  }
   if (chosen == "demo") {
     m.id = "moetrace-demo";
     m.demo = true;
