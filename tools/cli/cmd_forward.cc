@@ -1,6 +1,7 @@
 // moetrace forward --model M --inputs IN.safetensors --output OUT.safetensors [--generate N]
 #include "command.h"
 #include "core/log.h"
+#include "io/hf_cache.h"
 #include "io/safetensors.h"
 #include "kernels/cpu/ops.h"
 #include "model/forward.h"
@@ -21,7 +22,7 @@ void run(const ForwardOptions& o) {
   ForwardInputs in = read_forward_inputs(o.inputs);
   LoadOptions lo;
   lo.encoder_only = in.T == 0 && o.generate == 0;
-  auto model = SwitchModel::load(o.model, lo);
+  auto model = SwitchModel::load(resolve_model(o.model).dir, lo);
   std::map<std::string, Tensor> out = run_forward(*model, in, o.generate);
   std::vector<NamedView> views;
   for (const auto& [name, t] : out) views.push_back({name, t.view()});
