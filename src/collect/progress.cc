@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "core/log.h"
+
 namespace moetrace {
 
 double progress_clock() {
@@ -54,12 +56,13 @@ void Progress::draw(bool force) {
                  static_cast<long long>(done_ * layers_), static_cast<double>(tokens_) / el,
                  dataset_.c_str(), eta);
   } else {
-    std::fprintf(stderr,
-                 "[moetrace info] collect: %lld/%lld samples (%.0f%%), %lld traces, %.0f tokens/s, "
-                 "%s, ETA %.0f s\n",
-                 static_cast<long long>(done_), static_cast<long long>(total_), 100 * frac,
-                 static_cast<long long>(done_ * layers_), static_cast<double>(tokens_) / el,
-                 dataset_.c_str(), eta);
+    char line[512];
+    std::snprintf(line, sizeof line,
+                  "collect: %lld/%lld samples (%.0f%%), %lld traces, %.0f tokens/s, %s, ETA %.0f s",
+                  static_cast<long long>(done_), static_cast<long long>(total_), 100 * frac,
+                  static_cast<long long>(done_ * layers_), static_cast<double>(tokens_) / el,
+                  dataset_.c_str(), eta);
+    log_info(line);
   }
   std::fflush(stderr);
 }

@@ -2,6 +2,7 @@
 #include "collect/collect.h"
 #include "command.h"
 #include "core/error.h"
+#include "core/log.h"
 
 namespace moetrace::cli {
 namespace {
@@ -10,7 +11,7 @@ struct CollectArgs {
   CollectOptions o;
   std::string logits = "f16", hidden = "none";
   std::vector<std::string> data_roots;
-  std::string catalog, tokenizer;
+  std::string catalog, tokenizer, log_level;
   bool no_progress = false;
 };
 
@@ -96,7 +97,16 @@ const RegisterCommand reg([](CLI::App& app) {
       ->group(gr);
   sub->add_flag("--overwrite", o.overwrite, "replace an existing store in --output")->group(gr);
   sub->add_flag("--no-progress", a->no_progress, "no progress bar or progress lines")->group(gr);
+  sub->add_option("--log-level", a->log_level,
+                  "debug, info, warn, error or off (also before `collect`)")
+      ->group(gr);
   sub->callback([a, sub] {
+    if (!a->log_level.empty()) {
+      LogLevel level;
+      if (!parse_log_level(a->log_level, &level))
+        fail("--log-level '", a->log_level, "': expected debug, info, warn, error or off");
+      set_log_level(level);
+    }
     CollectOptions opts = a->o;
     opts.logits_dtype = parse_store_dtype(a->logits, "--logits");
     if (a->hidden != "none") {

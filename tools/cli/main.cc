@@ -15,7 +15,6 @@ std::vector<CommandSetup>& command_registry() {
 int main(int argc, char** argv) {
   CLI::App app{"moetrace: exact Mixture-of-Experts routing traces of Switch Transformers"};
   app.require_subcommand(1);
-  app.fallthrough();  // global options (--log-level) also after the subcommand
   app.set_version_flag("--version", MOETRACE_VERSION);
   std::string level = "info";
   app.add_option("--log-level", level, "debug, info, warn, error or off")->capture_default_str();
