@@ -16,6 +16,13 @@ namespace {
 
 constexpr float kLowest = std::numeric_limits<float>::lowest();
 
+// Additive key mask of a padded batch: 0 for real tokens, the lowest float for padding [B*S].
+std::vector<float> padding_mask_add(const Batch& batch) {
+  std::vector<float> m(batch.attention_mask.size());
+  for (size_t i = 0; i < m.size(); ++i) m[i] = batch.attention_mask[i] ? 0.0f : kLowest;
+  return m;
+}
+
 std::string key(const char* stack, int64_t block, const char* name) {
   return std::string(stack) + "." + std::to_string(block) + "." + name;
 }
@@ -276,8 +283,7 @@ Tensor SwitchModel::encode(const Batch& batch, Observer* obs) const {
   float* x = out.data<float>();
   embed(weights_.embed, batch.input_ids.data(), n, x, "input_ids");
   const std::vector<float> bias = position_bias(weights_.enc_rel_bias, H, S, S, 0, true, false, c);
-  std::vector<float> mask_add(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) mask_add[i] = batch.attention_mask[i] ? 0.0f : kLowest;
+  const std::vector<float> mask_add = padding_mask_add(batch);
 
   std::vector<float> h(static_cast<size_t>(n * d)), qkv(static_cast<size_t>(n * 3 * inner)),
       ctx(static_cast<size_t>(n * inner));
@@ -301,6 +307,22 @@ Tensor SwitchModel::encode(const Batch& batch, Observer* obs) const {
 }
 
 namespace {
+
+// Cross-attention sub-layer of decoder block blk for B sequences of Tq query rows (y [B*Tq, d]):
+// y += o · attention(q(rmsnorm(y)), encoder keys/values kv [B*S, 2*inner], padding mask).
+void cross_attention(const SwitchConfig& c, const Block& blk, const float* kv,
+                     const float* enc_mask, int64_t B, int64_t Tq, int64_t S, float* y,
+                     std::vector<float>& h, std::vector<float>& q, std::vector<float>& ctx,
+                     std::vector<float>& scratch) {
+  const int64_t n = B * Tq, d = c.d_model, inner = c.num_heads * c.d_kv;
+  cpu::rmsnorm(y, blk.ln_cross.data(), n, d, static_cast<float>(c.layer_norm_epsilon), h.data());
+  cpu::gemm_nt(n, inner, d, 1.0f, h.data(), d, blk.cross_attn.q.get(scratch), d, 0.0f, q.data(),
+               inner);
+  attention(AttnArgs{B, Tq, S, c.num_heads, c.d_kv, q.data(), inner, Tq * inner, kv, kv + inner,
+                     2 * inner, S * 2 * inner, nullptr, enc_mask, ctx.data()});
+  cpu::gemm_nt(n, d, inner, 1.0f, ctx.data(), inner, blk.cross_attn.o.get(scratch), inner, 1.0f, y,
+               d);
+}
 
 // Per-layer cross-attention keys/values of the encoder output: [B*S, 2*inner].
 std::vector<std::vector<float>> cross_kv(const SwitchConfig& c, const SwitchWeights& w,
@@ -344,8 +366,7 @@ Tensor SwitchModel::decode(const Tensor& enc_out, const Batch& batch,
   embed(weights_.embed, dec_ids.data(), n, y.data(), "decoder_input_ids");
   const std::vector<float> self_bias =
       position_bias(weights_.dec_rel_bias, H, T, T, 0, false, true, c);
-  std::vector<float> enc_mask(static_cast<size_t>(B * S));
-  for (int64_t i = 0; i < B * S; ++i) enc_mask[i] = batch.attention_mask[i] ? 0.0f : kLowest;
+  const std::vector<float> enc_mask = padding_mask_add(batch);
   const auto kv = cross_kv(c, weights_, enc_out);
 
   std::vector<float> h(static_cast<size_t>(n * d)), qkv(static_cast<size_t>(n * 3 * inner)),
@@ -363,14 +384,8 @@ Tensor SwitchModel::decode(const Tensor& enc_out, const Batch& batch,
     cpu::gemm_nt(n, d, inner, 1.0f, ctx.data(), inner, blk.self_attn.o.get(scratch), inner, 1.0f,
                  y.data(), d);
 
-    cpu::rmsnorm(y.data(), blk.ln_cross.data(), n, d, eps, h.data());
-    cpu::gemm_nt(n, inner, d, 1.0f, h.data(), d, blk.cross_attn.q.get(scratch), d, 0.0f, q.data(),
-                 inner);
-    const float* kvi = kv[static_cast<size_t>(i)].data();
-    attention(AttnArgs{B, T, S, H, dk, q.data(), inner, T * inner, kvi, kvi + inner, 2 * inner,
-                       S * 2 * inner, nullptr, enc_mask.data(), ctx.data()});
-    cpu::gemm_nt(n, d, inner, 1.0f, ctx.data(), inner, blk.cross_attn.o.get(scratch), inner, 1.0f,
-                 y.data(), d);
+    cross_attention(c, blk, kv[static_cast<size_t>(i)].data(), enc_mask.data(), B, T, S, y.data(),
+                    h, q, ctx, scratch);
     feed_forward(c, blk, y.data(), B, T, y.data(), h, obs, "dec", i);
   }
   Tensor logits(DType::kF32, {B, T, c.vocab_size});
@@ -390,8 +405,7 @@ GenerateResult SwitchModel::generate(const Tensor& enc_out, const Batch& batch,
                 Tmax = std::max<int64_t>(max_new_tokens, 1);
   const float eps = static_cast<float>(c.layer_norm_epsilon);
 
-  std::vector<float> enc_mask(static_cast<size_t>(B * S));
-  for (int64_t i = 0; i < B * S; ++i) enc_mask[i] = batch.attention_mask[i] ? 0.0f : kLowest;
+  const std::vector<float> enc_mask = padding_mask_add(batch);
   const auto kv = cross_kv(c, weights_, enc_out);
   // Self-attention cache per layer: [B, Tmax, 2*inner] (k then v of each position).
   std::vector<std::vector<float>> cache(
@@ -426,14 +440,8 @@ GenerateResult SwitchModel::generate(const Tensor& enc_out, const Batch& batch,
       cpu::gemm_nt(B, d, inner, 1.0f, ctx.data(), inner, blk.self_attn.o.get(scratch), inner, 1.0f,
                    y.data(), d);
 
-      cpu::rmsnorm(y.data(), blk.ln_cross.data(), B, d, eps, h.data());
-      cpu::gemm_nt(B, inner, d, 1.0f, h.data(), d, blk.cross_attn.q.get(scratch), d, 0.0f, q.data(),
-                   inner);
-      const float* kvi = kv[static_cast<size_t>(i)].data();
-      attention(AttnArgs{B, 1, S, H, dk, q.data(), inner, inner, kvi, kvi + inner, 2 * inner,
-                         S * 2 * inner, nullptr, enc_mask.data(), ctx.data()});
-      cpu::gemm_nt(B, d, inner, 1.0f, ctx.data(), inner, blk.cross_attn.o.get(scratch), inner, 1.0f,
-                   y.data(), d);
+      cross_attention(c, blk, kv[static_cast<size_t>(i)].data(), enc_mask.data(), B, 1, S, y.data(),
+                      h, q, ctx, scratch);
       feed_forward(c, blk, y.data(), B, 1, y.data(), h, obs, "dec", i);
     }
     lm_head(c, weights_, y.data(), B, logits.data());
