@@ -11,14 +11,10 @@ namespace {
 
 // Everything after `analyze` goes to Python untouched, --help included (argparse documents it).
 RegisterCommand reg([](CLI::App& app) {
-  auto* sub = app.add_subcommand(
-      "analyze",
+  add_python_subcommand(
+      app, "analyze",
       "Expert usage, load balance, router confidence, layer-to-layer and dataset statistics of a "
       "trace store: stats.json + report.html (Python, see `moetrace analyze --help`)");
-  sub->prefix_command();
-  sub->set_help_flag();
-  sub->allow_extras();
-  sub->callback([sub] { run_python_subcommand("analyze", sub->remaining()); });
 });
 
 }  // namespace

@@ -97,4 +97,12 @@ else:
        "); run scripts/setup.sh or set MOETRACE_PYTHON to a Python with numpy and matplotlib");
 }
 
+void add_python_subcommand(CLI::App& app, const std::string& name, const std::string& description) {
+  CLI::App* sub = app.add_subcommand(name, description);
+  sub->prefix_command();
+  sub->set_help_flag();
+  sub->allow_extras();
+  sub->callback([sub, name] { run_python_subcommand(name, sub->remaining()); });
+}
+
 }  // namespace moetrace::cli

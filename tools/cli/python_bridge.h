@@ -1,6 +1,7 @@
 // The bridge to the Python half of moetrace (analyze, speculate; python/moetrace).
 #pragma once
 
+#include <CLI/CLI.hpp>
 #include <string>
 #include <vector>
 
@@ -11,5 +12,8 @@ namespace moetrace::cli {
 // throwing Error, saying which interpreter could not be started and how to fix it.
 [[noreturn]] void run_python_subcommand(const std::string& subcommand,
                                         const std::vector<std::string>& args);
+
+// Adds subcommand `name` whose every argument (--help included) goes to run_python_subcommand.
+void add_python_subcommand(CLI::App& app, const std::string& name, const std::string& description);
 
 }  // namespace moetrace::cli
