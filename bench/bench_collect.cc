@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   o.progress = false;
   o.overwrite = true;
   std::string json_path = "bench_collect.json";
+  o.batch_tokens = 8192;  // the CPU default of `moetrace collect`
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--model")

@@ -102,8 +102,12 @@ class BatchCapture : public Observer {
 };
 
 // Owned per-sample traces between the engine and the writer (store order is restored per window).
+// Logits and hidden states keep the engine's dtype (F32 from the CPU engine, F16/BF16 from the GPU
+// pipeline) so that the writer copies them byte for byte when the store uses the same dtype.
 struct LayerData {
-  std::vector<float> logits, gate, hidden;
+  std::vector<uint8_t> logits, hidden;
+  DType logits_dtype = DType::kF32, hidden_dtype = DType::kF32;
+  std::vector<float> gate;
   std::vector<int32_t> expert;
   std::vector<uint8_t> dropped;
 };
@@ -113,19 +117,29 @@ struct SampleData {
 };
 
 template <class T>
-void copy_rows(const Tensor& t, int64_t row0, int64_t rows, int64_t width, std::vector<T>& out) {
-  const T* src = t.data<T>() + row0 * width;
+void copy_rows(const TensorView& t, int64_t row0, int64_t rows, int64_t width, std::vector<T>& out) {
+  const T* src = t.as<T>() + row0 * width;
   out.assign(src, src + rows * width);
 }
+// Rows of a tensor of any dtype, as raw bytes.
+void copy_raw_rows(const TensorView& t, int64_t row0, int64_t rows, int64_t width,
+                   std::vector<uint8_t>& out, DType* dtype) {
+  const size_t es = dtype_size(t.dtype);
+  const auto* src = static_cast<const uint8_t*>(t.data) + static_cast<size_t>(row0 * width) * es;
+  out.assign(src, src + static_cast<size_t>(rows * width) * es);
+  *dtype = t.dtype;
+}
 
-LayerData layer_slice(const BatchCapture& cap, const std::string& p, int64_t b, int64_t S,
-                      int64_t len, int64_t E, int64_t d, bool hidden) {
+// Rows [b*S, b*S+len) of one layer's tensors; `get` maps a key to a [B,S,...] view.
+template <class Get>
+LayerData layer_slice(const Get& get, const std::string& p, int64_t b, int64_t S, int64_t len,
+                      int64_t E, int64_t d, bool hidden) {
   LayerData l;
-  copy_rows(cap.get(p + "router_logits").front(), b * S, len, E, l.logits);
-  copy_rows(cap.get(p + "expert").front(), b * S, len, 1, l.expert);
-  copy_rows(cap.get(p + "dropped").front(), b * S, len, 1, l.dropped);
-  copy_rows(cap.get(p + "gate").front(), b * S, len, 1, l.gate);
-  if (hidden) copy_rows(cap.get(p + "hidden").front(), b * S, len, d, l.hidden);
+  copy_raw_rows(get(p + "router_logits"), b * S, len, E, l.logits, &l.logits_dtype);
+  copy_rows(get(p + "expert"), b * S, len, 1, l.expert);
+  copy_rows(get(p + "dropped"), b * S, len, 1, l.dropped);
+  copy_rows(get(p + "gate"), b * S, len, 1, l.gate);
+  if (hidden) copy_raw_rows(get(p + "hidden"), b * S, len, d, l.hidden, &l.hidden_dtype);
   return l;
 }
 
@@ -136,21 +150,31 @@ LayerData decoder_slice(const BatchCapture& cap, const std::string& p, int64_t b
   const auto& logits = cap.get(p + "router_logits");
   for (int64_t t = 0; t < G; ++t) {
     const float* r = logits[t].data<float>() + b * E;
-    l.logits.insert(l.logits.end(), r, r + E);
+    const auto* rb = reinterpret_cast<const uint8_t*>(r);
+    l.logits.insert(l.logits.end(), rb, rb + E * sizeof(float));
     l.expert.push_back(cap.get(p + "expert")[t].data<int32_t>()[b]);
     l.dropped.push_back(cap.get(p + "dropped")[t].data<uint8_t>()[b]);
     l.gate.push_back(cap.get(p + "gate")[t].data<float>()[b]);
     if (hidden) {
-      const float* h = cap.get(p + "hidden")[t].data<float>() + b * d;
-      l.hidden.insert(l.hidden.end(), h, h + d);
+      const auto* h = reinterpret_cast<const uint8_t*>(cap.get(p + "hidden")[t].data<float>() + b * d);
+      l.hidden.insert(l.hidden.end(), h, h + d * sizeof(float));
     }
   }
   return l;
 }
 
 LayerRecord record_of(const LayerData& l) {
-  return LayerRecord{l.logits.data(), l.expert.data(), l.dropped.data(), l.gate.data(),
-                     l.hidden.empty() ? nullptr : l.hidden.data()};
+  LayerRecord r;
+  r.router_logits_raw = l.logits.data();
+  r.router_logits_raw_dtype = l.logits_dtype;
+  r.expert = l.expert.data();
+  r.dropped = l.dropped.data();
+  r.gate = l.gate.data();
+  if (!l.hidden.empty()) {
+    r.hidden_raw = l.hidden.data();
+    r.hidden_raw_dtype = l.hidden_dtype;
+  }
+  return r;
 }
 
 std::vector<std::vector<size_t>> make_batches(const std::vector<WorkItem>& items,
@@ -191,8 +215,10 @@ CollectResult run_collect(const CollectOptions& o) {
     fail("--real-ratio ", o.real_ratio, ": expected a value in [0, 1]");
   if (o.traces <= 0) fail("--traces ", o.traces, ": expected a positive number");
   if (o.max_length < 2) fail("--max-length ", o.max_length, ": expected at least 2");
-  if (o.batch_tokens < o.max_length)
-    fail("--batch-tokens ", o.batch_tokens, " must be >= --max-length ", o.max_length);
+  // Batch budget: the GPU wants large batches (128 × 256 fills an H100/H200), the CPU cache-sized ones.
+  const int64_t batch_tokens = o.batch_tokens > 0 ? o.batch_tokens : o.device == "cuda" ? 32768 : 8192;
+  if (batch_tokens < o.max_length)
+    fail("--batch-tokens ", batch_tokens, " must be >= --max-length ", o.max_length);
   if (o.resume && o.overwrite) fail("--resume and --overwrite exclude each other");
   if (o.device != "cpu" && o.device != "cuda")
     fail("--device '", o.device, "': expected cpu or cuda");
@@ -347,7 +373,7 @@ CollectResult run_collect(const CollectOptions& o) {
   }
 
   // Tokenizer thread: tokenizes window after window (at most two ahead) while the engine runs.
-  const int64_t window_tokens = std::max<int64_t>(4 * o.batch_tokens, 16384);
+  const int64_t window_tokens = std::max<int64_t>(4 * batch_tokens, 16384);
   std::mutex mu;
   std::condition_variable cv;
   std::deque<std::pair<size_t, size_t>> ready;  // [begin, end) windows of items
@@ -400,46 +426,154 @@ CollectResult run_collect(const CollectOptions& o) {
   const char* fault = std::getenv("MOETRACE_FAULT_KILL_AFTER");
   const int64_t kill_after = fault != nullptr ? std::atoll(fault) : -1;
   int64_t added = 0;
+
+  // A window of items from the tokenizer thread: its samples go to the writer, in store order,
+  // once every batch made of it has come back from the engine.
+  struct Window {
+    std::vector<WorkItem> items;
+    std::vector<SampleData> data;
+    size_t outstanding = 0;  // batches submitted to the GPU pipeline, not yet delivered
+    bool submitted = false;  // every batch of the window has been submitted
+  };
+  std::deque<Window> windows;  // references stay valid: only push_back and pop_front
+  auto write_window = [&](Window& win) {
+    for (size_t j = 0; j < win.items.size(); ++j) {
+      WorkItem& w = win.items[j];
+      SampleRecord r;
+      r.sample_id = w.sample_id;
+      r.dataset = w.dataset;
+      r.row = w.row;
+      r.synthetic = w.synthetic;
+      SyntheticSample syn;
+      if (w.synthetic) {
+        syn = make_synthetic(o.seed, w.synthetic_index, L, E, o.max_length, cfg.vocab_size);
+        r.token_ids = syn.token_ids;
+        for (int64_t l = 0; l < L; ++l) {
+          r.enc.push_back(LayerRecord{syn.logits[l].data(), syn.expert[l].data(),
+                                      syn.dropped.data(), syn.gate[l].data(), nullptr});
+        }
+        // Synthetic samples have no decoder pass: zero steps.
+        r.dec.assign(dec_layers.size(), LayerRecord{});
+      } else {
+        r.token_ids = w.ids;
+        for (const LayerData& l : win.data[j].enc) r.enc.push_back(record_of(l));
+        r.dec_input_ids = win.data[j].dec_in;
+        r.dec_output_ids = win.data[j].dec_out;
+        for (const LayerData& l : win.data[j].dec) r.dec.push_back(record_of(l));
+      }
+      writer->add(r);
+      result.tokens += static_cast<int64_t>(r.token_ids.size());
+      if (++added == kill_after) std::raise(SIGKILL);  // fault injection for the resume tests
+      if (w.synthetic) progress.samples_skipped(1);
+    }
+    result.samples += static_cast<int64_t>(win.items.size());
+  };
+  auto write_finished_windows = [&] {
+    while (!windows.empty() && windows.front().submitted && windows.front().outstanding == 0) {
+      write_window(windows.front());
+      windows.pop_front();
+    }
+  };
+
+#ifdef MOETRACE_WITH_CUDA
+  // The GPU pipeline (encoder-only runs): batches are submitted without waiting; the observed
+  // tensors come back in submit order in pinned memory while later batches compute.
+  const bool pipelined = gpu != nullptr && !o.decoder;
+  struct Ticket {
+    Window* window;
+    std::vector<size_t> members;
+  };
+  std::deque<Ticket> tickets;
+  if (pipelined) {
+    CaptureSpec spec;
+    spec.gate = true;
+    // F16 logits come over as they are; other store dtypes are made from exact F32.
+    spec.logits_dtype = o.logits_dtype == DType::kF16 ? DType::kF16 : DType::kF32;
+    spec.hidden = want_hidden;
+    if (want_hidden) spec.hidden_dtype = *o.hidden_dtype;
+    gpu->set_capture(spec);
+  }
+  auto deliver = [&](std::unique_ptr<CapturedBatch> r) {
+    Ticket t = std::move(tickets.front());
+    tickets.pop_front();
+    auto get = [&](const std::string& key) -> const TensorView& {
+      const TensorView* v = r->find(key);
+      if (v == nullptr) fail("GPU pipeline: no captured tensor ", key);
+      return *v;
+    };
+    for (int64_t b = 0; b < r->B; ++b) {
+      const size_t j = t.members[static_cast<size_t>(b)];
+      const auto len = static_cast<int64_t>(t.window->items[j].ids.size());
+      for (int i : enc_layers) {
+        t.window->data[j].enc.push_back(
+            layer_slice(get, "enc." + std::to_string(i) + ".", b, r->S, len, E, d, want_hidden));
+      }
+    }
+    progress.batch_done(r->B, r->B * r->S, t.window->items[t.members.front()].dataset);
+    --t.window->outstanding;
+  };
+  auto drain = [&](bool wait) {
+    if (!pipelined) return;
+    const double t0 = progress_clock();
+    while (auto r = gpu->poll(wait)) deliver(std::move(r));
+    engine_seconds += progress_clock() - t0;
+  };
+#else
+  auto drain = [](bool) {};
+#endif
+
   try {
     while (true) {
-      std::pair<size_t, size_t> win;
+      std::pair<size_t, size_t> span;
       {
         std::unique_lock<std::mutex> lock(mu);
         cv.wait(lock, [&] { return !ready.empty() || producer_done; });
         if (ready.empty()) break;
-        win = ready.front();
+        span = ready.front();
         ready.pop_front();
       }
       cv.notify_all();
       if (producer_error) std::rethrow_exception(producer_error);
-      const size_t n = win.second - win.first;
-      std::vector<WorkItem> window(
-          std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(win.first)),
-          std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(win.second)));
-      std::vector<SampleData> data(n);
+      Window& win = windows.emplace_back();
+      const size_t n = span.second - span.first;
+      win.items.assign(std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span.first)),
+                       std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span.second)));
+      win.data.resize(n);
       std::vector<size_t> real;
       for (size_t j = 0; j < n; ++j) {
-        if (!window[j].synthetic) real.push_back(j);
+        if (!win.items[j].synthetic) real.push_back(j);
       }
-      for (const auto& members : make_batches(window, real, o.batch_tokens)) {
+      for (auto& members : make_batches(win.items, real, batch_tokens)) {
         if (g_interrupted) break;
         Batch batch;
         batch.B = static_cast<int64_t>(members.size());
-        batch.S = static_cast<int64_t>(window[members.front()].ids.size());
+        batch.S = static_cast<int64_t>(win.items[members.front()].ids.size());
         batch.input_ids.assign(static_cast<size_t>(batch.B * batch.S),
                                static_cast<int32_t>(cfg.pad_token_id));
         batch.attention_mask.assign(static_cast<size_t>(batch.B * batch.S), 0);
         for (int64_t b = 0; b < batch.B; ++b) {
-          const auto& ids = window[members[static_cast<size_t>(b)]].ids;
+          const auto& ids = win.items[members[static_cast<size_t>(b)]].ids;
           std::copy(ids.begin(), ids.end(), batch.input_ids.begin() + b * batch.S);
           std::fill_n(batch.attention_mask.begin() + b * batch.S, ids.size(), 1);
         }
-        cap.clear();
         const double t0 = progress_clock();
+#ifdef MOETRACE_WITH_CUDA
+        if (pipelined) {
+          // Keep every slot busy: take a finished batch back only when all are in flight.
+          if (gpu->in_flight() == gpu->slots()) deliver(gpu->poll(true));
+          gpu->submit(batch);
+          tickets.push_back(Ticket{&win, std::move(members)});
+          ++win.outstanding;
+          engine_seconds += progress_clock() - t0;
+          continue;
+        }
+#endif
+        cap.clear();
         GenerateResult gen;
 #ifdef MOETRACE_WITH_CUDA
         if (gpu) {
           gpu->encode(batch, &cap);
+          if (o.decoder) fail("--decoder with --device cuda: not on the GPU yet");
         } else
 #endif
         {
@@ -447,13 +581,14 @@ CollectResult run_collect(const CollectOptions& o) {
           if (o.decoder) gen = model->generate(enc, batch, o.max_new_tokens, 0, &cap);
         }
         engine_seconds += progress_clock() - t0;
+        auto get = [&](const std::string& key) -> TensorView { return cap.get(key).front().view(); };
         for (int64_t b = 0; b < batch.B; ++b) {
           const size_t j = members[static_cast<size_t>(b)];
-          const int64_t len = static_cast<int64_t>(window[j].ids.size());
-          SampleData& sd = data[j];
+          const int64_t len = static_cast<int64_t>(win.items[j].ids.size());
+          SampleData& sd = win.data[j];
           for (int i : enc_layers) {
-            sd.enc.push_back(layer_slice(cap, "enc." + std::to_string(i) + ".", b, batch.S, len, E,
-                                         d, want_hidden));
+            sd.enc.push_back(
+                layer_slice(get, "enc." + std::to_string(i) + ".", b, batch.S, len, E, d, want_hidden));
           }
           if (o.decoder) {
             // Steps until this sequence produced eos (inclusive), else all steps run.
@@ -473,41 +608,17 @@ CollectResult run_collect(const CollectOptions& o) {
             }
           }
         }
-        progress.batch_done(batch.B, batch.B * batch.S, window[members.front()].dataset);
+        progress.batch_done(batch.B, batch.B * batch.S, win.items[members.front()].dataset);
       }
       if (g_interrupted) break;
-      // Store order.
-      for (size_t j = 0; j < n; ++j) {
-        WorkItem& w = window[j];
-        SampleRecord r;
-        r.sample_id = w.sample_id;
-        r.dataset = w.dataset;
-        r.row = w.row;
-        r.synthetic = w.synthetic;
-        SyntheticSample syn;
-        if (w.synthetic) {
-          syn = make_synthetic(o.seed, w.synthetic_index, L, E, o.max_length, cfg.vocab_size);
-          r.token_ids = syn.token_ids;
-          for (int64_t l = 0; l < L; ++l) {
-            r.enc.push_back(LayerRecord{syn.logits[l].data(), syn.expert[l].data(),
-                                        syn.dropped.data(), syn.gate[l].data(), nullptr});
-          }
-          // Synthetic samples have no decoder pass: zero steps.
-          r.dec.assign(dec_layers.size(), LayerRecord{});
-        } else {
-          r.token_ids = w.ids;
-          for (const LayerData& l : data[j].enc) r.enc.push_back(record_of(l));
-          r.dec_input_ids = data[j].dec_in;
-          r.dec_output_ids = data[j].dec_out;
-          for (const LayerData& l : data[j].dec) r.dec.push_back(record_of(l));
-        }
-        writer->add(r);
-        result.tokens += static_cast<int64_t>(r.token_ids.size());
-        if (++added == kill_after) std::raise(SIGKILL);  // fault injection for the resume tests
-        if (w.synthetic) progress.samples_skipped(1);
-      }
-      result.samples += static_cast<int64_t>(n);
+      win.submitted = true;
+      drain(false);  // whatever the GPU has finished meanwhile, without waiting
+      write_finished_windows();
     }
+    // The rest of the GPU's work, then every window that is complete (after Ctrl-C the partly
+    // submitted window stays unwritten: a resumed run redoes it).
+    drain(true);
+    write_finished_windows();
   } catch (...) {
     stop_producer();
     std::signal(SIGINT, previous_handler);

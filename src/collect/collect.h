@@ -28,7 +28,7 @@ struct CollectOptions {
   // Engine.
   std::string device = "cpu";  // cpu | cuda
   int threads = 0;
-  int64_t batch_tokens = 8192;
+  int64_t batch_tokens = 0;  // batch size × padded length; 0: 8192 on cpu, 32768 on cuda
   std::string precision = "bf16";  // cuda only: bf16 | fp16 | fp32
   // What to store.
   DType logits_dtype = DType::kF16;

@@ -28,6 +28,13 @@ struct LayerRecord {
   const float* gate = nullptr;           // [S] top-1 router probability
   const float* hidden =
       nullptr;  // [S, d_model] fp32, or nullptr (zeros are stored if the store has hidden)
+  // Instead of router_logits / hidden: the same values in another dtype (F32, F16 or BF16), copied
+  // byte for byte when it is the store's dtype (the GPU engine hands over F16 logits), else
+  // converted. Used when non-null.
+  const void* router_logits_raw = nullptr;
+  DType router_logits_raw_dtype = DType::kF32;
+  const void* hidden_raw = nullptr;
+  DType hidden_raw_dtype = DType::kF32;
 };
 
 struct SampleRecord {

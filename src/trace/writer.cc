@@ -410,8 +410,8 @@ struct TraceWriter::Impl {
     auto check = [&](const LayerRecord& l, bool dec, int block, size_t rows) {
       if (rows == 0) return;
       const std::string key = trace::layer_key(dec, block);
-      if (l.router_logits == nullptr || l.expert == nullptr || l.dropped == nullptr ||
-          l.gate == nullptr) {
+      if ((l.router_logits == nullptr && l.router_logits_raw == nullptr) || l.expert == nullptr ||
+          l.dropped == nullptr || l.gate == nullptr) {
         fail("trace store: sample ", id, " layer ", key, ": a required pointer is null");
       }
       for (size_t r = 0; r < rows; ++r) {
@@ -432,14 +432,30 @@ struct TraceWriter::Impl {
     }
   }
 
+  // n values into dst in the store's dtype, from f32 or from raw values of another dtype.
+  static void store_values(const float* f32, const void* raw, DType raw_dtype, DType dst_dtype,
+                           uint8_t* dst, size_t n) {
+    if (raw == nullptr) {
+      convert_from_f32(f32, dst_dtype, dst, n);
+    } else if (raw_dtype == dst_dtype) {
+      std::memcpy(dst, raw, n * dtype_size(dst_dtype));
+    } else {
+      std::vector<float> tmp(n);
+      convert_to_f32(raw_dtype, raw, tmp.data(), n);
+      convert_from_f32(tmp.data(), dst_dtype, dst, n);
+    }
+  }
+
   void append_layer(LayerBuf* l, trace::LayerStats* st, const LayerRecord& r, size_t rows) {
     const size_t e = static_cast<size_t>(layout.num_experts);
     const size_t d = static_cast<size_t>(layout.d_model);
     const size_t ls = dtype_size(layout.logits_dtype);
     size_t old = l->logits.size();
     l->logits.resize(old + rows * e * ls);
-    if (rows > 0)
-      convert_from_f32(r.router_logits, layout.logits_dtype, l->logits.data() + old, rows * e);
+    if (rows > 0) {
+      store_values(r.router_logits, r.router_logits_raw, r.router_logits_raw_dtype,
+                   layout.logits_dtype, l->logits.data() + old, rows * e);
+    }
     if (rows > 0) {
       l->expert.insert(l->expert.end(), r.expert, r.expert + rows);
       l->dropped.insert(l->dropped.end(), r.dropped, r.dropped + rows);
@@ -449,8 +465,9 @@ struct TraceWriter::Impl {
       const size_t hs = dtype_size(*layout.hidden_dtype);
       old = l->hidden.size();
       l->hidden.resize(old + rows * d * hs);  // zeros when the record has no hidden state
-      if (rows > 0 && r.hidden != nullptr) {
-        convert_from_f32(r.hidden, *layout.hidden_dtype, l->hidden.data() + old, rows * d);
+      if (rows > 0 && (r.hidden != nullptr || r.hidden_raw != nullptr)) {
+        store_values(r.hidden, r.hidden_raw, r.hidden_raw_dtype, *layout.hidden_dtype,
+                     l->hidden.data() + old, rows * d);
       }
     }
     if (rows > 0) trace::count_rows(st, r.expert, r.dropped, static_cast<int64_t>(rows));

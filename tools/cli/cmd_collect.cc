@@ -71,8 +71,8 @@ const RegisterCommand reg([](CLI::App& app) {
   sub->add_option("--threads", o.threads, "CPU threads (0 = all cores)")
       ->capture_default_str()
       ->group(ge);
-  sub->add_option("--batch-tokens", o.batch_tokens, "batch budget: batch size × padded length")
-      ->capture_default_str()
+  sub->add_option("--batch-tokens", o.batch_tokens,
+                  "batch budget: batch size × padded length (default 8192 on cpu, 32768 on cuda)")
       ->group(ge);
   sub->add_option("--precision", o.precision, "cuda: bf16 | fp16 | fp32 (router always fp32)")
       ->capture_default_str()
