@@ -315,5 +315,85 @@ TEST_F(CudaKernels, FlashAttention) {
   }
 }
 
+// decode_attention against its CPU twin: a generation step over a strided KV cache (causal,
+// distance bias), a teacher-forced causal pass, and cross-attention (padding mask, non-causal),
+// with odd head sizes and row strides.
+struct DecodeAttnCase {
+  const char* name;
+  int64_t B, H, dk, Sq, Sk, cache_len;  // keys live in a [B, cache_len] cache; Sk of them are used
+  bool causal, bias, mask;
+};
+
+TEST_F(CudaKernels, DecodeAttention) {
+  const DecodeAttnCase cases[] = {
+      {"step", 3, 3, 40, 1, 29, 37, true, true, false},
+      {"step_first", 2, 2, 64, 1, 1, 5, true, true, false},
+      {"teacher_forced", 3, 2, 8, 23, 23, 23, true, true, false},
+      {"cross", 4, 3, 64, 5, 41, 41, false, false, true},
+      {"cross_step", 5, 4, 24, 1, 67, 67, false, false, true},
+  };
+  for (const auto& k : cases)
+    for (DType t : kActs) {
+      const int64_t inner = k.H * k.dk, ldq = inner + 5, ldctx = inner + 3;
+      const int64_t ldkv = 2 * inner + 16;  // k | v | other columns (another layer's)
+      const int64_t kv_bstride = k.cache_len * ldkv;
+      auto q = random_vec(k.B * k.Sq * ldq, 20, -0.5f, 0.5f);
+      auto kv = random_vec(k.B * kv_bstride, 21, -0.5f, 0.5f);
+      round_vec(q, t);
+      round_vec(kv, t);
+      auto bias = random_vec(k.H * k.cache_len, 22, -1, 1);
+      std::vector<int32_t> mask(k.B * k.Sk, 1);
+      for (int64_t b = 1; b < k.B; ++b)  // right padding, sequence b of length Sk - 7b (>= 1)
+        for (int64_t j = std::max<int64_t>(1, k.Sk - 7 * b); j < k.Sk; ++j) mask[b * k.Sk + j] = 0;
+      const float* bias_h = k.bias ? bias.data() : nullptr;
+      const int32_t* mask_h = k.mask ? mask.data() : nullptr;
+      std::vector<float> want;
+      ref::decode_attention(q, ldq, kv.data(), kv.data() + inner, ldkv, kv_bstride, bias_h,
+                            k.cache_len, mask_h, k.causal, k.B, k.H, k.Sq, k.Sk, k.dk, t, want,
+                            ldctx);
+      auto dq = to_device(q, t), dkv = to_device(kv, t), dbias = to_device(bias, DType::kF32);
+      auto dmask = to_device_raw(mask);
+      auto dctx = to_device(std::vector<float>(k.B * k.Sq * ldctx, 0.f), t);
+      const size_t as = act_size(t);
+      decode_attention(dq.get(), ldq, dkv.get(), dkv.as<uint8_t>() + inner * as, ldkv, kv_bstride,
+                       k.bias ? dbias.as<float>() : nullptr, k.cache_len,
+                       k.mask ? dmask.as<int32_t>() : nullptr, k.causal, k.B, k.H, k.Sq, k.Sk, k.dk,
+                       dctx.get(), ldctx, t, stream_.get());
+      const auto got = from_device(dctx, want.size(), t);
+      EXPECT_LT(rel_err(got, want), tol(t) * 2) << k.name << " " << dtype_name(t);
+      // The padding columns of ctx stay untouched.
+      for (int64_t r = 0; r < k.B * k.Sq; ++r)
+        for (int64_t c = inner; c < ldctx; ++c) ASSERT_EQ(got[r * ldctx + c], 0.f) << k.name;
+    }
+}
+
+// First maximum (ties to the lowest index), the banned eos, finished sequences padded.
+TEST_F(CudaKernels, GreedyPick) {
+  const int64_t B = 7, V = 1037;
+  const int32_t eos = 1, pad = 0;
+  auto logits = random_vec(B * V, 23, -4, 4);
+  logits[1 * V + 200] = logits[1 * V + 500] = 9.f;  // a tie: 200 wins
+  logits[2 * V + eos] = 9.f;                        // eos is the best: finished (unless banned)
+  logits[3 * V + 17] = 9.f;                         // finished before: pad whatever the logits
+  logits[4 * V + V - 1] = 9.f;                      // the last column
+  for (int64_t j = 0; j < V; ++j) logits[5 * V + j] = -INFINITY;  // all -inf: the first token
+  for (int32_t banned : {-1, eos}) {
+    std::vector<uint8_t> fin_want(B, 0);
+    fin_want[3] = 1;
+    auto dfin = to_device_raw(fin_want);
+    auto dl = to_device(logits, DType::kF32);
+    DeviceBuffer dids(B * 4);
+    greedy_pick(dl.as<float>(), B, V, banned, eos, pad, dfin.as<uint8_t>(), dids.as<int32_t>(),
+                stream_.get());
+    std::vector<int32_t> ids_want;
+    ref::greedy_pick(logits, B, V, banned, eos, pad, fin_want, ids_want);
+    EXPECT_EQ(from_device_raw<int32_t>(dids, B), ids_want) << "banned " << banned;
+    EXPECT_EQ(from_device_raw<uint8_t>(dfin, B), fin_want) << "banned " << banned;
+    EXPECT_EQ(ids_want[1], 200);
+    EXPECT_EQ(ids_want[3], pad);
+    EXPECT_EQ(ids_want[2] == eos, banned < 0);
+  }
+}
+
 }  // namespace
 }  // namespace moetrace::cuda::test

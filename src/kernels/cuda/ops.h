@@ -1,8 +1,9 @@
-// GPU kernels of the Switch encoder, as host launchers on a stream. No knowledge of models or
-// files. Pointers are device pointers; row-major, dense unless an ld (row stride, in elements) is
-// given. `act` is the activation dtype of GEMM operands: kF32, kBF16 or kF16. The residual stream,
-// norms, softmax and everything of the router are float32 in every mode. Each op has a plain CPU
-// twin in kernels/cuda/reference.h that tests/cuda compares it with on random inputs of odd sizes.
+// GPU kernels of the Switch encoder and decoder, as host launchers on a stream. No knowledge of
+// models or files. Pointers are device pointers; row-major, dense unless an ld (row stride, in
+// elements) is given. `act` is the activation dtype of GEMM operands: kF32, kBF16 or kF16. The
+// residual stream, norms, softmax and everything of the router are float32 in every mode. Each op
+// has a plain CPU twin in kernels/cuda/reference.h that tests/cuda compares it with on random
+// inputs of odd sizes.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -57,6 +58,32 @@ void attention_pointers(const void* qkv, const float* scores, const void* probs,
 bool flash_attention_supported(int64_t dk, int64_t S, DType act);
 void flash_attention(const void* qkv, const float* bias, const int32_t* mask, int64_t B, int64_t S,
                      int64_t H, int64_t dk, void* ctx, DType act, cudaStream_t stream);
+
+// ---- Decoder ------------------------------------------------------------------------------------
+
+// Attention of Sq query rows per sequence over Sk cached keys (decoder self-attention over its KV
+// cache, cross-attention over the encoder's keys), one block per (query, head, sequence):
+//   ctx[b,i,h,:] = Σ_j p_j · v[b,j,h,:],  p = act(softmax_j(q[b,i,h]·k[b,j,h] + bias + mask))
+// unscaled (T5), float32 scores and softmax, probs rounded to the activation dtype. Query i sits
+// at position pos = i + Sk - Sq; causal: it sees keys j <= pos only. bias_dist [H, bias_ld] float32
+// or null (causal only): key j gets bias_dist[h, pos - j], the bias of its distance behind the
+// query. mask [B, Sk] int32 or null: a 0 adds the lowest float (HF's finite mask).
+// Rows: q (b,i) at q + (b*Sq + i)*ldq + h*dk; k/v (b,j) at k/v + b*kv_bstride + j*ldkv + h*dk;
+// ctx (b,i) at ctx + (b*Sq + i)*ldctx + h*dk. All in `act`. dk <= 128, Sk <= kDecodeMaxKeys,
+// B <= 65535.
+constexpr int64_t kDecodeMaxKeys = 8192;
+void decode_attention(const void* q, int64_t ldq, const void* k, const void* v, int64_t ldkv,
+                      int64_t kv_bstride, const float* bias_dist, int64_t bias_ld,
+                      const int32_t* mask, bool causal, int64_t B, int64_t H, int64_t Sq,
+                      int64_t Sk, int64_t dk, void* ctx, int64_t ldctx, DType act,
+                      cudaStream_t stream);
+
+// The greedy choice of one generation step, per sequence b, as SwitchModel::generate makes it:
+//   next = first maximum of logits[b,:] (token `banned` excluded when >= 0: eos before
+//   min_new_tokens); if finished[b]: next = pad; if next == eos: finished[b] = 1; ids[b] = next.
+// logits [B, V] float32, finished [B] uint8 (in/out), ids [B] int32 (out).
+void greedy_pick(const float* logits, int64_t B, int64_t V, int32_t banned, int32_t eos,
+                 int32_t pad, uint8_t* finished, int32_t* ids, cudaStream_t stream);
 
 // ---- Mixture of experts
 // --------------------------------------------------------------------------

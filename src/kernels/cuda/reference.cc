@@ -61,6 +61,55 @@ void attention_softmax(const std::vector<float>& scores, const float* bias, cons
       }
 }
 
+void decode_attention(const std::vector<float>& q, int64_t ldq, const float* k, const float* v,
+                      int64_t ldkv, int64_t kv_bstride, const float* bias_dist, int64_t bias_ld,
+                      const int32_t* mask, bool causal, int64_t B, int64_t H, int64_t Sq,
+                      int64_t Sk, int64_t dk, DType act, std::vector<float>& ctx, int64_t ldctx) {
+  ctx.resize(static_cast<size_t>(B * Sq * ldctx));
+  std::vector<double> s(static_cast<size_t>(Sk));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < Sq; ++i) {
+        const int64_t pos = i + Sk - Sq, n_keys = causal ? pos + 1 : Sk;
+        const float* qr = q.data() + (b * Sq + i) * ldq + h * dk;
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < n_keys; ++j) {
+          const float* kr = k + b * kv_bstride + j * ldkv + h * dk;
+          double acc = 0;
+          for (int64_t c = 0; c < dk; ++c) acc += static_cast<double>(qr[c]) * kr[c];
+          if (bias_dist) acc += bias_dist[h * bias_ld + pos - j];
+          if (mask && mask[b * Sk + j] == 0) acc += -FLT_MAX;
+          s[j] = acc;
+          mx = std::max(mx, acc);
+        }
+        double sum = 0;
+        for (int64_t j = 0; j < n_keys; ++j) sum += std::exp(s[j] - mx);
+        float* out = ctx.data() + (b * Sq + i) * ldctx + h * dk;
+        std::vector<double> acc(static_cast<size_t>(dk), 0.0);
+        for (int64_t j = 0; j < n_keys; ++j) {
+          const double p = round_to(static_cast<float>(std::exp(s[j] - mx) / sum), act);
+          const float* vr = v + b * kv_bstride + j * ldkv + h * dk;
+          for (int64_t c = 0; c < dk; ++c) acc[c] += p * vr[c];
+        }
+        for (int64_t c = 0; c < dk; ++c) out[c] = static_cast<float>(acc[c]);
+      }
+}
+
+void greedy_pick(const std::vector<float>& logits, int64_t B, int64_t V, int32_t banned,
+                 int32_t eos, int32_t pad, std::vector<uint8_t>& finished,
+                 std::vector<int32_t>& ids) {
+  ids.assign(static_cast<size_t>(B), 0);
+  std::vector<float> row(static_cast<size_t>(V));
+  for (int64_t b = 0; b < B; ++b) {
+    std::copy_n(logits.begin() + b * V, V, row.begin());
+    if (banned >= 0 && banned < V) row[banned] = -INFINITY;
+    int32_t next = static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin());
+    if (finished[b]) next = pad;
+    if (next == eos) finished[b] = 1;
+    ids[b] = next;
+  }
+}
+
 void moe_route(const std::vector<float>& logits, int64_t B, int64_t S, int64_t E, int64_t capacity,
                DType act, std::vector<int32_t>& expert, std::vector<uint8_t>& dropped,
                std::vector<float>& gate, std::vector<int32_t>& counts) {

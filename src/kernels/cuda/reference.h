@@ -20,6 +20,15 @@ void rmsnorm(const std::vector<float>& x, const std::vector<float>& w, int64_t r
 void attention_softmax(const std::vector<float>& scores, const float* bias, const int32_t* mask,
                        bool causal, int64_t B, int64_t H, int64_t Sq, int64_t Sk,
                        std::vector<float>& probs);
+// decode_attention (ops.h) with float32 operands (already rounded to act); probs rounded to act.
+void decode_attention(const std::vector<float>& q, int64_t ldq, const float* k, const float* v,
+                      int64_t ldkv, int64_t kv_bstride, const float* bias_dist, int64_t bias_ld,
+                      const int32_t* mask, bool causal, int64_t B, int64_t H, int64_t Sq,
+                      int64_t Sk, int64_t dk, DType act, std::vector<float>& ctx, int64_t ldctx);
+// greedy_pick (ops.h): std::max_element per row, then the finished bookkeeping.
+void greedy_pick(const std::vector<float>& logits, int64_t B, int64_t V, int32_t banned,
+                 int32_t eos, int32_t pad, std::vector<uint8_t>& finished,
+                 std::vector<int32_t>& ids);
 // Route as moe_route (expert, dropped, gate per token; counts of kept tokens per expert).
 void moe_route(const std::vector<float>& logits, int64_t B, int64_t S, int64_t E, int64_t capacity,
                DType act, std::vector<int32_t>& expert, std::vector<uint8_t>& dropped,
