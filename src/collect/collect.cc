@@ -372,8 +372,39 @@ CollectResult run_collect(const CollectOptions& o) {
              " experts); its routing is not a trained model's");
   }
 
-  // Tokenizer thread: tokenizes window after window (at most two ahead) while the engine runs.
-  const int64_t window_tokens = std::max<int64_t>(4 * batch_tokens, 16384);
+  // Tokenizer thread: tokenizes window after window (at most two ahead) while the engine runs. A
+  // window is one shard's samples, so batches (and with them the float rounding of every logit)
+  // depend only on the plan: a resumed run or a rank of a data-parallel run (whose part starts at a
+  // shard boundary) recomputes exactly the batches of one uninterrupted process. A resumed run
+  // starts at the window of its first uncommitted sample and writes from that sample on.
+  // With the GPU engine, tokenizing is spread over several threads (one would not keep up).
+  const auto per_window = static_cast<size_t>(o.samples_per_shard);
+  const size_t first_window = static_cast<size_t>(start) - static_cast<size_t>(start) % per_window;
+  const unsigned tok_threads =
+      o.device == "cuda" ? std::clamp(std::thread::hardware_concurrency(), 2u, 10u) - 1 : 1;
+  auto tokenize = [&](size_t begin, size_t end) {
+    auto run = [&](size_t t) {
+      for (size_t k = begin + t; k < end; k += tok_threads) {
+        WorkItem& w = items[k];
+        if (w.text != nullptr) w.ids = tok.encode(*w.text, o.max_length);
+      }
+    };
+    std::vector<std::exception_ptr> errors(tok_threads);
+    auto guarded = [&](size_t t) {
+      try {
+        run(t);
+      } catch (...) {
+        errors[t] = std::current_exception();
+      }
+    };
+    std::vector<std::thread> pool;
+    for (size_t t = 1; t < tok_threads; ++t) pool.emplace_back(guarded, t);
+    guarded(0);
+    for (auto& th : pool) th.join();
+    for (auto& e : errors) {
+      if (e) std::rethrow_exception(e);
+    }
+  };
   std::mutex mu;
   std::condition_variable cv;
   std::deque<std::pair<size_t, size_t>> ready;  // [begin, end) windows of items
@@ -381,15 +412,9 @@ CollectResult run_collect(const CollectOptions& o) {
   std::exception_ptr producer_error;
   std::thread producer([&] {
     try {
-      size_t i = static_cast<size_t>(start);
-      while (i < items.size()) {
-        size_t end = i;
-        int64_t tokens = 0;
-        while (end < items.size() && tokens < window_tokens) {
-          WorkItem& w = items[end++];
-          if (w.text != nullptr) w.ids = tok.encode(*w.text, o.max_length);
-          tokens += w.text != nullptr ? static_cast<int64_t>(w.ids.size()) : o.max_length / 2;
-        }
+      for (size_t i = first_window; i < items.size();) {
+        const size_t end = std::min(items.size(), i + per_window);
+        tokenize(i, end);
         std::unique_lock<std::mutex> lock(mu);
         cv.wait(lock, [&] { return ready.size() < 2 || consumer_done; });
         if (consumer_done) break;
@@ -430,6 +455,7 @@ CollectResult run_collect(const CollectOptions& o) {
   // A window of items from the tokenizer thread: its samples go to the writer, in store order,
   // once every batch made of it has come back from the engine.
   struct Window {
+    size_t begin = 0;  // position of items.front() in the run's items
     std::vector<WorkItem> items;
     std::vector<SampleData> data;
     size_t outstanding = 0;  // batches submitted to the GPU pipeline, not yet delivered
@@ -438,6 +464,7 @@ CollectResult run_collect(const CollectOptions& o) {
   std::deque<Window> windows;  // references stay valid: only push_back and pop_front
   auto write_window = [&](Window& win) {
     for (size_t j = 0; j < win.items.size(); ++j) {
+      if (win.begin + j < static_cast<size_t>(start)) continue;  // committed by an earlier run
       WorkItem& w = win.items[j];
       SampleRecord r;
       r.sample_id = w.sample_id;
@@ -466,7 +493,8 @@ CollectResult run_collect(const CollectOptions& o) {
       if (++added == kill_after) std::raise(SIGKILL);  // fault injection for the resume tests
       if (w.synthetic) progress.samples_skipped(1);
     }
-    result.samples += static_cast<int64_t>(win.items.size());
+    result.samples += static_cast<int64_t>(win.begin + win.items.size()) -
+                      std::max<int64_t>(start, static_cast<int64_t>(win.begin));
   };
   auto write_finished_windows = [&] {
     while (!windows.empty() && windows.front().submitted && windows.front().outstanding == 0) {
@@ -535,6 +563,7 @@ CollectResult run_collect(const CollectOptions& o) {
       cv.notify_all();
       if (producer_error) std::rethrow_exception(producer_error);
       Window& win = windows.emplace_back();
+      win.begin = span.first;
       const size_t n = span.second - span.first;
       win.items.assign(std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span.first)),
                        std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span.second)));
