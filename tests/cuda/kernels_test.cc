@@ -218,6 +218,38 @@ TEST_F(CudaKernels, GemmNtReluAccumulate) {
   }
 }
 
+// The KV-cache writes of the decoder: D at a row offset of a wide strided buffer, B a slice of a
+// stacked weight, both less aligned than cudaMalloc's 256 bytes.
+TEST_F(CudaKernels, GemmNtIntoStridedSlice) {
+  const int64_t M = 5, N = 48, K = 40, Wrows = 3 * N, ldd = 7 * N;
+  Blas blas(stream_.get());
+  for (DType t : kActs) {
+    auto a = random_vec(M * K, 30), w = random_vec(Wrows * K, 31);
+    round_vec(a, t);
+    round_vec(w, t);
+    const size_t as = act_size(t);
+    auto da = to_device(a, t), dw = to_device(w, t);
+    auto dd = to_device(std::vector<float>(M * ldd, 0.f), t);
+    for (int64_t col0 : {int64_t{0}, int64_t{8}, N + 8, 3 * N}) {  // D columns [col0, col0 + N)
+      const int64_t w0 = col0 == 0 ? 0 : 8;                        // weight rows [w0, w0 + N)
+      blas.gemm_nt({M, N, K, da.get(), K, dw.as<uint8_t>() + w0 * K * as, K,
+                    dd.as<uint8_t>() + col0 * as, ldd, t, t});
+      const auto got = from_device(dd, M * ldd, t);
+      double num = 0, den = 0;
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t j = 0; j < N; ++j) {
+          double acc = 0;
+          for (int64_t k = 0; k < K; ++k)
+            acc += static_cast<double>(a[i * K + k]) * w[(w0 + j) * K + k];
+          const double g = got[i * ldd + col0 + j];
+          num += (g - acc) * (g - acc);
+          den += acc * acc;
+        }
+      EXPECT_LT(std::sqrt(num / den), tol(t)) << dtype_name(t) << " D column offset " << col0;
+    }
+  }
+}
+
 // One attention core over packed qkv: scores, softmax with bias and mask, probs·v into ctx.
 TEST_F(CudaKernels, AttentionBatchedGemms) {
   const int64_t B = 3, S = 29, H = 3, dk = 8;

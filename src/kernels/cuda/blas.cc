@@ -3,6 +3,9 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 
+#include <cstdint>
+#include <utility>
+
 #include "core/error.h"
 
 namespace moetrace::cuda {
@@ -30,6 +33,15 @@ cublasComputeType_t compute_type(DType in) {
 
 // cuBLASLt: plain float32 compute for float32 operands; it only uses TF32 when asked (FAST_TF32).
 cublasComputeType_t lt_compute_type(DType) { return CUBLAS_COMPUTE_32F; }
+
+// The largest power of two (<= 256, cuBLASLt's default assumption) that divides the address: a
+// pointer into a buffer (a KV cache row, one layer's slice) may be less aligned than cudaMalloc's.
+uint32_t alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && a % al != 0) al /= 2;
+  return al;
+}
 
 cublasHandle_t blas(void* h) { return static_cast<cublasHandle_t>(h); }
 cublasLtHandle_t lt(void* h) { return static_cast<cublasLtHandle_t>(h); }
@@ -74,9 +86,10 @@ void Blas::set_stream(cudaStream_t stream) {
 // Row-major D[M,N] = A[M,K]·B[N,K]ᵀ is column-major Dᵀ[N,M] = op_T(B)·A: cuBLASLt sees m = N, n =
 // M, its "A" is our B (k x N, transposed) and its "B" is our A (k x M).
 Blas::Plan& Blas::plan_for(const GemmArgs& g) {
+  const uint32_t align_a = alignment(g.A), align_b = alignment(g.B), align_d = alignment(g.D);
   const auto key = std::make_tuple(g.M, g.N, g.K, g.lda, g.ldb, g.ldd, static_cast<int>(g.in),
                                    static_cast<int>(g.out), static_cast<int>(g.accumulate),
-                                   static_cast<int>(g.relu));
+                                   static_cast<int>(g.relu), align_a, align_b, align_d);
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
   auto p = std::make_unique<Plan>();
@@ -102,6 +115,12 @@ Blas::Plan& Blas::plan_for(const GemmArgs& g) {
   const size_t ws = workspace_.bytes();
   MT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+  // cuBLASLt's "A" is our B, its "B" our A; C and D are our D.
+  for (auto [attr, al] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_b},
+                          std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_a},
+                          std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_d},
+                          std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_d}})
+    MT_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &al, sizeof(al)));
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt(lt_handle_), p->op, p->a, p->b, p->d,

@@ -60,7 +60,9 @@ class Blas {
   void* handle_ = nullptr;     // cublasHandle_t
   void* lt_handle_ = nullptr;  // cublasLtHandle_t
   DeviceBuffer workspace_;
-  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, int>,
+  // Per shape, strides, dtypes, epilogue and the pointers' alignments (A, B, D).
+  std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, int,
+                      uint32_t, uint32_t, uint32_t>,
            std::unique_ptr<Plan>>
       plans_;
 };
