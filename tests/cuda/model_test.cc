@@ -11,36 +11,10 @@
 #include "model/random_weights.h"
 #include "model/recording_observer.h"
 #include "model/switch_model.h"
+#include "model_test_util.h"
 
 namespace moetrace::cuda::test {
 namespace {
-
-const std::string kFixtures = std::string(MOETRACE_TEST_DATA) + "/fixtures/";
-
-std::vector<float> as_f32(const TensorView& v) {
-  std::vector<float> out(static_cast<size_t>(v.numel()));
-  if (v.dtype == DType::kI32) {
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(v.as<int32_t>()[i]);
-  } else if (v.dtype == DType::kU8) {
-    for (size_t i = 0; i < out.size(); ++i) out[i] = v.as<uint8_t>()[i];
-  } else if (v.dtype == DType::kI64) {
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(v.as<int64_t>()[i]);
-  } else {
-    convert_to_f32(v.dtype, v.data, out.data(), out.size());
-  }
-  return out;
-}
-
-Batch fixture_batch(const TensorSource& ref) {
-  const TensorView& ids = ref.find("input_ids")->view;
-  const TensorView& mask = ref.find("attention_mask")->view;
-  Batch b;
-  b.B = ids.shape[0];
-  b.S = ids.shape[1];
-  for (float v : as_f32(ids)) b.input_ids.push_back(static_cast<int32_t>(v));
-  for (float v : as_f32(mask)) b.attention_mask.push_back(static_cast<int32_t>(v));
-  return b;
-}
 
 class CudaModelFixture : public CudaTest, public ::testing::WithParamInterface<const char*> {};
 
@@ -80,24 +54,6 @@ TEST_P(CudaModelFixture, Fp32MatchesTransformersReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelFixture, ::testing::Values("tiny-a", "tiny-a-bf16"));
-
-// A batch of pseudo-text: right-padded random lengths, ids skewed to small values like real text.
-Batch random_batch(int64_t B, int64_t S, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  Batch b;
-  b.B = B;
-  b.S = S;
-  for (int64_t i = 0; i < B; ++i) {
-    const int64_t len = i == 0 ? S : 1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(S));
-    for (int64_t s = 0; s < S; ++s) {
-      const bool real = s < len;
-      b.input_ids.push_back(
-          real ? (s + 1 == len ? 1 : static_cast<int32_t>(2 + rng() % (vocab / 8))) : 0);
-      b.attention_mask.push_back(real ? 1 : 0);
-    }
-  }
-  return b;
-}
 
 // bf16 on the GPU vs the float32 CPU engine: logits within 2e-2, top-1 agreement >= 99% (on a
 // small random model at transformers' init scales; bench_gpu --parity does the switch-base-128

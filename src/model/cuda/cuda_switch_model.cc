@@ -1,6 +1,8 @@
 #include "model/cuda/cuda_switch_model.h"
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -23,6 +25,9 @@ namespace {
 
 std::string key(int64_t block, const char* name) {
   return "enc." + std::to_string(block) + "." + name;
+}
+std::string dec_key(int64_t block, const char* name) {
+  return "dec." + std::to_string(block) + "." + name;
 }
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
@@ -97,13 +102,122 @@ const TensorView* CapturedBatch::find(std::string_view k) const {
 }
 
 struct DevBlock {
-  DeviceBuffer ln_attn, ln_ff;  // f32 [d]
-  DeviceBuffer qkv, o;          // act [3*inner, d], [d, inner]
+  DeviceBuffer ln_attn, ln_ff;    // f32 [d]
+  DeviceBuffer qkv, o;            // act [3*inner, d], [d, inner]
+  DeviceBuffer ln_cross;          // decoder: f32 [d]
+  DeviceBuffer cross_q, cross_o;  // decoder: act [inner, d], [d, inner] (k, v: Impl::cross_kv_w)
   bool sparse = false;
   DeviceBuffer wi, wo;    // dense: act [F, d], [d, F]; sparse: [E, F, d], [E, d, F]
   DeviceBuffer router;    // f32 [E, d]
   int sparse_index = -1;  // position among the sparse blocks
 };
+
+namespace {
+
+// Activations and MoE scratch of one stack's forward, for up to `cap` token rows.
+struct Acts {
+  int64_t cap = 0;
+  DeviceBuffer x;                      // f32 [n, d]: the residual stream
+  DeviceBuffer h;                      // act [n, d]: norm output (GEMM operand)
+  DeviceBuffer hr;                     // f32 [n, d]: norm output of a sparse block (router input)
+  DeviceBuffer qkv;                    // act [n, 3*inner] (the decoder uses [n, inner] for q)
+  DeviceBuffer ctx;                    // act [n, inner]
+  DeviceBuffer ffn;                    // act [n, F]
+  DeviceBuffer logits;                 // f32 [n, E]: router logits
+  DeviceBuffer expert, dropped, gate;  // [n] i32 / u8 / f32
+  DeviceBuffer counts, offsets, cursor, perm, tile_expert, tile_row;  // i32 MoE plan
+
+  void reserve(int64_t n, int64_t d, int64_t inner, int64_t F, int64_t E, DType act) {
+    if (n <= cap) return;
+    const auto t = static_cast<size_t>(n);
+    const size_t as = cuda::act_size(act);
+    x.reserve(t * d * 4);
+    h.reserve(t * d * as);
+    hr.reserve(t * d * 4);
+    qkv.reserve(t * 3 * inner * as);
+    ctx.reserve(t * inner * as);
+    ffn.reserve(t * F * as);
+    logits.reserve(t * std::max<int64_t>(E, 1) * 4);
+    expert.reserve(t * 4);
+    dropped.reserve(t);
+    gate.reserve(t * 4);
+    perm.reserve(t * 4);
+    const int64_t max_tiles = n / cuda::grouped_tile_m(act) + 1 + E;
+    tile_expert.reserve(static_cast<size_t>(max_tiles) * 4);
+    tile_row.reserve(static_cast<size_t>(max_tiles) * 4);
+    counts.reserve(static_cast<size_t>(E + 1) * 4);
+    offsets.reserve(static_cast<size_t>(E + 1) * 4);
+    cursor.reserve(static_cast<size_t>(E + 1) * 4);
+    cap = n;
+  }
+  size_t bytes() const {
+    size_t n = 0;
+    for (const DeviceBuffer* b : {&x, &h, &hr, &qkv, &ctx, &ffn, &logits, &expert, &dropped, &gate,
+                                  &counts, &offsets, &cursor, &perm, &tile_expert, &tile_row})
+      n += b->bytes();
+    return n;
+  }
+};
+
+// Where a sparse layer's router writes (device pointers); logits_f16 may be null.
+struct RouterOut {
+  float* logits;
+  uint16_t* logits_f16;
+  int32_t* expert;
+  uint8_t* dropped;
+  float* gate;
+};
+
+// Where the decoder's observed tensors go. Immediate (no staging: decode()): each is downloaded
+// and offered when put. Staged (generate()): each is copied on the stream into pinned memory and
+// offered by flush(), after the step's one synchronization; staging must be reserved for a step.
+class Sink {
+ public:
+  Sink(Observer* obs, cudaStream_t stream, PinnedBuffer* staging)
+      : obs_(obs), stream_(stream), staging_(staging) {}
+  bool wants(const std::string& k) const { return obs_ != nullptr && obs_->wants(k); }
+  void put(const std::string& k, const void* dev, DType dt, Shape shape) {
+    if (!wants(k)) return;
+    const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dt);
+    if (staging_ == nullptr) {
+      Tensor t(dt, std::move(shape));
+      cuda::download(t.raw(), dev, bytes, stream_);
+      obs_->observe(k, t.view());
+      return;
+    }
+    const size_t off = used_;
+    used_ = align256(used_ + bytes);
+    if (used_ > staging_->bytes())
+      fail("CudaSwitchModel: observation staging of ", staging_->bytes(),
+           " bytes is too small for ", k);
+    MT_CUDA_CHECK(cudaMemcpyAsync(staging_->as<uint8_t>() + off, dev, bytes, cudaMemcpyDeviceToHost,
+                                  stream_));
+    pending_.push_back(Pending{k, dt, std::move(shape), off});
+  }
+  // Waits for the stream, then offers what was staged since the last flush.
+  void flush() {
+    MT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    for (const Pending& p : pending_)
+      obs_->observe(p.key, TensorView{p.dtype, p.shape, staging_->as<uint8_t>() + p.offset});
+    pending_.clear();
+    used_ = 0;
+  }
+
+ private:
+  struct Pending {
+    std::string key;
+    DType dtype;
+    Shape shape;
+    size_t offset;
+  };
+  Observer* obs_;
+  cudaStream_t stream_;
+  PinnedBuffer* staging_;
+  std::vector<Pending> pending_;
+  size_t used_ = 0;
+};
+
+}  // namespace
 
 struct SlotDev {
   PinnedBuffer ids, mask;  // [T] int32: the batch's inputs until its forward has read them
@@ -139,10 +253,36 @@ struct CudaSwitchModel::Impl {
   std::vector<DevBlock> blocks;
   std::map<int64_t, DeviceBuffer> bias_tables;  // per S: [H, 2S-1] f32
 
-  // Activations, sized for cap_T tokens / cap_BHSS attention scores.
+  // Encoder activations, sized for cap_T tokens / cap_BHSS attention scores.
   int64_t cap_T = 0, cap_BHSS = 0, cap_BH = 0;
-  DeviceBuffer ids, mask, x, h, hr, qkv, ctx, scores, probs, ffn, logits, counts, offsets, cursor,
-      perm, tile_expert, tile_row, ptrs, expert_s, dropped_s, gate_s, out;
+  Acts enc;
+  DeviceBuffer ids, mask, scores, probs, ptrs, out;
+  // The batch whose encoder output `out` holds (set by encode(); submit() and a growing reserve()
+  // overwrite `out`): generate()/decode() without an explicit encoder output read it.
+  bool enc_valid = false;
+  int64_t enc_B = 0, enc_S = 0;
+  std::vector<int32_t> enc_ids, enc_mask;
+
+  // Decoder weights (when loaded with encoder_only = false).
+  bool has_decoder = false;
+  std::vector<DevBlock> dec_blocks;
+  DeviceBuffer cross_kv_w;    // act [L*2*inner, d]: every block's EncDecAttention k, v stacked
+  DeviceBuffer dec_final_ln;  // f32 [d], times d_model^-0.5 when the LM head is tied (folded in)
+  std::vector<float> dec_rel_bias;                  // [num_buckets, H] host copy
+  std::map<int64_t, DeviceBuffer> dec_bias_tables;  // per cache length Tmax: [H, Tmax] by distance
+  DeviceBuffer lm_head_own;                         // act [V, d] unless it aliases `embed`
+  const void* lm_head = nullptr;
+  // Decoder activations and state.
+  Acts dec;
+  DeviceBuffer enc_in;        // f32 [B*S, d]: an encoder output passed in by the caller
+  DeviceBuffer enc_act;       // act [B*S, d]: the encoder output as a GEMM operand
+  DeviceBuffer cross_kv;      // act [B*S, L*2*inner]: cross-attention k | v of every block
+  DeviceBuffer dec_mask;      // i32 [B*S]: the encoder padding mask
+  DeviceBuffer kv_cache;      // act [L, B, Tmax, 2*inner]: self-attention k | v per position
+  DeviceBuffer vocab_logits;  // f32 [n, V]
+  DeviceBuffer tokens;        // i32 [n]: decoder input ids (generate: the current token)
+  DeviceBuffer finished;      // u8 [B]
+  PinnedBuffer step_ids, step_obs;
 
   CaptureSpec spec;
   std::shared_ptr<CapturedBatch::Pool> pool;
@@ -151,13 +291,62 @@ struct CudaSwitchModel::Impl {
   uint64_t next_ticket = 0;
 
   void upload_weights(const SwitchWeights& w);
+  DevBlock upload_block(const Block& b, std::vector<float>& scratch, std::vector<uint8_t>& conv);
   void reserve(int64_t B, int64_t S);
   const float* bias_table(int64_t S);
+  void feed_forward(const DevBlock& b, Acts& a, int64_t B, int64_t S, float* X, const RouterOut& r);
   void forward(int64_t B, int64_t S, Observer* obs, const CaptureTargets* cap);
+  // Decoder.
+  const float* enc_output(const Batch& batch, const Tensor* enc_out, const char* what);
+  void prepare_decoder(const float* enc, const Batch& batch);
+  const float* dec_bias_table(int64_t Tmax);
+  void decoder_layers(int64_t B, int64_t S, int64_t Tq, int64_t t0, int64_t Tmax, Sink& sink);
+  void lm_logits(int64_t n);
+  GenerateResult generate(const float* enc, const Batch& batch, int64_t max_new_tokens,
+                          int64_t min_new_tokens, Observer* obs);
+  Tensor decode(const float* enc, const Batch& batch, const std::vector<int32_t>& dec_ids,
+                int64_t T, Observer* obs);
   void offer(Observer* obs, const std::string& k, const void* dev, DType dt, Shape shape);
   size_t device_bytes() const;
   void configure_slots();
 };
+
+DevBlock CudaSwitchModel::Impl::upload_block(const Block& b, std::vector<float>& scratch,
+                                             std::vector<uint8_t>& conv) {
+  const size_t as = cuda::act_size(act);
+  auto upload_act = [&](const Matrix& m, DeviceBuffer& buf) {
+    buf.reserve(static_cast<size_t>(m.rows * m.cols) * as);
+    upload_matrix(m, act, buf.get(), scratch, conv);
+  };
+  DevBlock db;
+  db.ln_attn = upload_f32(b.ln_attn);
+  db.ln_ff = upload_f32(b.ln_ff);
+  upload_act(b.self_attn.qkv, db.qkv);
+  upload_act(b.self_attn.o, db.o);
+  if (!b.ln_cross.empty()) {
+    db.ln_cross = upload_f32(b.ln_cross);
+    upload_act(b.cross_attn.q, db.cross_q);
+    upload_act(b.cross_attn.o, db.cross_o);
+  }
+  db.sparse = b.sparse;
+  if (b.sparse) {
+    if (!b.moe.bias.empty()) fail("CudaSwitchModel: router_bias is not supported on the GPU yet");
+    db.router.reserve(static_cast<size_t>(E * d) * 4);
+    upload_matrix(b.moe.router, DType::kF32, db.router.get(), scratch, conv);
+    const size_t per = static_cast<size_t>(F * d) * as;
+    db.wi.reserve(per * static_cast<size_t>(E));
+    db.wo.reserve(per * static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) {
+      const Expert& ex = b.moe.experts[static_cast<size_t>(e)];
+      upload_matrix(ex.wi, act, db.wi.as<uint8_t>() + static_cast<size_t>(e) * per, scratch, conv);
+      upload_matrix(ex.wo, act, db.wo.as<uint8_t>() + static_cast<size_t>(e) * per, scratch, conv);
+    }
+  } else {
+    upload_act(b.dense.wi, db.wi);
+    upload_act(b.dense.wo, db.wo);
+  }
+  return db;
+}
 
 void CudaSwitchModel::Impl::upload_weights(const SwitchWeights& w) {
   std::vector<float> scratch;
@@ -170,38 +359,40 @@ void CudaSwitchModel::Impl::upload_weights(const SwitchWeights& w) {
   final_ln = upload_f32(w.enc_final_ln);
   int sparse_index = 0;
   for (const Block& b : w.encoder) {
-    DevBlock db;
-    db.ln_attn = upload_f32(b.ln_attn);
-    db.ln_ff = upload_f32(b.ln_ff);
-    db.qkv.reserve(static_cast<size_t>(3 * inner * d) * as);
-    upload_matrix(b.self_attn.qkv, act, db.qkv.get(), scratch, conv);
-    db.o.reserve(static_cast<size_t>(d * inner) * as);
-    upload_matrix(b.self_attn.o, act, db.o.get(), scratch, conv);
-    db.sparse = b.sparse;
-    if (b.sparse) {
-      db.sparse_index = sparse_index++;
-      if (!b.moe.bias.empty()) fail("CudaSwitchModel: router_bias is not supported on the GPU yet");
-      db.router.reserve(static_cast<size_t>(E * d) * 4);
-      upload_matrix(b.moe.router, DType::kF32, db.router.get(), scratch, conv);
-      const size_t per = static_cast<size_t>(F * d) * as;
-      db.wi.reserve(per * static_cast<size_t>(E));
-      db.wo.reserve(per * static_cast<size_t>(E));
-      for (int64_t e = 0; e < E; ++e) {
-        const Expert& ex = b.moe.experts[static_cast<size_t>(e)];
-        upload_matrix(ex.wi, act, db.wi.as<uint8_t>() + static_cast<size_t>(e) * per, scratch,
-                      conv);
-        upload_matrix(ex.wo, act, db.wo.as<uint8_t>() + static_cast<size_t>(e) * per, scratch,
-                      conv);
-      }
-    } else {
-      db.wi.reserve(static_cast<size_t>(F * d) * as);
-      db.wo.reserve(static_cast<size_t>(F * d) * as);
-      upload_matrix(b.dense.wi, act, db.wi.get(), scratch, conv);
-      upload_matrix(b.dense.wo, act, db.wo.get(), scratch, conv);
-    }
-    blocks.push_back(std::move(db));
+    blocks.push_back(upload_block(b, scratch, conv));
+    if (b.sparse) blocks.back().sparse_index = sparse_index++;
   }
   n_sparse = sparse_index;
+  has_decoder = w.has_decoder;
+  if (!has_decoder) return;
+
+  dec_rel_bias = w.dec_rel_bias;
+  const auto L = static_cast<int64_t>(w.decoder.size());
+  const size_t kv_bytes = static_cast<size_t>(2 * inner * d) * as;
+  cross_kv_w.reserve(kv_bytes * static_cast<size_t>(std::max<int64_t>(L, 1)));
+  sparse_index = 0;
+  for (int64_t i = 0; i < L; ++i) {
+    const Block& b = w.decoder[static_cast<size_t>(i)];
+    dec_blocks.push_back(upload_block(b, scratch, conv));
+    if (b.sparse) dec_blocks.back().sparse_index = sparse_index++;
+    upload_matrix(b.cross_attn.kv, act,
+                  cross_kv_w.as<uint8_t>() + static_cast<size_t>(i) * kv_bytes, scratch, conv);
+  }
+  // Tied embeddings: logits = (x · d^-0.5) · sharedᵀ (SWITCH_SPEC.md). The scale is folded into
+  // the final norm's weight: (w·s)·x̂ instead of (w·x̂)·s, a float32 rounding apart.
+  std::vector<float> ln = w.dec_final_ln;
+  if (c.tie_word_embeddings) {
+    const auto scale = static_cast<float>(std::pow(static_cast<double>(d), -0.5));
+    for (float& v : ln) v *= scale;
+  }
+  dec_final_ln = upload_f32(ln);
+  if (c.tie_word_embeddings && embed_dt == act) {
+    lm_head = embed.get();
+  } else {
+    lm_head_own.reserve(static_cast<size_t>(w.lm_head.rows * w.lm_head.cols) * as);
+    upload_matrix(w.lm_head, act, lm_head_own.get(), scratch, conv);
+    lm_head = lm_head_own.get();
+  }
 }
 
 void CudaSwitchModel::Impl::reserve(int64_t B, int64_t S) {
@@ -210,26 +401,11 @@ void CudaSwitchModel::Impl::reserve(int64_t B, int64_t S) {
   const size_t as = cuda::act_size(act);
   if (T > cap_T) {
     const auto t = static_cast<size_t>(T);
+    enc_valid = false;  // `out` is reallocated
     ids.reserve(t * 4);
     mask.reserve(t * 4);
-    x.reserve(t * d * 4);
     out.reserve(t * d * 4);
-    h.reserve(t * d * as);
-    hr.reserve(t * d * 4);
-    qkv.reserve(t * 3 * inner * as);
-    ctx.reserve(t * inner * as);
-    ffn.reserve(t * F * as);
-    logits.reserve(t * std::max<int64_t>(E, 1) * 4);
-    perm.reserve(t * 4);
-    expert_s.reserve(t * 4);
-    dropped_s.reserve(t);
-    gate_s.reserve(t * 4);
-    const int64_t max_tiles = T / cuda::grouped_tile_m(act) + 1 + E;
-    tile_expert.reserve(static_cast<size_t>(max_tiles) * 4);
-    tile_row.reserve(static_cast<size_t>(max_tiles) * 4);
-    counts.reserve(static_cast<size_t>(E + 1) * 4);
-    offsets.reserve(static_cast<size_t>(E + 1) * 4);
-    cursor.reserve(static_cast<size_t>(E + 1) * 4);
+    enc.reserve(T, d, inner, F, E, act);
     cap_T = T;
   }
   if (!cuda::flash_attention_supported(dk, S, act) && B * H * S * S > cap_BHSS) {
@@ -264,16 +440,47 @@ void CudaSwitchModel::Impl::offer(Observer* obs, const std::string& k, const voi
   obs->observe(k, t.view());
 }
 
+void CudaSwitchModel::Impl::feed_forward(const DevBlock& b, Acts& a, int64_t B, int64_t S, float* X,
+                                         const RouterOut& r) {
+  const int64_t T = B * S;
+  cudaStream_t s = compute->get();
+  cuda::rmsnorm(X, b.ln_ff.as<float>(), T, d, eps, a.h.get(), act,
+                b.sparse ? a.hr.as<float>() : nullptr, s);
+  if (!b.sparse) {
+    blas->gemm_nt(
+        GemmArgs{T, F, d, a.h.get(), d, b.wi.get(), d, a.ffn.get(), F, act, act, false, true});
+    blas->gemm_nt(GemmArgs{T, d, F, a.ffn.get(), F, b.wo.get(), F, X, d, act, DType::kF32, true});
+    return;
+  }
+  // Router: float32 logits from the float32 norm output, then softmax/top-1/capacity/gate.
+  blas->gemm_nt(
+      GemmArgs{T, E, d, a.hr.get(), d, b.router.get(), d, r.logits, E, DType::kF32, DType::kF32});
+  MT_CUDA_CHECK(cudaMemsetAsync(a.counts.get(), 0, static_cast<size_t>(E) * 4, s));
+  cuda::moe_route(r.logits, B, S, E, capacity, act, r.expert, r.dropped, r.gate,
+                  a.counts.as<int32_t>(), r.logits_f16, s);
+  // Experts: permute by expert on the device, grouped GEMMs, gate + un-permute fused into x.
+  const int tile_m = cuda::grouped_tile_m(act);
+  const int64_t max_tiles = T / tile_m + 1 + E;
+  cuda::moe_plan(a.counts.as<int32_t>(), E, tile_m, max_tiles, a.offsets.as<int32_t>(),
+                 a.tile_expert.as<int32_t>(), a.tile_row.as<int32_t>(), a.cursor.as<int32_t>(), s);
+  cuda::moe_permute(r.expert, r.dropped, T, a.offsets.as<int32_t>(), a.cursor.as<int32_t>(),
+                    a.perm.as<int32_t>(), s);
+  cuda::grouped_gemm(a.h.get(), d, true, a.perm.as<int32_t>(), b.wi.get(), F, d,
+                     a.tile_expert.as<int32_t>(), a.tile_row.as<int32_t>(), a.offsets.as<int32_t>(),
+                     max_tiles, cuda::GroupedEpilogue::kRelu, a.ffn.get(), F, nullptr, act, s);
+  cuda::grouped_gemm(a.ffn.get(), F, false, a.perm.as<int32_t>(), b.wo.get(), d, F,
+                     a.tile_expert.as<int32_t>(), a.tile_row.as<int32_t>(), a.offsets.as<int32_t>(),
+                     max_tiles, cuda::GroupedEpilogue::kGateResidual, X, d, r.gate, act, s);
+}
+
 void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs,
                                     const CaptureTargets* cap) {
   const int64_t T = B * S;
   cudaStream_t s = compute->get();
   const int32_t* d_ids = ids.as<int32_t>();
   const int32_t* d_mask = mask.as<int32_t>();
-  float* X = x.as<float>();
+  float* X = enc.x.as<float>();
   const float* bias = bias_table(S);
-  const int tile_m = cuda::grouped_tile_m(act);
-  const int64_t max_tiles = T / tile_m + 1 + E;
 
   auto** tab = ptrs.as<void*>();
   const int64_t n = B * H;
@@ -284,8 +491,8 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs,
   // Attention: fused on the tensor cores where it applies, else batched GEMMs around a softmax.
   const bool flash = cuda::flash_attention_supported(dk, S, act);
   if (!flash)
-    cuda::attention_pointers(qkv.get(), scores.as<float>(), probs.get(), ctx.get(), B, S, H, dk,
-                             act, p, s);
+    cuda::attention_pointers(enc.qkv.get(), scores.as<float>(), probs.get(), enc.ctx.get(), B, S, H,
+                             dk, act, p, s);
   cuda::embed(d_ids, embed.get(), embed_dt, T, d, X, s);
 
   for (size_t i = 0; i < blocks.size(); ++i) {
@@ -293,76 +500,50 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs,
     const auto bi = static_cast<int64_t>(i);
     offer(obs, key(bi, "input"), X, DType::kF32, {B, S, d});
     // Self-attention: x += o(softmax(q·kᵀ + bias + mask)·v).
-    cuda::rmsnorm(X, b.ln_attn.as<float>(), T, d, eps, h.get(), act, nullptr, s);
-    blas->gemm_nt(
-        GemmArgs{T, 3 * inner, d, h.get(), d, b.qkv.get(), d, qkv.get(), 3 * inner, act, act});
+    cuda::rmsnorm(X, b.ln_attn.as<float>(), T, d, eps, enc.h.get(), act, nullptr, s);
+    blas->gemm_nt(GemmArgs{T, 3 * inner, d, enc.h.get(), d, b.qkv.get(), d, enc.qkv.get(),
+                           3 * inner, act, act});
     if (flash) {
-      cuda::flash_attention(qkv.get(), bias, d_mask, B, S, H, dk, ctx.get(), act, s);
+      cuda::flash_attention(enc.qkv.get(), bias, d_mask, B, S, H, dk, enc.ctx.get(), act, s);
     } else {
       blas->batched_nt(n, S, S, dk, p.q, 3 * inner, p.k, 3 * inner, p.scores, S, act, DType::kF32);
       cuda::attention_softmax(scores.as<float>(), bias, d_mask, false, B, H, S, S, probs.get(), act,
                               s);
       blas->batched_nn(n, S, dk, S, p.probs, S, p.v, 3 * inner, p.ctx, inner, act, act);
     }
-    blas->gemm_nt(
-        GemmArgs{T, d, inner, ctx.get(), inner, b.o.get(), inner, X, d, act, DType::kF32, true});
-    // Feed-forward.
-    cuda::rmsnorm(X, b.ln_ff.as<float>(), T, d, eps, h.get(), act,
-                  b.sparse ? hr.as<float>() : nullptr, s);
-    if (!b.sparse) {
-      blas->gemm_nt(
-          GemmArgs{T, F, d, h.get(), d, b.wi.get(), d, ffn.get(), F, act, act, false, true});
-      blas->gemm_nt(GemmArgs{T, d, F, ffn.get(), F, b.wo.get(), F, X, d, act, DType::kF32, true});
-      continue;
-    }
-    // Router: float32 logits from the float32 norm output, then softmax/top-1/capacity/gate.
+    blas->gemm_nt(GemmArgs{T, d, inner, enc.ctx.get(), inner, b.o.get(), inner, X, d, act,
+                           DType::kF32, true});
+    // Feed-forward; a sparse block's router writes into the capture slot when there is one.
+    RouterOut r{enc.logits.as<float>(), nullptr, enc.expert.as<int32_t>(),
+                enc.dropped.as<uint8_t>(), enc.gate.as<float>()};
     const int64_t li = b.sparse_index;
-    int32_t* ex = expert_s.as<int32_t>();
-    uint8_t* dr = dropped_s.as<uint8_t>();
-    float* gt = gate_s.as<float>();
-    uint16_t* l16 = nullptr;
-    float* l32 = nullptr;
-    if (cap) {
+    if (cap && b.sparse) {
       uint8_t* base = cap->base;
       const auto lt = static_cast<size_t>(li * T);
-      ex = reinterpret_cast<int32_t*>(base + cap->layout.expert) + lt;
-      gt = reinterpret_cast<float*>(base + cap->layout.gate) + lt;
-      dr = base + cap->layout.dropped + lt;
+      r.expert = reinterpret_cast<int32_t*>(base + cap->layout.expert) + lt;
+      r.gate = reinterpret_cast<float*>(base + cap->layout.gate) + lt;
+      r.dropped = base + cap->layout.dropped + lt;
       if (cap->spec.router_logits) {
         uint8_t* lb =
             base + cap->layout.logits + lt * static_cast<size_t>(E) * cap->layout.logit_bytes;
         if (cap->spec.logits_dtype == DType::kF16)
-          l16 = reinterpret_cast<uint16_t*>(lb);
+          r.logits_f16 = reinterpret_cast<uint16_t*>(lb);
         else
-          l32 = reinterpret_cast<float*>(lb);
+          r.logits = reinterpret_cast<float*>(lb);
       }
     }
-    float* L = l32 ? l32 : logits.as<float>();
-    blas->gemm_nt(
-        GemmArgs{T, E, d, hr.get(), d, b.router.get(), d, L, E, DType::kF32, DType::kF32});
-    MT_CUDA_CHECK(cudaMemsetAsync(counts.get(), 0, static_cast<size_t>(E) * 4, s));
-    cuda::moe_route(L, B, S, E, capacity, act, ex, dr, gt, counts.as<int32_t>(), l16, s);
+    feed_forward(b, enc, B, S, X, r);
+    if (!b.sparse) continue;
     if (cap && cap->spec.hidden)
-      cuda::convert_f32(hr.as<float>(), T * d,
+      cuda::convert_f32(enc.hr.as<float>(), T * d,
                         cap->base + cap->layout.hidden +
                             static_cast<size_t>(li * T * d) * cap->layout.hidden_bytes,
                         cap->spec.hidden_dtype, s);
-    offer(obs, key(bi, "hidden"), hr.get(), DType::kF32, {B, S, d});
-    offer(obs, key(bi, "router_logits"), L, DType::kF32, {B, S, E});
-    offer(obs, key(bi, "expert"), ex, DType::kI32, {B, S});
-    offer(obs, key(bi, "dropped"), dr, DType::kU8, {B, S});
-    offer(obs, key(bi, "gate"), gt, DType::kF32, {B, S});
-    // Experts: permute by expert on the device, grouped GEMMs, gate + un-permute fused into x.
-    cuda::moe_plan(counts.as<int32_t>(), E, tile_m, max_tiles, offsets.as<int32_t>(),
-                   tile_expert.as<int32_t>(), tile_row.as<int32_t>(), cursor.as<int32_t>(), s);
-    cuda::moe_permute(ex, dr, T, offsets.as<int32_t>(), cursor.as<int32_t>(), perm.as<int32_t>(),
-                      s);
-    cuda::grouped_gemm(h.get(), d, true, perm.as<int32_t>(), b.wi.get(), F, d,
-                       tile_expert.as<int32_t>(), tile_row.as<int32_t>(), offsets.as<int32_t>(),
-                       max_tiles, cuda::GroupedEpilogue::kRelu, ffn.get(), F, nullptr, act, s);
-    cuda::grouped_gemm(ffn.get(), F, false, perm.as<int32_t>(), b.wo.get(), d, F,
-                       tile_expert.as<int32_t>(), tile_row.as<int32_t>(), offsets.as<int32_t>(),
-                       max_tiles, cuda::GroupedEpilogue::kGateResidual, X, d, gt, act, s);
+    offer(obs, key(bi, "hidden"), enc.hr.get(), DType::kF32, {B, S, d});
+    offer(obs, key(bi, "router_logits"), r.logits, DType::kF32, {B, S, E});
+    offer(obs, key(bi, "expert"), r.expert, DType::kI32, {B, S});
+    offer(obs, key(bi, "dropped"), r.dropped, DType::kU8, {B, S});
+    offer(obs, key(bi, "gate"), r.gate, DType::kF32, {B, S});
   }
   cuda::rmsnorm(X, final_ln.as<float>(), T, d, eps, out.get(), DType::kF32, nullptr, s);
   offer(obs, "enc.output", out.get(), DType::kF32, {B, S, d});
@@ -370,17 +551,248 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs,
 
 size_t CudaSwitchModel::Impl::device_bytes() const {
   size_t n = embed.bytes() + final_ln.bytes();
-  for (const auto& b : blocks)
-    n += b.ln_attn.bytes() + b.ln_ff.bytes() + b.qkv.bytes() + b.o.bytes() + b.wi.bytes() +
-         b.wo.bytes() + b.router.bytes();
-  for (const auto& [S, t] : bias_tables) n += t.bytes();
+  for (const auto* stack : {&blocks, &dec_blocks})
+    for (const auto& b : *stack)
+      n += b.ln_attn.bytes() + b.ln_ff.bytes() + b.qkv.bytes() + b.o.bytes() + b.wi.bytes() +
+           b.wo.bytes() + b.router.bytes() + b.ln_cross.bytes() + b.cross_q.bytes() +
+           b.cross_o.bytes();
+  for (const auto* tables : {&bias_tables, &dec_bias_tables})
+    for (const auto& [len, t] : *tables) n += t.bytes();
+  n += enc.bytes() + dec.bytes();
   for (const DeviceBuffer* b :
-       {&ids,      &mask, &x,        &h,         &hr,      &qkv,    &ctx,  &scores,
-        &probs,    &ffn,  &logits,   &counts,    &offsets, &cursor, &perm, &tile_expert,
-        &tile_row, &ptrs, &expert_s, &dropped_s, &gate_s,  &out})
+       {&ids, &mask, &scores, &probs, &ptrs, &out, &cross_kv_w, &dec_final_ln, &lm_head_own,
+        &enc_in, &enc_act, &cross_kv, &dec_mask, &kv_cache, &vocab_logits, &tokens, &finished})
     n += b->bytes();
   for (const auto& sl : slots) n += sl->staging.bytes();
   return n;
+}
+
+// ---- decoder
+// -------------------------------------------------------------------------------------
+
+// The encoder output for a decoder call: the caller's (uploaded) or the last encode()'s, which
+// must be of this batch.
+const float* CudaSwitchModel::Impl::enc_output(const Batch& batch, const Tensor* enc_out,
+                                               const char* what) {
+  if (!has_decoder)
+    fail("CudaSwitchModel::", what,
+         ": the model was loaded encoder-only; the decoder is not available");
+  const int64_t B = batch.B, S = batch.S, n = B * S;
+  if (static_cast<int64_t>(batch.input_ids.size()) != n ||
+      static_cast<int64_t>(batch.attention_mask.size()) != n)
+    fail("CudaSwitchModel::", what, ": batch of ", B, "x", S, " has ", batch.input_ids.size(),
+         " ids and ", batch.attention_mask.size(), " mask values");
+  if (S > cuda::kDecodeMaxKeys)
+    fail("CudaSwitchModel::", what, ": encoder length ", S, " > ", cuda::kDecodeMaxKeys);
+  if (enc_out != nullptr) {
+    if (enc_out->dtype() != DType::kF32 || enc_out->shape() != Shape{B, S, d})
+      fail("CudaSwitchModel::", what, ": encoder output is ", dtype_name(enc_out->dtype()), " ",
+           shape_str(enc_out->shape()), ", expected F32 [", B, ", ", S, ", ", d, "]");
+    enc_in.reserve(static_cast<size_t>(n * d) * 4);
+    MT_CUDA_CHECK(cudaMemcpyAsync(enc_in.get(), enc_out->raw(), enc_out->nbytes(),
+                                  cudaMemcpyHostToDevice, compute->get()));
+    return enc_in.as<float>();
+  }
+  if (!enc_valid || enc_B != B || enc_S != S || enc_ids != batch.input_ids ||
+      enc_mask != batch.attention_mask)
+    fail("CudaSwitchModel::", what,
+         ": the batch is not the one of the last encode() call (call encode(batch) first, or pass "
+         "the encoder output)");
+  return out.as<float>();
+}
+
+// Per batch: the padding mask and every block's cross-attention keys/values (one GEMM).
+void CudaSwitchModel::Impl::prepare_decoder(const float* enc_f32, const Batch& batch) {
+  const int64_t n = batch.B * batch.S, L = static_cast<int64_t>(dec_blocks.size());
+  const size_t as = cuda::act_size(act);
+  cudaStream_t s = compute->get();
+  dec_mask.reserve(static_cast<size_t>(n) * 4);
+  MT_CUDA_CHECK(cudaMemcpyAsync(dec_mask.get(), batch.attention_mask.data(),
+                                static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, s));
+  const void* a = enc_f32;
+  if (act != DType::kF32) {
+    enc_act.reserve(static_cast<size_t>(n * d) * as);
+    cuda::convert_f32(enc_f32, n * d, enc_act.get(), act, s);
+    a = enc_act.get();
+  }
+  cross_kv.reserve(static_cast<size_t>(n * L * 2 * inner) * as);
+  blas->gemm_nt(GemmArgs{n, L * 2 * inner, d, a, d, cross_kv_w.get(), d, cross_kv.get(),
+                         L * 2 * inner, act, act});
+}
+
+// [H, Tmax]: the decoder's relative position bias of a key `a` positions behind its query
+// (unidirectional buckets, SWITCH_SPEC.md).
+const float* CudaSwitchModel::Impl::dec_bias_table(int64_t Tmax) {
+  auto it = dec_bias_tables.find(Tmax);
+  if (it != dec_bias_tables.end()) return it->second.as<float>();
+  std::vector<float> table(static_cast<size_t>(H * Tmax));
+  for (int64_t a = 0; a < Tmax; ++a) {
+    const int bucket = relative_position_bucket(-a, false, c.relative_attention_num_buckets,
+                                                c.relative_attention_max_distance);
+    for (int64_t hh = 0; hh < H; ++hh) table[hh * Tmax + a] = dec_rel_bias[bucket * H + hh];
+  }
+  return dec_bias_tables.emplace(Tmax, upload_f32(table)).first->second.as<float>();
+}
+
+// The decoder blocks over Tq new positions t0..t0+Tq-1 of B sequences: dec.x [B*Tq, d] holds their
+// embeddings on entry and the last block's output on exit. Each block writes the new positions'
+// self-attention k | v into its cache [B, Tmax, 2*inner] and attends causally over positions
+// 0..t0+Tq-1; cross-attention reads cross_kv with the encoder padding mask. Either a generation
+// step (Tq == 1, any t0 < Tmax) or a teacher-forced pass (t0 == 0, Tq == Tmax).
+void CudaSwitchModel::Impl::decoder_layers(int64_t B, int64_t S, int64_t Tq, int64_t t0,
+                                           int64_t Tmax, Sink& sink) {
+  MT_ASSERT((Tq == 1 && t0 < Tmax) || (t0 == 0 && Tq == Tmax));
+  const int64_t n = B * Tq, L = static_cast<int64_t>(dec_blocks.size());
+  const int64_t kv_ld = 2 * inner, cross_ld = L * 2 * inner;
+  const size_t as = cuda::act_size(act);
+  cudaStream_t s = compute->get();
+  float* Y = dec.x.as<float>();
+  const float* bias = dec_bias_table(Tmax);
+  for (int64_t i = 0; i < L; ++i) {
+    const DevBlock& b = dec_blocks[static_cast<size_t>(i)];
+    sink.put(dec_key(i, "input"), Y, DType::kF32, {B, Tq, d});
+    // Self-attention: q of the new positions; their k, v go straight into the cache.
+    cuda::rmsnorm(Y, b.ln_attn.as<float>(), n, d, eps, dec.h.get(), act, nullptr, s);
+    blas->gemm_nt(
+        GemmArgs{n, inner, d, dec.h.get(), d, b.qkv.get(), d, dec.qkv.get(), inner, act, act});
+    uint8_t* cache = kv_cache.as<uint8_t>() + static_cast<size_t>(i * B * Tmax * kv_ld) * as;
+    const uint8_t* w_kv = b.qkv.as<uint8_t>() + static_cast<size_t>(inner * d) * as;
+    if (Tq == 1)  // row b at cache[b, t0, :]
+      blas->gemm_nt(GemmArgs{B, kv_ld, d, dec.h.get(), d, w_kv, d,
+                             cache + static_cast<size_t>(t0 * kv_ld) * as, Tmax * kv_ld, act, act});
+    else  // rows (b, j) are contiguous: the cache is [B*Tq, 2*inner]
+      blas->gemm_nt(GemmArgs{n, kv_ld, d, dec.h.get(), d, w_kv, d, cache, kv_ld, act, act});
+    cuda::decode_attention(dec.qkv.get(), inner, cache, cache + static_cast<size_t>(inner) * as,
+                           kv_ld, Tmax * kv_ld, bias, Tmax, nullptr, true, B, H, Tq, t0 + Tq, dk,
+                           dec.ctx.get(), inner, act, s);
+    blas->gemm_nt(GemmArgs{n, d, inner, dec.ctx.get(), inner, b.o.get(), inner, Y, d, act,
+                           DType::kF32, true});
+    // Cross-attention over the encoder output (no position bias, the padding mask).
+    cuda::rmsnorm(Y, b.ln_cross.as<float>(), n, d, eps, dec.h.get(), act, nullptr, s);
+    blas->gemm_nt(
+        GemmArgs{n, inner, d, dec.h.get(), d, b.cross_q.get(), d, dec.qkv.get(), inner, act, act});
+    const uint8_t* ckv = cross_kv.as<uint8_t>() + static_cast<size_t>(i * kv_ld) * as;
+    cuda::decode_attention(dec.qkv.get(), inner, ckv, ckv + static_cast<size_t>(inner) * as,
+                           cross_ld, S * cross_ld, nullptr, 0, dec_mask.as<int32_t>(), false, B, H,
+                           Tq, S, dk, dec.ctx.get(), inner, act, s);
+    blas->gemm_nt(GemmArgs{n, d, inner, dec.ctx.get(), inner, b.cross_o.get(), inner, Y, d, act,
+                           DType::kF32, true});
+    // Feed-forward: the router sees Tq tokens per sequence, so a generation step (one token)
+    // never drops one, as in the CPU engine; a teacher-forced pass can.
+    const RouterOut r{dec.logits.as<float>(), nullptr, dec.expert.as<int32_t>(),
+                      dec.dropped.as<uint8_t>(), dec.gate.as<float>()};
+    feed_forward(b, dec, B, Tq, Y, r);
+    if (!b.sparse) continue;
+    sink.put(dec_key(i, "hidden"), dec.hr.get(), DType::kF32, {B, Tq, d});
+    sink.put(dec_key(i, "router_logits"), r.logits, DType::kF32, {B, Tq, E});
+    sink.put(dec_key(i, "expert"), r.expert, DType::kI32, {B, Tq});
+    sink.put(dec_key(i, "dropped"), r.dropped, DType::kU8, {B, Tq});
+    sink.put(dec_key(i, "gate"), r.gate, DType::kF32, {B, Tq});
+  }
+}
+
+// Final norm (with the tied-embedding scale folded in) and the LM head: vocab_logits [n, V] f32.
+void CudaSwitchModel::Impl::lm_logits(int64_t n) {
+  const int64_t V = c.vocab_size;
+  cuda::rmsnorm(dec.x.as<float>(), dec_final_ln.as<float>(), n, d, eps, dec.h.get(), act, nullptr,
+                compute->get());
+  blas->gemm_nt(
+      GemmArgs{n, V, d, dec.h.get(), d, lm_head, d, vocab_logits.get(), V, act, DType::kF32});
+}
+
+GenerateResult CudaSwitchModel::Impl::generate(const float* enc_f32, const Batch& batch,
+                                               int64_t max_new_tokens, int64_t min_new_tokens,
+                                               Observer* obs) {
+  const int64_t B = batch.B, S = batch.S, V = c.vocab_size;
+  const int64_t L = static_cast<int64_t>(dec_blocks.size()),
+                Tmax = std::max<int64_t>(max_new_tokens, 1);
+  if (Tmax > cuda::kDecodeMaxKeys)
+    fail("CudaSwitchModel::generate: max_new_tokens ", max_new_tokens, " > ", cuda::kDecodeMaxKeys);
+  const size_t as = cuda::act_size(act);
+  cudaStream_t s = compute->get();
+  prepare_decoder(enc_f32, batch);
+  dec.reserve(B, d, inner, F, E, act);
+  kv_cache.reserve(static_cast<size_t>(L * B * Tmax * 2 * inner) * as);
+  vocab_logits.reserve(static_cast<size_t>(B * V) * 4);
+  tokens.reserve(static_cast<size_t>(B) * 4);
+  finished.reserve(static_cast<size_t>(B));
+  step_ids.reserve(static_cast<size_t>(B) * 4);
+  // Room for every key of one step: per block input and router input [B, d] f32, logits [B, E]
+  // f32, expert, dropped and gate, each 256-aligned.
+  step_obs.reserve(static_cast<size_t>(L) *
+                   (align256(static_cast<size_t>(B * d) * 4) * 2 +
+                    align256(static_cast<size_t>(B * E) * 4) +
+                    align256(static_cast<size_t>(B) * 4) * 2 + align256(static_cast<size_t>(B))));
+  const std::vector<int32_t> start(static_cast<size_t>(B),
+                                   static_cast<int32_t>(c.decoder_start_token_id));
+  MT_CUDA_CHECK(cudaMemcpyAsync(tokens.get(), start.data(), static_cast<size_t>(B) * 4,
+                                cudaMemcpyHostToDevice, s));
+  MT_CUDA_CHECK(cudaMemsetAsync(finished.get(), 0, static_cast<size_t>(B), s));
+
+  const auto eos = static_cast<int32_t>(c.eos_token_id);
+  const auto pad = static_cast<int32_t>(c.pad_token_id);
+  std::vector<std::vector<int32_t>> seqs(
+      static_cast<size_t>(B), std::vector<int32_t>{static_cast<int32_t>(c.decoder_start_token_id)});
+  std::vector<bool> done(static_cast<size_t>(B), false);
+  Sink sink(obs, s, &step_obs);
+  int64_t steps = 0;
+  // One synchronization per step: the step's ids (and staged observations) reach the host, which
+  // decides on the early stop exactly as SwitchModel::generate (no step runs after every sequence
+  // finished, so no observation is offered that the CPU engine would not offer).
+  for (int64_t t = 0; t < max_new_tokens; ++t) {
+    cuda::embed(tokens.as<int32_t>(), embed.get(), embed_dt, B, d, dec.x.as<float>(), s);
+    decoder_layers(B, S, 1, t, Tmax, sink);
+    lm_logits(B);
+    cuda::greedy_pick(vocab_logits.as<float>(), B, V, t < min_new_tokens ? eos : -1, eos, pad,
+                      finished.as<uint8_t>(), tokens.as<int32_t>(), s);
+    MT_CUDA_CHECK(cudaMemcpyAsync(step_ids.get(), tokens.get(), static_cast<size_t>(B) * 4,
+                                  cudaMemcpyDeviceToHost, s));
+    sink.flush();
+    bool all_done = true;
+    for (int64_t b = 0; b < B; ++b) {
+      const int32_t next = step_ids.as<int32_t>()[b];
+      seqs[static_cast<size_t>(b)].push_back(next);
+      if (next == eos) done[static_cast<size_t>(b)] = true;
+      all_done = all_done && done[static_cast<size_t>(b)];
+    }
+    steps = t + 1;
+    if (all_done) break;
+  }
+  GenerateResult r;
+  r.B = B;
+  r.steps = steps;
+  r.ids.reserve(static_cast<size_t>(B * (steps + 1)));
+  for (const auto& q : seqs) r.ids.insert(r.ids.end(), q.begin(), q.end());
+  return r;
+}
+
+Tensor CudaSwitchModel::Impl::decode(const float* enc_f32, const Batch& batch,
+                                     const std::vector<int32_t>& dec_ids, int64_t T,
+                                     Observer* obs) {
+  const int64_t B = batch.B, S = batch.S, n = B * T, V = c.vocab_size;
+  const int64_t L = static_cast<int64_t>(dec_blocks.size());
+  if (T < 1 || T > 1024) fail("CudaSwitchModel::decode: decoder length ", T, " outside [1, 1024]");
+  if (static_cast<int64_t>(dec_ids.size()) != n)
+    fail("CudaSwitchModel::decode: ", dec_ids.size(), " decoder ids for ", B, "x", T);
+  for (int64_t i = 0; i < n; ++i)
+    if (dec_ids[i] < 0 || dec_ids[i] >= V)
+      fail("decoder_input_ids[", i, "] = ", dec_ids[i], " is outside the vocabulary [0, ", V, ")");
+  const size_t as = cuda::act_size(act);
+  cudaStream_t s = compute->get();
+  prepare_decoder(enc_f32, batch);
+  dec.reserve(n, d, inner, F, E, act);
+  kv_cache.reserve(static_cast<size_t>(L * n * 2 * inner) * as);
+  vocab_logits.reserve(static_cast<size_t>(n * V) * 4);
+  tokens.reserve(static_cast<size_t>(n) * 4);
+  MT_CUDA_CHECK(cudaMemcpyAsync(tokens.get(), dec_ids.data(), static_cast<size_t>(n) * 4,
+                                cudaMemcpyHostToDevice, s));
+  cuda::embed(tokens.as<int32_t>(), embed.get(), embed_dt, n, d, dec.x.as<float>(), s);
+  Sink sink(obs, s, nullptr);
+  decoder_layers(B, S, T, 0, T, sink);
+  lm_logits(n);
+  Tensor logits(DType::kF32, {B, T, V});
+  cuda::download(logits.raw(), vocab_logits.get(), logits.nbytes(), s);
+  return logits;
 }
 
 void CudaSwitchModel::Impl::configure_slots() {
@@ -440,11 +852,10 @@ std::unique_ptr<CudaSwitchModel> CudaSwitchModel::from_source(SwitchConfig confi
   m.compute = std::make_unique<Stream>();
   m.copy = std::make_unique<Stream>();
   m.blas = std::make_unique<cuda::Blas>(m.compute->get());
-  // The GPU runs the encoder only: map (and check) just its tensors; expert weights stay mapped.
+  // Map (and check) the tensors; expert weights stay mapped (uploaded as they are or converted).
   WeightOptions wo;
-  wo.encoder_only = true;
+  wo.encoder_only = load.encoder_only;
   wo.f32_expert_budget_bytes = 0;
-  (void)load;
   const SwitchWeights w = map_weights(m.c, *source, wo);
   m.upload_weights(w);
   m.configure_slots();
@@ -478,7 +889,41 @@ Tensor CudaSwitchModel::encode(const Batch& batch, Observer* obs) {
   m.forward(B, S, obs, nullptr);
   Tensor out(DType::kF32, {B, S, m.d});
   cuda::download(out.raw(), m.out.get(), out.nbytes(), m.compute->get());
+  m.enc_valid = true;
+  m.enc_B = B;
+  m.enc_S = S;
+  m.enc_ids = batch.input_ids;
+  m.enc_mask = batch.attention_mask;
   return out;
+}
+
+bool CudaSwitchModel::has_decoder() const { return impl_->has_decoder; }
+
+GenerateResult CudaSwitchModel::generate(const Batch& batch, int64_t max_new_tokens,
+                                         int64_t min_new_tokens, Observer* obs) {
+  Impl& m = *impl_;
+  return m.generate(m.enc_output(batch, nullptr, "generate"), batch, max_new_tokens, min_new_tokens,
+                    obs);
+}
+
+GenerateResult CudaSwitchModel::generate(const Tensor& enc_out, const Batch& batch,
+                                         int64_t max_new_tokens, int64_t min_new_tokens,
+                                         Observer* obs) {
+  Impl& m = *impl_;
+  return m.generate(m.enc_output(batch, &enc_out, "generate"), batch, max_new_tokens,
+                    min_new_tokens, obs);
+}
+
+Tensor CudaSwitchModel::decode(const Batch& batch, const std::vector<int32_t>& dec_ids, int64_t T,
+                               Observer* obs) {
+  Impl& m = *impl_;
+  return m.decode(m.enc_output(batch, nullptr, "decode"), batch, dec_ids, T, obs);
+}
+
+Tensor CudaSwitchModel::decode(const Tensor& enc_out, const Batch& batch,
+                               const std::vector<int32_t>& dec_ids, int64_t T, Observer* obs) {
+  Impl& m = *impl_;
+  return m.decode(m.enc_output(batch, &enc_out, "decode"), batch, dec_ids, T, obs);
 }
 
 void CudaSwitchModel::set_capture(const CaptureSpec& spec) {
@@ -546,6 +991,7 @@ uint64_t CudaSwitchModel::submit(const Batch& batch) {
   MT_CUDA_CHECK(cudaStreamWaitEvent(s, sl.copied.get(), 0));
   MT_CUDA_CHECK(cudaMemcpyAsync(m.ids.get(), sl.ids.get(), T * 4, cudaMemcpyHostToDevice, s));
   MT_CUDA_CHECK(cudaMemcpyAsync(m.mask.get(), sl.mask.get(), T * 4, cudaMemcpyHostToDevice, s));
+  m.enc_valid = false;  // the forward below overwrites the encoder output
   CaptureTargets cap;
   cap.base = sl.staging.as<uint8_t>();
   cap.layout = layout;

@@ -1,5 +1,5 @@
-// The Switch encoder on one CUDA GPU: the twin of SwitchModel (model/switch_model.h), with the same
-// observation keys, plus an asynchronous capture pipeline for trace collection.
+// The Switch encoder-decoder on one CUDA GPU: the twin of SwitchModel (model/switch_model.h), with
+// the same observation keys, plus an asynchronous capture pipeline for the encoder's traces.
 //
 // Precision: weights and GEMM operands in bf16 (default), fp16 or fp32, always with fp32
 // accumulation. The residual stream, RMS norms, softmaxes and the whole router stay float32 in
@@ -29,7 +29,25 @@
 //    expected to release it) and throws if every slot is in flight (poll first). One thread calls
 //    submit/poll/encode; CapturedBatch objects may be released from any thread.
 //
-// The decoder and generation are not implemented on the GPU yet (use SwitchModel).
+// The decoder (loaded unless LoadOptions::encoder_only), on the encoder output that stays on the
+// device:
+//  * generate(batch, max_new_tokens, min_new_tokens, observer): greedy generation with exactly
+//    SwitchModel::generate's semantics and result (start token, eos masked for the first
+//    min_new_tokens steps, finished sequences get pad tokens and are still routed, early stop when
+//    all have finished), reading the output of the last encode() call, which must have been for
+//    this same batch (checked: Error otherwise; submit() and a reserve() that grows the buffers
+//    discard it). The overload with an explicit encoder output [B,S,d] float32 (e.g. the CPU
+//    engine's) uploads it instead. Keys dec.{i}.input/hidden/router_logits/expert/dropped/gate are
+//    offered once per step with shapes [B,1,...], as the CPU engine offers them.
+//    A KV cache on the device: each step appends its k, v per block ([B, max_new_tokens, 2·H·d_kv]
+//    per block); the cross-attention k, v of every block come from one GEMM over the encoder output
+//    per call. One synchronization per step: the step's token ids and the observed tensors (staged
+//    in pinned memory) go to the host, which decides on the early stop.
+//  * decode(batch, dec_ids, T, observer): the teacher-forced pass, LM logits [B,T,V] float32 and
+//    keys with [B,T,...] (there, the per-sequence capacity can drop tokens; a generation step sees
+//    one token per sequence and never drops one).
+// The LM head (tied: the d_model^-0.5 scale folded into the final norm weight) and the argmax run
+// on the device; in every precision the LM logits are float32.
 #pragma once
 
 #include <condition_variable>
@@ -92,9 +110,9 @@ class CapturedBatch {
 
 class CudaSwitchModel {
  public:
-  // Uploads the encoder weights (and, unless load.encoder_only, nothing else yet: the decoder is
-  // not on the GPU) in options.precision. Throws Error for unsupported configs (router_bias, d_kv·H
-  // or d_ff not multiples of 8, more than 256 experts).
+  // Uploads the encoder weights and, unless load.encoder_only, the decoder's, in
+  // options.precision. Throws Error for unsupported configs (router_bias, d_kv·H or d_ff not
+  // multiples of 8, more than 256 experts).
   static std::unique_ptr<CudaSwitchModel> from_source(SwitchConfig config,
                                                       std::shared_ptr<TensorSource> source,
                                                       const LoadOptions& load,
@@ -112,8 +130,21 @@ class CudaSwitchModel {
   // Seconds the weight upload took.
   double load_seconds() const;
 
-  // Synchronous encoder; returns enc.output [B,S,d] float32.
+  // Synchronous encoder; returns enc.output [B,S,d] float32 (and keeps it on the device for
+  // generate()/decode() of the same batch).
   Tensor encode(const Batch& batch, Observer* obs);
+
+  bool has_decoder() const;
+  // Greedy generation (see the file comment) over the last encode()'s output for this batch, or
+  // over enc_out [B,S,d] float32. max_new_tokens <= 8192.
+  GenerateResult generate(const Batch& batch, int64_t max_new_tokens, int64_t min_new_tokens,
+                          Observer* obs);
+  GenerateResult generate(const Tensor& enc_out, const Batch& batch, int64_t max_new_tokens,
+                          int64_t min_new_tokens, Observer* obs);
+  // Teacher-forced decoder pass over dec_ids [B,T] (T <= 1024); returns LM logits [B,T,V] float32.
+  Tensor decode(const Batch& batch, const std::vector<int32_t>& dec_ids, int64_t T, Observer* obs);
+  Tensor decode(const Tensor& enc_out, const Batch& batch, const std::vector<int32_t>& dec_ids,
+                int64_t T, Observer* obs);
 
   // The asynchronous pipeline (see the file comment).
   void set_capture(const CaptureSpec& spec);  // only while nothing is in flight or held
