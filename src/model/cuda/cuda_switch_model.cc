@@ -881,6 +881,7 @@ Tensor CudaSwitchModel::encode(const Batch& batch, Observer* obs) {
     if (batch.input_ids[i] < 0 || batch.input_ids[i] >= m.c.vocab_size)
       fail("input_ids[", i, "] = ", batch.input_ids[i], " is outside the vocabulary [0, ",
            m.c.vocab_size, ")");
+  m.enc_valid = false;  // until this batch's output is complete
   m.reserve(B, S);
   MT_CUDA_CHECK(cudaMemcpyAsync(m.ids.get(), batch.input_ids.data(), T * 4, cudaMemcpyHostToDevice,
                                 m.compute->get()));
