@@ -5,13 +5,14 @@
 #   bash scripts/gpu_check.sh --pack        here, once: bundle the build dependencies the device image
 #                                           may lack into .gpudeps/deps.tar.xz (ignored; pass
 #                                           carry=[".gpudeps"] to the device call)
-#   bash scripts/gpu_check.sh [steps...]    on the device; steps: env build test bench hf ncu
+#   bash scripts/gpu_check.sh [steps...]    on the device; steps: env build test bench hf ncu collect scale
 #                                           (default: env build test bench hf)
 #
-# The device image is bare and offline. Only the GPU engine's part of the project is built there
-# (core, io, kernels, model, the CUDA targets, cuda_tests, bench_gpu), from a generated CMake project,
-# so the device needs none of the data/trace/text dependencies. Results land in $OUT (default
-# ./gpu-out): logs, gtest XML, benchmark JSON.
+# The device image is bare and offline: the carried bundle supplies what it lacks (OpenBLAS,
+# SentencePiece, CLI11, ...) and the image's pyarrow wheel supplies Arrow C++, so the whole project
+# (the `moetrace` CLI included) is built there; if that fails, the GPU engine's part alone (core, io,
+# kernels, model, trace, the CUDA targets, cuda_tests, bench_gpu) from a generated CMake project.
+# Results land in $OUT (default ./gpu-out): logs, gtest XML, benchmark JSON.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/gpu-out}
@@ -24,12 +25,18 @@ if [[ "${1:-}" == "--pack" ]]; then
   grep -qx '/.gpudeps/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.gpudeps/' >>"$ROOT/.git/info/exclude"
   L=usr/lib/x86_64-linux-gnu
   cd /
+  # zlib and zstd go to linkonly/: the device has their runtime libraries, and Debian's must not
+  # shadow them (LD_LIBRARY_PATH) for the image's Python and PyTorch.
   tar -cJf "$ROOT/.gpudeps/deps.tar.xz" usr/include/nlohmann usr/share/cmake/nlohmann_json \
     usr/include/gtest usr/include/gmock $L/libgtest.a $L/libgtest_main.a $L/libgmock.a $L/libgmock_main.a $L/cmake/GTest \
     $L/openblas-openmp/libopenblas.so $L/openblas-openmp/libopenblas.so.0 $L/openblas-openmp/libopenblasp-r0.3.21.so \
     usr/include/x86_64-linux-gnu/openblas-openmp $L/libgfortran.so.5 $L/libgfortran.so.5.0.0 $L/libquadmath.so.0 \
     $L/libquadmath.so.0.0.0 usr/include/openssl usr/include/x86_64-linux-gnu/openssl $L/libcrypto.so $L/libcrypto.so.3 \
-    $L/libssl.so $L/libssl.so.3
+    $L/libssl.so $L/libssl.so.3 \
+    usr/include/sentencepiece_processor.h $L/libsentencepiece.so $L/libsentencepiece.so.0 $L/libsentencepiece.so.0.0.0 \
+    --transform "s,^usr/include/CLI,cli11/CLI," usr/include/CLI usr/include/zlib.h usr/include/zconf.h usr/include/zstd.h usr/include/zstd_errors.h \
+    --transform "s,^$L/libz\\.so,linkonly/libz.so," --transform "s,^$L/libzstd,linkonly/libzstd," \
+    $L/libz.so $L/libz.so.1 $L/libz.so.1.2.13 $L/libzstd.so $L/libzstd.so.1 $L/libzstd.so.1.5.4
   ls -la "$ROOT/.gpudeps"
   exit 0
 fi
@@ -57,24 +64,49 @@ if has env; then
   } 2>&1 | tee "$OUT/env.txt"
 fi
 
-# Dependencies the image lacks come from the carried bundle.
+# Dependencies the image lacks come from the carried bundle (scripts/gpu_check.sh --pack).
 cmake_args=()
-if [[ ! -e /usr/include/nlohmann/json.hpp || ! -e /usr/include/gtest/gtest.h || ! -e /usr/include/openssl/sha.h ]]; then
-  if [[ -e $ROOT/.gpudeps/deps.tar.xz ]]; then
-    mkdir -p $DEPS && tar -xJf "$ROOT/.gpudeps/deps.tar.xz" -C $DEPS
-    cmake_args+=(-DCMAKE_PREFIX_PATH=$DEPS/usr)
-    [[ -e /usr/include/openssl/sha.h ]] || cmake_args+=(-DOPENSSL_ROOT_DIR=$DEPS/usr)
-    export LD_LIBRARY_PATH=$DEPS/usr/lib/x86_64-linux-gnu/openblas-openmp:$DEPS/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-  else
-    echo "missing build dependencies and no .gpudeps/deps.tar.xz (run --pack here, carry .gpudeps)"
-  fi
-fi
-if [[ -e $DEPS/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so ]]; then
-  cmake_args+=(-DMOETRACE_OPENBLAS_OMP=$DEPS/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so
+cxx_flags=""
+if [[ -e $ROOT/.gpudeps/deps.tar.xz ]]; then
+  mkdir -p $DEPS && tar -xJf "$ROOT/.gpudeps/deps.tar.xz" -C $DEPS
+  L=$DEPS/usr/lib/x86_64-linux-gnu
+  cmake_args+=(-DCMAKE_PREFIX_PATH=$DEPS/usr -DMOETRACE_OPENBLAS_OMP=$L/openblas-openmp/libopenblas.so
     -DMOETRACE_CBLAS_INCLUDE=$DEPS/usr/include/x86_64-linux-gnu/openblas-openmp)
+  [[ -e /usr/include/openssl/sha.h ]] || cmake_args+=(-DOPENSSL_ROOT_DIR=$DEPS/usr)
+  [[ -e /usr/include/zlib.h ]] || cmake_args+=(-DZLIB_LIBRARY=$DEPS/linkonly/libz.so -DZLIB_INCLUDE_DIR=$DEPS/usr/include)
+  [[ -e /usr/include/zstd.h ]] || cmake_args+=(-DMOETRACE_ZSTD_LIB=$DEPS/linkonly/libzstd.so -DMOETRACE_ZSTD_INCLUDE=$DEPS/usr/include)
+  [[ -e /usr/include/CLI/App.hpp ]] || cxx_flags="-isystem $DEPS/cli11"
+  export LD_LIBRARY_PATH=$L/openblas-openmp:$L:${LD_LIBRARY_PATH:-}
+else
+  echo "no .gpudeps/deps.tar.xz: run 'bash scripts/gpu_check.sh --pack' here and carry .gpudeps"
 fi
 
+# Where the binaries end up: the whole project when it builds there (CLI included), else the GPU
+# engine's part alone.
+MOETRACE=""
+CUDA_TESTS=$BUILD/cuda_tests
+BENCH_GPU=$BUILD/bench_gpu
 if has build; then
+  t0=$(date +%s)
+  # Arrow C++ from the image's pyarrow wheel (the same way scripts/setup.sh gets it here).
+  python3 -c 'import pyarrow; pyarrow.create_library_symlinks()' 2>/dev/null
+  if cmake -S $ROOT -B $BUILD/full -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOETRACE_WERROR=OFF -DMOETRACE_CUDA=ON \
+      -DMOETRACE_PYTHON="$(command -v python3)" -DCMAKE_CXX_FLAGS="$cxx_flags" "${cmake_args[@]}" \
+      >"$BUILD/full-configure.log" 2>&1 &&
+    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests bench_gpu >"$BUILD/full-build.log" 2>&1; then
+    MOETRACE=$BUILD/full/tools/cli/moetrace
+    CUDA_TESTS=$BUILD/full/tests/cuda_tests
+    BENCH_GPU=$BUILD/full/bench/bench_gpu
+    echo "== full build (CLI included): $(( $(date +%s) - t0 )) s"
+  else
+    echo "== full project build failed; building the GPU engine's part alone. Last lines:"
+    tail -25 "$BUILD/full-configure.log" "$BUILD/full-build.log" 2>/dev/null | grep -v "^\[" | tail -25
+  fi
+fi
+[[ -x $BUILD/full/tools/cli/moetrace ]] && MOETRACE=$BUILD/full/tools/cli/moetrace CUDA_TESTS=$BUILD/full/tests/cuda_tests \
+  BENCH_GPU=$BUILD/full/bench/bench_gpu
+
+if has build && [[ -z $MOETRACE ]]; then
   mkdir -p $BUILD/src
   # A CMake project holding only the GPU engine's targets, reusing the repository's folders.
   cat >$BUILD/src/CMakeLists.txt <<CMAKE
@@ -127,22 +159,22 @@ CMAKE
 fi
 
 if has test; then
-  $BUILD/cuda_tests --gtest_output=xml:"$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error|Expected|Which is|rel|^\[==" | head -80
+  $CUDA_TESTS --gtest_output=xml:"$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error|Expected|Which is|rel|^\[==" | head -80
 fi
 
-if has bench && [[ -x $BUILD/bench_gpu ]]; then
+if has bench && [[ -x $BENCH_GPU ]]; then
   [[ -e /tmp/moetrace_mix.txt ]] || python3 $ROOT/bench/hf_switch_bench.py --write-mix
-  $BUILD/bench_gpu --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+  $BENCH_GPU --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
 fi
 
 if has hf && [[ -e $ROOT/bench/hf_switch_bench.py ]]; then
   PYTHONUNBUFFERED=1 python3 $ROOT/bench/hf_switch_bench.py --json "$OUT/hf_bench.json" ${HF_ARGS:-} 2>&1 | tee "$OUT/hf.log" | tail -25
 fi
 
-if has ncu && [[ -x $BUILD/bench_gpu ]]; then
+if has ncu && [[ -x $BENCH_GPU ]]; then
   # Kernel durations of one 128x256 batch (bench_gpu --ncu brackets it with cudaProfilerStart/Stop).
   ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
-    $BUILD/bench_gpu --ncu >"$BUILD/ncu.csv" 2>"$BUILD/ncu.err"
+    $BENCH_GPU --ncu >"$BUILD/ncu.csv" 2>"$BUILD/ncu.err"
   python3 - "$BUILD/ncu.csv" <<'PY' | tee "$OUT/ncu_summary.txt"
 import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
@@ -157,4 +189,104 @@ print(f"total kernel time of one batch: {all_us/1e3:.2f} ms")
 for k, v in sorted(tot.items(), key=lambda x: -x[1])[:18]:
     print(f"{v/1e3:8.3f} ms {100*v/all_us:5.1f}% x{cnt[k]:<4} {k}")
 PY
+fi
+
+# The seed's job through the CLI: random switch-base-128 (bf16) on real rows (the demo datasets with
+# their quotas raised, from assets/demo/data and tests/data), 10,000 traces into a store, verified;
+# then the CLI's GPU path against its CPU path on the demo model (fp32: experts must agree but for
+# near-ties), encoder and, when the GPU has it, the decoder.
+if has collect && [[ -x $MOETRACE ]]; then
+  S=/tmp/moetrace-collect && rm -rf $S && mkdir -p $S
+  python3 - "$ROOT/assets/catalog/datasets.json" >$S/catalog.json <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+entries = c["datasets"] if isinstance(c, dict) else c
+print(json.dumps({"version": 1, "datasets": [dict(e, quota=100000) for e in entries if "demo" in e.get("groups", [])]}))
+PY
+  data=(--datasets demo --catalog $S/catalog.json --data-root $ROOT/assets/demo/data --data-root $ROOT/tests/data)
+  echo "== seed job: moetrace collect --device cuda --model random:switch-base-128 --traces 10000"
+  $MOETRACE collect --device cuda --model random:switch-base-128 --traces 10000 "${data[@]}" --no-progress \
+    --output $S/seed 2>&1 | tee "$OUT/collect_seed.log" | grep -E "timing|samples,|error|GPU in" | tail -5
+  $MOETRACE verify $S/seed 2>&1 | tail -2 | tee -a "$OUT/collect_seed.log"
+  for dev in cpu cuda; do
+    $MOETRACE collect --device $dev --precision fp32 --model demo --traces 3000 "${data[@]}" --no-progress \
+      --logits f32 --output $S/demo-$dev >$S/demo-$dev.log 2>&1 || { echo "demo $dev failed:"; tail -3 $S/demo-$dev.log; }
+    $MOETRACE collect --device $dev --precision fp32 --model demo --traces 600 "${data[@]}" --no-progress \
+      --logits f32 --decoder --max-new-tokens 16 --output $S/dec-$dev >$S/dec-$dev.log 2>&1 ||
+      { echo "decoder $dev failed:"; tail -3 $S/dec-$dev.log; }
+  done
+  PYTHONPATH=$ROOT/python python3 - $S <<'PY' 2>&1 | tee "$OUT/collect_parity.txt"
+import sys, numpy as np, moetrace
+S = sys.argv[1]
+for kind in ("demo", "dec"):
+    try:
+        a, b = moetrace.open_store(f"{S}/{kind}-cpu"), moetrace.open_store(f"{S}/{kind}-cuda")
+    except Exception as e:
+        print(f"{kind}: not comparable ({e})"); continue
+    n = min(len(a), len(b)); same = tot = 0; worst = 0.0; ids_same = 0
+    for i in range(n):
+        sa, sb = a[i], b[i]
+        for name in sa.layers:
+            la = np.asarray(sa.layer(name).router_logits, np.float64)
+            lb = np.asarray(sb.layer(name).router_logits, np.float64)
+            if la.shape != lb.shape or la.size == 0: continue
+            worst = max(worst, float(np.abs(la - lb).max() / max(np.abs(la).max(), 1e-30)))
+            same += int((la.argmax(-1) == lb.argmax(-1)).sum()); tot += la.shape[0]
+        if kind == "dec":
+            ids_same += int(np.array_equal(sa.dec_output_ids, sb.dec_output_ids))
+    extra = f", generated ids identical for {ids_same}/{n} samples" if kind == "dec" else ""
+    print(f"{kind}: {n} samples, top-1 agreement {same}/{tot} ({100*same/max(tot,1):.3f}%), max rel logit diff {worst:.2e}{extra}")
+PY
+fi
+
+# Data-parallel scaling (issue #9): the same job on one GPU, then one rank per GPU; throughput is
+# tokens over the collection loop (after model load), the ranks' tokens over the slowest loop.
+if has scale && [[ -x $MOETRACE ]]; then
+  NG=$(nvidia-smi -L | wc -l)
+  N=${SCALE_SAMPLES:-40000}
+  D=/tmp/moetrace-scale && rm -rf $D && mkdir -p $D/data/local/wikitext-windows
+  SD=${SCALE_STORE:-/dev/shm/moetrace-scale} && rm -rf $SD
+  python3 - "$ROOT/tests/data/wikitext2_tokens" $N $D <<'PY'
+import json, random, sys, pathlib
+src, n, d = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+text = " ".join(l.strip() for f in ("valid.txt", "test.txt") if (src / f).exists()
+                for l in open(src / f) if l.strip() and not l.strip().startswith("="))
+rng = random.Random(0)
+with open(f"{d}/data/local/wikitext-windows/train.jsonl", "w") as out:
+    for _ in range(n):
+        s = rng.randrange(0, len(text) - 1200)
+        out.write(json.dumps({"text": text[s:s + 1100]}) + "\n")
+json.dump({"version": 1, "datasets": [{"name": "bench/wikitext-windows", "hub": "local/wikitext-windows",
+           "split": "train", "category": "bench", "quota": n, "template": "{text}"}]}, open(f"{d}/catalog.json", "w"))
+PY
+  common=(collect --device cuda --model random:switch-base-128 --datasets bench/wikitext-windows
+    --catalog $D/catalog.json --data-root $D/data --traces $((6 * N)) --max-length 256 --no-progress)
+  echo "== scaling: $N samples of ~256 tokens, 1 GPU, then $NG ranks (store in $SD)"
+  t0=$(date +%s.%N)
+  CUDA_VISIBLE_DEVICES=0 $MOETRACE "${common[@]}" --output $SD/one >$OUT/scale_1.log 2>&1 || tail -5 $OUT/scale_1.log
+  t1=$(date +%s.%N)
+  rm -rf $SD/one
+  for ((r = 0; r < NG; r++)); do
+    $MOETRACE "${common[@]}" --rank $r --world-size $NG --local-rank $r --output $SD/multi >$OUT/scale_rank$r.log 2>&1 &
+  done
+  wait
+  t2=$(date +%s.%N)
+  $MOETRACE merge $SD/multi 2>&1 | tail -2
+  $MOETRACE verify $SD/multi 2>&1 | tail -1
+  python3 - $OUT $NG $t0 $t1 $t2 <<'PY' | tee "$OUT/scale_summary.txt"
+import re, sys, glob, json
+out, ng, t0, t1, t2 = sys.argv[1], int(sys.argv[2]), *map(float, sys.argv[3:6])
+def timing(f):
+    m = re.search(r"timing: total ([\d.e+-]+) s, loop ([\d.e+-]+) s, engine ([\d.e+-]+) s, (\d+) tokens", open(f).read())
+    return dict(total=float(m[1]), loop=float(m[2]), tokens=int(m[4])) if m else None
+one = timing(f"{out}/scale_1.log"); ranks = [timing(f"{out}/scale_rank{r}.log") for r in range(ng)]
+if one is None or None in ranks:
+    print("scaling: a run did not finish (see scale_*.log)"); sys.exit()
+tp1 = one["tokens"] / one["loop"]; tpn = sum(r["tokens"] for r in ranks) / max(r["loop"] for r in ranks)
+print(f"1 GPU : {one['tokens']} tokens, loop {one['loop']:.2f} s -> {tp1/1e6:.3f} M tokens/s (wall {t1-t0:.1f} s incl. load)")
+print(f"{ng} GPUs: {sum(r['tokens'] for r in ranks)} tokens, slowest loop {max(r['loop'] for r in ranks):.2f} s -> {tpn/1e6:.3f} M tokens/s (wall {t2-t1:.1f} s incl. load)")
+print(f"speed-up {tpn/tp1:.2f}x on {ng} GPUs")
+json.dump(dict(one=one, ranks=ranks, speedup=tpn / tp1, gpus=ng), open(f"{out}/scale.json", "w"), indent=1)
+PY
+  rm -rf $SD
 fi

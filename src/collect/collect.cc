@@ -676,8 +676,13 @@ CollectResult run_collect(const CollectOptions& o) {
   }
   writer->finish(seconds);
   writer.reset();
-  log_info("engine ", engine_seconds, " s of ", seconds, " s in collect");
-  print_collect_summary(o.output, stderr);
+  // One line with the numbers benchmarks read (scripts/gpu_check.sh): loop = after model load.
+  log_info("timing: total ", seconds, " s, loop ", result.loop_seconds, " s, engine ", engine_seconds,
+           " s, ", result.tokens, " tokens, ",
+           static_cast<int64_t>(static_cast<double>(result.tokens) / result.loop_seconds),
+           " tokens/s in the loop");
+  print_collect_summary(store_dir, stderr);
+  if (parallel) assemble_after_rank(o.output, launch);
   return result;
 }
 
