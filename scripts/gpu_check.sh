@@ -88,6 +88,7 @@ CUDA_TESTS=$BUILD/cuda_tests
 BENCH_GPU=$BUILD/bench_gpu
 if has build; then
   t0=$(date +%s)
+  mkdir -p $BUILD
   # Arrow C++ from the image's pyarrow wheel (the same way scripts/setup.sh gets it here).
   python3 -c 'import pyarrow; pyarrow.create_library_symlinks()' 2>/dev/null
   if cmake -S $ROOT -B $BUILD/full -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOETRACE_WERROR=OFF -DMOETRACE_CUDA=ON \

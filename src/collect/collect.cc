@@ -346,10 +346,6 @@ CollectResult run_collect(const CollectOptions& o) {
 #ifdef MOETRACE_WITH_CUDA
   std::unique_ptr<CudaSwitchModel> gpu;
   if (o.device == "cuda") {
-    if (o.decoder)
-      fail(
-          "--decoder with --device cuda: the decoder runs on the CPU only for now (use --device "
-          "cpu)");
     CudaOptions co;
     co.precision = o.precision == "fp32"   ? DType::kF32
                    : o.precision == "fp16" ? DType::kF16
@@ -602,7 +598,7 @@ CollectResult run_collect(const CollectOptions& o) {
 #ifdef MOETRACE_WITH_CUDA
         if (gpu) {
           gpu->encode(batch, &cap);
-          if (o.decoder) fail("--decoder with --device cuda: not on the GPU yet");
+          if (o.decoder) gen = gpu->generate(batch, o.max_new_tokens, 0, &cap);
         } else
 #endif
         {
