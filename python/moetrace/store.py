@@ -10,6 +10,7 @@ import bisect
 import hashlib
 import json
 import os
+import re
 from typing import Iterator
 
 import numpy as np
@@ -21,6 +22,9 @@ FORMAT = "moetrace-trace"
 FORMAT_VERSIONS = (1,)  # the versions this reader knows; others are refused
 LAYER_FIELDS = ("router_logits", "expert", "dropped", "gate", "hidden")
 REQUIRED_TENSORS = ("token_ids", "sample_offsets", "sample_kind")
+# A manifest's shard path: shard-N.safetensors, or in a merged data-parallel store the rank
+# directory's ranks/rank-RRRRR-of-WWWWW/shard-N.safetensors (docs/TRACE_FORMAT.md).
+SHARD_PATH = re.compile(r"(ranks/rank-\d{5,}-of-\d{5,}/)?shard-\d+\.safetensors")
 
 
 def open_store(path: str | os.PathLike, verify: bool = False, backend: str = "numpy") -> "TraceStore":
@@ -64,6 +68,9 @@ class Shard:
     def __init__(self, store_path: str, entry: dict, backend: str = "numpy"):
         self.entry = entry
         self.file = entry["file"]
+        if not isinstance(self.file, str) or not SHARD_PATH.fullmatch(self.file):
+            raise StoreError(f"{os.path.join(store_path, 'manifest.json')}: shard file {self.file!r} is neither "
+                             f"shard-NNNNN.safetensors nor ranks/rank-RRRRR-of-WWWWW/shard-NNNNN.safetensors")
         self.path = os.path.join(store_path, self.file)
         self.first_sample = int(entry["first_sample"])
         self.num_samples = int(entry["num_samples"])
@@ -428,6 +435,12 @@ class TraceStore:
         if not isinstance(self.manifest, dict):
             raise StoreError(f"{manifest_path}: not a JSON object")
         _check_version(manifest_path, self.manifest.get("format"), self.manifest.get("format_version"))
+        part = self.manifest.get("part")
+        if isinstance(part, dict):
+            store = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+            raise StoreError(f"{path}: this is rank {part.get('rank')} of {part.get('world_size')}'s part of a "
+                             f"data-parallel store; open the store itself ({store}) once `moetrace merge` "
+                             f"has assembled it")
         try:
             layers = self.manifest.get("layers", {})
             self.encoder_layers: list[int] = [int(i) for i in layers.get("encoder", [])]

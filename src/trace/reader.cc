@@ -19,6 +19,7 @@ struct TraceStore::State {
   trace::Layout layout;
   std::vector<trace::ShardEntry> shards;
   int64_t num_samples = 0;
+  int64_t base = 0;  // global index of sample 0: a rank's part starts at its first sample
 
   struct Loaded {
     std::shared_ptr<SafetensorsFile> file;
@@ -55,11 +56,13 @@ TraceStore TraceStore::open(const fs::path& dir) {
   if (!st.manifest.contains("shards") || !st.manifest["shards"].is_array()) {
     fail(what, ": \"shards\" must be an array");
   }
+  if (st.manifest.contains("part"))
+    st.base = trace::part_from_json(st.manifest["part"], what).first_sample;
   for (size_t k = 0; k < st.manifest["shards"].size(); ++k) {
     const std::string ew = what + ": shards[" + std::to_string(k) + "]";
     trace::ShardEntry e = trace::shard_entry_from_json(st.manifest["shards"][k], ew);
-    if (e.first_sample != st.num_samples) {
-      fail(ew, ": first_sample is ", e.first_sample, ", expected ", st.num_samples);
+    if (e.first_sample != st.base + st.num_samples) {
+      fail(ew, ": first_sample is ", e.first_sample, ", expected ", st.base + st.num_samples);
     }
     st.num_samples += e.num_samples;
     st.shards.push_back(std::move(e));
@@ -101,13 +104,14 @@ SampleRecordOwned TraceStore::sample(int64_t i) const {
     fail(st.dir.string(), ": sample ", i, " is out of range (the store holds ", st.num_samples,
          ")");
   }
+  const int64_t g = st.base + i;  // global sample index
   auto it =
-      std::upper_bound(st.shards.begin(), st.shards.end(), i,
+      std::upper_bound(st.shards.begin(), st.shards.end(), g,
                        [](int64_t v, const trace::ShardEntry& e) { return v < e.first_sample; });
   const size_t k = static_cast<size_t>(it - st.shards.begin()) - 1;
   const auto loaded = st.shard(k);
   const SafetensorsFile& f = *loaded->file;
-  const size_t j = static_cast<size_t>(i - st.shards[k].first_sample);
+  const size_t j = static_cast<size_t>(g - st.shards[k].first_sample);
 
   SampleRecordOwned s;
   s.sample_id = loaded->meta.sample_ids[j];

@@ -14,6 +14,10 @@
 #include "core/error.h"
 #include "trace/store.h"
 
+#ifndef MOETRACE_VERSION
+#define MOETRACE_VERSION "unknown"
+#endif
+
 namespace moetrace::trace {
 
 namespace fs = std::filesystem;
@@ -46,6 +50,62 @@ bool is_store_file(const std::string& name) {
   int64_t index;
   return name == kManifestName || name.rfind(kTmpPrefix, 0) == 0 ||
          parse_shard_file_name(name, &index);
+}
+
+std::string rank_dir_name(int rank, int world_size) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "rank-%05d-of-%05d", rank, world_size);
+  return buf;
+}
+
+namespace {
+
+// Parses all of s as a decimal number of at most 9 digits.
+bool parse_digits(const std::string& s, int* v) {
+  if (s.empty() || s.size() > 9) return false;
+  int x = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    x = x * 10 + (c - '0');
+  }
+  *v = x;
+  return true;
+}
+
+}  // namespace
+
+bool parse_rank_dir_name(const std::string& name, int* rank, int* world_size) {
+  const std::string prefix = "rank-", mid = "-of-";
+  if (name.rfind(prefix, 0) != 0) return false;
+  const size_t m = name.find(mid, prefix.size());
+  if (m == std::string::npos) return false;
+  const std::string a = name.substr(prefix.size(), m - prefix.size());
+  const std::string b = name.substr(m + mid.size());
+  int r = 0, w = 0;
+  if (a.size() < 5 || b.size() < 5 || !parse_digits(a, &r) || !parse_digits(b, &w) || w < 1 ||
+      r >= w || name != rank_dir_name(r, w)) {
+    return false;
+  }
+  *rank = r;
+  *world_size = w;
+  return true;
+}
+
+bool parse_shard_path(const std::string& path, int64_t* index, std::string* rank_dir) {
+  const size_t slash = path.rfind('/');
+  if (slash == std::string::npos) {
+    rank_dir->clear();
+    return parse_shard_file_name(path, index);
+  }
+  const std::string dir = path.substr(0, slash);
+  const std::string prefix = std::string(kRanksDir) + "/";
+  int r, w;
+  if (dir.rfind(prefix, 0) != 0 || !parse_rank_dir_name(dir.substr(prefix.size()), &r, &w)) {
+    return false;
+  }
+  if (!parse_shard_file_name(path.substr(slash + 1), index)) return false;
+  *rank_dir = dir;
+  return true;
 }
 
 std::string layer_key(bool decoder, int block) {
@@ -235,8 +295,11 @@ ShardEntry shard_entry_from_json(const json& j, const std::string& what) {
   if (!file.is_string()) fail(what, ": field \"file\" must be a string");
   e.file = file.get<std::string>();
   int64_t index;
-  if (!parse_shard_file_name(e.file, &index)) {
-    fail(what, ": file \"", e.file, "\" is not named shard-NNNNN.safetensors");
+  std::string rank_dir;
+  if (!parse_shard_path(e.file, &index, &rank_dir)) {
+    fail(what, ": file \"", e.file,
+         "\" is neither shard-NNNNN.safetensors nor "
+         "ranks/rank-RRRRR-of-WWWWW/shard-NNNNN.safetensors");
   }
   e.first_sample = int_field(j, "first_sample", what, 0);
   e.num_samples = int_field(j, "num_samples", what, 0);
@@ -249,6 +312,118 @@ ShardEntry shard_entry_from_json(const json& j, const std::string& what) {
   }
   e.sha256 = sha.get<std::string>();
   return e;
+}
+
+json part_json(const Part& p) {
+  return {{"rank", p.rank},
+          {"world_size", p.world_size},
+          {"first_sample", p.first_sample},
+          {"num_samples", p.num_samples},
+          {"total_samples", p.total_samples}};
+}
+
+Part part_from_json(const json& j, const std::string& what) {
+  Part p;
+  p.world_size = static_cast<int>(int_field(j, "world_size", what + ": part", 1));
+  p.rank = static_cast<int>(int_field(j, "rank", what + ": part", 0));
+  p.first_sample = int_field(j, "first_sample", what + ": part", 0);
+  p.num_samples = int_field(j, "num_samples", what + ": part", 0);
+  p.total_samples = int_field(j, "total_samples", what + ": part", 0);
+  if (p.rank >= p.world_size || p.first_sample + p.num_samples > p.total_samples) {
+    fail(what, ": part ", j.dump(), " is inconsistent (rank < world_size and ",
+         "first_sample + num_samples <= total_samples expected)");
+  }
+  return p;
+}
+
+nlohmann::ordered_json build_manifest(const ManifestFields& f) {
+  using ordered_json = nlohmann::ordered_json;
+  const Layout& layout = f.layout;
+  // ordered_json keeps the documented field order; the nested objects come from json.
+  auto ord = [](const json& j) { return ordered_json::parse(j.dump()); };
+  ordered_json m;
+  m["format"] = kTraceFormat;
+  m["format_version"] = kTraceFormatVersion;
+  m["moetrace_version"] = MOETRACE_VERSION;
+  m["complete"] = f.complete;
+  m["command_line"] = f.command_line;
+  m["settings"] = ord(f.settings.is_null() ? json::object() : f.settings);
+  m["model"] = ord(f.model.is_null() ? json::object() : f.model);
+  m["layers"] = {{"encoder", layout.enc_layers}, {"decoder", layout.dec_layers}};
+  m["num_experts"] = layout.num_experts;
+  m["d_model"] = layout.d_model;
+  m["logits_dtype"] = std::string(dtype_name(layout.logits_dtype));
+  m["hidden_dtype"] = hidden_dtype_name(layout.hidden_dtype);
+  m["decoder"] = layout.decoder;
+  m["samples_per_shard"] = layout.samples_per_shard;
+  if (f.part) m["part"] = ord(part_json(*f.part));
+  if (!f.data_parallel.is_null()) m["data_parallel"] = f.data_parallel;
+  m["shards"] = ordered_json::array();
+  for (const auto& e : f.shards) m["shards"].push_back(ord(shard_entry_json(e)));
+  const json st = stats_fields(f.totals, layout);
+  for (const char* k : {"num_samples", "num_tokens", "num_decoder_tokens", "total_traces"}) {
+    m[k] = st[k];
+  }
+  ordered_json dist = ordered_json::object();  // "0".."E-1" in numeric order
+  for (int64_t e = 0; e < layout.num_experts; ++e) {
+    dist[std::to_string(e)] = st["expert_distribution"][std::to_string(e)];
+  }
+  m["expert_distribution"] = dist;
+  m["experts_used"] = st["experts_used"];
+  m["diversity_percentage"] = st["diversity_percentage"];
+  m["dataset_distribution"] = ord(st["dataset_distribution"]);
+  m["collection_time"] = f.collection_time;
+  m["device"] = f.device;
+  ordered_json pl = ordered_json::object();  // layers in block order, encoder first
+  auto put = [&](bool dec, int b) {
+    const std::string key = layer_key(dec, b);
+    const json& l = st["per_layer"][key];
+    pl[key] = {{"expert_counts", l["expert_counts"]},
+               {"dropped", l["dropped"]},
+               {"tokens", l["tokens"]},
+               {"drop_rate", l["drop_rate"]}};
+  };
+  for (int b : layout.enc_layers) put(false, b);
+  for (int b : layout.dec_layers) put(true, b);
+  m["per_layer"] = pl;
+  m["throughput_tokens_per_s"] =
+      f.collection_time > 0 ? static_cast<double>(f.totals.num_tokens) / f.collection_time : 0.0;
+  return m;
+}
+
+Stats stats_from_manifest(const json& m, const Layout& layout, const std::string& what) {
+  Stats s = empty_stats(layout);
+  s.num_samples = int_field(m, "num_samples", what, 0);
+  s.num_tokens = int_field(m, "num_tokens", what, 0);
+  s.num_decoder_tokens = int_field(m, "num_decoder_tokens", what, 0);
+  const json& pl = field(m, "per_layer", what);
+  for (auto& [key, ls] : s.layers) {
+    const std::string lw = what + ": per_layer." + key;
+    const json& l = field(pl, key.c_str(), what + ": per_layer");
+    const json& counts = field(l, "expert_counts", lw);
+    if (!counts.is_array() || counts.size() != ls.expert_counts.size()) {
+      fail(lw, ": expert_counts must be an array of ", ls.expert_counts.size(), " counts");
+    }
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (!counts[e].is_number_integer() || counts[e].get<int64_t>() < 0)
+        fail(lw, ": expert_counts[", e, "] must be an integer >= 0");
+      ls.expert_counts[e] = counts[e].get<int64_t>();
+    }
+    ls.dropped = int_field(l, "dropped", lw, 0);
+    ls.tokens = int_field(l, "tokens", lw, 0);
+  }
+  // dataset_distribution counts traces = samples × encoder MoE layers.
+  const int64_t n_enc = static_cast<int64_t>(layout.enc_layers.size());
+  const json& dd = field(m, "dataset_distribution", what);
+  if (!dd.is_object()) fail(what, ": dataset_distribution must be an object");
+  for (auto it = dd.begin(); it != dd.end(); ++it) {
+    if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 ||
+        (n_enc > 0 && it.value().get<int64_t>() % n_enc != 0)) {
+      fail(what, ": dataset_distribution.", it.key(), " must be a multiple of ", n_enc);
+    }
+    s.dataset_samples[it.key()] = n_enc > 0 ? it.value().get<int64_t>() / n_enc : 0;
+  }
+  return s;
 }
 
 namespace {
@@ -431,8 +606,9 @@ void fsync_dir(const fs::path& dir) {
   if (rc != 0) fail(dir.string(), ": fsync of the directory failed: ", std::strerror(err));
 }
 
-void atomic_write_file(const fs::path& dir, const std::string& name, const std::string& bytes) {
-  const fs::path tmp = dir / (kTmpPrefix + name);
+void atomic_write_file(const fs::path& dir, const std::string& name, const std::string& bytes,
+                       const std::string& tmp_suffix) {
+  const fs::path tmp = dir / (kTmpPrefix + name + tmp_suffix);
   const fs::path dst = dir / name;
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) fail(tmp.string(), ": cannot create: ", std::strerror(errno));

@@ -13,6 +13,7 @@
 
 #include "core/dtype.h"
 #include "io/safetensors.h"
+#include "trace/store.h"
 
 namespace moetrace::trace {
 
@@ -20,6 +21,8 @@ using json = nlohmann::json;
 
 inline constexpr const char* kManifestName = "manifest.json";
 inline constexpr const char* kTmpPrefix = ".tmp-";
+// Data-parallel stores: rank r of W writes its part into ranks/rank-RRRRR-of-WWWWW/.
+inline constexpr const char* kRanksDir = "ranks";
 
 // "shard-00042.safetensors"
 std::string shard_file_name(int64_t index);
@@ -27,6 +30,14 @@ std::string shard_file_name(int64_t index);
 bool parse_shard_file_name(const std::string& name, int64_t* index);
 // Files a store owns: manifest.json, shard-*.safetensors and .tmp-* leftovers.
 bool is_store_file(const std::string& name);
+// "rank-00001-of-00003"
+std::string rank_dir_name(int rank, int world_size);
+// True for "rank-<5+ digits>-of-<5+ digits>" with rank < world_size.
+bool parse_rank_dir_name(const std::string& name, int* rank, int* world_size);
+// A manifest's shard path: "shard-N.safetensors" (rank_dir empty) or
+// "ranks/rank-R-of-W/shard-N.safetensors" (a merged data-parallel store). Nothing else, so that no
+// manifest can point outside its store.
+bool parse_shard_path(const std::string& path, int64_t* index, std::string* rank_dir);
 
 // "enc.3" / "dec.5": the prefix of a MoE layer's tensors and its per_layer key.
 std::string layer_key(bool decoder, int block);
@@ -79,6 +90,27 @@ struct ShardEntry {
 json shard_entry_json(const ShardEntry& e);
 ShardEntry shard_entry_from_json(const json& j, const std::string& what);  // throws Error
 
+using Part = StorePart;
+json part_json(const Part& p);
+Part part_from_json(const json& j, const std::string& what);  // throws Error
+
+// Everything a manifest.json holds; build_manifest() lays it out in the documented field order.
+struct ManifestFields {
+  bool complete = false;
+  std::vector<std::string> command_line;
+  json settings, model;  // null = {}
+  Layout layout;
+  std::optional<Part> part;              // one rank's store
+  nlohmann::ordered_json data_parallel;  // merged store: {"world_size", "ranks": [...]}, else null
+  std::vector<ShardEntry> shards;
+  Stats totals;
+  double collection_time = 0;
+  std::string device;
+};
+nlohmann::ordered_json build_manifest(const ManifestFields& f);
+// The counts of a manifest (num_*, per_layer, dataset_distribution) as Stats; throws Error.
+Stats stats_from_manifest(const json& m, const Layout& layout, const std::string& what);
+
 // A shard's per-sample metadata, parsed from its safetensors __metadata__.
 struct ShardMeta {
   int64_t first_sample = 0;
@@ -104,9 +136,10 @@ std::vector<T> read_elems(const TensorView& v, size_t begin, size_t n) {
 // n * width elements of an F32, F16 or BF16 tensor from row row0 on, widened to fp32.
 std::vector<float> read_f32_rows(const TensorView& v, size_t row0, size_t rows, size_t width);
 
-// Writes bytes to dir/.tmp-<name>, fsyncs it, renames it to dir/<name> and fsyncs dir.
+// Writes bytes to dir/.tmp-<name><tmp_suffix>, fsyncs it, renames it to dir/<name> and fsyncs dir.
+// Writers that may race on one name (ranks merging at once) pass a suffix unique to the process.
 void atomic_write_file(const std::filesystem::path& dir, const std::string& name,
-                       const std::string& bytes);
+                       const std::string& bytes, const std::string& tmp_suffix = "");
 void fsync_file(const std::filesystem::path& path);
 void fsync_dir(const std::filesystem::path& dir);
 

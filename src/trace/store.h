@@ -67,6 +67,15 @@ struct SampleRecordOwned {
   std::vector<LayerRecordOwned> dec;
 };
 
+// One rank's share of a data-parallel collection (docs/SCALING.md): the global samples
+// [first_sample, first_sample + num_samples) of total_samples. first_sample is a multiple of
+// samples_per_shard, so the rank's shards are exactly the shards a single process would write
+// (same global numbers and contents); they live in STORE/ranks/rank-RRRRR-of-WWWWW/.
+struct StorePart {
+  int rank = 0, world_size = 1;
+  int64_t first_sample = 0, num_samples = 0, total_samples = 0;
+};
+
 struct StoreSettings {
   nlohmann::json settings;  // manifest "settings" (sampling/run parameters); compared on resume
   nlohmann::json
@@ -80,6 +89,8 @@ struct StoreSettings {
   int64_t samples_per_shard =
       1024;            // shard boundaries depend on this only -> resume reproduces them
   std::string device;  // manifest "device"
+  // Set for one rank's store of a data-parallel collection.
+  std::optional<StorePart> part;
 };
 
 enum class OpenMode { kCreate, kResume, kOverwrite };
@@ -151,6 +162,33 @@ class TraceStore {
 // (expert_distribution, per_layer, dataset_distribution, totals) recomputed from the shards.
 // Returns one line per problem (empty = OK).
 std::vector<std::string> verify_store(const std::filesystem::path& dir);
+
+// Data-parallel stores (docs/SCALING.md): STORE/ranks/rank-RRRRR-of-WWWWW/ holds rank R's own
+// store (a manifest with "part"); STORE/manifest.json, written by merge_store(), lists the shards
+// of every rank in global sample order.
+std::filesystem::path rank_store_dir(const std::filesystem::path& store, int rank, int world_size);
+
+// Checks STORE before rank `rank` of `world_size` opens its part with `mode` (world_size > 1), or
+// before a single process opens STORE itself (world_size 1): refuses what the run must not mix
+// with (a single-process store, parts of another world size, foreign files) in one line (Error).
+// With kOverwrite, rank 0 (or the single process) removes those leftovers, and every rank removes
+// a merged manifest that its overwrite makes stale. Creates STORE/ranks/ when world_size > 1.
+void prepare_parallel_store(const std::filesystem::path& store, int rank, int world_size,
+                            OpenMode mode);
+
+struct MergeResult {
+  bool merged = false;               // STORE/manifest.json written (every rank complete)
+  int world_size = 0;                // 0 when STORE is a single-process store
+  std::vector<std::string> pending;  // "rank 1 (40 of 67 samples)", ... when not merged
+  int64_t num_samples = 0, num_shards = 0;
+};
+// Assembles STORE/manifest.json from the ranks' stores once all are complete: checks that they
+// agree on everything but the rank, tile the samples without gaps, and that their listed shards
+// exist with the listed sizes (contents: `moetrace verify`). Deterministic (same ranks -> same
+// bytes) and atomic (a unique .tmp- name, fsync, rename), so ranks finishing together may both run
+// it. Incomplete or missing ranks: returns merged=false with pending filled; inconsistent ones:
+// Error. A single-process store is left as it is (world_size 0).
+MergeResult merge_store(const std::filesystem::path& store);
 
 // A human-readable summary of the manifest (for `moetrace inspect STORE`); reads no shard.
 void print_store_summary(const std::filesystem::path& dir, std::ostream& out);

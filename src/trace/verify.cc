@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdio>
 #include <iomanip>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <unordered_set>
@@ -97,10 +98,62 @@ std::vector<std::string> verify_store(const fs::path& dir) {
     return problems;
   }
 
+  // Where shard k must be: shard-{k}.safetensors in a single-process store; in one rank's store
+  // (a "part") the global shard numbers start at its first sample; in a merged data-parallel store
+  // ranks/<the rank holding the shard's samples>/shard-{k}.safetensors.
+  std::optional<trace::Part> part;
+  struct RankRange {
+    int64_t first = 0, end = 0;
+    std::string dir;
+  };
+  std::vector<RankRange> ranks;
+  try {
+    if (m.contains("part")) part = trace::part_from_json(m["part"], what);
+    if (m.contains("data_parallel")) {
+      const json& dp = m["data_parallel"];
+      if (!dp.is_object() || !dp.contains("world_size") || !dp["world_size"].is_number_integer() ||
+          !dp.contains("ranks") || !dp["ranks"].is_array()) {
+        fail(what, ": data_parallel must hold world_size and ranks");
+      }
+      const int w = dp["world_size"].get<int>();
+      if (w < 2 || dp["ranks"].size() != static_cast<size_t>(w))
+        fail(what, ": data_parallel.ranks must list world_size (>= 2) ranks");
+      int64_t first = 0;
+      for (size_t r = 0; r < dp["ranks"].size(); ++r) {
+        const json& e = dp["ranks"][r];
+        const std::string want_dir =
+            std::string(trace::kRanksDir) + "/" + trace::rank_dir_name(static_cast<int>(r), w);
+        if (!e.is_object() || e.value("rank", -1) != static_cast<int>(r) ||
+            e.value("dir", std::string()) != want_dir ||
+            e.value("first_sample", int64_t{-1}) != first ||
+            e.value("num_samples", int64_t{-1}) < 0) {
+          fail(what, ": data_parallel.ranks[", r, "] must be rank ", r, " in ", want_dir,
+               " starting at sample ", first);
+        }
+        ranks.push_back({first, first + e["num_samples"].get<int64_t>(), want_dir});
+        first = ranks.back().end;
+      }
+    }
+  } catch (const Error& e) {
+    problems.push_back(e.what());
+    return problems;
+  }
+  const int64_t base = part ? part->first_sample : 0;
+  const int64_t first_shard = base / layout.samples_per_shard;
+  auto expected_file = [&](int64_t k, int64_t first_sample) {
+    const std::string name = trace::shard_file_name(first_shard + k);
+    for (const auto& r : ranks) {
+      if (first_sample >= r.first && first_sample < r.end) return r.dir + "/" + name;
+    }
+    return ranks.empty()
+               ? name
+               : "ranks/<no rank holds sample " + std::to_string(first_sample) + ">/" + name;
+  };
+
   trace::Stats totals = trace::empty_stats(layout);
   bool counts_complete = true;  // every shard was read, so the totals can be compared
   std::unordered_set<std::string> ids;
-  int64_t next = 0;
+  int64_t next = base;
   const size_t n_shards = m["shards"].size();
   for (size_t k = 0; k < n_shards; ++k) {
     const std::string ew = what + ": shards[" + std::to_string(k) + "]";
@@ -112,10 +165,8 @@ std::vector<std::string> verify_store(const fs::path& dir) {
       counts_complete = false;
       continue;
     }
-    if (e.file != trace::shard_file_name(static_cast<int64_t>(k))) {
-      problem(ew, ": file is ", e.file, ", expected ",
-              trace::shard_file_name(static_cast<int64_t>(k)));
-    }
+    const std::string want = expected_file(static_cast<int64_t>(k), next);
+    if (e.file != want) problem(ew, ": file is ", e.file, ", expected ", want);
     if (e.first_sample != next)
       problem(ew, ": first_sample is ", e.first_sample, ", expected ", next);
     // Only checkable when the writer declared its shard size (numpy-made stores may not).
@@ -163,6 +214,16 @@ std::vector<std::string> verify_store(const fs::path& dir) {
       problems.push_back(err.what());
       counts_complete = false;
     }
+  }
+
+  if (!ranks.empty() && next != ranks.back().end) {
+    problem(what, ": the shards hold samples [0, ", next, "), data_parallel.ranks [0, ",
+            ranks.back().end, ")");
+  }
+  if (part && m.value("complete", false) == true &&
+      next != part->first_sample + part->num_samples) {
+    problem(what, ": complete, but its shards end at sample ", next, ", its part at ",
+            part->first_sample + part->num_samples);
   }
 
   // The manifest's counts, recomputed from the shards.
@@ -228,6 +289,17 @@ void print_store_summary(const fs::path& dir, std::ostream& out) {
   out << "\n";
   out << "shards          " << (shards.is_array() ? shards.size() : 0) << " (" << bytes
       << " bytes, " << layout.samples_per_shard << " samples per shard)\n";
+  const json dp = get("data_parallel");
+  if (dp.is_object() && dp.contains("ranks") && dp["ranks"].is_array()) {
+    out << "data-parallel   " << dp["ranks"].size() << " ranks, merged from " << trace::kRanksDir
+        << "/\n";
+  }
+  if (get("part").is_object()) {
+    const trace::Part p = trace::part_from_json(get("part"), (dir / trace::kManifestName).string());
+    out << "part            rank " << p.rank << " of " << p.world_size << ": samples ["
+        << p.first_sample << ", " << p.first_sample + p.num_samples << ") of " << p.total_samples
+        << " (`moetrace merge` assembles the store)\n";
+  }
   out << "MoE layers      encoder " << layers_str(layout.enc_layers) << ", decoder "
       << layers_str(layout.dec_layers) << "\n";
   out << "experts         " << layout.num_experts << ", d_model " << layout.d_model << "\n";

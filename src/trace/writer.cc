@@ -20,10 +20,6 @@
 #include "trace/schema.h"
 #include "trace/store.h"
 
-#ifndef MOETRACE_VERSION
-#define MOETRACE_VERSION "unknown"
-#endif
-
 namespace moetrace {
 
 namespace fs = std::filesystem;
@@ -133,6 +129,16 @@ void check_settings(const StoreSettings& s) {
   }
   if (!s.decoder && !s.dec_layers.empty())
     fail("trace store: decoder layers given without decoder");
+  if (s.part) {
+    const StorePart& p = *s.part;
+    if (p.world_size < 1 || p.rank < 0 || p.rank >= p.world_size || p.first_sample < 0 ||
+        p.num_samples < 0 || p.first_sample + p.num_samples > p.total_samples ||
+        p.first_sample % s.samples_per_shard != 0) {
+      fail("trace store: part rank ", p.rank, " of ", p.world_size, ", samples [", p.first_sample,
+           ", ", p.first_sample + p.num_samples, ") of ", p.total_samples,
+           " is inconsistent (the first sample must start a shard)");
+    }
+  }
   for (const auto* layers : {&s.enc_layers, &s.dec_layers}) {
     std::set<int> uniq(layers->begin(), layers->end());
     if (uniq.size() != layers->size()) fail("trace store: a MoE layer index is repeated");
@@ -148,6 +154,8 @@ struct TraceWriter::Impl {
   fs::path dir;
   StoreSettings settings;
   Layout layout;
+  // A rank's part of a data-parallel store starts at global shard first_shard = sample base.
+  int64_t first_shard = 0, base = 0;
   double prior_time = 0;  // collection_time of earlier runs, seconds
   std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
 
@@ -185,61 +193,22 @@ struct TraceWriter::Impl {
   }
 
   ordered_json manifest(bool complete, double collection_time) const {
-    std::vector<ShardEntry> sh;
-    Stats totals = trace::empty_stats(layout);
+    trace::ManifestFields f;
+    f.totals = trace::empty_stats(layout);
     {
       std::lock_guard<std::mutex> lock(mu);
-      sh = shards;
-      for (const auto& s : shard_stats) totals.add(s);
+      f.shards = shards;
+      for (const auto& st : shard_stats) f.totals.add(st);
     }
-    // ordered_json keeps the documented field order; the nested objects come from json.
-    auto ord = [](const json& j) { return ordered_json::parse(j.dump()); };
-    ordered_json m;
-    m["format"] = kTraceFormat;
-    m["format_version"] = kTraceFormatVersion;
-    m["moetrace_version"] = MOETRACE_VERSION;
-    m["complete"] = complete;
-    m["command_line"] = settings.command_line;
-    m["settings"] = ord(settings.settings.is_null() ? json::object() : settings.settings);
-    m["model"] = ord(settings.model.is_null() ? json::object() : settings.model);
-    m["layers"] = {{"encoder", layout.enc_layers}, {"decoder", layout.dec_layers}};
-    m["num_experts"] = layout.num_experts;
-    m["d_model"] = layout.d_model;
-    m["logits_dtype"] = dtype_str(layout.logits_dtype);
-    m["hidden_dtype"] = trace::hidden_dtype_name(layout.hidden_dtype);
-    m["decoder"] = layout.decoder;
-    m["samples_per_shard"] = layout.samples_per_shard;
-    m["shards"] = ordered_json::array();
-    for (const auto& e : sh) m["shards"].push_back(ord(trace::shard_entry_json(e)));
-    const json st = trace::stats_fields(totals, layout);
-    for (const char* k : {"num_samples", "num_tokens", "num_decoder_tokens", "total_traces"}) {
-      m[k] = st[k];
-    }
-    ordered_json dist = ordered_json::object();  // "0".."E-1" in numeric order
-    for (int64_t e = 0; e < layout.num_experts; ++e) {
-      dist[std::to_string(e)] = st["expert_distribution"][std::to_string(e)];
-    }
-    m["expert_distribution"] = dist;
-    m["experts_used"] = st["experts_used"];
-    m["diversity_percentage"] = st["diversity_percentage"];
-    m["dataset_distribution"] = ord(st["dataset_distribution"]);
-    m["collection_time"] = collection_time;
-    m["device"] = settings.device;
-    ordered_json pl = ordered_json::object();  // layers in block order, encoder first
-    auto put = [&](bool dec, int b) {
-      const std::string key = trace::layer_key(dec, b);
-      const json& l = st["per_layer"][key];
-      pl[key] = {{"expert_counts", l["expert_counts"]},
-                 {"dropped", l["dropped"]},
-                 {"tokens", l["tokens"]},
-                 {"drop_rate", l["drop_rate"]}};
-    };
-    for (int b : layout.enc_layers) put(false, b);
-    for (int b : layout.dec_layers) put(true, b);
-    m["per_layer"] = pl;
-    m["throughput_tokens_per_s"] =
-        collection_time > 0 ? static_cast<double>(totals.num_tokens) / collection_time : 0.0;
-    return m;
+    f.complete = complete;
+    f.command_line = settings.command_line;
+    f.settings = settings.settings;
+    f.model = settings.model;
+    f.layout = layout;
+    f.part = settings.part;
+    f.collection_time = collection_time;
+    f.device = settings.device;
+    return trace::build_manifest(f);
   }
 
   double elapsed() const {
@@ -316,8 +285,9 @@ struct TraceWriter::Impl {
     {
       std::lock_guard<std::mutex> lock(mu);
       const auto committed = static_cast<int64_t>(shards.size());
-      MT_ASSERT(b.index == committed || b.index == committed - 1);
-      replaces = b.index == committed - 1;
+      const int64_t k = b.index - first_shard;  // position in this store's shard list
+      MT_ASSERT(k == committed || k == committed - 1);
+      replaces = k == committed - 1;
     }
     if (replaces) {
       {
@@ -538,7 +508,7 @@ struct TraceWriter::Impl {
     std::error_code ec;
     fs::create_directories(dir, ec);
     if (ec) fail(dir.string(), ": cannot create the store directory: ", ec.message());
-    cur = new_buf(0);
+    cur = new_buf(first_shard);
     write_manifest(false, 0.0);
   }
 
@@ -579,6 +549,13 @@ struct TraceWriter::Impl {
       refuse(std::string("decoder: ") + (stored.decoder ? "true" : "false") + " in the store, " +
              (layout.decoder ? "true" : "false") + " now");
     }
+    const json had_part = m.contains("part") ? m["part"] : json();
+    const json now_part = settings.part ? trace::part_json(*settings.part) : json();
+    if (had_part != now_part) {
+      refuse("part: " + (had_part.is_null() ? std::string("none") : had_part.dump()) +
+             " in the store, " + (now_part.is_null() ? std::string("none") : now_part.dump()) +
+             " now");
+    }
     for (const char* key : {"settings", "model"}) {
       const json now = std::string(key) == "settings" ? settings.settings : settings.model;
       const json had = m.contains(key) ? m[key] : json();
@@ -596,13 +573,13 @@ struct TraceWriter::Impl {
     // Every committed shard must be intact: resuming on top of a damaged one would hide it.
     std::set<std::string> listed;
     const size_t n_shards = m["shards"].size();
-    int64_t next = 0;
+    int64_t next = base;
     for (size_t k = 0; k < n_shards; ++k) {
       const std::string ew = what + ": shards[" + std::to_string(k) + "]";
       ShardEntry e = trace::shard_entry_from_json(m["shards"][k], ew);
-      if (e.file != trace::shard_file_name(static_cast<int64_t>(k)) || e.first_sample != next) {
-        fail(ew, ": expected ", trace::shard_file_name(static_cast<int64_t>(k)),
-             " starting at sample ", next);
+      const std::string want = trace::shard_file_name(first_shard + static_cast<int64_t>(k));
+      if (e.file != want || e.first_sample != next) {
+        fail(ew, ": expected ", want, " starting at sample ", next);
       }
       if (k + 1 < n_shards && e.num_samples != layout.samples_per_shard) {
         fail(ew, ": holds ", e.num_samples, " samples; only the last shard may hold fewer than ",
@@ -636,12 +613,12 @@ struct TraceWriter::Impl {
       shard_stats.push_back(st);
       next += e.num_samples;
       if (k + 1 == n_shards && e.num_samples < layout.samples_per_shard) {
-        cur = new_buf(static_cast<int64_t>(k));
+        cur = new_buf(first_shard + static_cast<int64_t>(k));
         load_partial(f, st, std::move(meta));
       }
     }
-    added = next;
-    if (!cur) cur = new_buf(static_cast<int64_t>(n_shards));
+    added = next - base;
+    if (!cur) cur = new_buf(first_shard + static_cast<int64_t>(n_shards));
     // Leftovers of an interrupted commit: never listed, so never part of the store.
     for (const auto& ent : fs::directory_iterator(dir)) {
       const std::string name = ent.path().filename().string();
@@ -670,6 +647,10 @@ std::unique_ptr<TraceWriter> TraceWriter::open(const fs::path& dir, const StoreS
   impl->dir = dir;
   impl->settings = s;
   impl->layout = layout_of(s);
+  if (s.part) {
+    impl->base = s.part->first_sample;
+    impl->first_shard = s.part->first_sample / s.samples_per_shard;
+  }
 
   std::vector<std::string> store_files, other_files;
   std::error_code ec;
