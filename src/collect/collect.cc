@@ -226,13 +226,28 @@ CollectResult run_collect(const CollectOptions& o) {
   if (o.device == "cuda")
     fail("--device cuda: this moetrace was built without the CUDA backend (no nvcc found)");
 #endif
-  // Refuse an unusable output before any slow work (the writer checks again, fully).
+  // Refuse an unusable output before any slow work (the writer checks again, fully). A rank of a
+  // data-parallel run writes its own part, output/ranks/rank-RRRRR-of-WWWWW/.
+  const LaunchInfo& launch = o.launch;
+  const bool parallel = launch.world_size > 1;
+  const OpenMode mode = o.resume      ? OpenMode::kResume
+                        : o.overwrite ? OpenMode::kOverwrite
+                                      : OpenMode::kCreate;
+  const fs::path store_dir =
+      parallel ? rank_store_dir(o.output, launch.rank, launch.world_size) : fs::path(o.output);
   std::error_code ec;
-  if (!o.resume && !o.overwrite && fs::is_directory(o.output, ec) && !fs::is_empty(o.output, ec)) {
-    fail(o.output,
+  if (!o.resume && !o.overwrite && fs::is_directory(store_dir, ec) &&
+      !fs::is_empty(store_dir, ec)) {
+    fail(store_dir.string(),
          ": is not empty; use --resume to continue a store of the same settings or --overwrite to "
          "replace it");
   }
+  if (parallel) {
+    log_info("data-parallel collection: rank ", launch.rank, " of ", launch.world_size,
+             " (local rank ", launch.local_rank, ") from ", launch.source, ", writing ",
+             store_dir.string());
+  }
+  prepare_parallel_store(o.output, launch.rank, launch.world_size, mode);
   cpu::set_num_threads(o.threads);
   const double t_start = progress_clock();
 
@@ -329,15 +344,25 @@ CollectResult run_collect(const CollectOptions& o) {
   ss.decoder = o.decoder;
   ss.samples_per_shard = o.samples_per_shard;
   const int threads = cpu::num_threads();
-  ss.device = o.device == "cpu" ? cpu_description(threads) : "cuda:0 (" + o.precision + ")";
-  const OpenMode mode = o.resume      ? OpenMode::kResume
-                        : o.overwrite ? OpenMode::kOverwrite
-                                      : OpenMode::kCreate;
-  std::unique_ptr<TraceWriter> writer = TraceWriter::open(o.output, ss, mode);
+  ss.device = o.device == "cpu"
+                  ? cpu_description(threads)
+                  : "cuda:" + std::to_string(cuda_device_for(launch)) + " (" + o.precision + ")";
+  // A rank collects its block of the global plan (settings.num_samples above stays global).
+  if (parallel) {
+    ss.part = plan_part(static_cast<int64_t>(items.size()), o.samples_per_shard, launch.rank,
+                        launch.world_size);
+    const auto first = static_cast<std::ptrdiff_t>(ss.part->first_sample);
+    items.erase(items.begin() + first + static_cast<std::ptrdiff_t>(ss.part->num_samples),
+                items.end());
+    items.erase(items.begin(), items.begin() + first);
+    log_info("rank ", launch.rank, ": samples [", ss.part->first_sample, ", ",
+             ss.part->first_sample + ss.part->num_samples, ") of ", ss.part->total_samples);
+  }
+  std::unique_ptr<TraceWriter> writer = TraceWriter::open(store_dir, ss, mode);
   const int64_t start = writer->committed_samples();
-  if (start > 0) log_info("resuming ", o.output, " after ", start, " committed samples");
+  if (start > 0) log_info("resuming ", store_dir.string(), " after ", start, " committed samples");
   if (start > static_cast<int64_t>(items.size()))
-    fail(o.output, ": the store holds more samples than this run plans");
+    fail(store_dir.string(), ": the store holds more samples than this run plans");
 
   // The engine (model weights materialised once).
   LoadOptions lo;
@@ -347,6 +372,7 @@ CollectResult run_collect(const CollectOptions& o) {
   std::unique_ptr<CudaSwitchModel> gpu;
   if (o.device == "cuda") {
     CudaOptions co;
+    co.device = cuda_device_for(launch);  // the local rank's GPU
     co.precision = o.precision == "fp32"   ? DType::kF32
                    : o.precision == "fp16" ? DType::kF16
                                            : DType::kBF16;
@@ -666,7 +692,7 @@ CollectResult run_collect(const CollectOptions& o) {
                  "\nmoetrace: interrupted; %lld samples are committed in %s. Continue with the "
                  "same command plus "
                  "--resume.\n",
-                 static_cast<long long>(writer->durable_samples()), o.output.c_str());
+                 static_cast<long long>(writer->durable_samples()), store_dir.c_str());
     writer.reset();
     return result;
   }

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "collect/launcher.h"
 #include "core/dtype.h"
 
 namespace moetrace {
@@ -28,7 +29,7 @@ struct CollectOptions {
   // Engine.
   std::string device = "cpu";  // cpu | cuda
   int threads = 0;
-  int64_t batch_tokens = 0;  // batch size × padded length; 0: 8192 on cpu, 32768 on cuda
+  int64_t batch_tokens = 0;        // batch size × padded length; 0: 8192 on cpu, 32768 on cuda
   std::string precision = "bf16";  // cuda only: bf16 | fp16 | fp32
   // What to store.
   DType logits_dtype = DType::kF16;
@@ -41,6 +42,9 @@ struct CollectOptions {
   bool overwrite = false;
   bool progress = true;
   std::vector<std::string> command_line;
+  // Data-parallel collection (docs/SCALING.md): with world_size > 1 this process collects its
+  // rank's block of the plan into output/ranks/rank-RRRRR-of-WWWWW/.
+  LaunchInfo launch;
 };
 
 struct CollectResult {

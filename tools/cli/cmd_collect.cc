@@ -1,4 +1,6 @@
 // moetrace collect: batched trace collection into a resumable trace store (docs/TRACE_FORMAT.md).
+#include <optional>
+
 #include "collect/collect.h"
 #include "command.h"
 #include "core/error.h"
@@ -13,6 +15,7 @@ struct CollectArgs {
   std::vector<std::string> data_roots;
   std::string catalog, tokenizer, log_level;
   bool no_progress = false;
+  std::optional<int> rank, world_size, local_rank;
 };
 
 DType parse_store_dtype(const std::string& s, const char* flag) {
@@ -92,6 +95,15 @@ const RegisterCommand reg([](CLI::App& app) {
   sub->add_option("--samples-per-shard", o.samples_per_shard, "samples per shard file")
       ->capture_default_str()
       ->group(gs);
+  auto* gp = "Data-parallel (docs/SCALING.md; detected from mpirun, srun or torchrun otherwise)";
+  sub->add_option("--rank", a->rank, "this process's rank in [0, --world-size)")->group(gp);
+  sub->add_option("--world-size", a->world_size,
+                  "number of processes that share the plan; each writes OUTPUT/ranks/...")
+      ->group(gp);
+  sub->add_option("--local-rank", a->local_rank,
+                  "rank among this machine's processes: picks the GPU (default: the launcher's, "
+                  "else the rank)")
+      ->group(gp);
   auto* gr = "Run control";
   sub->add_flag("--resume", o.resume, "continue an interrupted store with the same settings")
       ->group(gr);
@@ -117,6 +129,7 @@ const RegisterCommand reg([](CLI::App& app) {
     opts.catalog = a->catalog;
     opts.tokenizer = a->tokenizer;
     opts.progress = !a->no_progress;
+    opts.launch = detect_launch(process_environment(), {a->rank, a->world_size, a->local_rank});
     opts.command_line = {"moetrace", "collect"};
     for (const std::string& arg : sub->remaining_for_passthrough())
       opts.command_line.push_back(arg);
