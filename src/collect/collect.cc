@@ -117,7 +117,8 @@ struct SampleData {
 };
 
 template <class T>
-void copy_rows(const TensorView& t, int64_t row0, int64_t rows, int64_t width, std::vector<T>& out) {
+void copy_rows(const TensorView& t, int64_t row0, int64_t rows, int64_t width,
+               std::vector<T>& out) {
   const T* src = t.as<T>() + row0 * width;
   out.assign(src, src + rows * width);
 }
@@ -156,7 +157,8 @@ LayerData decoder_slice(const BatchCapture& cap, const std::string& p, int64_t b
     l.dropped.push_back(cap.get(p + "dropped")[t].data<uint8_t>()[b]);
     l.gate.push_back(cap.get(p + "gate")[t].data<float>()[b]);
     if (hidden) {
-      const auto* h = reinterpret_cast<const uint8_t*>(cap.get(p + "hidden")[t].data<float>() + b * d);
+      const auto* h =
+          reinterpret_cast<const uint8_t*>(cap.get(p + "hidden")[t].data<float>() + b * d);
       l.hidden.insert(l.hidden.end(), h, h + d * sizeof(float));
     }
   }
@@ -215,8 +217,11 @@ CollectResult run_collect(const CollectOptions& o) {
     fail("--real-ratio ", o.real_ratio, ": expected a value in [0, 1]");
   if (o.traces <= 0) fail("--traces ", o.traces, ": expected a positive number");
   if (o.max_length < 2) fail("--max-length ", o.max_length, ": expected at least 2");
-  // Batch budget: the GPU wants large batches (128 × 256 fills an H100/H200), the CPU cache-sized ones.
-  const int64_t batch_tokens = o.batch_tokens > 0 ? o.batch_tokens : o.device == "cuda" ? 32768 : 8192;
+  // Batch budget: the GPU wants large batches (128 × 256 fills an H100/H200), the CPU cache-sized
+  // ones.
+  const int64_t batch_tokens = o.batch_tokens > 0   ? o.batch_tokens
+                               : o.device == "cuda" ? 32768
+                                                    : 8192;
   if (batch_tokens < o.max_length)
     fail("--batch-tokens ", batch_tokens, " must be >= --max-length ", o.max_length);
   if (o.resume && o.overwrite) fail("--resume and --overwrite exclude each other");
@@ -546,11 +551,19 @@ CollectResult run_collect(const CollectOptions& o) {
   auto deliver = [&](std::unique_ptr<CapturedBatch> r) {
     Ticket t = std::move(tickets.front());
     tickets.pop_front();
-    auto get = [&](const std::string& key) -> const TensorView& {
-      const TensorView* v = r->find(key);
-      if (v == nullptr) fail("GPU pipeline: no captured tensor ", key);
-      return *v;
-    };
+    // Every key is looked up (and checked) before the copies run in parallel over samples.
+    std::map<std::string, TensorView> views;
+    for (int i : enc_layers) {
+      for (const char* f : {"router_logits", "expert", "dropped", "gate", "hidden"}) {
+        if (std::string_view(f) == "hidden" && !want_hidden) continue;
+        const std::string key = "enc." + std::to_string(i) + "." + f;
+        const TensorView* v = r->find(key);
+        if (v == nullptr) fail("GPU pipeline: no captured tensor ", key);
+        views[key] = *v;
+      }
+    }
+    auto get = [&](const std::string& key) -> const TensorView& { return views.at(key); };
+#pragma omp parallel for schedule(dynamic, 8)
     for (int64_t b = 0; b < r->B; ++b) {
       const size_t j = t.members[static_cast<size_t>(b)];
       const auto len = static_cast<int64_t>(t.window->items[j].ids.size());
@@ -587,8 +600,9 @@ CollectResult run_collect(const CollectOptions& o) {
       Window& win = windows.emplace_back();
       win.begin = span.first;
       const size_t n = span.second - span.first;
-      win.items.assign(std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span.first)),
-                       std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span.second)));
+      win.items.assign(
+          std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span.first)),
+          std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span.second)));
       win.data.resize(n);
       std::vector<size_t> real;
       for (size_t j = 0; j < n; ++j) {
@@ -632,14 +646,16 @@ CollectResult run_collect(const CollectOptions& o) {
           if (o.decoder) gen = model->generate(enc, batch, o.max_new_tokens, 0, &cap);
         }
         engine_seconds += progress_clock() - t0;
-        auto get = [&](const std::string& key) -> TensorView { return cap.get(key).front().view(); };
+        auto get = [&](const std::string& key) -> TensorView {
+          return cap.get(key).front().view();
+        };
         for (int64_t b = 0; b < batch.B; ++b) {
           const size_t j = members[static_cast<size_t>(b)];
           const int64_t len = static_cast<int64_t>(win.items[j].ids.size());
           SampleData& sd = win.data[j];
           for (int i : enc_layers) {
-            sd.enc.push_back(
-                layer_slice(get, "enc." + std::to_string(i) + ".", b, batch.S, len, E, d, want_hidden));
+            sd.enc.push_back(layer_slice(get, "enc." + std::to_string(i) + ".", b, batch.S, len, E,
+                                         d, want_hidden));
           }
           if (o.decoder) {
             // Steps until this sequence produced eos (inclusive), else all steps run.
@@ -699,8 +715,8 @@ CollectResult run_collect(const CollectOptions& o) {
   writer->finish(seconds);
   writer.reset();
   // One line with the numbers benchmarks read (scripts/gpu_check.sh): loop = after model load.
-  log_info("timing: total ", seconds, " s, loop ", result.loop_seconds, " s, engine ", engine_seconds,
-           " s, ", result.tokens, " tokens, ",
+  log_info("timing: total ", seconds, " s, loop ", result.loop_seconds, " s, engine ",
+           engine_seconds, " s, ", result.tokens, " tokens, ",
            static_cast<int64_t>(static_cast<double>(result.tokens) / result.loop_seconds),
            " tokens/s in the loop");
   print_collect_summary(store_dir, stderr);

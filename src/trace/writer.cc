@@ -31,8 +31,12 @@ using trace::Stats;
 
 namespace {
 
-// Shards whose queue holds this many (being written or waiting) make add() wait.
-constexpr size_t kMaxQueuedShards = 2;
+// Full shards are written by kCommitThreads threads at once (serializing, fsync and SHA-256 of a
+// 400 MB shard take one core about half a second, and the GPU fills one every quarter second); they
+// are listed in the manifest strictly in order. add() waits while kCommitThreads + 1 shards, or
+// more than kMaxQueuedBytes (at least one shard), are queued.
+constexpr size_t kCommitThreads = 4;
+constexpr size_t kMaxQueuedBytes = size_t{3} << 30;
 
 struct LayerBuf {
   std::vector<uint8_t> logits;   // [T, E] in the store's logits dtype
@@ -56,6 +60,13 @@ struct ShardBuf {
   Stats stats;
 
   int64_t num_samples() const { return static_cast<int64_t>(kind.size()); }
+  size_t bytes() const {
+    size_t n = token_ids.size() * 4 + dec_in.size() * 8;
+    for (const auto* ls : {&enc, &dec}) {
+      for (const LayerBuf& l : *ls) n += l.logits.size() + l.expert.size() * 9 + l.hidden.size();
+    }
+    return n;
+  }
 };
 
 template <class T>
@@ -166,16 +177,25 @@ struct TraceWriter::Impl {
   int64_t cur_durable = 0;              // samples of cur already committed (a partial shard)
   bool finished = false;
 
-  // Shared with the writer thread, under mu. Only one commit runs at a time: the writer thread's,
-  // or the main thread's after the queue has drained.
+  // Shared with the commit threads, under mu. Shards are written in parallel and published
+  // (renamed into place, listed) in order by one thread at a time (publish_mu); the main thread
+  // commits itself only after the queue has drained.
+  struct Job {
+    std::unique_ptr<ShardBuf> buf;
+    bool claimed = false, prepared = false;
+    ShardEntry entry;
+    std::exception_ptr error;
+  };
   mutable std::mutex mu;
   std::condition_variable cv;
-  std::deque<std::unique_ptr<ShardBuf>> queue;  // front = being written
+  std::deque<Job> queue;  // oldest first; references stay valid (push_back / pop_front only)
+  size_t queued_bytes = 0;
   bool stop = false;
   std::exception_ptr error;
   std::vector<ShardEntry> shards;  // committed, listed in the manifest
   std::vector<Stats> shard_stats;  // counts of each committed shard
-  std::thread thread;
+  std::mutex publish_mu;
+  std::vector<std::thread> threads;
 
   std::unique_ptr<ShardBuf> new_buf(int64_t index) const {
     auto b = std::make_unique<ShardBuf>();
@@ -224,10 +244,12 @@ struct TraceWriter::Impl {
   // Writes buf as shard buf.index: .tmp- file, fsync, rename, manifest. A shard that replaces the
   // committed partial shard of the same index is first dropped from the manifest, so a crash in
   // between leaves a valid (shorter) store rather than a manifest naming a changed file.
-  void commit(const ShardBuf& b) {
+  void commit(const ShardBuf& b) { publish(b, prepare(b)); }
+
+  // Writes buf to its .tmp- file, fsync'ed, and returns its manifest entry (any thread).
+  ShardEntry prepare(const ShardBuf& b) const {
     const std::string name = trace::shard_file_name(b.index);
     const fs::path tmp = dir / (trace::kTmpPrefix + name);
-    const fs::path dst = dir / name;
     const int64_t n = b.num_samples();
     const int64_t t = static_cast<int64_t>(b.token_ids.size());
     const int64_t g = static_cast<int64_t>(b.dec_in.size());
@@ -281,6 +303,14 @@ struct TraceWriter::Impl {
       fs::remove(tmp, ec);
       throw;
     }
+    return entry;
+  }
+
+  // Renames a prepared shard into place and lists it (shards in index order, one at a time).
+  void publish(const ShardBuf& b, const ShardEntry& entry) {
+    const fs::path tmp = dir / (trace::kTmpPrefix + entry.file);
+    const fs::path dst = dir / entry.file;
+    const int64_t n = entry.num_samples;
     bool replaces = false;
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -317,25 +347,60 @@ struct TraceWriter::Impl {
 
   void thread_main() {
     while (true) {
-      ShardBuf* job = nullptr;
+      Job* job = nullptr;
       {
         std::unique_lock<std::mutex> lock(mu);
-        cv.wait(lock, [&] { return stop || !queue.empty(); });
-        if (queue.empty()) return;
-        job = queue.front().get();
-        if (error) {  // after a failure nothing more is committed: shards must stay contiguous
-          queue.pop_front();
-          cv.notify_all();
-          continue;
-        }
+        auto unclaimed = [&] {
+          for (Job& j : queue) {
+            if (!j.claimed) return &j;
+          }
+          return static_cast<Job*>(nullptr);
+        };
+        cv.wait(lock, [&] { return stop || unclaimed() != nullptr; });
+        job = unclaimed();
+        if (job == nullptr) return;  // stop, and nothing left to write
+        job->claimed = true;
       }
       try {
-        commit(*job);
+        job->entry = prepare(*job->buf);
       } catch (...) {
+        job->error = std::current_exception();
+      }
+      {
         std::lock_guard<std::mutex> lock(mu);
-        error = std::current_exception();
+        job->prepared = true;
+      }
+      publish_ready();
+    }
+  }
+
+  // Publishes the prepared shards at the front of the queue, in order. After a failure nothing
+  // more is listed (shards must stay contiguous); prepared files are removed.
+  void publish_ready() {
+    std::lock_guard<std::mutex> publishing(publish_mu);
+    while (true) {
+      Job* job = nullptr;
+      bool failed = false;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        if (queue.empty() || !queue.front().prepared) return;
+        job = &queue.front();
+        if (job->error && !error) error = job->error;
+        failed = error != nullptr;
+      }
+      if (failed) {
+        std::error_code ec;
+        if (!job->entry.file.empty()) fs::remove(dir / (trace::kTmpPrefix + job->entry.file), ec);
+      } else {
+        try {
+          publish(*job->buf, job->entry);
+        } catch (...) {
+          std::lock_guard<std::mutex> lock(mu);
+          error = std::current_exception();
+        }
       }
       std::lock_guard<std::mutex> lock(mu);
+      queued_bytes -= job->buf->bytes();
       queue.pop_front();
       cv.notify_all();
     }
@@ -348,11 +413,31 @@ struct TraceWriter::Impl {
   }
 
   void enqueue(std::unique_ptr<ShardBuf> b) {
+    const size_t bytes = b->bytes();
     std::unique_lock<std::mutex> lock(mu);
-    cv.wait(lock, [&] { return queue.size() < kMaxQueuedShards || error; });
+    cv.wait(lock, [&] {
+      return error || queue.empty() ||
+             (queue.size() <= kCommitThreads && queued_bytes + bytes <= kMaxQueuedBytes);
+    });
     if (error) std::rethrow_exception(error);
-    queue.push_back(std::move(b));
+    queued_bytes += bytes;
+    queue.emplace_back().buf = std::move(b);
     cv.notify_all();
+  }
+
+  void start_threads() {
+    for (size_t i = 0; i < kCommitThreads; ++i) threads.emplace_back([this] { thread_main(); });
+  }
+  void stop_threads() {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stop = true;
+    }
+    cv.notify_all();
+    for (auto& t : threads) {
+      if (t.joinable()) t.join();
+    }
+    threads.clear();
   }
 
   void validate(const SampleRecord& s) const {
@@ -696,18 +781,11 @@ std::unique_ptr<TraceWriter> TraceWriter::open(const fs::path& dir, const StoreS
       }
       break;
   }
-  impl->thread = std::thread([p = impl.get()] { p->thread_main(); });
+  impl->start_threads();
   return std::unique_ptr<TraceWriter>(new TraceWriter(std::move(impl)));
 }
 
-TraceWriter::~TraceWriter() {
-  {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    impl_->stop = true;
-  }
-  impl_->cv.notify_all();
-  if (impl_->thread.joinable()) impl_->thread.join();
-}
+TraceWriter::~TraceWriter() { impl_->stop_threads(); }
 
 int64_t TraceWriter::committed_samples() const { return impl_->added; }
 
@@ -749,12 +827,7 @@ void TraceWriter::finish(double collection_seconds_this_run) {
   Impl& m = *impl_;
   if (m.finished) fail(m.dir.string(), ": finish() called twice");
   commit_partial();
-  {
-    std::lock_guard<std::mutex> lock(m.mu);
-    m.stop = true;
-  }
-  m.cv.notify_all();
-  m.thread.join();
+  m.stop_threads();
   m.write_manifest(true, m.prior_time + std::max(0.0, collection_seconds_this_run));
   m.finished = true;
 }
