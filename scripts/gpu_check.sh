@@ -94,7 +94,7 @@ if has build; then
   if cmake -S $ROOT -B $BUILD/full -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOETRACE_WERROR=OFF -DMOETRACE_CUDA=ON \
       -DMOETRACE_PYTHON="$(command -v python3)" -DCMAKE_CXX_FLAGS="$cxx_flags" "${cmake_args[@]}" \
       >"$BUILD/full-configure.log" 2>&1 &&
-    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests bench_gpu >"$BUILD/full-build.log" 2>&1; then
+    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests bench_gpu bench_store >"$BUILD/full-build.log" 2>&1; then
     MOETRACE=$BUILD/full/tools/cli/moetrace
     CUDA_TESTS=$BUILD/full/tests/cuda_tests
     BENCH_GPU=$BUILD/full/bench/bench_gpu
@@ -262,6 +262,8 @@ json.dump({"version": 1, "datasets": [{"name": "bench/wikitext-windows", "hub": 
 PY
   common=(collect --device cuda --model random:switch-base-128 --datasets bench/wikitext-windows
     --catalog $D/catalog.json --data-root $D/data --traces $((6 * N)) --max-length 256 --no-progress)
+  [[ -x $BUILD/full/bench/bench_store ]] && $BUILD/full/bench/bench_store --samples 12288 --dir $SD-bench \
+    --json $OUT/bench_store.json 2>&1 | tail -3
   echo "== scaling: $N samples of ~256 tokens, 1 GPU, then $NG ranks (store in $SD)"
   t0=$(date +%s.%N)
   CUDA_VISIBLE_DEVICES=0 $MOETRACE "${common[@]}" --output $SD/one >$OUT/scale_1.log 2>&1 || tail -5 $OUT/scale_1.log

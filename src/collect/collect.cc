@@ -472,7 +472,7 @@ CollectResult run_collect(const CollectOptions& o) {
   const bool want_hidden = o.hidden_dtype.has_value();
   BatchCapture cap(enc_layers, dec_layers, want_hidden);
   CollectResult result;
-  double engine_seconds = 0;
+  double engine_seconds = 0, wait_seconds = 0, write_seconds = 0;  // where the loop's time goes
   // MOETRACE_FAULT_KILL_AFTER=N: SIGKILL this process right after the N-th sample of this run
   // reached the writer (tests kill runs at chosen points, between and inside shard commits).
   const char* fault = std::getenv("MOETRACE_FAULT_KILL_AFTER");
@@ -525,7 +525,9 @@ CollectResult run_collect(const CollectOptions& o) {
   };
   auto write_finished_windows = [&] {
     while (!windows.empty() && windows.front().submitted && windows.front().outstanding == 0) {
+      const double t0 = progress_clock();
       write_window(windows.front());
+      write_seconds += progress_clock() - t0;
       windows.pop_front();
     }
   };
@@ -590,7 +592,9 @@ CollectResult run_collect(const CollectOptions& o) {
       std::pair<size_t, size_t> span;
       {
         std::unique_lock<std::mutex> lock(mu);
+        const double t0 = progress_clock();
         cv.wait(lock, [&] { return !ready.empty() || producer_done; });
+        wait_seconds += progress_clock() - t0;
         if (ready.empty()) break;
         span = ready.front();
         ready.pop_front();
@@ -719,6 +723,9 @@ CollectResult run_collect(const CollectOptions& o) {
            engine_seconds, " s, ", result.tokens, " tokens, ",
            static_cast<int64_t>(static_cast<double>(result.tokens) / result.loop_seconds),
            " tokens/s in the loop");
+  log_info("loop breakdown: engine (submit, wait, copy out) ", engine_seconds,
+           " s, waiting for the tokenizer ", wait_seconds, " s, handing samples to the store ",
+           write_seconds, " s");
   print_collect_summary(store_dir, stderr);
   if (parallel) assemble_after_rank(o.output, launch);
   return result;

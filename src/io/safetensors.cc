@@ -5,8 +5,10 @@
 #include <cstdio>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "core/error.h"
+#include "core/sha256.h"
 
 namespace moetrace {
 
@@ -120,7 +122,7 @@ const NamedView* SafetensorsFile::find(const std::string& name) const {
 }
 
 void write_safetensors(const std::filesystem::path& path, const std::vector<NamedView>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+                       const std::map<std::string, std::string>& metadata, std::string* sha256) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::vector<const NamedView*> order;
@@ -144,16 +146,28 @@ void write_safetensors(const std::filesystem::path& path, const std::vector<Name
   FILE* fp = std::fopen(path.c_str(), "wb");
   if (fp == nullptr) fail(path.string(), ": cannot create: ", std::strerror(errno));
   const uint64_t len = text.size();
-  bool ok = std::fwrite(&len, 8, 1, fp) == 1 &&
-            std::fwrite(text.data(), 1, text.size(), fp) == text.size();
+  std::optional<Sha256> hash;
+  if (sha256 != nullptr) hash.emplace();
+  // Hashes each piece right before writing it, in cache-sized chunks (one pass over the data).
+  auto put = [&](const void* data, size_t n) {
+    constexpr size_t kChunk = size_t{1} << 20;
+    const auto* p = static_cast<const uint8_t*>(data);
+    for (size_t i = 0; i < n; i += kChunk) {
+      const size_t m = std::min(kChunk, n - i);
+      if (hash) hash->update(p + i, m);
+      if (std::fwrite(p + i, 1, m, fp) != m) return false;
+    }
+    return true;
+  };
+  bool ok = put(&len, 8) && put(text.data(), text.size());
   for (const NamedView* t : order) {
-    const size_t n = t->view.nbytes();
-    if (ok && n > 0) ok = std::fwrite(t->view.data, 1, n, fp) == n;
+    if (ok) ok = put(t->view.data, t->view.nbytes());
   }
   ok = (std::fflush(fp) == 0) && ok;
   const int err = errno;
   ok = (std::fclose(fp) == 0) && ok;
   if (!ok) fail(path.string(), ": write failed: ", std::strerror(err));
+  if (sha256 != nullptr) *sha256 = hash->hex_digest();
 }
 
 }  // namespace moetrace

@@ -44,8 +44,11 @@ class SafetensorsFile {
 };
 
 // Writes a safetensors file at path (not atomic: callers that need atomicity write to a temporary
-// name and rename). Tensors are stored in the order given; metadata goes into "__metadata__".
+// name and rename). Tensors are stored widest dtype first, then by name; metadata goes into
+// "__metadata__". With sha256 non-null, it receives the file's SHA-256 (lowercase hex), computed
+// from the bytes as they are written (no second pass over the file).
 void write_safetensors(const std::filesystem::path& path, const std::vector<NamedView>& tensors,
-                       const std::map<std::string, std::string>& metadata = {});
+                       const std::map<std::string, std::string>& metadata = {},
+                       std::string* sha256 = nullptr);
 
 }  // namespace moetrace

@@ -31,11 +31,11 @@ using trace::Stats;
 
 namespace {
 
-// Full shards are written by kCommitThreads threads at once (serializing, fsync and SHA-256 of a
-// 400 MB shard take one core about half a second, and the GPU fills one every quarter second); they
-// are listed in the manifest strictly in order. add() waits while kCommitThreads + 1 shards, or
-// more than kMaxQueuedBytes (at least one shard), are queued.
-constexpr size_t kCommitThreads = 4;
+// Full shards are written by kCommitThreads threads at once (half the cores, 2 to 8) (serializing,
+// fsync and SHA-256 of a 400 MB shard take one core about half a second, and the GPU fills one
+// every quarter second); they are listed in the manifest strictly in order. add() waits while
+// kCommitThreads + 1 shards, or more than kMaxQueuedBytes (at least one shard), are queued.
+const size_t kCommitThreads = std::clamp<size_t>(std::thread::hardware_concurrency() / 2, 2, 8);
 constexpr size_t kMaxQueuedBytes = size_t{3} << 30;
 
 struct LayerBuf {
@@ -197,8 +197,40 @@ struct TraceWriter::Impl {
   std::mutex publish_mu;
   std::vector<std::thread> threads;
 
-  std::unique_ptr<ShardBuf> new_buf(int64_t index) const {
-    auto b = std::make_unique<ShardBuf>();
+  // Committed shard buffers, emptied but with their capacity: reusing them spares the kernel
+  // faulting in and zeroing hundreds of MB of fresh pages per shard (the bulk of a GPU run's
+  // store time before).
+  std::vector<std::unique_ptr<ShardBuf>> spare;  // under mu
+
+  std::unique_ptr<ShardBuf> new_buf(int64_t index) {
+    std::unique_ptr<ShardBuf> b;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (!spare.empty()) {
+        b = std::move(spare.back());
+        spare.pop_back();
+      }
+    }
+    if (b) {
+      b->token_ids.clear();
+      b->offsets.assign(1, 0);
+      b->kind.clear();
+      for (auto* ls : {&b->enc, &b->dec}) {
+        for (LayerBuf& l : *ls) {
+          for (auto* v : {&l.logits, &l.dropped, &l.hidden}) v->clear();
+          l.expert.clear();
+          l.gate.clear();
+        }
+      }
+      b->dec_in.clear();
+      b->dec_out.clear();
+      b->dec_offsets.assign(1, 0);
+      b->ids.clear();
+      b->datasets.clear();
+      b->rows.clear();
+    } else {
+      b = std::make_unique<ShardBuf>();
+    }
     b->index = index;
     b->first_sample = index * layout.samples_per_shard;
     b->enc.resize(layout.enc_layers.size());
@@ -294,10 +326,9 @@ struct TraceWriter::Impl {
     entry.num_tokens = t;
     entry.num_decoder_tokens = g;
     try {
-      write_safetensors(tmp, views, meta);
+      write_safetensors(tmp, views, meta, &entry.sha256);
       trace::fsync_file(tmp);
       entry.bytes = static_cast<int64_t>(fs::file_size(tmp));
-      entry.sha256 = sha256_file(tmp);
     } catch (...) {
       std::error_code ec;
       fs::remove(tmp, ec);
@@ -401,6 +432,7 @@ struct TraceWriter::Impl {
       }
       std::lock_guard<std::mutex> lock(mu);
       queued_bytes -= job->buf->bytes();
+      if (spare.size() < 2) spare.push_back(std::move(job->buf));
       queue.pop_front();
       cv.notify_all();
     }
@@ -487,13 +519,20 @@ struct TraceWriter::Impl {
     }
   }
 
-  // n values into dst in the store's dtype, from f32 or from raw values of another dtype.
-  static void store_values(const float* f32, const void* raw, DType raw_dtype, DType dst_dtype,
-                           uint8_t* dst, size_t n) {
+  // Appends n values to dst in the store's dtype, from f32 or from raw values of another dtype
+  // (raw values of the store's dtype in one copy).
+  static void append_values(std::vector<uint8_t>* out, const float* f32, const void* raw,
+                            DType raw_dtype, DType dst_dtype, size_t n) {
+    const size_t old = out->size(), bytes = n * dtype_size(dst_dtype);
+    if (raw != nullptr && raw_dtype == dst_dtype) {
+      const auto* src = static_cast<const uint8_t*>(raw);
+      out->insert(out->end(), src, src + bytes);
+      return;
+    }
+    out->resize(old + bytes);
+    uint8_t* dst = out->data() + old;
     if (raw == nullptr) {
       convert_from_f32(f32, dst_dtype, dst, n);
-    } else if (raw_dtype == dst_dtype) {
-      std::memcpy(dst, raw, n * dtype_size(dst_dtype));
     } else {
       std::vector<float> tmp(n);
       convert_to_f32(raw_dtype, raw, tmp.data(), n);
@@ -504,25 +543,19 @@ struct TraceWriter::Impl {
   void append_layer(LayerBuf* l, trace::LayerStats* st, const LayerRecord& r, size_t rows) {
     const size_t e = static_cast<size_t>(layout.num_experts);
     const size_t d = static_cast<size_t>(layout.d_model);
-    const size_t ls = dtype_size(layout.logits_dtype);
-    size_t old = l->logits.size();
-    l->logits.resize(old + rows * e * ls);
-    if (rows > 0) {
-      store_values(r.router_logits, r.router_logits_raw, r.router_logits_raw_dtype,
-                   layout.logits_dtype, l->logits.data() + old, rows * e);
-    }
+    append_values(&l->logits, r.router_logits, r.router_logits_raw, r.router_logits_raw_dtype,
+                  layout.logits_dtype, rows * e);
     if (rows > 0) {
       l->expert.insert(l->expert.end(), r.expert, r.expert + rows);
       l->dropped.insert(l->dropped.end(), r.dropped, r.dropped + rows);
       l->gate.insert(l->gate.end(), r.gate, r.gate + rows);
     }
     if (layout.hidden_dtype) {
-      const size_t hs = dtype_size(*layout.hidden_dtype);
-      old = l->hidden.size();
-      l->hidden.resize(old + rows * d * hs);  // zeros when the record has no hidden state
-      if (rows > 0 && (r.hidden != nullptr || r.hidden_raw != nullptr)) {
-        store_values(r.hidden, r.hidden_raw, r.hidden_raw_dtype, *layout.hidden_dtype,
-                     l->hidden.data() + old, rows * d);
+      if (r.hidden != nullptr || r.hidden_raw != nullptr) {
+        append_values(&l->hidden, r.hidden, r.hidden_raw, r.hidden_raw_dtype, *layout.hidden_dtype,
+                      rows * d);
+      } else {  // zeros when the record has no hidden state
+        l->hidden.resize(l->hidden.size() + rows * d * dtype_size(*layout.hidden_dtype));
       }
     }
     if (rows > 0) trace::count_rows(st, r.expert, r.dropped, static_cast<int64_t>(rows));
