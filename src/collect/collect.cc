@@ -518,17 +518,64 @@ CollectResult run_collect(const CollectOptions& o) {
       writer->add(r);
       result.tokens += static_cast<int64_t>(r.token_ids.size());
       if (++added == kill_after) std::raise(SIGKILL);  // fault injection for the resume tests
-      if (w.synthetic) progress.samples_skipped(1);
     }
     result.samples += static_cast<int64_t>(win.begin + win.items.size()) -
                       std::max<int64_t>(start, static_cast<int64_t>(win.begin));
   };
+  // The store thread: finished windows reach the writer on their own thread (add() copies every
+  // logit once more), so the engine loop does not wait for it; at most two windows wait for it.
+  std::mutex store_mu;
+  std::condition_variable store_cv;
+  std::deque<Window> to_store;
+  bool store_closed = false;
+  std::exception_ptr store_error;
+  std::thread store_thread([&] {
+    try {
+      while (true) {
+        Window win;
+        {
+          std::unique_lock<std::mutex> lock(store_mu);
+          store_cv.wait(lock, [&] { return !to_store.empty() || store_closed; });
+          if (to_store.empty()) return;
+          win = std::move(to_store.front());
+          to_store.pop_front();
+        }
+        store_cv.notify_all();
+        const double t0 = progress_clock();
+        write_window(win);
+        write_seconds += progress_clock() - t0;
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(store_mu);
+      store_error = std::current_exception();
+      store_closed = true;
+      store_cv.notify_all();
+    }
+  });
+  auto close_store = [&] {
+    {
+      std::lock_guard<std::mutex> lock(store_mu);
+      store_closed = true;
+    }
+    store_cv.notify_all();
+    if (store_thread.joinable()) store_thread.join();
+  };
   auto write_finished_windows = [&] {
     while (!windows.empty() && windows.front().submitted && windows.front().outstanding == 0) {
-      const double t0 = progress_clock();
-      write_window(windows.front());
-      write_seconds += progress_clock() - t0;
+      Window& win = windows.front();
+      int64_t synthetic = 0;
+      for (size_t j = 0; j < win.items.size(); ++j) {
+        synthetic += win.items[j].synthetic && win.begin + j >= static_cast<size_t>(start);
+      }
+      {
+        std::unique_lock<std::mutex> lock(store_mu);
+        store_cv.wait(lock, [&] { return to_store.size() < 2 || store_error; });
+        if (store_error) std::rethrow_exception(store_error);
+        to_store.push_back(std::move(win));
+      }
+      store_cv.notify_all();
       windows.pop_front();
+      progress.samples_skipped(synthetic);
     }
   };
 
@@ -690,8 +737,11 @@ CollectResult run_collect(const CollectOptions& o) {
     // submitted window stays unwritten: a resumed run redoes it).
     drain(true);
     write_finished_windows();
+    close_store();
+    if (store_error) std::rethrow_exception(store_error);
   } catch (...) {
     stop_producer();
+    close_store();
     std::signal(SIGINT, previous_handler);
     throw;
   }

@@ -432,7 +432,7 @@ struct TraceWriter::Impl {
       }
       std::lock_guard<std::mutex> lock(mu);
       queued_bytes -= job->buf->bytes();
-      if (spare.size() < 2) spare.push_back(std::move(job->buf));
+      if (spare.size() < kCommitThreads + 2) spare.push_back(std::move(job->buf));
       queue.pop_front();
       cv.notify_all();
     }
