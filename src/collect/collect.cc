@@ -490,17 +490,19 @@ CollectResult run_collect(const CollectOptions& o) {
   };
   std::deque<Window> windows;  // references stay valid: only push_back and pop_front
   auto write_window = [&](Window& win) {
+    std::vector<SampleRecord> records;
+    std::deque<SyntheticSample> synthetic;  // owns what synthetic records point to
     for (size_t j = 0; j < win.items.size(); ++j) {
       if (win.begin + j < static_cast<size_t>(start)) continue;  // committed by an earlier run
       WorkItem& w = win.items[j];
-      SampleRecord r;
+      SampleRecord& r = records.emplace_back();
       r.sample_id = w.sample_id;
       r.dataset = w.dataset;
       r.row = w.row;
       r.synthetic = w.synthetic;
-      SyntheticSample syn;
       if (w.synthetic) {
-        syn = make_synthetic(o.seed, w.synthetic_index, L, E, o.max_length, cfg.vocab_size);
+        const SyntheticSample& syn = synthetic.emplace_back(
+            make_synthetic(o.seed, w.synthetic_index, L, E, o.max_length, cfg.vocab_size));
         r.token_ids = syn.token_ids;
         for (int64_t l = 0; l < L; ++l) {
           r.enc.push_back(LayerRecord{syn.logits[l].data(), syn.expert[l].data(),
@@ -509,18 +511,23 @@ CollectResult run_collect(const CollectOptions& o) {
         // Synthetic samples have no decoder pass: zero steps.
         r.dec.assign(dec_layers.size(), LayerRecord{});
       } else {
-        r.token_ids = w.ids;
+        r.token_ids = std::move(w.ids);
         for (const LayerData& l : win.data[j].enc) r.enc.push_back(record_of(l));
         r.dec_input_ids = win.data[j].dec_in;
         r.dec_output_ids = win.data[j].dec_out;
         for (const LayerData& l : win.data[j].dec) r.dec.push_back(record_of(l));
       }
-      writer->add(r);
       result.tokens += static_cast<int64_t>(r.token_ids.size());
-      if (++added == kill_after) std::raise(SIGKILL);  // fault injection for the resume tests
     }
-    result.samples += static_cast<int64_t>(win.begin + win.items.size()) -
-                      std::max<int64_t>(start, static_cast<int64_t>(win.begin));
+    if (kill_after < 0) {
+      writer->add(records);  // the whole window at once: copied in parallel
+    } else {
+      for (const SampleRecord& r : records) {
+        writer->add(r);
+        if (++added == kill_after) std::raise(SIGKILL);  // fault injection for the resume tests
+      }
+    }
+    result.samples += static_cast<int64_t>(records.size());
   };
   // The store thread: finished windows reach the writer on their own thread (add() copies every
   // logit once more), so the engine loop does not wait for it; at most two windows wait for it.

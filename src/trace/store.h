@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <ostream>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -123,6 +124,8 @@ class TraceWriter {
   // shards are already queued. Throws Error for a malformed record, or rethrows the writer thread's
   // error (e.g. a full disk) of an earlier commit.
   void add(const SampleRecord& sample);
+  // The same for several samples in store order; their layer data is copied in parallel.
+  void add(std::span<const SampleRecord> samples);
   // Waits for queued commits, then commits the current partial shard now (the Ctrl-C path).
   void commit_partial();
   // Commits the partial shard, waits for the writer thread, and writes the manifest with

@@ -10,6 +10,7 @@
 #include <deque>
 #include <mutex>
 #include <set>
+#include <span>
 #include <thread>
 #include <unordered_set>
 
@@ -38,12 +39,31 @@ namespace {
 const size_t kCommitThreads = std::clamp<size_t>(std::thread::hardware_concurrency() / 2, 2, 8);
 constexpr size_t kMaxQueuedBytes = size_t{3} << 30;
 
+// Leaves grown elements uninitialized (resize() then overwrite: one pass over the logits, not two).
+template <class T>
+struct NoInitAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = NoInitAllocator<U>;
+  };
+  using std::allocator<T>::allocator;
+  template <class U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+using Bytes = std::vector<uint8_t, NoInitAllocator<uint8_t>>;
+
 struct LayerBuf {
-  std::vector<uint8_t> logits;   // [T, E] in the store's logits dtype
+  Bytes logits;                  // [T, E] in the store's logits dtype
   std::vector<int32_t> expert;   // [T]
   std::vector<uint8_t> dropped;  // [T]
   std::vector<float> gate;       // [T]
-  std::vector<uint8_t> hidden;   // [T, d_model] in the hidden dtype (empty without hidden)
+  Bytes hidden;                  // [T, d_model] in the hidden dtype (empty without hidden)
 };
 
 // The samples of one shard, laid out as the shard's tensors.
@@ -69,14 +89,14 @@ struct ShardBuf {
   }
 };
 
-template <class T>
-TensorView view_of(const std::vector<T>& v, DType dtype, Shape shape) {
+template <class V>
+TensorView view_of(const V& v, DType dtype, Shape shape) {
   return TensorView{dtype, std::move(shape), v.data()};
 }
 
-template <class T>
-void append_raw(std::vector<T>* dst, const TensorView& v) {
-  const size_t n = v.nbytes() / sizeof(T);
+template <class V>
+void append_raw(V* dst, const TensorView& v) {
+  const size_t n = v.nbytes() / sizeof(typename V::value_type);
   const size_t old = dst->size();
   dst->resize(old + n);
   if (n > 0) std::memcpy(dst->data() + old, v.data, v.nbytes());
@@ -217,7 +237,9 @@ struct TraceWriter::Impl {
       b->kind.clear();
       for (auto* ls : {&b->enc, &b->dec}) {
         for (LayerBuf& l : *ls) {
-          for (auto* v : {&l.logits, &l.dropped, &l.hidden}) v->clear();
+          l.logits.clear();
+          l.hidden.clear();
+          l.dropped.clear();
           l.expert.clear();
           l.gate.clear();
         }
@@ -519,19 +541,13 @@ struct TraceWriter::Impl {
     }
   }
 
-  // Appends n values to dst in the store's dtype, from f32 or from raw values of another dtype
-  // (raw values of the store's dtype in one copy).
-  static void append_values(std::vector<uint8_t>* out, const float* f32, const void* raw,
-                            DType raw_dtype, DType dst_dtype, size_t n) {
-    const size_t old = out->size(), bytes = n * dtype_size(dst_dtype);
+  // Writes n values to dst in the store's dtype, from f32 or from raw values of another dtype
+  // (raw values of the store's dtype are copied as they are).
+  static void put_values(uint8_t* dst, const float* f32, const void* raw, DType raw_dtype,
+                         DType dst_dtype, size_t n) {
     if (raw != nullptr && raw_dtype == dst_dtype) {
-      const auto* src = static_cast<const uint8_t*>(raw);
-      out->insert(out->end(), src, src + bytes);
-      return;
-    }
-    out->resize(old + bytes);
-    uint8_t* dst = out->data() + old;
-    if (raw == nullptr) {
+      std::memcpy(dst, raw, n * dtype_size(dst_dtype));
+    } else if (raw == nullptr) {
       convert_from_f32(f32, dst_dtype, dst, n);
     } else {
       std::vector<float> tmp(n);
@@ -540,52 +556,86 @@ struct TraceWriter::Impl {
     }
   }
 
-  void append_layer(LayerBuf* l, trace::LayerStats* st, const LayerRecord& r, size_t rows) {
+  // Appends layer `layer` of k samples (rows[j] rows each) to l: the buffers grow once, then the
+  // samples are copied in parallel (a GPU run hands over ~1.5 KB of logits per token).
+  void append_layer(LayerBuf* l, trace::LayerStats* st, const SampleRecord* s, size_t k, bool dec,
+                    size_t layer, const std::vector<size_t>& rows) {
     const size_t e = static_cast<size_t>(layout.num_experts);
     const size_t d = static_cast<size_t>(layout.d_model);
-    append_values(&l->logits, r.router_logits, r.router_logits_raw, r.router_logits_raw_dtype,
-                  layout.logits_dtype, rows * e);
-    if (rows > 0) {
-      l->expert.insert(l->expert.end(), r.expert, r.expert + rows);
-      l->dropped.insert(l->dropped.end(), r.dropped, r.dropped + rows);
-      l->gate.insert(l->gate.end(), r.gate, r.gate + rows);
-    }
-    if (layout.hidden_dtype) {
-      if (r.hidden != nullptr || r.hidden_raw != nullptr) {
-        append_values(&l->hidden, r.hidden, r.hidden_raw, r.hidden_raw_dtype, *layout.hidden_dtype,
-                      rows * d);
-      } else {  // zeros when the record has no hidden state
-        l->hidden.resize(l->hidden.size() + rows * d * dtype_size(*layout.hidden_dtype));
+    const size_t ls = dtype_size(layout.logits_dtype);
+    const size_t hs = layout.hidden_dtype ? dtype_size(*layout.hidden_dtype) : 0;
+    std::vector<size_t> at(k + 1, l->expert.size());  // first row of each sample
+    for (size_t j = 0; j < k; ++j) at[j + 1] = at[j] + rows[j];
+    const size_t end = at[k];
+    l->logits.resize(end * e * ls);
+    l->expert.resize(end);
+    l->dropped.resize(end);
+    l->gate.resize(end);
+    if (hs > 0) l->hidden.resize(end * d * hs);
+    auto record = [&](size_t j) -> const LayerRecord& {
+      return dec ? s[j].dec[layer] : s[j].enc[layer];
+    };
+#pragma omp parallel for schedule(dynamic, 16) if (k > 1)
+    for (size_t j = 0; j < k; ++j) {
+      const LayerRecord& r = record(j);
+      const size_t n = rows[j], r0 = at[j];
+      if (n == 0) continue;
+      put_values(l->logits.data() + r0 * e * ls, r.router_logits, r.router_logits_raw,
+                 r.router_logits_raw_dtype, layout.logits_dtype, n * e);
+      std::memcpy(l->expert.data() + r0, r.expert, n * sizeof(int32_t));
+      std::memcpy(l->dropped.data() + r0, r.dropped, n);
+      std::memcpy(l->gate.data() + r0, r.gate, n * sizeof(float));
+      if (hs > 0 && (r.hidden != nullptr || r.hidden_raw != nullptr)) {
+        put_values(l->hidden.data() + r0 * d * hs, r.hidden, r.hidden_raw, r.hidden_raw_dtype,
+                   *layout.hidden_dtype, n * d);
+      } else if (hs > 0) {  // zeros where a record has no hidden state
+        std::memset(l->hidden.data() + r0 * d * hs, 0, n * d * hs);
       }
     }
-    if (rows > 0) trace::count_rows(st, r.expert, r.dropped, static_cast<int64_t>(rows));
+    for (size_t j = 0; j < k; ++j) {
+      if (rows[j] > 0) {
+        const LayerRecord& r = record(j);
+        trace::count_rows(st, r.expert, r.dropped, static_cast<int64_t>(rows[j]));
+      }
+    }
   }
 
-  void append(const SampleRecord& s) {
+  // Appends k validated samples to the current shard (which has room for them).
+  void append(const SampleRecord* s, size_t k) {
     ShardBuf& b = *cur;
-    b.token_ids.insert(b.token_ids.end(), s.token_ids.begin(), s.token_ids.end());
-    b.offsets.push_back(static_cast<int64_t>(b.token_ids.size()));
-    b.kind.push_back(s.synthetic ? 1 : 0);
-    b.ids.push_back(s.sample_id);
-    b.datasets.push_back(s.dataset);
-    b.rows.push_back(s.row);
-    for (size_t i = 0; i < s.enc.size(); ++i) {
-      append_layer(&b.enc[i], &b.stats.layers[trace::layer_key(false, layout.enc_layers[i])],
-                   s.enc[i], s.token_ids.size());
+    std::vector<size_t> tokens(k), steps(k);
+    for (size_t j = 0; j < k; ++j) {
+      tokens[j] = s[j].token_ids.size();
+      steps[j] = s[j].dec_input_ids.size();
+    }
+    for (size_t i = 0; i < layout.enc_layers.size(); ++i) {
+      append_layer(&b.enc[i], &b.stats.layers[trace::layer_key(false, layout.enc_layers[i])], s, k,
+                   false, i, tokens);
     }
     if (layout.decoder) {
-      b.dec_in.insert(b.dec_in.end(), s.dec_input_ids.begin(), s.dec_input_ids.end());
-      b.dec_out.insert(b.dec_out.end(), s.dec_output_ids.begin(), s.dec_output_ids.end());
-      b.dec_offsets.push_back(static_cast<int64_t>(b.dec_in.size()));
-      for (size_t i = 0; i < s.dec.size(); ++i) {
-        append_layer(&b.dec[i], &b.stats.layers[trace::layer_key(true, layout.dec_layers[i])],
-                     s.dec[i], s.dec_input_ids.size());
+      for (size_t i = 0; i < layout.dec_layers.size(); ++i) {
+        append_layer(&b.dec[i], &b.stats.layers[trace::layer_key(true, layout.dec_layers[i])], s, k,
+                     true, i, steps);
       }
-      b.stats.num_decoder_tokens += static_cast<int64_t>(s.dec_input_ids.size());
     }
-    b.stats.num_samples += 1;
-    b.stats.num_tokens += static_cast<int64_t>(s.token_ids.size());
-    b.stats.dataset_samples[s.dataset] += 1;
+    for (size_t j = 0; j < k; ++j) {
+      const SampleRecord& r = s[j];
+      b.token_ids.insert(b.token_ids.end(), r.token_ids.begin(), r.token_ids.end());
+      b.offsets.push_back(static_cast<int64_t>(b.token_ids.size()));
+      b.kind.push_back(r.synthetic ? 1 : 0);
+      b.ids.push_back(r.sample_id);
+      b.datasets.push_back(r.dataset);
+      b.rows.push_back(r.row);
+      if (layout.decoder) {
+        b.dec_in.insert(b.dec_in.end(), r.dec_input_ids.begin(), r.dec_input_ids.end());
+        b.dec_out.insert(b.dec_out.end(), r.dec_output_ids.begin(), r.dec_output_ids.end());
+        b.dec_offsets.push_back(static_cast<int64_t>(b.dec_in.size()));
+        b.stats.num_decoder_tokens += static_cast<int64_t>(r.dec_input_ids.size());
+      }
+      b.stats.num_samples += 1;
+      b.stats.num_tokens += static_cast<int64_t>(r.token_ids.size());
+      b.stats.dataset_samples[r.dataset] += 1;
+    }
   }
 
   // Loads a committed partial shard back into cur, byte for byte (logits stay in their dtype).
@@ -830,19 +880,36 @@ int64_t TraceWriter::durable_samples() const {
 }
 
 void TraceWriter::add(const SampleRecord& sample) {
+  add(std::span<const SampleRecord>(&sample, 1));
+}
+
+void TraceWriter::add(std::span<const SampleRecord> samples) {
   Impl& m = *impl_;
   if (m.finished) fail(m.dir.string(), ": add() after finish()");
   m.rethrow_error();
-  m.validate(sample);
-  m.append(sample);
-  m.ids.insert(sample.sample_id);
-  ++m.added;
-  if (m.cur->num_samples() == m.layout.samples_per_shard) {
-    const int64_t next = m.cur->index + 1;
-    auto full = std::move(m.cur);
-    m.cur = m.new_buf(next);
-    m.cur_durable = 0;
-    m.enqueue(std::move(full));
+  for (size_t i = 0; i < samples.size();) {
+    // The samples that fit into the current shard go in together.
+    const size_t room = static_cast<size_t>(m.layout.samples_per_shard - m.cur->num_samples());
+    const size_t k = std::min(room, samples.size() - i);
+    for (size_t j = i; j < i + k; ++j) {
+      try {
+        m.validate(samples[j]);
+      } catch (...) {
+        for (size_t u = i; u < j; ++u) m.ids.erase(samples[u].sample_id);
+        throw;
+      }
+      m.ids.insert(samples[j].sample_id);
+    }
+    m.append(samples.data() + i, k);
+    m.added += static_cast<int64_t>(k);
+    i += k;
+    if (m.cur->num_samples() == m.layout.samples_per_shard) {
+      const int64_t next = m.cur->index + 1;
+      auto full = std::move(m.cur);
+      m.cur = m.new_buf(next);
+      m.cur_durable = 0;
+      m.enqueue(std::move(full));
+    }
   }
 }
 
