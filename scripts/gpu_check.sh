@@ -244,7 +244,7 @@ fi
 # tokens over the collection loop (after model load), the ranks' tokens over the slowest loop.
 if has scale && [[ -x $MOETRACE ]]; then
   NG=$(nvidia-smi -L | wc -l)
-  N=${SCALE_SAMPLES:-40000}
+  N=${SCALE_SAMPLES:-40960}
   D=/tmp/moetrace-scale && rm -rf $D && mkdir -p $D/data/local/wikitext-windows
   SD=${SCALE_STORE:-/dev/shm/moetrace-scale} && rm -rf $SD
   python3 - "$ROOT/tests/data/wikitext2_tokens" $N $D <<'PY'

@@ -253,7 +253,12 @@ CollectResult run_collect(const CollectOptions& o) {
              store_dir.string());
   }
   prepare_parallel_store(o.output, launch.rank, launch.world_size, mode);
-  cpu::set_num_threads(o.threads);
+  // Ranks sharing a machine share its cores (OpenMP copies, the CPU engine) unless told otherwise.
+  const int threads_wanted =
+      o.threads != 0 ? o.threads
+                     : default_threads(launch, process_environment(), o.device == "cuda");
+  if (threads_wanted != o.threads) log_info("rank ", launch.rank, ": ", threads_wanted, " threads");
+  cpu::set_num_threads(threads_wanted);
   const double t_start = progress_clock();
 
   // Model and tokenizer.

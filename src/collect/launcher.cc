@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <thread>
 #include <vector>
 
 #include "core/error.h"
@@ -123,6 +125,31 @@ int cuda_device_for(const LaunchInfo& l) {
   (void)l;
   return 0;
 #endif
+}
+
+int default_threads(const LaunchInfo& l, const Environment& env, bool gpu) {
+  if (l.world_size <= 1) return 0;
+  int per_machine = 0;
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE",
+                           "SLURM_NTASKS_PER_NODE"}) {
+    auto it = env.find(name);
+    if (it != env.end() && std::atoi(it->second.c_str()) > 0) {
+      per_machine = std::atoi(it->second.c_str());
+      break;
+    }
+  }
+#ifdef MOETRACE_WITH_CUDA
+  int gpus = 0;
+  if (per_machine == 0 && gpu && cudaGetDeviceCount(&gpus) == cudaSuccess && gpus > 0) {
+    per_machine = std::min(l.world_size, gpus);
+  }
+  (void)cudaGetLastError();
+#else
+  (void)gpu;
+#endif
+  if (per_machine <= 1) return 0;
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  return std::max(1, cores / per_machine);
 }
 
 bool built_with_mpi() {

@@ -39,6 +39,11 @@ LaunchInfo detect_launch(const Environment& env, const LaunchFlags& flags);
 
 // The GPU of this rank: local_rank modulo the visible devices (0 without the CUDA backend or GPUs).
 int cuda_device_for(const LaunchInfo& l);
+// CPU threads for this process when the user gave none (0): the machine's cores shared among the
+// ranks on it, from OMPI_COMM_WORLD_LOCAL_SIZE, MPI_LOCALNRANKS, LOCAL_WORLD_SIZE (torchrun) or
+// SLURM_NTASKS_PER_NODE, else, for GPU ranks, one rank per visible GPU. 0 (all cores) for a single
+// process.
+int default_threads(const LaunchInfo& l, const Environment& env, bool gpu);
 
 // Built with MPI (MOETRACE_MPI) and started by an MPI launcher: initialises MPI, waits until every
 // rank has called it (MPI_Barrier), finalises, and returns true. Otherwise returns false at once.

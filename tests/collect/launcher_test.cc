@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <string>
+#include <thread>
 
 #include "core/error.h"
 
@@ -160,6 +162,20 @@ TEST(PlanPart, WholeShardsTileThePlan) {
   // Fewer shards than ranks: some ranks get none.
   EXPECT_EQ(plan_part(10, 16, 0, 3).num_samples, 0);
   EXPECT_EQ(plan_part(10, 16, 2, 3).num_samples, 10);
+}
+
+TEST(Launcher, RanksOnOneMachineShareItsCores) {
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  LaunchInfo single;
+  EXPECT_EQ(default_threads(single, {{"LOCAL_WORLD_SIZE", "4"}}, false), 0);  // all cores
+  LaunchInfo l;
+  l.rank = 1;
+  l.world_size = 8;
+  EXPECT_EQ(default_threads(l, {{"LOCAL_WORLD_SIZE", "4"}}, false), std::max(1, cores / 4));
+  EXPECT_EQ(default_threads(l, {{"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}}, false),
+            std::max(1, cores / 2));
+  EXPECT_EQ(default_threads(l, {{"LOCAL_WORLD_SIZE", "1"}}, false), 0);  // alone on its machine
+  EXPECT_EQ(default_threads(l, {}, false), 0);  // unknown: the user decides (--threads)
 }
 
 }  // namespace
