@@ -1,6 +1,6 @@
 // The trace store (docs/TRACE_FORMAT.md, format version 1): a directory of safetensors shards and a
-// manifest.json. TraceWriter appends samples and commits whole shards atomically on a background
-// thread; TraceStore reads samples back; verify_store() checks a store against its manifest.
+// manifest.json. TraceWriter appends samples and commits whole shards atomically on background
+// threads; TraceStore reads samples back; verify_store() checks a store against its manifest.
 #pragma once
 
 #include <cstdint>
@@ -120,15 +120,16 @@ class TraceWriter {
   int64_t durable_samples() const;
 
   // Copies and converts the sample into the current shard's buffers. When the shard reaches
-  // samples_per_shard it is queued for commit on the writer thread; add() blocks only while two
-  // shards are already queued. Throws Error for a malformed record, or rethrows the writer thread's
-  // error (e.g. a full disk) of an earlier commit.
+  // samples_per_shard it is queued for the commit threads (several shards are written at once and
+  // listed in order); add() blocks while as many shards as there are commit threads, plus one, or
+  // 3 GiB are queued. Throws Error for a malformed record, or rethrows a commit thread's error
+  // (e.g. a full disk) of an earlier commit.
   void add(const SampleRecord& sample);
   // The same for several samples in store order; their layer data is copied in parallel.
   void add(std::span<const SampleRecord> samples);
   // Waits for queued commits, then commits the current partial shard now (the Ctrl-C path).
   void commit_partial();
-  // Commits the partial shard, waits for the writer thread, and writes the manifest with
+  // Commits the partial shard, waits for the commit threads, and writes the manifest with
   // complete=true; collection_time grows by collection_seconds_this_run.
   void finish(double collection_seconds_this_run);
 

@@ -1,6 +1,6 @@
-// TraceWriter: buffers one shard in memory, commits full shards on a writer thread (at most two
-// queued), and rewrites manifest.json after every commit so that a kill at any point leaves a valid
-// store of the committed shards.
+// TraceWriter: buffers one shard in memory, commits full shards on commit threads (written in
+// parallel, listed in order), and rewrites manifest.json after every commit so that a kill at any
+// point leaves a valid store of the committed shards.
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
