@@ -201,6 +201,15 @@ def moetrace_cli():
     return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
 
 
+@pytest.fixture(scope="module")
+def cli():
+    """The C++ CLI's path; skips the test when it is not built."""
+    path = moetrace_cli()
+    if path is None:
+        pytest.skip("the C++ moetrace CLI is not built (bash scripts/build.sh, or set MOETRACE_CLI)")
+    return path
+
+
 def run_module(*args, check=True, fresh=False):
     """Runs `python -m moetrace ARGS`: in this process (fast), or with fresh=True in a new interpreter
     with the repository's package on PYTHONPATH. Returns an object with returncode, stdout, stderr."""

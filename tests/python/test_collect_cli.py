@@ -15,21 +15,13 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, moetrace_cli
+from conftest import REPO
 
 import moetrace
 
 MODEL = os.path.join(REPO, "tests", "data", "fixtures", "tiny-a", "model")
 SPM = os.path.join(REPO, "assets", "demo", "spiece.model")
 DATA = os.path.join(REPO, "assets", "demo", "data")
-
-
-@pytest.fixture(scope="module")
-def cli():
-    path = moetrace_cli()
-    if path is None:
-        pytest.skip("the C++ moetrace CLI is not built (bash scripts/build.sh, or set MOETRACE_CLI)")
-    return path
 
 
 def collect(cli, out, *extra, env=None, check=True):

@@ -17,7 +17,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import REPO, moetrace_cli
+from conftest import REPO
 
 import moetrace
 from moetrace.errors import StoreError
@@ -33,14 +33,6 @@ LAUNCHER_VARS = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORL
                  "PMI_SIZE", "MPI_LOCALRANKID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
                  "SLURM_LOCALID", "SLURM_STEP_ID", "SLURM_STEPID", "SLURM_JOB_ID", "RANK", "WORLD_SIZE",
                  "LOCAL_RANK", "MOETRACE_FAULT_KILL_AFTER")
-
-
-@pytest.fixture(scope="module")
-def cli():
-    path = moetrace_cli()
-    if path is None:
-        pytest.skip("the C++ moetrace CLI is not built (bash scripts/build.sh, or set MOETRACE_CLI)")
-    return path
 
 
 def built_with_mpi(cli):

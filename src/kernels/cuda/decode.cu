@@ -103,6 +103,18 @@ __global__ void __launch_bounds__(kAttnThreads)
 
 // One block per sequence: first maximum of the row (std::max_element's choice), then the finished
 // bookkeeping of SwitchModel::generate.
+// The warp's largest value and its index (the lowest index among equal values), in every lane.
+__device__ __forceinline__ void warp_argmax(float& bv, int64_t& bi) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ov > bv || (ov == bv && oi < bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kPickThreads)
     greedy_pick_kernel(const float* logits, int64_t V, int32_t banned, int32_t eos, int32_t pad,
                        uint8_t* finished, int32_t* ids) {
@@ -120,17 +132,7 @@ __global__ void __launch_bounds__(kPickThreads)
       bi = j;
     }
   }
-  auto better = [](float v, int64_t i, float ov, int64_t oi) {
-    return ov > v || (ov == v && oi < i);
-  };
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (better(bv, bi, ov, oi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
+  warp_argmax(bv, bi);
   if (lane == 0) {
     best_v[warp] = bv;
     best_i[warp] = bi;
@@ -139,14 +141,7 @@ __global__ void __launch_bounds__(kPickThreads)
   if (warp == 0) {
     bv = lane < n_warps ? best_v[lane] : -INFINITY;
     bi = lane < n_warps ? best_i[lane] : V;
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (better(bv, bi, ov, oi)) {
-        bv = ov;
-        bi = oi;
-      }
-    }
+    warp_argmax(bv, bi);
     if (lane == 0) {
       int32_t next = bi < V ? static_cast<int32_t>(bi) : 0;  // an all-NaN row: the first token
       if (finished[b]) next = pad;
