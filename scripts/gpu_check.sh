@@ -209,9 +209,14 @@ PY
   $MOETRACE collect --device cuda --model random:switch-base-128 --traces 10000 "${data[@]}" --no-progress \
     --output $S/seed 2>&1 | tee "$OUT/collect_seed.log" | grep -E "timing|samples,|error|GPU in" | tail -5
   $MOETRACE verify $S/seed 2>&1 | tail -2 | tee -a "$OUT/collect_seed.log"
+  echo "== the same with --hidden bf16 (the router inputs too)"
+  $MOETRACE collect --device cuda --model random:switch-base-128 --traces 10000 "${data[@]}" --no-progress \
+    --hidden bf16 --output $S/seed-hidden 2>&1 | tee "$OUT/collect_seed_hidden.log" | grep -E "timing|error" | tail -2
+  $MOETRACE verify $S/seed-hidden 2>&1 | tail -1 | tee -a "$OUT/collect_seed_hidden.log"
+  rm -rf $S/seed-hidden
   for dev in cpu cuda; do
     $MOETRACE collect --device $dev --precision fp32 --model demo --traces 3000 "${data[@]}" --no-progress \
-      --logits f32 --output $S/demo-$dev >$S/demo-$dev.log 2>&1 || { echo "demo $dev failed:"; tail -3 $S/demo-$dev.log; }
+      --logits f32 --hidden f32 --output $S/demo-$dev >$S/demo-$dev.log 2>&1 || { echo "demo $dev failed:"; tail -3 $S/demo-$dev.log; }
     $MOETRACE collect --device $dev --precision fp32 --model demo --traces 600 "${data[@]}" --no-progress \
       --logits f32 --decoder --max-new-tokens 16 --output $S/dec-$dev >$S/dec-$dev.log 2>&1 ||
       { echo "decoder $dev failed:"; tail -3 $S/dec-$dev.log; }
@@ -224,7 +229,7 @@ for kind in ("demo", "dec"):
         a, b = moetrace.open_store(f"{S}/{kind}-cpu"), moetrace.open_store(f"{S}/{kind}-cuda")
     except Exception as e:
         print(f"{kind}: not comparable ({e})"); continue
-    n = min(len(a), len(b)); same = tot = 0; worst = 0.0; ids_same = 0
+    n = min(len(a), len(b)); same = tot = 0; worst = hidden_worst = 0.0; ids_same = 0
     for i in range(n):
         sa, sb = a[i], b[i]
         for name in sa.layers:
@@ -233,9 +238,13 @@ for kind in ("demo", "dec"):
             if la.shape != lb.shape or la.size == 0: continue
             worst = max(worst, float(np.abs(la - lb).max() / max(np.abs(la).max(), 1e-30)))
             same += int((la.argmax(-1) == lb.argmax(-1)).sum()); tot += la.shape[0]
+            ha, hb = sa.layer(name).hidden, sb.layer(name).hidden
+            if ha is not None and hb is not None and ha.size:
+                ha, hb = np.asarray(ha, np.float64), np.asarray(hb, np.float64)
+                hidden_worst = max(hidden_worst, float(np.abs(ha - hb).max() / max(np.abs(ha).max(), 1e-30)))
         if kind == "dec":
             ids_same += int(np.array_equal(sa.dec_output_ids, sb.dec_output_ids))
-    extra = f", generated ids identical for {ids_same}/{n} samples" if kind == "dec" else ""
+    extra = f", generated ids identical for {ids_same}/{n} samples" if kind == "dec" else f", max rel hidden diff {hidden_worst:.2e}"
     print(f"{kind}: {n} samples, top-1 agreement {same}/{tot} ({100*same/max(tot,1):.3f}%), max rel logit diff {worst:.2e}{extra}")
 PY
 fi
