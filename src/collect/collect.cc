@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -63,6 +64,50 @@ bool mixed_is_real(int64_t k, double ratio) {
 namespace {
 
 std::atomic<bool> g_interrupted{false};
+
+// Hands items from one thread to another, at most `capacity` waiting: the tokenizer thread's
+// windows to the engine loop, and finished windows to the store thread.
+template <class T>
+class HandOff {
+ public:
+  explicit HandOff(size_t capacity) : capacity_(capacity) {}
+  // Waits while full. False, and nothing queued, once the consumer has stopped.
+  bool push(T item) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return queue_.size() < capacity_ || stopped_; });
+    if (stopped_) return false;
+    queue_.push_back(std::move(item));
+    cv_.notify_all();
+    return true;
+  }
+  // Waits for an item; nullopt once the producer has finished and everything is taken, or the
+  // consumer has stopped.
+  std::optional<T> pop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !queue_.empty() || finished_ || stopped_; });
+    if (queue_.empty() || stopped_) return std::nullopt;
+    T item = std::move(queue_.front());
+    queue_.pop_front();
+    cv_.notify_all();
+    return item;
+  }
+  void finish() { set(&finished_); }  // producer: nothing more will come
+  void stop() { set(&stopped_); }     // consumer: takes nothing more (a waiting push returns)
+
+ private:
+  void set(bool* flag) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      *flag = true;
+    }
+    cv_.notify_all();
+  }
+  size_t capacity_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<T> queue_;
+  bool finished_ = false, stopped_ = false;
+};
 extern "C" void on_sigint(int) { g_interrupted = true; }
 
 // One sample of the run, in store order.
@@ -437,36 +482,22 @@ CollectResult run_collect(const CollectOptions& o) {
       if (e) std::rethrow_exception(e);
     }
   };
-  std::mutex mu;
-  std::condition_variable cv;
-  std::deque<std::pair<size_t, size_t>> ready;  // [begin, end) windows of items
-  bool producer_done = false, consumer_done = false;
+  HandOff<std::pair<size_t, size_t>> ready(2);  // [begin, end) windows of items
   std::exception_ptr producer_error;
   std::thread producer([&] {
     try {
-      for (size_t i = first_window; i < items.size();) {
+      for (size_t i = first_window; i < items.size(); i += per_window) {
         const size_t end = std::min(items.size(), i + per_window);
         tokenize(i, end);
-        std::unique_lock<std::mutex> lock(mu);
-        cv.wait(lock, [&] { return ready.size() < 2 || consumer_done; });
-        if (consumer_done) break;
-        ready.emplace_back(i, end);
-        cv.notify_all();
-        i = end;
+        if (!ready.push({i, end})) break;
       }
     } catch (...) {
       producer_error = std::current_exception();
     }
-    std::lock_guard<std::mutex> lock(mu);
-    producer_done = true;
-    cv.notify_all();
+    ready.finish();
   });
   auto stop_producer = [&] {
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      consumer_done = true;
-    }
-    cv.notify_all();
+    ready.stop();
     if (producer.joinable()) producer.join();
   };
 
@@ -536,40 +567,22 @@ CollectResult run_collect(const CollectOptions& o) {
   };
   // The store thread: finished windows reach the writer on their own thread (add() copies every
   // logit once more), so the engine loop does not wait for it; at most two windows wait for it.
-  std::mutex store_mu;
-  std::condition_variable store_cv;
-  std::deque<Window> to_store;
-  bool store_closed = false;
-  std::exception_ptr store_error;
+  HandOff<Window> to_store(2);
+  std::exception_ptr store_error;  // set before to_store.stop(), read after a failed push or join
   std::thread store_thread([&] {
     try {
-      while (true) {
-        Window win;
-        {
-          std::unique_lock<std::mutex> lock(store_mu);
-          store_cv.wait(lock, [&] { return !to_store.empty() || store_closed; });
-          if (to_store.empty()) return;
-          win = std::move(to_store.front());
-          to_store.pop_front();
-        }
-        store_cv.notify_all();
+      while (auto win = to_store.pop()) {
         const double t0 = progress_clock();
-        write_window(win);
+        write_window(*win);
         write_seconds += progress_clock() - t0;
       }
     } catch (...) {
-      std::lock_guard<std::mutex> lock(store_mu);
       store_error = std::current_exception();
-      store_closed = true;
-      store_cv.notify_all();
+      to_store.stop();
     }
   });
   auto close_store = [&] {
-    {
-      std::lock_guard<std::mutex> lock(store_mu);
-      store_closed = true;
-    }
-    store_cv.notify_all();
+    to_store.finish();
     if (store_thread.joinable()) store_thread.join();
   };
   auto write_finished_windows = [&] {
@@ -579,13 +592,7 @@ CollectResult run_collect(const CollectOptions& o) {
       for (size_t j = 0; j < win.items.size(); ++j) {
         synthetic += win.items[j].synthetic && win.begin + j >= static_cast<size_t>(start);
       }
-      {
-        std::unique_lock<std::mutex> lock(store_mu);
-        store_cv.wait(lock, [&] { return to_store.size() < 2 || store_error; });
-        if (store_error) std::rethrow_exception(store_error);
-        to_store.push_back(std::move(win));
-      }
-      store_cv.notify_all();
+      if (!to_store.push(std::move(win))) std::rethrow_exception(store_error);
       windows.pop_front();
       progress.samples_skipped(synthetic);
     }
@@ -648,24 +655,16 @@ CollectResult run_collect(const CollectOptions& o) {
 
   try {
     while (true) {
-      std::pair<size_t, size_t> span;
-      {
-        std::unique_lock<std::mutex> lock(mu);
-        const double t0 = progress_clock();
-        cv.wait(lock, [&] { return !ready.empty() || producer_done; });
-        wait_seconds += progress_clock() - t0;
-        if (ready.empty()) break;
-        span = ready.front();
-        ready.pop_front();
-      }
-      cv.notify_all();
-      if (producer_error) std::rethrow_exception(producer_error);
+      const double t0 = progress_clock();
+      const std::optional<std::pair<size_t, size_t>> span = ready.pop();
+      wait_seconds += progress_clock() - t0;
+      if (!span) break;  // all windows done, or the tokenizer failed (rethrown after the join)
       Window& win = windows.emplace_back();
-      win.begin = span.first;
-      const size_t n = span.second - span.first;
+      win.begin = span->first;
+      const size_t n = span->second - span->first;
       win.items.assign(
-          std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span.first)),
-          std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span.second)));
+          std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span->first)),
+          std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span->second)));
       win.data.resize(n);
       std::vector<size_t> real;
       for (size_t j = 0; j < n; ++j) {
