@@ -103,18 +103,6 @@ __global__ void __launch_bounds__(kAttnThreads)
 
 // One block per sequence: first maximum of the row (std::max_element's choice), then the finished
 // bookkeeping of SwitchModel::generate.
-// The warp's largest value and its index (the lowest index among equal values), in every lane.
-__device__ __forceinline__ void warp_argmax(float& bv, int64_t& bi) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int64_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (ov > bv || (ov == bv && oi < bi)) {
-      bv = ov;
-      bi = oi;
-    }
-  }
-}
-
 __global__ void __launch_bounds__(kPickThreads)
     greedy_pick_kernel(const float* logits, int64_t V, int32_t banned, int32_t eos, int32_t pad,
                        uint8_t* finished, int32_t* ids) {

@@ -46,6 +46,20 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// The warp's largest value and its index, the lowest index among equal values (torch's and
+// std::max_element's choice), in every lane.
+template <class I>
+__device__ __forceinline__ void warp_argmax(float& v, I& i) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const I oi = __shfl_xor_sync(0xffffffffu, i, o);
+    if (ov > v || (ov == v && oi < i)) {
+      v = ov;
+      i = oi;
+    }
+  }
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace moetrace::cuda

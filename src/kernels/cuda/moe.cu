@@ -67,14 +67,7 @@ __global__ void __launch_bounds__(kRouteThreads)
         }
       }
     }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-      const int oe = __shfl_xor_sync(0xffffffffu, best_e, o);
-      if (ob > best || (ob == best && oe < best_e)) {
-        best = ob;
-        best_e = oe;
-      }
-    }
+    warp_argmax(best, best_e);
     if (lane == 0) {
       top[s] = static_cast<int16_t>(best_e);
       expert[t] = best_e;
