@@ -80,6 +80,27 @@ struct ShardBuf {
   Stats stats;
 
   int64_t num_samples() const { return static_cast<int64_t>(kind.size()); }
+  // Empty again, keeping every buffer's capacity (index, first_sample and stats are set anew).
+  void clear() {
+    token_ids.clear();
+    offsets.assign(1, 0);
+    kind.clear();
+    for (auto* ls : {&enc, &dec}) {
+      for (LayerBuf& l : *ls) {
+        l.logits.clear();
+        l.expert.clear();
+        l.dropped.clear();
+        l.gate.clear();
+        l.hidden.clear();
+      }
+    }
+    dec_in.clear();
+    dec_out.clear();
+    dec_offsets.assign(1, 0);
+    ids.clear();
+    datasets.clear();
+    rows.clear();
+  }
   size_t bytes() const {
     size_t n = token_ids.size() * 4 + dec_in.size() * 8;
     for (const auto* ls : {&enc, &dec}) {
@@ -232,24 +253,7 @@ struct TraceWriter::Impl {
       }
     }
     if (b) {
-      b->token_ids.clear();
-      b->offsets.assign(1, 0);
-      b->kind.clear();
-      for (auto* ls : {&b->enc, &b->dec}) {
-        for (LayerBuf& l : *ls) {
-          l.logits.clear();
-          l.hidden.clear();
-          l.dropped.clear();
-          l.expert.clear();
-          l.gate.clear();
-        }
-      }
-      b->dec_in.clear();
-      b->dec_out.clear();
-      b->dec_offsets.assign(1, 0);
-      b->ids.clear();
-      b->datasets.clear();
-      b->rows.clear();
+      b->clear();
     } else {
       b = std::make_unique<ShardBuf>();
     }
