@@ -221,9 +221,12 @@ class Planner:
         folder = f"{item.repo_type}s--" + item.repo.replace("/", "--")
         return os.path.join(self.cache_dir, folder, "snapshots", item.commit)
 
-    def is_cached(self, item: Item) -> bool:
+    def cached_files(self, item: Item) -> set:
         snap = self.snapshot_dir(item)
-        return bool(item.files) and all(os.path.isfile(os.path.join(snap, f)) for f in item.files)
+        return {f for f in item.files if os.path.isfile(os.path.join(snap, f))}
+
+    def is_cached(self, item: Item) -> bool:
+        return bool(item.files) and len(self.cached_files(item)) == len(item.files)
 
     @staticmethod
     def _failed(item: Item, reason: str) -> Item:
@@ -308,15 +311,16 @@ def print_plan(items: list[Item], planner: Planner, out) -> None:
         if it.status == "failed":
             print(f"{it.kind} {it.name} ({it.repo} @ {it.revision}): cannot fetch: {it.reason}", file=out)
             continue
-        cached = planner.is_cached(it)
+        cached = planner.cached_files(it)
         print(f"{it.kind} {it.name}: {it.repo} @ {it.revision} ({it.commit[:12]}), {files_text(len(it.files))}, "
-              f"{human(it.size)}{', already cached' if cached else ''}", file=out)
+              f"{human(it.size)}{', already cached' if len(cached) == len(it.files) else ''}", file=out)
         for f, size in sorted(it.files.items()):
-            print(f"  {f}  {human(size) if size is not None else '? B'}", file=out)
+            print(f"  {f}  {human(size) if size is not None else '? B'}{'  (cached)' if f in cached else ''}",
+                  file=out)
+            if f not in cached:
+                total += size or 0
         if it.note:
             print(f"  note: {it.note}", file=out)
-        if not cached:
-            total += it.size
     print(f"total to download: {human(total)} (dry run: nothing downloaded)", file=out)
 
 

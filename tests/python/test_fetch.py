@@ -115,7 +115,8 @@ def test_fetch_three_datasets_and_a_model_then_collect_offline(cli, hub, tmp_pat
                           "cb/validation/0000.parquet", "data/test.csv"])
     for path in hub.paths_requested():
         assert not path.endswith(DECOYS), path
-    # The conversion was asked for by its encoded name, and the cache records it under refs/refs/.
+    # The conversion was asked for (the fake Hub splits API paths before decoding, so only the encoded
+    # refs%2Fconvert%2Fparquet reaches it), and the cache records it under refs/refs/.
     assert "/api/datasets/aps/super_glue/revision/refs/convert/parquet" in hub.paths_requested("GET")
     sg = cache / "datasets--aps--super_glue"
     assert (sg / "refs" / "refs" / "convert" / "parquet").is_file()
@@ -165,14 +166,16 @@ def test_dry_run_lists_files_and_sizes_and_downloads_nothing(cli, hub, tmp_path)
 
 def test_failures_are_reported_skipped_and_make_the_exit_code_non_zero(cli, hub, tmp_path):
     cache = tmp_path / "hub"
-    proc = run([cli, "fetch", "--datasets", "imdb,glue/sst2,tweet_eval/emotion,billsum"], env_for(hub, cache))
+    proc = run([cli, "fetch", "--model", f"{MODEL}@no-such-branch", "--datasets",
+                "imdb,glue/sst2,tweet_eval/emotion,billsum"], env_for(hub, cache))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = table(proc.stdout)
+    assert rows[f"model {MODEL}"] == "failed: no revision no-such-branch", rows
     assert rows["dataset glue/sst2"] == "fetched"
     assert rows["dataset imdb"].startswith("failed: not found on the Hub"), rows
     assert rows["dataset tweet_eval/emotion"].startswith("failed: gated"), rows
     assert "no refs/convert/parquet" in rows["dataset billsum"], rows
-    assert "1 fetched, 0 already cached, 3 failed" in proc.stdout
+    assert "1 fetched, 0 already cached, 4 failed" in proc.stdout
     assert "Traceback" not in proc.stderr
     assert (cache / "datasets--nyu-mll--glue" / "refs" / "main").is_file()
 
