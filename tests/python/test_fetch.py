@@ -270,3 +270,22 @@ def test_model_files_take_one_format():
                                                  "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"]
     assert fetch_mod.model_files(["config.json", "flax_model.msgpack"])[1].startswith("no checkpoint")
     assert fetch_mod.model_files(["model.safetensors"])[1] == "no config.json"
+
+
+def test_exact_names_are_escaped_for_allow_patterns(tmp_path, monkeypatch):
+    """snapshot_download's allow_patterns are fnmatch patterns: `[1]` would match `1`, `*` anything."""
+    hub = FakeHub()
+    hub.add("dataset", "org/odd", {"data/test[1].csv": b"text\nkept\n", "data/test1.csv": b"text\ndecoy\n",
+                                   "data/test*.csv": b"text\nstar\n", "data/test-x.csv": b"text\ndecoy\n"})
+    with hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        import huggingface_hub
+        planner = fetch_mod.Planner(huggingface_hub.HfApi(endpoint=hub.endpoint), str(tmp_path))
+        item = fetch_mod.Item("dataset", "odd", "org/odd", "dataset")
+        item.commit, listing = planner.listing("dataset", "org/odd", "main")
+        item.files = {f: listing[f] for f in ("data/test[1].csv", "data/test*.csv")}
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+        fetch_mod.download(item, str(tmp_path))
+        assert item.status == "fetched", item.reason
+        got = sorted(p.rsplit("/", 2)[-2:][1] for p in resolve_paths(hub))
+        assert got == ["test*.csv", "test[1].csv"], hub.paths_requested()
