@@ -172,11 +172,34 @@ class Planner:
                 files = {s.rfilename: s.size for s in (info.siblings or [])}
                 self._listings[key] = (info.sha, files)
             except Exception as e:  # noqa: BLE001 - reported per item
-                self._listings[key] = e
+                # Offline (HF_HUB_OFFLINE): what an earlier fetch cached of this revision, if anything.
+                offline = isinstance(e, _hub().utils.OfflineModeIsEnabled)
+                self._listings[key] = (offline and self.cached_listing(repo_type, repo, revision)) or e
         result = self._listings[key]
         if isinstance(result, Exception):
             raise result
         return result
+
+    def cached_listing(self, repo_type: str, repo: str, revision: str):
+        """(commit, {path: size}) of the cached snapshot that refs/<revision> names, or None."""
+        folder = os.path.join(self.cache_dir, f"{repo_type}s--" + repo.replace("/", "--"))
+        commit = revision
+        if not re.fullmatch(r"[0-9a-f]{40}", revision):
+            try:
+                with open(os.path.join(folder, "refs", revision)) as f:
+                    commit = f.read().strip()
+            except OSError:
+                return None
+        snap = os.path.join(folder, "snapshots", commit)
+        if not commit or "/" in commit or commit in (".", "..") or not os.path.isdir(snap):
+            return None
+        files = {}
+        for dirpath, _, names in os.walk(snap):
+            for n in names:
+                full = os.path.join(dirpath, n)
+                if os.path.isfile(full):
+                    files[os.path.relpath(full, snap).replace(os.sep, "/")] = os.path.getsize(full)
+        return commit, files
 
     def model(self, repo: str, revision: str) -> Item:
         item = Item("model", repo, repo, "model", revision)
@@ -196,22 +219,30 @@ class Planner:
         name, repo, config, split = spec["name"], spec["hub"], spec.get("config") or "", spec["split"]
         item = Item("dataset", name, repo, "dataset", revision)
         where = f"config {config or '(unnamed)'} split {split}"
+        main_error, files = None, []
         try:
             item.commit, listing = self.listing("dataset", repo, revision)
+            files = split_files(listing, config, split)
         except Exception as e:  # noqa: BLE001
-            return self._failed(item, hub_error(e, repo, revision))
-        files = split_files(listing, config, split)
+            main_error = e
+            errors = _hub().utils
+            if not isinstance(e, errors.OfflineModeIsEnabled):  # offline: the conversion may be cached
+                return self._failed(item, hub_error(e, repo, revision))
         if not files:
             try:
                 commit, converted = self.listing("dataset", repo, CONVERTED)
             except Exception as e:  # noqa: BLE001
                 errors = _hub().utils
+                if main_error is not None:
+                    return self._failed(item, hub_error(main_error, repo, revision))
                 if isinstance(e, errors.RevisionNotFoundError):
                     return self._failed(item, f"no data files for {where} at {revision}, and no {CONVERTED}")
                 return self._failed(item, f"no data files for {where} at {revision}; {CONVERTED}: "
                                           f"{hub_error(e, repo, CONVERTED)}")
             files = split_files(converted, config, split)
             if not files:
+                if main_error is not None:
+                    return self._failed(item, hub_error(main_error, repo, revision))
                 return self._failed(item, f"no data files for {where} at {revision} or {CONVERTED}")
             item.revision, item.commit, listing = CONVERTED, commit, converted
         item.files = {f: listing[f] for f in files}

@@ -146,6 +146,15 @@ def test_fetch_three_datasets_and_a_model_then_collect_offline(cli, hub, tmp_pat
     assert len(table(again.stdout)) == 4
     assert len(resolve_paths(hub)) == before
 
+    # Offline (HF_HUB_OFFLINE=1, no Hub): what is cached is reported as such, the rest fails saying why.
+    offline = env_for(None, cache, HF_HUB_OFFLINE="1")
+    proc = run([cli, "fetch", "--model", MODEL, "--datasets", THREE], offline, check_rc=0)
+    assert all(v == "already cached" for v in table(proc.stdout).values()) and len(table(proc.stdout)) == 4, proc.stdout
+    proc = run([cli, "fetch", "--datasets", "glue/sst2,imdb"], offline, check_rc=1)
+    rows = table(proc.stdout)
+    assert rows["dataset glue/sst2"] == "already cached"
+    assert rows["dataset imdb"].startswith("failed: HF_HUB_OFFLINE is set"), rows
+
 
 def test_dry_run_lists_files_and_sizes_and_downloads_nothing(cli, hub, tmp_path):
     cache = tmp_path / "hub"
