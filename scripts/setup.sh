@@ -24,12 +24,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Python: Arrow C++ (Debian has none) comes from the pyarrow wheel; numpy/pytest/matplotlib for the
-# Python reader, its tests and the report plots.
+# Python reader, its tests and the report plots; huggingface_hub for `moetrace fetch`.
 PY=${MOETRACE_PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import numpy, pyarrow, pytest, matplotlib" 2>/dev/null; then
+if ! .venv/bin/python -c "import numpy, pyarrow, pytest, matplotlib, huggingface_hub" 2>/dev/null; then
   echo "setup: installing Python packages into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r scripts/requirements.txt

@@ -3,6 +3,7 @@
   summary STORE                  what `moetrace inspect` reports, recomputed from the shards in Python
   export-pickle STORE OUT.pkl    the seed system's pickle (+ OUT.json metadata)
   analyze ..., speculate ...     dispatched to moetrace.analysis / moetrace.speculate when present
+  fetch ...                      moetrace.fetch: download a model and datasets into the Hugging Face cache
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .errors import StoreError
 from .store import TraceStore, open_store
 
 # Subcommands implemented in their own modules: each exposes main(argv) -> int.
-PLUGIN_COMMANDS = {"analyze": "moetrace.analysis", "speculate": "moetrace.speculate"}
+PLUGIN_COMMANDS = {"analyze": "moetrace.analysis", "speculate": "moetrace.speculate", "fetch": "moetrace.fetch"}
 
 
 def compute_summary(store: TraceStore) -> dict:
