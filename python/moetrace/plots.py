@@ -322,3 +322,32 @@ def histogram_pair(path: str, left: tuple, right: tuple, title: str) -> str:
             ax.legend(fontsize=7)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def cache_panels(path: str, runs: list[dict], policies: list[str], tokens: int, title: str) -> str:
+    """The expert-cache replay: hit rate (left) beside its cost, experts moved per token (right), over
+    the cache size; one colour per policy, solid without and dashed with prefetching (prefetch can
+    raise transfers while it lowers or raises the hit rate: both are shown)."""
+    fig, axes = plt.subplots(1, 2, figsize=WIDE, layout="constrained")
+    pal = palette(len(policies))
+    for pol, (colour, _) in zip(policies, pal):
+        for pf, ls, mk in ((False, "-", "o"), (True, "--", "s")):
+            rs = sorted((r for r in runs if r["policy"] == pol and r["prefetch"] == pf),
+                        key=lambda r: r["cache_experts_per_layer"])
+            if not rs:
+                continue
+            x = [r["cache_experts_per_layer"] for r in rs]
+            label = pol + (" + prefetch" if pf else "")
+            axes[0].plot(x, [r["hit_rate"] for r in rs], color=colour, ls=ls, marker=mk, ms=4, label=label)
+            axes[1].plot(x, [r["experts_transferred"] / max(1, tokens) for r in rs], color=colour, ls=ls, marker=mk,
+                         ms=4, label=label)
+    axes[0].set_ylim(0, 1.02)
+    axes[0].set_ylabel("hit rate")
+    axes[1].set_ylabel("experts moved per token (demand + prefetch)")
+    axes[1].set_ylim(bottom=0)
+    for ax in axes:
+        ax.set_xlabel("cache size (experts per layer)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
