@@ -229,9 +229,11 @@ def export_parquet(store, out_dir: str | os.PathLike, layers: Iterable | None = 
     return {"files": files, "rows": rows, "schema": schema}
 
 
-def hf_dataset(out_dir: str | os.PathLike, split: str = "train"):
+def hf_dataset(out_dir: str | os.PathLike, split: str = "train", cache_dir: str | None = None):
     """The export_parquet() output as a `datasets.Dataset`; `.push_to_hub("user/name")` shares it (or
-    upload OUT/ as it is: its README.md card points the Hub at the Parquet files)."""
+    upload OUT/ as it is: its README.md card points the Hub at the Parquet files). cache_dir: where
+    `datasets` keeps its Arrow cache (default ~/.cache/huggingface/datasets)."""
     import datasets
 
-    return datasets.load_dataset("parquet", data_dir=os.path.join(os.fspath(out_dir), "data"), split=split)
+    return datasets.load_dataset("parquet", data_dir=os.path.join(os.fspath(out_dir), "data"), split=split,
+                                 cache_dir=cache_dir)
