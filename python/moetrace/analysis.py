@@ -808,13 +808,16 @@ def make_plots(stats: dict, out_dir: str, per_layer_charts: bool = False, jsd_vm
             excess = np.maximum(0.0, jsd - floor)
             within = (jsd <= 2.0 * floor) & ~np.eye(len(ds), dtype=bool)
             labels = [ds[i] for i in order]
+            vmax = jsd_vmax  # auto: never stretch differences within the noise to the full colour scale
+            if vmax is None:
+                vmax = max(float(np.nanmax(excess)) if excess.size else 0.0, 3.0 * float(np.nanmax(floor)), 1e-6)
             side = 6.0 if len(ds) <= 12 else min(16.0, 4.0 + 0.2 * len(ds))
             f.append(plots.heatmap(
                 os.path.join(out_dir, f"{tag}_datasets_jsd.png"), excess,
                 f"{title}: JSD between datasets minus its noise floor (mean over layers"
                 + (", clustered" if len(ds) > 2 else "") + ")",
                 "dataset", "dataset", "JSD − noise floor (bits)", yticklabels=labels, xticklabels=labels,
-                figsize=(side + 1.0, side), vmin=0, vmax=jsd_vmax, annotate=True, marks=within,
+                figsize=(side + 1.0, side), vmin=0, vmax=vmax, annotate=True, marks=within,
                 mark_label="dot: JSD ≤ 2 × noise floor (random halves of the same text reach it)"))
             share = np.array([np.asarray(st["overall"]["per_dataset"][d]["expert_counts"], float) for d in labels])
             share = share / np.maximum(1, share.sum(axis=1, keepdims=True)) * 100

@@ -263,7 +263,7 @@ def heatmap_grid(path: str, mats: list, titles: list[str], title: str, xlabel: s
         cm = base.with_extremes(bad="#bbbbbb", under=base(0.0))
         if log:
             norm = LogNorm(vmin=max(vmin or 0.0, 1e-3), vmax=vmax, clip=False)
-            im = ax.imshow(np.ma.masked_invalid(np.where(m > 0, m, 1e-9)), aspect="auto", interpolation="nearest",
+            im = ax.imshow(np.ma.masked_invalid(np.where(np.isnan(m) | (m > 0), m, 1e-9)), aspect="auto", interpolation="nearest",
                            cmap=cm, norm=norm)
         else:
             im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", interpolation="nearest", cmap=cm, vmin=vmin,

@@ -224,3 +224,25 @@ def test_speculation_html_and_plots(spec_store, tmp_path):
     assert "val_loss" in curve[-1] and enc["learned"]["val_tokens"]["1"] > 0
     assert enc["learned"]["train_s"] > 0 and enc["fit_s"] >= enc["learned"]["train_s"]
     assert png_size(out / "encoder_cache_hit_rate.png") == (1000, 450)
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_masked_transition_rows_are_drawn_grey(tmp_path, log):
+    import matplotlib.image as mpimg
+    m = np.full((4, 4), 0.25)
+    m[2] = np.nan  # a masked row
+    name = plots.heatmap_grid(str(tmp_path / "t.png"), [m], ["t"], "t", "x", "y", "p", log=log, cols=1)
+    img = mpimg.imread(str(tmp_path / name))[..., :3]
+    grey = np.all(np.abs(img - 0xBB / 255) < 0.02, axis=-1)
+    rows = np.flatnonzero(grey.sum(axis=1) > 20)
+    assert rows.size > 10, "a band of grey pixels where the masked row is"
+
+
+def test_jsd_colour_scale_is_not_stretched_over_noise(big_report):
+    _, out, stats, _ = big_report
+    import matplotlib.image as mpimg
+    img = mpimg.imread(str(out / "enc_datasets_jsd.png"))[..., :3]
+    img = img[:, : int(img.shape[1] * 0.8)]  # the matrix, not the colour bar
+    # viridis' bright yellow end (> 0.8 red and green, low blue) must not appear for pure noise
+    yellow = (img[..., 0] > 0.8) & (img[..., 1] > 0.8) & (img[..., 2] < 0.3)
+    assert yellow.sum() < 50
