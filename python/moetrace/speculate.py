@@ -1399,11 +1399,17 @@ def main(argv: list[str] | None = None) -> int:
         opt = options_from_args(args)
     except ValueError as e:
         ap.error(str(e))
+    if not args.no_plots:
+        try:
+            from . import plots
+        except ModuleNotFoundError as e:
+            print(f"moetrace: error: the charts need {e.name}, which is not installed: pip install "
+                  "'moetrace[analysis]' (or pass --no-plots)", file=sys.stderr)
+            return 1
     try:
         store = open_store(args.store)
         progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
         if not args.no_plots:
-            from . import plots
             plots.configure(dpi=args.dpi, fmt=args.format)
         res = speculate_store(store, opt, progress)
     except (StoreError, KeyError, ValueError) as e:

@@ -123,3 +123,15 @@ def test_readme_sample_id_exists_in_a_demo_store(cli, tmp_path):
     store = moetrace.open_store(str(out))
     for sid in ids:
         assert store.sample(sid).sample_id == sid
+
+
+@pytest.mark.parametrize("command", ["analyze", "speculate"])
+def test_missing_matplotlib_is_one_line(store_factory, tmp_path, monkeypatch, command):
+    path, _ = store_factory(num_samples=6)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "moetrace.plots", raising=False)
+    import moetrace
+    monkeypatch.delattr(moetrace, "plots", raising=False)
+    proc = run_module(command, path, "-o", tmp_path / "o", "-q", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "moetrace[analysis]" in proc.stderr
