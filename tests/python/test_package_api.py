@@ -122,8 +122,9 @@ def test_readme_sample_id_exists_in_a_demo_store(cli, tmp_path):
     text = open(os.path.join(PYTHON_DIR, "README.md")).read()
     ids = re.findall(r'store\.sample\("([^"]+)"\)', text)
     assert ids, "python/README.md shows a sample id"
+    ids += re.findall(r'store\["([^"]+)"\]', open(os.path.join(REPO, "docs", "TRACE_FORMAT.md")).read())
     out = tmp_path / "demo"
-    subprocess.run([cli, "collect", "-o", str(out), "-t", "40", "-q"], check=True, capture_output=True)
+    subprocess.run([cli, "collect", "-o", str(out), "-t", "120"], check=True, capture_output=True)
     store = moetrace.open_store(str(out))
     for sid in ids:
         assert store.sample(sid).sample_id == sid
