@@ -799,7 +799,7 @@ def make_plots(stats: dict, out_dir: str, per_layer_charts: bool = False, jsd_vm
                 f.append(plots.heatmap(os.path.join(out_dir, f"{tag}_datasets_entropy.png"), ent,
                                        f"{title}: normalized routing entropy per dataset", "MoE layer", "dataset",
                                        "entropy / log2(E)", yticklabels=ds, xticklabels=names,
-                                       figsize=(7.0, max(4.5, 0.16 * len(ds) + 1.5))))
+                                       figsize=(7.0, max(4.5, 0.16 * len(ds) + 1.5)), vmin=0.0, vmax=1.0))
             order = dv.get("order") or list(range(len(ds)))
             jsd = np.asarray(dv["mean_over_layers"], np.float64)[np.ix_(order, order)]
             floor = np.asarray(dv.get("noise_floor_mean_over_layers") or np.zeros_like(jsd), np.float64)
