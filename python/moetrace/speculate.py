@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .analysis import SparseCounts, rows_f32
+from .cachesim import TimeModel, next_uses, simulate_cache  # noqa: F401 (re-exported)
 
 SPECULATION_VERSION = 1
 KS = (1, 2, 4, 8, 16)
@@ -520,105 +520,7 @@ class Learned(Predictor):
                 "loss_curves": {str(t): c for t, c in self.curves.items()}}
 
 
-# --------------------------------------------------------------------------------------------------
-# Expert cache simulator
-# --------------------------------------------------------------------------------------------------
-
-
-def next_uses(requests: list[np.ndarray], prefetch: list | None, num_experts: int):
-    """Backward pass: for request i, nxt[i][e] = next request index > i that needs e (for e in
-    R_i), and pre[i][e] = next request index >= i that needs e (for e in the prefetch set P_i)."""
-    inf = len(requests) + 1
-    seen = [inf] * num_experts
-    nxt = [None] * len(requests)
-    pre = [None] * len(requests) if prefetch is not None else None
-    for i in range(len(requests) - 1, -1, -1):
-        r = requests[i]
-        nxt[i] = [seen[e] for e in r]
-        for e in r:
-            seen[e] = i
-        if prefetch is not None:
-            pre[i] = [seen[e] for e in prefetch[i]]
-    return nxt, pre
-
-
-def simulate_cache(requests: list, capacity: int, policy: str, num_experts: int, prefetch: list | None = None) -> dict:
-    """Replays requests (each a list of distinct experts needed at once by one layer: a prefill
-    sequence's experts, or one decode token's) through a cache of `capacity` experts.
-
-    Before request i the prefetch set P_i (if any) is loaded. After a request (or prefetch) the cache
-    keeps at most `capacity` experts: those just used/prefetched are kept first, the rest evicted by
-    policy: lru (least recently touched), lfu (fewest demand uses, then least recent), belady (the
-    one needed farthest in the future; optimal for demand fetching, and it may also decline to keep a
-    just-used expert). Returns counts and per-request demand/prefetch loads (for the time model)."""
-    n = len(requests)
-    cache: set = set()
-    last = [-1] * num_experts
-    freq = [0] * num_experts
-    nuse = [n + 1] * num_experts
-    nxt = pre = None
-    if policy == "belady":
-        nxt, pre = next_uses(requests, prefetch, num_experts)
-    demand = np.zeros(n, np.int32)
-    loaded = np.zeros(n, np.int32)
-    hits = accesses = 0
-    clock = 0
-
-    def shrink(pinned):
-        excess = len(cache) - capacity
-        if excess <= 0:
-            return
-        if policy == "belady":  # farthest next use goes first, pinned or not
-            victims = sorted(cache, key=lambda e: (-nuse[e], e))[:excess]
-        else:
-            key = (lambda e: (e in pinned, last[e], e)) if policy == "lru" else \
-                (lambda e: (e in pinned, freq[e], last[e], e))
-            victims = sorted(cache, key=key)[:excess]
-        cache.difference_update(victims)
-
-    for i in range(n):
-        if prefetch is not None and len(prefetch[i]):
-            p = prefetch[i]
-            clock += 1
-            new = [e for e in p if e not in cache]
-            loaded[i] = len(new)
-            cache.update(new)
-            for k, e in enumerate(p):
-                last[e] = clock
-                if policy == "belady":
-                    nuse[e] = pre[i][k]
-            shrink(set(p))
-        r = requests[i]
-        clock += 1
-        got = sum(1 for e in r if e in cache)
-        hits += got
-        accesses += len(r)
-        demand[i] = len(r) - got
-        cache.update(r)
-        for k, e in enumerate(r):
-            last[e] = clock
-            freq[e] += 1
-            if policy == "belady":
-                nuse[e] = nxt[i][k]
-        shrink(set(r))
-    return {"accesses": accesses, "hits": hits, "hit_rate": hits / accesses if accesses else 0.0,
-            "demand_loads": int(demand.sum()), "prefetch_loads": int(loaded.sum()),
-            "demand_per_request": demand, "prefetch_per_request": loaded}
-
-
-@dataclass
-class TimeModel:
-    expert_bytes: float
-    bandwidth_gbs: float = 24.0   # host-to-device GB/s
-    layer_ms: float = 0.2         # compute of one MoE layer for one request (a decode step or a prefill sequence)
-
-    def transfer_ms(self, experts) -> np.ndarray:
-        return np.asarray(experts, np.float64) * self.expert_bytes / (self.bandwidth_gbs * 1e9) * 1e3
-
-    def request_ms(self, demand, prefetched) -> float:
-        """Demand loads stall the layer; prefetches overlap the previous layer's compute."""
-        c = self.layer_ms
-        return float(np.sum(c + self.transfer_ms(demand) + np.maximum(0.0, self.transfer_ms(prefetched) - c)))
+# The expert cache simulator lives in cachesim.py (re-exported here).
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1070,226 +972,7 @@ def speculate_store(store, opt: Options, progress=None) -> dict:
     }
 
 
-# --------------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------------
-
-
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.1f}%"
-
-
-def _shown_ks(res: dict) -> list[int]:
-    """The ks worth a column: recall@E and beyond are 100% by definition."""
-    return [k for k in res.get("ks", KS) if k < res["num_experts"]] or [1]
-
-
-def _detail_ks(res: dict) -> list[int]:
-    """The ks of the per-target table beside top-1 (at most three)."""
-    return [k for k in _shown_ks(res) if k > 1][:3]
-
-
-def render_markdown(res: dict) -> str:
-    ks = _shown_ks(res)
-    dk = _detail_ks(res)
-    out = ["# moetrace speculate", ""]
-    if res.get("demo_model"):
-        out += ["**Demo model: random weights.** This store was collected with a random-weight demo model; its "
-                "routing says nothing about a trained model's.", ""]
-    out += [f"Store `{res['store']}`, model {res['model']}, {res['num_experts']} experts"
-            + (", real samples only" if res.get("real_only") else "") + ". Split: "
-            f"`{json.dumps(res['split'])}`. {res['elapsed_s']:.2f} s.", ""]
-    if res["unavailable"]:
-        out.append("Unavailable: " + "; ".join(f"{k}: {v}" for k, v in res["unavailable"].items()))
-        out.append("")
-    for key in ("encoder", "decoder"):
-        st = res.get(key)
-        if not st:
-            continue
-        out += [f"## {key.capitalize()}", "",
-                f"Train: {st['train']['samples']} samples, {st['train']['tokens']} tokens; test: "
-                f"{st['test']['samples']} samples, {st['test']['tokens']} tokens.", "",
-                "Predictors ranked by top-1 accuracy on held-out samples (token-weighted over the target layers "
-                "each can reach; lookahead = MoE layers ahead, 0 = known before the forward pass):", "",
-                "| rank | predictor | lookahead | targets | " + " | ".join(f"recall@{k}" for k in ks) + " |",
-                "|---|---|---|---|" + "---|" * len(ks)]
-        for r in st["summary"]:
-            out.append(f"| {r['rank']} | {r['predictor']} | {r['lookahead']} | {len(r['targets'])} | "
-                       + " | ".join(_pct(r["recall"].get(str(k))) for k in ks) + " |")
-        out.append("")
-        out += ["Per target layer (all datasets; 95% CI of top-1 over samples):", "",
-                "| predictor | lookahead | target | tokens | top-1 | 95% CI | "
-                + " | ".join(f"recall@{k}" for k in dk) + (" |" if dk else "|"),
-                "|---|---|---|---|---|---|" + "---|" * len(dk)]
-        for r in st["results"]:
-            if r["dataset"] != "all":
-                continue
-            ci = r["ci95"]["1"]
-            out.append(f"| {r['predictor']} | {r['lookahead']} | {r['target']} | {r['tokens']} | {_pct(r['top1'])} | "
-                       + (f"{_pct(ci[0])}–{_pct(ci[1])}" if ci else "–") + " | "
-                       + " | ".join(_pct(r["recall"].get(str(k))) for k in dk) + (" |" if dk else ""))
-        out.append("")
-        c = st.get("cache")
-        if c:
-            out += [f"Expert cache ({c['mode']} replay of the test samples, {c['tokens']} tokens; expert "
-                    f"{c['expert_bytes'] / 2**20:.1f} MiB, {c['bandwidth_gbs']} GB/s, {c['layer_ms']} ms per layer "
-                    f"request; prefetch: {c['prefetch_predictor']} top-{c['prefetch_k']}). All experts on the GPU: "
-                    f"{c['all_on_gpu_ms_per_token']:.3f} ms/token; no cache: {c['no_cache_ms_per_token']:.3f} ms/token.",
-                    "", "| experts/layer | policy | prefetch | hit rate | experts moved | GiB moved | ms/token |",
-                    "|---|---|---|---|---|---|---|"]
-            for r in c["runs"]:
-                out.append(f"| {r['cache_experts_per_layer']} | {r['policy']} | {'yes' if r['prefetch'] else 'no'} | "
-                           f"{_pct(r['hit_rate'])} | {r['experts_transferred']} | {r['bytes_transferred'] / 2**30:.2f} | "
-                           f"{r['ms_per_token']:.3f} |")
-            out.append("")
-        if st.get("learned"):
-            curves = st["learned"]["loss_curves"]
-            out.append(f"Learned predictor ({st['learned'].get('train_s', 0.0):.2f} s of training) loss, first → last "
-                       "logged step (validation in brackets): " + ", ".join(
-                           f"{st['layers'][int(t)]}: {c[0]['loss']:.3f} → {c[-1]['loss']:.3f}"
-                           + (f" [{c[-1]['val_loss']:.3f}]" if "val_loss" in c[-1] else "")
-                           for t, c in curves.items() if c))
-            out.append("")
-    return "\n".join(out)
-
-
-def make_plots(res: dict, out_dir: str) -> list[str]:
-    from . import plots
-    files = []
-    for key in ("encoder", "decoder"):
-        st = res.get(key)
-        if not st:
-            continue
-        ks = [k for k in res.get("ks", KS) if k <= res["num_experts"]]
-        series, bands = {}, {}
-        for r in st["summary"]:
-            name = f"{r['predictor']} (d={r['lookahead']})"
-            series[name] = [r["recall"].get(str(k)) for k in ks]
-            ci = r.get("ci95") or {}
-            if all(ci.get(str(k)) for k in ks):
-                bands[name] = ([ci[str(k)][0] for k in ks], [ci[str(k)][1] for k in ks])
-        files.append(plots.lines(os.path.join(out_dir, f"{key}_recall_at_k.png"), ks, series,
-                                 f"{key}: recall@k on held-out samples (band: 95% CI over samples)",
-                                 "k (experts prefetched per layer)", "recall@k", logx=True, ylim=(0, 1.02),
-                                 bands=bands))
-        c = st.get("cache")
-        if c and c["runs"]:
-            files.append(plots.cache_panels(os.path.join(out_dir, f"{key}_cache_hit_rate.png"), c["runs"],
-                                            [p for p in POLICIES if any(r["policy"] == p for r in c["runs"])],
-                                            c["tokens"],
-                                            f"{key}: expert cache ({c['mode']} replay; prefetch "
-                                            f"{c['prefetch_predictor']} top-{c['prefetch_k']})"))
-        if st.get("learned") and st["learned"]["loss_curves"]:
-            curves = st["learned"]["loss_curves"]
-            series, styles = {}, {}
-            names = [st["layers"][int(t)] for t in curves]
-            pal = plots.palette(len(names))
-            for (t, cv), name, (colour, _) in zip(curves.items(), names, pal):
-                steps = [p["step"] for p in cv]
-                series[f"{name} train"] = (steps, [p["loss"] for p in cv])
-                styles[f"{name} train"] = {"color": colour, "ls": "-"}
-                if cv and "val_loss" in cv[0]:
-                    series[f"{name} validation"] = (steps, [p["val_loss"] for p in cv])
-                    styles[f"{name} validation"] = {"color": colour, "ls": "--"}
-            files.append(plots.lines(os.path.join(out_dir, f"{key}_learned_loss.png"), None, series,
-                                     f"{key}: learned predictor loss per target layer (solid: training, dashed: "
-                                     "validation)", "step", "cross-entropy (nats)", markers=False, styles=styles))
-    return files
-
-
-def render_html(res: dict, files: list[str], out_dir: str, embed: bool = True) -> str:
-    """speculation.html: the Markdown's tables with per-column formats and the charts embedded."""
-    import html as H
-    from .report import Col, demo_banner, image, page, table
-
-    ks, dk = _shown_ks(res), _detail_ks(res)
-    txt, cnt, pct, flt = (lambda h: Col(h, "text")), (lambda h: Col(h, "int")), (lambda h: Col(h, "pct")), \
-        (lambda h: Col(h))
-    out = ["<h1>moetrace speculate</h1>", demo_banner({"id": res["model"], "demo": res.get("demo_model")}),
-           f"<p>Store <code>{H.escape(res['store'])}</code>, model {H.escape(str(res['model']))}, "
-           f"{res['num_experts']} experts" + (", real samples only" if res.get("real_only") else "")
-           + f"; {res['elapsed_s']:.2f} s. Split: <code>{H.escape(json.dumps(res['split']))}</code>. All numbers "
-           "are in <code>speculation.json</code> (keys in docs/ANALYSIS.md).</p>"]
-    if res["unavailable"]:
-        out.append("<p class='note'>Unavailable: " + "; ".join(f"{H.escape(k)}: {H.escape(str(v))}"
-                                                            for k, v in res["unavailable"].items()) + "</p>")
-    for key in ("encoder", "decoder"):
-        st = res.get(key)
-        if not st:
-            continue
-        mine = [f for f in files if f.startswith(key + "_")]
-        out.append(f"<h2>{key.capitalize()}</h2><p>Train: {st['train']['samples']:,} samples, "
-                   f"{st['train']['tokens']:,} tokens; test: {st['test']['samples']:,} samples, "
-                   f"{st['test']['tokens']:,} tokens. Fit {st['fit_s']:.2f} s, evaluation {st['eval_s']:.2f} s.</p>")
-        out.append("<h3>Predictors</h3><p>Ranked by top-1 accuracy on held-out samples (token-weighted over the "
-                   "target layers each can reach; lookahead = MoE layers ahead, 0 = known before the forward "
-                   "pass).</p>")
-        out.append(table([cnt("rank"), txt("predictor"), cnt("lookahead"), cnt("targets")]
-                         + [pct(f"recall@{k}") for k in ks],
-                         [[r["rank"], r["predictor"], r["lookahead"], len(r["targets"])]
-                          + [r["recall"].get(str(k)) for k in ks] for r in st["summary"]]))
-        out += [image(out_dir, f, embed) for f in mine if "_recall_at_k" in f]
-        rows = []
-        for r in st["results"]:
-            if r["dataset"] != "all":
-                continue
-            ci = r["ci95"]["1"]
-            rows.append([r["predictor"], r["lookahead"], r["target"], r["tokens"], r["top1"],
-                         f"{100 * ci[0]:.1f}–{100 * ci[1]:.1f}%" if ci else None]
-                        + [r["recall"].get(str(k)) for k in dk])
-        out.append("<details><summary>Per target layer (all datasets; 95% CI of top-1 over samples)</summary>"
-                   + table([txt("predictor"), cnt("lookahead"), txt("target"), cnt("tokens"), pct("top-1"),
-                            txt("95% CI")] + [pct(f"recall@{k}") for k in dk], rows) + "</details>")
-        c = st.get("cache")
-        if c:
-            out.append(f"<h3>Expert cache</h3><p>{c['mode']} replay of the test samples, {c['tokens']:,} tokens; "
-                       f"expert {c['expert_bytes'] / 2**20:.1f} MiB, {c['bandwidth_gbs']} GB/s, {c['layer_ms']} ms "
-                       f"per layer request; prefetch: {H.escape(str(c['prefetch_predictor']))} top-{c['prefetch_k']}"
-                       f". All experts on the GPU: {c['all_on_gpu_ms_per_token']:.3f} ms/token; no cache: "
-                       f"{c['no_cache_ms_per_token']:.3f} ms/token"
-                       + (f"; replay truncated to the first {c['requests_per_layer']:,} requests per layer"
-                          if c.get("truncated") else "") + ".</p>")
-            out.append(table([cnt("experts/layer"), txt("policy"), txt("prefetch"), pct("hit rate"),
-                              cnt("experts moved"), Col("experts moved / token", "float"), Col("GiB moved", "float"),
-                              Col("ms/token", "float")],
-                             [[r["cache_experts_per_layer"], r["policy"], "yes" if r["prefetch"] else "no",
-                               r["hit_rate"], r["experts_transferred"],
-                               r["experts_transferred"] / max(1, c["tokens"]), r["bytes_transferred"] / 2 ** 30,
-                               r["ms_per_token"]] for r in c["runs"]]))
-            out += [image(out_dir, f, embed) for f in mine if "_cache_" in f]
-        if st.get("learned"):
-            ln = st["learned"]
-            out.append(f"<h3>Learned predictor</h3><p>{H.escape(ln['model'])}; features: {H.escape(ln['features'])}; "
-                       f"trained in {ln.get('train_s', 0.0):.2f} s.</p>")
-            out += [image(out_dir, f, embed) for f in mine if "_learned_loss" in f]
-    return page("moetrace speculate", out)
-
-
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {k: _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    return o
-
-
-def write_outputs(res: dict, out_dir: str, plots_on: bool = True, embed: bool = True) -> None:
-    """speculation.json, speculation.md (charts linked) and speculation.html (self-contained)."""
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "speculation.json"), "w") as f:
-        json.dump(_jsonable(res), f, indent=1)
-    md = render_markdown(res)
-    files = make_plots(res, out_dir) if plots_on else []
-    with open(os.path.join(out_dir, "speculation.md"), "w") as f:
-        f.write(md + "\n" + "".join(f"\n![{x}]({x})\n" for x in files))
-    with open(os.path.join(out_dir, "speculation.html"), "w") as f:
-        f.write(render_html(res, files, out_dir, embed=embed))
-
-
+# Rendering (speculation.html, .md, charts) lives in speculate_report.py (re-exported here).
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1421,6 +1104,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.output}/speculation.html and {args.output}/speculation.md", file=sys.stderr)
     return 0
 
+
+from .speculate_report import (_jsonable, make_plots, render_html, render_markdown,  # noqa: E402,F401
+                               write_outputs)
 
 if __name__ == "__main__":
     sys.exit(main())
