@@ -272,8 +272,11 @@ def download(item: Item, cache_dir: str) -> None:
     # snapshot_download matches allow_patterns with fnmatch on the full path: escape exact names.
     patterns = [glob.escape(f) for f in item.files]
     try:
+        # HF_ENDPOINT read now, not when huggingface_hub was first imported (a long-lived process or
+        # a notebook may set it later).
         folder = hub.snapshot_download(item.repo, repo_type=item.repo_type, revision=item.revision,
-                                       allow_patterns=patterns, cache_dir=cache_dir)
+                                       allow_patterns=patterns, cache_dir=cache_dir,
+                                       endpoint=os.environ.get("HF_ENDPOINT") or None)
     except Exception as e:  # noqa: BLE001 - reported per item
         item.status, item.reason = "failed", hub_error(e, item.repo, item.revision)
         return
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = [{**s, "split": args.split} for s in specs]
 
     cache_dir = hub.constants.HF_HUB_CACHE
-    planner = Planner(hub.HfApi(), cache_dir)
+    planner = Planner(hub.HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None), cache_dir)
     # ID@REV as collect's --model takes it; else --revision.
     items = [planner.model(*(m.split("@", 1) if "@" in m else (m, args.revision))) for m in args.model]
     items += [planner.dataset(s, args.revision) for s in specs]
