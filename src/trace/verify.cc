@@ -126,7 +126,8 @@ std::vector<std::string> verify_store(const fs::path& dir) {
         if (!e.is_object() || e.value("rank", -1) != static_cast<int>(r) ||
             e.value("dir", std::string()) != want_dir ||
             e.value("first_sample", int64_t{-1}) != first ||
-            e.value("num_samples", int64_t{-1}) < 0) {
+            e.value("num_samples", int64_t{-1}) < 0 ||
+            e.value("num_samples", int64_t{-1}) > (int64_t{1} << 50)) {
           fail(what, ": data_parallel.ranks[", r, "] must be rank ", r, " in ", want_dir,
                " starting at sample ", first);
         }
