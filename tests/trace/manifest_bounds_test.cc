@@ -119,5 +119,29 @@ TEST_F(ManifestBounds, ShardCountsCannotOverflow) {
   }
 }
 
+// Found by fuzz_trace_store: a data_parallel rank field of another type threw a json type_error
+// out of verify_store (the CLI's verify aborted) instead of becoming a problem line.
+TEST_F(ManifestBounds, DataParallelFieldsOfAnotherTypeAreProblems) {
+  for (const char* key : {"rank", "dir", "first_sample", "num_samples"}) {
+    json m = manifest_;
+    m["data_parallel"] = {{"world_size", 2},
+                          {"ranks",
+                           {{{"rank", 0},
+                             {"dir", "ranks/rank-00000-of-00002"},
+                             {"first_sample", 0},
+                             {"num_samples", 0}},
+                            {{"rank", 1},
+                             {"dir", "ranks/rank-00001-of-00002"},
+                             {"first_sample", 0},
+                             {"num_samples", 0}}}}};
+    m["data_parallel"]["ranks"][0][key] = json::array({"x"});
+    write(m);
+    std::vector<std::string> problems;
+    ASSERT_NO_THROW(problems = verify_store(dir_)) << key;
+    ASSERT_FALSE(problems.empty()) << key;
+    EXPECT_NE(problems[0].find("data_parallel.ranks[0]"), std::string::npos) << problems[0];
+  }
+}
+
 }  // namespace
 }  // namespace moetrace
