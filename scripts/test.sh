@@ -12,6 +12,11 @@ if [ -d tests/python ]; then
   .venv/bin/python -m pytest -q tests/python
 fi
 bash scripts/run_demo.sh
+# libFuzzer smoke run: every fuzz target for a few seconds on the tests/data seeds (clang only;
+# scripts/fuzz.sh SECONDS runs them longer).
+if command -v clang++ >/dev/null && [ "${MOETRACE_SKIP_FUZZ:-0}" != "1" ]; then
+  bash scripts/fuzz.sh "${MOETRACE_FUZZ_SECONDS:-2}"
+fi
 if [ "${MOETRACE_SKIP_ASAN:-0}" != "1" ]; then
   bash scripts/build.sh asan
   ctest --preset asan -j "$(nproc)"

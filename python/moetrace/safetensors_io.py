@@ -8,6 +8,7 @@ section; offsets are relative to the start of the data section (byte 8 + n).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -74,7 +75,9 @@ def read_header(path: str) -> tuple[dict, dict[str, TensorInfo], int]:
         raise StoreError(f"{path}: cannot read: {e}") from None
     try:
         header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except RecursionError:
+        raise StoreError(f"{path}: invalid safetensors header: JSON nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
         raise StoreError(f"{path}: invalid safetensors header: not JSON ({e})") from None
     if not isinstance(header, dict):
         raise StoreError(f"{path}: invalid safetensors header: not a JSON object")
@@ -86,13 +89,17 @@ def read_header(path: str) -> tuple[dict, dict[str, TensorInfo], int]:
     tensors: dict[str, TensorInfo] = {}
     for key, info in header.items():
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            begin, end = int(begin), int(end)
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            # Only JSON integers: int() would also take floats (1e300 -> OverflowError) and strings.
+            if not isinstance(shape, list) or not all(_is_int(d) for d in shape + [begin, end]):
+                raise TypeError
+            shape = tuple(shape)
         except (KeyError, TypeError, ValueError):
             raise StoreError(f"{path}: invalid safetensors header entry for tensor {key!r}: {info!r}") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise StoreError(f"{path}: tensor {key!r} has unsupported dtype {dtype!r}")
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
+        # Python ints: the product cannot wrap (an int64 product of [2**32, 2**32] is 0).
+        expected = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
         if begin < 0 or end < begin or end - begin != expected or any(d < 0 for d in shape):
             raise StoreError(f"{path}: tensor {key!r}: data_offsets [{begin}, {end}] do not fit "
                              f"{dtype} {list(shape)} ({expected} bytes)")
@@ -100,7 +107,17 @@ def read_header(path: str) -> tuple[dict, dict[str, TensorInfo], int]:
             raise StoreError(f"{path}: truncated: tensor {key!r} ends at byte {data_start + end} "
                              f"but the file has {size} bytes ({name})")
         tensors[key] = TensorInfo(key, dtype, shape, begin, end)
+    # Tensors must not share bytes (a writer never overlaps them; the C++ reader refuses it too).
+    spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise StoreError(f"{path}: tensors {a!r} and {b!r} overlap in the data section "
+                             f"(byte {data_start + begin_b} belongs to both)")
     return metadata, tensors, data_start
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class SafetensorsFile:

@@ -54,7 +54,7 @@ def _check_version(where: str, fmt, version) -> None:
         raise StoreError(f"{where}: format is {fmt!r}, expected {FORMAT!r} (not a moetrace trace store)")
     try:
         v = int(version)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         v = None
     if v not in FORMAT_VERSIONS or str(version).strip() != str(v):
         known = ", ".join(str(k) for k in FORMAT_VERSIONS)
@@ -104,7 +104,9 @@ class Shard:
                                      f"{self.num_samples} entries (the manifest's num_samples)")
         except KeyError as e:
             raise StoreError(f"{self.path}: __metadata__ lacks {e.args[0]!r}") from None
-        except (ValueError, TypeError) as e:
+        except RecursionError:
+            raise StoreError(f"{self.path}: invalid __metadata__: JSON nested too deeply") from None
+        except (ValueError, TypeError, OverflowError) as e:
             raise StoreError(f"{self.path}: invalid __metadata__: {e}") from None
         if out["first_sample"] != self.first_sample:
             raise StoreError(f"{self.path}: first_sample {out['first_sample']} differs from the manifest's "
@@ -195,19 +197,25 @@ class Shard:
 
     def sha256(self) -> str:
         h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        try:
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as e:  # missing, a directory, unreadable
+            raise StoreError(f"{self.path}: cannot read: {e}") from None
         return h.hexdigest()
 
     def verify(self) -> None:
-        """Raises StoreError when the file's SHA-256 is not the manifest's."""
+        """Raises StoreError when the file's SHA-256 is not the manifest's, or the manifest gives none
+        (as the C++ `moetrace verify`: a shard without a checksum cannot be verified)."""
         want = self.entry.get("sha256")
-        if want:
-            got = self.sha256()
-            if got != want:
-                raise StoreError(f"{self.path}: sha256 mismatch: file has {got}, manifest says {want} "
-                                 f"(corrupt or rewritten shard)")
+        if not isinstance(want, str) or not re.fullmatch(r"[0-9a-f]{64}", want):
+            raise StoreError(f"{self.path}: the manifest's entry has no sha256 (64 hex digits expected, "
+                             f"got {want!r}); cannot verify the shard")
+        got = self.sha256()
+        if got != want:
+            raise StoreError(f"{self.path}: sha256 mismatch: file has {got}, manifest says {want} "
+                             f"(corrupt or rewritten shard)")
 
     def release(self) -> None:
         """Forgets the memory map (arrays already handed out stay valid)."""
@@ -430,7 +438,9 @@ class TraceStore:
                 self.manifest: dict = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             raise StoreError(f"{manifest_path}: not found ({path} is not a trace store)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except RecursionError:
+            raise StoreError(f"{manifest_path}: cannot read: JSON nested too deeply") from None
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: bad JSON, huge int literals
             raise StoreError(f"{manifest_path}: cannot read: {e}") from None
         if not isinstance(self.manifest, dict):
             raise StoreError(f"{manifest_path}: not a JSON object")
@@ -449,7 +459,7 @@ class TraceStore:
             self.d_model: int = int(self.manifest["d_model"])
             entries = list(self.manifest["shards"])
             self.shards: list[Shard] = [Shard(path, e, backend) for e in entries]
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise StoreError(f"{manifest_path}: invalid manifest ({type(e).__name__}: {e})") from None
         self.layers: list[str] = [f"enc.{i}" for i in self.encoder_layers] + [f"dec.{i}" for i in self.decoder_layers]
         expected = 0
@@ -461,7 +471,11 @@ class TraceStore:
                 size = os.path.getsize(s.path)
             except FileNotFoundError:
                 raise StoreError(f"{s.path}: listed in {manifest_path} but missing") from None
-            want = int(s.entry.get("bytes") or 0)
+            try:
+                want = int(s.entry.get("bytes") or 0)
+            except (TypeError, ValueError, OverflowError):
+                raise StoreError(f"{manifest_path}: shard {s.file}: bytes {s.entry.get('bytes')!r} is not an "
+                                 f"integer") from None
             if want and size != want:
                 raise StoreError(f"{s.path}: {size} bytes but the manifest says {want} "
                                  f"({'truncated' if size < want else 'rewritten'} shard)")
@@ -469,7 +483,7 @@ class TraceStore:
                 s.verify()
         self._num_samples = expected
         declared = self.manifest.get("num_samples")
-        if declared is not None and int(declared) != expected:
+        if declared is not None and (not isinstance(declared, int) or declared != expected):
             raise StoreError(f"{manifest_path}: num_samples {declared} but its shards hold {expected}")
         self._firsts = [s.first_sample for s in self.shards]
         self._ids: dict[str, int] | None = None

@@ -64,6 +64,15 @@ std::string read_ref(const fs::path& p) {
   return line;
 }
 
+// A revision as a ref file may name it: a commit hash or a plain name of letters, digits, '-', '_'
+// and '.', never "." or ".." and no '/' (so snapshots/<revision> stays inside the repo folder).
+bool is_plain_revision(const std::string& s) {
+  if (s.empty() || s.size() > 255 || s == "." || s == "..") return false;
+  return std::all_of(s.begin(), s.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+  });
+}
+
 std::vector<std::string> snapshot_names(const fs::path& repo) {
   std::vector<std::string> out;
   std::error_code ec;
@@ -122,6 +131,11 @@ bool resolve_in_cache(const std::string& id, const std::string& rev, ResolvedMod
     revision = read_ref(ref);
     if (revision.empty()) {
       *why = ref.string() + " is empty";
+      return false;
+    }
+    if (!is_plain_revision(revision)) {
+      *why = ref.string() + " holds '" + revision.substr(0, 80) +
+             "', not a revision name (letters, digits, '-', '_', '.'; no path)";
       return false;
     }
   } else if (!rev.empty() && fs::is_directory(repo / "snapshots" / rev)) {

@@ -125,10 +125,23 @@ enum Op : uint8_t {
 
 }  // namespace
 
+// The values a pickle builds may take at most this much memory: a fixed allowance plus a multiple
+// of its size (torch state dicts take 15 to 25 bytes of values per pickle byte). Without it a
+// 20 MB pickle of EMPTY_DICT opcodes would build 20M values, about 4 GB.
+constexpr uint64_t kValueBytesBase = uint64_t{64} << 20;
+constexpr uint64_t kValueBytesPerPickleByte = 32;
+// Estimated bytes of one value (the struct, its allocation and the owning pointer) and of one memo
+// entry (a hash node).
+constexpr uint64_t kValueCost = sizeof(PickleValue) + 32;
+constexpr uint64_t kMemoEntryCost = 64;
+
 class Unpickler {
  public:
   Unpickler(std::string_view bytes, const std::string& what, Pickle* out)
-      : in_(bytes), what_(what), out_(out) {}
+      : in_(bytes),
+        what_(what),
+        out_(out),
+        budget_(kValueBytesBase + kValueBytesPerPickleByte * bytes.size()) {}
 
   void run() {
     while (true) {
@@ -169,22 +182,32 @@ class Unpickler {
         case kDup:
           push(top());
           break;
-        case kNone:
-          push(make(PickleValue::Kind::kNone));
+        case kNone:  // None, True and False are never changed: one value each per pickle
+          if (none_ == nullptr) none_ = make(PickleValue::Kind::kNone);
+          push(none_);
           break;
         case kNewTrue:
         case kNewFalse: {
-          PickleValue* v = make(PickleValue::Kind::kBool);
-          v->i = op == kNewTrue ? 1 : 0;
+          PickleValue*& v = op == kNewTrue ? true_ : false_;
+          if (v == nullptr) {
+            v = make(PickleValue::Kind::kBool);
+            v->i = op == kNewTrue ? 1 : 0;
+          }
           push(v);
           break;
         }
         case kBinInt:
           push_int(static_cast<int32_t>(static_cast<uint32_t>(uint_le(4))));
           break;
-        case kBinInt1:
-          push_int(static_cast<int64_t>(uint_le(1)));
+        case kBinInt1: {  // sizes, strides, offsets: one shared value per number
+          const uint64_t i = uint_le(1);
+          if (small_ints_[i] == nullptr) {
+            small_ints_[i] = make(PickleValue::Kind::kInt);
+            small_ints_[i]->i = static_cast<int64_t>(i);
+          }
+          push(small_ints_[i]);
           break;
+        }
         case kBinInt2:
           push_int(static_cast<int64_t>(uint_le(2)));
           break;
@@ -255,12 +278,14 @@ class Unpickler {
         }
         case kAppend: {
           PickleValue* v = pop();
+          charge(sizeof(PickleValue*));
           list_top("APPEND")->items.push_back(v);
           break;
         }
         case kAppends: {
           std::vector<PickleValue*> vs = pop_mark();
           PickleValue* list = list_top("APPENDS");
+          charge(vs.size() * sizeof(PickleValue*));
           list->items.insert(list->items.end(), vs.begin(), vs.end());
           break;
         }
@@ -268,6 +293,7 @@ class Unpickler {
           PickleValue* value = pop();
           PickleValue* key = pop();
           PickleValue* dict = dict_top("SETITEM");
+          charge(2 * sizeof(PickleValue*));
           dict->items.push_back(key);
           dict->items.push_back(value);
           break;
@@ -276,20 +302,19 @@ class Unpickler {
           std::vector<PickleValue*> kv = pop_mark();
           if (kv.size() % 2 != 0) bad("SETITEMS with an odd number of keys and values");
           PickleValue* dict = dict_top("SETITEMS");
+          charge(kv.size() * sizeof(PickleValue*));
           dict->items.insert(dict->items.end(), kv.begin(), kv.end());
           break;
         }
         case kBinPut:
-          memo_[uint_le(1)] = top();
+          memo_put(uint_le(1), top());
           break;
         case kLongBinPut:
-          memo_[uint_le(4)] = top();
+          memo_put(uint_le(4), top());
           break;
-        case kMemoize: {
-          PickleValue* v = top();
-          memo_[memo_.size()] = v;
+        case kMemoize:
+          memo_put(memo_.size(), top());
           break;
-        }
         case kBinGet:
           push(memo_get(uint_le(1)));
           break;
@@ -409,13 +434,33 @@ class Unpickler {
     return static_cast<int64_t>(v);
   }
 
+  // Counts bytes against the pickle's budget of value memory.
+  void charge(uint64_t bytes) {
+    used_ += bytes;
+    if (used_ > budget_) {
+      bad("the values of this ", in_.size(), "-byte pickle would take more than ", budget_,
+          " bytes of memory (at most 64 MiB + ", kValueBytesPerPickleByte,
+          " bytes per pickle byte)");
+    }
+  }
+  void memo_put(uint64_t key, PickleValue* v) {
+    auto [it, added] = memo_.try_emplace(key, v);
+    if (added) {
+      charge(kMemoEntryCost);
+    } else {
+      it->second = v;
+    }
+  }
+
   PickleValue* make(PickleValue::Kind kind) {
+    charge(kValueCost);
     out_->values_.push_back(std::make_unique<PickleValue>());
     out_->values_.back()->kind = kind;
     return out_->values_.back().get();
   }
   PickleValue* make_sequence(PickleValue::Kind kind, const std::vector<PickleValue*>& items) {
     PickleValue* v = make(kind);
+    charge(items.size() * sizeof(PickleValue*));
     v->items.assign(items.begin(), items.end());
     return v;
   }
@@ -427,7 +472,9 @@ class Unpickler {
   }
   void push_string(PickleValue::Kind kind, uint64_t n) {
     PickleValue* v = make(kind);
-    v->s = std::string(take(n));
+    const std::string_view bytes = take(n);
+    charge(bytes.size());
+    v->s = std::string(bytes);
     push(v);
   }
 
@@ -565,6 +612,12 @@ class Unpickler {
   std::vector<PickleValue*> stack_;
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, PickleValue*> memo_;
+  PickleValue* small_ints_[256] = {};  // the shared BININT1 values
+  PickleValue* none_ = nullptr;        // the shared None, True and False
+  PickleValue* true_ = nullptr;
+  PickleValue* false_ = nullptr;
+  const uint64_t budget_;  // bytes the values may take
+  uint64_t used_ = 0;
 };
 
 Pickle Pickle::parse(std::string_view bytes, const std::string& what) {

@@ -52,7 +52,8 @@ SafetensorsFile::parse_header(std::string_view header, size_t data_size, const s
     for (const json& d : shape) {
       if (!d.is_number_unsigned()) fail(what, ": tensor '", name, "': shape entries must be >= 0");
       const uint64_t dim = d.get<uint64_t>();
-      if (dim > (uint64_t{1} << 40) || (dim != 0 && numel > (uint64_t{1} << 62) / dim)) {
+      // numel <= 2^59 keeps numel * 8 bytes (F64) from wrapping.
+      if (dim > (uint64_t{1} << 40) || (dim != 0 && numel > (uint64_t{1} << 59) / dim)) {
         fail(what, ": tensor '", name, "': shape ", shape.dump(), " is too large");
       }
       numel *= dim;

@@ -71,11 +71,33 @@ void SwitchConfig::derive_and_validate(const std::string& what) {
     fail(what, ": num_sparse_decoder_layers = ", num_sparse_decoder_layers,
          " must be in [0, num_decoder_layers = ", num_decoder_layers, "]");
   }
-  if (d_model > (1 << 16) || d_ff > (1 << 20) || num_heads * d_kv > (1 << 16) ||
-      num_experts > 65536 || vocab_size > (1 << 24) || num_layers > 1024 ||
-      num_decoder_layers > 1024) {
-    fail(what, ": sizes are implausibly large (d_model ", d_model, ", d_ff ", d_ff, ", experts ",
-         num_experts, ")");
+  // Every size alone, then the products the engine allocates, in 64 bits with overflow checks (a
+  // config.json may hold any int64).
+  auto at_most = [&](const char* name, int64_t v, int64_t max) {
+    if (v > max) fail(what, ": ", name, " = ", v, " is implausibly large (at most ", max, ")");
+  };
+  at_most("d_model", d_model, int64_t{1} << 16);
+  at_most("d_kv", d_kv, int64_t{1} << 16);
+  at_most("d_ff", d_ff, int64_t{1} << 20);
+  at_most("num_heads", num_heads, int64_t{1} << 16);
+  at_most("num_experts", num_experts, 65536);
+  at_most("expert_capacity", expert_capacity, int64_t{1} << 24);
+  at_most("vocab_size", vocab_size, int64_t{1} << 24);
+  at_most("num_layers", num_layers, 1024);
+  at_most("num_decoder_layers", num_decoder_layers, 1024);
+  at_most("relative_attention_num_buckets", relative_attention_num_buckets, int64_t{1} << 16);
+  at_most("relative_attention_max_distance", relative_attention_max_distance, int64_t{1} << 30);
+  int64_t inner = 0;  // attention width
+  if (__builtin_mul_overflow(num_heads, d_kv, &inner) || inner > (int64_t{1} << 16)) {
+    fail(what, ": num_heads * d_kv = ", num_heads, " * ", d_kv,
+         " is implausibly large (at most 65536)");
+  }
+  int64_t expert_weights = 0;  // elements of one layer's experts: [E, d_ff, d_model] twice
+  if (__builtin_mul_overflow(num_experts, d_ff, &expert_weights) ||
+      __builtin_mul_overflow(expert_weights, d_model, &expert_weights) ||
+      expert_weights > (int64_t{1} << 40)) {
+    fail(what, ": num_experts * d_ff * d_model = ", num_experts, " * ", d_ff, " * ", d_model,
+         " is implausibly large (at most 2^40 weights per layer)");
   }
   if (relative_attention_num_buckets % 2 != 0 || relative_attention_num_buckets < 4) {
     fail(what, ": relative_attention_num_buckets = ", relative_attention_num_buckets,

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -123,16 +124,29 @@ const json& field(const json& j, const char* key, const std::string& what) {
   return j.at(key);
 }
 
-int64_t int_field(const json& j, const char* key, const std::string& what, int64_t min_value) {
+// Counts read from a manifest drive allocations and sums: each has a ceiling far above any real
+// store (docs/TRACE_FORMAT.md, "Limits"), so a hostile manifest gets one line instead of gigabytes.
+constexpr int64_t kMaxCount = int64_t{1} << 50;  // samples, tokens, bytes: sums cannot overflow
+constexpr int64_t kMaxExperts = 65536;           // as a model config.json may declare
+constexpr int64_t kMaxDModel = int64_t{1} << 16;
+constexpr size_t kMaxLayers = 1024;                          // per list (encoder, decoder)
+constexpr int64_t kMaxLayerExpertCounts = int64_t{1} << 22;  // MoE layers × experts
+constexpr int64_t kMaxSamplesPerShard = int64_t{1} << 30;
+
+int64_t int_field(const json& j, const char* key, const std::string& what, int64_t min_value,
+                  int64_t max_value = kMaxCount) {
   const json& v = field(j, key, what);
-  if (!v.is_number_integer() || v.get<int64_t>() < min_value) {
-    fail(what, ": field \"", key, "\" must be an integer >= ", min_value, ", got ", v.dump());
+  if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<uint64_t>() > INT64_MAX) ||
+      v.get<int64_t>() < min_value || v.get<int64_t>() > max_value) {
+    fail(what, ": field \"", key, "\" must be an integer in [", min_value, ", ", max_value,
+         "], got ", v.dump());
   }
   return v.get<int64_t>();
 }
 
 std::vector<int> layer_list(const json& j, const std::string& what) {
   if (!j.is_array()) fail(what, ": must be an array of block indices");
+  if (j.size() > kMaxLayers) fail(what, ": lists ", j.size(), " layers (at most ", kMaxLayers, ")");
   std::vector<int> out;
   for (const json& v : j) {
     if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > 100000) {
@@ -152,8 +166,14 @@ Layout layout_from_manifest(const json& m, const std::string& what) {
   const json& layers = field(m, "layers", what);
   l.enc_layers = layer_list(field(layers, "encoder", what + ": layers"), what + ": layers.encoder");
   l.dec_layers = layer_list(field(layers, "decoder", what + ": layers"), what + ": layers.decoder");
-  l.num_experts = int_field(m, "num_experts", what, 1);
-  l.d_model = int_field(m, "d_model", what, 1);
+  l.num_experts = int_field(m, "num_experts", what, 1, kMaxExperts);
+  l.d_model = int_field(m, "d_model", what, 1, kMaxDModel);
+  // Statistics hold one count per layer and expert (empty_stats, stats_fields).
+  const int64_t n_layers = static_cast<int64_t>(l.enc_layers.size() + l.dec_layers.size());
+  if (n_layers * l.num_experts > kMaxLayerExpertCounts) {
+    fail(what, ": ", n_layers, " MoE layers of ", l.num_experts, " experts are more than ",
+         kMaxLayerExpertCounts, " (layer, expert) counts");
+  }
   // The storage fields may be absent in stores of other writers (e.g. numpy-made test stores):
   // they are then taken from "settings" and the first shard.
   const json& settings =
@@ -164,13 +184,14 @@ Layout layout_from_manifest(const json& m, const std::string& what) {
     fail(what, ": missing field \"", key, "\"");
   };
   if (m.contains("samples_per_shard")) {
-    l.samples_per_shard = int_field(m, "samples_per_shard", what, 1);
+    l.samples_per_shard = int_field(m, "samples_per_shard", what, 1, kMaxSamplesPerShard);
   } else {
     const json& sh = m.contains("shards") ? m["shards"] : json();
     l.samples_per_shard = 1;
     if (sh.is_array() && !sh.empty() && sh[0].is_object() && sh[0].contains("num_samples") &&
         sh[0]["num_samples"].is_number_integer()) {
-      l.samples_per_shard = std::max<int64_t>(1, sh[0]["num_samples"].get<int64_t>());
+      l.samples_per_shard =
+          std::clamp<int64_t>(sh[0]["num_samples"].get<int64_t>(), 1, kMaxSamplesPerShard);
     }
   }
   const json& ld = storage("logits_dtype");
@@ -324,8 +345,8 @@ json part_json(const Part& p) {
 
 Part part_from_json(const json& j, const std::string& what) {
   Part p;
-  p.world_size = static_cast<int>(int_field(j, "world_size", what + ": part", 1));
-  p.rank = static_cast<int>(int_field(j, "rank", what + ": part", 0));
+  p.world_size = static_cast<int>(int_field(j, "world_size", what + ": part", 1, 1 << 20));
+  p.rank = static_cast<int>(int_field(j, "rank", what + ": part", 0, 1 << 20));
   p.first_sample = int_field(j, "first_sample", what + ": part", 0);
   p.num_samples = int_field(j, "num_samples", what + ": part", 0);
   p.total_samples = int_field(j, "total_samples", what + ": part", 0);

@@ -123,10 +123,13 @@ std::vector<std::string> verify_store(const fs::path& dir) {
         const json& e = dp["ranks"][r];
         const std::string want_dir =
             std::string(trace::kRanksDir) + "/" + trace::rank_dir_name(static_cast<int>(r), w);
-        if (!e.is_object() || e.value("rank", -1) != static_cast<int>(r) ||
-            e.value("dir", std::string()) != want_dir ||
-            e.value("first_sample", int64_t{-1}) != first ||
-            e.value("num_samples", int64_t{-1}) < 0) {
+        // Typed reads: json::value() throws a json type_error on a field of another type.
+        auto int_at = [&](const char* key) -> int64_t {
+          return e.contains(key) && e[key].is_number_integer() ? e[key].get<int64_t>() : -1;
+        };
+        if (!e.is_object() || int_at("rank") != static_cast<int64_t>(r) || !e.contains("dir") ||
+            e["dir"] != want_dir || int_at("first_sample") != first || int_at("num_samples") < 0 ||
+            int_at("num_samples") > (int64_t{1} << 50)) {
           fail(what, ": data_parallel.ranks[", r, "] must be rank ", r, " in ", want_dir,
                " starting at sample ", first);
         }
