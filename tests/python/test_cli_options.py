@@ -92,6 +92,7 @@ def test_quiet_and_log_level_work_before_and_after_the_subcommand(cli, tmp_path,
 
     assert "routers: wrote" in routers().stderr
     assert routers("-q").stderr == ""
+    assert routers("--quiet").stderr == ""
     assert routers("--log-level", "error").stderr == ""
     assert routers("--log-level", "info").stderr != ""
     one_error_line(run(cli, *(["--log-level", "loud", "inspect", "demo"] if where == "before"
@@ -338,3 +339,18 @@ def test_inspect_names_a_field_of_the_wrong_type(cli, store_factory, edit, field
     json.dump(m, open(mpath, "w"))
     line = one_error_line(run(cli, "inspect", path))
     assert f'"{field}"' in line and "manifest.json" in line, line
+
+
+# --- tokenize --model like collect's ----------------------------------------------------------------
+
+
+def test_tokenize_takes_collects_model_names(cli):
+    ref = subprocess.run([cli, "tokenize", "--spm", SPM], input='{"text": "Hello world"}\n', capture_output=True,
+                         text=True, check=True).stdout
+    for spec in ("demo", "random:switch-base-8"):
+        proc = subprocess.run([cli, "tokenize", "--model", spec], input='{"text": "Hello world"}\n',
+                              capture_output=True, text=True)
+        assert proc.returncode == 0 and proc.stdout == ref, proc.stderr
+    proc = subprocess.run([cli, "tokenize", "--model", MODEL], input="", capture_output=True, text=True)
+    line = one_error_line(proc)
+    assert "no spiece.model" in line and "--spm" in line

@@ -89,7 +89,7 @@ int main(int argc, char** argv) {
   std::string level;
   bool quiet = false;
   const char* level_help = "debug, info, warn, error or off (default info)";
-  const char* quiet_help = "warnings and errors only, no progress (= --log-level warn)";
+  const char* quiet_help = "warnings and errors only (= --log-level warn)";
   app.add_option("--log-level", level, level_help);
   app.add_flag("-q,--quiet", quiet, quiet_help);
   app.parse_complete_callback([&] {
