@@ -99,6 +99,11 @@ def test_quiet_and_log_level_work_before_and_after_the_subcommand(cli, tmp_path,
                               else ["inspect", "demo", "--log-level", "loud"])))
 
 
+def test_nested_subcommands_take_them_too(cli):
+    for args in (["datasets", "list", "-q"], ["datasets", "list", "--log-level", "warn"], ["-q", "datasets", "list"]):
+        assert "cnn_dailymail" in run(cli, *args, check=True).stdout
+
+
 def test_explicit_log_level_wins_over_quiet(cli, tmp_path):
     out = tmp_path / "r.safetensors"
     assert "routers: wrote" in run(cli, "-q", "routers", "--model", "demo", "-o", out, "--log-level", "info",

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <exception>
 #include <filesystem>
+#include <functional>
 
 #include "command.h"
 #include "core/error.h"
@@ -100,16 +101,22 @@ int main(int argc, char** argv) {
     moetrace::set_log_level(l);
   });
   for (auto& setup : moetrace::cli::command_registry()) setup(app);
+  // Every subcommand, nested ones (`datasets list`) included.
+  std::function<void(CLI::App*)> add_log_options = [&](CLI::App* parent) {
+    for (CLI::App* sub : parent->get_subcommands([](CLI::App*) { return true; })) {
+      if (sub->get_prefix_command()) continue;  // Python subcommands parse their own arguments
+      // `collect` applies its own --log-level after this one (it documents it in its groups).
+      if (sub->get_option_no_throw("--log-level") == nullptr)
+        sub->add_option("--log-level", level, level_help)->group("Logging");
+      if (sub->get_option_no_throw("-q") == nullptr)
+        sub->add_flag("-q,--quiet", quiet, quiet_help)->group("Logging");
+      add_log_options(sub);
+    }
+  };
+  add_log_options(&app);
   std::vector<std::string> names;
-  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+  for (CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; }))
     names.push_back(sub->get_name());
-    if (sub->get_prefix_command()) continue;  // Python subcommands parse their own arguments
-    // `collect` applies its own --log-level after this one (it documents it in its groups).
-    if (sub->get_option_no_throw("--log-level") == nullptr)
-      sub->add_option("--log-level", level, level_help)->group("Logging");
-    if (sub->get_option_no_throw("-q") == nullptr)
-      sub->add_flag("-q,--quiet", quiet, quiet_help)->group("Logging");
-  }
   // A mistyped subcommand: name the closest one instead of CLI11's "not expected".
   const std::string word = moetrace::cli::first_word(argc, argv);
   if (!word.empty() && std::find(names.begin(), names.end(), word) == names.end()) {
