@@ -63,10 +63,10 @@ Args parse(int argc, char** argv) {
       a.store = val();
     else if (k == "--experts")
       a.experts = std::stoll(val());
-    else if (k == "--precision") {
-      const std::string p = val();
-      a.precision = p == "f32" ? DType::kF32 : p == "f16" ? DType::kF16 : DType::kBF16;
-    } else if (k == "--json")
+    else if (k == "--precision")
+      a.precision =
+          parse_dtype_option("--precision", val(), {DType::kBF16, DType::kF16, DType::kF32});
+    else if (k == "--json")
       a.json = val();
     else if (k == "--mix")
       a.mix = val();

@@ -1,5 +1,7 @@
 #include "core/dtype.h"
 
+#include <vector>
+
 #include "core/error.h"
 
 namespace moetrace {
@@ -29,6 +31,69 @@ bool parse_dtype(std::string_view name, DType* out) {
     }
   }
   return false;
+}
+
+namespace {
+// Every spelling of the option vocabulary, lower case; the first of each dtype is its option name.
+struct DTypeAlias {
+  DType type;
+  std::string_view name;
+};
+constexpr DTypeAlias kAliases[] = {
+    {DType::kF32, "f32"},  {DType::kF32, "fp32"},  {DType::kF32, "float32"},
+    {DType::kF16, "f16"},  {DType::kF16, "fp16"},  {DType::kF16, "float16"},
+    {DType::kF16, "half"}, {DType::kBF16, "bf16"}, {DType::kBF16, "bfloat16"},
+};
+
+std::string lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return out;
+}
+}  // namespace
+
+bool parse_dtype_name(std::string_view name, DType* out) {
+  const std::string l = lower(name);
+  for (const auto& a : kAliases) {
+    if (a.name == l) {
+      *out = a.type;
+      return true;
+    }
+  }
+  return false;
+}
+
+std::string_view dtype_option_name(DType t) {
+  for (const auto& a : kAliases) {
+    if (a.type == t) return a.name;
+  }
+  return dtype_name(t);
+}
+
+DType parse_dtype_option(std::string_view option, std::string_view value,
+                         std::initializer_list<DType> allowed,
+                         std::initializer_list<std::string_view> others) {
+  DType t;
+  if (parse_dtype_name(value, &t)) {
+    for (DType a : allowed) {
+      if (a == t) return t;
+    }
+  }
+  std::vector<std::string> names(others.begin(), others.end());
+  std::string aliases;
+  for (DType a : allowed) {
+    names.emplace_back(dtype_option_name(a));
+    for (const auto& al : kAliases) {
+      if (al.type == a && al.name != dtype_option_name(a))
+        aliases += (aliases.empty() ? "" : ", ") + std::string(al.name);
+    }
+  }
+  std::string expected;
+  for (size_t i = 0; i < names.size(); ++i)
+    expected += (i == 0 ? "" : i + 1 == names.size() ? " or " : ", ") + names[i];
+  fail(option, " '", value, "': expected ", expected, " (also ", aliases, ")");
 }
 
 float f16_to_f32(uint16_t h) {

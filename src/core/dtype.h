@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <string_view>
 
@@ -16,6 +17,19 @@ size_t dtype_size(DType t);
 std::string_view dtype_name(DType t);
 // Parses the safetensors spelling; returns false for an unknown name.
 bool parse_dtype(std::string_view name, DType* out);
+
+// The one vocabulary of float dtype names that options accept (--logits, --hidden, --precision),
+// case-insensitive: f32 | fp32 | float32, f16 | fp16 | float16 | half, bf16 | bfloat16 (the
+// safetensors spellings F32/F16/BF16 are among them). Returns false for anything else.
+bool parse_dtype_name(std::string_view name, DType* out);
+// The options' spelling of F32/F16/BF16: "f32", "f16", "bf16".
+std::string_view dtype_option_name(DType t);
+// parse_dtype_name() for the value of `option` (e.g. "--logits"), which allows the dtypes in
+// `allowed` only; `others` lists further words the option takes ("none"). Error otherwise, e.g.
+// "--hidden 'f16': expected none, bf16 or f32 (also bfloat16, fp32, float32)".
+DType parse_dtype_option(std::string_view option, std::string_view value,
+                         std::initializer_list<DType> allowed,
+                         std::initializer_list<std::string_view> others = {});
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;

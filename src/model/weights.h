@@ -80,8 +80,25 @@ struct WeightOptions {
 };
 
 // Maps the source's tensors (names per SWITCH_SPEC.md, aliases for the embedding resolved) and
-// checks every shape; Error names the tensor and file on a mismatch or a missing tensor.
+// checks every shape; Error names the tensor and file on a mismatch or a missing tensor. Router
+// weights holding NaN/Inf are logged as one warning per tensor.
 SwitchWeights map_weights(const SwitchConfig& config, const TensorSource& source,
                           const WeightOptions& options);
+
+// Values of an F32, F16 or BF16 tensor that are NaN or +-Inf.
+int64_t count_non_finite(const TensorView& v);
+
+// map_weights()'s checks without loading anything: every tensor the config implies, present, of
+// that shape and of dtype F32, F16 or BF16. `problems`: one line per tensor (missing, wrong shape,
+// wrong dtype) naming the file and tensor, as map_weights() would throw them; `unused`: checkpoint
+// tensors the config does not use (e.g. the decoder of an encoder-only walk is not listed);
+// `warnings`: router tensors holding NaN/Inf (map_weights() logs these as warnings and goes on).
+struct WeightCheck {
+  std::vector<std::string> problems;
+  std::vector<std::string> unused;
+  std::vector<std::string> warnings;
+};
+WeightCheck check_weights(const SwitchConfig& config, const TensorSource& source,
+                          bool encoder_only);
 
 }  // namespace moetrace

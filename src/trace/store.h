@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -164,8 +165,12 @@ class TraceStore {
 // shapes and dtypes agree with the manifest, sample_offsets monotone and ending at T, experts in
 // [0, E), dropped and sample_kind in {0, 1}, sample ids unique, and every count of the manifest
 // (expert_distribution, per_layer, dataset_distribution, totals) recomputed from the shards.
-// Returns one line per problem (empty = OK).
-std::vector<std::string> verify_store(const std::filesystem::path& dir);
+// Returns one line per problem (empty = OK). `progress` (optional) is called after each shard with
+// the shards and bytes (per the manifest) checked so far and in all; hashing dominates the time.
+using VerifyProgress = std::function<void(int64_t shards_done, int64_t shards_total,
+                                          int64_t bytes_done, int64_t bytes_total)>;
+std::vector<std::string> verify_store(const std::filesystem::path& dir,
+                                      const VerifyProgress& progress = {});
 
 // Data-parallel stores (docs/SCALING.md): STORE/ranks/rank-RRRRR-of-WWWWW/ holds rank R's own
 // store (a manifest with "part"); STORE/manifest.json, written by merge_store(), lists the shards
@@ -194,7 +199,10 @@ struct MergeResult {
 // Error. A single-process store is left as it is (world_size 0).
 MergeResult merge_store(const std::filesystem::path& store);
 
-// A human-readable summary of the manifest (for `moetrace inspect STORE`); reads no shard.
+// The manifest's summary (for `moetrace inspect STORE [--json]`, keys in docs/TRACE_FORMAT.md);
+// reads no shard. Error naming the field when one has the wrong type.
+nlohmann::json store_summary_json(const std::filesystem::path& dir);
+// The same, human-readable.
 void print_store_summary(const std::filesystem::path& dir, std::ostream& out);
 
 // True when dir holds a manifest.json whose "format" is "moetrace-trace".

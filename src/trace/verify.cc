@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <iomanip>
 #include <optional>
 #include <set>
@@ -51,9 +52,38 @@ std::string short_dump(const json& j) {
   return s.size() > 120 ? s.substr(0, 117) + "..." : s;
 }
 
+// The leaves where the manifest's value `got` and the recomputed `want` differ, as
+// "path is X but the shards give Y" (a key on one side only says so).
+void diff_values(const json& got, const json& want, const std::string& path,
+                 std::vector<std::string>* out) {
+  if (same_value(got, want)) return;
+  if (got.is_object() && want.is_object()) {
+    std::set<std::string> keys;
+    for (auto it = got.begin(); it != got.end(); ++it) keys.insert(it.key());
+    for (auto it = want.begin(); it != want.end(); ++it) keys.insert(it.key());
+    for (const auto& k : keys) {
+      const std::string sub = path + "." + k;
+      if (!got.contains(k)) {
+        out->push_back(sub + " is missing but the shards give " + short_dump(want[k]));
+      } else if (!want.contains(k)) {
+        out->push_back(sub + " is " + short_dump(got[k]) + " but the shards have no such entry");
+      } else {
+        diff_values(got[k], want[k], sub, out);
+      }
+    }
+    return;
+  }
+  if (got.is_array() && want.is_array() && got.size() == want.size()) {
+    for (size_t i = 0; i < got.size(); ++i)
+      diff_values(got[i], want[i], path + "[" + std::to_string(i) + "]", out);
+    return;
+  }
+  out->push_back(path + " is " + short_dump(got) + " but the shards give " + short_dump(want));
+}
+
 }  // namespace
 
-std::vector<std::string> verify_store(const fs::path& dir) {
+std::vector<std::string> verify_store(const fs::path& dir, const VerifyProgress& progress) {
   std::vector<std::string> problems;
   const std::string what = (dir / trace::kManifestName).string();
   json m;
@@ -153,12 +183,33 @@ std::vector<std::string> verify_store(const fs::path& dir) {
                : "ranks/<no rank holds sample " + std::to_string(first_sample) + ">/" + name;
   };
 
+  // Bytes the manifest lists, for progress (malformed entries count 0 here and fail below).
+  int64_t bytes_total = 0, bytes_done = 0;
+  for (const json& sh : m["shards"]) {
+    if (sh.is_object() && sh.contains("bytes") && sh["bytes"].is_number_integer())
+      bytes_total += std::max<int64_t>(0, sh["bytes"].get<int64_t>());
+  }
+  auto report = [&](size_t k) {
+    const json& sh = m["shards"][k];
+    if (sh.is_object() && sh.contains("bytes") && sh["bytes"].is_number_integer())
+      bytes_done += std::max<int64_t>(0, sh["bytes"].get<int64_t>());
+    if (progress) {
+      progress(static_cast<int64_t>(k) + 1, static_cast<int64_t>(m["shards"].size()),
+               std::min(bytes_done, bytes_total), bytes_total);
+    }
+  };
+
   trace::Stats totals = trace::empty_stats(layout);
   bool counts_complete = true;  // every shard was read, so the totals can be compared
   std::unordered_set<std::string> ids;
   int64_t next = base;
   const size_t n_shards = m["shards"].size();
   for (size_t k = 0; k < n_shards; ++k) {
+    // Reported however the shard's check ends (the `continue`s below included).
+    struct AfterShard {
+      std::function<void()> f;
+      ~AfterShard() { f(); }
+    } after{[&report, k] { report(k); }};
     const std::string ew = what + ": shards[" + std::to_string(k) + "]";
     trace::ShardEntry e;
     try {
@@ -236,8 +287,16 @@ std::vector<std::string> verify_store(const fs::path& dir) {
       if (!m.contains(it.key())) {
         problem(what, ": field \"", it.key(), "\" is missing");
       } else if (!same_value(m[it.key()], it.value())) {
-        problem(what, ": ", it.key(), " is ", short_dump(m[it.key()]), " but the shards give ",
-                short_dump(it.value()));
+        // One line per field, naming the entries that differ (the first few of them).
+        std::vector<std::string> diffs;
+        diff_values(m[it.key()], it.value(), it.key(), &diffs);
+        std::string line;
+        constexpr size_t kShown = 4;
+        for (size_t i = 0; i < diffs.size() && i < kShown; ++i)
+          line += (i == 0 ? "" : "; ") + diffs[i];
+        if (diffs.size() > kShown)
+          line += "; and " + std::to_string(diffs.size() - kShown) + " more";
+        problem(what, ": ", line);
       }
     }
   } else {
@@ -248,74 +307,190 @@ std::vector<std::string> verify_store(const fs::path& dir) {
   return problems;
 }
 
-void print_store_summary(const fs::path& dir, std::ostream& out) {
-  const json m = trace::read_manifest(dir);
-  const trace::Layout layout =
-      trace::layout_from_manifest(m, (dir / trace::kManifestName).string());
-  auto get = [&](const char* key) { return m.contains(key) ? m[key] : json(); };
-  auto num = [&](const char* key) -> int64_t {
-    const json v = get(key);
-    return v.is_number() ? v.get<int64_t>() : 0;
-  };
-  auto dbl = [&](const char* key) -> double {
-    const json v = get(key);
-    return v.is_number() ? v.get<double>() : 0.0;
-  };
-  const bool complete = get("complete") == true;
-  int64_t bytes = 0;
-  const json shards = get("shards");
-  if (shards.is_array()) {
-    for (const json& s : shards) bytes += s.value("bytes", int64_t{0});
+namespace {
+
+// Typed reads of optional manifest fields for the summary: absent (or null) gives the fallback
+// (stores of other writers may leave counts out), present with another type is an Error naming the
+// field.
+class FieldReader {
+ public:
+  explicit FieldReader(std::string what) : what_(std::move(what)) {}
+
+  bool absent(const json& obj, const std::string& key) const {
+    return !obj.is_object() || !obj.contains(key) || obj[key].is_null();
   }
-  const json model = get("model");
-  const std::string model_id = model.is_object() && model.contains("id") && model["id"].is_string()
-                                   ? model["id"].get<std::string>()
-                                   : "?";
-  auto layers_str = [](const std::vector<int>& v) {
-    return v.empty() ? std::string("none") : json(v).dump();
+  int64_t integer(const json& obj, const std::string& key, const std::string& path,
+                  int64_t fallback = 0) const {
+    if (absent(obj, key)) return fallback;
+    const json& v = obj[key];
+    if (v.is_number_integer()) return v.get<int64_t>();
+    if (v.is_number_float() && std::isfinite(v.get<double>()) &&
+        v.get<double>() == std::floor(v.get<double>()) && std::fabs(v.get<double>()) < 9e15) {
+      return static_cast<int64_t>(v.get<double>());
+    }
+    wrong(path, "an integer", v);
+  }
+  double number(const json& obj, const std::string& key, const std::string& path) const {
+    if (absent(obj, key)) return 0.0;
+    const json& v = obj[key];
+    if (!v.is_number()) wrong(path, "a number", v);
+    return v.get<double>();
+  }
+  std::string string(const json& obj, const std::string& key, const std::string& path) const {
+    if (absent(obj, key)) return "?";
+    const json& v = obj[key];
+    if (!v.is_string()) wrong(path, "a string", v);
+    return v.get<std::string>();
+  }
+  bool boolean(const json& obj, const std::string& key, const std::string& path) const {
+    if (absent(obj, key)) return false;
+    const json& v = obj[key];
+    if (!v.is_boolean()) wrong(path, "true or false", v);
+    return v.get<bool>();
+  }
+  const json& object(const json& obj, const std::string& key, const std::string& path) const {
+    static const json kEmpty = json::object();
+    if (absent(obj, key)) return kEmpty;
+    const json& v = obj[key];
+    if (!v.is_object()) wrong(path, "an object", v);
+    return v;
+  }
+
+ private:
+  [[noreturn]] void wrong(const std::string& path, const char* type, const json& v) const {
+    fail(what_, ": field \"", path, "\" must be ", type, ", got ", short_dump(v));
+  }
+  std::string what_;
+};
+
+}  // namespace
+
+json store_summary_json(const fs::path& dir) {
+  const std::string what = (dir / trace::kManifestName).string();
+  const json m = trace::read_manifest(dir);
+  const trace::Layout layout = trace::layout_from_manifest(m, what);
+  const FieldReader f(what);
+  json out;
+  out["kind"] = "trace_store";
+  out["path"] = dir.string();
+  out["complete"] = f.boolean(m, "complete", "complete");
+  out["format"] = kTraceFormat;
+  out["format_version"] = kTraceFormatVersion;
+  out["moetrace_version"] = f.string(m, "moetrace_version", "moetrace_version");
+  out["model"] = f.string(f.object(m, "model", "model"), "id", "model.id");
+  for (const char* key : {"num_samples", "total_traces", "num_tokens", "num_decoder_tokens"})
+    out[key] = f.integer(m, key, key);
+  int64_t bytes = 0, num_shards = 0;
+  if (!f.absent(m, "shards")) {
+    if (!m["shards"].is_array()) fail(what, ": field \"shards\" must be an array");
+    for (size_t k = 0; k < m["shards"].size(); ++k) {
+      bytes +=
+          trace::shard_entry_from_json(m["shards"][k], what + ": shards[" + std::to_string(k) + "]")
+              .bytes;
+      ++num_shards;
+    }
+  }
+  out["num_shards"] = num_shards;
+  out["bytes"] = bytes;
+  out["samples_per_shard"] = layout.samples_per_shard;
+  out["layers"] = {{"encoder", layout.enc_layers}, {"decoder", layout.dec_layers}};
+  out["num_experts"] = layout.num_experts;
+  out["d_model"] = layout.d_model;
+  out["logits_dtype"] = std::string(dtype_name(layout.logits_dtype));
+  out["hidden_dtype"] = trace::hidden_dtype_name(layout.hidden_dtype);
+  out["decoder"] = layout.decoder;
+  out["device"] = f.string(m, "device", "device");
+  out["collection_time"] = f.number(m, "collection_time", "collection_time");
+  out["throughput_tokens_per_s"] =
+      f.number(m, "throughput_tokens_per_s", "throughput_tokens_per_s");
+
+  json datasets = json::object();
+  const json& dd = f.object(m, "dataset_distribution", "dataset_distribution");
+  for (auto it = dd.begin(); it != dd.end(); ++it)
+    datasets[it.key()] = f.integer(dd, it.key(), "dataset_distribution." + it.key());
+  out["dataset_distribution"] = datasets;
+  json experts = json::object();
+  const json& ed = f.object(m, "expert_distribution", "expert_distribution");
+  for (int64_t e = 0; e < layout.num_experts; ++e) {
+    const std::string key = std::to_string(e);
+    experts[key] = f.integer(ed, key, "expert_distribution." + key);
+  }
+  out["expert_distribution"] = experts;
+  out["experts_used"] = f.integer(m, "experts_used", "experts_used");
+  out["diversity_percentage"] = f.number(m, "diversity_percentage", "diversity_percentage");
+  json per_layer = json::object();
+  const json& pl = f.object(m, "per_layer", "per_layer");
+  auto layer = [&](bool dec, int b) {
+    const std::string key = trace::layer_key(dec, b);
+    if (f.absent(pl, key)) return;
+    const json& l = f.object(pl, key, "per_layer." + key);
+    per_layer[key] = {{"tokens", f.integer(l, "tokens", "per_layer." + key + ".tokens")},
+                      {"dropped", f.integer(l, "dropped", "per_layer." + key + ".dropped")},
+                      {"drop_rate", f.number(l, "drop_rate", "per_layer." + key + ".drop_rate")}};
   };
+  for (int b : layout.enc_layers) layer(false, b);
+  for (int b : layout.dec_layers) layer(true, b);
+  out["per_layer"] = per_layer;
+  if (!f.absent(m, "part")) {
+    const trace::Part p = trace::part_from_json(m["part"], what);
+    out["part"] = {{"rank", p.rank},
+                   {"world_size", p.world_size},
+                   {"first_sample", p.first_sample},
+                   {"num_samples", p.num_samples},
+                   {"total_samples", p.total_samples}};
+  }
+  if (!f.absent(m, "data_parallel")) {
+    const json& dp = f.object(m, "data_parallel", "data_parallel");
+    if (!dp.contains("ranks") || !dp["ranks"].is_array())
+      fail(what, ": field \"data_parallel.ranks\" must be an array");
+    out["data_parallel_ranks"] = dp["ranks"].size();
+  }
+  return out;
+}
+
+void print_store_summary(const fs::path& dir, std::ostream& out) {
+  const json s = store_summary_json(dir);
+  auto layers_str = [](const json& v) { return v.empty() ? std::string("none") : v.dump(); };
+  const int64_t num_experts = s["num_experts"].get<int64_t>();
 
   out << "trace store     " << dir.string() << "\n";
   out << "status          "
-      << (complete
+      << (s["complete"].get<bool>()
               ? "complete"
               : "INCOMPLETE (interrupted or running; `moetrace collect --resume` continues it)")
       << "\n";
   out << "format          " << kTraceFormat << " v" << kTraceFormatVersion
-      << ", written by moetrace "
-      << (get("moetrace_version").is_string() ? get("moetrace_version").get<std::string>() : "?")
-      << "\n";
-  out << "model           " << model_id << "\n";
-  out << "samples         " << num("num_samples") << " (" << num("total_traces") << " traces)\n";
-  out << "tokens          " << num("num_tokens") << " encoder";
-  if (layout.decoder) out << ", " << num("num_decoder_tokens") << " decoder";
+      << ", written by moetrace " << s["moetrace_version"].get<std::string>() << "\n";
+  out << "model           " << s["model"].get<std::string>() << "\n";
+  out << "samples         " << s["num_samples"] << " (" << s["total_traces"] << " traces)\n";
+  out << "tokens          " << s["num_tokens"] << " encoder";
+  if (s["decoder"].get<bool>()) out << ", " << s["num_decoder_tokens"] << " decoder";
   out << "\n";
-  out << "shards          " << (shards.is_array() ? shards.size() : 0) << " (" << bytes
-      << " bytes, " << layout.samples_per_shard << " samples per shard)\n";
-  const json dp = get("data_parallel");
-  if (dp.is_object() && dp.contains("ranks") && dp["ranks"].is_array()) {
-    out << "data-parallel   " << dp["ranks"].size() << " ranks, merged from " << trace::kRanksDir
-        << "/\n";
+  out << "shards          " << s["num_shards"] << " (" << s["bytes"] << " bytes, "
+      << s["samples_per_shard"] << " samples per shard)\n";
+  if (s.contains("data_parallel_ranks")) {
+    out << "data-parallel   " << s["data_parallel_ranks"] << " ranks, merged from "
+        << trace::kRanksDir << "/\n";
   }
-  if (get("part").is_object()) {
-    const trace::Part p = trace::part_from_json(get("part"), (dir / trace::kManifestName).string());
-    out << "part            rank " << p.rank << " of " << p.world_size << ": samples ["
-        << p.first_sample << ", " << p.first_sample + p.num_samples << ") of " << p.total_samples
-        << " (`moetrace merge` assembles the store)\n";
+  if (s.contains("part")) {
+    const json& p = s["part"];
+    out << "part            rank " << p["rank"] << " of " << p["world_size"] << ": samples ["
+        << p["first_sample"] << ", "
+        << p["first_sample"].get<int64_t>() + p["num_samples"].get<int64_t>() << ") of "
+        << p["total_samples"] << " (`moetrace merge` assembles the store)\n";
   }
-  out << "MoE layers      encoder " << layers_str(layout.enc_layers) << ", decoder "
-      << layers_str(layout.dec_layers) << "\n";
-  out << "experts         " << layout.num_experts << ", d_model " << layout.d_model << "\n";
-  out << "stored          logits " << dtype_name(layout.logits_dtype) << ", hidden "
-      << trace::hidden_dtype_name(layout.hidden_dtype) << "\n";
-  out << "device          " << (get("device").is_string() ? get("device").get<std::string>() : "?")
-      << "\n";
+  out << "MoE layers      encoder " << layers_str(s["layers"]["encoder"]) << ", decoder "
+      << layers_str(s["layers"]["decoder"]) << "\n";
+  out << "experts         " << num_experts << ", d_model " << s["d_model"] << "\n";
+  out << "stored          logits " << s["logits_dtype"].get<std::string>() << ", hidden "
+      << s["hidden_dtype"].get<std::string>() << "\n";
+  out << "device          " << s["device"].get<std::string>() << "\n";
   out << std::fixed << std::setprecision(1);
-  out << "collection      " << dbl("collection_time") << " s, " << dbl("throughput_tokens_per_s")
-      << " tokens/s\n";
+  out << "collection      " << s["collection_time"].get<double>() << " s, "
+      << s["throughput_tokens_per_s"].get<double>() << " tokens/s\n";
 
-  const json dd = get("dataset_distribution");
-  if (dd.is_object() && !dd.empty()) {
+  const json& dd = s["dataset_distribution"];
+  if (!dd.empty()) {
     out << "datasets (traces)\n";
     for (auto it = dd.begin(); it != dd.end(); ++it) {
       out << "  " << std::left << std::setw(32) << it.key() << std::right << " "
@@ -323,19 +498,16 @@ void print_store_summary(const fs::path& dir, std::ostream& out) {
     }
   }
 
-  const json ed = get("expert_distribution");
   std::vector<std::pair<int64_t, int64_t>> counts;  // (count, expert)
   int64_t total = 0;
-  for (int64_t e = 0; e < layout.num_experts; ++e) {
-    const std::string key = std::to_string(e);
-    const int64_t c =
-        ed.is_object() && ed.contains(key) && ed[key].is_number() ? ed[key].get<int64_t>() : 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const int64_t c = s["expert_distribution"][std::to_string(e)].get<int64_t>();
     counts.push_back({c, e});
     total += c;
   }
-  out << "experts used    " << num("experts_used") << " of " << layout.num_experts << " ("
-      << dbl("diversity_percentage") << "%), top-1 over the encoder MoE layers\n";
-  const bool all = layout.num_experts <= 16;
+  out << "experts used    " << s["experts_used"] << " of " << num_experts << " ("
+      << s["diversity_percentage"].get<double>() << "%), top-1 over the encoder MoE layers\n";
+  const bool all = num_experts <= 16;
   if (!all) {
     std::stable_sort(counts.begin(), counts.end(),
                      [](const auto& a, const auto& b) { return a.first > b.first; });
@@ -353,22 +525,22 @@ void print_store_summary(const fs::path& dir, std::ostream& out) {
         << ")\n";
   }
 
-  const json pl = get("per_layer");
-  if (pl.is_object() && !pl.empty()) {
+  const json& pl = s["per_layer"];
+  if (!pl.empty()) {
     out << "per layer       " << std::setw(12) << "tokens" << std::setw(12) << "dropped"
         << std::setw(11) << "drop rate"
         << "\n";
     auto row = [&](bool dec, int b) {
       const std::string key = trace::layer_key(dec, b);
-      if (!pl.contains(key) || !pl[key].is_object()) return;
+      if (!pl.contains(key)) return;
       const json& l = pl[key];
       out << "  " << std::left << std::setw(14) << key << std::right << std::setw(12)
-          << l.value("tokens", int64_t{0}) << std::setw(12) << l.value("dropped", int64_t{0})
-          << std::setw(10) << std::setprecision(2) << 100.0 * l.value("drop_rate", 0.0) << "%\n"
+          << l["tokens"].get<int64_t>() << std::setw(12) << l["dropped"].get<int64_t>()
+          << std::setw(10) << std::setprecision(2) << 100.0 * l["drop_rate"].get<double>() << "%\n"
           << std::setprecision(1);
     };
-    for (int b : layout.enc_layers) row(false, b);
-    for (int b : layout.dec_layers) row(true, b);
+    for (const json& b : s["layers"]["encoder"]) row(false, b.get<int>());
+    for (const json& b : s["layers"]["decoder"]) row(true, b.get<int>());
   }
 }
 

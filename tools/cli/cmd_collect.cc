@@ -18,13 +18,6 @@ struct CollectArgs {
   std::optional<int> rank, world_size, local_rank;
 };
 
-DType parse_store_dtype(const std::string& s, const char* flag) {
-  if (s == "f32") return DType::kF32;
-  if (s == "f16") return DType::kF16;
-  if (s == "bf16") return DType::kBF16;
-  fail(flag, " '", s, "': expected f32, f16 or bf16");
-}
-
 const RegisterCommand reg([](CLI::App& app) {
   auto a = std::make_shared<CollectArgs>();
   CollectOptions& o = a->o;
@@ -120,11 +113,16 @@ const RegisterCommand reg([](CLI::App& app) {
       set_log_level(level);
     }
     CollectOptions opts = a->o;
-    opts.logits_dtype = parse_store_dtype(a->logits, "--logits");
+    // One dtype vocabulary for every option (core/dtype.h): f16 = fp16 = float16 = half, ...
+    opts.logits_dtype =
+        parse_dtype_option("--logits", a->logits, {DType::kF32, DType::kF16, DType::kBF16});
     if (a->hidden != "none") {
-      opts.hidden_dtype = parse_store_dtype(a->hidden, "--hidden");
-      if (*opts.hidden_dtype == DType::kF16) fail("--hidden 'f16': expected none, bf16 or f32");
+      opts.hidden_dtype =
+          parse_dtype_option("--hidden", a->hidden, {DType::kBF16, DType::kF32}, {"none"});
     }
+    const DType precision =
+        parse_dtype_option("--precision", opts.precision, {DType::kBF16, DType::kF16, DType::kF32});
+    opts.precision = precision == DType::kF32 ? "fp32" : precision == DType::kF16 ? "fp16" : "bf16";
     for (const auto& r : a->data_roots) opts.data_roots.emplace_back(r);
     opts.catalog = a->catalog;
     opts.tokenizer = a->tokenizer;

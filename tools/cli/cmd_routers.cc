@@ -1,16 +1,18 @@
-// `moetrace routers --model DIR -o OUT.safetensors`: extracts every sparse block's router weights
+// `moetrace routers --model M -o OUT.safetensors`: extracts every sparse block's router weights
 // as float32 so that Python (moetrace speculate's `pregate` predictor) can apply the next layer's
 // router to the current layer's hidden state without reading a checkpoint itself.
 //
 // Output tensors (float32): `enc.{i}.router.weight` [E, d_model] for each sparse encoder block i,
 // `enc.{i}.router.bias` [E] when the config has router_bias, and the same for `dec.{i}`.
-// __metadata__: format "moetrace-routers", num_experts, d_model, model (the directory).
+// __metadata__: format "moetrace-routers", num_experts, d_model, model (the directory, or the
+// built-in model's id: "moetrace-demo", "random:switch-base-N").
 #include <filesystem>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "collect/model_source.h"
 #include "command.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -18,6 +20,7 @@
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "model/config.h"
+#include "model/weights.h"
 
 namespace moetrace::cli {
 namespace {
@@ -52,10 +55,22 @@ Tensor to_f32(const CheckpointTensor& t) {
   return out;
 }
 
+// A router with NaN/Inf sends every token to expert 0: said once per tensor.
+void warn_non_finite(const CheckpointTensor& t) {
+  const int64_t bad = count_non_finite(t.view);
+  if (bad > 0) {
+    log_warn(t.file.string(), ": router tensor '", t.name, "' has ", bad, " NaN/Inf value",
+             bad == 1 ? "" : "s", " of ", t.view.numel(),
+             "; routing through it is meaningless (tokens go to expert 0)");
+  }
+}
+
 void run_routers(const RoutersOptions& opt) {
-  const fs::path dir = opt.model_dir;
-  const SwitchConfig cfg = load_config(dir / "config.json");
-  const auto src = open_checkpoint(dir);
+  // The same --model as collect: a directory, a Hub id, "demo" or "random:switch-base-N".
+  const ModelChoice model = choose_model(opt.model_dir, false);
+  const SwitchConfig& cfg = model.config;
+  const TensorSource* src = model.weights.get();
+  const std::string dir = model.demo ? model.id : model.dir.string();
   std::vector<Tensor> owned;  // keeps the converted data alive until written
   std::vector<std::pair<std::string, size_t>> names;
   auto add_stack = [&](const std::string& stack, const std::string& key,
@@ -63,25 +78,27 @@ void run_routers(const RoutersOptions& opt) {
     for (int i : blocks) {
       const CheckpointTensor* w = find_router(*src, stack, i, "weight");
       if (w == nullptr) {
-        fail(dir.string(), ": no router weight `", stack, ".block.", i,
+        fail(dir, ": no router weight `", stack, ".block.", i,
              ".layer.*.mlp.router.classifier.weight` for sparse block ", i);
       }
       if (w->view.shape != Shape{cfg.num_experts, cfg.d_model}) {
         fail(w->file.string(), ": tensor '", w->name, "' has shape ", shape_str(w->view.shape),
              ", expected [", cfg.num_experts, ", ", cfg.d_model, "]");
       }
+      warn_non_finite(*w);
       owned.push_back(to_f32(*w));
       names.emplace_back(key + "." + std::to_string(i) + ".router.weight", owned.size() - 1);
       if (cfg.router_bias) {
         const CheckpointTensor* b = find_router(*src, stack, i, "bias");
         if (b == nullptr) {
-          fail(dir.string(), ": config has router_bias but `", stack, ".block.", i,
+          fail(dir, ": config has router_bias but `", stack, ".block.", i,
                ".layer.*.mlp.router.classifier.bias` is missing");
         }
         if (b->view.shape != Shape{cfg.num_experts}) {
           fail(b->file.string(), ": tensor '", b->name, "' has shape ", shape_str(b->view.shape),
                ", expected [", cfg.num_experts, "]");
         }
+        warn_non_finite(*b);
         owned.push_back(to_f32(*b));
         names.emplace_back(key + "." + std::to_string(i) + ".router.bias", owned.size() - 1);
       }
@@ -95,7 +112,7 @@ void run_routers(const RoutersOptions& opt) {
       {"format", "moetrace-routers"},
       {"num_experts", std::to_string(cfg.num_experts)},
       {"d_model", std::to_string(cfg.d_model)},
-      {"model", fs::absolute(dir).string()},
+      {"model", model.demo ? model.id : fs::absolute(model.dir).string()},
   };
   const fs::path out = opt.output;
   const fs::path tmp = out.parent_path() / (".tmp-" + out.filename().string());
@@ -110,7 +127,9 @@ RegisterCommand reg([](CLI::App& app) {
       "routers",
       "Write each sparse block's router weights (float32) to a safetensors file (for `moetrace "
       "speculate --routers`)");
-  sub->add_option("--model", opt->model_dir, "model directory (config.json + checkpoint)")
+  sub->add_option("--model,-m", opt->model_dir,
+                  "model directory, Hub id (offline, from the HF cache), 'demo' or "
+                  "'random:switch-base-N' (as collect's --model)")
       ->required();
   sub->add_option("-o,--output", opt->output, "output .safetensors file")->required();
   sub->callback([opt] { run_routers(*opt); });

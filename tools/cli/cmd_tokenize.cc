@@ -1,6 +1,5 @@
 // `moetrace tokenize`: JSON lines in ({"text": ...}), JSON lines out ({"ids": [...]}), with the
 // same T5 tokenizer collection uses, so anyone can check ids against transformers.
-#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -8,6 +7,7 @@
 #include "command.h"
 #include "core/error.h"
 #include "data/catalog.h"
+#include "io/hf_cache.h"
 #include "text/tokenizer.h"
 
 namespace moetrace::cli {
@@ -23,37 +23,16 @@ struct TokenizeOptions {
   int max_length = 0;
 };
 
-// spiece.model of --model: "demo", a model folder, or a Hub id found in the Hugging Face cache.
+// spiece.model of --model: "demo" or "random:switch-base-N" (the demo tokenizer, as collect uses),
+// a model folder, or a Hub id found in the Hugging Face cache (resolved as every --model is).
 fs::path spiece_of_model(const std::string& model) {
-  if (model == "demo") return data::demo_spiece_model();
-  if (fs::is_directory(model)) {
-    if (!fs::exists(fs::path(model) / "spiece.model"))
-      fail(model, ": no spiece.model in this folder");
-    return fs::path(model) / "spiece.model";
+  if (model == "demo" || model.rfind("random:", 0) == 0) return data::demo_spiece_model();
+  const ResolvedModel r = resolve_model(model);
+  if (!fs::exists(r.dir / "spiece.model")) {
+    fail("--model ", model, ": no spiece.model in ", r.dir.string(),
+         "; pass --spm FILE (e.g. the demo tokenizer ", data::demo_spiece_model().string(), ")");
   }
-  std::vector<fs::path> caches;
-  if (const char* v = std::getenv("HF_HUB_CACHE"); v && *v) {
-    caches.emplace_back(v);
-  } else if (const char* h = std::getenv("HF_HOME"); h && *h) {
-    caches.push_back(fs::path(h) / "hub");
-  } else if (const char* home = std::getenv("HOME"); home && *home) {
-    caches.push_back(fs::path(home) / ".cache/huggingface/hub");
-  }
-  std::string dir = "models--" + model;
-  for (size_t p = dir.find('/'); p != std::string::npos; p = dir.find('/')) dir.replace(p, 1, "--");
-  for (const auto& cache : caches) {
-    fs::path repo = cache / dir;
-    std::string rev;
-    std::ifstream ref(repo / "refs/main");
-    if (ref && std::getline(ref, rev) && fs::exists(repo / "snapshots" / rev / "spiece.model")) {
-      return repo / "snapshots" / rev / "spiece.model";
-    }
-    std::error_code ec;
-    for (const auto& snap : fs::directory_iterator(repo / "snapshots", ec)) {
-      if (fs::exists(snap.path() / "spiece.model")) return snap.path() / "spiece.model";
-    }
-  }
-  fail("--model ", model, ": not a folder with spiece.model nor found in the Hugging Face cache");
+  return r.dir / "spiece.model";
 }
 
 void run(const TokenizeOptions& o) {
