@@ -568,7 +568,6 @@ CollectResult run_collect(const CollectOptions& o) {
   // that already holds every planned sample is left as it is.
   if (o.resume && fs::exists(store_dir / "manifest.json", ec)) {
     const json m = check_resume(store_dir, ss);
-    check_resume_engine(store_dir, m.value("engine", json()), ss.engine);
     const int64_t have = m.value("num_samples", int64_t{0});
     if (m.value("complete", false) && have >= static_cast<int64_t>(items.size())) {
       log_info(store_dir.string(), ": already complete (", have, " samples, ",
@@ -576,6 +575,8 @@ CollectResult run_collect(const CollectOptions& o) {
       if (parallel) assemble_after_rank(o.output, launch);
       return CollectResult{};
     }
+    // Only an engine that computes new samples must match the store's.
+    check_resume_engine(store_dir, m.value("engine", json()), ss.engine);
     // Extending a store past the end of the plan that wrote it: that plan's last window was cut
     // short, so the samples of it in the store were batched otherwise than this plan batches
     // them; they are computed again (docs/TRACE_FORMAT.md).
