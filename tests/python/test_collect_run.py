@@ -109,13 +109,32 @@ def test_device_cuda_without_a_gpu_fails_fast_and_leaves_nothing_behind(cli, tmp
     verify(cli, out)
 
 
-def test_a_failed_start_leaves_no_store_behind(cli, tmp_path):
+def bad_weights_model(tmp_path):
+    """The fixture model with one encoder weight's shape transposed in the safetensors header: its
+    files are found and parsed, and the engine refuses it when it starts."""
+    model = tmp_path / "bad-model"
+    model.mkdir()
+    with open(os.path.join(MODEL, "config.json")) as f:
+        (model / "config.json").write_text(f.read())
+    raw = open(os.path.join(MODEL, "model.safetensors"), "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    name = "encoder.block.0.layer.1.mlp.wi.weight"
+    header[name]["shape"] = header[name]["shape"][::-1]
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(hb)) + hb + raw[8 + n:])
+    return model, name
+
+
+def test_a_failed_engine_start_leaves_no_store_behind(cli, tmp_path):
     out = tmp_path / "store"
+    model, name = bad_weights_model(tmp_path)
     cmd = args(cli, out, "--traces", 12, "--no-progress")
-    cmd[cmd.index(MODEL)] = str(tmp_path / "no-such-model")
+    cmd[cmd.index(MODEL)] = str(model)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env())
-    assert proc.returncode != 0 and "no-such-model" in proc.stderr
-    assert not out.exists()
+    assert proc.returncode != 0 and name in proc.stderr, proc.stderr
+    assert not out.exists()  # before: a manifest.json, and the next run said "is not empty"
     collect(cli, out, "--traces", 12)
     verify(cli, out)
 
@@ -139,10 +158,13 @@ def test_manifest_records_the_real_command_line(cli, tmp_path):
     assert cl[0].endswith("moetrace") and cl[1:] == args(cli, out, "--traces", 12, "--seed", 5)[1:] + ["--no-progress"]
 
 
+# A collection that runs for a minute or more on the tiny model (greedy decoding, small shards).
+SLOW = ["--traces", 40000, "--samples-per-shard", 4, "--max-length", 64, "--decoder"]
+
+
 def slow_run(cli, out, *extra):
-    """A collection that runs for a while (many small shards), started in the background."""
-    cmd = args(cli, out, "--traces", 40000, "--samples-per-shard", 4, "--max-length", 64, "--no-progress",
-               *extra, threads=1)
+    """SLOW started in the background."""
+    cmd = args(cli, out, *SLOW, "--no-progress", *extra, threads=1)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
 
 
@@ -153,8 +175,7 @@ def test_a_second_process_on_the_store_is_refused_with_the_holders_pid(cli, tmp_
         lock = out / ".moetrace.lock"
         assert wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid)), "no lock"
         for extra in (["--resume"], ["--overwrite"]):
-            second = collect(cli, out, "--traces", 40000, "--samples-per-shard", 4, "--max-length", 64,
-                             *extra, check=False, threads=1)
+            second = collect(cli, out, *SLOW, *extra, check=False, threads=1)
             assert second.returncode != 0
             errs = error_lines(second.stderr)
             assert len(errs) == 1 and f"in use by another moetrace process (pid {first.pid})" in errs[0], \
@@ -303,7 +324,7 @@ def test_resume_with_other_engine_settings_is_refused(cli, tmp_path):
     m = manifest(out)
     assert m["engine"]["threads"] == 1 and m["engine"]["batch_tokens"] == 8192
     assert m["engine"]["precision"] == "fp32" and m["engine"]["blas"]
-    base = ["--traces", 40000, "--samples-per-shard", 4, "--max-length", 64, "--resume"]
+    base = [*SLOW, "--resume"]
     for extra, threads, needle in (
             ([], 2, "collected with --threads 1, this run has --threads 2"),
             (["--batch-tokens", 4096], 1, "collected with --batch-tokens 8192, this run has --batch-tokens 4096")):
