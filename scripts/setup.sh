@@ -24,15 +24,21 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Python: Arrow C++ (Debian has none) comes from the pyarrow wheel; numpy/pytest/matplotlib for the
-# Python reader, its tests and the report plots.
+# Python reader, its tests and the report plots; huggingface_hub for `moetrace fetch`.
 PY=${MOETRACE_PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import numpy, pyarrow, pytest, matplotlib" 2>/dev/null; then
+if ! .venv/bin/python -c "import numpy, pyarrow, pytest, matplotlib, pandas, scipy, tqdm, huggingface_hub, sentencepiece, datasets" 2>/dev/null; then
   echo "setup: installing Python packages into .venv"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r scripts/requirements.txt
+fi
+# The moetrace Python package itself, editable (python/ changes apply at once), so that
+# `.venv/bin/python -m moetrace ...` works from any directory.
+if ! .venv/bin/python -c "import moetrace, os, sys; sys.exit(0 if os.path.samefile(os.path.dirname(moetrace.__file__), 'python/moetrace') else 1)" 2>/dev/null; then
+  echo "setup: installing the moetrace Python package (editable) into .venv"
+  .venv/bin/python -m pip install -q --no-deps -e python
 fi
 # libarrow.so / libparquet.so names for the linker (the wheel ships only versioned names).
 .venv/bin/python -c "import pyarrow; pyarrow.create_library_symlinks()"

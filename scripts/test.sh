@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/check_format.sh
+python3 scripts/check_layers.py
 bash scripts/build.sh release
 ctest --preset release -j "$(nproc)"
 if [ -d tests/python ]; then

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Rebuilds assets/demo/data from the real samples in tests/data (run from the repository root).
 
-The demo data root mirrors how `huggingface-cli download --repo-type dataset` lays out Hub dataset
-repos (DIR/<org>/<name>/<config>/<split>...), holding real rows in the formats they are published
+The demo data root mirrors how `hf download --repo-type dataset --local-dir DIR/<org>/<name>` lays
+out Hub dataset repos (DIR/<org>/<name>/<config>/<split>...), holding real rows in the formats they are published
 in (GLUE TSV, SuperGLUE JSON Lines, AG News CSV, TweetEval text, WikiText text, Hub Parquet), some
 compressed, so the built-in demo exercises every reader. Needs only the standard library and the
 `zstd` command.

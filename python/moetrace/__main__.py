@@ -2,7 +2,9 @@
 
   summary STORE                  what `moetrace inspect` reports, recomputed from the shards in Python
   export-pickle STORE OUT.pkl    the seed system's pickle (+ OUT.json metadata)
+  export-parquet STORE OUT/      Parquet shards (one row per sample) + a Hugging Face dataset card
   analyze ..., speculate ...     dispatched to moetrace.analysis / moetrace.speculate when present
+  fetch ...                      moetrace.fetch: download a model and datasets into the Hugging Face cache
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .errors import StoreError
 from .store import TraceStore, open_store
 
 # Subcommands implemented in their own modules: each exposes main(argv) -> int.
-PLUGIN_COMMANDS = {"analyze": "moetrace.analysis", "speculate": "moetrace.speculate"}
+PLUGIN_COMMANDS = {"analyze": "moetrace.analysis", "speculate": "moetrace.speculate", "fetch": "moetrace.fetch"}
 
 
 def compute_summary(store: TraceStore) -> dict:
@@ -175,6 +177,17 @@ def cmd_export_pickle(args) -> int:
     return 0
 
 
+def cmd_export_parquet(args) -> int:
+    from .export import export_parquet
+    layers = [x for part in args.layers for x in part.split(",") if x] if args.layers else None
+    info = export_parquet(args.store, args.out, layers=layers, logits=args.logits, real_only=args.real_only,
+                          progress=not args.quiet)
+    if not args.quiet:
+        print(f"wrote {info['rows']} samples in {len(info['files'])} Parquet files to {args.out}/data and a "
+              f"dataset card to {args.out}/README.md", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m moetrace", description="Read moetrace trace stores in Python.")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
@@ -193,12 +206,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "(loading them needs moetrace importable)")
     p.add_argument("--real-only", action="store_true", help="skip synthetic samples")
     p.set_defaults(func=cmd_export_pickle)
+    p = sub.add_parser("export-parquet", help="write Parquet shards (one row per sample) and a Hugging Face "
+                                              "dataset card; schema in docs/TRACE_FORMAT.md")
+    p.add_argument("store")
+    p.add_argument("out", help="output directory: OUT/data/train-*.parquet and OUT/README.md")
+    p.add_argument("--layers", nargs="+", help="MoE layers to export: enc.{i}/dec.{i} or encoder block indices "
+                                               "(default all)")
+    p.add_argument("--logits", action="store_true", help="also export router logits (4*E bytes per token and layer)")
+    p.add_argument("--real-only", action="store_true", help="skip synthetic samples")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
+    p.set_defaults(func=cmd_export_parquet)
     for name in PLUGIN_COMMANDS:
         sub.add_parser(name, help=f"see python -m moetrace {name} --help", add_help=False)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `python -m moetrace summary STORE | head`: the reader left; stop quietly, as cat does.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a pipe writer that was cut off
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PLUGIN_COMMANDS:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import html
 import json
 import os
 import sys
@@ -20,8 +19,11 @@ import time
 import numpy as np
 
 ANALYSIS_VERSION = 1
-GATE_BINS = np.linspace(0.0, 1.0, 51)      # top-1 router probability
-MARGIN_BINS = np.linspace(0.0, 12.0, 61)   # top-1 minus top-2 logit; the last bin takes the overflow
+# Fine fixed bins (exact streaming merge); charts re-bin them onto the range the data occupies.
+GATE_BINS = np.linspace(0.0, 1.0, 1001)     # top-1 router probability
+MARGIN_BINS = np.linspace(0.0, 20.0, 1001)  # top-1 minus top-2 logit; the last bin takes the overflow
+TRANSITION_MIN_ROW = 10                     # transition-map rows with fewer tokens are masked in the chart
+NOISE_DRAWS = 4                             # random splits averaged for the JSD noise floor
 TOPK = (1, 2, 4, 8, 16)
 CHUNK_ROWS = 1 << 18                        # token rows per chunk when logits are read
 
@@ -66,6 +68,44 @@ def jsd_bits(p, q) -> float:
     return max(0.0, 0.5 * kl(p) + 0.5 * kl(q))
 
 
+def jsd_noise_floor(a, b, rng: np.random.Generator, draws: int = NOISE_DRAWS) -> float:
+    """The JSD (bits) two datasets with these token counts show when their routing is the same: the
+    pooled counts a + b split at random (a multivariate hypergeometric draw, i.e. a permutation of the
+    tokens) into parts of sum(a) and sum(b) tokens, JSD averaged over `draws` splits. Tokens of one
+    sample are correlated, so this token-level floor is a lower bound of the sample-level one."""
+    a = np.asarray(a, np.int64)
+    b = np.asarray(b, np.int64)
+    na, nb = int(a.sum()), int(b.sum())
+    if na == 0 or nb == 0:
+        return 0.0
+    pool = a + b
+    vals = []
+    for _ in range(draws):
+        x = rng.multivariate_hypergeometric(pool, na, method="marginals")
+        vals.append(jsd_bits(x, pool - x))
+    return float(np.mean(vals))
+
+
+def order_for_heatmap(d: np.ndarray) -> list[int]:
+    """A row/column order that puts similar datasets together: average-linkage hierarchical
+    clustering of the (symmetric, zero-diagonal) distance matrix with scipy when it is installed,
+    else by mean distance to the others."""
+    d = np.nan_to_num(np.asarray(d, np.float64))
+    n = d.shape[0]
+    if n < 3:
+        return list(range(n))
+    try:
+        from scipy.cluster.hierarchy import leaves_list, linkage, optimal_leaf_ordering
+        from scipy.spatial.distance import squareform
+        sym = np.maximum(0.5 * (d + d.T), 0.0)
+        np.fill_diagonal(sym, 0.0)
+        y = squareform(sym, checks=False)
+        z = optimal_leaf_ordering(linkage(y, "average"), y)
+        return [int(i) for i in leaves_list(z)]
+    except ImportError:
+        return [int(i) for i in np.argsort(d.mean(axis=1), kind="stable")]
+
+
 def usage_stats(counts) -> dict:
     """The seed's per-layer statistics of a top-1 count vector (key names kept), plus load balance.
 
@@ -83,11 +123,15 @@ def usage_stats(counts) -> dict:
     q25, med, q75 = (float(v) for v in np.percentile(c, [25, 50, 75])) if e else (0.0, 0.0, 0.0)
     active = int(np.count_nonzero(c))
     total = float(c.sum())
+    cv = std / mean if mean > 0 else 0.0
+    lo, hi = (float(c.min()), float(c.max())) if e else (0.0, 0.0)
     return {
-        "mean": mean, "std": std, "cv": std / mean if mean > 0 else 0.0,
+        "mean": mean, "std": std, "cv": cv,
+        # the seed's names for cv/min/max, written too (aliases, same values)
+        "coefficient_of_variation": cv, "min_usage": lo, "max_usage": hi,
         "entropy_bits": entropy_bits(c),
         "normalized_entropy": entropy_bits(c) / np.log2(e) if e > 1 else 0.0,
-        "min": float(c.min()) if e else 0.0, "max": float(c.max()) if e else 0.0,
+        "min": lo, "max": hi,
         "skewness": skew, "kurtosis": kurt,
         "median": med, "q25": q25, "q75": q75, "iqr": q75 - q25,
         "active_experts": active, "expert_diversity": active / e if e else 0.0,
@@ -373,10 +417,24 @@ class StackAnalysis:
         d = self.acc[layer]
         return [d.setdefault(n, LayerAcc(self.e)) for n in names]
 
-    def add_shard(self, shard, offsets: np.ndarray, datasets: list[str], token_ids: np.ndarray) -> None:
-        """offsets: this stack's per-sample row offsets in the shard; token_ids: [rows] ids."""
+    def add_shard(self, shard, offsets: np.ndarray, datasets: list[str], token_ids: np.ndarray,
+                  keep: np.ndarray | None = None) -> None:
+        """offsets: this stack's per-sample row offsets in the shard; token_ids: [rows] ids; keep: bool
+        per sample (None: all), the samples to count (--real-only leaves out the synthetic ones)."""
         e = self.e
         lengths = np.diff(offsets)
+        tensor = shard.tensor
+        if keep is not None and not keep.all():
+            if not keep.any():
+                return
+            rm = np.repeat(keep, lengths)  # [rows] rows of the kept samples
+            lengths = lengths[keep]
+            datasets = [d for d, k in zip(datasets, keep) if k]
+            token_ids = np.asarray(token_ids)[rm]
+
+            def tensor(name, rm=rm):
+                return np.asarray(shard.tensor(name))[rm]
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
         names = sorted(set(datasets))
         ng = len(names)
         ds_index = np.array([names.index(d) for d in datasets], np.int64)
@@ -391,10 +449,10 @@ class StackAnalysis:
                 prev = None
                 continue
             accs = self._accs(name, names)
-            expert = np.asarray(shard.tensor(f"{name}.expert"), np.int64)
+            expert = np.asarray(tensor(f"{name}.expert"), np.int64)
             counts = np.bincount(g_all * e + expert, minlength=ng * e).reshape(ng, e)
             tokens = np.bincount(g_all, minlength=ng)
-            dropped = (np.bincount(g_all, weights=np.asarray(shard.tensor(f"{name}.dropped"), np.float64),
+            dropped = (np.bincount(g_all, weights=np.asarray(tensor(f"{name}.dropped"), np.float64),
                                    minlength=ng) if shard.has(f"{name}.dropped") else np.zeros(ng))
             for k, acc in enumerate(accs):
                 acc.counts += counts[k]
@@ -410,8 +468,8 @@ class StackAnalysis:
                 self.token_counts[name].add(tok_keys + expert)
             if not shard.has(f"{name}.router_logits"):
                 continue
-            lg_all = shard.tensor(f"{name}.router_logits")
-            gate_all = shard.tensor(f"{name}.gate") if shard.has(f"{name}.gate") else None
+            lg_all = tensor(f"{name}.router_logits")
+            gate_all = tensor(f"{name}.gate") if shard.has(f"{name}.gate") else None
             for a in range(0, rows, CHUNK_ROWS):
                 b = min(rows, a + CHUNK_ROWS)
                 g = g_all[a:b]
@@ -479,16 +537,48 @@ class StackAnalysis:
                                  for d, m in sorted(by_ds.items())}}
             transitions.append(t)
         datasets = sorted(self.ds_tokens)
-        divergence = {"datasets": datasets, "per_layer": {}, "mean_over_layers": None, "overall": None}
+        divergence = {"datasets": datasets, "per_layer": {}, "mean_over_layers": None, "overall": None,
+                      "noise_floor_per_layer": {}, "noise_floor_mean_over_layers": None,
+                      "excess_mean_over_layers": None, "order": list(range(len(datasets))), "pairs": []}
         if len(datasets) > 1:
+            rng = np.random.default_rng(12345)
+            nd = len(datasets)
             for name in present:
                 c = {d: self.acc[name][d].counts for d in datasets if d in self.acc[name]}
-                divergence["per_layer"][name] = [[jsd_bits(c[x], c[y]) if x in c and y in c else None
-                                                  for y in datasets] for x in datasets]
+                jm = [[None] * nd for _ in range(nd)]
+                fm = [[None] * nd for _ in range(nd)]
+                for i, x in enumerate(datasets):
+                    for j, y in enumerate(datasets):
+                        if x not in c or y not in c:
+                            continue
+                        if j < i:
+                            jm[i][j], fm[i][j] = jm[j][i], fm[j][i]
+                        elif i == j:
+                            jm[i][j], fm[i][j] = 0.0, 0.0
+                        else:
+                            jm[i][j] = jsd_bits(c[x], c[y])
+                            fm[i][j] = jsd_noise_floor(c[x], c[y], rng)
+                divergence["per_layer"][name] = jm
+                divergence["noise_floor_per_layer"][name] = fm
             if present:
-                mats = np.array([[[v if v is not None else np.nan for v in row] for row in divergence["per_layer"][n]]
-                                 for n in present])
-                divergence["mean_over_layers"] = np.nanmean(mats, axis=0).tolist()
+                nan = lambda m: np.array([[v if v is not None else np.nan for v in row] for row in m])  # noqa: E731
+                with np.errstate(all="ignore"):
+                    import warnings
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        mean = np.nanmean(np.array([nan(divergence["per_layer"][n]) for n in present]), axis=0)
+                        floor = np.nanmean(np.array([nan(divergence["noise_floor_per_layer"][n]) for n in present]),
+                                           axis=0)
+                excess = np.maximum(0.0, mean - floor)
+                divergence["mean_over_layers"] = mean.tolist()
+                divergence["noise_floor_mean_over_layers"] = floor.tolist()
+                divergence["excess_mean_over_layers"] = excess.tolist()
+                divergence["order"] = order_for_heatmap(excess)
+                pairs = [{"a": datasets[i], "b": datasets[j], "jsd": float(mean[i, j]),
+                          "noise_floor": float(floor[i, j]), "excess": float(excess[i, j])}
+                         for i in range(nd) for j in range(i + 1, nd) if np.isfinite(mean[i, j])]
+                pairs.sort(key=lambda r: (-r["jsd"], r["a"], r["b"]))
+                divergence["pairs"] = pairs
             divergence["overall"] = [[jsd_bits(overall_counts.get(x, 0), overall_counts.get(y, 0))
                                       for y in datasets] for x in datasets]
         overall = usage_stats(overall_counts.get("all", np.zeros(self.e)))
@@ -536,32 +626,46 @@ def _example(shard, k: int, enc_layers: list[str], dec_layers: list[str], max_to
 
 
 def analyze_store(store, *, seed: int = 0, examples: int = 5, example_tokens: int = 24,
-                  token_stats: bool = True, progress=None) -> dict:
-    """Streams every shard once and returns the stats.json dictionary."""
+                  token_stats: bool = True, progress=None, real_only: bool = False, bar: bool = False,
+                  tokenizer: str | None = None) -> dict:
+    """Streams every shard once and returns the stats.json dictionary. real_only leaves out synthetic
+    samples; bar shows a tqdm progress bar; tokenizer: a spiece.model for the examples' token text
+    (default: the store's, see moetrace.text)."""
+    from .progress import bar as progress_bar
     e = store.num_experts
     enc_layers = [f"enc.{i}" for i in store.encoder_layers]
     dec_layers = [f"dec.{i}" for i in store.decoder_layers]
     enc = StackAnalysis("enc", enc_layers, e, token_stats)
     dec = StackAnalysis("dec", dec_layers, e, token_stats) if dec_layers else None
-    chosen = set(pick_examples(len(store), examples, seed))
+    if real_only:
+        candidates = [i for i, k in enumerate(np.concatenate(
+            [np.asarray(s.tensor("sample_kind")) for s in store.shards if s.num_samples] or [np.zeros(0)]))
+            if k == 0]
+        chosen = {candidates[i] for i in pick_examples(len(candidates), examples, seed)}
+    else:
+        chosen = set(pick_examples(len(store), examples, seed))
     ex_out = []
     t0 = time.perf_counter()
     done_tokens = done_dec = 0
     n_shards = len(store.manifest.get("shards", []))
     ds_samples: dict[str, int] = {}
-    for si, shard in enumerate(store.iter_shards()):
+    skipped = 0
+    for si, shard in enumerate(progress_bar(store.iter_shards(), total=n_shards, desc="analyze", enabled=bar)):
         if shard.num_samples == 0:
             continue
         md = shard.metadata
-        for d in md["datasets"]:
-            ds_samples[d] = ds_samples.get(d, 0) + 1
+        keep = np.asarray(shard.tensor("sample_kind")) == 0 if real_only else np.ones(shard.num_samples, bool)
+        skipped += int(np.count_nonzero(~keep))
+        for d, k in zip(md["datasets"], keep):
+            if k:
+                ds_samples[d] = ds_samples.get(d, 0) + 1
         off = shard.sample_offsets
-        enc.add_shard(shard, off, md["datasets"], np.asarray(shard.tensor("token_ids")))
-        done_tokens += int(off[-1])
+        enc.add_shard(shard, off, md["datasets"], np.asarray(shard.tensor("token_ids")), keep)
+        done_tokens += int(np.diff(off)[keep].sum())
         doff = shard.dec_sample_offsets
         if dec is not None and doff is not None:
-            dec.add_shard(shard, doff, md["datasets"], np.asarray(shard.tensor("dec.input_ids")))
-            done_dec += int(doff[-1])
+            dec.add_shard(shard, doff, md["datasets"], np.asarray(shard.tensor("dec.input_ids")), keep)
+            done_dec += int(np.diff(doff)[keep].sum())
         for k in range(shard.num_samples):
             if shard.first_sample + k in chosen:
                 ex_out.append(_example(shard, k, enc_layers, dec_layers, example_tokens))
@@ -570,6 +674,13 @@ def analyze_store(store, *, seed: int = 0, examples: int = 5, example_tokens: in
             progress(f"analyze: shard {si + 1}/{n_shards}, {done_tokens} tokens, "
                      f"{done_tokens / dt if dt > 0 else 0:.0f} tokens/s")
     elapsed = time.perf_counter() - t0
+    from .text import tokenizer_for
+    tok = tokenizer_for(store, tokenizer) if ex_out else None
+    for ex in ex_out:
+        if tok:
+            ex["token_pieces"] = tok.pieces(ex["token_ids"])
+            if "decoder" in ex:
+                ex["decoder"]["input_pieces"] = tok.pieces(ex["decoder"]["input_ids"])
     m = store.manifest
     model = m.get("model", {}) or {}
     cfg = model.get("config", {}) or {}
@@ -579,7 +690,9 @@ def analyze_store(store, *, seed: int = 0, examples: int = 5, example_tokens: in
         "store": os.path.abspath(getattr(store, "path", "")),
         "model": model.get("id"),
         "num_experts": e,
-        "num_samples": len(store),
+        "num_samples": len(store) - skipped,
+        "real_only": real_only, "skipped_synthetic_samples": skipped,
+        "demo_model": bool(model.get("demo")),
         "num_tokens": done_tokens,
         "num_decoder_tokens": done_dec,
         "datasets": {d: {"samples": ds_samples[d], "tokens": enc.ds_tokens.get(d, 0)} for d in sorted(ds_samples)},
@@ -591,179 +704,12 @@ def analyze_store(store, *, seed: int = 0, examples: int = 5, example_tokens: in
         "encoder": enc.result(),
         "decoder": dec.result() if dec is not None else None,
         "examples": ex_out,
+        "token_text": ({"tokenizer": tok.path} if tok else {"tokenizer": None, "note": tok.reason}) if tok is not None
+        else None,
     }
 
 
-# --------------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------------
-
-
-def _fmt(v, digits=3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    h = "".join(f"<th>{html.escape(x)}</th>" for x in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def make_plots(stats: dict, out_dir: str, per_layer_charts: bool = False) -> dict[str, list[str]]:
-    """Draws every chart of the report into out_dir; returns {section: [file names]}."""
-    from . import plots
-
-    files: dict[str, list[str]] = {}
-    for stack_key, title in (("encoder", "encoder"), ("decoder", "decoder")):
-        st = stats.get(stack_key)
-        if not st or not st["layers"]:
-            continue
-        tag = "enc" if stack_key == "encoder" else "dec"
-        names = st["layers"]
-        pl = st["per_layer"]
-        f = files.setdefault(stack_key, [])
-        f.append(plots.usage_grid(os.path.join(out_dir, f"{tag}_usage_grid.png"), names,
-                                  [pl[n]["expert_counts"] for n in names], f"{title}: top-1 expert usage per layer"))
-        if per_layer_charts:
-            for n in names:
-                f.append(plots.usage_bars(os.path.join(out_dir, f"usage_{n}.png"), pl[n]["expert_counts"],
-                                          f"{n}: top-1 expert usage ({pl[n]['tokens']} tokens)"))
-        share = np.array([np.asarray(pl[n]["expert_counts"], float) / max(1, pl[n]["tokens"]) * 100 for n in names])
-        f.append(plots.heatmap(os.path.join(out_dir, f"{tag}_layer_expert_heatmap.png"), share,
-                               f"{title}: share of tokens per expert (%)", "expert", "MoE layer",
-                               "share of tokens (%)", yticklabels=names))
-        x = list(range(len(names)))
-        mi = {t["to"]: t["normalized_mi"] for t in st["transitions"]}
-        f.append(plots.lines(os.path.join(out_dir, f"{tag}_balance.png"), x, {
-            "normalized entropy": [pl[n]["normalized_entropy"] for n in names],
-            "Gini": [pl[n]["gini"] for n in names],
-            "drop rate": [pl[n]["drop_rate"] for n in names],
-            "MI(prev layer) / H": [mi.get(n) for n in names],
-            "token-id consistency": [pl[n].get("token", {}).get("consistency") for n in names],
-        }, f"{title}: balance and predictability across layers", "MoE layer", "value (0..1)",
-            xticklabels=names, ylim=(0, 1.05)))
-        f.append(plots.lines(os.path.join(out_dir, f"{tag}_loads.png"), x, {
-            "max/mean load": [pl[n]["max_mean_load"] for n in names],
-            "aux loss (1 = balanced)": [pl[n]["aux_loss"] for n in names],
-            "z-loss": [pl[n]["z_loss"] for n in names],
-        }, f"{title}: load-balance losses across layers", "MoE layer", "value", xticklabels=names))
-        if any(pl[n]["gate"].get("count") for n in names):
-            f.append(plots.histogram_pair(
-                os.path.join(out_dir, f"{tag}_confidence.png"),
-                (GATE_BINS, {n: pl[n]["gate"]["hist"]["counts"] for n in names if pl[n]["gate"].get("count")},
-                 "top-1 gate probability"),
-                (MARGIN_BINS, {n: pl[n]["margin"]["hist"]["counts"] for n in names if pl[n]["margin"].get("count")},
-                 f"top-1 minus top-2 logit (last bin: ≥ {MARGIN_BINS[-2]:g})"),
-                f"{title}: router confidence"))
-        if st["transitions"]:
-            f.append(plots.heatmap_grid(
-                os.path.join(out_dir, f"{tag}_transitions.png"), [transition_probs(t["counts"]) for t in st["transitions"]],
-                [f"{t['from']} → {t['to']}: MI {t['mutual_information_bits']:.2f} bits" for t in st["transitions"]],
-                f"{title}: P(expert at next MoE layer | expert at this layer)", "expert at next layer",
-                "expert at this layer", "probability"))
-        dv = st["dataset_divergence"]
-        ds = dv["datasets"]
-        if len(ds) > 1:
-            f.append(plots.lines(os.path.join(out_dir, f"{tag}_datasets_entropy.png"), x,
-                                 {d: [pl[n]["per_dataset"].get(d, {}).get("normalized_entropy") for n in names] for d in ds},
-                                 f"{title}: normalized routing entropy per dataset", "MoE layer",
-                                 "entropy / log2(E)", xticklabels=names, ylim=(0, 1.05)))
-            f.append(plots.heatmap(os.path.join(out_dir, f"{tag}_datasets_jsd.png"), dv["mean_over_layers"],
-                                   f"{title}: Jensen-Shannon divergence between datasets (mean over layers)",
-                                   "dataset", "dataset", "JSD (bits)", yticklabels=ds, xticklabels=ds,
-                                   figsize=(7.0, 6.0), vmin=0, annotate=True))
-            share = np.array([np.asarray(st["overall"]["per_dataset"][d]["expert_counts"], float) for d in ds])
-            share = share / np.maximum(1, share.sum(axis=1, keepdims=True)) * 100
-            f.append(plots.heatmap(os.path.join(out_dir, f"{tag}_datasets_usage.png"), share,
-                                   f"{title}: expert usage per dataset, all layers (%)", "expert", "dataset",
-                                   "share of tokens (%)", yticklabels=ds))
-    return files
-
-
-CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;
-font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}
-img{max-width:100%;border:1px solid #ddd;margin:4px 0}code{background:#f4f4f4}"""
-
-
-def render_html(stats: dict, files: dict[str, list[str]]) -> str:
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>moetrace analyze</title><style>{CSS}</style>"
-           "</head><body>", "<h1>moetrace analyze</h1>",
-           f"<p>Store <code>{html.escape(stats['store'])}</code>, model {html.escape(str(stats['model']))}, "
-           f"{stats['num_experts']} experts, {stats['num_samples']} samples, {stats['num_tokens']} encoder tokens, "
-           f"{stats['num_decoder_tokens']} decoder tokens; analysed in {stats['elapsed_s']:.2f} s. "
-           "All numbers are in <code>stats.json</code> (keys in docs/ANALYSIS.md).</p>"]
-    out.append("<h2>Datasets</h2>" + _table(["dataset", "samples", "encoder tokens"],
-                                              [[d, v["samples"], v["tokens"]] for d, v in stats["datasets"].items()]))
-    for stack_key in ("encoder", "decoder"):
-        st = stats.get(stack_key)
-        if not st or not st["layers"]:
-            continue
-        pl = st["per_layer"]
-        imgs = files.get(stack_key, [])
-        img = lambda name: f"<img src='{html.escape(name)}' alt='{html.escape(name)}'>"  # noqa: E731
-        out.append(f"<h2>{stack_key.capitalize()}</h2>")
-        out.append("<h3>Expert usage</h3>")
-        out.append(_table(["layer", "tokens", "mean", "std", "cv", "entropy (bits)", "min", "max", "skew", "kurt",
-                           "median", "IQR", "active", "unused", "drop rate"],
-                          [[n, pl[n]["tokens"], pl[n]["mean"], pl[n]["std"], pl[n]["cv"], pl[n]["entropy_bits"],
-                            pl[n]["min"], pl[n]["max"], pl[n]["skewness"], pl[n]["kurtosis"], pl[n]["median"],
-                            pl[n]["iqr"], pl[n]["active_experts"], pl[n]["zero_usage_experts"], pl[n]["drop_rate"]]
-                           for n in st["layers"]]))
-        out += [img(x) for x in imgs if "usage_grid" in x or "layer_expert_heatmap" in x]
-        out.append("<h3>Load balance and router confidence</h3>")
-        out.append(_table(["layer", "max/mean", "Gini", "aux loss", "z-loss", "gate mean", "gate p10", "margin mean",
-                           "margin p50"],
-                          [[n, pl[n]["max_mean_load"], pl[n]["gini"], pl[n]["aux_loss"], pl[n]["z_loss"],
-                            pl[n]["gate"].get("mean"), pl[n]["gate"].get("p10"), pl[n]["margin"].get("mean"),
-                            pl[n]["margin"].get("p50")] for n in st["layers"]]))
-        out += [img(x) for x in imgs if any(s in x for s in ("_balance", "_loads", "_confidence"))]
-        out.append("<h3>Layer to layer</h3><p>In-sample top-k accuracy of a transition table (an upper bound of "
-                   "what the <code>transition</code> predictor reaches on held-out samples).</p>")
-        out.append(_table(["from", "to", "H(to)", "H(to|from)", "MI (bits)", "MI/H", "top-1", "top-2", "top-4"],
-                          [[t["from"], t["to"], t["h_to_bits"], t["conditional_entropy_bits"],
-                            t["mutual_information_bits"], t["normalized_mi"], t["topk_accuracy"]["1"],
-                            t["topk_accuracy"]["2"], t["topk_accuracy"]["4"]] for t in st["transitions"]]))
-        out += [img(x) for x in imgs if x.endswith("_transitions.png")]
-        if any("token" in pl[n] for n in st["layers"]):
-            out.append("<h3>Token ids</h3><p>consistency: share of tokens whose id's most frequent expert is the one "
-                       "chosen (SiDA-style); explained: I(token id; expert) / H(expert).</p>")
-            out.append(_table(["layer", "unique ids", "consistency", "consistency (ids seen ≥ 10×)", "MI (bits)",
-                               "explained"],
-                              [[n, pl[n]["token"]["unique_tokens"], pl[n]["token"]["consistency"],
-                                pl[n]["token"]["consistency_min_count"], pl[n]["token"]["mi_bits"],
-                                pl[n]["token"]["explained_fraction"]] for n in st["layers"] if "token" in pl[n]]))
-        dv = st["dataset_divergence"]
-        if len(dv["datasets"]) > 1:
-            out.append("<h3>Datasets</h3>")
-            out.append(_table(["layer"] + [f"{a} vs {b}" for i, a in enumerate(dv["datasets"])
-                                           for b in dv["datasets"][i + 1:]],
-                              [[n] + [dv["per_layer"][n][i][j] for i in range(len(dv["datasets"]))
-                                      for j in range(i + 1, len(dv["datasets"]))] for n in st["layers"]]))
-            out += [img(x) for x in imgs if "_datasets_" in x]
-        if any(x.startswith("usage_") for x in imgs):
-            out.append("<h3>Per-layer charts</h3>")
-            out += [img(x) for x in imgs if x.startswith("usage_")]
-    if stats["examples"]:
-        out.append("<h2>Example expert paths</h2><p>One row per token: token id, then the expert at each MoE "
-                   "layer.</p>")
-        for ex in stats["examples"]:
-            out.append(f"<h4>{html.escape(ex['sample_id'])} ({html.escape(ex['dataset'])}, {ex['tokens']} tokens)</h4>")
-            out.append(_table(["token id"] + ex["layers"], [[t] + p for t, p in zip(ex["token_ids"], ex["paths"])]))
-    out.append("</body></html>")
-    return "\n".join(out)
-
-
-def write_report(stats: dict, out_dir: str, per_layer_charts: bool = False) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "stats.json"), "w") as f:
-        json.dump(stats, f, indent=1)
-    files = make_plots(stats, out_dir, per_layer_charts)
-    with open(os.path.join(out_dir, "report.html"), "w") as f:
-        f.write(render_html(stats, files))
+# The report (report.html, charts) lives in analysis_report.py (re-exported here).
 
 
 # --------------------------------------------------------------------------------------------------
@@ -775,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moetrace analyze", description=(
         "Expert usage, load balance, router confidence, layer-to-layer and token structure, and dataset "
         "differences of a trace store. Writes DIR/stats.json (keys in docs/ANALYSIS.md) and DIR/report.html "
-        "with its PNG charts."))
+        "(self-contained: its charts are embedded; the chart files are written beside it too)."))
     ap.add_argument("store", help="trace store directory (or its manifest.json)")
     ap.add_argument("-o", "--output", default="analysis", help="output directory (default: ./analysis)")
     ap.add_argument("--seed", type=int, default=0, help="seed for picking the example samples")
@@ -784,7 +730,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-plots", action="store_true", help="write stats.json only")
     ap.add_argument("--per-layer-charts", action="store_true",
                     help="also draw one expert-usage bar chart per layer (usage_<layer>.png)")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    ap.add_argument("--real-only", action="store_true", help="leave out synthetic samples (of a mixed store)")
+    ap.add_argument("--format", choices=("png", "svg", "pdf"), default="png",
+                    help="chart files: png (default), svg (embedded as vector), pdf (written beside PNGs the report "
+                         "shows)")
+    ap.add_argument("--dpi", type=int, default=100, help="PNG resolution (default 100; 300 for print)")
+    ap.add_argument("--link-images", action="store_true",
+                    help="link the chart files from report.html instead of embedding them")
+    ap.add_argument("--jsd-scale", choices=("auto", "fixed"), default="auto",
+                    help="dataset-JSD heatmap colour scale: auto (the data's range, default) or fixed 0..1 bits")
+    ap.add_argument("--top-pairs", type=int, default=30,
+                    help="dataset pairs listed in the report, most divergent first (default 30; all in stats.json)")
+    ap.add_argument("--tokenizer", help="spiece.model for the examples' token text (default: the store's model's)")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return ap
 
 
@@ -792,11 +750,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .store import open_store
     from .errors import StoreError
+    if args.no_plots is False:
+        try:
+            from . import plots
+        except ModuleNotFoundError as e:
+            print(f"moetrace: error: the report's charts need {e.name}, which is not installed: "
+                  "pip install 'moetrace[analysis]' (or pass --no-plots for stats.json only)", file=sys.stderr)
+            return 1
+        plots.configure(dpi=args.dpi, fmt=args.format)
     try:
         store = open_store(args.store)
         progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
         stats = analyze_store(store, seed=args.seed, examples=args.examples,
-                              token_stats=not args.no_token_stats, progress=progress)
+                              token_stats=not args.no_token_stats, progress=None if sys.stderr.isatty() else progress,
+                              real_only=args.real_only, bar=not args.quiet, tokenizer=args.tokenizer)
     except (StoreError, KeyError) as e:
         print(f"moetrace: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
@@ -805,13 +772,16 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.output, "stats.json"), "w") as f:
             json.dump(stats, f, indent=1)
     else:
-        write_report(stats, args.output, args.per_layer_charts)
+        write_report(stats, args.output, args.per_layer_charts, embed=not args.link_images,
+                     jsd_vmax=1.0 if args.jsd_scale == "fixed" else None, top_pairs=args.top_pairs)
     if not args.quiet:
         print(f"analyze: {stats['num_tokens']} tokens in {stats['elapsed_s']:.2f} s "
               f"({stats['tokens_per_s'] or 0:.0f} tokens/s); wrote {args.output}/stats.json"
               + ("" if args.no_plots else f" and {args.output}/report.html"), file=sys.stderr)
     return 0
 
+
+from .analysis_report import make_plots, render_html, write_report  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

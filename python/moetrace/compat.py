@@ -8,8 +8,9 @@ Record fields (S tokens, E experts, d = d_model):
   layer_id          int: the encoder block index of the MoE layer (1, 3, ..., 11)
   hidden_states     float32 [S, d]: the router's input when the store has it (--hidden), else None
   input_embeddings  int64 [S]: the token ids (the seed stored the ids under this name, not embeddings)
-  target_routing    float32 [S, E]: softmax of the router logits
-  target_top_k      int64 [S, 1]: the top-1 expert
+  target_routing    float32 [S, E]: softmax of the stored router logits; argmax(target_routing) equals
+                    target_top_k on every row (see consistent_routing for stored-logit ties)
+  target_top_k      int64 [S, 1]: the top-1 expert as the engine chose it (the stored `expert`)
   prev_layer_gates  list of float32 [S, E]: target_routing of up to 3 earlier MoE layers, oldest first
   sequence_length   int: S
   token_ids         int64 [S]
@@ -52,6 +53,21 @@ class GatingDataPoint:
     sample_id: str
 
 
+def consistent_routing(probs: np.ndarray, expert: np.ndarray) -> np.ndarray:
+    """probs [S, E] float32 with argmax(probs) == expert on every row; returns probs (changed in place).
+
+    The engine picks the expert from fp32 logits; a store keeping F16/BF16 logits can round two of
+    them to the same value. Rounding is monotonic, so the stored expert's logit is then tied with
+    the largest, never below it, and argmax (lowest index on ties) may name the other expert. The
+    stored expert is the truth: on such rows its probability is raised by one float32 ulp (a change
+    of about 1e-7), so that argmax(target_routing) agrees with target_top_k."""
+    wrong = np.flatnonzero(probs.argmax(axis=1) != expert)
+    if wrong.size:
+        top = probs[wrong].max(axis=1)
+        probs[wrong, expert[wrong]] = np.nextafter(top, np.float32(np.inf))
+    return probs
+
+
 def _encoder_layers(store: TraceStore, layers: Iterable | None) -> list[int]:
     """Normalises a layer selection (block indices or 'enc.{i}' names) to encoder block indices."""
     if layers is None:
@@ -85,7 +101,8 @@ def gating_records(store: TraceStore | str | os.PathLike, layers: Iterable | Non
         gates: list[np.ndarray] = []
         for block in store.encoder_layers:
             view = sample.layer(f"enc.{block}")
-            probs = softmax(view.router_logits)
+            expert = np.array(view.expert, dtype=np.int64)
+            probs = consistent_routing(softmax(view.router_logits), expert)
             if block in wanted:
                 hidden = view.hidden
                 yield {
@@ -93,7 +110,7 @@ def gating_records(store: TraceStore | str | os.PathLike, layers: Iterable | Non
                     "hidden_states": None if hidden is None else np.array(hidden, dtype=np.float32),
                     "input_embeddings": token_ids.copy(),
                     "target_routing": probs,
-                    "target_top_k": np.array(view.expert, dtype=np.int64).reshape(-1, 1),
+                    "target_top_k": expert.reshape(-1, 1),
                     "prev_layer_gates": list(gates[-PREV_LAYERS:]),
                     "sequence_length": int(len(token_ids)),
                     "token_ids": token_ids,
@@ -153,6 +170,12 @@ def export_pickle(store: TraceStore | str | os.PathLike, out_path: str | os.Path
             summary["datasets"][rec["dataset_name"]] = summary["datasets"].get(rec["dataset_name"], 0) + 1
             yield GatingDataPoint(**rec) if fmt == "dataclass" else rec
 
+    parent = os.path.dirname(os.path.abspath(out_path))
+    try:
+        os.makedirs(parent, exist_ok=True)  # the seed created missing directories too
+    except OSError as e:
+        from .errors import StoreError
+        raise StoreError(f"{out_path}: cannot create its directory {parent}: {e.strerror or e}") from None
     tmp = out_path + ".tmp"
     try:
         with open(tmp, "wb") as f:

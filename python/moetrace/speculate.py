@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .analysis import SparseCounts, rows_f32
+from .cachesim import TimeModel, next_uses, simulate_cache  # noqa: F401 (re-exported)
 
 SPECULATION_VERSION = 1
 KS = (1, 2, 4, 8, 16)
@@ -159,10 +159,11 @@ class RecallCell:
     """recall@k of one (predictor, lookahead, target layer, dataset). Tokens of a sample are
     correlated, so the 95% interval uses the cluster (ratio-estimator) variance over samples."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, ks=KS):
+        self.ks = tuple(ks)
         self.rank_hist = np.zeros(num_experts, np.int64)
         self.samples = 0
-        self.sums = np.zeros((len(KS), 4))  # per k: sum h, sum h^2, sum h*n, (sum n^2 shared)
+        self.sums = np.zeros((len(self.ks), 4))  # per k: sum h, sum h^2, sum h*n, (sum n^2 shared)
         self.n2 = 0.0
 
     def add(self, ranks: np.ndarray, inv: np.ndarray, nsamp: int) -> None:
@@ -170,9 +171,9 @@ class RecallCell:
         if ranks.size == 0:
             return
         self.rank_hist += np.bincount(ranks, minlength=self.rank_hist.size)
-        nk = len(KS)
-        # b = how many of KS are <= rank: the token is a hit for KS[i] exactly when i >= b
-        b = np.searchsorted(np.asarray(KS), ranks, side="right")
+        nk = len(self.ks)
+        # b = how many of ks are <= rank: the token is a hit for ks[i] exactly when i >= b
+        b = np.searchsorted(np.asarray(self.ks), ranks, side="right")
         per = np.bincount(inv * (nk + 1) + b, minlength=nsamp * (nk + 1)).reshape(nsamp, nk + 1)
         n_s = per.sum(axis=1)
         keep = n_s > 0
@@ -188,7 +189,7 @@ class RecallCell:
         n = int(self.rank_hist.sum())
         cum = np.cumsum(self.rank_hist)
         rec, ci = {}, {}
-        for i, k in enumerate(KS):
+        for i, k in enumerate(self.ks):
             p = float(cum[min(k, cum.size) - 1] / n) if n else 0.0
             rec[str(k)] = p
             s = self.samples
@@ -199,7 +200,8 @@ class RecallCell:
                 ci[str(k)] = [max(0.0, p - half), min(1.0, p + half)]
             else:
                 ci[str(k)] = None
-        return {"tokens": n, "samples": self.samples, "top1": rec["1"], "recall": rec, "ci95": ci}
+        return {"tokens": n, "samples": self.samples, "top1": rec["1"] if "1" in rec else None, "recall": rec,
+                "ci95": ci}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,7 +383,8 @@ class Learned(Predictor):
     """Softmax regression trained by moetrace on a subsample of the train split: features are the
     (standardised) router input at layer t-1 when the store has hidden states, plus one-hot experts
     of layers t-1 and t-2 (kept as indices: their weights are rows looked up, not a GEMM). Trained
-    with Adam on minibatches of 512; the loss curve is reported."""
+    with Adam on minibatches of 512 on 90% of the sampled tokens; the other 10% (by sample) give the
+    validation loss, logged beside the training loss."""
     name = "learned"
     lookahead = 1
 
@@ -390,8 +393,10 @@ class Learned(Predictor):
         self.use_hidden, self.keep_prob, self.steps, self.lr = use_hidden, keep_prob, steps, lr
         self.rng = np.random.default_rng(seed)
         self.data = {t: [] for t in range(1, L)}
-        self.models, self.curves, self.train_tokens = {}, {}, {}
+        self.models, self.curves, self.train_tokens, self.val_tokens = {}, {}, {}, {}
         self.needs_hidden = use_hidden
+        self.train_s = 0.0
+        self.bar = False
 
     def _inputs(self, c, t, rows=None):
         """(hidden [n, d] or None, previous experts [n, 2] with E for 'no such layer')."""
@@ -407,27 +412,39 @@ class Learned(Predictor):
         keep = np.flatnonzero(self.rng.random(c.experts.shape[0]) < self.keep_prob)
         if keep.size == 0:
             return
+        val = (c.sample[keep] * 2654435761 % 10) == 0  # 10% of the samples, fixed by the sample index
         for t in self.data:
             h, prev = self._inputs(c, t, keep)
-            self.data[t].append((None if h is None else h.astype(np.float16), prev, c.experts[keep, t].copy()))
+            self.data[t].append((None if h is None else h.astype(np.float16), prev, c.experts[keep, t].copy(), val))
 
     def finish(self, freq):
         super().finish(freq)
-        for t, parts in self.data.items():
+        t0 = time.perf_counter()
+        from .progress import bar
+        for t in bar(list(self.data), total=len(self.data), desc="learned predictor", unit="layer",
+                     enabled=self.bar):
+            parts = self.data[t]
             if not parts:
                 continue
             prev = np.concatenate([p[1] for p in parts])
             y = np.concatenate([p[2] for p in parts])
+            val = np.concatenate([p[3] for p in parts])
+            if val.all():  # too few samples to hold some out: validate on the training data
+                val[:] = False
             h, mu, sd = None, None, None
             if self.use_hidden:
                 h = np.concatenate([p[0] for p in parts]).astype(np.float32)
-                mu, sd = h.mean(axis=0), h.std(axis=0) + 1e-6
+                mu, sd = h[~val].mean(axis=0), h[~val].std(axis=0) + 1e-6
                 h = (h - mu) / sd
-            params, curve = self._train(h, prev, y)
+            tr = ~val
+            held = (None if h is None else h[val], prev[val], y[val]) if val.any() else None
+            params, curve = self._train(None if h is None else h[tr], prev[tr], y[tr], held)
             self.models[t] = (params, mu, sd)
             self.curves[t] = curve
-            self.train_tokens[t] = int(y.size)
+            self.train_tokens[t] = int(tr.sum())
+            self.val_tokens[t] = int(val.sum())
         self.data = {}
+        self.train_s = time.perf_counter() - t0
 
     def _logits(self, params, h, prev):
         wh, emb, b = params  # [d, E] or None, [2, E+1, E], [E]
@@ -436,8 +453,15 @@ class Learned(Predictor):
             z = z + h @ wh
         return z
 
-    def _train(self, h, prev, y):
-        """Adam on the mean cross-entropy (L2 1e-4 on the weights); returns (params, curve)."""
+    def _loss(self, params, h, prev, y) -> float:
+        z = self._logits(params, h, prev)
+        z = z - z.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(z).sum(axis=1))
+        return float((lse - z[np.arange(y.size), y]).mean())
+
+    def _train(self, h, prev, y, held=None):
+        """Adam on the mean cross-entropy (L2 1e-4 on the weights); returns (params, curve). held:
+        (h, prev, y) of the validation tokens, whose loss is logged as val_loss."""
         n, e = y.size, self.e
         b = np.log(np.bincount(y, minlength=e) + 1.0).astype(np.float32)
         params = [None if h is None else np.zeros((h.shape[1], e), np.float32), np.zeros((2, e + 1, e), np.float32),
@@ -469,7 +493,10 @@ class Learned(Predictor):
                 v[i] = b2 * v[i] + (1 - b2) * g * g
                 params[i] -= self.lr * (m[i] / (1 - b1 ** step)) / (np.sqrt(v[i] / (1 - b2 ** step)) + 1e-8)
             if step % 10 == 0 or step == self.steps:
-                curve.append({"step": step, "loss": float(np.mean(run))})
+                point = {"step": step, "loss": float(np.mean(run))}
+                if held is not None:
+                    point["val_loss"] = self._loss(params, *held)
+                curve.append(point)
                 run = []
         return params, curve
 
@@ -487,110 +514,13 @@ class Learned(Predictor):
         return {"features": ("standardised hidden state at t-1 + " if self.use_hidden else "")
                 + "one-hot experts at t-1 and t-2",
                 "model": "softmax regression (Adam, lr 0.05, minibatch 512, L2 1e-4)",
-                "steps": self.steps,
+                "steps": self.steps, "train_s": self.train_s,
                 "train_tokens": {str(t): n for t, n in self.train_tokens.items()},
+                "val_tokens": {str(t): n for t, n in self.val_tokens.items()},
                 "loss_curves": {str(t): c for t, c in self.curves.items()}}
 
 
-# --------------------------------------------------------------------------------------------------
-# Expert cache simulator
-# --------------------------------------------------------------------------------------------------
-
-
-def next_uses(requests: list[np.ndarray], prefetch: list | None, num_experts: int):
-    """Backward pass: for request i, nxt[i][e] = next request index > i that needs e (for e in
-    R_i), and pre[i][e] = next request index >= i that needs e (for e in the prefetch set P_i)."""
-    inf = len(requests) + 1
-    seen = [inf] * num_experts
-    nxt = [None] * len(requests)
-    pre = [None] * len(requests) if prefetch is not None else None
-    for i in range(len(requests) - 1, -1, -1):
-        r = requests[i]
-        nxt[i] = [seen[e] for e in r]
-        for e in r:
-            seen[e] = i
-        if prefetch is not None:
-            pre[i] = [seen[e] for e in prefetch[i]]
-    return nxt, pre
-
-
-def simulate_cache(requests: list, capacity: int, policy: str, num_experts: int, prefetch: list | None = None) -> dict:
-    """Replays requests (each a list of distinct experts needed at once by one layer: a prefill
-    sequence's experts, or one decode token's) through a cache of `capacity` experts.
-
-    Before request i the prefetch set P_i (if any) is loaded. After a request (or prefetch) the cache
-    keeps at most `capacity` experts: those just used/prefetched are kept first, the rest evicted by
-    policy: lru (least recently touched), lfu (fewest demand uses, then least recent), belady (the
-    one needed farthest in the future; optimal for demand fetching, and it may also decline to keep a
-    just-used expert). Returns counts and per-request demand/prefetch loads (for the time model)."""
-    n = len(requests)
-    cache: set = set()
-    last = [-1] * num_experts
-    freq = [0] * num_experts
-    nuse = [n + 1] * num_experts
-    nxt = pre = None
-    if policy == "belady":
-        nxt, pre = next_uses(requests, prefetch, num_experts)
-    demand = np.zeros(n, np.int32)
-    loaded = np.zeros(n, np.int32)
-    hits = accesses = 0
-    clock = 0
-
-    def shrink(pinned):
-        excess = len(cache) - capacity
-        if excess <= 0:
-            return
-        if policy == "belady":  # farthest next use goes first, pinned or not
-            victims = sorted(cache, key=lambda e: (-nuse[e], e))[:excess]
-        else:
-            key = (lambda e: (e in pinned, last[e], e)) if policy == "lru" else \
-                (lambda e: (e in pinned, freq[e], last[e], e))
-            victims = sorted(cache, key=key)[:excess]
-        cache.difference_update(victims)
-
-    for i in range(n):
-        if prefetch is not None and len(prefetch[i]):
-            p = prefetch[i]
-            clock += 1
-            new = [e for e in p if e not in cache]
-            loaded[i] = len(new)
-            cache.update(new)
-            for k, e in enumerate(p):
-                last[e] = clock
-                if policy == "belady":
-                    nuse[e] = pre[i][k]
-            shrink(set(p))
-        r = requests[i]
-        clock += 1
-        got = sum(1 for e in r if e in cache)
-        hits += got
-        accesses += len(r)
-        demand[i] = len(r) - got
-        cache.update(r)
-        for k, e in enumerate(r):
-            last[e] = clock
-            freq[e] += 1
-            if policy == "belady":
-                nuse[e] = nxt[i][k]
-        shrink(set(r))
-    return {"accesses": accesses, "hits": hits, "hit_rate": hits / accesses if accesses else 0.0,
-            "demand_loads": int(demand.sum()), "prefetch_loads": int(loaded.sum()),
-            "demand_per_request": demand, "prefetch_per_request": loaded}
-
-
-@dataclass
-class TimeModel:
-    expert_bytes: float
-    bandwidth_gbs: float = 24.0   # host-to-device GB/s
-    layer_ms: float = 0.2         # compute of one MoE layer for one request (a decode step or a prefill sequence)
-
-    def transfer_ms(self, experts) -> np.ndarray:
-        return np.asarray(experts, np.float64) * self.expert_bytes / (self.bandwidth_gbs * 1e9) * 1e3
-
-    def request_ms(self, demand, prefetched) -> float:
-        """Demand loads stall the layer; prefetches overlap the previous layer's compute."""
-        c = self.layer_ms
-        return float(np.sum(c + self.transfer_ms(demand) + np.maximum(0.0, self.transfer_ms(prefetched) - c)))
+# The expert cache simulator lives in cachesim.py (re-exported here).
 
 
 # --------------------------------------------------------------------------------------------------
@@ -713,6 +643,9 @@ class Options:
     encoder_replay: str = "prefill"
     simulate: bool = True
     max_replay: int = 50000
+    ks: tuple = KS                # recall@k reported (1 is always added)
+    real_only: bool = False       # leave out synthetic samples
+    bar: bool = False             # tqdm progress bars
 
 
 def _predictor_key(p: Predictor) -> str:
@@ -771,11 +704,15 @@ def run_stack(store, spec: StackSpec, opt: Options, routers, progress, ds_names:
     roles = {}
     t0 = time.perf_counter()
     counts = {"train": [0, 0], "test": [0, 0]}  # samples, tokens
-    for shard in store.iter_shards():
+    from .progress import bar
+    n_shards = len(store.shards)
+    for shard in bar(store.iter_shards(), total=n_shards, desc=f"{spec.key}: fit", enabled=opt.bar):
         if not shard.num_samples:
             continue
         md = shard.metadata
         role = opt.split.assign(md["sample_ids"], md["datasets"])
+        if opt.real_only:
+            role[np.asarray(shard.tensor("sample_kind")) != 0] = -1
         roles[shard.first_sample] = role
         for c in stack_chunks(shard, spec, role, 0, ds_index, need_hidden):
             counts["train"][1] += c.experts.shape[0]
@@ -785,12 +722,18 @@ def run_stack(store, spec: StackSpec, opt: Options, routers, progress, ds_names:
                 p.fit(c)
         counts["train"][0] += int(np.count_nonzero(role == 0))
         counts["test"][0] += int(np.count_nonzero(role == 1))
-    fit_s = time.perf_counter() - t0
+    pass_s = time.perf_counter() - t0
+    learned = next((p for p in preds if isinstance(p, Learned)), None)
+    if progress and learned is not None:
+        progress(f"speculate: {spec.key}: counted {counts['train'][1]} train tokens in {pass_s:.2f} s; training the "
+                 f"learned predictor ({opt.learned_steps} steps per target layer)")
     for p in preds:
+        p.bar = opt.bar
         p.finish(freq)
+    fit_s = time.perf_counter() - t0  # the whole fit: the counting pass and every predictor's training
     if progress:
         progress(f"speculate: {spec.key}: fitted {len(preds)} predictors on {counts['train'][1]} train tokens "
-                 f"in {fit_s:.2f} s")
+                 f"in {fit_s:.2f} s" + (f" (learned predictor: {learned.train_s:.2f} s)" if learned else ""))
     cells: dict = {}
     sim_pred = None
     if opt.simulate:
@@ -800,7 +743,7 @@ def run_stack(store, spec: StackSpec, opt: Options, routers, progress, ds_names:
     pred_top: list = []   # per test chunk: [n, L, k] prefetch predictions
     routing: list = []    # per test chunk: (experts [n, L], sample [n])
     t1 = time.perf_counter()
-    for shard in store.iter_shards():
+    for shard in bar(store.iter_shards(), total=n_shards, desc=f"{spec.key}: evaluate", enabled=opt.bar):
         if not shard.num_samples:
             continue
         role = roles[shard.first_sample]
@@ -818,11 +761,11 @@ def run_stack(store, spec: StackSpec, opt: Options, routers, progress, ds_names:
                     sc = p.scores(c, t)
                     r = true_ranks(sc, c.experts[:, t])
                     key = (_predictor_key(p), t)
-                    cell = cells.setdefault(key, {"all": RecallCell(E)})
+                    cell = cells.setdefault(key, {"all": RecallCell(E, opt.ks)})
                     cell["all"].add(r, inv, nsamp)
                     if len(ds_names) > 1:
                         for d, m in ds_masks:
-                            cell.setdefault(ds_names[d], RecallCell(E)).add(r[m], inv[m], nsamp)
+                            cell.setdefault(ds_names[d], RecallCell(E, opt.ks)).add(r[m], inv[m], nsamp)
                     if p is sim_pred:
                         top[:, t] = topk_experts(sc, kpre)
             if opt.simulate:
@@ -842,7 +785,7 @@ def run_stack(store, spec: StackSpec, opt: Options, routers, progress, ds_names:
     out = {"layers": spec.layers, "has_hidden": has_hidden,
            "train": {"samples": counts["train"][0], "tokens": counts["train"][1]},
            "test": {"samples": counts["test"][0], "tokens": counts["test"][1]},
-           "fit_s": fit_s, "eval_s": eval_s, "results": results, "summary": summarize(results),
+           "fit_s": fit_s, "fit_pass_s": pass_s, "eval_s": eval_s, "results": results, "summary": summarize(results),
            "learned": next((p.describe() for p in preds if isinstance(p, Learned)), None)}
     if opt.simulate and routing:
         t2 = time.perf_counter()
@@ -855,22 +798,35 @@ def run_stack(store, spec: StackSpec, opt: Options, routers, progress, ds_names:
 
 
 def summarize(results: list[dict]) -> list[dict]:
-    """Per (predictor, lookahead): token-weighted recall@k over its target layers, all datasets."""
+    """Per (predictor, lookahead): token-weighted recall@k over its target layers, all datasets, and
+    `ci95`: the token-weighted mean of the target layers' 95% bounds (the layers' tokens are the same
+    samples, so their errors are correlated; averaging the bounds, rather than pooling as if they
+    were independent, keeps the band from looking narrower than it is)."""
     rows = {}
     for r in results:
         if r["dataset"] != "all":
             continue
         k = (r["predictor"], r["lookahead"])
         row = rows.setdefault(k, {"predictor": r["predictor"], "lookahead": r["lookahead"], "targets": [],
-                                  "tokens": 0, "_w": {kk: 0.0 for kk in r["recall"]}})
+                                  "tokens": 0, "_w": {kk: 0.0 for kk in r["recall"]},
+                                  "_lo": {kk: 0.0 for kk in r["recall"]}, "_hi": {kk: 0.0 for kk in r["recall"]},
+                                  "_ci_ok": {kk: True for kk in r["recall"]}})
         row["targets"].append(r["target"])
         row["tokens"] += r["tokens"]
         for kk, v in r["recall"].items():
             row["_w"][kk] += v * r["tokens"]
+            ci = (r.get("ci95") or {}).get(kk)
+            if ci is None:
+                row["_ci_ok"][kk] = False
+            else:
+                row["_lo"][kk] += ci[0] * r["tokens"]
+                row["_hi"][kk] += ci[1] * r["tokens"]
     out = []
     for row in rows.values():
-        w = row.pop("_w")
-        row["recall"] = {kk: v / row["tokens"] if row["tokens"] else 0.0 for kk, v in w.items()}
+        w, lo, hi, ok = row.pop("_w"), row.pop("_lo"), row.pop("_hi"), row.pop("_ci_ok")
+        n = row["tokens"]
+        row["recall"] = {kk: v / n if n else 0.0 for kk, v in w.items()}
+        row["ci95"] = {kk: [lo[kk] / n, hi[kk] / n] if n and ok[kk] else None for kk in w}
         row["top1"] = row["recall"]["1"]
         out.append(row)
     out.sort(key=lambda r: (-r["top1"], r["lookahead"], r["predictor"]))
@@ -951,6 +907,17 @@ def simulate_stack(spec, opt: Options, store, routing, pred_top, freq, sim_pred)
 def speculate_store(store, opt: Options, progress=None) -> dict:
     t0 = time.perf_counter()
     ds_names = sorted({d for s in store.shards if s.num_samples for d in s.metadata["datasets"]})
+    for option, names in (("--test-datasets", opt.split.test_datasets), ("--train-datasets", opt.split.train_datasets)):
+        missing = [d for d in names if d not in ds_names]
+        if missing:
+            raise ValueError(f"{option}: no dataset {', '.join(repr(d) for d in missing)} in {store.path} "
+                             f"(its datasets: {', '.join(ds_names) or 'none'})")
+    if opt.split.test_datasets and set(opt.split.train_datasets) & set(opt.split.test_datasets):
+        raise ValueError("--train-datasets and --test-datasets overlap: "
+                         + ", ".join(sorted(set(opt.split.train_datasets) & set(opt.split.test_datasets))))
+    if any(int(k) < 1 for k in opt.ks):
+        raise ValueError(f"--k {','.join(str(k) for k in opt.ks)}: every k must be at least 1")
+    opt.ks = tuple(sorted(set(int(k) for k in opt.ks) | {1}))  # top-1 is always reported
     unavailable: dict = {}
     specs = [StackSpec("encoder", [f"enc.{i}" for i in store.encoder_layers], "sample_offsets", "token_ids")]
     if store.decoder_layers:
@@ -996,7 +963,8 @@ def speculate_store(store, opt: Options, progress=None) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "store": os.path.abspath(getattr(store, "path", "")),
         "model": (store.manifest.get("model", {}) or {}).get("id"),
-        "num_experts": store.num_experts, "ks": list(KS), "datasets": ds_names,
+        "num_experts": store.num_experts, "ks": list(opt.ks), "datasets": ds_names,
+        "real_only": opt.real_only, "demo_model": bool((store.manifest.get("model", {}) or {}).get("demo")),
         "split": opt.split.describe(),
         "predictors": list(opt.predictors), "unavailable": unavailable,
         "elapsed_s": elapsed, "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
@@ -1004,122 +972,7 @@ def speculate_store(store, opt: Options, progress=None) -> dict:
     }
 
 
-# --------------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------------
-
-
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.1f}%"
-
-
-def render_markdown(res: dict) -> str:
-    ks = [k for k in KS if k < res["num_experts"]] or [1]  # recall@E and beyond are 100% by definition
-    out = ["# moetrace speculate", "",
-           f"Store `{res['store']}`, model {res['model']}, {res['num_experts']} experts. Split: "
-           f"{json.dumps(res['split'])}. {res['elapsed_s']:.2f} s.", ""]
-    if res["unavailable"]:
-        out.append("Unavailable: " + "; ".join(f"{k}: {v}" for k, v in res["unavailable"].items()))
-        out.append("")
-    for key in ("encoder", "decoder"):
-        st = res.get(key)
-        if not st:
-            continue
-        out += [f"## {key.capitalize()}", "",
-                f"Train: {st['train']['samples']} samples, {st['train']['tokens']} tokens; test: "
-                f"{st['test']['samples']} samples, {st['test']['tokens']} tokens.", "",
-                "Predictors ranked by top-1 accuracy on held-out samples (token-weighted over the target layers "
-                "each can reach; lookahead = MoE layers ahead, 0 = known before the forward pass):", "",
-                "| rank | predictor | lookahead | targets | " + " | ".join(f"recall@{k}" for k in ks) + " |",
-                "|---|---|---|---|" + "---|" * len(ks)]
-        for r in st["summary"]:
-            out.append(f"| {r['rank']} | {r['predictor']} | {r['lookahead']} | {len(r['targets'])} | "
-                       + " | ".join(_pct(r["recall"].get(str(k))) for k in ks) + " |")
-        out.append("")
-        out += ["Per target layer (all datasets; 95% CI of top-1 over samples):", "",
-                "| predictor | lookahead | target | tokens | top-1 | 95% CI | recall@2 | recall@4 |", "|---|---|---|---|---|---|---|---|"]
-        for r in st["results"]:
-            if r["dataset"] != "all":
-                continue
-            ci = r["ci95"]["1"]
-            out.append(f"| {r['predictor']} | {r['lookahead']} | {r['target']} | {r['tokens']} | {_pct(r['top1'])} | "
-                       + (f"{_pct(ci[0])}–{_pct(ci[1])}" if ci else "–")
-                       + f" | {_pct(r['recall']['2'])} | {_pct(r['recall']['4'])} |")
-        out.append("")
-        c = st.get("cache")
-        if c:
-            out += [f"Expert cache ({c['mode']} replay of the test samples, {c['tokens']} tokens; expert "
-                    f"{c['expert_bytes'] / 2**20:.1f} MiB, {c['bandwidth_gbs']} GB/s, {c['layer_ms']} ms per layer "
-                    f"request; prefetch: {c['prefetch_predictor']} top-{c['prefetch_k']}). All experts on the GPU: "
-                    f"{c['all_on_gpu_ms_per_token']:.3f} ms/token; no cache: {c['no_cache_ms_per_token']:.3f} ms/token.",
-                    "", "| experts/layer | policy | prefetch | hit rate | experts moved | GiB moved | ms/token |",
-                    "|---|---|---|---|---|---|---|"]
-            for r in c["runs"]:
-                out.append(f"| {r['cache_experts_per_layer']} | {r['policy']} | {'yes' if r['prefetch'] else 'no'} | "
-                           f"{_pct(r['hit_rate'])} | {r['experts_transferred']} | {r['bytes_transferred'] / 2**30:.2f} | "
-                           f"{r['ms_per_token']:.3f} |")
-            out.append("")
-        if st.get("learned"):
-            curves = st["learned"]["loss_curves"]
-            out.append("Learned predictor loss (first → last logged step): " + ", ".join(
-                f"{st['layers'][int(t)]}: {c[0]['loss']:.3f} → {c[-1]['loss']:.3f}" for t, c in curves.items() if c))
-            out.append("")
-    return "\n".join(out)
-
-
-def make_plots(res: dict, out_dir: str) -> list[str]:
-    from . import plots
-    files = []
-    for key in ("encoder", "decoder"):
-        st = res.get(key)
-        if not st:
-            continue
-        ks = [k for k in KS if k <= res["num_experts"]]
-        series = {f"{r['predictor']} (d={r['lookahead']})": [r["recall"].get(str(k)) for k in ks] for r in st["summary"]}
-        files.append(plots.lines(os.path.join(out_dir, f"{key}_recall_at_k.png"), ks, series,
-                                 f"{key}: recall@k on held-out samples", "k (experts prefetched per layer)",
-                                 "recall@k", logx=True, ylim=(0, 1.02)))
-        c = st.get("cache")
-        if c and c["runs"]:
-            series = {}
-            for pol in POLICIES:
-                for pf in (False, True):
-                    rs = [r for r in c["runs"] if r["policy"] == pol and r["prefetch"] == pf]
-                    if rs:
-                        series[pol + (" + prefetch" if pf else "")] = [r["hit_rate"] for r in
-                                                                       sorted(rs, key=lambda r: r["cache_experts_per_layer"])]
-            files.append(plots.lines(os.path.join(out_dir, f"{key}_cache_hit_rate.png"), c["cache_sizes"], series,
-                                     f"{key}: expert cache hit rate ({c['mode']} replay)",
-                                     "cache size (experts per layer)", "hit rate", ylim=(0, 1.02)))
-        if st.get("learned") and st["learned"]["loss_curves"]:
-            series = {st["layers"][int(t)]: [p["loss"] for p in cv] for t, cv in st["learned"]["loss_curves"].items()}
-            steps = next(iter(st["learned"]["loss_curves"].values()))
-            files.append(plots.lines(os.path.join(out_dir, f"{key}_learned_loss.png"), [p["step"] for p in steps],
-                                     series, f"{key}: learned predictor training loss (per target layer)",
-                                     "step", "cross-entropy (nats)", markers=False))
-    return files
-
-
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {k: _jsonable(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    return o
-
-
-def write_outputs(res: dict, out_dir: str, plots_on: bool = True) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "speculation.json"), "w") as f:
-        json.dump(_jsonable(res), f, indent=1)
-    md = render_markdown(res)
-    files = make_plots(res, out_dir) if plots_on else []
-    with open(os.path.join(out_dir, "speculation.md"), "w") as f:
-        f.write(md + "\n" + "".join(f"\n![{x}]({x})\n" for x in files))
+# Rendering (speculation.html, .md, charts) lives in speculate_report.py (re-exported here).
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1176,8 +1029,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-replay", type=int, default=50000,
                     help="replay at most this many requests per layer (the first test samples; default 50000)")
     ap.add_argument("--no-cache", action="store_true", help="skip the cache simulation")
-    ap.add_argument("--no-plots", action="store_true", help="write speculation.json and .md only")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    ap.add_argument("--no-plots", action="store_true", help="no charts: speculation.json, .md and .html only")
+    ap.add_argument("--k", default=",".join(str(k) for k in KS),
+                    help="the k of recall@k, any comma-separated list, e.g. 1,3,5,10 (default 1,2,4,8,16; 1 is "
+                         "always included)")
+    ap.add_argument("--real-only", action="store_true", help="leave out synthetic samples (of a mixed store)")
+    ap.add_argument("--format", choices=("png", "svg", "pdf"), default="png",
+                    help="chart files: png (default), svg, pdf (beside PNGs the report shows)")
+    ap.add_argument("--dpi", type=int, default=100, help="PNG resolution (default 100; 300 for print)")
+    ap.add_argument("--link-images", action="store_true",
+                    help="link the chart files from speculation.html instead of embedding them")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return ap
 
 
@@ -1191,6 +1053,12 @@ def options_from_args(args) -> Options:
         raise ValueError(f"unknown policy in {args.policies!r}; choose from {', '.join(POLICIES)}")
     if not 0.0 < args.test_fraction < 1.0:
         raise ValueError("--test-fraction must be between 0 and 1")
+    try:
+        ks = tuple(int(x) for x in _csv(args.k))
+    except ValueError:
+        raise ValueError(f"--k {args.k!r}: expected a comma-separated list of integers, e.g. 1,3,5,10") from None
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--k {args.k!r}: expected integers of at least 1, e.g. 1,3,5,10")
     return Options(
         predictors=preds, lookaheads=tuple(int(x) for x in _csv(args.lookaheads)),
         histories=tuple(int(x) for x in _csv(args.histories)),
@@ -1201,7 +1069,8 @@ def options_from_args(args) -> Options:
         expert_dtype_bytes={"f32": 4, "bf16": 2, "f16": 2}[args.expert_dtype],
         bandwidth_gbs=args.bandwidth_gbs, layer_ms=args.layer_ms, routers=args.routers, model=args.model,
         learned_tokens=args.learned_tokens, learned_steps=args.learned_steps, encoder_replay=args.encoder_replay,
-        simulate=not args.no_cache, max_replay=max(1, args.max_replay))
+        simulate=not args.no_cache, max_replay=max(1, args.max_replay), ks=ks, real_only=args.real_only,
+        bar=not args.quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1213,19 +1082,31 @@ def main(argv: list[str] | None = None) -> int:
         opt = options_from_args(args)
     except ValueError as e:
         ap.error(str(e))
+    if not args.no_plots:
+        try:
+            from . import plots
+        except ModuleNotFoundError as e:
+            print(f"moetrace: error: the charts need {e.name}, which is not installed: pip install "
+                  "'moetrace[analysis]' (or pass --no-plots)", file=sys.stderr)
+            return 1
     try:
         store = open_store(args.store)
         progress = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if not args.no_plots:
+            plots.configure(dpi=args.dpi, fmt=args.format)
         res = speculate_store(store, opt, progress)
     except (StoreError, KeyError, ValueError) as e:
         print(f"moetrace: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
-    write_outputs(res, args.output, plots_on=not args.no_plots)
+    write_outputs(res, args.output, plots_on=not args.no_plots, embed=not args.link_images)
     if not args.quiet:
-        print(f"speculate: done in {res['elapsed_s']:.2f} s; wrote {args.output}/speculation.json and "
-              f"{args.output}/speculation.md", file=sys.stderr)
+        print(f"speculate: done in {res['elapsed_s']:.2f} s; wrote {args.output}/speculation.json, "
+              f"{args.output}/speculation.html and {args.output}/speculation.md", file=sys.stderr)
     return 0
 
+
+from .speculate_report import (_jsonable, make_plots, render_html, render_markdown,  # noqa: E402,F401
+                               write_outputs)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -485,7 +485,10 @@ class TraceStore:
             for k in range(shard.num_samples):
                 yield Sample(self, shard.first_sample + k, shard, k)
 
-    def __getitem__(self, key) -> Sample:
+    def __getitem__(self, key):
+        """store[i] or store['<sample id>'] -> Sample; store[a:b:c] -> list of Samples."""
+        if isinstance(key, slice):
+            return [self.sample(i) for i in range(*key.indices(len(self)))]
         return self.sample(key)
 
     @property
@@ -504,7 +507,16 @@ class TraceStore:
         for s in self.shards:
             s.verify()
 
-    def column(self, name: str, float32: bool = False) -> ColumnView:
+    def to_pandas(self, layers=None, real_only: bool = False, logits: bool = False):
+        """pandas DataFrame, one row per (token, MoE layer); see moetrace.export.to_pandas for the
+        columns and the memory cost (about 26 bytes per row, + 4*E with logits=True)."""
+        from .export import to_pandas
+        return to_pandas(self, layers=layers, real_only=real_only, logits=logits)
+
+    def column(self, name: str, float32: bool = True) -> ColumnView:
+        """One tensor across all shards. Floating tensors (router_logits, gate, hidden) read as float32,
+        as LayerView returns them (one rule); float32=False keeps the stored dtype (F16 as float16,
+        BF16 as its uint16 bits) for zero-copy access. Integer tensors are never converted."""
         if name in ("sample_offsets", "dec.sample_offsets"):
             raise KeyError(f"{name} is shard-local; use store.{name.replace('.', '_')} for global offsets")
         return ColumnView(self, name, float32=float32)

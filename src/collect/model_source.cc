@@ -40,7 +40,8 @@ ModelChoice choose_model(const std::string& spec, bool encoder_only) {
                hf_hub_cache_dir().string(),
                "): using the built-in demo model. Its weights are seeded random numbers, so its "
                "routing says "
-               "nothing about a trained model's; pass --model for real traces.");
+               "nothing about a trained model's; for real traces download one "
+               "(moetrace fetch --model google/switch-base-128) or pass --model DIR.");
     }
   }
   // random:switch-base-N: that published shape with seeded random weights (transformers' init

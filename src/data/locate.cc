@@ -1,9 +1,11 @@
 #include "data/locate.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <fstream>
 #include <system_error>
+#include <utility>
 
 #include "data/records.h"
 
@@ -56,6 +58,48 @@ std::vector<fs::path> hf_cache_dirs() {
   return out;
 }
 
+std::vector<fs::path> cached_snapshots(const fs::path& repo_cache) {
+  std::vector<fs::path> out;
+  const fs::path snapshots = repo_cache / "snapshots";
+  if (!is_dir(snapshots)) return out;
+  auto add = [&](const fs::path& p) {
+    if (is_dir(p) && std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
+  };
+  // A ref file holds a commit hash: one plain folder name under snapshots/, nothing else.
+  auto add_ref = [&](const fs::path& ref) {
+    std::ifstream in(ref);
+    std::string rev;
+    std::getline(in, rev);
+    while (!rev.empty() && std::isspace(static_cast<unsigned char>(rev.back()))) rev.pop_back();
+    if (rev.empty() || rev == "." || rev == ".." || rev.find('/') != std::string::npos ||
+        rev.find('\\') != std::string::npos)
+      return;
+    add(snapshots / rev);
+  };
+  add_ref(repo_cache / "refs/main");
+  // Other refs (refs/refs/convert/parquet after `moetrace fetch` of a script-only dataset, tags,
+  // other branches), in path order.
+  std::vector<fs::path> refs;
+  std::error_code ec;
+  for (const auto& e : fs::recursive_directory_iterator(repo_cache / "refs", ec)) {
+    if (e.is_regular_file(ec) && e.path() != repo_cache / "refs/main") refs.push_back(e.path());
+  }
+  std::sort(refs.begin(), refs.end());
+  for (const auto& r : refs) add_ref(r);
+  // Snapshots no ref names, the most recently written first.
+  std::vector<std::pair<fs::file_time_type, fs::path>> rest;
+  for (const auto& e : fs::directory_iterator(snapshots, ec)) {
+    if (!is_dir(e.path())) continue;
+    if (std::find(out.begin(), out.end(), e.path()) != out.end()) continue;
+    rest.emplace_back(fs::last_write_time(e.path(), ec), e.path());
+  }
+  std::sort(rest.begin(), rest.end(), [](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first > b.first : a.second < b.second;
+  });
+  for (auto& r : rest) out.push_back(std::move(r.second));
+  return out;
+}
+
 std::vector<fs::path> repo_dirs(const fs::path& root, const std::string& hub) {
   std::vector<fs::path> out;
   const size_t slash = hub.find('/');
@@ -65,28 +109,7 @@ std::vector<fs::path> repo_dirs(const fs::path& root, const std::string& hub) {
   }
   const std::string cache_name =
       "datasets--" + (slash == std::string::npos ? hub : hub.substr(0, slash) + "--" + name);
-  const fs::path cached = root / cache_name;
-  if (is_dir(cached / "snapshots")) {
-    std::string rev;
-    std::ifstream ref(cached / "refs/main");
-    if (ref) std::getline(ref, rev);
-    if (!rev.empty() && is_dir(cached / "snapshots" / rev)) {
-      out.push_back(cached / "snapshots" / rev);
-    } else {
-      // No usable ref: the most recently written snapshot.
-      fs::path best;
-      fs::file_time_type best_time{};
-      std::error_code ec;
-      for (const auto& e : fs::directory_iterator(cached / "snapshots", ec)) {
-        auto t = fs::last_write_time(e.path(), ec);
-        if (is_dir(e.path()) && (best.empty() || t > best_time)) {
-          best = e.path();
-          best_time = t;
-        }
-      }
-      if (!best.empty()) out.push_back(best);
-    }
-  }
+  for (auto& p : cached_snapshots(root / cache_name)) out.push_back(std::move(p));
   return out;
 }
 
@@ -96,6 +119,8 @@ std::vector<fs::path> split_files(const fs::path& repo_dir, const std::string& c
   if (!config.empty()) {
     dirs.push_back(repo_dir / config);
     dirs.push_back(repo_dir / "data" / config);
+  } else {
+    dirs.push_back(repo_dir / "default");  // refs/convert/parquet's name for an unnamed config
   }
   dirs.push_back(repo_dir / "data");
   dirs.push_back(repo_dir);
@@ -104,6 +129,10 @@ std::vector<fs::path> split_files(const fs::path& repo_dir, const std::string& c
     for (const auto& alias : split_aliases(split)) {
       std::vector<fs::path> found;
       if (is_dir(dir / alias)) found = sorted_files_in(dir / alias);
+      // refs/convert/parquet's folder for a split it converted only in part (big datasets).
+      if (found.empty() && is_dir(dir / ("partial-" + alias))) {
+        found = sorted_files_in(dir / ("partial-" + alias));
+      }
       std::error_code ec;
       for (const auto& e : fs::directory_iterator(dir, ec)) {
         if (!is_data_file(e.path())) continue;

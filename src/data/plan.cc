@@ -107,6 +107,22 @@ DatasetResult sample_dataset(const data::DatasetSpec& spec, const std::string& p
   return r;
 }
 
+// The command that downloads `selection` into the Hugging Face cache, quoted for a POSIX shell
+// where needed.
+std::string fetch_command(const std::string& selection, const std::filesystem::path& catalog) {
+  auto quoted = [](const std::string& s) {
+    if (!s.empty() && s.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                          "0123456789-_./,:@+=") == std::string::npos)
+      return s;
+    std::string out = "'";
+    for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return out + "'";
+  };
+  std::string cmd = "moetrace fetch --datasets " + quoted(selection);
+  if (!catalog.empty()) cmd += " --catalog " + quoted(catalog.string());
+  return cmd;
+}
+
 }  // namespace
 
 uint64_t mix64(uint64_t x) {
@@ -175,7 +191,8 @@ std::vector<PlannedSample> build_plan(const PlanOptions& options, PlanStats* sta
     if (st.status == "missing") {
       s.missing.push_back(st.dataset);
       log_warn("dataset ", st.dataset,
-               " not found in the data roots or the Hugging Face cache; skipped");
+               " not found in the data roots or the Hugging Face cache; skipped (download it: ",
+               fetch_command(st.dataset, options.extra_catalog), ")");
     } else if (st.status == "error") {
       ++present;
       log_warn("dataset ", st.dataset, " skipped: ", st.error);
@@ -191,7 +208,9 @@ std::vector<PlannedSample> build_plan(const PlanOptions& options, PlanStats* sta
   }
   if (present == 0) {
     fail("none of the ", selected.size(), " selected datasets (", options.datasets,
-         ") was found in the data roots or the Hugging Face cache; see `moetrace datasets check`");
+         ") was found in the data roots or the Hugging Face cache; download them with ",
+         fetch_command(options.datasets, options.extra_catalog),
+         " (see also `moetrace datasets check`)");
   }
 
   // Round-robin over the datasets in the shuffled order.

@@ -179,7 +179,8 @@ ResolvedModel resolve_model(const std::string& spec) {
   if (resolve_in_cache(id, rev, &out, &why)) return out;
   fail(spec, ": neither a directory nor a model in the Hugging Face cache (", why, "; cache ",
        hf_hub_cache_dir().string(), " from ", cache_origin(),
-       "); download it first, e.g. huggingface-cli download ", id);
+       "); download it first: moetrace fetch --model ", id, rev.empty() ? "" : " --revision " + rev,
+       " (or hf download ", id, rev.empty() ? "" : " --revision " + rev, ")");
 }
 
 std::vector<ResolvedModel> list_cached_models(const std::string& prefix) {

@@ -10,8 +10,7 @@
 //   enc.{i}.gate           [B,S]    f32  top-1 probability
 //   enc.output             [B,S,d]  f32  after the final RMS norm
 //   dec.{i}.*              the same for decoder blocks: [B,T,...] in a teacher-forced pass,
-//   [B,1,...] per
-//                          generation step
+//                          [B,1,...] per generation step
 #pragma once
 
 #include <string>

@@ -27,8 +27,8 @@ struct LayerRecord {
   const int32_t* expert = nullptr;       // [S] top-1 choice in [0, E)
   const uint8_t* dropped = nullptr;      // [S] 0 or 1
   const float* gate = nullptr;           // [S] top-1 router probability
-  const float* hidden =
-      nullptr;  // [S, d_model] fp32, or nullptr (zeros are stored if the store has hidden)
+  // [S, d_model] fp32, or nullptr (zeros are stored if the store has hidden states)
+  const float* hidden = nullptr;
   // Instead of router_logits / hidden: the same values in another dtype (F32, F16 or BF16), copied
   // byte for byte when it is the store's dtype (the GPU engine hands over F16 logits), else
   // converted. Used when non-null.
@@ -79,16 +79,16 @@ struct StorePart {
 
 struct StoreSettings {
   nlohmann::json settings;  // manifest "settings" (sampling/run parameters); compared on resume
-  nlohmann::json
-      model;  // manifest "model" (id, files, config, tokenizer_sha256); compared on resume
+  // manifest "model" (id, files, config, tokenizer_sha256); compared on resume
+  nlohmann::json model;
   std::vector<std::string> command_line;
   std::vector<int> enc_layers, dec_layers;  // block indices of the MoE layers
   int64_t num_experts = 0, d_model = 0;
   DType logits_dtype = DType::kF16;   // F32, F16 or BF16
   std::optional<DType> hidden_dtype;  // BF16 or F32; nullopt = no hidden states
   bool decoder = false;
-  int64_t samples_per_shard =
-      1024;            // shard boundaries depend on this only -> resume reproduces them
+  // Shard boundaries depend on this only -> resume reproduces them.
+  int64_t samples_per_shard = 1024;
   std::string device;  // manifest "device"
   // manifest "engine": what else changes the numbers (device kind, threads, batch tokens,
   // precision, BLAS); null = none. Not compared by TraceWriter: collect refuses a resume that

@@ -33,7 +33,7 @@ CliRun run_cli(const std::string& args) {
 bool cli_has_inspect() { return fs::exists(MOETRACE_CLI) && run_cli("inspect --help").status == 0; }
 
 TEST(CliInspect, ReadsTorchAndSafetensorsModels) {
-  if (!cli_has_inspect()) GTEST_SKIP() << "moetrace inspect not built yet";
+  ASSERT_TRUE(cli_has_inspect()) << "moetrace inspect is not built: " << MOETRACE_CLI;
   testing::TempDir tmp("cli_ok");
   fs::create_symlink(testing::kData / "fixtures/tiny-a/model/pytorch_model.bin",
                      tmp / "pytorch_model.bin");
@@ -45,7 +45,7 @@ TEST(CliInspect, ReadsTorchAndSafetensorsModels) {
 }
 
 TEST(CliInspect, BadCheckpointsGiveOneErrorLine) {
-  if (!cli_has_inspect()) GTEST_SKIP() << "moetrace inspect not built yet";
+  ASSERT_TRUE(cli_has_inspect()) << "moetrace inspect is not built: " << MOETRACE_CLI;
   const std::pair<const char*, const char*> cases[] = {
       {"crafted_os_system.pt", "os.system"},
       {"crafted_missing_storage.pt", "missing"},

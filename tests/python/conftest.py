@@ -196,18 +196,18 @@ def store_factory(tmp_path):
 
 
 def moetrace_cli():
-    """The C++ CLI (build/tools/cli/moetrace or $MOETRACE_CLI), or None when it is not built."""
+    """The C++ CLI: $MOETRACE_CLI, else build/tools/cli/moetrace. The one way the tests find it. The CLI is
+    part of the product, not an optional dependency: a test that needs it fails when it is not built."""
     path = os.environ.get("MOETRACE_CLI") or os.path.join(REPO, "build", "tools", "cli", "moetrace")
-    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        pytest.fail(f"the C++ moetrace CLI is not built at {path} (bash scripts/build.sh, or set MOETRACE_CLI)")
+    return path
 
 
 @pytest.fixture(scope="module")
 def cli():
-    """The C++ CLI's path; skips the test when it is not built."""
-    path = moetrace_cli()
-    if path is None:
-        pytest.skip("the C++ moetrace CLI is not built (bash scripts/build.sh, or set MOETRACE_CLI)")
-    return path
+    """The C++ CLI's path (see moetrace_cli)."""
+    return moetrace_cli()
 
 
 def run_module(*args, check=True, fresh=False):

@@ -281,7 +281,7 @@ SEED_KEYS = ("entropy_bits", "skewness", "kurtosis", "median", "q25", "q75", "iq
 def test_cli_writes_stats_and_report(random_store, tmp_path):
     path, _ = random_store
     out = tmp_path / "out"
-    assert analysis.main([path, "-o", str(out), "-q", "--per-layer-charts"]) == 0
+    assert analysis.main([path, "-o", str(out), "-q", "--per-layer-charts", "--link-images"]) == 0
     stats = json.loads((out / "stats.json").read_text())
     for name in ("enc.1", "enc.3", "enc.5"):
         for key in SEED_KEYS:

@@ -1,8 +1,6 @@
 """The C++ side of analyze/speculate: `moetrace routers` writes the router weights that pregate reads,
-and `moetrace analyze|speculate` hand their arguments and exit code to Python. Skipped when the
-executable has not been built (build/ or build-*/tools/cli/moetrace, or $MOETRACE_EXE)."""
+and `moetrace analyze|speculate` hand their arguments and exit code to Python. Needs the built CLI (conftest.moetrace_cli)."""
 
-import glob
 import json
 import os
 import subprocess
@@ -15,18 +13,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
 
 from analysis_testutil import make_store, write_safetensors  # noqa: E402
+from conftest import moetrace_cli  # noqa: E402
 from moetrace import open_store, speculate  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def find_exe():
-    cands = [os.environ.get("MOETRACE_EXE", "")] + sorted(glob.glob(os.path.join(ROOT, "build*", "tools", "cli", "moetrace")),
-                                                           key=os.path.getmtime, reverse=True)
-    for c in cands:
-        if c and os.access(c, os.X_OK):
-            return c
-    pytest.skip("moetrace executable not built")
+    return moetrace_cli()
 
 
 def tiny_model(path, router_bias=False, dtype=np.float32):
@@ -131,14 +125,11 @@ def test_routers_reproduce_the_stored_logits_of_a_collected_store(tmp_path):
     exe = find_exe()
     model = os.path.join(ROOT, "tests", "data", "fixtures", "tiny-a", "model")
     data = os.path.join(ROOT, "assets", "demo", "data")
-    if not (os.path.isdir(model) and os.path.isdir(data)):
-        pytest.skip("tiny-a fixture or demo data missing")
     store = str(tmp_path / "store")
     r = subprocess.run([exe, "collect", "-t", "40", "-m", model, "--tokenizer", os.path.join(ROOT, "assets", "demo", "spiece.model"),
                         "-o", store, "--hidden", "bf16", "--threads", "1", "--datasets", "demo", "--data-root", data],
                        capture_output=True, text=True, cwd=ROOT)
-    if r.returncode != 0:
-        pytest.skip(f"moetrace collect failed here: {r.stderr.strip()[-300:]}")
+    assert r.returncode == 0, f"moetrace collect failed: {r.stderr.strip()[-300:]}"
     out = str(tmp_path / "routers.safetensors")
     r = subprocess.run([exe, "routers", "--model", model, "-o", out], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

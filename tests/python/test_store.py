@@ -108,9 +108,9 @@ def test_columns_span_shards(store_factory):
     assert _bits_equal(np.concatenate(list(col.chunks())), want)
     with pytest.raises(IndexError):
         col[len(want)]
-    # BF16 logits: raw bits by default, float32 on request.
+    # BF16 logits: float32 by default (as LayerView), raw bits on request.
     logits = np.concatenate([x["layers"]["enc.3"]["router_logits"] for x in truth])
-    raw = store.column("enc.3.router_logits")
+    raw = store.column("enc.3.router_logits", float32=False)
     assert raw.dtype == np.uint16 and raw.stored_dtype == "BF16"
     wide = store.column("enc.3.router_logits", float32=True)
     assert wide.shape == logits.shape and _bits_equal(wide[:], logits)

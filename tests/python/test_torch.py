@@ -39,7 +39,7 @@ def test_dataset_items_and_collate(store_factory):
     assert batch["lengths"].tolist() == lens
     assert batch["attention_mask"].sum(1).tolist() == lens
     for b in range(4):
-        assert (batch["enc.3.expert"][b, lens[b]:] == -1).all()
+        assert (batch["enc.3.expert"][b, lens[b]:] == -100).all()  # labels pad with -100 (ignore_index)
         assert torch.equal(batch["enc.3.expert"][b, :lens[b]], torch.from_numpy(truth[b]["layers"]["enc.3"]["expert"].astype(np.int64)))
     g = [len(truth[i]["dec_input_ids"]) for i in range(4)]
     assert batch["dec.1.router_logits"].shape == (4, max(g), 8) and batch["dec_lengths"].tolist() == g

@@ -867,7 +867,7 @@ int run_cli(const std::string& args, std::string* out) {
 }
 
 TEST_F(Verify, CommandLine) {
-  if (!fs::exists(MOETRACE_CLI)) GTEST_SKIP() << "the moetrace CLI is not built: " << MOETRACE_CLI;
+  ASSERT_TRUE(fs::exists(MOETRACE_CLI)) << "the moetrace CLI is not built: " << MOETRACE_CLI;
   std::string out;
   ASSERT_EQ(run_cli("verify " + dir_.string(), &out), 0) << out;
   EXPECT_NE(out.find("OK " + dir_.string() + ": 10 samples"), std::string::npos) << out;

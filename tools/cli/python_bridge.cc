@@ -1,6 +1,6 @@
-// The bridge to the Python half of moetrace (analyze, speculate): finds a Python and replaces this
-// process with `python -m moetrace SUBCOMMAND ARGS...`, so arguments, output and the exit code pass
-// through unchanged.
+// The bridge to the Python half of moetrace (analyze, speculate, fetch): finds a Python and
+// replaces this process with `python -m moetrace SUBCOMMAND ARGS...`, so arguments, output and the
+// exit code pass through unchanged.
 #include "python_bridge.h"
 
 #include <unistd.h>
@@ -46,23 +46,38 @@ std::string find_python(const fs::path& root) {
   return "python3";
 }
 
-// Run by the interpreter: checks the dependencies first so that a missing one gives one clear line
-// (not a traceback), then runs the package like `python -m moetrace` would.
+// Run by the interpreter: checks the subcommand's dependencies first so that a missing one gives
+// one clear line (not a traceback), then runs it like `python -m moetrace` would. fetch needs only
+// huggingface_hub: its module is run by path, without the package's __init__ (numpy).
 constexpr const char* kBootstrap = R"PY(
 import sys
+cmd = sys.argv[1]
+needs, hint = (("huggingface_hub",), "pip install huggingface_hub") if cmd == "fetch" else \
+    (("numpy", "matplotlib"), "run scripts/setup.sh")
 try:
-    import numpy, matplotlib
+    for name in needs:
+        __import__(name)
 except ImportError as e:
-    sys.stderr.write("moetrace: error: %s needs numpy and matplotlib in %s (%s); run scripts/setup.sh "
-                     "or set MOETRACE_PYTHON to a Python that has them\n" % (sys.argv[1], sys.executable, e))
+    sys.stderr.write("moetrace: error: %s needs %s in %s (%s); %s or set MOETRACE_PYTHON to a Python "
+                     "that has %s\n" % (cmd, " and ".join(needs), sys.executable, e, hint,
+                                         "it" if len(needs) == 1 else "them"))
     sys.exit(1)
-import importlib.util, runpy
+import importlib.util, os, runpy
 sys.argv = ["moetrace"] + sys.argv[1:]
-if importlib.util.find_spec("moetrace.__main__") is not None:
+if cmd == "fetch":
+    spec = importlib.util.find_spec("moetrace")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "fetch.py") if spec else ""
+    if not os.path.isfile(path):
+        sys.stderr.write("moetrace: error: the fetch subcommand is not available in this version "
+                         "(moetrace/fetch.py is missing)\n")
+        sys.exit(2)
+    sys.argv = ["moetrace fetch"] + sys.argv[2:]
+    runpy.run_path(path, run_name="__main__")
+elif importlib.util.find_spec("moetrace.__main__") is not None:
     runpy.run_module("moetrace", run_name="__main__", alter_sys=True)
 else:
     import importlib
-    mod = importlib.import_module({"analyze": "moetrace.analysis", "speculate": "moetrace.speculate"}[sys.argv[1]])
+    mod = importlib.import_module({"analyze": "moetrace.analysis", "speculate": "moetrace.speculate"}[cmd])
     sys.exit(mod.main(sys.argv[2:]))
 )PY";
 
@@ -94,7 +109,8 @@ else:
   argv.push_back(nullptr);
   execvp(python.c_str(), argv.data());
   fail("cannot run '", python, "' for `moetrace ", subcommand, "` (", std::strerror(errno),
-       "); run scripts/setup.sh or set MOETRACE_PYTHON to a Python with numpy and matplotlib");
+       "); run scripts/setup.sh or set MOETRACE_PYTHON to a Python with ",
+       subcommand == "fetch" ? "huggingface_hub" : "numpy and matplotlib");
 }
 
 void add_python_subcommand(CLI::App& app, const std::string& name, const std::string& description) {

@@ -1,4 +1,4 @@
-// The bridge to the Python half of moetrace (analyze, speculate; python/moetrace).
+// The bridge to the Python half of moetrace (analyze, speculate, fetch; python/moetrace).
 #pragma once
 
 #include <CLI/CLI.hpp>

@@ -20,11 +20,10 @@ except ImportError as e:  # pragma: no cover - exercised only where torch is mis
 
 import numpy as np
 
+from ..padding import LABEL_PAD, PAD_VALUES, pad_value
 from ..store import LAYER_FIELDS, TraceStore, open_store
 
 DEFAULT_FIELDS = ("router_logits", "expert")
-# Values for padded positions, per field; masks say which positions are real.
-PAD_VALUES = {"token_ids": 0, "dec_input_ids": 0, "dec_output_ids": 0, "expert": -1, "dropped": False}
 
 
 class TraceDataset(Dataset):
@@ -92,14 +91,14 @@ def _pad(tensors: list, value) -> "torch.Tensor":
 def collate(batch: list[dict]) -> dict:
     """Stacks TraceDataset items, right-padding token axes: encoder tensors to the longest sample
     (`attention_mask` bool [B,S], `lengths` int64 [B]), decoder tensors to the longest generation
-    (`dec_mask`, `dec_lengths`). Pads: ids 0, expert -1, dropped False, floats 0."""
+    (`dec_mask`, `dec_lengths`). Pads (moetrace.padding): labels -100 (expert, dec_output_ids: the
+    ignore_index of CrossEntropyLoss), input ids 0, dropped False, floats 0."""
     out: dict = {}
     first = batch[0]
     for key in first:
         values = [item[key] for item in batch]
         if isinstance(first[key], torch.Tensor):
-            field = key.rsplit(".", 1)[-1]
-            out[key] = _pad(values, PAD_VALUES.get(field, 0))
+            out[key] = _pad(values, pad_value(key))
         else:
             out[key] = values
     lengths = torch.tensor([item["token_ids"].shape[0] for item in batch], dtype=torch.int64)
@@ -114,4 +113,4 @@ def collate(batch: list[dict]) -> dict:
 
 TraceDataset.collate = staticmethod(collate)  # so that DataLoader(ds, collate_fn=ds.collate) works
 
-__all__ = ["TraceDataset", "collate"]
+__all__ = ["TraceDataset", "collate", "LABEL_PAD", "PAD_VALUES"]

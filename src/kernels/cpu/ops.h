@@ -1,5 +1,5 @@
 // CPU math used by the engine. No knowledge of models or files. Matrices are row-major float32.
-// Each op has a plain reference (ops_reference.h) that tests compare against on odd sizes.
+// tests/kernels_cpu/ops_test.cc compares each op with a plain loop on odd sizes.
 #pragma once
 
 #include <cstdint>
@@ -17,8 +17,8 @@ void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64
 
 // out[r,:] = w * x[r,:] * rsqrt(mean(x[r,:]²) + eps); out may alias x.
 void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, float* out);
-// In-place softmax over each row of x[rows, n]. Rows whose entries are all -inf become uniform
-// NaN-free (the max-subtraction keeps finite values finite).
+// In-place softmax over each row of x[rows, n], max-subtracted. A row needs one finite entry: an
+// all -inf row gives NaN, which is why masks add the lowest finite float (as transformers does).
 void softmax_rows(float* x, int64_t rows, int64_t n);
 void relu_inplace(float* x, int64_t n);
 

@@ -85,8 +85,7 @@ void decode_attention(const void* q, int64_t ldq, const void* k, const void* v, 
 void greedy_pick(const float* logits, int64_t B, int64_t V, int32_t banned, int32_t eos,
                  int32_t pad, uint8_t* finished, int32_t* ids, cudaStream_t stream);
 
-// ---- Mixture of experts
-// --------------------------------------------------------------------------
+// ---- Mixture of experts ------------------------------------------------------------------------
 
 // The Switch router after its logits, per sequence b (one block each), exactly as SWITCH_SPEC.md:
 //   probs = act(softmax(logits[b,s,:])) (float32 softmax, rounded to the activation dtype),
@@ -113,13 +112,13 @@ void moe_permute(const int32_t* expert, const uint8_t* dropped, int64_t T, const
                  int32_t* cursor, int32_t* perm, cudaStream_t stream);
 
 // Grouped expert GEMM over the permuted rows, one weight matrix per expert:
-//   for every tile of the table, rows r of expert e:  acc[r,:] = A[row(r),:] · W[e]ᵀ   (W[e]:
-//   [N,K])
+//   for every tile of the table, rows r of expert e:
+//     acc[r,:] = A[row(r),:] · W[e]ᵀ                      W[e]: [N, K]
 // A rows come from perm (a_gather: A row = perm[r], the token) or are r itself (A already
-// permuted). Epilogue kRelu:         out[r,:] = act(relu(acc))                  (out: [rows, ldo]
-// act dtype) Epilogue kGateResidual: x[perm[r],:] += gate[perm[r]] * acc        (x: float32 [T,
-// ldo]; the
-//                         un-permute fused into the residual add; each token appears once)
+// permuted). The epilogue:
+//   kRelu:          out[r,:] = act(relu(acc))             out: [rows, ldo], act dtype
+//   kGateResidual:  x[perm[r],:] += gate[perm[r]] * acc   x: float32 [T, ldo]; the un-permute is
+//                   fused into the residual add (each token appears once)
 // W: [E, N, K] act dtype contiguous. K % 8 == 0. fp32 runs a plain SIMT kernel (no TF32).
 enum class GroupedEpilogue { kRelu, kGateResidual };
 constexpr int kGroupedTileM = 128;  // tile_m to pass to moe_plan for bf16/f16

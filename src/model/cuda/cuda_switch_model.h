@@ -20,8 +20,9 @@
 //
 //      CudaSwitchModel m(...);  m.set_capture(spec);
 //      for (const Batch& b : batches) {
-//        if (m.in_flight() == m.slots()) consume(m.poll(true));  // consume may hand it to a writer
-//        thread m.submit(b);
+//        if (m.in_flight() == m.slots())
+//          consume(m.poll(true));  // consume may hand it to a writer thread
+//        m.submit(b);
 //      }
 //      while (auto r = m.poll(true)) consume(std::move(r));
 //
