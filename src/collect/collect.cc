@@ -1,5 +1,6 @@
 #include "collect/collect.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -8,8 +9,10 @@
 #include <condition_variable>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <numeric>
@@ -23,6 +26,7 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "data/plan.h"
+#include "kernels/cpu/blas_info.h"
 #include "kernels/cpu/ops.h"
 #include "model/switch_model.h"
 #ifdef MOETRACE_WITH_CUDA
@@ -63,7 +67,8 @@ bool mixed_is_real(int64_t k, double ratio) {
 
 namespace {
 
-std::atomic<bool> g_interrupted{false};
+// The signal (SIGINT or SIGTERM) that asked the run to stop, 0 while none did.
+std::atomic<int> g_signal{0};
 
 // Hands items from one thread to another, at most `capacity` waiting: the tokenizer thread's
 // windows to the engine loop, and finished windows to the store thread.
@@ -108,7 +113,118 @@ class HandOff {
   std::deque<T> queue_;
   bool finished_ = false, stopped_ = false;
 };
-extern "C" void on_sigint(int) { g_interrupted = true; }
+extern "C" void on_stop_signal(int sig) { g_signal = sig; }
+
+// SIGINT and SIGTERM stop the run after the batch in flight (what is complete is committed); the
+// handler is one-shot (SA_RESETHAND), so a second Ctrl-C ends the process at once (the store keeps
+// its committed shards either way). Restores the previous handlers when it goes out of scope.
+class StopSignals {
+ public:
+  StopSignals() {
+    g_signal = 0;
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND;
+    sigaction(SIGINT, &sa, &old_int_);
+    sigaction(SIGTERM, &sa, &old_term_);
+  }
+  ~StopSignals() {
+    sigaction(SIGINT, &old_int_, nullptr);
+    sigaction(SIGTERM, &old_term_, nullptr);
+  }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+
+ private:
+  struct sigaction old_int_ {
+  }, old_term_{};
+};
+
+// On the way out by an exception: removes `dir` if this run created it and it holds nothing but
+// its lock file. (Declared after the StoreLock, so it runs while the lock is still held.)
+class DirCleanup {
+ public:
+  DirCleanup(fs::path dir, bool armed)
+      : dir_(std::move(dir)), armed_(armed), exceptions_(std::uncaught_exceptions()) {}
+  ~DirCleanup() {
+    if (!armed_ || std::uncaught_exceptions() <= exceptions_) return;
+    std::error_code ec;
+    for (const auto& ent : fs::directory_iterator(dir_, ec)) {
+      if (ent.path().filename() != kStoreLockName) return;
+    }
+    fs::remove(dir_ / kStoreLockName, ec);
+    fs::remove(dir_, ec);
+  }
+  DirCleanup(const DirCleanup&) = delete;
+  DirCleanup& operator=(const DirCleanup&) = delete;
+
+ private:
+  fs::path dir_;
+  bool armed_;
+  int exceptions_;
+};
+
+// The store directory holds nothing but (maybe) its lock file.
+bool empty_but_lock(const fs::path& dir) {
+  std::error_code ec;
+  for (const auto& ent : fs::directory_iterator(dir, ec)) {
+    if (ent.path().filename() != kStoreLockName) return false;
+  }
+  return true;
+}
+
+std::string human_bytes(uint64_t n) {
+  char buf[32];
+  const double v = static_cast<double>(n);
+  if (n >= (1ull << 30)) {
+    std::snprintf(buf, sizeof buf, "%.1f GiB", v / (1ull << 30));
+  } else if (n >= (1ull << 20)) {
+    std::snprintf(buf, sizeof buf, "%.1f MiB", v / (1ull << 20));
+  } else if (n >= 1024) {
+    std::snprintf(buf, sizeof buf, "%.1f KiB", v / 1024);
+  } else {
+    std::snprintf(buf, sizeof buf, "%llu bytes", static_cast<unsigned long long>(n));
+  }
+  return buf;
+}
+
+// Bytes of the store's files (the shards and the manifest; a rank's own part only).
+uint64_t store_bytes(const fs::path& dir) {
+  uint64_t total = 0;
+  std::error_code ec;
+  for (const auto& ent : fs::directory_iterator(dir, ec)) {
+    if (ent.is_regular_file(ec)) total += ent.file_size(ec);
+  }
+  return total;
+}
+
+// The option behind each "engine" field, for the refusal of a resume that differs.
+const char* engine_option(const std::string& key) {
+  if (key == "device") return "--device";
+  if (key == "threads") return "--threads";
+  if (key == "batch_tokens") return "--batch-tokens";
+  if (key == "precision") return "--precision";
+  return nullptr;  // blas: a property of the build and the machine
+}
+
+// A resume whose engine would compute other numbers than the store's: one line naming the option
+// and both values. Stores written before the "engine" field resume as before.
+void check_resume_engine(const fs::path& dir, const json& stored, const json& now) {
+  if (!stored.is_object()) return;
+  for (auto it = now.begin(); it != now.end(); ++it) {
+    if (!stored.contains(it.key()) || stored[it.key()] == it.value()) continue;
+    auto show = [](const json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); };
+    const std::string had = show(stored[it.key()]), want = show(it.value());
+    if (const char* opt = engine_option(it.key())) {
+      fail(dir.string(), ": cannot resume: the store was collected with ", opt, " ", had,
+           ", this run has ", opt, " ", want, " (the routing would differ); pass ", opt, " ", had,
+           " or use --overwrite");
+    }
+    fail(dir.string(), ": cannot resume: the store was collected with ", it.key(), " '", had,
+         "', this run has '", want, "' (the routing would differ); use --overwrite");
+  }
+}
 
 // One sample of the run, in store order.
 struct WorkItem {
@@ -236,6 +352,28 @@ std::vector<std::vector<size_t>> make_batches(const std::vector<WorkItem>& items
   return batches;
 }
 
+// Resident memory of this process (VmRSS), bytes; 0 where /proc is not there.
+uint64_t resident_bytes() {
+  uint64_t kb = 0;
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    while (std::fgets(line, sizeof line, f)) {
+      if (std::strncmp(line, "VmRSS:", 6) == 0) {
+        kb = std::strtoull(line + 6, nullptr, 10);
+        break;
+      }
+    }
+    std::fclose(f);
+  }
+  return kb * 1024;
+}
+
+std::string fixed1(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f", v);
+  return buf;
+}
+
 std::string cpu_description(int threads) {
   std::string model = "unknown CPU";
   if (FILE* f = std::fopen("/proc/cpuinfo", "r")) {
@@ -262,23 +400,22 @@ CollectResult run_collect(const CollectOptions& o) {
     fail("--real-ratio ", o.real_ratio, ": expected a value in [0, 1]");
   if (o.traces <= 0) fail("--traces ", o.traces, ": expected a positive number");
   if (o.max_length < 2) fail("--max-length ", o.max_length, ": expected at least 2");
+  if (o.precision != "bf16" && o.precision != "fp16" && o.precision != "fp32") {
+    fail("--precision '", o.precision, "': expected bf16, fp16 or fp32");
+  }
+  // The device first: `--device cuda` without a GPU fails before any slow work or any file.
+  const LaunchInfo& launch = o.launch;
+  const DeviceChoice dev =
+      resolve_device(o.device, launch.local_rank, built_with_cuda(), visible_cuda_devices);
+  const bool on_gpu = dev.cuda;
   // Batch budget: the GPU wants large batches (128 × 256 fills an H100/H200), the CPU cache-sized
   // ones.
-  const int64_t batch_tokens = o.batch_tokens > 0   ? o.batch_tokens
-                               : o.device == "cuda" ? 32768
-                                                    : 8192;
+  const int64_t batch_tokens = o.batch_tokens > 0 ? o.batch_tokens : on_gpu ? 32768 : 8192;
   if (batch_tokens < o.max_length)
     fail("--batch-tokens ", batch_tokens, " must be >= --max-length ", o.max_length);
   if (o.resume && o.overwrite) fail("--resume and --overwrite exclude each other");
-  if (o.device != "cpu" && o.device != "cuda")
-    fail("--device '", o.device, "': expected cpu or cuda");
-#ifndef MOETRACE_WITH_CUDA
-  if (o.device == "cuda")
-    fail("--device cuda: this moetrace was built without the CUDA backend (no nvcc found)");
-#endif
   // Refuse an unusable output before any slow work (the writer checks again, fully). A rank of a
   // data-parallel run writes its own part, output/ranks/rank-RRRRR-of-WWWWW/.
-  const LaunchInfo& launch = o.launch;
   const bool parallel = launch.world_size > 1;
   const OpenMode mode = o.resume      ? OpenMode::kResume
                         : o.overwrite ? OpenMode::kOverwrite
@@ -286,12 +423,20 @@ CollectResult run_collect(const CollectOptions& o) {
   const fs::path store_dir =
       parallel ? rank_store_dir(o.output, launch.rank, launch.world_size) : fs::path(o.output);
   std::error_code ec;
-  if (!o.resume && !o.overwrite && fs::is_directory(store_dir, ec) &&
-      !fs::is_empty(store_dir, ec)) {
+  if (fs::exists(store_dir, ec) && !fs::is_directory(store_dir, ec))
+    fail(store_dir.string(), ": exists and is not a directory");
+  if (!o.resume && !o.overwrite && fs::is_directory(store_dir, ec) && !empty_but_lock(store_dir)) {
     fail(store_dir.string(),
          ": is not empty; use --resume to continue a store of the same settings or --overwrite to "
          "replace it");
   }
+  // One process per store directory for the whole run (a rank locks its own part): a second one is
+  // refused here, before it reads or removes anything.
+  const bool created_dir = !fs::exists(store_dir, ec);
+  const StoreLock lock(store_dir);
+  // A run that fails before its store holds anything removes the directory it created (with its
+  // lock file), so that nothing of it blocks the next run (a rank directory would).
+  const DirCleanup cleanup(store_dir, created_dir);
   if (parallel) {
     log_info("data-parallel collection: rank ", launch.rank, " of ", launch.world_size,
              " (local rank ", launch.local_rank, ") from ", launch.source, ", writing ",
@@ -300,8 +445,7 @@ CollectResult run_collect(const CollectOptions& o) {
   prepare_parallel_store(o.output, launch.rank, launch.world_size, mode);
   // Ranks sharing a machine share its cores (OpenMP copies, the CPU engine) unless told otherwise.
   const int threads_wanted =
-      o.threads != 0 ? o.threads
-                     : default_threads(launch, process_environment(), o.device == "cuda");
+      o.threads != 0 ? o.threads : default_threads(launch, process_environment(), on_gpu);
   if (threads_wanted != o.threads) log_info("rank ", launch.rank, ": ", threads_wanted, " threads");
   cpu::set_num_threads(threads_wanted);
   const double t_start = progress_clock();
@@ -399,9 +543,16 @@ CollectResult run_collect(const CollectOptions& o) {
   ss.decoder = o.decoder;
   ss.samples_per_shard = o.samples_per_shard;
   const int threads = cpu::num_threads();
-  ss.device = o.device == "cpu"
-                  ? cpu_description(threads)
-                  : "cuda:" + std::to_string(cuda_device_for(launch)) + " (" + o.precision + ")";
+  ss.device = on_gpu ? dev.name() + " (" + o.precision + ")" : cpu_description(threads);
+  // What changes the numbers besides the settings: a resume must match it (checked below).
+  ss.engine = {{"device", on_gpu ? "cuda" : "cpu"}, {"batch_tokens", batch_tokens}};
+  if (on_gpu) {
+    ss.engine["precision"] = o.precision;
+  } else {
+    ss.engine["precision"] = "fp32";
+    ss.engine["threads"] = threads;
+    ss.engine["blas"] = cpu::blas_config();
+  }
   // A rank collects its block of the global plan (settings.num_samples above stays global).
   if (parallel) {
     ss.part = plan_part(static_cast<int64_t>(items.size()), o.samples_per_shard, launch.rank,
@@ -413,41 +564,68 @@ CollectResult run_collect(const CollectOptions& o) {
     log_info("rank ", launch.rank, ": samples [", ss.part->first_sample, ", ",
              ss.part->first_sample + ss.part->num_samples, ") of ", ss.part->total_samples);
   }
-  std::unique_ptr<TraceWriter> writer = TraceWriter::open(store_dir, ss, mode);
-  const int64_t start = writer->committed_samples();
-  if (start > 0) log_info("resuming ", store_dir.string(), " after ", start, " committed samples");
-  if (start > static_cast<int64_t>(items.size()))
-    fail(store_dir.string(), ": the store holds more samples than this run plans");
+  // A resume is checked before the engine starts: other settings are refused at once, and a store
+  // that already holds every planned sample is left as it is.
+  if (o.resume && fs::exists(store_dir / "manifest.json", ec)) {
+    const json m = check_resume(store_dir, ss);
+    const int64_t have = m.value("num_samples", int64_t{0});
+    if (m.value("complete", false) && have >= static_cast<int64_t>(items.size())) {
+      log_info(store_dir.string(), ": already complete (", have, " samples, ",
+               m.value("total_traces", int64_t{0}), " traces); nothing to do");
+      if (parallel) assemble_after_rank(o.output, launch);
+      return CollectResult{};
+    }
+    // Only an engine that computes new samples must match the store's.
+    check_resume_engine(store_dir, m.value("engine", json()), ss.engine);
+    // Extending a store past the end of the plan that wrote it: that plan's last window was cut
+    // short, so the samples of it in the store were batched otherwise than this plan batches
+    // them; they are computed again (docs/TRACE_FORMAT.md).
+    const json& had = m.contains("settings") ? m["settings"] : json();
+    const int64_t planned = had.is_object() ? had.value("num_samples", int64_t{-1}) : -1;
+    const int64_t cut = planned % o.samples_per_shard;
+    ss.redo_partial_shard = !parallel && planned > 0 &&
+                            planned < static_cast<int64_t>(items.size()) && cut != 0 &&
+                            have > planned - cut;
+  }
 
-  // The engine (model weights materialised once).
+  // The engine (model weights materialised once), before the store is opened: a failed start
+  // leaves the store as it was.
   LoadOptions lo;
   lo.encoder_only = !o.decoder;
   std::unique_ptr<SwitchModel> model;
+  const double t_load = progress_clock();
+  std::string model_memory;
 #ifdef MOETRACE_WITH_CUDA
   std::unique_ptr<CudaSwitchModel> gpu;
-  if (o.device == "cuda") {
+  if (on_gpu) {
     CudaOptions co;
-    co.device = cuda_device_for(launch);  // the local rank's GPU
+    co.device = dev.index;  // --device cuda:N, else the local rank's GPU
     co.precision = o.precision == "fp32"   ? DType::kF32
                    : o.precision == "fp16" ? DType::kF16
                                            : DType::kBF16;
-    if (o.precision != "bf16" && o.precision != "fp16" && o.precision != "fp32") {
-      fail("--precision '", o.precision, "': expected bf16, fp16 or fp32");
-    }
     gpu = CudaSwitchModel::from_source(cfg, mc.weights, lo, co);
-    log_info("model on the GPU in ", gpu->load_seconds(), " s (", gpu->device_bytes() >> 20,
-             " MiB)");
+    model_memory = human_bytes(gpu->device_bytes()) + " of GPU memory";
   } else {
     model = SwitchModel::from_source(cfg, mc.weights, lo);
   }
 #else
   model = SwitchModel::from_source(cfg, mc.weights, lo);
 #endif
+  if (model_memory.empty()) model_memory = human_bytes(resident_bytes()) + " resident";
+  // The seed's "Model loaded successfully!", with what a user checks first.
+  log_info("model loaded: ", mc.id, " on ", ss.device, ", ", model_memory, ", in ",
+           fixed1(progress_clock() - t_load), " s");
   if (mc.demo) {
     log_warn("demo model: seeded random weights in the switch-base layout (", cfg.num_layers,
              " layers, d_model ", cfg.d_model, ", ", E,
              " experts); its routing is not a trained model's");
   }
+
+  std::unique_ptr<TraceWriter> writer = TraceWriter::open(store_dir, ss, mode);
+  const int64_t start = writer->committed_samples();
+  if (start > 0) log_info("resuming ", store_dir.string(), " after ", start, " committed samples");
+  if (start > static_cast<int64_t>(items.size()))
+    fail(store_dir.string(), ": the store holds more samples than this run plans");
 
   // Tokenizer thread: tokenizes window after window (at most two ahead) while the engine runs. A
   // window is one shard's samples, so batches (and with them the float rounding of every logit)
@@ -458,7 +636,7 @@ CollectResult run_collect(const CollectOptions& o) {
   const auto per_window = static_cast<size_t>(o.samples_per_shard);
   const size_t first_window = static_cast<size_t>(start) - static_cast<size_t>(start) % per_window;
   const unsigned tok_threads =
-      o.device == "cuda" ? std::clamp(std::thread::hardware_concurrency(), 2u, 10u) - 1 : 1;
+      on_gpu ? std::clamp(std::thread::hardware_concurrency(), 2u, 10u) - 1 : 1;
   auto tokenize = [&](size_t begin, size_t end) {
     auto run = [&](size_t t) {
       for (size_t k = begin + t; k < end; k += tok_threads) {
@@ -502,8 +680,7 @@ CollectResult run_collect(const CollectOptions& o) {
   };
 
   const double t_loop = progress_clock();
-  g_interrupted = false;
-  auto previous_handler = std::signal(SIGINT, on_sigint);
+  const StopSignals stop_signals;
   Progress progress(static_cast<int64_t>(items.size()), start, L, o.progress);
   const bool want_hidden = o.hidden_dtype.has_value();
   BatchCapture cap(enc_layers, dec_layers, want_hidden);
@@ -640,7 +817,9 @@ CollectResult run_collect(const CollectOptions& o) {
             layer_slice(get, "enc." + std::to_string(i) + ".", b, r->S, len, E, d, want_hidden));
       }
     }
-    progress.batch_done(r->B, r->B * r->S, t.window->items[t.members.front()].dataset);
+    int64_t real_tokens = 0;
+    for (size_t j : t.members) real_tokens += static_cast<int64_t>(t.window->items[j].ids.size());
+    progress.batch_done(r->B, real_tokens, t.window->items[t.members.front()].dataset);
     --t.window->outstanding;
   };
   auto drain = [&](bool wait) {
@@ -670,8 +849,15 @@ CollectResult run_collect(const CollectOptions& o) {
       for (size_t j = 0; j < n; ++j) {
         if (!win.items[j].synthetic) real.push_back(j);
       }
-      for (auto& members : make_batches(win.items, real, batch_tokens)) {
-        if (g_interrupted) break;
+      // Batches run in the order of their first sample, not longest first: each batch's numbers
+      // do not depend on when it runs, and the samples complete roughly in store order, so that
+      // an interrupted run commits most of what it computed (the complete prefix of the window).
+      auto batches = make_batches(win.items, real, batch_tokens);
+      std::sort(batches.begin(), batches.end(), [](const auto& a, const auto& b) {
+        return *std::min_element(a.begin(), a.end()) < *std::min_element(b.begin(), b.end());
+      });
+      for (auto& members : batches) {
+        if (g_signal != 0) break;
         Batch batch;
         batch.B = static_cast<int64_t>(members.size());
         batch.S = static_cast<int64_t>(win.items[members.front()].ids.size());
@@ -737,9 +923,11 @@ CollectResult run_collect(const CollectOptions& o) {
             }
           }
         }
-        progress.batch_done(batch.B, batch.B * batch.S, win.items[members.front()].dataset);
+        int64_t real_tokens = 0;
+        for (size_t j : members) real_tokens += static_cast<int64_t>(win.items[j].ids.size());
+        progress.batch_done(batch.B, real_tokens, win.items[members.front()].dataset);
       }
-      if (g_interrupted) break;
+      if (g_signal != 0) break;
       win.submitted = true;
       drain(false);  // whatever the GPU has finished meanwhile, without waiting
       write_finished_windows();
@@ -748,17 +936,30 @@ CollectResult run_collect(const CollectOptions& o) {
     // submitted window stays unwritten: a resumed run redoes it).
     drain(true);
     write_finished_windows();
+    if (g_signal != 0 && !windows.empty()) {
+      // Stopped inside a window: its samples up to the first one still missing are complete
+      // (batches run in the order of their first sample); they are committed, and a resumed run
+      // recomputes the window's batches and writes from the next sample on.
+      Window& win = windows.front();
+      size_t done = 0;
+      while (done < win.items.size() &&
+             (win.items[done].synthetic || !win.data[done].enc.empty())) {
+        ++done;
+      }
+      win.items.resize(done);
+      win.data.resize(done);
+      win.submitted = true;
+      write_finished_windows();
+    }
     close_store();
     if (store_error) std::rethrow_exception(store_error);
   } catch (...) {
     stop_producer();
     close_store();
-    std::signal(SIGINT, previous_handler);
     throw;
   }
   stop_producer();
   if (producer_error) std::rethrow_exception(producer_error);
-  std::signal(SIGINT, previous_handler);
   progress.finish();
 
   const double seconds = progress_clock() - t_start;
@@ -766,29 +967,36 @@ CollectResult run_collect(const CollectOptions& o) {
   result.loop_seconds = progress_clock() - t_loop;
   result.engine_seconds = engine_seconds;
   result.traces = result.samples * L;
-  if (g_interrupted) {
+  if (g_signal != 0) {
     writer->commit_partial();
     result.interrupted = true;
-    std::fprintf(stderr,
-                 "\nmoetrace: interrupted; %lld samples are committed in %s. Continue with the "
-                 "same command plus "
-                 "--resume.\n",
-                 static_cast<long long>(writer->durable_samples()), store_dir.c_str());
+    result.signal = g_signal;
+    if (o.progress) std::fprintf(stderr, "\n");
+    log_warn("interrupted (", g_signal == SIGTERM ? "SIGTERM" : "SIGINT", "); ",
+             writer->durable_samples(), " samples are committed in ", store_dir.string(),
+             "; continue with the same command plus --resume");
     writer.reset();
+    log_info("Output: ", store_dir.string(), " (", human_bytes(store_bytes(store_dir)),
+             ", incomplete)");
     return result;
   }
-  writer->finish(seconds);
+  // The collection time of the store is the loop's (model loading excluded), summed over resumed
+  // runs; the store's throughput is its tokens over that time: the one figure that the log, the
+  // summary, the manifest and `inspect` show.
+  writer->finish(result.loop_seconds);
   writer.reset();
+  const double throughput =
+      TraceStore::open(store_dir).manifest().value("throughput_tokens_per_s", 0.0);
   // One line with the numbers benchmarks read (scripts/gpu_check.sh): loop = after model load.
-  log_info("timing: total ", seconds, " s, loop ", result.loop_seconds, " s, engine ",
-           engine_seconds, " s, ", result.tokens, " tokens, ",
-           static_cast<int64_t>(static_cast<double>(result.tokens) / result.loop_seconds),
-           " tokens/s in the loop");
+  log_info("timing: total ", fixed1(seconds), " s, loop ", result.loop_seconds, " s, engine ",
+           engine_seconds, " s, ", result.tokens, " tokens; throughput ", fixed1(throughput),
+           " tokens/s");
   log_info("loop breakdown: engine (submit, wait, copy out) ", engine_seconds,
            " s, waiting for the tokenizer ", wait_seconds, " s, handing samples to the store ",
            write_seconds, " s");
   print_collect_summary(store_dir, stderr);
   if (parallel) assemble_after_rank(o.output, launch);
+  log_info("Output: ", store_dir.string(), " (", human_bytes(store_bytes(store_dir)), ")");
   return result;
 }
 

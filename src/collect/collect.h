@@ -27,7 +27,7 @@ struct CollectOptions {
   int max_length = 256;
   std::filesystem::path tokenizer;  // spiece.model; default: the one beside the checkpoint
   // Engine.
-  std::string device = "cpu";  // cpu | cuda
+  std::string device = "auto";  // auto | cpu | cuda | cuda:N (auto: a visible GPU, else cpu)
   int threads = 0;
   int64_t batch_tokens = 0;        // batch size × padded length; 0: 8192 on cpu, 32768 on cuda
   std::string precision = "bf16";  // cuda only: bf16 | fp16 | fp32
@@ -52,7 +52,8 @@ struct CollectResult {
   double seconds = 0;         // the whole run
   double loop_seconds = 0;    // tokenize -> engine -> store, after the model and plan are ready
   double engine_seconds = 0;  // inside the engine (forward + observation copies)
-  bool interrupted = false;
+  bool interrupted = false;   // stopped by SIGINT or SIGTERM; what was complete is committed
+  int signal = 0;             // which one
 };
 
 CollectResult run_collect(const CollectOptions& options);

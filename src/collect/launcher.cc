@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <fstream>
+#include <iterator>
 #include <thread>
 #include <vector>
 
@@ -10,7 +12,7 @@
 #include "core/log.h"
 
 #ifdef MOETRACE_WITH_CUDA
-#include <cuda_runtime_api.h>
+#include "kernels/cuda/device.h"
 #endif
 #ifdef MOETRACE_WITH_MPI
 // The C API only: the deprecated C++ bindings do not compile warning-free.
@@ -31,6 +33,73 @@ Environment process_environment() {
     if (eq != std::string::npos) env[kv.substr(0, eq)] = kv.substr(eq + 1);
   }
   return env;
+}
+
+std::vector<std::string> process_command_line(const std::vector<std::string>& fallback) {
+  std::ifstream in("/proc/self/cmdline", std::ios::binary);
+  const std::string raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!in && raw.empty()) return fallback;
+  std::vector<std::string> args;
+  size_t begin = 0;
+  while (begin < raw.size()) {
+    const size_t end = std::min(raw.find('\0', begin), raw.size());
+    args.push_back(raw.substr(begin, end - begin));
+    begin = end + 1;
+  }
+  return args.empty() ? fallback : args;
+}
+
+bool built_with_cuda() {
+#ifdef MOETRACE_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+int visible_cuda_devices() {
+#ifdef MOETRACE_WITH_CUDA
+  return cuda::device_count();
+#else
+  return 0;
+#endif
+}
+
+DeviceChoice resolve_device(const std::string& device, int local_rank, bool built,
+                            const std::function<int()>& visible_gpus) {
+  DeviceChoice c;
+  if (device == "cpu") return c;
+  const bool automatic = device == "auto";
+  std::optional<int> index;
+  if (device.rfind("cuda:", 0) == 0) {
+    const std::string digits = device.substr(5);
+    const bool ok =
+        !digits.empty() && digits.size() <= 4 &&
+        std::all_of(digits.begin(), digits.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+    if (!ok) fail("--device '", device, "': expected cuda:N with N a GPU number (0, 1, ...)");
+    index = std::stoi(digits);
+  } else if (!automatic && device != "cuda") {
+    fail("--device '", device, "': expected auto, cpu, cuda or cuda:N");
+  }
+  if (!built) {
+    if (automatic) return c;
+    fail("--device ", device,
+         ": this moetrace was built without the CUDA backend (no nvcc found); use --device cpu");
+  }
+  const int n = visible_gpus();
+  if (n < 1) {
+    if (automatic) return c;
+    fail("--device ", device,
+         ": no CUDA GPU is visible (no NVIDIA driver, no GPU, or CUDA_VISIBLE_DEVICES hides them); "
+         "use --device cpu");
+  }
+  if (index && *index >= n) {
+    fail("--device ", device, ": this process sees ", n, n == 1 ? " GPU" : " GPUs", " (cuda:0",
+         n > 1 ? " to cuda:" + std::to_string(n - 1) : std::string(), ")");
+  }
+  c.cuda = true;
+  c.index = index ? *index : local_rank % n;
+  return c;
 }
 
 namespace {
@@ -114,17 +183,8 @@ LaunchInfo detect_launch(const Environment& env, const LaunchFlags& flags) {
 }
 
 int cuda_device_for(const LaunchInfo& l) {
-#ifdef MOETRACE_WITH_CUDA
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n < 1) {
-    (void)cudaGetLastError();  // no driver or no GPU: the engine reports it when it starts
-    return 0;
-  }
-  return l.local_rank % n;
-#else
-  (void)l;
-  return 0;
-#endif
+  const int n = visible_cuda_devices();  // none: the engine reports it when it starts
+  return n < 1 ? 0 : l.local_rank % n;
 }
 
 int default_threads(const LaunchInfo& l, const Environment& env, bool gpu) {
@@ -138,15 +198,10 @@ int default_threads(const LaunchInfo& l, const Environment& env, bool gpu) {
       break;
     }
   }
-#ifdef MOETRACE_WITH_CUDA
-  int gpus = 0;
-  if (per_machine == 0 && gpu && cudaGetDeviceCount(&gpus) == cudaSuccess && gpus > 0) {
-    per_machine = std::min(l.world_size, gpus);
+  if (per_machine == 0 && gpu) {
+    const int gpus = visible_cuda_devices();
+    if (gpus > 0) per_machine = std::min(l.world_size, gpus);
   }
-  (void)cudaGetLastError();
-#else
-  (void)gpu;
-#endif
   if (per_machine <= 1) return 0;
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   return std::max(1, cores / per_machine);

@@ -1,8 +1,11 @@
 #include "collect/progress.h"
 
+#include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -37,31 +40,73 @@ void Progress::samples_skipped(int64_t samples) {
   draw(false);
 }
 
+int terminal_columns(int fd) {
+  struct winsize ws {};
+  if (ioctl(fd, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) return ws.ws_col;
+  if (const char* c = std::getenv("COLUMNS")) {
+    const int n = std::atoi(c);
+    if (n > 0) return n;
+  }
+  return 80;
+}
+
+std::string progress_text(int64_t done, int64_t total, int64_t layers, int64_t tokens,
+                          double seconds, double eta, const std::string& dataset) {
+  std::string s = std::to_string(done) + "/" + std::to_string(total) + " samples, " +
+                  std::to_string(done * layers) + " traces";
+  char buf[64];
+  if (tokens > 0 && seconds > 0) {  // synthetic samples run no engine: no rate to show
+    std::snprintf(buf, sizeof buf, ", %.0f tokens/s", static_cast<double>(tokens) / seconds);
+    s += buf;
+  }
+  if (!dataset.empty()) s += ", " + dataset;
+  if (done < total && eta > 0) {
+    std::snprintf(buf, sizeof buf, ", ETA %.0f s", eta);
+    s += buf;
+  }
+  return s;
+}
+
+std::string progress_bar_line(double frac, const std::string& text, int columns) {
+  // One column stays free: a line as wide as the terminal wraps on some of them.
+  const int width = std::max(columns - 1, 8);
+  const int room = width - static_cast<int>(text.size()) - 3;  // "[" "] " around the bar
+  const int bar = std::clamp(room, 0, 30);
+  std::string line;
+  if (bar >= 5) {
+    const int fill = static_cast<int>(std::clamp(frac, 0.0, 1.0) * bar);
+    line.push_back('[');
+    line.append(static_cast<size_t>(fill), '#');
+    line.append(static_cast<size_t>(bar - fill), '.');
+    line.append("] ");
+  }
+  line += text;
+  if (static_cast<int>(line.size()) > width) line.resize(static_cast<size_t>(width));
+  return line;
+}
+
 void Progress::draw(bool force) {
   if (!enabled_) return;
   const double now = progress_clock();
   if (!force && now - last_draw_ < (tty_ ? 0.2 : 5.0)) return;
+  if (force && done_ == drawn_done_ && tokens_ == drawn_tokens_) return;  // nothing new to say
   last_draw_ = now;
+  drawn_done_ = done_;
+  drawn_tokens_ = tokens_;
   const double el = std::max(now - t0_, 1e-9);
   const double rate = static_cast<double>(done_ - start_done_) / el;
   const double eta = rate > 0 ? static_cast<double>(total_ - done_) / rate : 0;
   const double frac = total_ > 0 ? static_cast<double>(done_) / static_cast<double>(total_) : 1.0;
+  const std::string text = progress_text(done_, total_, layers_, tokens_, el, eta, dataset_);
   if (tty_) {
-    char bar[31];
-    const int fill = static_cast<int>(frac * 30);
-    for (int i = 0; i < 30; ++i) bar[i] = i < fill ? '#' : '.';
-    bar[30] = 0;
-    std::fprintf(stderr, "\r[%s] %lld/%lld samples  %lld traces  %.0f tok/s  %-22.22s ETA %.0fs   ",
-                 bar, static_cast<long long>(done_), static_cast<long long>(total_),
-                 static_cast<long long>(done_ * layers_), static_cast<double>(tokens_) / el,
-                 dataset_.c_str(), eta);
+    const std::string line = progress_bar_line(frac, text, terminal_columns(STDERR_FILENO));
+    // \r, the line, then clear to the end of the line (a shorter line leaves no tail behind).
+    std::fprintf(stderr, "\r%s\033[K", line.c_str());
   } else {
-    char line[512];
-    std::snprintf(line, sizeof line,
-                  "collect: %lld/%lld samples (%.0f%%), %lld traces, %.0f tokens/s, %s, ETA %.0f s",
-                  static_cast<long long>(done_), static_cast<long long>(total_), 100 * frac,
-                  static_cast<long long>(done_ * layers_), static_cast<double>(tokens_) / el,
-                  dataset_.c_str(), eta);
+    char pct[16];
+    std::snprintf(pct, sizeof pct, " (%.0f%%)", 100 * frac);
+    std::string line = "collect: " + text;
+    line.insert(line.find(" samples") + 8, pct);
     log_info(line);
   }
   std::fflush(stderr);
@@ -70,7 +115,7 @@ void Progress::draw(bool force) {
 void Progress::finish() {
   if (!enabled_) return;
   draw(true);
-  if (tty_) std::fprintf(stderr, "\n");
+  if (tty_ && drawn_done_ >= 0) std::fprintf(stderr, "\n");
 }
 
 void print_collect_summary(const std::filesystem::path& store, FILE* out) {
@@ -112,11 +157,12 @@ void print_collect_summary(const std::filesystem::path& store, FILE* out) {
                  static_cast<long long>(used), static_cast<long long>(E),
                  100 * layer.value("drop_rate", 0.0), static_cast<long long>(top), share);
   }
-  std::fprintf(out, "\n%lld samples, %lld traces, %lld tokens in %.1f s (%s)\n",
+  std::fprintf(out, "\n%lld samples, %lld traces, %lld tokens in %.1f s, %.1f tokens/s (%s)\n",
                static_cast<long long>(m.value("num_samples", int64_t{0})),
                static_cast<long long>(m.value("total_traces", int64_t{0})),
                static_cast<long long>(m.value("num_tokens", int64_t{0})),
-               m.value("collection_time", 0.0), m.value("device", std::string()).c_str());
+               m.value("collection_time", 0.0), m.value("throughput_tokens_per_s", 0.0),
+               m.value("device", std::string()).c_str());
 }
 
 }  // namespace moetrace

@@ -90,7 +90,9 @@ void prepare_parallel_store(const fs::path& store, int rank, int world_size, Ope
   if (fs::is_directory(store, ec)) {
     for (const auto& ent : fs::directory_iterator(store)) {
       const std::string name = ent.path().filename().string();
-      if (name == trace::kRanksDir || name.rfind(trace::kTmpPrefix, 0) == 0) continue;
+      if (name == trace::kRanksDir || name.rfind(trace::kTmpPrefix, 0) == 0 ||
+          name == kStoreLockName)
+        continue;
       int64_t index;
       const bool store_file =
           name == trace::kManifestName || trace::parse_shard_file_name(name, &index);
@@ -265,6 +267,7 @@ MergeResult merge_store(const fs::path& store) {
   f.command_line = r0.m.value("command_line", std::vector<std::string>{});
   f.settings = r0.m.contains("settings") ? r0.m["settings"] : json();
   f.model = r0.m.contains("model") ? r0.m["model"] : json();
+  f.engine = r0.m.contains("engine") ? r0.m["engine"] : json();
   f.data_parallel["world_size"] = W;
   f.data_parallel["ranks"] = std::move(ranks_json);
   const bool same_device =

@@ -395,6 +395,7 @@ nlohmann::ordered_json build_manifest(const ManifestFields& f) {
   m["dataset_distribution"] = ord(st["dataset_distribution"]);
   m["collection_time"] = f.collection_time;
   m["device"] = f.device;
+  if (!f.engine.is_null()) m["engine"] = ord(f.engine);
   ordered_json pl = ordered_json::object();  // layers in block order, encoder first
   auto put = [&](bool dec, int b) {
     const std::string key = layer_key(dec, b);

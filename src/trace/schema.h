@@ -106,6 +106,7 @@ struct ManifestFields {
   Stats totals;
   double collection_time = 0;
   std::string device;
+  json engine;  // null: no "engine" field (stores written before it)
 };
 nlohmann::ordered_json build_manifest(const ManifestFields& f);
 // The counts of a manifest (num_*, per_layer, dataset_distribution) as Stats; throws Error.

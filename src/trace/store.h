@@ -91,6 +91,15 @@ struct StoreSettings {
   // Shard boundaries depend on this only -> resume reproduces them.
   int64_t samples_per_shard = 1024;
   std::string device;  // manifest "device"
+  // manifest "engine": what else changes the numbers (device kind, threads, batch tokens,
+  // precision, BLAS); null = none. Not compared by TraceWriter: collect refuses a resume that
+  // differs, naming the option.
+  nlohmann::json engine;
+  // kResume: a partial last shard is not loaded back; its samples are added again from its first
+  // one (the caller recomputes them) and the new shard replaces it, listed until then. For a store
+  // extended beyond the plan that wrote it: that plan's last window was cut short, so its batches
+  // (and the logits' rounding) differ from those of the larger plan.
+  bool redo_partial_shard = false;
   // Set for one rank's store of a data-parallel collection.
   std::optional<StorePart> part;
 };
@@ -138,6 +147,29 @@ class TraceWriter {
   struct Impl;
   explicit TraceWriter(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
+};
+
+// The checks of TraceWriter::open(dir, s, kResume) that need no shard: the manifest parses and its
+// layers, dtypes, samples_per_shard, part, settings and model equal s's (settings.traces and
+// settings.num_samples may grow: the store is then extended with the next samples of the same
+// plan; fewer are refused). Returns the manifest; Error naming the first difference otherwise.
+nlohmann::json check_resume(const std::filesystem::path& dir, const StoreSettings& s);
+
+// The advisory lock of a store directory: an exclusive flock() on DIR/.moetrace.lock (the file
+// holds the holder's pid), created with DIR when missing. Held while the object lives; the kernel
+// releases it when the process ends however it ends (exit, crash, kill -9). The file stays: it is
+// not part of the store, and removing it would let two processes lock two different files.
+inline constexpr const char* kStoreLockName = ".moetrace.lock";
+class StoreLock {
+ public:
+  // Error "DIR: in use by another moetrace process (pid N); ..." when another process holds it.
+  explicit StoreLock(const std::filesystem::path& dir);
+  ~StoreLock();
+  StoreLock(const StoreLock&) = delete;
+  StoreLock& operator=(const StoreLock&) = delete;
+
+ private:
+  int fd_ = -1;
 };
 
 // Read access to a store: the shards the manifest lists, mapped lazily.

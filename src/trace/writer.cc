@@ -200,6 +200,84 @@ void check_settings(const StoreSettings& s) {
   }
 }
 
+// True when `now` asks for at least the samples the store's settings planned; refuses fewer.
+template <class Refuse>
+bool growth_allowed(const json& had, const json& now, const Refuse& refuse) {
+  auto count = [](const json& j) -> int64_t {
+    return j.is_object() && j.contains("num_samples") && j["num_samples"].is_number_integer()
+               ? j["num_samples"].get<int64_t>()
+               : -1;
+  };
+  const int64_t a = count(had), b = count(now);
+  if (a < 0 || b < 0) return false;
+  if (b < a) {
+    refuse("settings.traces: " + had.value("traces", json()).dump() + " (" + std::to_string(a) +
+           " samples) in the store, " + now.value("traces", json()).dump() + " (" +
+           std::to_string(b) + " samples) now; a store can be extended, not shrunk");
+  }
+  return true;
+}
+
+// Everything a resume must agree on: layers, dtypes, shard size, part, settings and model ("engine"
+// is the caller's: it knows the options). settings.traces and settings.num_samples may grow: a
+// resume with more traces extends the store with the next samples of the same plan.
+void check_resume_against(const fs::path& dir, const json& m, const Layout& stored,
+                          const StoreSettings& s, const Layout& layout) {
+  auto refuse = [&](const std::string& diff) {
+    fail(dir.string(), ": cannot resume: the store was collected with other settings (", diff,
+         "); use --overwrite to start again");
+  };
+  auto layers_str = [](const std::vector<int>& v) { return json(v).dump(); };
+  if (stored.enc_layers != layout.enc_layers) {
+    refuse("layers.encoder: " + layers_str(stored.enc_layers) + " in the store, " +
+           layers_str(layout.enc_layers) + " now");
+  }
+  if (stored.dec_layers != layout.dec_layers) {
+    refuse("layers.decoder: " + layers_str(stored.dec_layers) + " in the store, " +
+           layers_str(layout.dec_layers) + " now");
+  }
+  auto num = [&](const char* name, int64_t a, int64_t b) {
+    if (a != b)
+      refuse(std::string(name) + ": " + std::to_string(a) + " in the store, " + std::to_string(b) +
+             " now");
+  };
+  num("num_experts", stored.num_experts, layout.num_experts);
+  num("d_model", stored.d_model, layout.d_model);
+  num("samples_per_shard", stored.samples_per_shard, layout.samples_per_shard);
+  if (stored.logits_dtype != layout.logits_dtype) {
+    refuse("logits_dtype: " + dtype_str(stored.logits_dtype) + " in the store, " +
+           dtype_str(layout.logits_dtype) + " now");
+  }
+  if (stored.hidden_dtype != layout.hidden_dtype) {
+    refuse("hidden_dtype: " + trace::hidden_dtype_name(stored.hidden_dtype) + " in the store, " +
+           trace::hidden_dtype_name(layout.hidden_dtype) + " now");
+  }
+  if (stored.decoder != layout.decoder) {
+    refuse(std::string("decoder: ") + (stored.decoder ? "true" : "false") + " in the store, " +
+           (layout.decoder ? "true" : "false") + " now");
+  }
+  const json had_part = m.contains("part") ? m["part"] : json();
+  const json now_part = s.part ? trace::part_json(*s.part) : json();
+  if (had_part != now_part) {
+    refuse("part: " + (had_part.is_null() ? std::string("none") : had_part.dump()) +
+           " in the store, " + (now_part.is_null() ? std::string("none") : now_part.dump()) +
+           " now");
+  }
+  for (const char* key : {"settings", "model"}) {
+    json now = std::string(key) == "settings" ? s.settings : s.model;
+    json had = m.contains(key) ? m[key] : json();
+    if (std::string(key) == "settings" && growth_allowed(had, now, refuse)) {
+      for (const char* k : {"traces", "num_samples"}) {
+        had.erase(k);
+        now.erase(k);
+      }
+    }
+    const std::string d = first_difference(had.is_null() ? json::object() : had,
+                                           now.is_null() ? json::object() : now, key);
+    if (!d.empty()) refuse(d);
+  }
+}
+
 }  // namespace
 
 struct TraceWriter::Impl {
@@ -286,6 +364,7 @@ struct TraceWriter::Impl {
     f.part = settings.part;
     f.collection_time = collection_time;
     f.device = settings.device;
+    f.engine = settings.engine;
     return trace::build_manifest(f);
   }
 
@@ -688,53 +767,7 @@ struct TraceWriter::Impl {
     const std::string what = (dir / trace::kManifestName).string();
     const json m = trace::read_manifest(dir);
     const Layout stored = trace::layout_from_manifest(m, what);
-    auto refuse = [&](const std::string& diff) {
-      fail(dir.string(), ": cannot resume: the store was collected with other settings (", diff,
-           "); use --overwrite to start again");
-    };
-    auto layers_str = [](const std::vector<int>& v) { return json(v).dump(); };
-    if (stored.enc_layers != layout.enc_layers) {
-      refuse("layers.encoder: " + layers_str(stored.enc_layers) + " in the store, " +
-             layers_str(layout.enc_layers) + " now");
-    }
-    if (stored.dec_layers != layout.dec_layers) {
-      refuse("layers.decoder: " + layers_str(stored.dec_layers) + " in the store, " +
-             layers_str(layout.dec_layers) + " now");
-    }
-    auto num = [&](const char* name, int64_t a, int64_t b) {
-      if (a != b)
-        refuse(std::string(name) + ": " + std::to_string(a) + " in the store, " +
-               std::to_string(b) + " now");
-    };
-    num("num_experts", stored.num_experts, layout.num_experts);
-    num("d_model", stored.d_model, layout.d_model);
-    num("samples_per_shard", stored.samples_per_shard, layout.samples_per_shard);
-    if (stored.logits_dtype != layout.logits_dtype) {
-      refuse("logits_dtype: " + dtype_str(stored.logits_dtype) + " in the store, " +
-             dtype_str(layout.logits_dtype) + " now");
-    }
-    if (stored.hidden_dtype != layout.hidden_dtype) {
-      refuse("hidden_dtype: " + trace::hidden_dtype_name(stored.hidden_dtype) + " in the store, " +
-             trace::hidden_dtype_name(layout.hidden_dtype) + " now");
-    }
-    if (stored.decoder != layout.decoder) {
-      refuse(std::string("decoder: ") + (stored.decoder ? "true" : "false") + " in the store, " +
-             (layout.decoder ? "true" : "false") + " now");
-    }
-    const json had_part = m.contains("part") ? m["part"] : json();
-    const json now_part = settings.part ? trace::part_json(*settings.part) : json();
-    if (had_part != now_part) {
-      refuse("part: " + (had_part.is_null() ? std::string("none") : had_part.dump()) +
-             " in the store, " + (now_part.is_null() ? std::string("none") : now_part.dump()) +
-             " now");
-    }
-    for (const char* key : {"settings", "model"}) {
-      const json now = std::string(key) == "settings" ? settings.settings : settings.model;
-      const json had = m.contains(key) ? m[key] : json();
-      const std::string d = first_difference(had.is_null() ? json::object() : had,
-                                             now.is_null() ? json::object() : now, key);
-      if (!d.empty()) refuse(d);
-    }
+    check_resume_against(dir, m, stored, settings, layout);
     if (!m.contains("shards") || !m["shards"].is_array())
       fail(what, ": \"shards\" must be an array");
     const json& tm = m.contains("collection_time") ? m["collection_time"] : json();
@@ -777,16 +810,28 @@ struct TraceWriter::Impl {
           st.num_decoder_tokens != e.num_decoder_tokens) {
         damaged("its sample or token counts differ from the manifest");
       }
-      for (const auto& id : meta.sample_ids) {
-        if (!ids.insert(id).second) damaged("sample id " + id + " appears twice in the store");
+      const bool partial = k + 1 == n_shards && e.num_samples < layout.samples_per_shard;
+      // Redone: the shard stays listed until the new one of the same index replaces it, but its
+      // samples are added again from its first one.
+      const bool redo = partial && settings.redo_partial_shard;
+      if (!redo) {
+        for (const auto& id : meta.sample_ids) {
+          if (!ids.insert(id).second) damaged("sample id " + id + " appears twice in the store");
+        }
       }
       listed.insert(e.file);
       shards.push_back(e);
       shard_stats.push_back(st);
-      next += e.num_samples;
-      if (k + 1 == n_shards && e.num_samples < layout.samples_per_shard) {
+      if (redo) {
         cur = new_buf(first_shard + static_cast<int64_t>(k));
-        load_partial(f, st, std::move(meta));
+        log_info("trace store: ", e.file, " (", e.num_samples,
+                 " samples) is computed again with the samples after it");
+      } else {
+        next += e.num_samples;
+        if (partial) {
+          cur = new_buf(first_shard + static_cast<int64_t>(k));
+          load_partial(f, st, std::move(meta));
+        }
       }
     }
     added = next - base;
@@ -812,6 +857,15 @@ struct TraceWriter::Impl {
 
 TraceWriter::TraceWriter(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
+json check_resume(const fs::path& dir, const StoreSettings& s) {
+  check_settings(s);
+  const std::string what = (dir / trace::kManifestName).string();
+  const json m = trace::read_manifest(dir);
+  const Layout stored = trace::layout_from_manifest(m, what);
+  check_resume_against(dir, m, stored, s, layout_of(s));
+  return m;
+}
+
 std::unique_ptr<TraceWriter> TraceWriter::open(const fs::path& dir, const StoreSettings& s,
                                                OpenMode mode) {
   check_settings(s);
@@ -830,6 +884,7 @@ std::unique_ptr<TraceWriter> TraceWriter::open(const fs::path& dir, const StoreS
     if (!fs::is_directory(dir, ec)) fail(dir.string(), ": exists and is not a directory");
     for (const auto& ent : fs::directory_iterator(dir)) {
       const std::string name = ent.path().filename().string();
+      if (name == kStoreLockName) continue;  // held by this run (StoreLock), never removed
       (trace::is_store_file(name) ? store_files : other_files).push_back(name);
     }
   }

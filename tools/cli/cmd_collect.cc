@@ -63,7 +63,12 @@ const RegisterCommand reg([](CLI::App& app) {
       ->capture_default_str()
       ->group(gd);
   auto* ge = "Engine";
-  sub->add_option("--device", o.device, "cpu | cuda")->capture_default_str()->group(ge);
+  sub->add_option(
+         "--device", o.device,
+         "auto | cpu | cuda | cuda:N; auto: the GPU when built with CUDA and one is visible "
+         "(the launcher's local rank picks which), else the CPU")
+      ->capture_default_str()
+      ->group(ge);
   sub->add_option("--threads", o.threads, "CPU threads (0 = all cores)")
       ->capture_default_str()
       ->group(ge);
@@ -105,7 +110,7 @@ const RegisterCommand reg([](CLI::App& app) {
   sub->add_option("--log-level", a->log_level,
                   "debug, info, warn, error or off (also before `collect`)")
       ->group(gr);
-  sub->callback([a, sub] {
+  sub->callback([a] {
     if (!a->log_level.empty()) {
       LogLevel level;
       if (!parse_log_level(a->log_level, &level))
@@ -128,11 +133,9 @@ const RegisterCommand reg([](CLI::App& app) {
     opts.tokenizer = a->tokenizer;
     opts.progress = !a->no_progress;
     opts.launch = detect_launch(process_environment(), {a->rank, a->world_size, a->local_rank});
-    opts.command_line = {"moetrace", "collect"};
-    for (const std::string& arg : sub->remaining_for_passthrough())
-      opts.command_line.push_back(arg);
+    opts.command_line = process_command_line({"moetrace", "collect"});
     const CollectResult r = run_collect(opts);
-    if (r.interrupted) std::exit(130);
+    if (r.interrupted) std::exit(128 + r.signal);  // 130 after Ctrl-C, 143 after SIGTERM
   });
 });
 

@@ -7,6 +7,8 @@
 #include <cmath>
 #include <limits>
 
+#include "kernels/cpu/blas_info.h"
+
 namespace moetrace::cpu {
 
 void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
@@ -65,5 +67,12 @@ void set_num_threads(int n) {
 }
 
 int num_threads() { return omp_get_max_threads(); }
+
+std::string blas_config() {
+  const char* c = openblas_get_config();
+  std::string s = c != nullptr ? c : "unknown BLAS";
+  while (!s.empty() && s.back() == ' ') s.pop_back();
+  return s;
+}
 
 }  // namespace moetrace::cpu

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "core/error.h"
+#include "kernels/cuda/device.h"
 
 namespace moetrace::cuda {
 
@@ -20,14 +21,16 @@ void check_cublas(int status, const char* call, const char* file, int line) {
        ") in ", call, " at ", file, ":", line);
 }
 
-bool device_available() {
+int device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
     (void)cudaGetLastError();  // clear the sticky "no driver" error
-    return false;
+    return 0;
   }
-  return n > 0;
+  return n;
 }
+
+bool device_available() { return device_count() > 0; }
 
 std::string_view device_name() {
   static const std::string name = [] {
