@@ -131,7 +131,7 @@ const RegisterCommand reg([](CLI::App& app) {
     for (const auto& r : a->data_roots) opts.data_roots.emplace_back(r);
     opts.catalog = a->catalog;
     opts.tokenizer = a->tokenizer;
-    opts.progress = !a->no_progress;
+    opts.progress = !a->no_progress && log_level() <= LogLevel::kInfo;  // -q: no bar either
     opts.launch = detect_launch(process_environment(), {a->rank, a->world_size, a->local_rank});
     opts.command_line = process_command_line({"moetrace", "collect"});
     const CollectResult r = run_collect(opts);
