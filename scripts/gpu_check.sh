@@ -214,6 +214,28 @@ PY
     --hidden bf16 --output $S/seed-hidden 2>&1 | tee "$OUT/collect_seed_hidden.log" | grep -E "timing|error" | tail -2
   $MOETRACE verify $S/seed-hidden 2>&1 | tail -1 | tee -a "$OUT/collect_seed_hidden.log"
   rm -rf $S/seed-hidden
+  echo "== no --device (auto, the default) on the GPU; --resume -t 6000 extends a 3000-trace store to the"
+  echo "   store of a clean 6000-trace run; a complete store resumes as a no-op"
+  auto=(--model random:switch-base-128 "${data[@]}" --no-progress)
+  $MOETRACE collect "${auto[@]}" --traces 3000 --output $S/auto 2>&1 | tee "$OUT/collect_auto.log" |
+    grep -E "model loaded|error|Output" | tail -3
+  python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print('manifest device:', m.get('device'), '| engine:', json.dumps(m.get('engine')))" \
+    $S/auto/manifest.json | tee -a "$OUT/collect_auto.log"
+  $MOETRACE collect "${auto[@]}" --traces 6000 --output $S/auto --resume 2>&1 | tee -a "$OUT/collect_auto.log" |
+    grep -E "error|Output" | tail -2
+  $MOETRACE collect "${auto[@]}" --traces 6000 --output $S/auto-clean 2>&1 | grep -E "error" | tail -2
+  $MOETRACE collect "${auto[@]}" --traces 6000 --output $S/auto --resume 2>&1 | tee -a "$OUT/collect_auto.log" |
+    grep -E "error|complete|Output" | tail -2
+  $MOETRACE verify $S/auto 2>&1 | tail -1 | tee -a "$OUT/collect_auto.log"
+  python3 - $S/auto $S/auto-clean <<'PY' 2>&1 | tee -a "$OUT/collect_auto.log"
+import hashlib, json, sys
+def digests(d):
+    m = json.load(open(d + "/manifest.json"))
+    return [hashlib.sha256(open(d + "/" + s["file"], "rb").read()).hexdigest() for s in m["shards"]]
+a, b = digests(sys.argv[1]), digests(sys.argv[2])
+print(f"extended store vs clean run: {len(a)} / {len(b)} shards, identical: {a == b}")
+PY
+  rm -rf $S/auto $S/auto-clean
   for dev in cpu cuda; do
     $MOETRACE collect --device $dev --precision fp32 --model demo --traces 3000 "${data[@]}" --no-progress \
       --logits f32 --hidden f32 --output $S/demo-$dev >$S/demo-$dev.log 2>&1 || { echo "demo $dev failed:"; tail -3 $S/demo-$dev.log; }
