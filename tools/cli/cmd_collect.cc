@@ -5,6 +5,7 @@
 #include "command.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "data/selection.h"
 
 namespace moetrace::cli {
 namespace {
@@ -48,10 +49,16 @@ const RegisterCommand reg([](CLI::App& app) {
       ->capture_default_str()
       ->group(g);
   auto* gd = "Data";
-  sub->add_option("--datasets", o.datasets,
-                  "core | maximum | demo | a group | name,name,... (moetrace datasets list); "
-                  "default: core, or demo "
-                  "with the demo model")
+  sub->add_option(
+         "--datasets", o.datasets,
+         "core | maximum | demo | a group | name,name,... (moetrace datasets list) | "
+         "path/to/file.{jsonl,csv,tsv,txt,parquet}[:field] | folder; default: every "
+         "catalog dataset present locally, else the bundled rows (demo with the demo model)")
+      ->group(gd);
+  sub->add_option("--split", o.split,
+                  "train | validation | test | catalog: the split read from every catalog dataset "
+                  "(catalog: each dataset's own, docs/DATASETS.md)")
+      ->capture_default_str()
       ->group(gd);
   sub->add_option("--data-root", a->data_roots,
                   "folders holding Hub dataset repos (repeatable); the HF cache is searched too")
@@ -119,6 +126,7 @@ const RegisterCommand reg([](CLI::App& app) {
         fail("--log-level '", a->log_level, "': expected debug, info, warn, error or off");
       set_log_level(level);
     }
+    data::check_split_option(a->o.split);
     CollectOptions opts = a->o;
     opts.logits_dtype = parse_store_dtype(a->logits, "--logits");
     if (a->hidden != "none") {
