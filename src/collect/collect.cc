@@ -470,10 +470,13 @@ CollectResult run_collect(const CollectOptions& o) {
   for (int64_t k = 0; k < n_total; ++k) {
     n_real_wanted += o.mode == "real" || (o.mode == "mixed" && mixed_is_real(k, o.real_ratio));
   }
+  // What the manifest records: the selection that reproduces the plan (the default's datasets).
+  std::string datasets_setting = !o.datasets.empty() ? o.datasets : mc.demo ? "demo" : "default";
   if (need_real && n_real_wanted > 0) {
     PlanOptions po;
     // The demo model reads the bundled rows unless told otherwise.
-    po.datasets = !o.datasets.empty() ? o.datasets : mc.demo ? "demo" : "core";
+    po.datasets = o.datasets.empty() && mc.demo ? "demo" : o.datasets;
+    po.split = o.split;
     po.data_roots = o.data_roots;
     if (mc.demo && po.data_roots.empty()) po.data_roots.push_back(assets_dir() / "demo/data");
     po.extra_catalog = o.catalog;
@@ -482,6 +485,7 @@ CollectResult run_collect(const CollectOptions& o) {
     po.threads = o.threads;
     PlanStats stats;
     plan = build_plan(po, &stats);
+    datasets_setting = stats.selection;
     if (static_cast<int64_t>(plan.size()) < n_real_wanted) {
       log_warn("the selected datasets hold ", plan.size(), " usable samples, fewer than the ",
                n_real_wanted, " real samples asked for; collecting those");
@@ -520,9 +524,8 @@ CollectResult run_collect(const CollectOptions& o) {
       {"mode", o.mode},
       {"traces", o.traces},
       {"real_ratio", o.real_ratio},
-      {"datasets", !o.datasets.empty() ? o.datasets
-                   : mc.demo           ? "demo"
-                                       : "core"},
+      {"datasets", datasets_setting},
+      {"split", o.split},
       {"catalog", o.catalog.string()},
       {"seed", o.seed},
       {"max_length", o.max_length},

@@ -20,7 +20,10 @@ struct CollectOptions {
   std::string mode = "real";  // real | synthetic | mixed
   double real_ratio = 0.5;
   // Data.
-  std::string datasets;  // empty: "core", or "demo" with the demo model
+  // empty: every catalog dataset present locally (else the bundled rows), or "demo" with the demo
+  // model; also files and folders (data/selection.h)
+  std::string datasets;
+  std::string split = "catalog";  // train | validation | test | catalog
   std::vector<std::filesystem::path> data_roots;
   std::filesystem::path catalog;  // extra dataset spec file
   uint64_t seed = 0;

@@ -180,6 +180,45 @@ std::unique_ptr<ByteStream> memory_byte_stream(std::string bytes, std::string na
   return decompressing(std::make_unique<MemoryStream>(std::move(bytes)), name);
 }
 
+namespace {
+
+class Latin1Stream : public ByteStream {
+ public:
+  explicit Latin1Stream(std::unique_ptr<ByteStream> inner) : inner_(std::move(inner)) {}
+  size_t read(char* buf, size_t n) override {
+    if (pos_ == out_.size()) {
+      out_.clear();
+      pos_ = 0;
+      char in[kChunk / 2];
+      const size_t got = inner_->read(in, sizeof(in));
+      for (size_t i = 0; i < got; ++i) {
+        const auto c = static_cast<unsigned char>(in[i]);
+        if (c < 0x80) {
+          out_ += static_cast<char>(c);
+        } else {
+          out_ += static_cast<char>(0xC0 | (c >> 6));
+          out_ += static_cast<char>(0x80 | (c & 0x3F));
+        }
+      }
+    }
+    const size_t k = std::min(n, out_.size() - pos_);
+    std::memcpy(buf, out_.data() + pos_, k);
+    pos_ += k;
+    return k;
+  }
+
+ private:
+  std::unique_ptr<ByteStream> inner_;
+  std::string out_;  // transcoded, not yet returned from pos_ on
+  size_t pos_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<ByteStream> latin1_to_utf8(std::unique_ptr<ByteStream> inner) {
+  return std::make_unique<Latin1Stream>(std::move(inner));
+}
+
 bool BufferedInput::refill() {
   pos_ = 0;
   end_ = stream_->read(buf_.get(), kSize);

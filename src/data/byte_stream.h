@@ -21,6 +21,9 @@ std::unique_ptr<ByteStream> open_byte_stream(const std::filesystem::path& path);
 // `name` is used in error messages only.
 std::unique_ptr<ByteStream> memory_byte_stream(std::string bytes, std::string name);
 
+// Latin-1 bytes of `inner` as UTF-8 (each byte >= 0x80 becomes two).
+std::unique_ptr<ByteStream> latin1_to_utf8(std::unique_ptr<ByteStream> inner);
+
 // Buffered one-byte-at-a-time access on top of a ByteStream, for the parsers.
 class BufferedInput {
  public:

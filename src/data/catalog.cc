@@ -119,6 +119,42 @@ Header parse_header(const json& v, const std::string& where) {
   fail(where, ": \"header\" must be true, false or \"auto\"");
 }
 
+// A name used as one folder or file name under a data root: no separators, not "." or "..".
+bool safe_component(std::string_view s) {
+  return !s.empty() && s != "." && s != ".." &&
+         s.find_first_of(std::string_view("/\\\0", 3)) == std::string_view::npos;
+}
+
+// A relative path that stays below its base: safe components joined with '/'.
+bool safe_relative_path(const std::string& p) {
+  if (p.empty()) return false;
+  for (const auto& part : split_list(p, "/")) {
+    if (!safe_component(part) || part != trim(part)) return false;
+  }
+  return true;
+}
+
+// Catalog values become paths under the data roots: refuse what would leave them.
+void check_paths(const DatasetSpec& d, const std::string& at) {
+  const char* why =
+      " (catalog values are paths below a data root: no \"..\", \".\" or absolute parts)";
+  const auto parts = split_list(d.hub, "/");
+  if (d.hub.empty() || d.hub != trim(d.hub) || parts.size() > 2 ||
+      !std::all_of(parts.begin(), parts.end(),
+                   [](const std::string& x) { return safe_component(x) && x == trim(x); })) {
+    fail(at, ": \"hub\" \"", d.hub, "\" must be a Hub id NAME or ORG/NAME", why);
+  }
+  if (!d.config.empty() && !safe_component(d.config)) {
+    fail(at, ": \"config\" \"", d.config, "\" must be one folder name", why);
+  }
+  if (!safe_component(d.split))
+    fail(at, ": \"split\" \"", d.split, "\" must be one folder name", why);
+  for (const auto& f : d.files) {
+    if (!safe_relative_path(f))
+      fail(at, ": \"files\" entry \"", f, "\" must be a relative path", why);
+  }
+}
+
 DatasetSpec parse_entry(const json& e, const std::string& where) {
   if (!e.is_object()) fail(where, ": expected an object");
   DatasetSpec d;
@@ -187,6 +223,32 @@ DatasetSpec parse_entry(const json& e, const std::string& where) {
       fail(at, ": \"text_mode\" must be \"lines\" or \"paragraphs\"");
     }
   }
+  if (e.contains("text_delimiter")) {
+    const json& v = e.at("text_delimiter");
+    if (!v.is_string() || v.get<std::string>().size() != 1) {
+      fail(at, ": \"text_delimiter\" must be one character");
+    }
+    d.text_delimiter = v.get<std::string>()[0];
+    if (d.columns.size() < 2) fail(at, ": \"text_delimiter\" needs \"columns\" (two or more)");
+  }
+  if (e.contains("encoding")) {
+    const json& v = e.at("encoding");
+    if (v == "utf-8") {
+      d.encoding = Encoding::kUtf8;
+    } else if (v == "latin-1") {
+      d.encoding = Encoding::kLatin1;
+    } else {
+      fail(at, ": \"encoding\" must be \"utf-8\" or \"latin-1\"");
+    }
+  }
+  if (e.contains("files")) {
+    if (!e.at("files").is_array()) fail(at, ": \"files\" must be a list of paths");
+    for (const auto& f : e.at("files")) {
+      if (!f.is_string()) fail(at, ": \"files\" must be strings");
+      d.files.push_back(f.get<std::string>());
+    }
+  }
+  check_paths(d, at);
   // Placeholders without a fields entry read the column of the same name.
   try {
     for (const std::string& name : template_fields(d.prompt)) {
@@ -232,7 +294,20 @@ ReadOptions DatasetSpec::read_options() const {
   o.columns = columns;
   o.text_mode = text_mode;
   o.wanted_columns = column_names();
+  o.text_delimiter = text_delimiter;
+  o.encoding = encoding;
   return o;
+}
+
+DatasetSpec DatasetSpec::with_split(const std::string& s) const {
+  if (s.empty() || s == "catalog" || !local_path.empty() || s == split ||
+      split.starts_with(s + "_")) {
+    return *this;
+  }
+  DatasetSpec d = *this;
+  d.split = s;
+  d.files.clear();
+  return d;
 }
 
 std::vector<std::string> template_fields(const std::string& prompt) {
@@ -349,6 +424,14 @@ std::vector<std::string> Catalog::group_names() const {
     for (const auto& g : d.groups) add(g);
   }
   return out;
+}
+
+bool Catalog::knows(std::string_view token) const {
+  if (token == "maximum" || token == "all") return true;
+  return std::any_of(datasets_.begin(), datasets_.end(), [&](const DatasetSpec& d) {
+    return d.name == token || d.category == token ||
+           std::find(d.groups.begin(), d.groups.end(), token) != d.groups.end();
+  });
 }
 
 std::vector<const DatasetSpec*> Catalog::select(const std::string& selection) const {

@@ -37,6 +37,13 @@ struct DatasetSpec {
   Header header = Header::kAuto;
   std::vector<std::string> columns;
   TextMode text_mode = TextMode::kLines;
+  char text_delimiter = 0;
+  Encoding encoding = Encoding::kUtf8;
+  // The publisher's own files of the catalog split, relative to the repo folder (e.g.
+  // "Sentences_AllAgree.txt"), tried after the Hub layouts; never with `..` or absolute.
+  std::vector<std::string> files;
+  // A user's file or folder given to --datasets (see selection.h); empty for catalog entries.
+  std::filesystem::path local_path;
 
   // "<hub name without org>/<config or default>/<split>": the prefix of this dataset's sample ids.
   std::string id_prefix() const;
@@ -44,6 +51,10 @@ struct DatasetSpec {
   std::vector<std::string> column_names() const;
   const FieldSpec* field(std::string_view name) const;
   ReadOptions read_options() const;
+  // This dataset read from another split (--split): "" or "catalog" keep the catalog's, as does a
+  // split the catalog's refines (validation -> validation_matched). The publisher's `files` name
+  // the catalog split and are dropped with it.
+  DatasetSpec with_split(const std::string& split) const;
 };
 
 class Catalog {
@@ -61,6 +72,8 @@ class Catalog {
   // "core", "maximum" (everything), any category or group, dataset names; comma-separated.
   // Catalog order, no duplicates; Error on an unknown name.
   std::vector<const DatasetSpec*> select(const std::string& selection) const;
+  // Whether one token of a selection names a dataset or group of this catalog.
+  bool knows(std::string_view token) const;
   std::vector<std::string> group_names() const;
 
  private:

@@ -43,6 +43,27 @@ std::vector<fs::path> sorted_files_in(const fs::path& dir) {
   return out;
 }
 
+std::string lower(std::string s) {
+  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+// dir/name, and every other child folder of dir named so in another case (GLUE's `CoLA/`,
+// SuperGLUE's `BoolQ/` for the configs `cola`, `boolq`), the exact name first.
+std::vector<fs::path> folders_named(const fs::path& dir, const std::string& name) {
+  std::vector<fs::path> out;
+  if (is_dir(dir / name)) out.push_back(dir / name);
+  std::vector<fs::path> other;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string file = e.path().filename().string();
+    if (file != name && lower(file) == lower(name) && is_dir(e.path())) other.push_back(e.path());
+  }
+  std::sort(other.begin(), other.end());
+  out.insert(out.end(), other.begin(), other.end());
+  return out;
+}
+
 }  // namespace
 
 std::vector<fs::path> hf_cache_dirs() {
@@ -114,11 +135,13 @@ std::vector<fs::path> repo_dirs(const fs::path& root, const std::string& hub) {
 }
 
 std::vector<fs::path> split_files(const fs::path& repo_dir, const std::string& config,
-                                  const std::string& split) {
+                                  const std::string& split, const std::vector<std::string>& files) {
   std::vector<fs::path> dirs;
   if (!config.empty()) {
-    dirs.push_back(repo_dir / config);
-    dirs.push_back(repo_dir / "data" / config);
+    for (const auto& d : folders_named(repo_dir, config)) dirs.push_back(d);
+    if (is_dir(repo_dir / "data")) {
+      for (const auto& d : folders_named(repo_dir / "data", config)) dirs.push_back(d);
+    }
   } else {
     dirs.push_back(repo_dir / "default");  // refs/convert/parquet's name for an unnamed config
   }
@@ -146,18 +169,28 @@ std::vector<fs::path> split_files(const fs::path& repo_dir, const std::string& c
       }
     }
   }
+  // The publisher's own file names (catalog `files`, relative paths checked when it was loaded).
+  for (const auto& f : files) {
+    if (is_data_file(repo_dir / f)) return {repo_dir / f};
+  }
   return {};
 }
 
 std::optional<LocatedDataset> locate(const DatasetSpec& spec, const std::vector<fs::path>& roots,
                                      bool search_hf_cache) {
+  if (!spec.local_path.empty()) {  // a user's file or folder (--datasets my.jsonl)
+    const fs::path& p = spec.local_path;
+    std::vector<fs::path> files = is_dir(p) ? sorted_files_in(p) : std::vector<fs::path>{p};
+    if (files.empty() || (!is_dir(p) && !is_data_file(p))) return std::nullopt;
+    return LocatedDataset{is_dir(p) ? p : p.parent_path(), std::move(files)};
+  }
   std::vector<fs::path> all = roots;
   if (search_hf_cache) {
     for (const auto& c : hf_cache_dirs()) all.push_back(c);
   }
   for (const auto& root : all) {
     for (const auto& repo : repo_dirs(root, spec.hub)) {
-      auto files = split_files(repo, spec.config, spec.split);
+      auto files = split_files(repo, spec.config, spec.split, spec.files);
       if (!files.empty()) return LocatedDataset{repo, std::move(files)};
     }
   }

@@ -38,11 +38,16 @@ std::vector<std::filesystem::path> repo_dirs(const std::filesystem::path& root,
 // the config is unnamed), data/<config>/, data/ and the repo root: files named <split>.<ext> or
 // <split>-*.<ext>, or every data file in a <split>/ folder (else a partial-<split>/ folder, the
 // Parquet conversion's name for a split converted in part). Split aliases: validation = valid,
-// val, dev; validation_matched = dev_matched.
+// val, dev; validation_matched = dev_matched. A config folder matches in any case (GLUE's `CoLA/`
+// for `cola`). Then the first of `files` (paths relative to repo_dir: the publisher's names, e.g.
+// `Sentences_AllAgree.txt`) that exists.
 std::vector<std::filesystem::path> split_files(const std::filesystem::path& repo_dir,
-                                               const std::string& config, const std::string& split);
+                                               const std::string& config, const std::string& split,
+                                               const std::vector<std::string>& files = {});
 
-// The first root (then hub cache) holding files of the dataset's split.
+// The first root (then hub cache) holding files of the dataset's split. A user's file or folder
+// (spec.local_path) is its own location: the file, or the folder's data files (recursively,
+// sorted).
 std::optional<LocatedDataset> locate(const DatasetSpec& spec,
                                      const std::vector<std::filesystem::path>& roots,
                                      bool search_hf_cache = true);

@@ -9,6 +9,7 @@
 #include <parquet/file_reader.h>
 
 #include <algorithm>
+#include <system_error>
 
 #include "core/error.h"
 #include "data/records.h"
@@ -18,14 +19,19 @@ namespace moetrace::data {
 namespace {
 
 struct CellState {
+  size_t limit = 0;  // max_record_bytes: past it nothing more of the row is copied
   bool bad_utf8 = false;
   size_t bytes = 0;
+  bool too_large() const { return bytes > limit; }
 };
 
 nlohmann::json cell(const arrow::Array& a, int64_t i, CellState* st);
 
 nlohmann::json text_cell(std::string_view v, bool must_be_utf8, CellState* st) {
+  // Sizes are checked before anything is copied: a dictionary value is one copy in the file but
+  // one per row here (2M rows sharing a 4 MB string would be 8 TB).
   st->bytes += v.size();
+  if (st->too_large()) return nullptr;
   if (!valid_utf8(v)) {
     if (must_be_utf8) st->bad_utf8 = true;
     return nullptr;
@@ -39,6 +45,7 @@ nlohmann::json list_cell(const arrow::Array& a, int64_t i, CellState* st) {
   nlohmann::json out = nlohmann::json::array();
   auto values = list.values();
   for (auto k = list.value_offset(i); k < list.value_offset(i) + list.value_length(i); ++k) {
+    if (st->too_large()) break;
     out.push_back(cell(*values, k, st));
   }
   return out;
@@ -89,7 +96,7 @@ nlohmann::json cell(const arrow::Array& a, int64_t i, CellState* st) {
     case T::STRUCT: {
       const auto& s = static_cast<const arrow::StructArray&>(a);
       nlohmann::json out = nlohmann::json::object();
-      for (int f = 0; f < s.num_fields(); ++f) {
+      for (int f = 0; f < s.num_fields() && !st->too_large(); ++f) {
         out[s.struct_type()->field(f)->name()] = cell(*s.field(f), i, st);
       }
       return out;
@@ -138,16 +145,25 @@ class ParquetReader : public RecordReader {
       const int64_t row = row_++;
       const int64_t i = pos_++;
       CellState st;
+      st.limit = options_.max_record_bytes;
       nlohmann::json obj = nlohmann::json::object();
-      for (int c = 0; c < batch_->num_columns(); ++c) {
+      for (int c = 0; c < batch_->num_columns() && !st.too_large(); ++c) {
         obj[batch_->column_name(c)] = cell(*batch_->column(c), i, &st);
+      }
+      if (st.too_large()) {
+        skip(row, "too large");
+        continue;
+      }
+      // Rows within the size limit are validated and copied: bound their total against the
+      // file's size, or 2M rows sharing one 4 MB dictionary value would take hours.
+      decoded_ += st.bytes;
+      if (decoded_ > decode_budget_) {
+        fail(name(), ": its values decode to over ", decode_budget_ >> 20, " MiB, more than ",
+             kMaxExpansion, " times the file's ", file_bytes_,
+             " bytes: refused as a decompression bomb (near row ", row, ")");
       }
       if (st.bad_utf8) {
         skip(row, "invalid UTF-8");
-        continue;
-      }
-      if (st.bytes > options_.max_record_bytes) {
-        skip(row, "too large");
         continue;
       }
       out->row = row;
@@ -163,9 +179,33 @@ class ParquetReader : public RecordReader {
     if (!file.ok()) fail(path.string(), ": cannot open (", file.status().ToString(), ")");
     auto pq = parquet::ParquetFileReader::Open(*file);
     declared_rows_ = pq->metadata()->num_rows();
+    std::error_code ec;
+    const auto size = std::filesystem::file_size(path, ec);
+    file_bytes_ = ec ? 0 : static_cast<uint64_t>(size);
+    decode_budget_ = std::max(kMinDecodeBudget, file_bytes_ * kMaxExpansion);
     parquet::ArrowReaderProperties props;
     props.set_batch_size(1024);
     props.set_use_threads(false);
+    // Dictionary-encoded strings stay dictionaries (indices into one copy of each value); read
+    // plainly, every row of a batch would get its own copy, however large (see text_cell).
+    // Arrow cannot decode delta-encoded pages into a dictionary: those columns are read plainly.
+    const auto meta = pq->metadata();
+    for (int c = 0; c < meta->schema()->num_columns(); ++c) {
+      if (meta->schema()->Column(c)->physical_type() != parquet::Type::BYTE_ARRAY) continue;
+      bool dictionary_only = true;
+      for (int g = 0; g < meta->num_row_groups() && dictionary_only; ++g) {
+        const auto row_group = meta->RowGroup(g);  // owns the chunk, which owns the list
+        const auto chunk = row_group->ColumnChunk(c);
+        for (auto enc : chunk->encodings()) {
+          if (enc != parquet::Encoding::PLAIN && enc != parquet::Encoding::PLAIN_DICTIONARY &&
+              enc != parquet::Encoding::RLE_DICTIONARY && enc != parquet::Encoding::RLE &&
+              enc != parquet::Encoding::BIT_PACKED) {
+            dictionary_only = false;
+          }
+        }
+      }
+      if (dictionary_only) props.set_read_dictionary(c, true);
+    }
     auto reader =
         parquet::arrow::FileReader::Make(arrow::default_memory_pool(), std::move(pq), props);
     if (!reader.ok()) {
@@ -226,6 +266,12 @@ class ParquetReader : public RecordReader {
   }
 
   static constexpr int64_t kMaxChunkBytes = int64_t{1} << 30;
+  // Values a file may decode to: 1000 times its size (text compresses 3-10x), at least 1 GiB.
+  static constexpr uint64_t kMaxExpansion = 1000;
+  static constexpr uint64_t kMinDecodeBudget = uint64_t{1} << 30;
+  uint64_t file_bytes_ = 0;
+  uint64_t decode_budget_ = kMinDecodeBudget;
+  uint64_t decoded_ = 0;
   ReadOptions options_;
   int64_t declared_rows_ = -1;
   std::unique_ptr<parquet::arrow::FileReader> reader_;

@@ -9,6 +9,7 @@
 #include "core/log.h"
 #include "data/locate.h"
 #include "data/records.h"
+#include "data/selection.h"
 
 namespace moetrace {
 
@@ -51,6 +52,7 @@ DatasetResult sample_dataset(const data::DatasetSpec& spec, const std::string& p
   const uint64_t dataset_key = mix64(options.seed ^ mix64(fnv1a(spec.name)));
   std::vector<Candidate> heap;  // max-heap on key: the worst kept candidate on top
   int logged = 0;
+  std::string first_columns;  // a user's file: the columns of its first row, for the error
   auto skip = [&](const std::string& file, int64_t row, const std::string& reason) {
     ++st.skipped[reason];
     if (logged++ < 5) log_debug(file, ": row ", row, " skipped: ", reason);
@@ -63,6 +65,10 @@ DatasetResult sample_dataset(const data::DatasetSpec& spec, const std::string& p
       while (reader->next(&rec)) {
         const int64_t row = row_offset + rec.row;
         ++st.rows;
+        if (st.rows == 1 && rec.fields.is_object()) {
+          for (const auto& [k, v] : rec.fields.items())
+            first_columns += (first_columns.empty() ? "" : ", ") + k;
+        }
         data::Rendered rd = data::render_prompt(spec, prompt, rec.fields);
         if (!rd.missing_field.empty()) {
           skip(file.string(), rec.row, "missing field " + rd.missing_field);
@@ -96,6 +102,16 @@ DatasetResult sample_dataset(const data::DatasetSpec& spec, const std::string& p
     st.status = "error";
     st.error = e.what();
     return r;
+  }
+  if (!spec.local_path.empty() && st.eligible == 0 && st.rows > 0) {
+    const std::string& column = spec.fields.front().name;
+    if (st.skipped["missing field " + column] == st.rows) {
+      st.status = "error";
+      st.error = spec.local_path.string() + ": no row has the column \"" + column +
+                 "\" (the first has: " + first_columns + "); name one as " +
+                 spec.local_path.string() + ":COLUMN";
+      return r;
+    }
   }
   std::sort(heap.begin(), heap.end(), key_less);
   const std::string prefix = spec.id_prefix() + "/";
@@ -138,12 +154,59 @@ data::Catalog load_catalog(const std::filesystem::path& extra_catalog) {
   return catalog;
 }
 
-std::vector<PlannedSample> build_plan(const PlanOptions& options, PlanStats* stats) {
-  const data::Catalog catalog = load_catalog(options.extra_catalog);
-  std::vector<const data::DatasetSpec*> selected = catalog.select(options.datasets);
+std::vector<PlannedSample> build_plan(const PlanOptions& options_in, PlanStats* stats) {
+  const data::Catalog catalog = load_catalog(options_in.extra_catalog);
+  PlanOptions options = options_in;
+  PlanStats local;
+  PlanStats& s = stats ? *stats : local;
+  s = PlanStats{};
+  data::SelectOptions so;
+  so.split = options.split;
+  so.file_quota = options.max_samples;
+  std::vector<data::DatasetSpec> selected;
+  const bool by_default = options.datasets.empty();
+  if (by_default) {
+    // The seed's job: every catalog dataset that is here, each with its quota.
+    data::check_split_option(options.split);
+    for (const auto& d : catalog.datasets()) {
+      data::DatasetSpec spec = d.with_split(options.split);
+      if (data::locate(spec, options.data_roots, options.search_hf_cache)) {
+        s.selection += (s.selection.empty() ? "" : ",") + spec.name;
+        selected.push_back(std::move(spec));
+      }
+    }
+    const size_t n = catalog.datasets().size();
+    if (!selected.empty()) {
+      log_info("datasets: the ", selected.size(), " of ", n,
+               " catalog datasets found in the data roots and the Hugging Face cache");
+    } else if (!options.bundled_fallback || options.split != "catalog") {
+      // The bundled rows hold the catalog's splits only.
+      fail("none of the ", n, " catalog datasets ",
+           options.split == "catalog" ? "is" : "has its " + options.split + " split",
+           " in the data roots or the Hugging Face cache; fetch them with `moetrace fetch ",
+           "--datasets maximum` (or pass --data-root DIR)");
+    } else {
+      selected = data::resolve_selection(catalog, "demo", so);
+      options.data_roots = {data::demo_data_root()};
+      options.search_hf_cache = false;
+      s.selection = "demo";
+      s.bundled = true;
+      log_warn("none of the ", n, " catalog datasets is in the data roots or the Hugging Face ",
+               "cache: using the bundled real rows of ", selected.size(), " datasets (",
+               options.data_roots[0].string(), "); fetch the rest with `moetrace fetch --datasets ",
+               "maximum`");
+    }
+  } else {
+    selected = data::resolve_selection(catalog, options.datasets, so);
+    s.selection = options.datasets;
+  }
 
   for (const auto& [name, prompt] : options.template_overrides) {
-    if (!catalog.find(name)) fail("template override for unknown dataset \"", name, "\"");
+    if (std::none_of(selected.begin(), selected.end(),
+                     [&](const data::DatasetSpec& d) { return d.name == name; }) &&
+        !catalog.find(name)) {
+      fail("template override for unknown dataset \"", name, "\"");
+    }
     data::template_fields(prompt);  // Error when malformed
   }
 
@@ -158,7 +221,7 @@ std::vector<PlannedSample> build_plan(const PlanOptions& options, PlanStats* sta
   std::atomic<size_t> next{0};
   auto worker = [&] {
     for (size_t i; (i = next++) < selected.size();) {
-      const auto* spec = selected[i];
+      const auto* spec = &selected[i];
       auto it = options.template_overrides.find(spec->name);
       const std::string& prompt =
           it != options.template_overrides.end() ? it->second : spec->prompt;
@@ -182,10 +245,8 @@ std::vector<PlannedSample> build_plan(const PlanOptions& options, PlanStats* sta
     for (auto& t : pool) t.join();
   }
 
-  PlanStats local;
-  PlanStats& s = stats ? *stats : local;
-  s = PlanStats{};
   size_t present = 0;
+  std::string first_error;
   for (auto& r : results) {
     auto& st = r.stats;
     if (st.status == "missing") {
@@ -196,6 +257,7 @@ std::vector<PlannedSample> build_plan(const PlanOptions& options, PlanStats* sta
     } else if (st.status == "error") {
       ++present;
       log_warn("dataset ", st.dataset, " skipped: ", st.error);
+      if (first_error.empty()) first_error = st.error;
     } else {
       ++present;
       int64_t skipped = 0;
@@ -207,10 +269,10 @@ std::vector<PlannedSample> build_plan(const PlanOptions& options, PlanStats* sta
     s.datasets.push_back(st);
   }
   if (present == 0) {
-    fail("none of the ", selected.size(), " selected datasets (", options.datasets,
+    fail("none of the ", selected.size(), " selected datasets (", s.selection,
          ") was found in the data roots or the Hugging Face cache; download them with ",
-         fetch_command(options.datasets, options.extra_catalog),
-         " (see also `moetrace datasets check`)");
+         fetch_command(s.selection, options.extra_catalog),
+         " (or pass --data-root DIR; see `moetrace datasets check`)");
   }
 
   // Round-robin over the datasets in the shuffled order.
@@ -225,7 +287,10 @@ std::vector<PlannedSample> build_plan(const PlanOptions& options, PlanStats* sta
     }
     if (!any) break;
   }
-  if (plan.empty()) fail("the sampling plan is empty: no selected dataset has an eligible row");
+  if (plan.empty()) {
+    if (!first_error.empty()) fail(first_error);
+    fail("the sampling plan is empty: no selected dataset has an eligible row");
+  }
   if (options.max_samples >= 0 && static_cast<int64_t>(plan.size()) > options.max_samples) {
     plan.resize(static_cast<size_t>(options.max_samples));
   }

@@ -29,7 +29,10 @@ struct PlannedSample {
 };
 
 struct PlanOptions {
-  std::string datasets = "core";                  // "core" | "maximum" | "demo" | "name,group,..."
+  // "" (the default: every catalog dataset present locally) | "core" | "maximum" | "demo" |
+  // "name,group,path/to/file.jsonl[:field],folder,..." (data/selection.h)
+  std::string datasets;
+  std::string split = "catalog";                  // --split: train | validation | test | catalog
   std::vector<std::filesystem::path> data_roots;  // --data-root (the HF hub cache is searched too)
   std::filesystem::path extra_catalog;            // user's spec file, optional
   std::map<std::string, std::string> template_overrides;  // dataset name -> template
@@ -38,6 +41,9 @@ struct PlanOptions {
   size_t min_chars = 1;      // texts whose fields fill fewer characters are skipped
   int threads = 0;           // datasets read in parallel; 0: hardware threads
   bool search_hf_cache = true;
+  // The default selection finding nothing plans the bundled rows (assets/demo/data, the "demo"
+  // group) with a warning instead of failing.
+  bool bundled_fallback = true;
 };
 
 struct DatasetPlanStats {
@@ -54,6 +60,10 @@ struct DatasetPlanStats {
 };
 
 struct PlanStats {
+  // What was planned, as a --datasets value giving the same plan: the selection as given, or for
+  // the default the catalog datasets found (comma-separated), or "demo" for the bundled rows.
+  std::string selection;
+  bool bundled = false;                    // the default found nothing: the bundled rows
   std::vector<DatasetPlanStats> datasets;  // in the shuffled dataset order
   std::vector<std::string> missing;
   int64_t planned = 0;
@@ -64,7 +74,8 @@ struct PlanStats {
 data::Catalog load_catalog(const std::filesystem::path& extra_catalog = {});
 
 // Error when the selection names unknown datasets, a template override is malformed, or none of
-// the selected datasets yields a sample. Missing or unreadable datasets are logged and skipped.
+// the selected datasets yields a sample (the error names the `moetrace fetch` command). Missing or
+// unreadable datasets are logged and skipped.
 std::vector<PlannedSample> build_plan(const PlanOptions& options, PlanStats* stats);
 
 // splitmix64: the plan's only source of randomness (portable, stateless).

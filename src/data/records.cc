@@ -73,6 +73,7 @@ namespace {
 
 std::unique_ptr<RecordReader> open_stream(std::unique_ptr<ByteStream> in, std::string name,
                                           const ReadOptions& options, Format f) {
+  if (options.encoding == Encoding::kLatin1) in = latin1_to_utf8(std::move(in));
   switch (f) {
     case Format::kJsonLines:
     case Format::kJsonArray:

@@ -20,6 +20,9 @@ namespace moetrace::data {
 enum class Format { kAuto, kParquet, kJsonLines, kJsonArray, kCsv, kTsv, kText };
 enum class Header { kAuto, kYes, kNo };
 enum class TextMode { kLines, kParagraphs };
+// The bytes of a text-based file: UTF-8, or Latin-1 (ISO-8859-1, transcoded to UTF-8 as it is
+// read).
+enum class Encoding { kUtf8, kLatin1 };
 
 const char* format_name(Format f);
 // From the file name, ignoring a .gz/.zst/.zstd suffix; kAuto when unknown. `.json` is kJsonLines
@@ -40,6 +43,10 @@ struct ReadOptions {
   // Names of the columns of a headerless file; missing names become "0", "1", ...
   std::vector<std::string> columns;
   TextMode text_mode = TextMode::kLines;
+  // Plain-text files: 0, or a byte at whose last occurrences each line is split into `columns`
+  // (Financial PhraseBank's `sentence@label`: the text may hold the byte itself, the label not).
+  char text_delimiter = 0;
+  Encoding encoding = Encoding::kUtf8;
   // Top-level columns to read from Parquet (empty: all).
   std::vector<std::string> wanted_columns;
   // A record bigger than this is skipped (reason "too large").

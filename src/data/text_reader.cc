@@ -1,5 +1,6 @@
 // Plain text: one record {"text": ...} per non-blank line, or per blank-line-separated paragraph
-// (lines joined with '\n'). Lines keep their inner spacing; a trailing '\r' is dropped.
+// (lines joined with '\n'). Lines keep their inner spacing; a trailing '\r' is dropped. With a
+// text_delimiter, a record is split into named columns instead (`sentence@label`).
 #include "data/records.h"
 
 namespace moetrace::data {
@@ -28,10 +29,15 @@ class TextReader : public RecordReader {
           if (any) break;
           continue;
         }
+        // Once too large, a paragraph is only read to its end: nothing more is kept (a paragraph
+        // of a billion short lines would otherwise keep a billion newlines).
         oversize |= line_oversize;
-        if (any) text += '\n';
-        if (!oversize) text += line;
-        if (text.size() > options_.max_record_bytes) oversize = true;
+        if (!oversize) {
+          if (any) text += '\n';
+          text += line;
+          if (text.size() > options_.max_record_bytes) oversize = true;
+        }
+        if (oversize && !text.empty()) std::string().swap(text);
         any = true;
         if (options_.text_mode == TextMode::kLines) break;
       }
@@ -45,14 +51,41 @@ class TextReader : public RecordReader {
         skip(row, "invalid UTF-8");
         continue;
       }
+      nlohmann::json fields;
+      if (!split_columns(text, &fields)) {
+        skip(row, "ragged row",
+             std::string("fewer than ") + std::to_string(options_.columns.size() - 1) + " '" +
+                 options_.text_delimiter + "' separators");
+        continue;
+      }
       out->row = row;
-      out->fields = nlohmann::json{{"text", std::move(text)}};
+      out->fields = std::move(fields);
       ++counters_.rows;
       return true;
     }
   }
 
  private:
+  // {"text": text}, or with a text_delimiter the columns split off at its last occurrences (the
+  // first column keeps any earlier ones). False when there are too few.
+  bool split_columns(std::string& text, nlohmann::json* out) const {
+    const auto& cols = options_.columns;
+    if (!options_.text_delimiter || cols.size() < 2) {
+      *out = nlohmann::json{{"text", std::move(text)}};
+      return true;
+    }
+    *out = nlohmann::json::object();
+    std::string_view rest = text;
+    for (size_t c = cols.size() - 1; c > 0; --c) {
+      const size_t at = rest.rfind(options_.text_delimiter);
+      if (at == std::string_view::npos) return false;
+      (*out)[cols[c]] = std::string(rest.substr(at + 1));
+      rest = rest.substr(0, at);
+    }
+    (*out)[cols[0]] = std::string(rest);
+    return true;
+  }
+
   bool read_line(std::string* line, bool* oversize) {
     line->clear();
     *oversize = false;

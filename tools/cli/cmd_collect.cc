@@ -5,6 +5,7 @@
 #include "command.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "data/selection.h"
 
 namespace moetrace::cli {
 namespace {
@@ -41,10 +42,16 @@ const RegisterCommand reg([](CLI::App& app) {
       ->capture_default_str()
       ->group(g);
   auto* gd = "Data";
-  sub->add_option("--datasets", o.datasets,
-                  "core | maximum | demo | a group | name,name,... (moetrace datasets list); "
-                  "default: core, or demo "
-                  "with the demo model")
+  sub->add_option(
+         "--datasets", o.datasets,
+         "core | maximum | demo | a group | name,name,... (moetrace datasets list) | "
+         "path/to/file.{jsonl,csv,tsv,txt,parquet}[:field] | folder; default: every "
+         "catalog dataset present locally, else the bundled rows (demo with the demo model)")
+      ->group(gd);
+  sub->add_option("--split", o.split,
+                  "train | validation | test | catalog: the split read from every catalog dataset "
+                  "(catalog: each dataset's own, docs/DATASETS.md)")
+      ->capture_default_str()
       ->group(gd);
   sub->add_option("--data-root", a->data_roots,
                   "folders holding Hub dataset repos (repeatable); the HF cache is searched too")
@@ -117,6 +124,7 @@ const RegisterCommand reg([](CLI::App& app) {
         fail("--log-level '", a->log_level, "': expected debug, info, warn, error or off");
       set_log_level(level);
     }
+    data::check_split_option(a->o.split);
     CollectOptions opts = a->o;
     // One dtype vocabulary for every option (core/dtype.h): f16 = fp16 = float16 = half, ...
     opts.logits_dtype =

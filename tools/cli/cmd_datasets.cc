@@ -1,7 +1,8 @@
 // `moetrace datasets list|check|plan`: the catalog, which datasets a data root holds, and the
 // sampling plan a collection run would use.
-#include <iomanip>
+#include <algorithm>
 #include <iostream>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "command.h"
@@ -10,6 +11,7 @@
 #include "data/locate.h"
 #include "data/plan.h"
 #include "data/records.h"
+#include "data/selection.h"
 
 namespace moetrace::cli {
 
@@ -21,6 +23,8 @@ using nlohmann::json;
 struct DatasetsOptions {
   std::string catalog;
   std::string datasets = "maximum";
+  std::string plan_datasets;  // plan: "" is collect's default (every catalog dataset present)
+  std::string split = "catalog";
   std::vector<std::string> data_roots;
   bool no_hf_cache = false;
   bool as_json = false;
@@ -33,29 +37,49 @@ struct DatasetsOptions {
   std::vector<std::string> templates;
 };
 
+data::SelectOptions select_options(const DatasetsOptions& o) {
+  data::SelectOptions so;
+  so.split = o.split;
+  return so;
+}
+
 void list(const DatasetsOptions& o) {
   const data::Catalog catalog = load_catalog(o.catalog);
-  auto selected = catalog.select(o.datasets);
+  const auto selected = data::resolve_selection(catalog, o.datasets, select_options(o));
   if (o.as_json) {
-    for (const auto* d : selected) {
+    for (const auto& d : selected) {
       json fields = json::object();
-      for (const auto& f : d->fields) fields[f.name] = f.candidates;
-      json row{{"name", d->name},       {"hub", d->hub},           {"config", d->config},
-               {"split", d->split},     {"category", d->category}, {"quota", d->quota},
-               {"template", d->prompt}, {"fields", fields},        {"groups", d->groups}};
+      for (const auto& f : d.fields) fields[f.name] = f.candidates;
+      json row{{"name", d.name},       {"hub", d.hub},           {"config", d.config},
+               {"split", d.split},     {"category", d.category}, {"quota", d.quota},
+               {"template", d.prompt}, {"fields", fields},       {"groups", d.groups}};
+      if (!d.local_path.empty()) row["path"] = d.local_path.string();
       std::cout << row.dump() << '\n';
     }
     return;
   }
-  std::cout << std::left << std::setw(24) << "name" << std::setw(50) << "hub (config) split"
-            << std::setw(16) << "category" << std::setw(6) << "quota"
-            << "template\n";
+  // Columns as wide as their widest cell, two spaces apart; the template last, unpadded.
+  std::vector<std::vector<std::string>> rows{
+      {"name", "hub", "config", "split", "category", "quota", "template"}};
   int64_t total = 0;
-  for (const auto* d : selected) {
-    std::string where = d->hub + (d->config.empty() ? "" : " (" + d->config + ")") + " " + d->split;
-    std::cout << std::setw(24) << d->name << std::setw(50) << where << std::setw(16) << d->category
-              << std::setw(6) << d->quota << d->prompt << '\n';
-    total += d->quota;
+  for (const auto& d : selected) {
+    const bool file = !d.local_path.empty();
+    rows.push_back(
+        {d.name, file ? d.local_path.string() : d.hub, d.config.empty() ? "-" : d.config, d.split,
+         d.category,
+         file && d.quota == std::numeric_limits<int64_t>::max() ? "all" : std::to_string(d.quota),
+         d.prompt});
+    if (!file) total += d.quota;
+  }
+  std::vector<size_t> width(rows[0].size() - 1, 0);
+  for (const auto& r : rows) {
+    for (size_t c = 0; c < width.size(); ++c) width[c] = std::max(width[c], r[c].size());
+  }
+  for (const auto& r : rows) {
+    std::string line;
+    for (size_t c = 0; c < width.size(); ++c)
+      line += r[c] + std::string(width[c] - r[c].size() + 2, ' ');
+    std::cout << line << r.back() << '\n';
   }
   std::cout << selected.size() << " datasets, quotas total " << total << "; groups:";
   for (const auto& g : catalog.group_names()) std::cout << ' ' << g;
@@ -75,8 +99,9 @@ void check(const DatasetsOptions& o) {
   const data::Catalog catalog = load_catalog(o.catalog);
   const auto roots = roots_of(o);
   int present = 0;
-  auto selected = catalog.select(o.datasets);
-  for (const auto* d : selected) {
+  const auto specs = data::resolve_selection(catalog, o.datasets, select_options(o));
+  for (const auto& spec : specs) {
+    const auto* d = &spec;
     json report{{"dataset", d->name}, {"hub", d->hub}, {"config", d->config}, {"split", d->split}};
     auto located = data::locate(*d, roots, !o.no_hf_cache);
     if (!located) {
@@ -145,15 +170,17 @@ void check(const DatasetsOptions& o) {
         std::cout << '\n';
       }
     } else {
-      std::cout << " (looked for " << d->hub << " " << d->config << " " << d->split << ")\n";
+      std::cout << " (looked for " << d->hub << (d->config.empty() ? "" : " " + d->config) << " "
+                << d->split << "; `moetrace fetch --datasets " << d->name << "`)\n";
     }
   }
-  if (!o.as_json) std::cout << present << " of " << selected.size() << " datasets present\n";
+  if (!o.as_json) std::cout << present << " of " << specs.size() << " datasets present\n";
 }
 
 void plan(const DatasetsOptions& o) {
   PlanOptions p;
-  p.datasets = o.datasets;
+  p.datasets = o.plan_datasets;
+  p.split = o.split;
   for (const auto& r : roots_of(o)) p.data_roots.push_back(r);
   p.extra_catalog = o.catalog;
   p.seed = o.seed;
@@ -182,11 +209,22 @@ RegisterCommand reg([](CLI::App& app) {
   auto* cmd =
       app.add_subcommand("datasets", "the dataset catalog, local data roots, sampling plans");
   cmd->require_subcommand(1);
-  auto common = [o](CLI::App* sub) {
+  auto common = [o](CLI::App* sub, bool plan) {
     sub->add_option("--catalog", o->catalog,
                     "extra dataset spec file (same schema as the built-in)");
-    sub->add_option("--datasets", o->datasets,
-                    "core, maximum, demo, a category or dataset names, comma-separated")
+    const char* what =
+        "core, maximum, demo, a category, dataset names, files or folders "
+        "(path/to/file.jsonl[:field]), comma-separated";
+    if (plan) {
+      sub->add_option("--datasets", o->plan_datasets,
+                      std::string(what) +
+                          "; default: as collect's, every catalog dataset present "
+                          "(else the bundled rows)");
+    } else {
+      sub->add_option("--datasets", o->datasets, what)->capture_default_str();
+    }
+    sub->add_option("--split", o->split,
+                    "train | validation | test | catalog (each dataset's split in the catalog)")
         ->capture_default_str();
     sub->add_flag("--json", o->as_json, "JSON lines output");
   };
@@ -196,12 +234,12 @@ RegisterCommand reg([](CLI::App& app) {
     sub->add_flag("--no-hf-cache", o->no_hf_cache, "do not search the Hugging Face hub cache");
   };
   auto* ls = cmd->add_subcommand("list", "show the catalog");
-  common(ls);
+  common(ls, false);
   ls->callback([o] { list(*o); });
 
   auto* ck = cmd->add_subcommand(
       "check", "which datasets are present, their files, rows and missing fields");
-  common(ck);
+  common(ck, false);
   roots(ck);
   ck->add_option("--check-rows", o->check_rows,
                  "rows per dataset checked for the template's fields")
@@ -209,7 +247,7 @@ RegisterCommand reg([](CLI::App& app) {
   ck->callback([o] { check(*o); });
 
   auto* pl = cmd->add_subcommand("plan", "print the sampling plan as JSON lines");
-  common(pl);
+  common(pl, true);
   roots(pl);
   pl->add_option("--seed", o->seed, "sampling seed")->capture_default_str();
   pl->add_option("--max-samples", o->max_samples, "stop after N samples (-1: all quotas)")
