@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from .logopts import add_log_options, is_quiet
+
 ANALYSIS_VERSION = 1
 # Fine fixed bins (exact streaming merge); charts re-bin them onto the range the data occupies.
 GATE_BINS = np.linspace(0.0, 1.0, 1001)     # top-1 router probability
@@ -742,12 +744,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-pairs", type=int, default=30,
                     help="dataset pairs listed in the report, most divergent first (default 30; all in stats.json)")
     ap.add_argument("--tokenizer", help="spiece.model for the examples' token text (default: the store's model's)")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_log_options(ap)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.quiet = is_quiet(args)
     from .store import open_store
     from .errors import StoreError
     if args.no_plots is False:

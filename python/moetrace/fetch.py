@@ -31,6 +31,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
+from .logopts import add_log_options, is_quiet
+
 CONVERTED = "refs/convert/parquet"
 
 # ------------------------------------------------------------------------------------------------
@@ -403,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--revision", default="main", metavar="REV",
                     help="branch, tag or commit of the model(s) and datasets (default main); datasets "
                          f"without data files there come from {CONVERTED}")
+    add_log_options(ap)
     ap.add_argument("--dry-run", action="store_true",
                     help="print repo, revision, files and sizes that would be downloaded; download nothing")
     return ap
@@ -410,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet = is_quiet(args)
+    if quiet:  # huggingface_hub's bars, and its own warnings only
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if not args.model and not args.datasets:
         print("moetrace fetch: error: nothing to fetch: give --model ID and/or --datasets SELECTION",
               file=sys.stderr)
@@ -445,8 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         if planner.is_cached(it):
             it.status = "already cached"
             continue
-        print(f"moetrace fetch: {it.kind} {it.name}: {it.repo} @ {it.revision}, {files_text(len(it.files))}, "
-              f"{human(it.size)}", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"moetrace fetch: {it.kind} {it.name}: {it.repo} @ {it.revision}, {files_text(len(it.files))}, "
+                  f"{human(it.size)}", file=sys.stderr, flush=True)
         download(it, cache_dir)
         if it.status == "failed":
             print(f"moetrace fetch: {it.kind} {it.name}: {it.reason}", file=sys.stderr)

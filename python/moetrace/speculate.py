@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .analysis import SparseCounts, rows_f32
+from .logopts import add_log_options, is_quiet
 from .cachesim import TimeModel, next_uses, simulate_cache  # noqa: F401 (re-exported)
 
 SPECULATION_VERSION = 1
@@ -1039,7 +1040,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dpi", type=int, default=100, help="PNG resolution (default 100; 300 for print)")
     ap.add_argument("--link-images", action="store_true",
                     help="link the chart files from speculation.html instead of embedding them")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    add_log_options(ap)
     return ap
 
 
@@ -1076,6 +1077,7 @@ def options_from_args(args) -> Options:
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    args.quiet = is_quiet(args)
     from .errors import StoreError
     from .store import open_store
     try:

@@ -252,8 +252,8 @@ std::vector<PlannedSample> build_plan(const PlanOptions& options_in, PlanStats* 
     if (st.status == "missing") {
       s.missing.push_back(st.dataset);
       log_warn("dataset ", st.dataset,
-               " not found in the data roots or the Hugging Face cache; skipped (download it: ",
-               fetch_command(st.dataset, options.extra_catalog), ")");
+               " not found in the data roots or the Hugging Face cache; skipped (fetch it: `",
+               fetch_command(st.dataset, options.extra_catalog), "`)");
     } else if (st.status == "error") {
       ++present;
       log_warn("dataset ", st.dataset, " skipped: ", st.error);
@@ -270,9 +270,9 @@ std::vector<PlannedSample> build_plan(const PlanOptions& options_in, PlanStats* 
   }
   if (present == 0) {
     fail("none of the ", selected.size(), " selected datasets (", s.selection,
-         ") was found in the data roots or the Hugging Face cache; download them with ",
+         ") was found in the data roots or the Hugging Face cache; fetch them with `",
          fetch_command(s.selection, options.extra_catalog),
-         " (or pass --data-root DIR; see `moetrace datasets check`)");
+         "` (or pass --data-root DIR; see `moetrace datasets check`)");
   }
 
   // Round-robin over the datasets in the shuffled order.

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/log.h"
 
 namespace moetrace::cli {
 
@@ -118,7 +119,13 @@ void add_python_subcommand(CLI::App& app, const std::string& name, const std::st
   sub->prefix_command();
   sub->set_help_flag();
   sub->allow_extras();
-  sub->callback([sub, name] { run_python_subcommand(name, sub->remaining()); });
+  sub->callback([sub, name] {
+    // A -q / --log-level given before the name (`moetrace -q analyze X`) reaches Python through the
+    // environment (python/moetrace/logopts.py); one after the name is Python's own option and wins.
+    constexpr const char* kNames[] = {"debug", "info", "warn", "error", "off"};
+    setenv("MOETRACE_LOG_LEVEL", kNames[static_cast<int>(log_level())], 1);
+    run_python_subcommand(name, sub->remaining());
+  });
 }
 
 }  // namespace moetrace::cli
