@@ -31,7 +31,11 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from .logopts import add_log_options, is_quiet
+try:
+    from .logopts import add_log_options, is_quiet
+except ImportError:  # run as a file by the executable's bridge, without the package (and numpy)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from logopts import add_log_options, is_quiet  # type: ignore[no-redef]
 
 CONVERTED = "refs/convert/parquet"
 
