@@ -107,6 +107,21 @@ fi
 [[ -x $BUILD/full/tools/cli/moetrace ]] && MOETRACE=$BUILD/full/tools/cli/moetrace CUDA_TESTS=$BUILD/full/tests/cuda_tests \
   BENCH_GPU=$BUILD/full/bench/bench_gpu
 
+# BASELINE_SRC=DIR (a source tree of an earlier commit, e.g. `git archive REV src include tools cmake
+# assets bench scripts python CMakeLists.txt CMakePresets.json`): its CLI is built too, with the same
+# flags, and the `scale` step runs its one-GPU job with it first, so that every end-to-end number has
+# its baseline from the same call.
+if has build && [[ -n ${BASELINE_SRC:-} && -n $MOETRACE ]]; then
+  if cmake -S "$BASELINE_SRC" -B $BUILD/base -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOETRACE_WERROR=OFF \
+      -DMOETRACE_CUDA=ON -DMOETRACE_TESTS=OFF -DMOETRACE_BENCH=OFF -DMOETRACE_PYTHON="$(command -v python3)" \
+      -DCMAKE_CXX_FLAGS="$cxx_flags" "${cmake_args[@]}" >"$BUILD/base-configure.log" 2>&1 &&
+    cmake --build $BUILD/base -j "$NPROC" --target moetrace >"$BUILD/base-build.log" 2>&1; then
+    BASE_MOETRACE=$BUILD/base/tools/cli/moetrace
+    echo "== baseline CLI built from $BASELINE_SRC"
+  else
+    echo "== baseline build failed:"; tail -15 "$BUILD/base-build.log" "$BUILD/base-configure.log" 2>/dev/null | tail -15
+  fi
+fi
 if has build && [[ -z $MOETRACE ]]; then
   mkdir -p $BUILD/src
   # A CMake project holding only the GPU engine's targets, reusing the repository's folders.
@@ -295,6 +310,12 @@ PY
     --catalog $D/catalog.json --data-root $D/data --traces $((6 * N)) --max-length 256 --no-progress)
   [[ -x $BUILD/full/bench/bench_store ]] && $BUILD/full/bench/bench_store --samples 12288 --dir $SD-bench \
     --json $OUT/bench_store.json 2>&1 | tail -3
+  if [[ -n ${BASE_MOETRACE:-} ]]; then
+    echo "== baseline CLI, the same one-GPU job"
+    CUDA_VISIBLE_DEVICES=0 $BASE_MOETRACE "${common[@]}" --output $SD/base >$OUT/scale_base.log 2>&1 || tail -5 $OUT/scale_base.log
+    grep -E "timing:" $OUT/scale_base.log | tail -1
+    rm -rf $SD/base
+  fi
   echo "== scaling: $N samples of ~256 tokens, 1 GPU, then $NG ranks (store in $SD)"
   t0=$(date +%s.%N)
   CUDA_VISIBLE_DEVICES=0 $MOETRACE "${common[@]}" --output $SD/one >$OUT/scale_1.log 2>&1 || tail -5 $OUT/scale_1.log
@@ -313,6 +334,9 @@ out, ng, t0, t1, t2 = sys.argv[1], int(sys.argv[2]), *map(float, sys.argv[3:6])
 def timing(f):
     m = re.search(r"timing: total ([\d.e+-]+) s, loop ([\d.e+-]+) s, engine ([\d.e+-]+) s, (\d+) tokens", open(f).read())
     return dict(total=float(m[1]), loop=float(m[2]), tokens=int(m[4])) if m else None
+base = timing(f"{out}/scale_base.log") if glob.glob(f"{out}/scale_base.log") else None
+if base:
+    print(f"baseline 1 GPU: {base['tokens']} tokens, loop {base['loop']:.2f} s -> {base['tokens']/base['loop']/1e6:.3f} M tokens/s")
 one = timing(f"{out}/scale_1.log"); ranks = [timing(f"{out}/scale_rank{r}.log") for r in range(ng)]
 if one is None or None in ranks:
     print("scaling: a run did not finish (see scale_*.log)"); sys.exit()
@@ -320,7 +344,7 @@ tp1 = one["tokens"] / one["loop"]; tpn = sum(r["tokens"] for r in ranks) / max(r
 print(f"1 GPU : {one['tokens']} tokens, loop {one['loop']:.2f} s -> {tp1/1e6:.3f} M tokens/s (wall {t1-t0:.1f} s incl. load)")
 print(f"{ng} GPUs: {sum(r['tokens'] for r in ranks)} tokens, slowest loop {max(r['loop'] for r in ranks):.2f} s -> {tpn/1e6:.3f} M tokens/s (wall {t2-t1:.1f} s incl. load)")
 print(f"speed-up {tpn/tp1:.2f}x on {ng} GPUs")
-json.dump(dict(one=one, ranks=ranks, speedup=tpn / tp1, gpus=ng), open(f"{out}/scale.json", "w"), indent=1)
+json.dump(dict(baseline=base, one=one, ranks=ranks, speedup=tpn / tp1, gpus=ng), open(f"{out}/scale.json", "w"), indent=1)
 PY
   rm -rf $SD
 fi
