@@ -435,6 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     except FetchError as e:
         print(f"moetrace fetch: error: {e}", file=sys.stderr)
         return 2
+    # A user's own file or folder in the selection (`--datasets core,my.jsonl`) is already local.
+    for spec in [s for s in specs if s.get("path")]:
+        if not quiet:
+            print(f"moetrace fetch: dataset {spec['name']}: a local file or folder ({spec['path']}), "
+                  "nothing to fetch", file=sys.stderr)
+    specs = [s for s in specs if not s.get("path")]
+    if not args.model and not specs:
+        return 0
     if args.split != "catalog":
         specs = [{**s, "split": args.split} for s in specs]
 

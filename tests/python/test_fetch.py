@@ -298,3 +298,17 @@ def test_exact_names_are_escaped_for_allow_patterns(tmp_path, monkeypatch):
         assert item.status == "fetched", item.reason
         got = sorted(p.rsplit("/", 2)[-2:][1] for p in resolve_paths(hub))
         assert got == ["test*.csv", "test[1].csv"], hub.paths_requested()
+
+
+def test_local_files_in_the_selection_are_not_fetched(cli, tmp_path):
+    """`--datasets core,my.jsonl` as collect takes it: the file is local, nothing is asked for it."""
+    own = tmp_path / "my.jsonl"
+    own.write_text('{"text": "hello"}\n')
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([cli, "fetch", "--datasets", str(own)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "a local file or folder" in proc.stderr and "nothing to fetch" in proc.stderr
+    proc = subprocess.run([cli, "fetch", "--datasets", f"glue/sst2,{own}", "--dry-run"], capture_output=True,
+                          text=True, env=env)
+    assert "dataset my (" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "glue/sst2" in proc.stdout + proc.stderr
