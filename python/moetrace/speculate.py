@@ -30,6 +30,7 @@ import numpy as np
 
 from .analysis import SparseCounts, rows_f32
 from .logopts import add_log_options, is_quiet
+from .text import model_dir_of  # noqa: F401 (also speculate.model_dir_of, as before)
 from .cachesim import TimeModel, next_uses, simulate_cache  # noqa: F401 (re-exported)
 
 SPECULATION_VERSION = 1
@@ -593,21 +594,6 @@ def load_routers(path: str, spec: StackSpec, num_experts: int, d_model: int):
         ws.append(w)
         bs.append(np.array(st.tensor(f"{n}.router.bias", float32=True)) if f"{n}.router.bias" in st.infos else None)
     return ws, bs
-
-
-def model_dir_of(manifest: dict, store_dir: str = "") -> str | None:
-    """The model directory the store was collected with: manifest.model's files (paths as collect saw
-    them: absolute, or relative to where it ran; tried from here, then from the store's directory)."""
-    model = manifest.get("model", {}) or {}
-    cands = [model.get(k) for k in ("dir", "path")]
-    cands += [os.path.dirname(f.get("path", "") if isinstance(f, dict) else str(f)) for f in model.get("files", []) or []]
-    for c in cands:
-        if not c:
-            continue
-        for d in (c, os.path.join(store_dir, c)):
-            if os.path.isfile(os.path.join(d, "config.json")):
-                return d
-    return None
 
 
 def extract_routers(model_dir: str, out_path: str) -> None:

@@ -27,7 +27,9 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _model_dir(manifest: dict, store_dir: str) -> str | None:
+def model_dir_of(manifest: dict, store_dir: str = "") -> str | None:
+    """The model directory the store was collected with: manifest.model's files (paths as collect saw
+    them: absolute, or relative to where it ran; tried from here, then from the store's directory)."""
     model = manifest.get("model") or {}
     cands = [model.get(k) for k in ("dir", "path")]
     cands += [os.path.dirname(f.get("path", "") if isinstance(f, dict) else str(f))
@@ -70,7 +72,7 @@ def tokenizer_for(store, tokenizer: str | None = None) -> Tokenizer:
     model = m.get("model") or {}
     want = model.get("tokenizer_sha256") or ""
     cands = [tokenizer or os.environ.get("MOETRACE_TOKENIZER")]
-    d = _model_dir(m, getattr(store, "path", ""))
+    d = model_dir_of(m, getattr(store, "path", ""))
     if d:
         cands.append(os.path.join(d, "spiece.model"))
     if model.get("demo"):

@@ -235,3 +235,40 @@ def run_module(*args, check=True, fresh=False):
         raise AssertionError(f"python -m moetrace {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+class BoundedRun:
+    """What run_bounded() saw: exit status, output and the child's peak resident memory in bytes."""
+
+    def __init__(self, returncode, stdout, stderr, max_rss):
+        self.returncode, self.stdout, self.stderr, self.max_rss = returncode, stdout, stderr, max_rss
+
+
+def run_bounded(cli, *args, timeout=60, max_rss=1 << 30, env=None):
+    """The CLI with a wall-clock limit, failing the test past it or past `max_rss` of peak resident
+    memory (measured per child by wait4). The CLI's own address space is ~2 GB before it reads
+    anything (runtimes reserve it), so the bound is on resident memory; `prlimit --as=8G` only keeps
+    a regression from taking the machine down. The hostile-input tests use it."""
+    import tempfile
+    import time
+    if shutil.which("prlimit") is None:
+        pytest.fail("prlimit (util-linux) is needed for the bounded-memory tests")
+    cmd = ["prlimit", f"--as={8 << 30}", cli, *map(str, args)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                p.kill()
+                os.wait4(p.pid, 0)
+                pytest.fail(f"moetrace {' '.join(map(str, args))} ran past {timeout} s")
+            time.sleep(0.05)
+        out.seek(0)
+        err.seek(0)
+        r = BoundedRun(os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
+                       err.read().decode(errors="replace"), usage.ru_maxrss * 1024)
+    assert r.max_rss < max_rss, f"moetrace {' '.join(map(str, args))} took {r.max_rss >> 20} MiB\n{r.stderr[-2000:]}"
+    return r

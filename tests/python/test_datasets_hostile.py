@@ -5,11 +5,6 @@ the fixes both took gigabytes (the Parquet one per batch of rows, the paragraph 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import tempfile
-import time
 import zlib
 
 import numpy as np
@@ -17,43 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-# A safety net only (a regression must not take the machine down); what is checked is the peak
-# resident memory of the run, far above the few hundred MB the CLI needs and far below what the
-# bombs asked for before the fixes (gigabytes).
-LIMIT_AS = 8 << 30
-MAX_RSS = 1 << 30
-
-
-class Run:
-    def __init__(self, returncode, stdout, stderr, max_rss):
-        self.returncode, self.stdout, self.stderr, self.max_rss = returncode, stdout, stderr, max_rss
-
+from conftest import run_bounded
 
 def limited(cli, *args, timeout=180):
-    """The CLI under `prlimit --as` and a time limit; its exit status, output and peak RSS (bytes)."""
-    if shutil.which("prlimit") is None:
-        pytest.fail("prlimit (util-linux) is needed for the bounded-memory tests")
-    cmd = ["prlimit", f"--as={LIMIT_AS}", cli, "--log-level", "warn", *args]
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True)
-        deadline = time.time() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.time() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s")
-            time.sleep(0.05)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        run = Run(proc.returncode, out.read(), err.read(), usage.ru_maxrss * 1024)
-    assert run.max_rss < MAX_RSS, f"peak RSS {run.max_rss >> 20} MiB\n{run.stderr[-2000:]}"
-    return run
+    """The CLI at warn level, one thread, under conftest.run_bounded's time and memory bounds."""
+    return run_bounded(cli, "--log-level", "warn", *args, timeout=timeout,
+                       env={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
 
 
 def spec_file(tmp_path, **extra):

@@ -6,51 +6,17 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import tempfile
-import time
 import zipfile
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_bounded
 
 TINY = os.path.join(REPO, "tests", "data", "fixtures", "tiny-a", "model")
 
 
-# The CLI's own address space is ~1.9 GB before it reads anything (runtimes reserve it), so the bound
-# is on peak resident memory, measured per child by wait4(); `prlimit --as=6G` only keeps a
-# regression from taking the machine down.
-MAX_RSS_BYTES = 1 << 30
-
-
-class Result:
-    def __init__(self, returncode, stdout, stderr, max_rss):
-        self.returncode, self.stdout, self.stderr, self.max_rss = returncode, stdout, stderr, max_rss
-
-
 def _run_bounded(cli, *args, timeout=60):
-    """The CLI with a wall-clock limit; fails the test past it or past MAX_RSS_BYTES of memory."""
-    if shutil.which("prlimit") is None:
-        pytest.fail("prlimit (util-linux) is needed for the bounded-memory tests")
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        p = subprocess.Popen(["prlimit", f"--as={6 << 30}", cli, *args], stdout=out, stderr=err)
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                p.kill()
-                os.wait4(p.pid, 0)
-                pytest.fail(f"moetrace {' '.join(args)} ran past {timeout} s")
-            time.sleep(0.05)
-        out.seek(0)
-        err.seek(0)
-        r = Result(os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
-                   err.read().decode(errors="replace"), usage.ru_maxrss * 1024)
-    assert r.max_rss < MAX_RSS_BYTES, f"moetrace {' '.join(args)} took {r.max_rss >> 20} MiB"
-    return r
+    return run_bounded(cli, *args, timeout=timeout)
 
 
 def _expect_one_line_error(r, *needles):
