@@ -57,7 +57,7 @@ int main(int argc, char** argv) {
     PlanOptions po;
     po.datasets = o.datasets;
     po.data_roots = o.data_roots;
-    if (mc.demo && po.data_roots.empty()) po.data_roots.push_back(assets_dir() / "demo/data");
+    if (mc.demo && po.data_roots.empty()) po.data_roots.push_back(data::demo_data_root());
     po.max_samples = (o.traces + L - 1) / L;
     PlanStats stats;
     const auto plan = build_plan(po, &stats);

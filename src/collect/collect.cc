@@ -25,6 +25,7 @@
 #include "collect/synthetic.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "data/catalog.h"
 #include "data/plan.h"
 #include "kernels/cpu/blas_info.h"
 #include "kernels/cpu/ops.h"
@@ -410,7 +411,9 @@ CollectResult run_collect(const CollectOptions& o) {
   const bool on_gpu = dev.cuda;
   // Batch budget: the GPU wants large batches (128 × 256 fills an H100/H200), the CPU cache-sized
   // ones.
-  const int64_t batch_tokens = o.batch_tokens > 0 ? o.batch_tokens : on_gpu ? 32768 : 8192;
+  const int64_t batch_tokens = o.batch_tokens > 0 ? o.batch_tokens
+                               : on_gpu           ? kDefaultBatchTokensCuda
+                                                  : kDefaultBatchTokensCpu;
   if (batch_tokens < o.max_length)
     fail("--batch-tokens ", batch_tokens, " must be >= --max-length ", o.max_length);
   if (o.resume && o.overwrite) fail("--resume and --overwrite exclude each other");
@@ -478,7 +481,7 @@ CollectResult run_collect(const CollectOptions& o) {
     po.datasets = o.datasets.empty() && mc.demo ? "demo" : o.datasets;
     po.split = o.split;
     po.data_roots = o.data_roots;
-    if (mc.demo && po.data_roots.empty()) po.data_roots.push_back(assets_dir() / "demo/data");
+    if (mc.demo && po.data_roots.empty()) po.data_roots.push_back(data::demo_data_root());
     po.extra_catalog = o.catalog;
     po.seed = o.seed;
     po.max_samples = n_real_wanted;

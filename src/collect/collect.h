@@ -12,6 +12,10 @@
 
 namespace moetrace {
 
+// The batch budget (batch size × padded length) when --batch-tokens is 0, per engine.
+constexpr int64_t kDefaultBatchTokensCpu = 8192;
+constexpr int64_t kDefaultBatchTokensCuda = 32768;
+
 struct CollectOptions {
   // The seed system's options, same meanings.
   int64_t traces = 3000;  // a trace is one (sample, encoder MoE layer) pair
@@ -32,7 +36,7 @@ struct CollectOptions {
   // Engine.
   std::string device = "auto";  // auto | cpu | cuda | cuda:N (auto: a visible GPU, else cpu)
   int threads = 0;
-  int64_t batch_tokens = 0;        // batch size × padded length; 0: 8192 on cpu, 32768 on cuda
+  int64_t batch_tokens = 0;        // batch size × padded length; 0: kDefaultBatchTokensCpu/Cuda
   std::string precision = "bf16";  // cuda only: bf16 | fp16 | fp32
   // What to store.
   DType logits_dtype = DType::kF16;

@@ -5,25 +5,13 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "core/sha256.h"
+#include "data/catalog.h"
 #include "io/hf_cache.h"
 #include "model/random_weights.h"
 
 namespace moetrace {
 
 namespace fs = std::filesystem;
-
-fs::path assets_dir() {
-  if (const char* env = std::getenv("MOETRACE_ASSETS")) return env;
-  // Next to the executable first (a relocated checkout), then the source tree it was built from.
-  std::error_code ec;
-  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
-  if (!ec) {
-    for (fs::path p = exe.parent_path(); !p.empty() && p != p.root_path(); p = p.parent_path()) {
-      if (fs::exists(p / "assets/demo/spiece.model")) return p / "assets";
-    }
-  }
-  return MOETRACE_ASSETS_DIR;
-}
 
 ModelChoice choose_model(const std::string& spec, bool encoder_only) {
   ModelChoice m;
@@ -59,7 +47,7 @@ ModelChoice choose_model(const std::string& spec, bool encoder_only) {
     ro.encoder_only = encoder_only;
     ro.dtype = experts >= 64 ? DType::kBF16 : DType::kF32;
     m.weights = make_random_weights(m.config, ro);
-    m.spiece = assets_dir() / "demo/spiece.model";
+    m.spiece = data::demo_spiece_model();
     return m;
   }
   if (chosen == "demo") {
@@ -70,7 +58,7 @@ ModelChoice choose_model(const std::string& spec, bool encoder_only) {
     ro.seed = kDemoSeed;
     ro.encoder_only = encoder_only;
     m.weights = make_random_weights(m.config, ro);
-    m.spiece = assets_dir() / "demo/spiece.model";
+    m.spiece = data::demo_spiece_model();
     return m;
   }
   const ResolvedModel r = resolve_model(chosen);

@@ -28,7 +28,4 @@ ModelChoice choose_model(const std::string& spec, bool encoder_only);
 // The manifest's "model" object: id, files with sizes and sha256, config, tokenizer sha256, demo.
 nlohmann::json describe_model(const ModelChoice& m, const std::string& tokenizer_sha256);
 
-// The repository's assets/ folder (demo tokenizer and data), found next to the build or installed.
-std::filesystem::path assets_dir();
-
 }  // namespace moetrace

@@ -458,7 +458,16 @@ std::vector<const DatasetSpec*> Catalog::select(const std::string& selection) co
 }
 
 std::filesystem::path assets_dir() {
+  namespace fs = std::filesystem;
   if (const char* env = std::getenv("MOETRACE_ASSETS"); env && *env) return env;
+  // Next to the executable first (a relocated checkout), then the source tree it was built from.
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    for (fs::path p = exe.parent_path(); !p.empty() && p != p.root_path(); p = p.parent_path()) {
+      if (fs::exists(p / "assets/demo/spiece.model", ec)) return p / "assets";
+    }
+  }
   return MOETRACE_ASSETS_DIR;
 }
 

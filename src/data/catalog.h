@@ -92,7 +92,8 @@ Rendered render_prompt(const DatasetSpec& spec, const std::string& prompt,
 // Placeholders of a template, in order ("x?" is reported as "x"); Error on an unclosed brace.
 std::vector<std::string> template_fields(const std::string& prompt);
 
-// The assets folder: $MOETRACE_ASSETS, else the source tree's assets/.
+// The assets folder (the one place that finds it): $MOETRACE_ASSETS, else an assets/ beside the
+// executable or above it (a relocated checkout), else the source tree's assets/.
 std::filesystem::path assets_dir();
 // assets/demo/data: a data root with real samples of the "demo" group's datasets.
 std::filesystem::path demo_data_root();

@@ -14,7 +14,7 @@ struct CollectArgs {
   CollectOptions o;
   std::string logits = "f16", hidden = "none";
   std::vector<std::string> data_roots;
-  std::string catalog, tokenizer, log_level;
+  std::string catalog, tokenizer;
   bool no_progress = false;
   std::optional<int> rank, world_size, local_rank;
 };
@@ -80,7 +80,9 @@ const RegisterCommand reg([](CLI::App& app) {
       ->capture_default_str()
       ->group(ge);
   sub->add_option("--batch-tokens", o.batch_tokens,
-                  "batch budget: batch size × padded length (default 8192 on cpu, 32768 on cuda)")
+                  "batch budget: batch size × padded length (default " +
+                      std::to_string(kDefaultBatchTokensCpu) + " on cpu, " +
+                      std::to_string(kDefaultBatchTokensCuda) + " on cuda)")
       ->group(ge);
   sub->add_option("--precision", o.precision, "cuda: bf16 | fp16 | fp32 (router always fp32)")
       ->capture_default_str()
@@ -114,16 +116,8 @@ const RegisterCommand reg([](CLI::App& app) {
       ->group(gr);
   sub->add_flag("--overwrite", o.overwrite, "replace an existing store in --output")->group(gr);
   sub->add_flag("--no-progress", a->no_progress, "no progress bar or progress lines")->group(gr);
-  sub->add_option("--log-level", a->log_level,
-                  "debug, info, warn, error or off (also before `collect`)")
-      ->group(gr);
+  // -q and --log-level: main.cc defines them once for every subcommand.
   sub->callback([a] {
-    if (!a->log_level.empty()) {
-      LogLevel level;
-      if (!parse_log_level(a->log_level, &level))
-        fail("--log-level '", a->log_level, "': expected debug, info, warn, error or off");
-      set_log_level(level);
-    }
     data::check_split_option(a->o.split);
     CollectOptions opts = a->o;
     // One dtype vocabulary for every option (core/dtype.h): f16 = fp16 = float16 = half, ...

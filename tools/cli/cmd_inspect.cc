@@ -9,6 +9,7 @@
 #include "collect/model_source.h"
 #include "command.h"
 #include "core/error.h"
+#include "data/catalog.h"
 #include "io/hf_cache.h"
 #include "model/config.h"
 #include "model/weights.h"
@@ -38,7 +39,7 @@ json describe(const ModelChoice& m) {
     j["tokenizer"] = nullptr;
     j["tokenizer_note"] = "no spiece.model in " + m.dir.string() +
                           "; collect needs --tokenizer FILE, e.g. the demo tokenizer " +
-                          (assets_dir() / "demo/spiece.model").string();
+                          data::demo_spiece_model().string();
   }
   j["config"] = c.to_json();
   j["sparse_encoder_blocks"] = c.sparse_encoder_blocks();

@@ -105,7 +105,6 @@ int main(int argc, char** argv) {
   std::function<void(CLI::App*)> add_log_options = [&](CLI::App* parent) {
     for (CLI::App* sub : parent->get_subcommands([](CLI::App*) { return true; })) {
       if (sub->get_prefix_command()) continue;  // Python subcommands parse their own arguments
-      // `collect` applies its own --log-level after this one (it documents it in its groups).
       if (sub->get_option_no_throw("--log-level") == nullptr)
         sub->add_option("--log-level", level, level_help)->group("Logging");
       if (sub->get_option_no_throw("-q") == nullptr)
