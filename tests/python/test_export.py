@@ -69,8 +69,13 @@ def test_export_parquet_refuses_a_used_directory(store_factory, tmp_path):
     assert proc.returncode == 1 and "already holds" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_hugging_face_dataset_from_the_export(store_factory, tmp_path):
+def test_hugging_face_dataset_from_the_export(store_factory, tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+    # Local files only: without this, load_dataset(OUT) spends ~25 s trying to reach the Hub (no
+    # network here) and leaves huggingface_hub unable to reach the fetch tests' local Hub afterwards.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     path, truth = store_factory(num_samples=7, shard_size=3, enc_layers=(1, 3))
     out = tmp_path / "hf"
     run_module("export-parquet", path, out, "-q")
