@@ -48,16 +48,24 @@ def model_dir(tmp_path_factory):
     return str(d)
 
 
-@pytest.fixture(scope="module", params=["f32", "f16", "bf16"])
-def collected(request, tmp_path_factory, model_dir):
+def _collect(tmp_path_factory, model_dir, dtype):
     """(store path, logits dtype) of a 40-trace collection on the tiny fixture model."""
     cli = _cli_or_skip("collect", "forward")
-    dtype = request.param
     out = tmp_path_factory.mktemp(f"collect-{dtype}") / "store"
     _run([cli, "collect", "--model", model_dir, "--datasets", "demo", "--data-root", "assets/demo/data",
           "--traces", 40, "--logits", dtype, "--hidden", "f32" if dtype == "f32" else "bf16", "-o", out,
           "--threads", 2])
     return str(out), dtype
+
+
+@pytest.fixture(scope="module", params=["f32", "f16", "bf16"])
+def collected(request, tmp_path_factory, model_dir):
+    return _collect(tmp_path_factory, model_dir, request.param)
+
+
+@pytest.fixture(scope="module")
+def collected_f32(tmp_path_factory, model_dir):
+    return _collect(tmp_path_factory, model_dir, "f32")
 
 
 def test_collected_store_reads_back(collected):
@@ -132,10 +140,8 @@ def test_collected_values_equal_forward(collected, tmp_path):
                 assert view.hidden.tobytes() == want_h.tobytes(), where
 
 
-def test_collected_store_exports_seed_pickle(collected, tmp_path):
-    path, dtype = collected
-    if dtype != "f32":
-        pytest.skip("one export is enough")
+def test_collected_store_exports_seed_pickle(collected_f32, tmp_path):
+    path, _ = collected_f32
     import pickle
     pkl = tmp_path / "out.pkl"
     run_module("export-pickle", path, pkl)
