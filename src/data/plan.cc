@@ -202,8 +202,9 @@ std::vector<PlannedSample> build_plan(const PlanOptions& options_in, PlanStats* 
   }
 
   for (const auto& [name, prompt] : options.template_overrides) {
+    const std::string& wanted = name;  // C++20 lambdas cannot capture a structured binding (clang)
     if (std::none_of(selected.begin(), selected.end(),
-                     [&](const data::DatasetSpec& d) { return d.name == name; }) &&
+                     [&](const data::DatasetSpec& d) { return d.name == wanted; }) &&
         !catalog.find(name)) {
       fail("template override for unknown dataset \"", name, "\"");
     }
