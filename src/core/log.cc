@@ -37,6 +37,8 @@ bool parse_log_level(std::string_view s, LogLevel* out) {
   return false;
 }
 
+const char* log_level_name(LogLevel level) { return kNames[static_cast<int>(level)]; }
+
 void log_line(LogLevel level, const std::string& msg) {
   const std::string when = log_timestamp(std::chrono::system_clock::now());
   std::lock_guard<std::mutex> lock(g_mu);

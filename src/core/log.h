@@ -12,6 +12,7 @@ enum class LogLevel { kDebug = 0, kInfo = 1, kWarn = 2, kError = 3, kOff = 4 };
 void set_log_level(LogLevel level);
 LogLevel log_level();
 bool parse_log_level(std::string_view s, LogLevel* out);
+const char* log_level_name(LogLevel level);  // "debug", "info", "warn", "error" or "off"
 void log_line(LogLevel level, const std::string& msg);
 
 template <class... Parts>

@@ -2,7 +2,6 @@
 // tensor layout, value ranges, recomputed counts). A progress bar on stderr while it hashes (on a
 // terminal only; --no-progress or -q turn it off); --json prints the result as one JSON object
 // (keys in docs/TRACE_FORMAT.md).
-#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -11,6 +10,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "collect/progress.h"
 #include "command.h"
 #include "core/error.h"
 #include "trace/store.h"
@@ -70,9 +70,8 @@ class VerifyBar {
         .count();
   }
   static int terminal_width() {
-    winsize w{};
-    if (::ioctl(STDERR_FILENO, TIOCGWINSZ, &w) == 0 && w.ws_col >= 20) return w.ws_col;
-    return 80;
+    const int w = terminal_columns(STDERR_FILENO);  // collect's progress bar asks the same way
+    return w >= 20 ? w : 80;
   }
   double start_ = seconds(), last_ = -1;
   bool drawn_ = false;

@@ -122,8 +122,7 @@ void add_python_subcommand(CLI::App& app, const std::string& name, const std::st
   sub->callback([sub, name] {
     // A -q / --log-level given before the name (`moetrace -q analyze X`) reaches Python through the
     // environment (python/moetrace/logopts.py); one after the name is Python's own option and wins.
-    constexpr const char* kNames[] = {"debug", "info", "warn", "error", "off"};
-    setenv("MOETRACE_LOG_LEVEL", kNames[static_cast<int>(log_level())], 1);
+    setenv("MOETRACE_LOG_LEVEL", log_level_name(log_level()), 1);
     run_python_subcommand(name, sub->remaining());
   });
 }
