@@ -1,0 +1,80 @@
+// The names of observed tensors: one vocabulary for the engines' observation keys, the trace
+// store's tensors and the manifest's per_layer entries. python/moetrace/keys.py mirrors it.
+//
+// One meaning of "layer": a MoE layer, named by its stack and the index of the transformer block
+// that holds it ("enc.3" = the MoE layer of encoder block 3). "block" is always a transformer block
+// index (0 .. num_layers-1 of its stack); a position among the MoE layers only (0, 1, 2, ... in
+// block order) is called a moe index and never appears in a key.
+//
+//   enc.{i}.input          [B,S,d]  f32  input of encoder block i
+//   enc.{i}.hidden         [B,S,d]  f32  router input (RMS-normed) of sparse block i
+//   enc.{i}.router_logits  [B,S,E]  f32
+//   enc.{i}.expert         [B,S]    I32  top-1 choice (ties -> lowest index), also when dropped
+//   enc.{i}.dropped        [B,S]    U8   1 = over expert capacity, expert skipped
+//   enc.{i}.gate           [B,S]    f32  top-1 probability
+//   enc.output             [B,S,d]  f32  after the final RMS norm
+//   dec.{i}.*              the same for decoder blocks: [B,T,...] in a teacher-forced pass,
+//                          [B,1,...] per generation step
+#pragma once
+
+#include <charconv>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace moetrace::keys {
+
+enum class Stack { kEncoder, kDecoder };
+
+inline constexpr std::string_view kInput = "input";
+inline constexpr std::string_view kHidden = "hidden";
+inline constexpr std::string_view kRouterLogits = "router_logits";
+inline constexpr std::string_view kExpert = "expert";
+inline constexpr std::string_view kDropped = "dropped";
+inline constexpr std::string_view kGate = "gate";
+inline constexpr std::string_view kEncoderOutput = "enc.output";
+
+inline std::string_view stack_prefix(Stack s) { return s == Stack::kEncoder ? "enc" : "dec"; }
+inline Stack stack_of(bool decoder) { return decoder ? Stack::kDecoder : Stack::kEncoder; }
+
+// "enc.3": a MoE layer's name (the prefix of its tensors, its per_layer key).
+inline std::string layer(Stack s, int block) {
+  std::string k(stack_prefix(s));
+  k += '.';
+  k += std::to_string(block);
+  return k;
+}
+
+// "enc.3.router_logits": one observed tensor of block `block`.
+inline std::string tensor(Stack s, int block, std::string_view field) {
+  std::string k = layer(s, block);
+  k += '.';
+  k += field;
+  return k;
+}
+
+// The parts of "enc.3.router_logits"; nullopt for anything else (e.g. "enc.output").
+struct Parsed {
+  Stack stack = Stack::kEncoder;
+  int block = 0;
+  std::string_view field;
+};
+inline std::optional<Parsed> parse(std::string_view key) {
+  Parsed p;
+  if (key.rfind("enc.", 0) == 0) {
+    p.stack = Stack::kEncoder;
+  } else if (key.rfind("dec.", 0) == 0) {
+    p.stack = Stack::kDecoder;
+  } else {
+    return std::nullopt;
+  }
+  const std::string_view rest = key.substr(4);
+  const size_t dot = rest.find('.');
+  if (dot == 0 || dot == std::string_view::npos || dot + 1 == rest.size()) return std::nullopt;
+  const auto [end, ec] = std::from_chars(rest.data(), rest.data() + dot, p.block);
+  if (ec != std::errc() || end != rest.data() + dot || p.block < 0) return std::nullopt;
+  p.field = rest.substr(dot + 1);
+  return p;
+}
+
+}  // namespace moetrace::keys
