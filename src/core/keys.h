@@ -57,7 +57,7 @@ inline std::string tensor(Stack s, int block, std::string_view field) {
 struct Parsed {
   Stack stack = Stack::kEncoder;
   int block = 0;
-  std::string_view field;
+  std::string field;  // owned: parse(tensor(...)) of a temporary stays valid
 };
 inline std::optional<Parsed> parse(std::string_view key) {
   Parsed p;
@@ -73,7 +73,7 @@ inline std::optional<Parsed> parse(std::string_view key) {
   if (dot == 0 || dot == std::string_view::npos || dot + 1 == rest.size()) return std::nullopt;
   const auto [end, ec] = std::from_chars(rest.data(), rest.data() + dot, p.block);
   if (ec != std::errc() || end != rest.data() + dot || p.block < 0) return std::nullopt;
-  p.field = rest.substr(dot + 1);
+  p.field = std::string(rest.substr(dot + 1));
   return p;
 }
 
