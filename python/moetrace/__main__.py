@@ -99,6 +99,25 @@ def _stored_dtypes(store: TraceStore) -> tuple[str, str]:
     return logits, hidden
 
 
+def _print_fidelity(f, encoder_layers, p) -> None:
+    """The manifest's `collect --audit` object as `moetrace inspect` prints it (verify.cc, print_fidelity)."""
+    if not isinstance(f, dict):
+        p("fidelity        not audited (`collect --audit FRACTION` re-runs samples at fp32)")
+        return
+    if f.get("status") != "measured":
+        p(f"fidelity        {f.get('precision')}: audit skipped ({f.get('reason')})")
+        return
+    t = f["total"]
+    p(f"fidelity        {f['precision']} vs an {f['reference']} re-run of {f['samples']} samples ({t['tokens']} "
+      f"tokens, --audit {f['fraction']:g}): top-1 agreement {100.0 * t['top1_agreement']:.3f}%, max |logit error| "
+      f"{t['max_logit_error']:.4f}")
+    p(f"  {'layer':<14}{'tokens':>12}{'top-1 agree':>12}{'max |logit err|':>18}")
+    for block in encoder_layers:
+        c = f["per_layer"].get(f"enc.{block}", {})
+        p(f"  {'enc.' + str(block):<14}{c.get('tokens', 0):>12}{100.0 * c.get('top1_agreement', 0):>11.3f}%"
+          f"{c.get('max_logit_error', 0):>18.4f}")
+
+
 def print_summary(store: TraceStore, s: dict, problems: list[str], out=None) -> None:
     """The layout of `moetrace inspect` (src/trace/verify.cc, print_store_summary), with the counts
     recomputed from the shards; then the sample kinds and the manifest check."""
@@ -144,6 +163,7 @@ def print_summary(store: TraceStore, s: dict, problems: list[str], out=None) -> 
         p(f"per layer       {'tokens':>12}{'dropped':>12}{'drop rate':>11}")
         for name, acc in s["per_layer"].items():
             p(f"  {name:<14}{acc['tokens']:>12}{acc['dropped']:>12}{100.0 * acc['drop_rate']:>10.2f}%")
+    _print_fidelity(m.get("fidelity"), store.encoder_layers, p)
     p(f"sample kinds    {s['real_samples']} real, {s['synthetic_samples']} synthetic")
     if problems:
         p("manifest check  MISMATCH")

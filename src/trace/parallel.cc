@@ -268,6 +268,11 @@ MergeResult merge_store(const fs::path& store) {
   f.settings = r0.m.contains("settings") ? r0.m["settings"] : json();
   f.model = r0.m.contains("model") ? r0.m["model"] : json();
   f.engine = r0.m.contains("engine") ? r0.m["engine"] : json();
+  // Each rank audited its own part (collect --audit): one object for the whole store.
+  std::vector<std::optional<Fidelity>> audits;
+  for (const RankStore& rs : parts)
+    audits.push_back(manifest_fidelity(rs.m, (store / rs.dir / trace::kManifestName).string()));
+  f.fidelity = trace::merge_fidelity(audits);
   f.data_parallel["world_size"] = W;
   f.data_parallel["ranks"] = std::move(ranks_json);
   const bool same_device =

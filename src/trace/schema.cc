@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -410,6 +411,7 @@ nlohmann::ordered_json build_manifest(const ManifestFields& f) {
   m["per_layer"] = pl;
   m["throughput_tokens_per_s"] =
       f.collection_time > 0 ? static_cast<double>(f.totals.num_tokens) / f.collection_time : 0.0;
+  if (f.fidelity) m["fidelity"] = fidelity_json(*f.fidelity);
   return m;
 }
 
@@ -446,6 +448,133 @@ Stats stats_from_manifest(const json& m, const Layout& layout, const std::string
     s.dataset_samples[it.key()] = n_enc > 0 ? it.value().get<int64_t>() / n_enc : 0;
   }
   return s;
+}
+
+namespace {
+
+nlohmann::ordered_json fidelity_counts_json(const FidelityCounts& c) {
+  return {{"tokens", c.tokens},
+          {"top1_agree", c.top1_agree},
+          {"top1_agreement", c.top1_agreement()},
+          {"max_logit_error", c.max_logit_error}};
+}
+
+double number_field(const json& j, const char* key, const std::string& what, double min_value,
+                    double max_value) {
+  const json& v = field(j, key, what);
+  if (!v.is_number() || !(v.get<double>() >= min_value && v.get<double>() <= max_value)) {
+    fail(what, ": field \"", key, "\" must be a number in [", min_value, ", ", max_value, "], got ",
+         v.dump());
+  }
+  return v.get<double>();
+}
+
+std::string string_field(const json& j, const char* key, const std::string& what) {
+  const json& v = field(j, key, what);
+  if (!v.is_string() || v.get<std::string>().size() > 1000)
+    fail(what, ": field \"", key, "\" must be a string (of at most 1000 bytes)");
+  return v.get<std::string>();
+}
+
+FidelityCounts fidelity_counts_from_json(const json& j, const std::string& what) {
+  if (!j.is_object()) fail(what, ": must be an object");
+  FidelityCounts c;
+  c.tokens = int_field(j, "tokens", what, 0);
+  c.top1_agree = int_field(j, "top1_agree", what, 0, c.tokens);
+  c.max_logit_error = number_field(j, "max_logit_error", what, 0, kFidelityNonFinite);
+  const double a = number_field(j, "top1_agreement", what, 0, 1);
+  if (std::fabs(a - c.top1_agreement()) > 1e-9) {
+    fail(what, ": top1_agreement ", a, " is not top1_agree / tokens = ", c.top1_agree, " / ",
+         c.tokens);
+  }
+  return c;
+}
+
+}  // namespace
+
+std::optional<Fidelity> merge_fidelity(const std::vector<std::optional<Fidelity>>& ranks) {
+  if (ranks.empty() || !ranks[0]) return std::nullopt;
+  Fidelity m = *ranks[0];
+  for (size_t r = 1; r < ranks.size(); ++r) {
+    if (!ranks[r]) return std::nullopt;
+    const Fidelity& f = *ranks[r];
+    if (f.measured != m.measured || f.reference != m.reference || f.precision != m.precision ||
+        f.fraction != m.fraction || f.reason != m.reason ||
+        f.per_layer.size() != m.per_layer.size())
+      return std::nullopt;
+    m.samples += f.samples;
+    m.seconds = std::max(m.seconds, f.seconds);  // the ranks audit side by side
+    for (size_t l = 0; l < f.per_layer.size(); ++l) {
+      if (f.per_layer[l].first != m.per_layer[l].first) return std::nullopt;
+      FidelityCounts& c = m.per_layer[l].second;
+      c.tokens += f.per_layer[l].second.tokens;
+      c.top1_agree += f.per_layer[l].second.top1_agree;
+      c.max_logit_error = std::max(c.max_logit_error, f.per_layer[l].second.max_logit_error);
+    }
+    m.total.tokens += f.total.tokens;
+    m.total.top1_agree += f.total.top1_agree;
+    m.total.max_logit_error = std::max(m.total.max_logit_error, f.total.max_logit_error);
+  }
+  return m;
+}
+
+nlohmann::ordered_json fidelity_json(const Fidelity& f) {
+  nlohmann::ordered_json j;
+  j["status"] = f.measured ? "measured" : "skipped";
+  if (!f.measured) j["reason"] = f.reason;
+  j["reference"] = f.reference;
+  j["precision"] = f.precision;
+  j["fraction"] = f.fraction;
+  if (!f.measured) return j;
+  j["samples"] = f.samples;
+  j["seconds"] = f.seconds;
+  nlohmann::ordered_json pl = nlohmann::ordered_json::object();
+  for (const auto& [key, c] : f.per_layer) pl[key] = fidelity_counts_json(c);
+  j["per_layer"] = pl;
+  j["total"] = fidelity_counts_json(f.total);
+  return j;
+}
+
+Fidelity fidelity_from_json(const json& j, const Layout& layout, const std::string& w) {
+  const std::string what = w + ": fidelity";
+  if (!j.is_object()) fail(what, ": must be an object");
+  Fidelity f;
+  const std::string status = string_field(j, "status", what);
+  if (status != "measured" && status != "skipped")
+    fail(what, ": status must be \"measured\" or \"skipped\", got \"", status, "\"");
+  f.measured = status == "measured";
+  f.reference = string_field(j, "reference", what);
+  f.precision = string_field(j, "precision", what);
+  f.fraction = number_field(j, "fraction", what, 0, 1);
+  if (!f.measured) {
+    f.reason = string_field(j, "reason", what);
+    return f;
+  }
+  f.samples = int_field(j, "samples", what, 0);
+  f.seconds = number_field(j, "seconds", what, 0, 1e12);
+  const json& pl = field(j, "per_layer", what);
+  if (!pl.is_object()) fail(what, ": per_layer must be an object");
+  if (pl.size() != layout.enc_layers.size()) {
+    fail(what, ": per_layer must hold the ", layout.enc_layers.size(),
+         " encoder MoE layers of the store, holds ", pl.size(), " entries");
+  }
+  FidelityCounts sum;
+  for (int b : layout.enc_layers) {
+    const std::string key = layer_key(false, b);
+    const FidelityCounts c = fidelity_counts_from_json(field(pl, key.c_str(), what + ": per_layer"),
+                                                       what + ": per_layer." + key);
+    sum.tokens += c.tokens;
+    sum.top1_agree += c.top1_agree;
+    sum.max_logit_error = std::max(sum.max_logit_error, c.max_logit_error);
+    f.per_layer.emplace_back(key, c);
+  }
+  f.total = fidelity_counts_from_json(field(j, "total", what), what + ": total");
+  if (f.total.tokens != sum.tokens || f.total.top1_agree != sum.top1_agree ||
+      f.total.max_logit_error != sum.max_logit_error) {
+    fail(what, ": total is not the sum of per_layer (tokens ", sum.tokens, ", top1_agree ",
+         sum.top1_agree, ", the largest max_logit_error ", sum.max_logit_error, ")");
+  }
+  return f;
 }
 
 namespace {
@@ -688,3 +817,16 @@ json read_manifest(const fs::path& dir) {
 }
 
 }  // namespace moetrace::trace
+
+namespace moetrace {
+
+double FidelityCounts::top1_agreement() const {
+  return tokens > 0 ? static_cast<double>(top1_agree) / static_cast<double>(tokens) : 1.0;
+}
+
+std::optional<Fidelity> manifest_fidelity(const nlohmann::json& m, const std::string& what) {
+  if (!m.is_object() || !m.contains("fidelity")) return std::nullopt;
+  return trace::fidelity_from_json(m["fidelity"], trace::layout_from_manifest(m, what), what);
+}
+
+}  // namespace moetrace

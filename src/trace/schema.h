@@ -106,11 +106,22 @@ struct ManifestFields {
   Stats totals;
   double collection_time = 0;
   std::string device;
-  json engine;  // null: no "engine" field (stores written before it)
+  json engine;                       // null: no "engine" field (stores written before it)
+  std::optional<Fidelity> fidelity;  // "fidelity" (last) when set
 };
 nlohmann::ordered_json build_manifest(const ManifestFields& f);
 // The counts of a manifest (num_*, per_layer, dataset_distribution) as Stats; throws Error.
 Stats stats_from_manifest(const json& m, const Layout& layout, const std::string& what);
+
+// The manifest's "fidelity" object (store.h Fidelity) in its documented field order, and back
+// (bound-checked against the layout: per_layer holds exactly its encoder MoE layers; Error naming
+// the field otherwise).
+nlohmann::ordered_json fidelity_json(const Fidelity& f);
+Fidelity fidelity_from_json(const json& j, const Layout& layout, const std::string& what);
+// The fidelity of a merged data-parallel store from its ranks' (in rank order): measured when every
+// rank's is, with the same reference, precision and fraction (counts summed, the largest errors,
+// samples summed, the longest audit); skipped when every rank's is, for one reason; else none.
+std::optional<Fidelity> merge_fidelity(const std::vector<std::optional<Fidelity>>& ranks);
 
 // A shard's per-sample metadata, parsed from its safetensors __metadata__.
 struct ShardMeta {

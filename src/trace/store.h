@@ -12,6 +12,7 @@
 #include <ostream>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/dtype.h"
@@ -230,6 +231,36 @@ struct MergeResult {
 // it. Incomplete or missing ranks: returns merged=false with pending filled; inconsistent ones:
 // Error. A single-process store is left as it is (world_size 0).
 MergeResult merge_store(const std::filesystem::path& store);
+
+// The manifest's "fidelity" object (`collect --audit`, src/collect/audit.h, docs/TRACE_FORMAT.md):
+// how the stored routing of a subset of the samples compares with a float32 re-run of them.
+struct FidelityCounts {
+  int64_t tokens = 0;             // token rows compared (every token of the audited samples)
+  int64_t top1_agree = 0;         // rows whose stored expert is the reference's
+  double max_logit_error = 0;     // max |stored router logit - reference logit| (the stored value,
+                                  // storage rounding included); kFidelityNonFinite when one is not
+                                  // finite
+  double top1_agreement() const;  // top1_agree / tokens; 1 when no token was compared
+};
+inline constexpr double kFidelityNonFinite = 3.4028234663852886e38;  // FLT_MAX
+struct Fidelity {
+  bool measured = false;           // "status": "measured", or "skipped" with the reason
+  std::string reason;              // why nothing was re-run (skipped only)
+  std::string reference = "fp32";  // the re-run's precision
+  std::string precision;           // the stored routing's (the engine's --precision)
+  double fraction = 0;             // collect --audit
+  int64_t samples = 0;             // samples re-run
+  double seconds = 0;              // the audit's wall time, reference model load included
+  std::vector<std::pair<std::string, FidelityCounts>> per_layer;  // "enc.{i}", block order
+  FidelityCounts total;  // every layer: counts summed, the largest error
+};
+// Writes f as the "fidelity" object of the complete store in dir (replacing one that is there;
+// every other field stays as it is), atomically. Error when dir holds no complete store.
+void set_store_fidelity(const std::filesystem::path& dir, const Fidelity& f);
+// The "fidelity" object of a manifest, bound-checked against its layout (per_layer: exactly its
+// encoder MoE layers; counts, agreement and totals consistent); nullopt when it has none. Error
+// naming the field otherwise.
+std::optional<Fidelity> manifest_fidelity(const nlohmann::json& manifest, const std::string& what);
 
 // The manifest's summary (for `moetrace inspect STORE [--json]`, keys in docs/TRACE_FORMAT.md);
 // reads no shard. Error naming the field when one has the wrong type.

@@ -123,6 +123,19 @@ std::vector<std::string> verify_store(const fs::path& dir, const VerifyProgress&
          has("throughput_tokens_per_s") && m["throughput_tokens_per_s"].is_number() &&
              m["throughput_tokens_per_s"].get<double>() >= 0,
          "a number >= 0");
+  // The audit's fidelity object (collect --audit): well-formed, and about no more than the store.
+  try {
+    if (const std::optional<Fidelity> f = manifest_fidelity(m, what); f && f->measured) {
+      const int64_t samples =
+          m.value("num_samples", json(0)).is_number_integer() ? m["num_samples"].get<int64_t>() : 0;
+      if (f->samples > samples) {
+        problem(what, ": fidelity.samples is ", f->samples, ", more than the store's ", samples,
+                " samples");
+      }
+    }
+  } catch (const Error& e) {
+    problems.push_back(e.what());
+  }
   if (!has("shards") || !m["shards"].is_array()) {
     problem(what, ": field \"shards\" is missing or not an array");
     return problems;
@@ -445,8 +458,53 @@ json store_summary_json(const fs::path& dir) {
       fail(what, ": field \"data_parallel.ranks\" must be an array");
     out["data_parallel_ranks"] = dp["ranks"].size();
   }
+  // null when the store was not audited (collect --audit 0, or written before the audit existed).
+  const std::optional<Fidelity> fid = manifest_fidelity(m, what);
+  out["fidelity"] = fid ? json::parse(trace::fidelity_json(*fid).dump()) : json();
   return out;
 }
+
+namespace {
+
+// "fidelity" lines of the summary: the audit's totals, then one line per encoder MoE layer
+// (python/moetrace/__main__.py print_summary prints the same lines).
+void print_fidelity(const json& summary, std::ostream& out) {
+  const json& f = summary["fidelity"];
+  if (f.is_null()) {
+    out << "fidelity        not audited (`collect --audit FRACTION` re-runs samples at fp32)\n";
+    return;
+  }
+  const std::string precision = f["precision"].get<std::string>();
+  const std::string reference = f["reference"].get<std::string>();
+  if (f["status"] != "measured") {
+    out << "fidelity        " << precision << ": audit skipped (" << f["reason"].get<std::string>()
+        << ")\n";
+    return;
+  }
+  const std::ios_base::fmtflags flags = out.flags();
+  const std::streamsize prec = out.precision();
+  auto pct = [](const json& c) { return 100.0 * c["top1_agreement"].get<double>(); };
+  const json& t = f["total"];
+  out << std::fixed << "fidelity        " << precision << " vs an " << reference << " re-run of "
+      << f["samples"] << " samples (" << t["tokens"] << " tokens, --audit " << std::defaultfloat
+      << std::setprecision(6) << f["fraction"].get<double>() << std::fixed << "): top-1 agreement "
+      << std::setprecision(3) << pct(t) << "%, max |logit error| " << std::setprecision(4)
+      << t["max_logit_error"].get<double>() << "\n";
+  out << "  " << std::left << std::setw(14) << "layer" << std::right << std::setw(12) << "tokens"
+      << std::setw(12) << "top-1 agree" << std::setw(18) << "max |logit err|"
+      << "\n";
+  for (const json& b : summary["layers"]["encoder"]) {  // block order
+    const std::string key = trace::layer_key(false, b.get<int>());
+    const json& c = f["per_layer"][key];
+    out << "  " << std::left << std::setw(14) << key << std::right << std::setw(12)
+        << c["tokens"].get<int64_t>() << std::setw(11) << std::setprecision(3) << pct(c) << "%"
+        << std::setw(18) << std::setprecision(4) << c["max_logit_error"].get<double>() << "\n";
+  }
+  out.flags(flags);
+  out.precision(prec);
+}
+
+}  // namespace
 
 void print_store_summary(const fs::path& dir, std::ostream& out) {
   const json s = store_summary_json(dir);
@@ -542,6 +600,7 @@ void print_store_summary(const fs::path& dir, std::ostream& out) {
     for (const json& b : s["layers"]["encoder"]) row(false, b.get<int>());
     for (const json& b : s["layers"]["decoder"]) row(true, b.get<int>());
   }
+  print_fidelity(s, out);
 }
 
 }  // namespace moetrace

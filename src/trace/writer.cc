@@ -8,9 +8,11 @@
 #include <cstdio>
 #include <cstring>
 #include <deque>
+#include <fstream>
 #include <mutex>
 #include <set>
 #include <span>
+#include <sstream>
 #include <thread>
 #include <unordered_set>
 
@@ -980,6 +982,23 @@ void TraceWriter::commit_partial() {
     m.commit(*m.cur);
     m.cur_durable = m.cur->num_samples();
   }
+}
+
+void set_store_fidelity(const fs::path& dir, const Fidelity& f) {
+  const std::string what = (dir / trace::kManifestName).string();
+  const json m = trace::read_manifest(dir);
+  if (!m.value("complete", false)) fail(what, ": the store is not complete; no fidelity to record");
+  // Checked as every reader will check it, before anything is written.
+  trace::fidelity_from_json(json::parse(trace::fidelity_json(f).dump()),
+                            trace::layout_from_manifest(m, what), what);
+  // The manifest again in its own field order: only "fidelity" changes (it goes last).
+  std::ifstream in(dir / trace::kManifestName, std::ios::binary);
+  std::ostringstream text;
+  text << in.rdbuf();
+  ordered_json om = ordered_json::parse(text.str());
+  om.erase("fidelity");
+  om["fidelity"] = trace::fidelity_json(f);
+  trace::atomic_write_file(dir, trace::kManifestName, om.dump(2) + "\n");
 }
 
 void TraceWriter::finish(double collection_seconds_this_run) {
