@@ -43,7 +43,8 @@ namespace {
 
 struct Args {
   int64_t experts = 128;
-  DType precision = DType::kBF16;
+  DType precision = DType::kBF16;       // of the GEMM operands
+  std::string precision_name = "bf16";  // --precision, as parse_precision_option spells it
   std::string json, mix = "/tmp/moetrace_mix.txt", shapes = "1x128,32x256,128x256,mix";
   double budget = 3.0;
   int parity = 0;
@@ -63,10 +64,10 @@ Args parse(int argc, char** argv) {
       a.store = val();
     else if (k == "--experts")
       a.experts = std::stoll(val());
-    else if (k == "--precision")
-      a.precision =
-          parse_dtype_option("--precision", val(), {DType::kBF16, DType::kF16, DType::kF32});
-    else if (k == "--json")
+    else if (k == "--precision") {
+      a.precision_name = parse_precision_option("--precision", val());
+      a.precision = cuda_options_for_precision(a.precision_name).precision;
+    } else if (k == "--json")
       a.json = val();
     else if (k == "--mix")
       a.mix = val();
@@ -399,12 +400,12 @@ int main_impl(int argc, char** argv) {
   j["date"] = bench::today_utc();
   j["gpu"] = std::string(cuda::device_name());
   j["cpu"] = bench::cpu_model();
-  j["precision"] = std::string(dtype_name(a.precision));
+  j["precision"] =
+      a.precision_name == "mixed" ? a.precision_name : std::string(dtype_name(a.precision));
   j["experts"] = a.experts;
   const SwitchConfig c = switch_base_config(a.experts);
   std::printf("bench_gpu: switch-base-%lld shape, %s, %s\n", static_cast<long long>(a.experts),
-              std::string(dtype_name(a.precision)).c_str(),
-              std::string(cuda::device_name()).c_str());
+              a.precision_name.c_str(), std::string(cuda::device_name()).c_str());
 
   const double peak = a.ncu ? 0.0 : measure_peak_tflops();
   j["peak_bf16_tflops_measured"] = peak;
@@ -414,7 +415,8 @@ int main_impl(int argc, char** argv) {
       c, RandomWeightOptions{42, a.precision == DType::kF32 ? DType::kF32 : DType::kBF16, true});
   const double gen_s = bench::now_s() - t0;
   const size_t used0 = gpu_used_bytes();
-  auto m = CudaSwitchModel::from_source(c, src, LoadOptions{true}, CudaOptions{a.precision});
+  auto m = CudaSwitchModel::from_source(c, src, LoadOptions{true},
+                                        cuda_options_for_precision(a.precision_name));
   std::printf(
       "random weights %.1f s, upload %.1f s, weights+buffers %.2f GiB; matrix ceiling %.0f "
       "TFLOP/s\n",

@@ -401,8 +401,9 @@ CollectResult run_collect(const CollectOptions& o) {
     fail("--real-ratio ", o.real_ratio, ": expected a value in [0, 1]");
   if (o.traces <= 0) fail("--traces ", o.traces, ": expected a positive number");
   if (o.max_length < 2) fail("--max-length ", o.max_length, ": expected at least 2");
-  if (o.precision != "bf16" && o.precision != "fp16" && o.precision != "fp32") {
-    fail("--precision '", o.precision, "': expected bf16, fp16 or fp32");
+  if (o.precision != "bf16" && o.precision != "fp16" && o.precision != "fp32" &&
+      o.precision != "mixed") {
+    fail("--precision '", o.precision, "': expected bf16, fp16, fp32 or mixed");
   }
   // The device first: `--device cuda` without a GPU fails before any slow work or any file.
   const LaunchInfo& launch = o.launch;
@@ -555,6 +556,8 @@ CollectResult run_collect(const CollectOptions& o) {
   if (on_gpu) {
     ss.engine["precision"] = o.precision;
   } else {
+    if (o.precision == "mixed")
+      log_info("--precision mixed: the CPU engine computes everything in fp32, so mixed is fp32");
     ss.engine["precision"] = "fp32";
     ss.engine["threads"] = threads;
     ss.engine["blas"] = cpu::blas_config();
@@ -604,11 +607,8 @@ CollectResult run_collect(const CollectOptions& o) {
 #ifdef MOETRACE_WITH_CUDA
   std::unique_ptr<CudaSwitchModel> gpu;
   if (on_gpu) {
-    CudaOptions co;
+    CudaOptions co = cuda_options_for_precision(o.precision);
     co.device = dev.index;  // --device cuda:N, else the local rank's GPU
-    co.precision = o.precision == "fp32"   ? DType::kF32
-                   : o.precision == "fp16" ? DType::kF16
-                                           : DType::kBF16;
     gpu = CudaSwitchModel::from_source(cfg, mc.weights, lo, co);
     model_memory = human_bytes(gpu->device_bytes()) + " of GPU memory";
   } else {

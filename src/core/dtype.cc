@@ -96,6 +96,17 @@ DType parse_dtype_option(std::string_view option, std::string_view value,
   fail(option, " '", value, "': expected ", expected, " (also ", aliases, ")");
 }
 
+std::string parse_precision_option(std::string_view option, std::string_view value) {
+  if (lower(value) == "mixed") return "mixed";
+  DType t;
+  try {
+    t = parse_dtype_option(option, value, {DType::kBF16, DType::kF16, DType::kF32});
+  } catch (const Error& e) {
+    fail(e.what(), ", or mixed (bf16 GEMM operands, fp32 routing)");
+  }
+  return t == DType::kF32 ? "fp32" : t == DType::kF16 ? "fp16" : "bf16";
+}
+
 float f16_to_f32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   uint32_t exp = (h >> 10) & 0x1fu;

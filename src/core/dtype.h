@@ -31,6 +31,12 @@ DType parse_dtype_option(std::string_view option, std::string_view value,
                          std::initializer_list<DType> allowed,
                          std::initializer_list<std::string_view> others = {});
 
+// The --precision vocabulary of the engines (collect, bench_gpu): the GEMM operand dtypes bf16, f16
+// and f32 in parse_dtype_name's spellings, or "mixed": bf16 GEMM operands with everything that
+// decides and scales the routing in float32 (docs/GPU.md, "Precision"). Returns the spelling the
+// manifest records: "bf16", "fp16", "fp32" or "mixed". Error naming `option` otherwise.
+std::string parse_precision_option(std::string_view option, std::string_view value);
+
 inline float bf16_to_f32(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
   float f;

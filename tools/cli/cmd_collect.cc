@@ -84,7 +84,9 @@ const RegisterCommand reg([](CLI::App& app) {
                       std::to_string(kDefaultBatchTokensCpu) + " on cpu, " +
                       std::to_string(kDefaultBatchTokensCuda) + " on cuda)")
       ->group(ge);
-  sub->add_option("--precision", o.precision, "cuda: bf16 | fp16 | fp32 (router always fp32)")
+  sub->add_option("--precision", o.precision,
+                  "cuda: bf16 | fp16 | fp32 | mixed (router logits always fp32; mixed: bf16 "
+                  "GEMMs, routing decided in fp32; docs/GPU.md); the cpu computes in fp32")
       ->capture_default_str()
       ->group(ge);
   auto* gs = "What to store";
@@ -127,9 +129,7 @@ const RegisterCommand reg([](CLI::App& app) {
       opts.hidden_dtype =
           parse_dtype_option("--hidden", a->hidden, {DType::kBF16, DType::kF32}, {"none"});
     }
-    const DType precision =
-        parse_dtype_option("--precision", opts.precision, {DType::kBF16, DType::kF16, DType::kF32});
-    opts.precision = precision == DType::kF32 ? "fp32" : precision == DType::kF16 ? "fp16" : "bf16";
+    opts.precision = parse_precision_option("--precision", opts.precision);
     for (const auto& r : a->data_roots) opts.data_roots.emplace_back(r);
     opts.catalog = a->catalog;
     opts.tokenizer = a->tokenizer;

@@ -53,7 +53,8 @@ __global__ void __launch_bounds__(kRouteThreads)
       }
     }
     sum = warp_sum(sum);
-    // argmax of the probabilities as the activation dtype holds them; lowest index wins ties.
+    // argmax of the probabilities as T holds them (the activation dtype as in transformers, or
+    // float32 for a decision in float32); lowest index wins ties.
     float best = -1.f;
     int best_e = E;
 #pragma unroll
@@ -354,14 +355,14 @@ __global__ void __launch_bounds__(256)
 
 }  // namespace
 
-void moe_route(const float* logits, int64_t B, int64_t S, int64_t E, int64_t capacity, DType act,
-               int32_t* expert, uint8_t* dropped, float* gate, int32_t* counts,
+void moe_route(const float* logits, int64_t B, int64_t S, int64_t E, int64_t capacity,
+               DType probs_dt, int32_t* expert, uint8_t* dropped, float* gate, int32_t* counts,
                uint16_t* logits_f16, cudaStream_t stream) {
   if (S > kMaxSeq) fail("moe_route: sequence length ", S, " > ", kMaxSeq);
   if (E > 32 * kMaxExpertsPerLane) fail("moe_route: ", E, " experts > ", 32 * kMaxExpertsPerLane);
   if (B == 0 || S == 0) return;
   const int cap = static_cast<int>(std::min<int64_t>(capacity, 1 << 30));
-  MT_DISPATCH_ACT(act, T,
+  MT_DISPATCH_ACT(probs_dt, T,
                   moe_route_kernel<T><<<B, kRouteThreads, 0, stream>>>(
                       logits, static_cast<int>(S), static_cast<int>(E), cap, expert, dropped, gate,
                       counts, logits_f16));

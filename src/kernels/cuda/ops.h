@@ -88,15 +88,16 @@ void greedy_pick(const float* logits, int64_t B, int64_t V, int32_t banned, int3
 // ---- Mixture of experts ------------------------------------------------------------------------
 
 // The Switch router after its logits, per sequence b (one block each), exactly as SWITCH_SPEC.md:
-//   probs = act(softmax(logits[b,s,:])) (float32 softmax, rounded to the activation dtype),
+//   probs = probs_dt(softmax(logits[b,s,:])) (float32 softmax, rounded to probs_dt: the
+//           activation dtype as transformers does, or kF32 to decide in float32),
 //   expert = argmax(probs) (lowest index on ties), gate = max(probs),
 //   rank = number of earlier positions s' < s of sequence b with the same expert (pad tokens
 //   count), dropped = rank >= capacity.
 // logits [B,S,E] float32. Writes expert [B*S] int32, dropped [B*S] uint8, gate [B*S] float32 and
 // adds the kept tokens of each expert to counts[E] (zero it first). When logits_f16 is not null the
 // logits are also written there as float16 (the capture copy). S <= 1024.
-void moe_route(const float* logits, int64_t B, int64_t S, int64_t E, int64_t capacity, DType act,
-               int32_t* expert, uint8_t* dropped, float* gate, int32_t* counts,
+void moe_route(const float* logits, int64_t B, int64_t S, int64_t E, int64_t capacity,
+               DType probs_dt, int32_t* expert, uint8_t* dropped, float* gate, int32_t* counts,
                uint16_t* logits_f16, cudaStream_t stream);
 
 // One block: offsets[e] = sum of counts[< e] (offsets[E] = kept tokens), and the tile table of the

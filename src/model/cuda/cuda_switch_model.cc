@@ -456,7 +456,8 @@ void CudaSwitchModel::Impl::feed_forward(const DevBlock& b, Acts& a, int64_t B, 
   blas->gemm_nt(
       GemmArgs{T, E, d, a.hr.get(), d, b.router.get(), d, r.logits, E, DType::kF32, DType::kF32});
   MT_CUDA_CHECK(cudaMemsetAsync(a.counts.get(), 0, static_cast<size_t>(E) * 4, s));
-  cuda::moe_route(r.logits, B, S, E, capacity, act, r.expert, r.dropped, r.gate,
+  const DType probs_dt = opt.fp32.routing ? DType::kF32 : act;  // what the argmax and gate see
+  cuda::moe_route(r.logits, B, S, E, capacity, probs_dt, r.expert, r.dropped, r.gate,
                   a.counts.as<int32_t>(), r.logits_f16, s);
   // Experts: permute by expert on the device, grouped GEMMs, gate + un-permute fused into x.
   const int tile_m = cuda::grouped_tile_m(act);
@@ -862,6 +863,23 @@ std::unique_ptr<CudaSwitchModel> CudaSwitchModel::from_source(SwitchConfig confi
   MT_CUDA_CHECK(cudaDeviceSynchronize());
   m.load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return std::unique_ptr<CudaSwitchModel>(new CudaSwitchModel(std::move(impl)));
+}
+
+CudaOptions cuda_options_for_precision(std::string_view precision) {
+  CudaOptions o;
+  if (precision == "fp32") {
+    o.precision = DType::kF32;
+  } else if (precision == "fp16") {
+    o.precision = DType::kF16;
+  } else if (precision == "bf16") {
+    o.precision = DType::kBF16;
+  } else if (precision == "mixed") {
+    o.precision = DType::kBF16;
+    o.fp32.routing = true;
+  } else {
+    fail("precision '", precision, "': expected bf16, fp16, fp32 or mixed");
+  }
+  return o;
 }
 
 const SwitchConfig& CudaSwitchModel::config() const { return impl_->c; }

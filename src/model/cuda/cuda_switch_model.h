@@ -4,8 +4,9 @@
 // Precision: weights and GEMM operands in bf16 (default), fp16 or fp32, always with fp32
 // accumulation. The residual stream, RMS norms, softmaxes and the whole router stay float32 in
 // every mode (the router's logits come from the float32 norm output, never TF32); fp32 mode is the
-// parity mode. Per-sequence expert capacity, top-1 ties and dropped tokens follow SWITCH_SPEC.md
-// exactly.
+// parity mode. As transformers does, the argmax and the gate see the probabilities rounded to the
+// activation dtype unless CudaOptions::fp32.routing (precision "mixed") keeps them float32.
+// Per-sequence expert capacity, top-1 ties and dropped tokens follow SWITCH_SPEC.md exactly.
 //
 // Two ways to run the encoder:
 //  * encode(batch, observer): synchronous, the same keys and shapes as SwitchModel::encode
@@ -57,6 +58,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -68,10 +70,23 @@
 
 namespace moetrace {
 
+// What stays float32 although the GEMM operands are bf16/f16 (in fp32 mode everything is). One
+// member per choice, so that a measurement can add the next one (docs/GPU.md, "Precision").
+struct Fp32Parts {
+  // The routing decision and its scale: top-1 (lowest index on ties) and gate from the float32
+  // probabilities, not from the probabilities rounded to the activation dtype.
+  bool routing = false;
+};
+
 struct CudaOptions {
   DType precision = DType::kBF16;  // kBF16, kF16 or kF32 (parity mode)
   int device = 0;
+  Fp32Parts fp32;  // all false: transformers' semantics in every precision
 };
+
+// The CudaOptions of a --precision spelling (parse_precision_option): "bf16", "fp16", "fp32", or
+// "mixed" = kBF16 with every Fp32Parts choice on. Error for anything else.
+CudaOptions cuda_options_for_precision(std::string_view precision);
 
 // What the pipeline copies to the host for every sparse encoder block i.
 struct CaptureSpec {

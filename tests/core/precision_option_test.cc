@@ -1,0 +1,38 @@
+// The --precision vocabulary (core/dtype.h parse_precision_option): the three GEMM dtypes in every
+// spelling, plus "mixed".
+#include <gtest/gtest.h>
+
+#include "core/dtype.h"
+#include "core/error.h"
+
+namespace moetrace {
+namespace {
+
+TEST(PrecisionOption, DtypeSpellingsAndMixed) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"bf16", "bf16"}, {"bfloat16", "bf16"}, {"BF16", "bf16"},   {"f16", "fp16"},
+      {"half", "fp16"}, {"fp16", "fp16"},     {"f32", "fp32"},    {"float32", "fp32"},
+      {"fp32", "fp32"}, {"mixed", "mixed"},   {"MIXED", "mixed"}, {"Mixed", "mixed"},
+  };
+  for (const auto& [value, want] : cases)
+    EXPECT_EQ(parse_precision_option("--precision", value), want) << value;
+}
+
+TEST(PrecisionOption, OtherWordsAreOneLineNamingTheOptionAndMixed) {
+  for (const char* bad : {"int4", "", "mixed ", "f64", "mix"}) {
+    try {
+      parse_precision_option("--precision", bad);
+      FAIL() << bad;
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_EQ(msg.rfind(std::string("--precision '") + bad + "': expected bf16, f16 or f32", 0),
+                0u)
+          << msg;
+      EXPECT_NE(msg.find("or mixed"), std::string::npos) << msg;
+      EXPECT_EQ(msg.find('\n'), std::string::npos) << msg;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moetrace
