@@ -81,7 +81,7 @@ struct Fp32Parts {
 struct CudaOptions {
   DType precision = DType::kBF16;  // kBF16, kF16 or kF32 (parity mode)
   int device = 0;
-  Fp32Parts fp32;  // all false: transformers' semantics in every precision
+  Fp32Parts fp32{};  // all false: transformers' semantics in every precision
 };
 
 // The CudaOptions of a --precision spelling (parse_precision_option): "bf16", "fp16", "fp32", or
