@@ -20,6 +20,7 @@
 #include <set>
 #include <thread>
 
+#include "collect/audit.h"
 #include "collect/model_source.h"
 #include "collect/progress.h"
 #include "collect/synthetic.h"
@@ -401,6 +402,7 @@ CollectResult run_collect(const CollectOptions& o) {
     fail("--real-ratio ", o.real_ratio, ": expected a value in [0, 1]");
   if (o.traces <= 0) fail("--traces ", o.traces, ": expected a positive number");
   if (o.max_length < 2) fail("--max-length ", o.max_length, ": expected at least 2");
+  if (!(o.audit >= 0 && o.audit <= 1)) fail("--audit ", o.audit, ": expected a fraction in [0, 1]");
   if (o.precision != "bf16" && o.precision != "fp16" && o.precision != "fp32" &&
       o.precision != "mixed") {
     fail("--precision '", o.precision, "': expected bf16, fp16, fp32 or mixed");
@@ -991,6 +993,30 @@ CollectResult run_collect(const CollectOptions& o) {
   // summary, the manifest and `inspect` show.
   writer->finish(result.loop_seconds);
   writer.reset();
+  if (o.audit > 0) {  // --audit (collect/audit.h): the main engine goes before an fp32 one loads
+    model.reset();
+    AuditOptions ao;
+    ao.fraction = o.audit;
+    ao.min_samples = std::max<int64_t>(1, batch_tokens / o.max_length);  // one batch
+    ao.batch_tokens = batch_tokens;
+    ao.pad_token_id = static_cast<int32_t>(cfg.pad_token_id);
+    ao.precision = on_gpu ? o.precision : "fp32";
+    if (!on_gpu) ao.skip_reason = "the CPU engine computes in fp32: the stored routing is fp32's";
+    if (on_gpu && o.precision == "fp32")
+      ao.skip_reason = "--precision fp32: the stored routing is fp32's";
+#ifdef MOETRACE_WITH_CUDA
+    gpu.reset();
+    audit_store(store_dir, ao, [&]() -> AuditEncode {
+      CudaOptions co = cuda_options_for_precision("fp32");
+      co.device = dev.index;
+      std::shared_ptr<CudaSwitchModel> ref =
+          CudaSwitchModel::from_source(cfg, mc.weights, LoadOptions{true}, co);
+      return [ref](const Batch& b, Observer* obs) { ref->encode(b, obs); };
+    });
+#else
+    audit_store(store_dir, ao, [] { return AuditEncode(); });
+#endif
+  }
   const double throughput =
       TraceStore::open(store_dir).manifest().value("throughput_tokens_per_s", 0.0);
   // One line with the numbers benchmarks read (scripts/gpu_check.sh): loop = after model load.

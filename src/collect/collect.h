@@ -44,6 +44,9 @@ struct CollectOptions {
   bool decoder = false;
   int max_new_tokens = 32;
   int64_t samples_per_shard = 1024;
+  // The fidelity audit (collect/audit.h): share of the samples re-run at fp32 once the store is
+  // complete (at least one batch of them); 0 = off.
+  double audit = 0.01;
   // Run control.
   bool resume = false;
   bool overwrite = false;

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "core/error.h"
 #include "cuda_test_util.h"
 #include "model/cuda/cuda_switch_model.h"
 #include "model/cuda/hf_init_weights.h"

@@ -1,6 +1,7 @@
 // moetrace collect: batched trace collection into a resumable trace store (docs/TRACE_FORMAT.md).
 #include <optional>
 
+#include "collect/audit.h"
 #include "collect/collect.h"
 #include "command.h"
 #include "core/error.h"
@@ -12,7 +13,7 @@ namespace {
 
 struct CollectArgs {
   CollectOptions o;
-  std::string logits = "f16", hidden = "none";
+  std::string logits = "f16", hidden = "none", audit = "0.01";
   std::vector<std::string> data_roots;
   std::string catalog, tokenizer;
   bool no_progress = false;
@@ -104,6 +105,12 @@ const RegisterCommand reg([](CLI::App& app) {
   sub->add_option("--samples-per-shard", o.samples_per_shard, "samples per shard file")
       ->capture_default_str()
       ->group(gs);
+  sub->add_option("--audit", a->audit,
+                  "re-run this share of the samples (at least one batch) at fp32 once the store "
+                  "is complete and record the top-1 agreement and max |logit error| per MoE "
+                  "layer in the manifest's fidelity object; 0 = off (docs/TRACE_FORMAT.md)")
+      ->capture_default_str()
+      ->group(gs);
   auto* gp = "Data-parallel (docs/SCALING.md; detected from mpirun, srun or torchrun otherwise)";
   sub->add_option("--rank", a->rank, "this process's rank in [0, --world-size)")->group(gp);
   sub->add_option("--world-size", a->world_size,
@@ -130,6 +137,7 @@ const RegisterCommand reg([](CLI::App& app) {
           parse_dtype_option("--hidden", a->hidden, {DType::kBF16, DType::kF32}, {"none"});
     }
     opts.precision = parse_precision_option("--precision", opts.precision);
+    opts.audit = parse_audit_fraction(a->audit);
     for (const auto& r : a->data_roots) opts.data_roots.emplace_back(r);
     opts.catalog = a->catalog;
     opts.tokenizer = a->tokenizer;
