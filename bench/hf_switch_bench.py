@@ -101,7 +101,8 @@ def patch_faithful(torch, model, cfg, capture):
     E, cap = cfg.num_experts, cfg.expert_capacity
     for mlp in sparse_modules(model):
         orig = mlp.forward
-        x = torch.randn(1, 3, cfg.d_model, device="cuda", dtype=next(model.parameters()).dtype)
+        param = next(model.parameters())
+        x = torch.randn(1, 3, cfg.d_model, device=param.device, dtype=param.dtype)
         returns_tuple = isinstance(orig(x), tuple)
         wr = mlp.router.classifier.weight.float()
         experts = expert_weights(torch, mlp, E)
