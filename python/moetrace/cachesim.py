@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+POLICIES = ("lru", "lfu", "belady")
+
 
 def next_uses(requests: list[np.ndarray], prefetch: list | None, num_experts: int):
     """Backward pass: for request i, nxt[i][e] = next request index > i that needs e (for e in
