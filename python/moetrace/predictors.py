@@ -91,7 +91,7 @@ class Chunk:
     sample: np.ndarray          # [n] global sample index
     dataset: np.ndarray         # [n] index into the run's dataset names
     prev_step: np.ndarray | None  # [n, L] experts at the previous decoder step of the sample, -1 at step 0
-    hidden_fn: object = None    # j -> [n, d] float32 router input at MoE layer j, or None
+    hidden_fn: object = None    # j -> [n, d] float32 router input of the MoE layer at moe index j, or None
 
     def hidden(self, j: int):
         return None if self.hidden_fn is None else self.hidden_fn(j)
@@ -108,7 +108,7 @@ class Predictor:
     needs_hidden = False
 
     def __init__(self, num_layers: int, num_experts: int):
-        self.L, self.e = num_layers, num_experts
+        self.L, self.e = num_layers, num_experts  # L: the stack's MoE layers (moe indices 0 .. L-1)
 
     def targets(self) -> list[int]:
         return list(range(self.lookahead, self.L))
@@ -146,7 +146,8 @@ class Frequency(Predictor):
 
 
 class Transition(Predictor):
-    """P(expert at layer t | expert at layer t - d), falling back to frequency for unseen rows."""
+    """P(expert at MoE layer t | expert at MoE layer t - d) (t, d in moe indices: d MoE layers back),
+    falling back to frequency for unseen rows."""
     name = "transition"
 
     def __init__(self, L, E, d):
@@ -239,7 +240,8 @@ class Temporal(Predictor):
 
 
 class Pregate(Predictor):
-    """The router of layer t applied to the router input (hidden state) of layer t - d."""
+    """The router of MoE layer t applied to the router input (hidden state) of MoE layer t - d (moe
+    indices)."""
     needs_hidden = True
     name = "pregate"
 

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cachesim import POLICIES, TimeModel, next_uses, simulate_cache  # re-exported
+from .accumulate import SparseCounts  # re-exported
+from .cachesim import POLICIES, TimeModel, layer_requests, next_uses, replay, simulate_cache  # re-exported
 from .evaluation import KS, Z95, RecallCell, Split, hash_unit, summarize, topk_experts, true_ranks
 from .keys import DECODER, ENCODER, EXPERT, HIDDEN, layer_tensor, layers
 from .predictors import (ALL_PREDICTORS, DENSE_LIMIT, Chunk, CountTable, Frequency, History,
@@ -49,11 +50,11 @@ CHUNK_ROWS = 1 << 16
 __all__ = [  # this module's own names and those it re-exported before the split
     "SPECULATION_VERSION", "CHUNK_ROWS", "StackSpec", "stack_chunks", "load_routers", "extract_routers", "Options",
     "build_predictors", "stack_has_hidden", "run_stack", "expert_bytes", "simulate_stack", "speculate_store",
-    "POLICIES", "TimeModel", "next_uses", "simulate_cache", "KS", "Z95", "RecallCell", "Split", "hash_unit",
+    "POLICIES", "TimeModel", "layer_requests", "next_uses", "replay", "simulate_cache", "KS", "Z95", "RecallCell", "Split", "hash_unit",
     "summarize", "topk_experts", "true_ranks", "ALL_PREDICTORS", "DENSE_LIMIT", "Chunk", "CountTable",
     "Frequency", "History", "Learned", "Predictor", "Pregate", "Temporal", "TokenId", "Transition", "backoff",
     "predictor_key", "model_dir_of", "make_plots", "render_html", "render_markdown", "write_outputs",
-    "build_parser", "main", "options_from_args", "parse_bytes"]
+    "build_parser", "main", "options_from_args", "parse_bytes", "rows_f32", "SparseCounts"]
 
 # --------------------------------------------------------------------------------------------------
 # Reading a store
@@ -339,37 +340,11 @@ def simulate_stack(spec, opt: Options, store, routing, pred_top, freq, sim_pred)
                    {max(1, min(E, int(b // (L * ebytes)))) for b in opt.cache_bytes})
     if not sizes:
         sizes = sorted({max(1, E // 8), max(1, E // 4), max(1, E // 2), max(1, 3 * E // 4)})
-    reqs = [[sorted(set(ex[g, t].tolist())) for g in groups] for t in range(L)]
-    pre = None
-    if top is not None:
-        pre = []
-        for t in range(L):
-            lst = []
-            for g in groups:  # the predicted experts of the request's tokens, most often predicted first
-                v, c = np.unique(top[g, t], return_counts=True)
-                lst.append(v[np.argsort(-c, kind="stable")].tolist())
-            pre.append(lst)
+    reqs, pre = layer_requests(ex, groups, top)
     tokens = int(ex.shape[0])
     all_gpu_ms = tm.layer_ms * len(groups) * L
     no_cache_ms = sum(tm.request_ms([len(r) for r in reqs[t]], np.zeros(len(groups))) for t in range(L))
-    runs = []
-    for size in sizes:
-        for policy in opt.policies:
-            for prefetch in ([False, True] if pre is not None else [False]):
-                acc = hit = dem = pf = 0
-                ms = 0.0
-                for t in range(L):
-                    p_t = [x[:size] for x in pre[t]] if prefetch else None
-                    r = simulate_cache(reqs[t], size, policy, E, p_t)
-                    acc += r["accesses"]
-                    hit += r["hits"]
-                    dem += r["demand_loads"]
-                    pf += r["prefetch_loads"]
-                    ms += tm.request_ms(r["demand_per_request"], r["prefetch_per_request"])
-                runs.append({"cache_experts_per_layer": size, "cache_bytes": size * L * ebytes, "policy": policy,
-                             "prefetch": prefetch, "accesses": acc, "hits": hit, "hit_rate": hit / acc if acc else 0.0,
-                             "experts_transferred": dem + pf, "demand_loads": dem, "prefetch_loads": pf,
-                             "bytes_transferred": (dem + pf) * ebytes, "ms_per_token": ms / tokens})
+    runs = replay(reqs, pre, sizes, opt.policies, E, tm, tokens)
     return {"mode": "decode" if per_token else "prefill", "requests_per_layer": len(groups), "tokens": tokens,
             "truncated": truncated,
             "expert_bytes": ebytes, "bandwidth_gbs": tm.bandwidth_gbs, "layer_ms": tm.layer_ms,

@@ -455,6 +455,7 @@ class TraceStore:
                              f"has assembled it")
         try:
             layers = self.manifest.get("layers", {})
+            # the MoE layers of each stack, as the block indices that hold them (moetrace.keys)
             self.encoder_layers: list[int] = [int(i) for i in layers.get("encoder", [])]
             self.decoder_layers: list[int] = [int(i) for i in layers.get("decoder", [])]
             self.num_experts: int = int(self.manifest["num_experts"])
