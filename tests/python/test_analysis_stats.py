@@ -125,3 +125,11 @@ def test_token_expert_stats_consistency():
     assert s["unique_tokens"] == 2
     assert s["consistency"] == pytest.approx((10 + 5) / 20)
     assert 0.0 < s["explained_fraction"] < 1.0
+
+
+def test_log_softmax_is_the_log_of_softmax_without_underflow():
+    x = np.array([[0.0, 1.0, 2.0], [1e3, 0.0, -1e3]], np.float32)
+    ls = stats.log_softmax(x)
+    np.testing.assert_allclose(ls[0], np.log(stats.softmax(x)[0]), rtol=1e-6)
+    assert np.isfinite(ls).all() and ls[1, 2] == pytest.approx(-2e3)  # log(softmax) would be -inf
+    assert stats.log_softmax(np.zeros((0, 3), np.float32)).shape == (0, 3)
