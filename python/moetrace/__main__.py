@@ -50,7 +50,8 @@ def compute_summary(store: TraceStore) -> dict:
             acc["dropped"] += int(np.count_nonzero(shard.tensor(keys.layer_tensor(name, keys.DROPPED))))
             acc["tokens"] += int(expert.shape[0])
     n_enc = len(store.encoder_layers)
-    dist = sum((layers[name]["expert_counts"] for name in keys.layers(keys.ENCODER, store.encoder_layers)), np.zeros(e, np.int64))
+    enc_names = keys.layers(keys.ENCODER, store.encoder_layers)
+    dist = sum((layers[name]["expert_counts"] for name in enc_names), np.zeros(e, np.int64))
     used = int(np.count_nonzero(dist))
     return {
         "num_samples": samples, "real_samples": real, "synthetic_samples": samples - real,
@@ -95,7 +96,8 @@ def _stored_dtypes(store: TraceStore) -> tuple[str, str]:
         if shard.num_samples and store.layers:
             first = store.layers[0]
             logits = shard.info(keys.layer_tensor(first, keys.ROUTER_LOGITS))[0]
-            hidden = shard.info(keys.layer_tensor(first, keys.HIDDEN))[0] if shard.has(keys.layer_tensor(first, keys.HIDDEN)) else "none"
+            k_hidden = keys.layer_tensor(first, keys.HIDDEN)
+            hidden = shard.info(k_hidden)[0] if shard.has(k_hidden) else "none"
             break
     return logits, hidden
 

@@ -157,3 +157,7 @@ def analyze_store(store, *, seed: int = 0, examples: int = 5, example_tokens: in
 # (re-exported last: the command line imports this module when it runs).
 from .analysis_report import TRANSITION_MIN_ROW, make_plots, render_html, write_report  # noqa: E402
 from .cli.analyze import build_parser, main  # noqa: E402
+
+if __name__ == "__main__":  # python -m moetrace.analysis, as before the split
+    import sys
+    sys.exit(main())

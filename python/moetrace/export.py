@@ -37,7 +37,7 @@ def _store(store) -> TraceStore:
 def _layers(store: TraceStore, layers: Iterable | None) -> list[str]:
     if layers is None:
         return list(store.layers)
-    out = [keys.layer(keys.ENCODER, int(x)) if isinstance(x, (int, np.integer)) or str(x).isdigit() else str(x)
+    out = [keys.layer(keys.ENCODER, int(x)) if isinstance(x, (int, np.integer)) or str(x).isdecimal() else str(x)
            for x in layers]
     for name in out:
         if name not in store.layers:
@@ -67,7 +67,9 @@ def to_pandas(store, layers: Iterable | None = None, real_only: bool = False, lo
         for name in names:
             dec = keys.stack_of(name) == keys.DECODER
             off = shard.dec_sample_offsets if dec else shard.sample_offsets
-            if off is None or not shard.has(keys.layer_tensor(name, keys.EXPERT)):
+            k_expert, k_gate, k_dropped, k_logits = (keys.layer_tensor(name, f) for f in (
+                keys.EXPERT, keys.GATE, keys.DROPPED, keys.ROUTER_LOGITS))
+            if off is None or not shard.has(k_expert):
                 continue
             lengths = np.diff(off)
             keep_sample = np.ones(shard.num_samples, bool) if not real_only else kinds == 0
@@ -82,14 +84,14 @@ def to_pandas(store, layers: Iterable | None = None, real_only: bool = False, lo
                 "position": pos.astype(np.int32),
                 "token_id": np.asarray(shard.tensor("dec.input_ids" if dec else "token_ids"))[keep].astype(np.int32),
                 "layer": np.full(local.size, name, object),
-                "expert": np.asarray(shard.tensor(keys.layer_tensor(name, keys.EXPERT)))[keep].astype(np.int16),
-                "gate": np.asarray(shard.tensor(keys.layer_tensor(name, keys.GATE), float32=True))[keep].astype(np.float32)
-                if shard.has(keys.layer_tensor(name, keys.GATE)) else np.full(local.size, np.nan, np.float32),
-                "dropped": np.asarray(shard.tensor(keys.layer_tensor(name, keys.DROPPED)))[keep].astype(bool)
-                if shard.has(keys.layer_tensor(name, keys.DROPPED)) else np.zeros(local.size, bool),
+                "expert": np.asarray(shard.tensor(k_expert))[keep].astype(np.int16),
+                "gate": np.asarray(shard.tensor(k_gate, float32=True))[keep].astype(np.float32)
+                if shard.has(k_gate) else np.full(local.size, np.nan, np.float32),
+                "dropped": np.asarray(shard.tensor(k_dropped))[keep].astype(bool)
+                if shard.has(k_dropped) else np.zeros(local.size, bool),
             }
             if logits:
-                lg = np.asarray(shard.tensor(keys.layer_tensor(name, keys.ROUTER_LOGITS), float32=True))[keep].astype(np.float32)
+                lg = np.asarray(shard.tensor(k_logits, float32=True))[keep].astype(np.float32)
                 cols["router_logits"] = list(lg)
             frames.append(pd.DataFrame(cols))
     if not frames:
@@ -109,7 +111,8 @@ def parquet_schema(store: TraceStore, layers: list[str], logits: bool):
     if any(keys.stack_of(n) == keys.DECODER for n in layers):
         fields += [pa.field("dec_input_ids", pa.list_(pa.int32())), pa.field("dec_output_ids", pa.list_(pa.int32()))]
     for n in layers:
-        fields += [pa.field(keys.layer_tensor(n, keys.EXPERT), pa.list_(pa.int32())), pa.field(keys.layer_tensor(n, keys.GATE), pa.list_(pa.float32())),
+        fields += [pa.field(keys.layer_tensor(n, keys.EXPERT), pa.list_(pa.int32())),
+                   pa.field(keys.layer_tensor(n, keys.GATE), pa.list_(pa.float32())),
                    pa.field(keys.layer_tensor(n, keys.DROPPED), pa.list_(pa.bool_()))]
         if logits:
             fields.append(pa.field(keys.layer_tensor(n, keys.ROUTER_LOGITS),
@@ -158,14 +161,16 @@ def _shard_table(store, shard, layers, logits, schema, real_only):
             cols[key] = _list_array(np.asarray(shard.tensor(tensor))[dec_idx].astype(np.int32), dec_off, pa.int32())
     for n in layers:
         idx, o = (dec_idx, dec_off) if keys.stack_of(n) == keys.DECODER else (enc_idx, enc_off)
-        cols[keys.layer_tensor(n, keys.EXPERT)] = _list_array(np.asarray(shard.tensor(keys.layer_tensor(n, keys.EXPERT)))[idx].astype(np.int32), o, pa.int32())
-        gate = np.asarray(shard.tensor(keys.layer_tensor(n, keys.GATE), float32=True))[idx].astype(np.float32)
-        cols[keys.layer_tensor(n, keys.GATE)] = _list_array(gate, o, pa.float32())
-        cols[keys.layer_tensor(n, keys.DROPPED)] = _list_array(np.asarray(shard.tensor(keys.layer_tensor(n, keys.DROPPED)))[idx].astype(bool), o, pa.bool_())
+        k_expert, k_gate, k_dropped, k_logits = (keys.layer_tensor(n, f) for f in (
+            keys.EXPERT, keys.GATE, keys.DROPPED, keys.ROUTER_LOGITS))  # also the Parquet column names
+        cols[k_expert] = _list_array(np.asarray(shard.tensor(k_expert))[idx].astype(np.int32), o, pa.int32())
+        gate = np.asarray(shard.tensor(k_gate, float32=True))[idx].astype(np.float32)
+        cols[k_gate] = _list_array(gate, o, pa.float32())
+        cols[k_dropped] = _list_array(np.asarray(shard.tensor(k_dropped))[idx].astype(bool), o, pa.bool_())
         if logits:
-            lg = np.asarray(shard.tensor(keys.layer_tensor(n, keys.ROUTER_LOGITS), float32=True))[idx].astype(np.float32)
+            lg = np.asarray(shard.tensor(k_logits, float32=True))[idx].astype(np.float32)
             inner = pa.FixedSizeListArray.from_arrays(pa.array(lg.ravel(), pa.float32()), store.num_experts)
-            cols[keys.layer_tensor(n, keys.ROUTER_LOGITS)] = pa.ListArray.from_arrays(pa.array(o.astype(np.int32)), inner)
+            cols[k_logits] = pa.ListArray.from_arrays(pa.array(o.astype(np.int32)), inner)
     return pa.table([cols[f.name] for f in schema], schema=schema)
 
 

@@ -427,3 +427,7 @@ def speculate_store(store, opt: Options, progress=None) -> dict:
 # cli/speculate.py; both import this module, so they are re-exported last.
 from .speculate_report import make_plots, render_html, render_markdown, write_outputs  # noqa: E402
 from .cli.speculate import build_parser, main, options_from_args, parse_bytes  # noqa: E402
+
+if __name__ == "__main__":  # python -m moetrace.speculate, as before the split
+    import sys
+    sys.exit(main())

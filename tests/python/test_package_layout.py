@@ -142,3 +142,11 @@ def test_the_pattern_catches_what_it_should():
         assert HAND_BUILT_KEY.search(bad), bad
     for ok in ('"dec.input_ids"', 'keys.layer_tensor(n, keys.EXPERT)', 'f"{name}: not found"'):
         assert not HAND_BUILT_KEY.search(ok), ok
+
+
+@pytest.mark.parametrize("module", ["moetrace.analysis", "moetrace.speculate", "moetrace.cli.analyze",
+                                    "moetrace.cli.speculate"])
+def test_modules_still_run_as_scripts(module):
+    r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=PYTHON_DIR))
+    assert r.returncode == 0 and r.stdout.startswith("usage: moetrace "), r.stderr

@@ -76,3 +76,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({stats['tokens_per_s'] or 0:.0f} tokens/s); wrote {args.output}/stats.json"
               + ("" if args.no_plots else f" and {args.output}/report.html"), file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -143,3 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"speculate: done in {res['elapsed_s']:.2f} s; wrote {args.output}/speculation.json, "
               f"{args.output}/speculation.html and {args.output}/speculation.md", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

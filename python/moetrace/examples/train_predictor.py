@@ -39,8 +39,9 @@ def load_split(store, target: str, split, max_tokens: int):
         off = shard.sample_offsets if stack == keys.ENCODER else shard.dec_sample_offsets
         rows_role = np.repeat(role, np.diff(off))
         feats = []
-        if shard.has(keys.layer_tensor(prev, keys.HIDDEN)):
-            feats.append(rows_f32(shard.tensor(keys.layer_tensor(prev, keys.HIDDEN)), 0, int(off[-1])))
+        k_hidden = keys.layer_tensor(prev, keys.HIDDEN)
+        if shard.has(k_hidden):
+            feats.append(rows_f32(shard.tensor(k_hidden), 0, int(off[-1])))
         for name in (prev, prev2):
             oh = np.zeros((int(off[-1]), e), np.float32)
             if name is not None:
