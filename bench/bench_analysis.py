@@ -123,7 +123,8 @@ def compare_libraries(store, stats: dict) -> list[dict]:
         return ms.usage_stats(c)["kurtosis"]
 
     cases = [("entropy (bits)", "scipy.stats", vecs, ms.entropy_bits, lambda c: float(ss.entropy(c, base=2))),
-             ("skewness (whole usage_stats)", "scipy.stats", vecs, skew_ours, lambda c: float(ss.skew(c, bias=True))),
+             ("skewness (whole usage_stats)", "scipy.stats", vecs, skew_ours,
+              lambda c: float(ss.skew(c, bias=True))),
              ("kurtosis (whole usage_stats)", "scipy.stats", vecs, kurt_ours,
               lambda c: float(ss.kurtosis(c, fisher=True, bias=True))),
              ("Jensen-Shannon divergence", "scipy.spatial.distance", pairs, lambda ab: ms.jsd_bits(*ab),
@@ -150,8 +151,10 @@ def compare_libraries(store, stats: dict) -> list[dict]:
     theirs = {k: float(top_k_accuracy_score(y, scores, k=k, labels=np.arange(e))) for k in ours}
     tb = time.process_time() - t
     out.append({"job": f"recall@k, k in {list(ours)}, {n} tokens with tied scores", "library": "sklearn.metrics",
-                "calls": len(ours), "ours_cpu_s": ta, "library_cpu_s": tb, "library_import_cpu_s": _import_cpu("sklearn.metrics"),
-                "same_bits": sum(ours[k] == theirs[k] for k in ours), "max_abs_diff": max(abs(ours[k] - theirs[k]) for k in ours)})
+                "calls": len(ours), "ours_cpu_s": ta, "library_cpu_s": tb,
+                "library_import_cpu_s": _import_cpu("sklearn.metrics"),
+                "same_bits": sum(ours[k] == theirs[k] for k in ours),
+                "max_abs_diff": max(abs(ours[k] - theirs[k]) for k in ours)})
     out.append(_compare_logistic(store, LogisticRegression))
     print(f"\n{'job':<44} {'library':<24} {'ours cpu s':>10} {'lib cpu s':>10} {'lib import':>10} {'same bits':>10}")
     for r in out:

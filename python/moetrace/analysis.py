@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 
-from .keys import DECODER, ENCODER, EXPERT, layer_tensor, layers
 from .accumulate import (CHUNK_ROWS, GATE_BINS, MARGIN_BINS, LayerAcc, SparseCounts,  # re-exported
                          StackAnalysis, TokenCounts, grouped_hist)
+from .keys import DECODER, ENCODER, EXPERT, layer_tensor, layers
 from .stats import (NOISE_DRAWS, TOPK, entropy_bits, gini, hist_summary, joint_stats,  # re-exported
                     jsd_bits, jsd_noise_floor, logit_features, order_for_heatmap, table_topk_accuracy,
                     token_expert_stats, transition_probs, usage_stats)

@@ -50,11 +50,12 @@ CHUNK_ROWS = 1 << 16
 __all__ = [  # this module's own names and those it re-exported before the split
     "SPECULATION_VERSION", "CHUNK_ROWS", "StackSpec", "stack_chunks", "load_routers", "extract_routers", "Options",
     "build_predictors", "stack_has_hidden", "run_stack", "expert_bytes", "simulate_stack", "speculate_store",
-    "POLICIES", "TimeModel", "layer_requests", "next_uses", "replay", "simulate_cache", "KS", "Z95", "RecallCell", "Split", "hash_unit",
-    "summarize", "topk_experts", "true_ranks", "ALL_PREDICTORS", "DENSE_LIMIT", "Chunk", "CountTable",
-    "Frequency", "History", "Learned", "Predictor", "Pregate", "Temporal", "TokenId", "Transition", "backoff",
-    "predictor_key", "model_dir_of", "make_plots", "render_html", "render_markdown", "write_outputs",
-    "build_parser", "main", "options_from_args", "parse_bytes", "rows_f32", "SparseCounts"]
+    "POLICIES", "TimeModel", "layer_requests", "next_uses", "replay", "simulate_cache", "KS", "Z95",
+    "RecallCell", "Split", "hash_unit", "summarize", "topk_experts", "true_ranks", "ALL_PREDICTORS",
+    "DENSE_LIMIT", "Chunk", "CountTable", "Frequency", "History", "Learned", "Predictor", "Pregate", "Temporal",
+    "TokenId", "Transition", "backoff", "predictor_key", "model_dir_of", "make_plots", "render_html",
+    "render_markdown", "write_outputs", "build_parser", "main", "options_from_args", "parse_bytes", "rows_f32",
+    "SparseCounts"]
 
 # --------------------------------------------------------------------------------------------------
 # Reading a store
