@@ -7,17 +7,6 @@
 
 namespace moetrace::cuda::ref {
 
-float round_to(float v, DType t) {
-  switch (t) {
-    case DType::kBF16:
-      return bf16_to_f32(f32_to_bf16(v));
-    case DType::kF16:
-      return f16_to_f32(f32_to_f16(v));
-    default:
-      return v;
-  }
-}
-
 void embed(const std::vector<int32_t>& ids, const std::vector<float>& table, int64_t d,
            std::vector<float>& x) {
   x.assign(ids.size() * static_cast<size_t>(d), 0.f);

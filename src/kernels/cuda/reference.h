@@ -10,9 +10,6 @@
 
 namespace moetrace::cuda::ref {
 
-// Rounds v to dtype t (F32: unchanged) and back.
-float round_to(float v, DType t);
-
 void embed(const std::vector<int32_t>& ids, const std::vector<float>& table, int64_t d,
            std::vector<float>& x);
 void rmsnorm(const std::vector<float>& x, const std::vector<float>& w, int64_t rows, int64_t d,
