@@ -5,8 +5,8 @@
 // op rounds the same values with round_to() (core/dtype.h) and keeps them in float32, so a GPU op
 // and its twin see the same rounded numbers; act = kF32 rounds nothing (the CPU engine's math).
 // The residual stream, norms' sums, softmax sums and the router are float32 in every mode.
-// tests/kernels_cpu compares each op with a plain loop on odd sizes; tests/backend compares the
-// GPU ops with these.
+// tests/backend checks each op against a plain loop on odd sizes and, with a GPU, the GPU ops
+// against these (one table of cases for both).
 #pragma once
 
 #include <cstdint>
