@@ -10,7 +10,6 @@
 
 #include "core/dtype.h"
 #include "kernels/cuda/common.h"
-#include "kernels/cuda/reference.h"
 
 namespace moetrace::cuda::test {
 
