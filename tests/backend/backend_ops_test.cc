@@ -100,16 +100,18 @@ class OpCase {
   std::string name_;
 };
 
+// Flags and ids as int32, for Outputs::exact.
+template <class T>
+std::vector<int32_t> as_i32(const std::vector<T>& v) {
+  return std::vector<int32_t>(v.begin(), v.end());
+}
+
 #ifdef MOETRACE_BACKEND_CUDA
 using cuda::DeviceBuffer;
 using cuda::test::from_device;
 using cuda::test::from_device_raw;
 using cuda::test::to_device;
 using cuda::test::to_device_raw;
-template <class T>
-std::vector<int32_t> as_i32(const std::vector<T>& v) {
-  return std::vector<int32_t>(v.begin(), v.end());
-}
 #endif
 
 // ---- embed --------------------------------------------------------------------------------------
@@ -199,8 +201,7 @@ class RmsNormCase : public OpCase {
 
 // ---- attention ----------------------------------------------------------------------------------
 
-// The plain attention of one (b, h) query row over keys 0..n_keys-1: softmax in double of
-// score(j) (bias and masks already in), then Σ p_j · v(j)[c]. Masked scores are kLowest.
+// Softmax in double of one row of scores (bias added, hidden keys already kLowest).
 std::vector<double> plain_softmax(const std::vector<double>& s) {
   const double mx = *std::max_element(s.begin(), s.end());
   std::vector<double> p(s.size());
@@ -578,7 +579,7 @@ class MoeRouteCase : public OpCase {
   // values: gate; exact: expert, dropped, counts.
   Outputs cpu(DType act) const override {
     Routing r = cpu_route(logits_, B_, S_, E_, cap_, act);
-    return {{r.gate}, {r.expert, as_ints(r.dropped), r.counts}};
+    return {{r.gate}, {r.expert, as_i32(r.dropped), r.counts}};
   }
   void check(const Outputs& got) const override {
     const auto &expert = got.exact[0], &dropped = got.exact[1], &counts = got.exact[2];
@@ -619,9 +620,6 @@ class MoeRouteCase : public OpCase {
 #endif
 
  private:
-  static std::vector<int32_t> as_ints(const std::vector<uint8_t>& v) {
-    return {v.begin(), v.end()};
-  }
   int64_t B_, S_, E_, cap_;
   std::vector<float> logits_;
 };
