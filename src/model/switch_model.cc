@@ -27,15 +27,15 @@ void offer(Observer* obs, Stack stack, int64_t block, std::string_view field, DT
 }
 
 // The buffers of one pass over n = B*S token rows (B sequences of S positions), allocated once and
-// reused by every block.
+// reused by every block; q only for a decoder pass (cross-attention).
 struct Activations {
-  Activations(const SwitchConfig& c, int64_t B, int64_t S)
+  Activations(const SwitchConfig& c, int64_t B, int64_t S, bool decoder)
       : B(B),
         S(S),
         n(B * S),
         h(static_cast<size_t>(n * c.d_model)),
         qkv(static_cast<size_t>(n * 3 * c.num_heads * c.d_kv)),
-        q(static_cast<size_t>(n * c.num_heads * c.d_kv)),
+        q(decoder ? static_cast<size_t>(n * c.num_heads * c.d_kv) : 0),
         ctx(static_cast<size_t>(n * c.num_heads * c.d_kv)),
         ffn(static_cast<size_t>(n * c.d_ff)),
         router_logits(static_cast<size_t>(n * c.num_experts)),
@@ -47,7 +47,7 @@ struct Activations {
   int64_t B, S, n;
   std::vector<float> h;              // [n, d] RMS-normed input of the current sub-layer
   std::vector<float> qkv;            // [n, 3*inner] self-attention q | k | v
-  std::vector<float> q;              // [n, inner] cross-attention queries
+  std::vector<float> q;              // [n, inner] cross-attention queries (decoder)
   std::vector<float> ctx;            // [n, inner] attention output before the o projection
   std::vector<float> ffn;            // [n, d_ff] dense FFN inner activations
   std::vector<float> router_logits;  // [n, E] float32 even for bf16 weights
@@ -253,7 +253,7 @@ Tensor SwitchModel::encode(const Batch& batch, Observer* obs) const {
   float* x = out.data<float>();
   embed(weights_.embed, batch.input_ids.data(), n, x, "input_ids");
   const std::vector<float> bias = encoder_position_bias(weights_.enc_rel_bias, c.num_heads, S, c);
-  Activations a(c, B, S);
+  Activations a(c, B, S, false);
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const Block& blk = weights_.encoder[static_cast<size_t>(i)];
     offer(obs, Stack::kEncoder, i, keys::kInput, DType::kF32, {B, S, d}, x);
@@ -279,7 +279,7 @@ Tensor SwitchModel::decode(const Tensor& enc_out, const Batch& batch,
   embed(weights_.embed, dec_ids.data(), n, y.data(), "decoder_input_ids");
   const std::vector<float> bias = decoder_position_bias(weights_.dec_rel_bias, c.num_heads, T, c);
   const auto kv = cross_kv(c, weights_, enc_out);
-  Activations a(c, B, T);
+  Activations a(c, B, T, true);
   for (int64_t i = 0; i < c.num_decoder_layers; ++i) {
     const Block& blk = weights_.decoder[static_cast<size_t>(i)];
     offer(obs, Stack::kDecoder, i, keys::kInput, DType::kF32, {B, T, d}, y.data());
@@ -313,7 +313,7 @@ GenerateResult SwitchModel::generate(const Tensor& enc_out, const Batch& batch,
   std::vector<std::vector<int32_t>> seqs(static_cast<size_t>(B), std::vector<int32_t>{cur[0]});
   std::vector<uint8_t> finished(static_cast<size_t>(B), 0);
   std::vector<float> y(static_cast<size_t>(B * d)), logits(static_cast<size_t>(B * V));
-  Activations a(c, B, 1);
+  Activations a(c, B, 1, true);
   int64_t steps = 0;
   for (int64_t t = 0; t < max_new_tokens; ++t) {
     embed(weights_.embed, cur.data(), B, y.data(), "decoder token");
