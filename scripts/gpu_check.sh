@@ -85,6 +85,7 @@ fi
 # engine's part alone.
 MOETRACE=""
 CUDA_TESTS=$BUILD/cuda_tests
+BACKEND_TESTS=$BUILD/backend_tests
 BENCH_GPU=$BUILD/bench_gpu
 if has build; then
   t0=$(date +%s)
@@ -94,9 +95,10 @@ if has build; then
   if cmake -S $ROOT -B $BUILD/full -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOETRACE_WERROR=OFF -DMOETRACE_CUDA=ON \
       -DMOETRACE_PYTHON="$(command -v python3)" -DCMAKE_CXX_FLAGS="$cxx_flags" "${cmake_args[@]}" \
       >"$BUILD/full-configure.log" 2>&1 &&
-    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests bench_gpu bench_store >"$BUILD/full-build.log" 2>&1; then
+    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests backend_tests bench_gpu bench_store >"$BUILD/full-build.log" 2>&1; then
     MOETRACE=$BUILD/full/tools/cli/moetrace
     CUDA_TESTS=$BUILD/full/tests/cuda_tests
+    BACKEND_TESTS=$BUILD/full/tests/backend_tests
     BENCH_GPU=$BUILD/full/bench/bench_gpu
     echo "== full build (CLI included): $(( $(date +%s) - t0 )) s"
   else
@@ -105,7 +107,7 @@ if has build; then
   fi
 fi
 [[ -x $BUILD/full/tools/cli/moetrace ]] && MOETRACE=$BUILD/full/tools/cli/moetrace CUDA_TESTS=$BUILD/full/tests/cuda_tests \
-  BENCH_GPU=$BUILD/full/bench/bench_gpu
+  BACKEND_TESTS=$BUILD/full/tests/backend_tests BENCH_GPU=$BUILD/full/bench/bench_gpu
 
 # BASELINE_SRC=DIR (a source tree of an earlier commit, e.g. `git archive REV src include tools cmake
 # assets bench scripts python CMakeLists.txt CMakePresets.json`): its CLI is built too, with the same
@@ -158,6 +160,11 @@ add_executable(cuda_tests \${cuda_test_srcs})
 target_include_directories(cuda_tests PRIVATE $ROOT/tests)
 target_compile_definitions(cuda_tests PRIVATE MOETRACE_TEST_DATA="$ROOT/tests/data" MOETRACE_SOURCE_DIR="$ROOT")
 target_link_libraries(cuda_tests PRIVATE moetrace_all GTest::gtest_main)
+file(GLOB backend_test_srcs $ROOT/tests/backend/*_test.cc)
+add_executable(backend_tests \${backend_test_srcs})
+target_include_directories(backend_tests PRIVATE $ROOT/tests)
+target_compile_definitions(backend_tests PRIVATE MOETRACE_BACKEND_CUDA)
+target_link_libraries(backend_tests PRIVATE moetrace_kernels_cpu moetrace_cuda GTest::gtest_main)
 file(GLOB bench_gpu_srcs $ROOT/bench/bench_gpu*.cc)
 if(bench_gpu_srcs AND TARGET moetrace_model_cuda)
   add_executable(bench_gpu \${bench_gpu_srcs})
@@ -167,7 +174,7 @@ CMAKE
   t0=$(date +%s)
   set -o pipefail
   cmake -S $BUILD/src -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release "${cmake_args[@]}" 2>&1 | tee "$BUILD/configure.log" | tail -15 || exit 1
-  targets=(cuda_tests)
+  targets=(cuda_tests backend_tests)
   grep -q '^build bench_gpu' $BUILD/build.ninja 2>/dev/null && targets+=(bench_gpu)
   cmake --build $BUILD -j "$NPROC" --target "${targets[@]}" 2>&1 | tee "$BUILD/build.log" | grep -E "error|warning: |FAILED" | head -40
   [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "BUILD FAILED"; tail -30 "$BUILD/build.log"; exit 1; }
@@ -176,6 +183,8 @@ fi
 
 if has test; then
   $CUDA_TESTS --gtest_output=xml:"$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error|Expected|Which is|rel|^\[==" | head -80
+  # The backend test: every op of kernels/cuda against its CPU twin in kernels/cpu, f32/bf16/f16.
+  $BACKEND_TESTS --gtest_output=xml:"$OUT/backend_tests.xml" 2>&1 | tee "$OUT/backend.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[==" | head -80
 fi
 
 if has bench && [[ -x $BENCH_GPU ]]; then
