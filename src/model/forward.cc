@@ -79,6 +79,10 @@ ForwardInputs read_forward_inputs(const std::filesystem::path& path) {
   ForwardInputs in;
   int64_t r = 0, c = 0;
   in.batch.input_ids = read_ids(f, "input_ids", &in.batch.B, &in.batch.S);
+  if (in.batch.B < 1 || in.batch.S < 1) {
+    fail(path.string(), ": tensor 'input_ids' has shape [", in.batch.B, ", ", in.batch.S,
+         "], expected at least one sequence of at least one token");
+  }
   in.batch.attention_mask = read_ids(f, "attention_mask", &r, &c);
   if (r != in.batch.B || c != in.batch.S) {
     fail(path.string(), ": tensor 'attention_mask' has shape [", r, ", ", c, "], expected [",

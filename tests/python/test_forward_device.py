@@ -91,3 +91,16 @@ def test_a_bad_precision_is_one_line(cli, tmp_path):
 def test_cuda_without_a_gpu_is_one_line(cli, tmp_path):
     line = one_error_line(forward(cli, "tiny-a", tmp_path / "o.safetensors", "--device", "cuda"))
     assert "--device cuda" in line and "--device cpu" in line, line
+
+
+def test_an_empty_batch_is_one_line_naming_the_file(cli, tmp_path):
+    """Zero tokens used to run and write zero-size outputs; the engines' batch check refuses it."""
+    import numpy as np
+    from conftest import write_safetensors
+    inp = tmp_path / "empty.safetensors"
+    ids = np.zeros((2, 0), np.int64)
+    write_safetensors(str(inp), {"input_ids": ids, "attention_mask": ids}, {})
+    proc = subprocess.run([cli, "forward", "-m", os.path.join(FIXTURES, "tiny-a", "model"), "--inputs", str(inp),
+                           "-o", str(tmp_path / "o.safetensors")], capture_output=True, text=True)
+    line = one_error_line(proc)
+    assert "empty.safetensors" in line and "'input_ids' has shape [2, 0]" in line, line
