@@ -94,7 +94,7 @@ if has build; then
   if cmake -S $ROOT -B $BUILD/full -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOETRACE_WERROR=OFF -DMOETRACE_CUDA=ON \
       -DMOETRACE_PYTHON="$(command -v python3)" -DCMAKE_CXX_FLAGS="$cxx_flags" "${cmake_args[@]}" \
       >"$BUILD/full-configure.log" 2>&1 &&
-    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests bench_gpu bench_store >"$BUILD/full-build.log" 2>&1; then
+    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests engine_tests bench_gpu bench_store >"$BUILD/full-build.log" 2>&1; then
     MOETRACE=$BUILD/full/tools/cli/moetrace
     CUDA_TESTS=$BUILD/full/tests/cuda_tests
     BENCH_GPU=$BUILD/full/bench/bench_gpu
@@ -176,6 +176,11 @@ fi
 
 if has test; then
   $CUDA_TESTS --gtest_output=xml:"$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error|Expected|Which is|rel|^\[==" | head -80
+  # The Engine interface on the GPU against the CPU engine (collect's pipeline, with generation).
+  if [[ -x $BUILD/full/tests/engine_tests ]]; then
+    $BUILD/full/tests/engine_tests --gtest_output=xml:"$OUT/engine_tests.xml" 2>&1 | tee "$OUT/engine_tests.log" |
+      grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[==" | head -40
+  fi
 fi
 
 # Every fixture through `moetrace forward --device cuda` (encoder, teacher-forced decoder, greedy
