@@ -5,8 +5,8 @@
 #   bash scripts/gpu_check.sh --pack        here, once: bundle the build dependencies the device image
 #                                           may lack into .gpudeps/deps.tar.xz (ignored; pass
 #                                           carry=[".gpudeps"] to the device call)
-#   bash scripts/gpu_check.sh [steps...]    on the device; steps: env build test bench hf ncu collect scale
-#                                           (default: env build test bench hf)
+#   bash scripts/gpu_check.sh [steps...]    on the device; steps: env build test forward bench hf ncu collect
+#                                           scale (default: env build test forward bench hf)
 #
 # The device image is bare and offline: the carried bundle supplies what it lacks (OpenBLAS,
 # SentencePiece, CLI11, ...) and the image's pyarrow wheel supplies Arrow C++, so the whole project
@@ -42,7 +42,7 @@ if [[ "${1:-}" == "--pack" ]]; then
 fi
 
 steps=("$@")
-[[ ${#steps[@]} -eq 0 ]] && steps=(env build test bench hf)
+[[ ${#steps[@]} -eq 0 ]] && steps=(env build test forward bench hf)
 has() { local s; for s in "${steps[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
 export PATH=/usr/local/cuda/bin:$PATH
 NPROC=$(nproc)
@@ -95,7 +95,7 @@ if has build; then
   if cmake -S $ROOT -B $BUILD/full -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOETRACE_WERROR=OFF -DMOETRACE_CUDA=ON \
       -DMOETRACE_PYTHON="$(command -v python3)" -DCMAKE_CXX_FLAGS="$cxx_flags" "${cmake_args[@]}" \
       >"$BUILD/full-configure.log" 2>&1 &&
-    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests backend_tests bench_gpu bench_store >"$BUILD/full-build.log" 2>&1; then
+    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests backend_tests engine_tests bench_gpu bench_store >"$BUILD/full-build.log" 2>&1; then
     MOETRACE=$BUILD/full/tools/cli/moetrace
     CUDA_TESTS=$BUILD/full/tests/cuda_tests
     BACKEND_TESTS=$BUILD/full/tests/backend_tests
@@ -185,6 +185,42 @@ if has test; then
   $CUDA_TESTS --gtest_output=xml:"$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error|Expected|Which is|rel|^\[==" | head -80
   # The backend test: every op of kernels/cuda against its CPU twin in kernels/cpu, f32/bf16/f16.
   $BACKEND_TESTS --gtest_output=xml:"$OUT/backend_tests.xml" 2>&1 | tee "$OUT/backend.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[==" | head -80
+  # The Engine interface on the GPU against the CPU engine (collect's pipeline, with generation).
+  if [[ -x $BUILD/full/tests/engine_tests ]]; then
+    $BUILD/full/tests/engine_tests --gtest_output=xml:"$OUT/engine_tests.xml" 2>&1 | tee "$OUT/engine_tests.log" |
+      grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[==" | head -40
+  fi
+fi
+
+# Every fixture through `moetrace forward --device cuda` (encoder, teacher-forced decoder, greedy
+# generation of the reference's length), compared with its transformers reference by the script
+# the CPU test uses (tests/python/test_forward_device.py): fp32 within the CPU parity bounds
+# (1e-4 relative, top1/kept/ids identical); bf16 reported with looser bounds and its top-1
+# agreement.
+forward_fixtures() {
+  local fx ref steps out rc=0
+  for fx in "$ROOT"/tests/data/fixtures/*/; do
+    ref=$fx/reference.safetensors
+    [[ -e $ref ]] || continue
+    steps=$(python3 -c 'import json,struct,sys; d=open(sys.argv[1],"rb").read(8); f=open(sys.argv[1],"rb"); f.seek(8); h=json.loads(f.read(struct.unpack("<Q",d)[0])); print(h["generated_ids"]["shape"][1]-1)' "$ref")
+    for prec in fp32 bf16; do
+      out=/tmp/moetrace-forward-$(basename "$fx")-$prec.safetensors
+      if ! $MOETRACE forward --device cuda --precision $prec -m "$fx/model" --inputs "$ref" -o "$out" \
+          --generate "$steps" -q; then
+        echo "forward $(basename "$fx") $prec: FAILED"; rc=1; continue
+      fi
+      if [[ $prec == fp32 ]]; then
+        python3 "$ROOT/scripts/compare_forward.py" "$out" "$ref" --label "$(basename "$fx") $prec" || rc=1
+      else
+        python3 "$ROOT/scripts/compare_forward.py" "$out" "$ref" --rtol 5e-2 --min-agreement 0 \
+          --label "$(basename "$fx") $prec" | tail -1
+      fi
+    done
+  done
+  return $rc
+}
+if has forward && [[ -x $MOETRACE ]]; then
+  forward_fixtures 2>&1 | tee "$OUT/forward.txt" | grep -E "FAIL|within bounds"
 fi
 
 if has bench && [[ -x $BENCH_GPU ]]; then
