@@ -29,6 +29,7 @@
 
 #include "bench_util.h"
 #include "core/error.h"
+#include "core/keys.h"
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/common.h"
 #include "model/cuda/cuda_switch_model.h"
@@ -192,13 +193,28 @@ class Writer {
   std::thread th_;
 };
 
+// What the pipeline hands back for every sparse encoder block: fp16 logits, experts, drops (and
+// gates for a store).
+KeyRequest pipeline_request(const SwitchConfig& c, bool gate) {
+  KeyRequest r;
+  for (int blk : c.sparse_encoder_blocks()) {
+    auto k = [&](std::string_view f) { return keys::tensor(keys::Stack::kEncoder, blk, f); };
+    r.add(k(keys::kRouterLogits), DType::kF16);
+    r.add(k(keys::kExpert));
+    r.add(k(keys::kDropped));
+    if (gate) r.add(k(keys::kGate));
+  }
+  return r;
+}
+
 // Runs the batches through the pipeline once; returns wall seconds until the writer has all.
-double run_pipeline(CudaSwitchModel& m, const std::vector<Batch>& batches) {
+double run_pipeline(CudaSwitchModel& m, const std::vector<Batch>& batches,
+                    const Observer& request) {
   const double t0 = bench::now_s();
   Writer w;
   for (const Batch& b : batches) {
     if (m.in_flight() == m.slots()) w.push(m.poll(true));
-    m.submit(b);
+    m.submit(b, request);
   }
   while (auto r = m.poll(true)) w.push(std::move(r));
   w.finish();
@@ -223,6 +239,7 @@ double run_into_store(CudaSwitchModel& m, const SwitchConfig& c, const std::vect
   ss.logits_dtype = DType::kF16;
   ss.device = "cuda:0";
   auto writer = TraceWriter::open(dir, ss, OpenMode::kOverwrite);
+  const KeyRequest request = pipeline_request(c, true);
   const int64_t E = c.num_experts;
   int64_t sample = 0;
   std::vector<std::vector<float>> logits(ss.enc_layers.size());
@@ -237,7 +254,7 @@ double run_into_store(CudaSwitchModel& m, const SwitchConfig& c, const std::vect
       rec.row = sample++;
       rec.token_ids.assign(b.input_ids.begin() + i * r->S, b.input_ids.begin() + i * r->S + len);
       for (size_t l = 0; l < ss.enc_layers.size(); ++l) {
-        const std::string p = "enc." + std::to_string(ss.enc_layers[l]) + ".";
+        const std::string p = keys::layer(keys::Stack::kEncoder, ss.enc_layers[l]) + ".";
         const TensorView* lg = r->find(p + "router_logits");
         logits[l].resize(static_cast<size_t>(len * E));
         convert_to_f32(lg->dtype, static_cast<const uint16_t*>(lg->data) + i * r->S * E,
@@ -252,7 +269,7 @@ double run_into_store(CudaSwitchModel& m, const SwitchConfig& c, const std::vect
   };
   for (const Batch& b : batches) {
     if (m.in_flight() == m.slots()) consume(m.poll(true));
-    const uint64_t t = m.submit(b);
+    const uint64_t t = m.submit(b, request);
     if (&b == &batches.front()) first_ticket_ = t;
   }
   while (auto r = m.poll(true)) consume(std::move(r));
@@ -329,7 +346,7 @@ nlohmann::json parity(const SwitchConfig& c, std::shared_ptr<TensorSource> src,
   std::vector<double> margins;  // CPU top-2 logit margin where the top-1 differs
   std::vector<double> all_margins;
   for (int blk : c.sparse_encoder_blocks()) {
-    const std::string k = "enc." + std::to_string(blk) + ".";
+    const std::string k = keys::layer(keys::Stack::kEncoder, blk) + ".";
     const Tensor& wl = want.last(k + "router_logits");
     const Tensor& gl = got.last(k + "router_logits");
     const auto* we = want.last(k + "expert").data<int32_t>();
@@ -422,8 +439,7 @@ int main_impl(int argc, char** argv) {
       "TFLOP/s\n",
       gen_s, m->load_seconds(), static_cast<double>(m->device_bytes()) / (1 << 30), peak);
   j["load_seconds"] = m->load_seconds();
-  CaptureSpec spec;  // fp16 logits + experts + drops
-  m->set_capture(spec);
+  const KeyRequest spec = pipeline_request(c, false);
 
   std::vector<std::vector<int32_t>> mix;
   if (a.shapes.find("mix") != std::string::npos || a.parity > 0) mix = read_mix(a.mix);
@@ -452,19 +468,19 @@ int main_impl(int argc, char** argv) {
       real += r;
       flops += flops_per_token(c, static_cast<double>(b.S)) * static_cast<double>(b.B * b.S);
     }
-    run_pipeline(*m, batches);  // warm-up: buffers, cuBLASLt plans, bias tables
-    if (a.ncu) {                // one batch under `ncu --profile-from-start off`
+    run_pipeline(*m, batches, spec);  // warm-up: buffers, cuBLASLt plans, bias tables
+    if (a.ncu) {                      // one batch under `ncu --profile-from-start off`
       MT_CUDA_CHECK(cudaProfilerStart());
-      run_pipeline(*m, {batches.front()});
+      run_pipeline(*m, {batches.front()}, spec);
       MT_CUDA_CHECK(cudaProfilerStop());
       break;
     }
     const double first =
-        run_pipeline(*m, batches);  // one cold-ish pass (the seed job's size for "mix")
+        run_pipeline(*m, batches, spec);  // one cold-ish pass (the seed job's size for "mix")
     int reps = 1;
     double secs = first;
     while (secs < a.budget) {
-      secs += run_pipeline(*m, batches);
+      secs += run_pipeline(*m, batches, spec);
       ++reps;
     }
     const double per = secs / reps;
@@ -493,9 +509,6 @@ int main_impl(int argc, char** argv) {
   j["rows"] = rows;
   j["device_bytes_model"] = m->device_bytes();
   if (!a.store.empty() && !a.ncu) {
-    CaptureSpec store_spec;
-    store_spec.gate = true;
-    m->set_capture(store_spec);
     const std::vector<Batch> batches = mix_batches(mix, 128);
     const double secs = run_into_store(*m, c, batches, a.store);
     const auto problems = verify_store(a.store);
@@ -507,7 +520,6 @@ int main_impl(int argc, char** argv) {
         problems.empty() ? "OK" : problems.front().c_str());
     j["store_seconds"] = secs;
     j["store_verify_ok"] = problems.empty();
-    m->set_capture(spec);
   }
   if (a.parity > 0 && !a.ncu) j["parity"] = parity(c, src, *m, mix, a.parity);
   if (!a.json.empty()) {

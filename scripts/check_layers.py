@@ -6,6 +6,9 @@ Reads the "| folder | may include |" table of README.md's Layout section, then e
 area: core, kernels, io, ...), and prints one line per include the table does not allow. Exit 1 if
 there is any, so the test run fails on a wrong arrow; an include of a file beside the includer (no
 slash) is always allowed.
+
+Also: `MOETRACE_WITH_CUDA` (whether the build has the GPU engine) appears in one source file only,
+src/engine/engine.cc (make_engine); everything else asks the Engine interface.
 """
 import os
 import re
@@ -13,6 +16,7 @@ import sys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SOURCE_EXT = (".h", ".cc", ".cu", ".cuh")
+CUDA_SWITCH = os.path.join("src", "engine", "engine.cc")
 
 
 def allowed_table(readme: str) -> dict:
@@ -53,6 +57,18 @@ def main() -> int:
                         rel = os.path.relpath(path, ROOT)
                         problems.append(f"{rel}:{no}: includes \"{m.group(1)}\": {folder} may include only "
                                         f"{', '.join(sorted(allowed))} (README.md, Layout)")
+    # The one place that knows whether CUDA is built in.
+    for top in ("src", "tools", "include"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            for name in sorted(files):
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, ROOT)
+                if not name.endswith(SOURCE_EXT) or rel == CUDA_SWITCH:
+                    continue
+                for no, line in enumerate(open(path, encoding="utf-8", errors="replace"), 1):
+                    if "MOETRACE_WITH_CUDA" in line:
+                        problems.append(f"{rel}:{no}: mentions MOETRACE_WITH_CUDA: only {CUDA_SWITCH} "
+                                        f"knows whether CUDA is built in (make_engine)")
     # Every source folder must be in the table, so that a new one cannot escape the check.
     for top in ("src",):
         for area in sorted(os.listdir(os.path.join(ROOT, top))):

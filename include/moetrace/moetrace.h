@@ -5,6 +5,7 @@
 #include "collect/collect.h"     // run_collect(CollectOptions)
 #include "core/error.h"          // moetrace::Error
 #include "data/plan.h"           // build_plan(PlanOptions)
+#include "engine/engine.h"       // make_engine({device, precision, load}, config, weights)
 #include "io/checkpoint.h"       // open_checkpoint(dir)
 #include "io/hf_cache.h"         // resolve_model("google/switch-base-128")
 #include "model/observer.h"      // Observer: wants(key) / observe(key, tensor)

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from . import keys
 from .errors import StoreError
 from .store import TraceStore, open_store
 
@@ -42,14 +43,15 @@ def compute_summary(store: TraceStore) -> dict:
         for d in shard.metadata["datasets"]:
             datasets[d] = datasets.get(d, 0) + 1
         for name, acc in layers.items():
-            if not shard.has(f"{name}.expert"):
+            if not shard.has(keys.layer_tensor(name, keys.EXPERT)):
                 continue
-            expert = shard.tensor(f"{name}.expert")
+            expert = shard.tensor(keys.layer_tensor(name, keys.EXPERT))
             acc["expert_counts"] += np.bincount(expert, minlength=e)[:e]
-            acc["dropped"] += int(np.count_nonzero(shard.tensor(f"{name}.dropped")))
+            acc["dropped"] += int(np.count_nonzero(shard.tensor(keys.layer_tensor(name, keys.DROPPED))))
             acc["tokens"] += int(expert.shape[0])
     n_enc = len(store.encoder_layers)
-    dist = sum((layers[f"enc.{i}"]["expert_counts"] for i in store.encoder_layers), np.zeros(e, np.int64))
+    enc_names = keys.layers(keys.ENCODER, store.encoder_layers)
+    dist = sum((layers[name]["expert_counts"] for name in enc_names), np.zeros(e, np.int64))
     used = int(np.count_nonzero(dist))
     return {
         "num_samples": samples, "real_samples": real, "synthetic_samples": samples - real,
@@ -93,8 +95,9 @@ def _stored_dtypes(store: TraceStore) -> tuple[str, str]:
     for shard in store.shards:
         if shard.num_samples and store.layers:
             first = store.layers[0]
-            logits = shard.info(f"{first}.router_logits")[0]
-            hidden = shard.info(f"{first}.hidden")[0] if shard.has(f"{first}.hidden") else "none"
+            logits = shard.info(keys.layer_tensor(first, keys.ROUTER_LOGITS))[0]
+            k_hidden = keys.layer_tensor(first, keys.HIDDEN)
+            hidden = shard.info(k_hidden)[0] if shard.has(k_hidden) else "none"
             break
     return logits, hidden
 

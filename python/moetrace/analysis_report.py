@@ -9,13 +9,10 @@ import os
 
 import numpy as np
 
+from .accumulate import GATE_BINS, MARGIN_BINS
+from .stats import transition_probs
 
-def _constants():
-    """analysis' bins and thresholds, imported at call time (analysis re-exports this module's names)."""
-    from . import analysis
-    return analysis
-
-
+TRANSITION_MIN_ROW = 10  # transition-map rows with fewer tokens are masked in the chart
 
 
 def make_plots(stats: dict, out_dir: str, per_layer_charts: bool = False, jsd_vmax: float | None = None,
@@ -24,9 +21,8 @@ def make_plots(stats: dict, out_dir: str, per_layer_charts: bool = False, jsd_vm
     fixed upper end of the dataset-JSD colour scale (1.0 = the full 0..1 bits range), else the data's."""
     from . import plots
 
-    a = _constants()
     if transition_min_row is None:
-        transition_min_row = a.TRANSITION_MIN_ROW
+        transition_min_row = TRANSITION_MIN_ROW
     files: dict[str, list[str]] = {}
     for stack_key, title in (("encoder", "encoder"), ("decoder", "decoder")):
         st = stats.get(stack_key)
@@ -65,16 +61,16 @@ def make_plots(stats: dict, out_dir: str, per_layer_charts: bool = False, jsd_vm
         if any(pl[n]["gate"].get("count") for n in names):
             f.append(plots.histogram_pair(
                 os.path.join(out_dir, f"{tag}_confidence.png"),
-                (a.GATE_BINS, {n: pl[n]["gate"]["hist"]["counts"] for n in names if pl[n]["gate"].get("count")},
+                (GATE_BINS, {n: pl[n]["gate"]["hist"]["counts"] for n in names if pl[n]["gate"].get("count")},
                  "top-1 gate probability"),
-                (a.MARGIN_BINS, {n: pl[n]["margin"]["hist"]["counts"] for n in names if pl[n]["margin"].get("count")},
-                 f"top-1 minus top-2 logit (last bin: ≥ {a.MARGIN_BINS[-2]:g})"),
+                (MARGIN_BINS, {n: pl[n]["margin"]["hist"]["counts"] for n in names if pl[n]["margin"].get("count")},
+                 f"top-1 minus top-2 logit (last bin: ≥ {MARGIN_BINS[-2]:g})"),
                 f"{title}: router confidence (ranges fitted to the data)"))
         if st["transitions"]:
             mats, titles, masked = [], [], 0
             for t in st["transitions"]:
                 c = np.asarray(t["counts"], np.float64)
-                p = a.transition_probs(c)
+                p = transition_probs(c)
                 few = c.sum(axis=1) < transition_min_row
                 p[few] = np.nan
                 masked += int(few.sum())
@@ -184,7 +180,7 @@ def render_html(stats: dict, files: dict[str, list[str]], out_dir: str = ".", em
                            t["topk_accuracy"]["2"], t["topk_accuracy"]["4"]] for t in st["transitions"]]))
         if st.get("transition_rows_masked"):
             out.append(f"<p class='note'>Transition maps: {st['transition_rows_masked']} rows (experts of the "
-                       f"earlier layer chosen by fewer than {_constants().TRANSITION_MIN_ROW} tokens) are grey: their "
+                       f"earlier layer chosen by fewer than {TRANSITION_MIN_ROW} tokens) are grey: their "
                        "probabilities rest on too few tokens to show.</p>")
         out += [img(x) for x in imgs if "_transitions." in x]
         if any("token" in pl[n] for n in st["layers"]):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+POLICIES = ("lru", "lfu", "belady")
+
 
 def next_uses(requests: list[np.ndarray], prefetch: list | None, num_experts: int):
     """Backward pass: for request i, nxt[i][e] = next request index > i that needs e (for e in
@@ -103,3 +105,49 @@ class TimeModel:
         """Demand loads stall the layer; prefetches overlap the previous layer's compute."""
         c = self.layer_ms
         return float(np.sum(c + self.transfer_ms(demand) + np.maximum(0.0, self.transfer_ms(prefetched) - c)))
+
+
+def layer_requests(experts: np.ndarray, groups: list, top: np.ndarray | None = None):
+    """The requests each MoE layer sees when the rows of `experts` [n, L] (top-1 expert per token and
+    moe index) are served in `groups` (index arrays: one per prefill sequence, or one row per decode
+    token): reqs[t][i] = the sorted distinct experts of group i at layer t. With `top` [n, L, k] (a
+    predictor's top-k per token), also pre[t][i] = the group's predicted experts, most often predicted
+    first (ties: lower expert); pre is None without it."""
+    L = experts.shape[1]
+    reqs = [[sorted(set(experts[g, t].tolist())) for g in groups] for t in range(L)]
+    pre = None
+    if top is not None:
+        pre = []
+        for t in range(L):
+            lst = []
+            for g in groups:  # the predicted experts of the request's tokens, most often predicted first
+                v, c = np.unique(top[g, t], return_counts=True)
+                lst.append(v[np.argsort(-c, kind="stable")].tolist())
+            pre.append(lst)
+    return reqs, pre
+
+
+def replay(reqs: list, pre: list | None, sizes, policies, num_experts: int, tm: TimeModel, tokens: int) -> list:
+    """Every (cache size in experts per layer, policy, with/without prefetching the first `size` of
+    pre) through simulate_cache, one cache per MoE layer; returns speculation.json's cache `runs`."""
+    L = len(reqs)
+    ebytes = tm.expert_bytes
+    runs = []
+    for size in sizes:
+        for policy in policies:
+            for prefetch in ([False, True] if pre is not None else [False]):
+                acc = hit = dem = pf = 0
+                ms = 0.0
+                for t in range(L):
+                    p_t = [x[:size] for x in pre[t]] if prefetch else None
+                    r = simulate_cache(reqs[t], size, policy, num_experts, p_t)
+                    acc += r["accesses"]
+                    hit += r["hits"]
+                    dem += r["demand_loads"]
+                    pf += r["prefetch_loads"]
+                    ms += tm.request_ms(r["demand_per_request"], r["prefetch_per_request"])
+                runs.append({"cache_experts_per_layer": size, "cache_bytes": size * L * ebytes, "policy": policy,
+                             "prefetch": prefetch, "accesses": acc, "hits": hit, "hit_rate": hit / acc if acc else 0.0,
+                             "experts_transferred": dem + pf, "demand_loads": dem, "prefetch_loads": pf,
+                             "bytes_transferred": (dem + pf) * ebytes, "ms_per_token": ms / tokens})
+    return runs

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from . import keys
 from .store import TraceStore, open_store, softmax
 
 PREV_LAYERS = 3  # the seed's window of earlier layers' gates
@@ -75,7 +76,8 @@ def _encoder_layers(store: TraceStore, layers: Iterable | None) -> list[int]:
     out = []
     for x in layers:
         s = str(x)
-        i = int(s[4:]) if s.startswith("enc.") else int(s)
+        parsed = keys.parse_layer(s)
+        i = parsed.block if parsed is not None and parsed.stack == keys.ENCODER else int(s)
         if i not in store.encoder_layers:
             raise KeyError(f"no encoder MoE layer {x!r} in {store.path} (encoder layers: {store.encoder_layers})")
         out.append(i)
@@ -100,7 +102,7 @@ def gating_records(store: TraceStore | str | os.PathLike, layers: Iterable | Non
         token_ids = np.array(sample.token_ids, dtype=np.int64)
         gates: list[np.ndarray] = []
         for block in store.encoder_layers:
-            view = sample.layer(f"enc.{block}")
+            view = sample.layer(keys.layer(keys.ENCODER, block))
             expert = np.array(view.expert, dtype=np.int64)
             probs = consistent_routing(softmax(view.router_logits), expert)
             if block in wanted:

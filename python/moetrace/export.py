@@ -16,6 +16,7 @@ from typing import Iterable
 
 import numpy as np
 
+from . import keys
 from .errors import StoreError
 from .progress import bar
 from .store import TraceStore, open_store
@@ -36,7 +37,8 @@ def _store(store) -> TraceStore:
 def _layers(store: TraceStore, layers: Iterable | None) -> list[str]:
     if layers is None:
         return list(store.layers)
-    out = [f"enc.{x}" if isinstance(x, (int, np.integer)) or str(x).isdigit() else str(x) for x in layers]
+    out = [keys.layer(keys.ENCODER, int(x)) if isinstance(x, (int, np.integer)) or str(x).isdecimal() else str(x)
+           for x in layers]
     for name in out:
         if name not in store.layers:
             raise KeyError(f"no MoE layer {name!r} in {store.path} (layers: {', '.join(store.layers)})")
@@ -63,9 +65,11 @@ def to_pandas(store, layers: Iterable | None = None, real_only: bool = False, lo
         md = shard.metadata
         kinds = np.asarray(shard.tensor("sample_kind"))
         for name in names:
-            dec = name.startswith("dec.")
+            dec = keys.stack_of(name) == keys.DECODER
             off = shard.dec_sample_offsets if dec else shard.sample_offsets
-            if off is None or not shard.has(f"{name}.expert"):
+            k_expert, k_gate, k_dropped, k_logits = (keys.layer_tensor(name, f) for f in (
+                keys.EXPERT, keys.GATE, keys.DROPPED, keys.ROUTER_LOGITS))
+            if off is None or not shard.has(k_expert):
                 continue
             lengths = np.diff(off)
             keep_sample = np.ones(shard.num_samples, bool) if not real_only else kinds == 0
@@ -80,14 +84,14 @@ def to_pandas(store, layers: Iterable | None = None, real_only: bool = False, lo
                 "position": pos.astype(np.int32),
                 "token_id": np.asarray(shard.tensor("dec.input_ids" if dec else "token_ids"))[keep].astype(np.int32),
                 "layer": np.full(local.size, name, object),
-                "expert": np.asarray(shard.tensor(f"{name}.expert"))[keep].astype(np.int16),
-                "gate": np.asarray(shard.tensor(f"{name}.gate", float32=True))[keep].astype(np.float32)
-                if shard.has(f"{name}.gate") else np.full(local.size, np.nan, np.float32),
-                "dropped": np.asarray(shard.tensor(f"{name}.dropped"))[keep].astype(bool)
-                if shard.has(f"{name}.dropped") else np.zeros(local.size, bool),
+                "expert": np.asarray(shard.tensor(k_expert))[keep].astype(np.int16),
+                "gate": np.asarray(shard.tensor(k_gate, float32=True))[keep].astype(np.float32)
+                if shard.has(k_gate) else np.full(local.size, np.nan, np.float32),
+                "dropped": np.asarray(shard.tensor(k_dropped))[keep].astype(bool)
+                if shard.has(k_dropped) else np.zeros(local.size, bool),
             }
             if logits:
-                lg = np.asarray(shard.tensor(f"{name}.router_logits", float32=True))[keep].astype(np.float32)
+                lg = np.asarray(shard.tensor(k_logits, float32=True))[keep].astype(np.float32)
                 cols["router_logits"] = list(lg)
             frames.append(pd.DataFrame(cols))
     if not frames:
@@ -104,13 +108,14 @@ def parquet_schema(store: TraceStore, layers: list[str], logits: bool):
     fields = [pa.field("sample", pa.int64()), pa.field("sample_id", pa.string()), pa.field("dataset", pa.string()),
               pa.field("row", pa.int64()), pa.field("synthetic", pa.bool_()),
               pa.field("token_ids", pa.list_(pa.int32()))]
-    if any(n.startswith("dec.") for n in layers):
+    if any(keys.stack_of(n) == keys.DECODER for n in layers):
         fields += [pa.field("dec_input_ids", pa.list_(pa.int32())), pa.field("dec_output_ids", pa.list_(pa.int32()))]
     for n in layers:
-        fields += [pa.field(f"{n}.expert", pa.list_(pa.int32())), pa.field(f"{n}.gate", pa.list_(pa.float32())),
-                   pa.field(f"{n}.dropped", pa.list_(pa.bool_()))]
+        fields += [pa.field(keys.layer_tensor(n, keys.EXPERT), pa.list_(pa.int32())),
+                   pa.field(keys.layer_tensor(n, keys.GATE), pa.list_(pa.float32())),
+                   pa.field(keys.layer_tensor(n, keys.DROPPED), pa.list_(pa.bool_()))]
         if logits:
-            fields.append(pa.field(f"{n}.router_logits",
+            fields.append(pa.field(keys.layer_tensor(n, keys.ROUTER_LOGITS),
                                    pa.list_(pa.list_(pa.float32(), store.num_experts))))
     return pa.schema(fields, metadata={"moetrace": json.dumps({
         "format": "moetrace-parquet", "version": 1, "num_experts": store.num_experts,
@@ -155,15 +160,17 @@ def _shard_table(store, shard, layers, logits, schema, real_only):
         for key, tensor in (("dec_input_ids", "dec.input_ids"), ("dec_output_ids", "dec.output_ids")):
             cols[key] = _list_array(np.asarray(shard.tensor(tensor))[dec_idx].astype(np.int32), dec_off, pa.int32())
     for n in layers:
-        idx, o = (dec_idx, dec_off) if n.startswith("dec.") else (enc_idx, enc_off)
-        cols[f"{n}.expert"] = _list_array(np.asarray(shard.tensor(f"{n}.expert"))[idx].astype(np.int32), o, pa.int32())
-        gate = np.asarray(shard.tensor(f"{n}.gate", float32=True))[idx].astype(np.float32)
-        cols[f"{n}.gate"] = _list_array(gate, o, pa.float32())
-        cols[f"{n}.dropped"] = _list_array(np.asarray(shard.tensor(f"{n}.dropped"))[idx].astype(bool), o, pa.bool_())
+        idx, o = (dec_idx, dec_off) if keys.stack_of(n) == keys.DECODER else (enc_idx, enc_off)
+        k_expert, k_gate, k_dropped, k_logits = (keys.layer_tensor(n, f) for f in (
+            keys.EXPERT, keys.GATE, keys.DROPPED, keys.ROUTER_LOGITS))  # also the Parquet column names
+        cols[k_expert] = _list_array(np.asarray(shard.tensor(k_expert))[idx].astype(np.int32), o, pa.int32())
+        gate = np.asarray(shard.tensor(k_gate, float32=True))[idx].astype(np.float32)
+        cols[k_gate] = _list_array(gate, o, pa.float32())
+        cols[k_dropped] = _list_array(np.asarray(shard.tensor(k_dropped))[idx].astype(bool), o, pa.bool_())
         if logits:
-            lg = np.asarray(shard.tensor(f"{n}.router_logits", float32=True))[idx].astype(np.float32)
+            lg = np.asarray(shard.tensor(k_logits, float32=True))[idx].astype(np.float32)
             inner = pa.FixedSizeListArray.from_arrays(pa.array(lg.ravel(), pa.float32()), store.num_experts)
-            cols[f"{n}.router_logits"] = pa.ListArray.from_arrays(pa.array(o.astype(np.int32)), inner)
+            cols[k_logits] = pa.ListArray.from_arrays(pa.array(o.astype(np.int32)), inner)
     return pa.table([cols[f.name] for f in schema], schema=schema)
 
 

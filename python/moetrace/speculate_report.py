@@ -8,22 +8,17 @@ import os
 
 import numpy as np
 
-
+from .cachesim import POLICIES
+from .evaluation import KS
 
 
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
 
-def _defaults():
-    """speculate's KS and POLICIES, imported at call time (speculate re-exports this module's names)."""
-    from .speculate import KS, POLICIES
-    return KS, POLICIES
-
-
 def _shown_ks(res: dict) -> list[int]:
     """The ks worth a column: recall@E and beyond are 100% by definition."""
-    return [k for k in res.get("ks", _defaults()[0]) if k < res["num_experts"]] or [1]
+    return [k for k in res.get("ks", KS) if k < res["num_experts"]] or [1]
 
 
 def _detail_ks(res: dict) -> list[int]:
@@ -102,7 +97,7 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
         st = res.get(key)
         if not st:
             continue
-        ks = [k for k in res.get("ks", _defaults()[0]) if k <= res["num_experts"]]
+        ks = [k for k in res.get("ks", KS) if k <= res["num_experts"]]
         series, bands = {}, {}
         for r in st["summary"]:
             name = f"{r['predictor']} (d={r['lookahead']})"
@@ -117,7 +112,7 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
         c = st.get("cache")
         if c and c["runs"]:
             files.append(plots.cache_panels(os.path.join(out_dir, f"{key}_cache_hit_rate.png"), c["runs"],
-                                            [p for p in _defaults()[1] if any(r["policy"] == p for r in c["runs"])],
+                                            [p for p in POLICIES if any(r["policy"] == p for r in c["runs"])],
                                             c["tokens"],
                                             f"{key}: expert cache ({c['mode']} replay; prefetch "
                                             f"{c['prefetch_predictor']} top-{c['prefetch_k']})"))

@@ -15,8 +15,10 @@ from typing import Iterator
 
 import numpy as np
 
+from . import keys
 from .errors import StoreError
 from .safetensors_io import DTYPES, SafetensorsFile, as_float32
+from .stats import softmax  # the one softmax; moetrace.store.softmax as before
 
 FORMAT = "moetrace-trace"
 FORMAT_VERSIONS = (1,)  # the versions this reader knows; others are refused
@@ -40,13 +42,13 @@ def open_store(path: str | os.PathLike, verify: bool = False, backend: str = "nu
     return TraceStore(path, verify=verify, backend=backend)
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row softmax in float32 over the last axis (the engine's routing math is fp32)."""
-    x = np.asarray(logits, dtype=np.float32)
-    if x.size == 0:
-        return x.copy()
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def rows_f32(arr: np.ndarray, a: int, b: int, dtype: str | None = None) -> np.ndarray:
+    """Rows a:b of a stored tensor as float32 (BF16 arrives as uint16 bits): the streaming passes of
+    `analyze` and `speculate` read logits and hidden states a chunk of rows at a time with it."""
+    x = np.asarray(arr[a:b])
+    if x.dtype == np.uint16:
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32, copy=False)
 
 
 def _check_version(where: str, fmt, version) -> None:
@@ -233,7 +235,7 @@ class LayerView:
         return f"LayerView({self.name!r}, tokens={self._end - self._begin})"
 
     def _rows(self, field: str, float32: bool = False) -> np.ndarray:
-        name = f"{self.name}.{field}"
+        name = keys.layer_tensor(self.name, field)
         rows = self._shard.tensor(name)[self._begin:self._end]  # slice the map first: converts S rows only
         return as_float32(rows, self._shard.info(name)[0]) if float32 else rows
 
@@ -323,10 +325,10 @@ class Sample:
     def layer(self, name: str) -> LayerView:
         """'enc.{i}' or 'dec.{i}' (an int i means 'enc.{i}')."""
         if isinstance(name, (int, np.integer)):
-            name = f"enc.{int(name)}"
+            name = keys.layer(keys.ENCODER, int(name))
         if name not in self._store.layers:
             raise KeyError(f"no MoE layer {name!r} in this store (layers: {', '.join(self._store.layers)})")
-        if name.startswith("dec."):
+        if keys.stack_of(name) == keys.DECODER:
             if self._dec is None:
                 raise KeyError(f"{self.shard.path}: no decoder routing stored (collected without --decoder)")
             return LayerView(self.shard, name, *self._dec)
@@ -453,6 +455,7 @@ class TraceStore:
                              f"has assembled it")
         try:
             layers = self.manifest.get("layers", {})
+            # the MoE layers of each stack, as the block indices that hold them (moetrace.keys)
             self.encoder_layers: list[int] = [int(i) for i in layers.get("encoder", [])]
             self.decoder_layers: list[int] = [int(i) for i in layers.get("decoder", [])]
             self.num_experts: int = int(self.manifest["num_experts"])
@@ -461,7 +464,8 @@ class TraceStore:
             self.shards: list[Shard] = [Shard(path, e, backend) for e in entries]
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise StoreError(f"{manifest_path}: invalid manifest ({type(e).__name__}: {e})") from None
-        self.layers: list[str] = [f"enc.{i}" for i in self.encoder_layers] + [f"dec.{i}" for i in self.decoder_layers]
+        self.layers: list[str] = (keys.layers(keys.ENCODER, self.encoder_layers)
+                                  + keys.layers(keys.DECODER, self.decoder_layers))
         expected = 0
         for s in self.shards:
             if s.first_sample != expected:

@@ -1,4 +1,5 @@
-// `moetrace collect`: sampling plan -> tokenizer -> batched engine -> trace store, as a pipeline.
+// `moetrace collect`: plan -> tokenize -> batch -> engine -> capture -> store, a pipeline of named
+// stages (collect/pipeline.h) on any engine (engine/engine.h).
 #pragma once
 
 #include <cstdint>

@@ -11,9 +11,6 @@
 #include "core/error.h"
 #include "core/log.h"
 
-#ifdef MOETRACE_WITH_CUDA
-#include "kernels/cuda/device.h"
-#endif
 #ifdef MOETRACE_WITH_MPI
 // The C API only: the deprecated C++ bindings do not compile warning-free.
 #define OMPI_SKIP_MPICXX 1
@@ -47,59 +44,6 @@ std::vector<std::string> process_command_line(const std::vector<std::string>& fa
     begin = end + 1;
   }
   return args.empty() ? fallback : args;
-}
-
-bool built_with_cuda() {
-#ifdef MOETRACE_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
-int visible_cuda_devices() {
-#ifdef MOETRACE_WITH_CUDA
-  return cuda::device_count();
-#else
-  return 0;
-#endif
-}
-
-DeviceChoice resolve_device(const std::string& device, int local_rank, bool built,
-                            const std::function<int()>& visible_gpus) {
-  DeviceChoice c;
-  if (device == "cpu") return c;
-  const bool automatic = device == "auto";
-  std::optional<int> index;
-  if (device.rfind("cuda:", 0) == 0) {
-    const std::string digits = device.substr(5);
-    const bool ok =
-        !digits.empty() && digits.size() <= 4 &&
-        std::all_of(digits.begin(), digits.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
-    if (!ok) fail("--device '", device, "': expected cuda:N with N a GPU number (0, 1, ...)");
-    index = std::stoi(digits);
-  } else if (!automatic && device != "cuda") {
-    fail("--device '", device, "': expected auto, cpu, cuda or cuda:N");
-  }
-  if (!built) {
-    if (automatic) return c;
-    fail("--device ", device,
-         ": this moetrace was built without the CUDA backend (no nvcc found); use --device cpu");
-  }
-  const int n = visible_gpus();
-  if (n < 1) {
-    if (automatic) return c;
-    fail("--device ", device,
-         ": no CUDA GPU is visible (no NVIDIA driver, no GPU, or CUDA_VISIBLE_DEVICES hides them); "
-         "use --device cpu");
-  }
-  if (index && *index >= n) {
-    fail("--device ", device, ": this process sees ", n, n == 1 ? " GPU" : " GPUs", " (cuda:0",
-         n > 1 ? " to cuda:" + std::to_string(n - 1) : std::string(), ")");
-  }
-  c.cuda = true;
-  c.index = index ? *index : local_rank % n;
-  return c;
 }
 
 namespace {

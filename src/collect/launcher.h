@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/device.h"
 #include "trace/store.h"
 
 namespace moetrace {
@@ -31,22 +32,6 @@ Environment process_environment();
 // This process's argv as it was started (/proc/self/cmdline), e.g. {"moetrace", "collect", "-t",
 // "100"}; `fallback` where it cannot be read.
 std::vector<std::string> process_command_line(const std::vector<std::string>& fallback);
-
-// The engine's device, from --device: auto | cpu | cuda | cuda:N.
-struct DeviceChoice {
-  bool cuda = false;
-  int index = 0;  // the GPU (CUDA ordinal) when cuda
-  std::string name() const { return cuda ? "cuda:" + std::to_string(index) : "cpu"; }
-};
-// auto: the GPU when built with CUDA and one is visible (local_rank modulo the visible GPUs: the
-// first for a single process), else the CPU. cuda: the same GPU, or Error when none is usable;
-// cuda:N: GPU N. `visible_gpus` is asked only when a GPU could be used. Error (one line naming
-// --device) for anything else, a CPU-only build asked for cuda, no GPU, or N out of range.
-DeviceChoice resolve_device(const std::string& device, int local_rank, bool built_with_cuda,
-                            const std::function<int()>& visible_gpus);
-// GPUs this process sees: 0 in a CPU-only build, without a driver or without a GPU. Never throws.
-int visible_cuda_devices();
-bool built_with_cuda();
 
 // The first that applies: explicit --rank and --world-size (both or neither); Open MPI
 // (OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK); MPICH/Hydra or Intel MPI (PMI_RANK/PMI_SIZE,

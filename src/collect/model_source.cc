@@ -32,16 +32,20 @@ ModelChoice choose_model(const std::string& spec, bool encoder_only) {
                "(moetrace fetch --model google/switch-base-128) or pass --model DIR.");
     }
   }
-  // random:switch-base-N: that published shape with seeded random weights (transformers' init
-  // scales; bf16 from 64 experts up), for benchmarks and pipeline checks without a download.
-  const std::string kRandom = "random:switch-base-";
+  // random:switch-base-N / random:switch-large-N: that published shape with seeded random weights
+  // (transformers' init scales; bf16 from 64 experts up), for benchmarks and pipeline checks
+  // without a download.
+  const std::string kRandom = "random:";
   if (chosen.rfind(kRandom, 0) == 0) {
-    const int64_t experts = std::atoll(chosen.c_str() + kRandom.size());
-    if (experts < 1 || experts > 4096)
-      fail("--model '", chosen, "': expected random:switch-base-<experts>");
+    const std::optional<SwitchConfig> shape = published_config(chosen.substr(kRandom.size()));
+    if (!shape)
+      fail("--model '", chosen,
+           "': expected random:switch-base-<experts> or random:switch-large-<experts> (experts "
+           "1..4096, e.g. random:switch-base-128, random:switch-large-128)");
+    const int64_t experts = shape->num_experts;
     m.id = chosen;
     m.demo = true;
-    m.config = switch_base_config(experts);
+    m.config = *shape;
     RandomWeightOptions ro;
     ro.seed = kDemoSeed;
     ro.encoder_only = encoder_only;

@@ -21,8 +21,8 @@ struct ModelChoice {
   std::shared_ptr<TensorSource> weights;
 };
 
-// spec: "" (default: largest cached switch-base, else the demo), "demo", "random:switch-base-N"
-// (that shape, seeded random weights), a directory or a Hub id.
+// spec: "" (default: largest cached switch-base, else the demo), "demo", "random:switch-base-N",
+// "random:switch-large-N" (that published shape, seeded random weights), a directory or a Hub id.
 ModelChoice choose_model(const std::string& spec, bool encoder_only);
 
 // The manifest's "model" object: id, files with sizes and sha256, config, tokenizer sha256, demo.

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/keys.h"
 #include "core/log.h"
 
 namespace moetrace {
@@ -134,8 +135,7 @@ void print_collect_summary(const std::filesystem::path& store, FILE* out) {
   std::vector<std::string> names;
   for (const char* stack : {"encoder", "decoder"}) {
     for (const auto& i : m["layers"].value(stack, nlohmann::json::array())) {
-      names.push_back(std::string(stack == std::string("encoder") ? "enc." : "dec.") +
-                      std::to_string(i.get<int>()));
+      names.push_back(keys::layer(keys::stack_of(stack == std::string("decoder")), i.get<int>()));
     }
   }
   for (const std::string& name : names) {

@@ -56,6 +56,14 @@ inline uint16_t f32_to_bf16(float f) {
 float f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);
 
+// Rounds v to the activation dtype t and back to float32 (F32 and every other dtype: unchanged):
+// how the CPU ops model the GPU's bf16/fp16 activations.
+inline float round_to(float v, DType t) {
+  if (t == DType::kBF16) return bf16_to_f32(f32_to_bf16(v));
+  if (t == DType::kF16) return f16_to_f32(f32_to_f16(v));
+  return v;
+}
+
 // Converts n elements of src (F32, F16 or BF16) to float32.
 void convert_to_f32(DType src_type, const void* src, float* dst, size_t n);
 // Converts n float32 elements to dst_type (F32, F16 or BF16).

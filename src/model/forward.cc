@@ -1,7 +1,10 @@
 #include "model/forward.h"
 
 #include "core/error.h"
+#include "core/keys.h"
 #include "io/safetensors.h"
+#include "model/cpu_engine.h"
+#include "model/engine_io.h"
 #include "model/recording_observer.h"
 
 namespace moetrace {
@@ -46,17 +49,17 @@ Tensor kept_from_dropped(const Tensor& dropped) {
 }
 
 // Router outputs of one pass under the reference's names.
-void add_router(std::map<std::string, Tensor>& out, const RecordingObserver& rec,
-                const std::string& stack, const std::string& prefix,
-                const std::vector<int>& blocks) {
+void add_router(std::map<std::string, Tensor>& out, const RecordingObserver& rec, keys::Stack stack,
+                const std::string& prefix, const std::vector<int>& blocks) {
   for (size_t n = 0; n < blocks.size(); ++n) {
-    const std::string k = stack + "." + std::to_string(blocks[n]) + ".";
+    auto k = [&](std::string_view field) { return keys::tensor(stack, blocks[n], field); };
     const std::string p = prefix + "." + std::to_string(n) + ".";
-    out[p + "router_input"] = Tensor::from_view(rec.last(k + "hidden").view());
-    out[p + "router_logits"] = Tensor::from_view(rec.last(k + "router_logits").view());
-    out[p + "top1"] = to_i32(rec.last(k + "expert"), rec.last(k + "expert").shape());
-    out[p + "kept"] = kept_from_dropped(rec.last(k + "dropped"));
-    Tensor gate = Tensor::from_view(rec.last(k + "gate").view());
+    out[p + "router_input"] = Tensor::from_view(rec.last(k(keys::kHidden)).view());
+    out[p + "router_logits"] = Tensor::from_view(rec.last(k(keys::kRouterLogits)).view());
+    const Tensor& expert = rec.last(k(keys::kExpert));
+    out[p + "top1"] = to_i32(expert, expert.shape());
+    out[p + "kept"] = kept_from_dropped(rec.last(k(keys::kDropped)));
+    Tensor gate = Tensor::from_view(rec.last(k(keys::kGate)).view());
     Shape s = gate.shape();
     s.push_back(1);
     gate.reshape(s);
@@ -64,24 +67,9 @@ void add_router(std::map<std::string, Tensor>& out, const RecordingObserver& rec
   }
 }
 
-// Stacks per-step [B,1,...] tensors into [B, steps, ...].
-Tensor stack_steps(const std::vector<Tensor>& steps) {
-  const Tensor& first = steps.front();
-  const int64_t B = first.dim(0);
-  const int64_t per = first.numel() / B;  // elements per sequence per step
-  Shape shape = first.shape();
-  shape[1] = static_cast<int64_t>(steps.size());
-  Tensor out(first.dtype(), shape);
-  const size_t es = dtype_size(first.dtype());
-  auto* dst = static_cast<std::byte*>(out.raw());
-  for (size_t t = 0; t < steps.size(); ++t) {
-    const auto* src = static_cast<const std::byte*>(steps[t].raw());
-    for (int64_t b = 0; b < B; ++b) {
-      std::copy_n(src + b * per * es, per * es,
-                  dst + (b * static_cast<int64_t>(steps.size()) + t) * per * es);
-    }
-  }
-  return out;
+bool in_decoder(std::string_view key) {
+  const auto p = keys::parse(key);
+  return p && p->stack == keys::Stack::kDecoder;
 }
 
 }  // namespace
@@ -91,6 +79,10 @@ ForwardInputs read_forward_inputs(const std::filesystem::path& path) {
   ForwardInputs in;
   int64_t r = 0, c = 0;
   in.batch.input_ids = read_ids(f, "input_ids", &in.batch.B, &in.batch.S);
+  if (in.batch.B < 1 || in.batch.S < 1) {
+    fail(path.string(), ": tensor 'input_ids' has shape [", in.batch.B, ", ", in.batch.S,
+         "], expected at least one sequence of at least one token");
+  }
   in.batch.attention_mask = read_ids(f, "attention_mask", &r, &c);
   if (r != in.batch.B || c != in.batch.S) {
     fail(path.string(), ": tensor 'attention_mask' has shape [", r, ", ", c, "], expected [",
@@ -106,39 +98,46 @@ ForwardInputs read_forward_inputs(const std::filesystem::path& path) {
 
 std::map<std::string, Tensor> run_forward(const SwitchModel& model, const ForwardInputs& in,
                                           int64_t generate) {
-  const SwitchConfig& c = model.config();
+  return run_forward(*cpu_engine(model), in, generate);
+}
+
+std::map<std::string, Tensor> run_forward(Engine& engine, const ForwardInputs& in,
+                                          int64_t generate) {
+  const SwitchConfig& c = engine.config();
   std::map<std::string, Tensor> out;
   RecordingObserver rec;
-  Tensor enc = model.encode(in.batch, &rec);
+  const Encoded encoded = engine.encode(in.batch, &rec);
+  const Tensor& enc = encoded.output;
   for (int64_t i = 0; i < c.num_layers; ++i) {
     out["encoder_hidden_states." + std::to_string(i)] =
-        Tensor::from_view(rec.last("enc." + std::to_string(i) + ".input").view());
+        Tensor::from_view(rec.last(keys::tensor(keys::Stack::kEncoder, i, keys::kInput)).view());
   }
   out["encoder_hidden_states." + std::to_string(c.num_layers)] = Tensor::from_view(enc.view());
   out["encoder_last_hidden_state"] = Tensor::from_view(enc.view());
-  add_router(out, rec, "enc", "encoder_router", c.sparse_encoder_blocks());
-  if (!model.weights().has_decoder) return out;
+  add_router(out, rec, keys::Stack::kEncoder, "encoder_router", c.sparse_encoder_blocks());
+  if (!engine.has_decoder()) return out;
   if (in.T > 0) {
-    RecordingObserver drec([](std::string_view k) { return k.rfind("dec.", 0) == 0; });
-    out["logits"] = model.decode(enc, in.batch, in.decoder_input_ids, in.T, &drec);
-    add_router(out, drec, "dec", "decoder_router", c.sparse_decoder_blocks());
+    RecordingObserver drec([](std::string_view k) { return in_decoder(k); });
+    out["logits"] = engine.decode(encoded, in.batch, in.decoder_input_ids, in.T, &drec);
+    add_router(out, drec, keys::Stack::kDecoder, "decoder_router", c.sparse_decoder_blocks());
   }
   if (generate > 0) {
     RecordingObserver grec([](std::string_view k) {
-      return k.rfind("dec.", 0) == 0 && (k.find(".router_logits") != std::string_view::npos ||
-                                         k.find(".expert") != std::string_view::npos);
+      const auto p = keys::parse(k);
+      return p && p->stack == keys::Stack::kDecoder &&
+             (p->field == keys::kRouterLogits || p->field == keys::kExpert);
     });
-    GenerateResult g = model.generate(enc, in.batch, generate, generate, &grec);
+    GenerateResult g = engine.generate(encoded, in.batch, generate, generate, &grec);
     Tensor ids(DType::kI32, {g.B, g.steps + 1});
     std::copy(g.ids.begin(), g.ids.end(), ids.data<int32_t>());
     out["generated_ids"] = std::move(ids);
     const auto blocks = c.sparse_decoder_blocks();
     for (size_t n = 0; n < blocks.size(); ++n) {
-      const std::string k = "dec." + std::to_string(blocks[n]) + ".";
       const std::string p = "generate_decoder_router." + std::to_string(n) + ".";
-      out[p + "router_logits"] = stack_steps(grec.all(k + "router_logits"));
-      Tensor top1 = stack_steps(grec.all(k + "expert"));
-      out[p + "top1"] = std::move(top1);
+      out[p + "router_logits"] = stack_steps(
+          grec.all(keys::tensor(keys::Stack::kDecoder, blocks[n], keys::kRouterLogits)));
+      out[p + "top1"] =
+          stack_steps(grec.all(keys::tensor(keys::Stack::kDecoder, blocks[n], keys::kExpert)));
     }
   }
   return out;

@@ -1,6 +1,7 @@
 #include "model/random_weights.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <map>
 
@@ -134,6 +135,36 @@ SwitchConfig switch_base_config(int64_t num_experts) {
   c.expert_capacity = 64;
   c.derive_and_validate("switch-base-" + std::to_string(num_experts));
   return c;
+}
+
+SwitchConfig switch_large_config(int64_t num_experts) {
+  SwitchConfig c;
+  c.d_model = 1024;
+  c.d_ff = 4096;
+  c.d_kv = 64;
+  c.num_heads = 16;
+  c.num_layers = 24;
+  c.num_decoder_layers = 24;
+  c.num_sparse_encoder_layers = 12;
+  c.num_sparse_decoder_layers = 12;
+  c.num_experts = num_experts;
+  c.expert_capacity = 64;
+  c.derive_and_validate("switch-large-" + std::to_string(num_experts));
+  return c;
+}
+
+std::optional<SwitchConfig> published_config(std::string_view name) {
+  const auto experts_after = [&](std::string_view prefix) -> int64_t {
+    if (name.rfind(prefix, 0) != 0) return -1;
+    const std::string_view digits = name.substr(prefix.size());
+    int64_t e = -1;
+    const auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), e);
+    if (ec != std::errc() || end != digits.data() + digits.size() || e < 1 || e > 4096) return -1;
+    return e;
+  };
+  if (const int64_t e = experts_after("switch-base-"); e > 0) return switch_base_config(e);
+  if (const int64_t e = experts_after("switch-large-"); e > 0) return switch_large_config(e);
+  return std::nullopt;
 }
 
 SwitchConfig demo_config() {

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <string_view>
 
 #include "io/checkpoint.h"
 #include "model/config.h"
@@ -21,7 +23,10 @@ std::shared_ptr<TensorSource> make_random_weights(const SwitchConfig& config,
                                                   const RandomWeightOptions& options);
 
 // Configs of the published models (shapes only) and of the built-in demo model.
-SwitchConfig switch_base_config(int64_t num_experts);  // google/switch-base-{8..256}
+SwitchConfig switch_base_config(int64_t num_experts);   // google/switch-base-{8..256}
+SwitchConfig switch_large_config(int64_t num_experts);  // google/switch-large-128: d 1024, 24+24
+// "switch-base-N" / "switch-large-N" (N experts, 1..4096) -> that shape; nullopt for other names.
+std::optional<SwitchConfig> published_config(std::string_view name);
 SwitchConfig demo_config();  // switch-base layout scaled down: d 64, 12+12 layers, 8 experts
 constexpr uint64_t kDemoSeed = 20261126;
 

@@ -10,6 +10,7 @@
 #include "io/checkpoint.h"
 #include "model/config.h"
 #include "model/observer.h"
+#include "model/position.h"
 #include "model/weights.h"
 
 namespace moetrace {
@@ -66,9 +67,5 @@ class SwitchModel {
   std::shared_ptr<TensorSource> source_;
   SwitchWeights weights_;
 };
-
-// Relative position bucket (Mesh-TF _relative_position_bucket) of rp = key_pos - query_pos.
-int relative_position_bucket(int64_t rp, bool bidirectional, int64_t num_buckets,
-                             int64_t max_distance);
 
 }  // namespace moetrace

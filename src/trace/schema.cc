@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/keys.h"
 #include "trace/store.h"
 
 #ifndef MOETRACE_VERSION
@@ -111,7 +112,7 @@ bool parse_shard_path(const std::string& path, int64_t* index, std::string* rank
 }
 
 std::string layer_key(bool decoder, int block) {
-  return (decoder ? "dec." : "enc.") + std::to_string(block);
+  return keys::layer(keys::stack_of(decoder), block);
 }
 
 std::string hidden_dtype_name(const std::optional<DType>& t) {

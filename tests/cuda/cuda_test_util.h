@@ -10,7 +10,6 @@
 
 #include "core/dtype.h"
 #include "kernels/cuda/common.h"
-#include "kernels/cuda/reference.h"
 
 namespace moetrace::cuda::test {
 
@@ -31,7 +30,7 @@ inline std::vector<float> random_vec(size_t n, uint64_t seed, float lo = -1.f, f
 
 // Rounds every element to dtype t in place (so CPU and GPU see the same operands).
 inline void round_vec(std::vector<float>& v, DType t) {
-  for (auto& x : v) x = ref::round_to(x, t);
+  for (auto& x : v) x = round_to(x, t);
 }
 
 // Uploads v as dtype t (F32, BF16, F16).

@@ -88,12 +88,12 @@ TEST_P(CudaDecoderFixture, Fp32MatchesTransformersReference) {
   ASSERT_TRUE(model->has_decoder());
   const SwitchConfig& c = model->config();
   const Batch batch = fixture_batch(*ref);
-  model->encode(batch, nullptr);
+  const Encoded enc = model->encode(batch, nullptr);
 
   const TensorView& dec_in = ref->find("decoder_input_ids")->view;
   const int64_t T = dec_in.shape[1];
   RecordingObserver drec(is_dec_key);
-  const Tensor logits = model->decode(batch, as_i32(dec_in), T, &drec);
+  const Tensor logits = model->decode(enc, batch, as_i32(dec_in), T, &drec);
   EXPECT_LT(rel_err(as_f32(logits.view()), as_f32(ref->find("logits")->view)), 1e-4);
   const auto sparse = c.sparse_decoder_blocks();
   for (size_t n = 0; n < sparse.size(); ++n) {
@@ -120,7 +120,7 @@ TEST_P(CudaDecoderFixture, Fp32MatchesTransformersReference) {
   const TensorView& gen_ids = ref->find("generated_ids")->view;
   const int64_t steps = gen_ids.shape[1] - 1;
   RecordingObserver grec(is_dec_key);
-  const GenerateResult g = model->generate(batch, steps, steps, &grec);
+  const GenerateResult g = model->generate(enc, batch, steps, steps, &grec);
   EXPECT_EQ(g.B, batch.B);
   EXPECT_EQ(g.steps, steps);
   EXPECT_EQ(g.ids, as_i32(gen_ids));
@@ -150,8 +150,8 @@ void expect_generate_matches_cpu(const SwitchConfig& c, std::shared_ptr<TensorSo
   RecordingObserver want(is_dec_key), got(is_dec_key);
   const Tensor enc = cpu->encode(batch, nullptr);
   const GenerateResult w = cpu->generate(enc, batch, max_new, min_new, &want);
-  gpu->encode(batch, nullptr);
-  const GenerateResult g = gpu->generate(batch, max_new, min_new, &got);
+  const Encoded genc = gpu->encode(batch, nullptr);
+  const GenerateResult g = gpu->generate(genc, batch, max_new, min_new, &got);
   EXPECT_EQ(g.B, w.B) << what;
   EXPECT_EQ(g.steps, w.steps) << what;
   EXPECT_EQ(g.ids, w.ids) << what;
@@ -178,8 +178,8 @@ TEST_F(CudaTest, DecoderFp32MatchesCpuEngineOnFixture) {
   RecordingObserver want(is_dec_key), got(is_dec_key);
   const Tensor enc = cpu->encode(batch, nullptr);
   const Tensor wl = cpu->decode(enc, batch, as_i32(dec_in), T, &want);
-  gpu->encode(batch, nullptr);
-  const Tensor gl = gpu->decode(batch, as_i32(dec_in), T, &got);
+  const Encoded genc = gpu->encode(batch, nullptr);
+  const Tensor gl = gpu->decode(genc, batch, as_i32(dec_in), T, &got);
   EXPECT_LT(rel_err(as_f32(gl.view()), as_f32(wl.view())), 1e-4);
   expect_same_decoder_keys(c, got, want, 1e-4, "tiny-a decode");
 
@@ -233,7 +233,8 @@ TEST_F(CudaTest, DecoderFp32CapacityAndUntiedHead) {
   const Tensor enc = cpu->encode(batch, nullptr);
   RecordingObserver want(is_dec_key), got(is_dec_key);
   const GenerateResult w = cpu->generate(enc, batch, 12, 0, &want);
-  const GenerateResult g = gpu->generate(enc, batch, 12, 0, &got);  // no encode() on the GPU
+  const GenerateResult g =
+      gpu->generate(Encoded{Tensor::from_view(enc.view())}, batch, 12, 0, &got);  // no GPU encode()
   EXPECT_EQ(g.steps, w.steps);
   EXPECT_EQ(g.ids, w.ids);
   expect_same_decoder_keys(c, got, want, 1e-4, "random generate");
@@ -250,7 +251,7 @@ TEST_F(CudaTest, DecoderFp32CapacityAndUntiedHead) {
   want.clear();
   got.clear();
   const Tensor wl = cpu->decode(enc, batch, dec_ids, T, &want);
-  const Tensor gl = gpu->decode(enc, batch, dec_ids, T, &got);
+  const Tensor gl = gpu->decode(Encoded{Tensor::from_view(enc.view())}, batch, dec_ids, T, &got);
   EXPECT_LT(rel_err(as_f32(gl.view()), as_f32(wl.view())), 1e-4);
   expect_same_decoder_keys(c, got, want, 1e-4, "random decode");
   int64_t dropped = 0;
@@ -266,10 +267,12 @@ TEST_F(CudaTest, DecoderFp32CapacityAndUntiedHead) {
   auto ucpu = SwitchModel::from_source(cu, usrc, LoadOptions{false});
   auto ugpu = CudaSwitchModel::from_source(cu, usrc, LoadOptions{false}, CudaOptions{DType::kF32});
   const Tensor uw = ucpu->decode(enc, batch, dec_ids, T, nullptr);
-  const Tensor ug = ugpu->decode(enc, batch, dec_ids, T, nullptr);
+  const Tensor ug =
+      ugpu->decode(Encoded{Tensor::from_view(enc.view())}, batch, dec_ids, T, nullptr);
   EXPECT_LT(rel_err(as_f32(ug.view()), as_f32(uw.view())), 1e-4) << "untied LM head";
   const GenerateResult uwg = ucpu->generate(enc, batch, 6, 0, nullptr);
-  const GenerateResult ugg = ugpu->generate(enc, batch, 6, 0, nullptr);
+  const GenerateResult ugg =
+      ugpu->generate(Encoded{Tensor::from_view(enc.view())}, batch, 6, 0, nullptr);
   EXPECT_EQ(ugg.ids, uwg.ids) << "untied LM head";
 }
 
@@ -294,9 +297,9 @@ TEST_F(CudaTest, DecoderBf16MatchesCpuFp32) {
   for (DType prec : {DType::kBF16, DType::kF16}) {
     const std::string p(dtype_name(prec));
     auto gpu = CudaSwitchModel::from_source(c, src, LoadOptions{false}, CudaOptions{prec});
-    gpu->encode(batch, nullptr);
+    const Encoded genc = gpu->encode(batch, nullptr);
     RecordingObserver got(is_dec_key), dgot(is_dec_key);
-    const Tensor gl = gpu->decode(batch, dec_ids, w.steps, &dgot);
+    const Tensor gl = gpu->decode(genc, batch, dec_ids, w.steps, &dgot);
     EXPECT_LT(rel_err(as_f32(gl.view()), as_f32(wl.view())), 2e-2) << p << " LM logits";
     for (int blk : c.sparse_decoder_blocks()) {
       const std::string k = "dec." + std::to_string(blk) + ".router_logits";
@@ -304,7 +307,7 @@ TEST_F(CudaTest, DecoderBf16MatchesCpuFp32) {
           << p << " decode " << k;
     }
 
-    const GenerateResult g = gpu->generate(batch, max_new, 0, &got);
+    const GenerateResult g = gpu->generate(genc, batch, max_new, 0, &got);
     ASSERT_EQ(g.B, B);
     // Steps t whose prefix ids[0..t] agree (the same decoder input), per sequence.
     int64_t comparable = 0, agree = 0, same_seqs = 0;
@@ -343,9 +346,11 @@ TEST_F(CudaTest, DecoderBf16MatchesCpuFp32) {
   }
 }
 
-// What generate()/decode() refuse: an encoder-only model, and a batch that is not the one of the
-// last encode() (or none was encoded).
-TEST_F(CudaTest, DecoderRefusesMismatchedEncoderOutput) {
+// One shape for both engines: generate()/decode() continue from an Encoded. The GPU uses the
+// output it still holds only for its latest encode() of the same batch; any other Encoded (an
+// older one, another batch's, the CPU engine's) is uploaded, with the same result. Refused: an
+// encoder-only model, an encoder output of the wrong shape or dtype, a malformed batch.
+TEST_F(CudaTest, DecoderContinuesFromAnyEncodedOutput) {
   SwitchConfig c = demo_config();
   c.num_layers = c.num_decoder_layers = 2;
   c.encoder_sparse_step = c.decoder_sparse_step = -1;
@@ -355,22 +360,28 @@ TEST_F(CudaTest, DecoderRefusesMismatchedEncoderOutput) {
   const Batch a = random_batch(2, 9, c.vocab_size, 1), b = random_batch(2, 9, c.vocab_size, 2);
   auto enc_only = CudaSwitchModel::from_source(c, src, LoadOptions{true}, CudaOptions{});
   EXPECT_FALSE(enc_only->has_decoder());
-  enc_only->encode(a, nullptr);
-  EXPECT_THROW(enc_only->generate(a, 4, 0, nullptr), Error);
+  const Encoded ea0 = enc_only->encode(a, nullptr);
+  EXPECT_THROW(enc_only->generate(ea0, a, 4, 0, nullptr), Error);
 
   auto gpu = CudaSwitchModel::from_source(c, src, LoadOptions{false}, CudaOptions{});
-  EXPECT_THROW(gpu->generate(a, 4, 0, nullptr), Error);  // nothing encoded yet
-  gpu->encode(a, nullptr);
-  EXPECT_THROW(gpu->generate(b, 4, 0, nullptr), Error);
-  EXPECT_THROW(gpu->decode(b, std::vector<int32_t>(2 * 3, 0), 3, nullptr), Error);
-  const GenerateResult r = gpu->generate(a, 4, 0, nullptr);
+  const Encoded ea = gpu->encode(a, nullptr);
+  const GenerateResult r = gpu->generate(ea, a, 4, 0, nullptr);  // on the device
   EXPECT_EQ(r.B, 2);
   EXPECT_EQ(static_cast<int64_t>(r.ids.size()), 2 * (r.steps + 1));
   EXPECT_EQ(r.ids[0], c.decoder_start_token_id);
-  // The same batch again without re-encoding: still valid.
-  EXPECT_EQ(gpu->generate(a, 4, 0, nullptr).ids, r.ids);
-  Tensor wrong(DType::kF32, {2, 8, c.d_model});
-  EXPECT_THROW(gpu->generate(wrong, a, 4, 0, nullptr), Error);
+  EXPECT_EQ(gpu->generate(ea, a, 4, 0, nullptr).ids, r.ids);  // again, without re-encoding
+  const Encoded eb = gpu->encode(b, nullptr);
+  const GenerateResult rb = gpu->generate(eb, b, 4, 0, nullptr);
+  EXPECT_EQ(gpu->generate(ea, a, 4, 0, nullptr).ids, r.ids);  // `ea` is uploaded now
+  EXPECT_EQ(gpu->generate(Encoded{Tensor::from_view(eb.output.view())}, b, 4, 0, nullptr).ids,
+            rb.ids);  // no id: uploaded
+  EXPECT_THROW(gpu->generate(Encoded{Tensor(DType::kF32, {2, 8, c.d_model})}, a, 4, 0, nullptr),
+               Error);
+  Batch bad = a;
+  bad.input_ids.pop_back();
+  EXPECT_THROW(gpu->generate(ea, bad, 4, 0, nullptr), Error);
+  EXPECT_THROW(gpu->encode(bad, nullptr), Error);
+  EXPECT_THROW(gpu->decode(ea, a, std::vector<int32_t>(2 * 3, 0), 2, nullptr), Error);
 }
 
 }  // namespace

@@ -25,7 +25,7 @@ TEST_P(CudaModelFixture, Fp32MatchesTransformersReference) {
   auto model = CudaSwitchModel::load(dir + "/model", LoadOptions{true}, CudaOptions{DType::kF32});
   RecordingObserver rec;
   const Batch batch = fixture_batch(*ref);
-  const Tensor out = model->encode(batch, &rec);
+  const Tensor out = model->encode(batch, &rec).output;
   const SwitchConfig& c = model->config();
   for (int64_t i = 0; i <= c.num_layers; ++i) {
     const std::string want = "encoder_hidden_states." + std::to_string(i);
@@ -93,11 +93,14 @@ TEST_F(CudaTest, CapturePipelineMatchesEncode) {
   c.expert_capacity = 9;  // make drops happen
   auto src = make_random_weights(c, RandomWeightOptions{11, DType::kBF16, true});
   auto gpu = CudaSwitchModel::from_source(c, src, LoadOptions{true}, CudaOptions{DType::kBF16});
-  CaptureSpec spec;
-  spec.gate = true;
-  spec.hidden = true;  // bf16
-  spec.slots = 2;
-  gpu->set_capture(spec);
+  KeyRequest request;  // every sparse block: fp16 logits, experts, drops, gates, bf16 router inputs
+  for (int blk : c.sparse_encoder_blocks()) {
+    const std::string k = "enc." + std::to_string(blk) + ".";
+    request.add(k + "router_logits", DType::kF16);
+    for (const char* f : {"expert", "dropped", "gate"}) request.add(k + f);
+    request.add(k + "hidden", DType::kBF16);
+  }
+  gpu->set_slots(2);
   std::vector<Batch> batches;
   for (int i = 0; i < 5; ++i)
     batches.push_back(random_batch(3 + i, 17 + 9 * i, c.vocab_size, 100 + i));
@@ -107,7 +110,7 @@ TEST_F(CudaTest, CapturePipelineMatchesEncode) {
       ASSERT_NE(r, nullptr);
       r.reset();  // a consumer that is done with it releases the slot
     }
-    gpu->submit(b);
+    gpu->submit(b, request);
   }
   std::vector<std::unique_ptr<CapturedBatch>> rest;
   while (auto r = gpu->poll(true)) rest.push_back(std::move(r));

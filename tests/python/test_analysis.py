@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
 
 from analysis_testutil import make_store, permutation_store, png_size, softmax  # noqa: E402
-from moetrace import analysis, open_store  # noqa: E402
+from moetrace import accumulate, analysis, open_store  # noqa: E402
 
 E = 8
 
@@ -181,7 +181,7 @@ def random_store(tmp_path_factory):
 
 def test_random_store_against_direct(random_store, monkeypatch):
     path, d = random_store
-    monkeypatch.setattr(analysis, "CHUNK_ROWS", 17)  # many chunks per shard: streaming must not matter
+    monkeypatch.setattr(accumulate, "CHUNK_ROWS", 17)  # many chunks per shard: streaming must not matter
     s = analysis.analyze_store(open_store(path), examples=4, seed=1)
     tok_ds = np.repeat(np.array(d["datasets"]), d["lengths"])
     for name, ex in d["experts"].items():

@@ -27,3 +27,24 @@ def test_build_and_parse():
     assert keys.parse("dec.5.gate") == ("dec", 5, "gate")
     for bad in ("enc.output", "token_ids", "enc.x.gate", "enc.3.", "xyz.1.gate"):
         assert keys.parse(bad) is None
+
+
+def test_layer_names_and_their_tensors():
+    assert keys.layers(keys.ENCODER, [1, 3]) == ["enc.1", "enc.3"]
+    assert keys.layer_tensor("dec.5", keys.GATE) == keys.tensor(keys.DECODER, 5, keys.GATE) == "dec.5.gate"
+    assert keys.parse_layer("dec.5") == ("dec", 5)
+    for bad in ("dec.5.gate", "enc.", "enc.x", "3", "enc.3\n", "encoder.3"):
+        assert keys.parse_layer(bad) is None, bad
+    assert [keys.stack_of(n) for n in ("enc.3", "dec.5.gate", "dec.input_ids", "token_ids", "dec", "encoder.1")] \
+        == ["enc", "dec", "dec", None, None, None]
+
+
+def test_parse_takes_the_rest_as_the_field_like_the_header():
+    assert keys.parse("enc.3.router.weight") == ("enc", 3, "router.weight")
+    assert keys.parse("enc.3.gate\n") == ("enc", 3, "gate\n")  # keys.h keeps every byte after the dot
+    try:
+        keys.layer("mid", 1)
+    except ValueError as e:
+        assert "stack must be" in str(e)
+    else:
+        raise AssertionError("keys.layer accepted stack 'mid'")

@@ -1,9 +1,14 @@
 // moetrace forward --model M --inputs IN.safetensors --output OUT.safetensors [--generate N]
+//                  [--device cpu|cuda|cuda:N|auto] [--precision fp32|bf16|fp16]
 #include "command.h"
+#include "core/dtype.h"
 #include "core/log.h"
+#include "engine/engine.h"
+#include "io/checkpoint.h"
 #include "io/hf_cache.h"
 #include "io/safetensors.h"
 #include "kernels/cpu/ops.h"
+#include "model/config.h"
 #include "model/forward.h"
 
 namespace moetrace::cli {
@@ -15,22 +20,28 @@ struct ForwardOptions {
   std::string output;
   int64_t generate = 0;
   int threads = 0;
+  std::string device = "cpu";
+  std::string precision = "fp32";
 };
 
 void run(const ForwardOptions& o) {
+  EngineOptions eo;
+  eo.device = resolve_device(o.device, 0);
+  eo.precision =
+      parse_dtype_option("--precision", o.precision, {DType::kF32, DType::kBF16, DType::kF16});
   cpu::set_num_threads(o.threads);
   ForwardInputs in = read_forward_inputs(o.inputs);
-  LoadOptions lo;
-  lo.encoder_only = in.T == 0 && o.generate == 0;
-  auto model = SwitchModel::load(resolve_model(o.model).dir, lo);
-  std::map<std::string, Tensor> out = run_forward(*model, in, o.generate);
+  eo.load.encoder_only = in.T == 0 && o.generate == 0;
+  const std::filesystem::path dir = resolve_model(o.model).dir;
+  auto engine = make_engine(eo, load_config(dir / "config.json"), open_checkpoint(dir));
+  std::map<std::string, Tensor> out = run_forward(*engine, in, o.generate);
   std::vector<NamedView> views;
   for (const auto& [name, t] : out) views.push_back({name, t.view()});
   const std::filesystem::path path(o.output);
   const std::filesystem::path tmp = path.string() + ".tmp";
   write_safetensors(tmp, views, {{"producer", "moetrace forward"}});
   std::filesystem::rename(tmp, path);
-  log_info("wrote ", out.size(), " tensors to ", o.output);
+  log_info("wrote ", out.size(), " tensors to ", o.output, " (", engine->device(), ")");
 }
 
 const RegisterCommand reg([](CLI::App& app) {
@@ -46,6 +57,14 @@ const RegisterCommand reg([](CLI::App& app) {
   sub->add_option("--generate", opts->generate, "greedy-generate exactly N tokens (eos masked)")
       ->capture_default_str();
   sub->add_option("--threads", opts->threads, "CPU threads (0 = all cores)")->capture_default_str();
+  sub->add_option("--device", opts->device,
+                  "cpu | cuda | cuda:N | auto: the engine (auto: the GPU when built with CUDA and "
+                  "one is visible, else the CPU)")
+      ->capture_default_str();
+  sub->add_option("--precision", opts->precision,
+                  "fp32 | bf16 | fp16: the GPU engine's activations (router always fp32); the CPU "
+                  "computes in fp32 only")
+      ->capture_default_str();
   sub->callback([opts] { run(*opts); });
 });
 

@@ -15,6 +15,7 @@
 #include "collect/model_source.h"
 #include "command.h"
 #include "core/error.h"
+#include "core/keys.h"
 #include "core/log.h"
 #include "core/tensor.h"
 #include "io/checkpoint.h"
@@ -73,8 +74,7 @@ void run_routers(const RoutersOptions& opt) {
   const std::string dir = model.demo ? model.id : model.dir.string();
   std::vector<Tensor> owned;  // keeps the converted data alive until written
   std::vector<std::pair<std::string, size_t>> names;
-  auto add_stack = [&](const std::string& stack, const std::string& key,
-                       const std::vector<int>& blocks) {
+  auto add_stack = [&](const std::string& stack, keys::Stack s, const std::vector<int>& blocks) {
     for (int i : blocks) {
       const CheckpointTensor* w = find_router(*src, stack, i, "weight");
       if (w == nullptr) {
@@ -87,7 +87,7 @@ void run_routers(const RoutersOptions& opt) {
       }
       warn_non_finite(*w);
       owned.push_back(to_f32(*w));
-      names.emplace_back(key + "." + std::to_string(i) + ".router.weight", owned.size() - 1);
+      names.emplace_back(keys::layer(s, i) + ".router.weight", owned.size() - 1);
       if (cfg.router_bias) {
         const CheckpointTensor* b = find_router(*src, stack, i, "bias");
         if (b == nullptr) {
@@ -100,12 +100,13 @@ void run_routers(const RoutersOptions& opt) {
         }
         warn_non_finite(*b);
         owned.push_back(to_f32(*b));
-        names.emplace_back(key + "." + std::to_string(i) + ".router.bias", owned.size() - 1);
+        names.emplace_back(keys::layer(s, i) + ".router.bias", owned.size() - 1);
       }
     }
   };
-  add_stack("encoder", "enc", cfg.sparse_encoder_blocks());
-  if (cfg.is_encoder_decoder) add_stack("decoder", "dec", cfg.sparse_decoder_blocks());
+  add_stack("encoder", keys::Stack::kEncoder, cfg.sparse_encoder_blocks());
+  if (cfg.is_encoder_decoder)
+    add_stack("decoder", keys::Stack::kDecoder, cfg.sparse_decoder_blocks());
   std::vector<NamedView> views;
   for (const auto& [name, k] : names) views.push_back(NamedView{name, owned[k].view()});
   const std::map<std::string, std::string> meta = {

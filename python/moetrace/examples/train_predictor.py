@@ -15,16 +15,19 @@ import sys
 
 import numpy as np
 
+from moetrace import keys
+
 
 def load_split(store, target: str, split, max_tokens: int):
     """(x_train, y_train, x_test, y_test): features of layer `target`'s previous MoE layer."""
-    from moetrace.analysis import rows_f32
+    from moetrace.store import rows_f32
 
     layers = store.layers
     t = layers.index(target)
-    if t == 0 or layers[t - 1].split(".")[0] != target.split(".")[0]:
+    stack = keys.stack_of(target)
+    if t == 0 or keys.stack_of(layers[t - 1]) != stack:
         raise SystemExit(f"{target} has no previous MoE layer in its stack; pick another --target")
-    prev, prev2 = layers[t - 1], (layers[t - 2] if t >= 2 and layers[t - 2][:3] == target[:3] else None)
+    prev, prev2 = layers[t - 1], (layers[t - 2] if t >= 2 and keys.stack_of(layers[t - 2]) == stack else None)
     e = store.num_experts
     parts = {0: ([], []), 1: ([], [])}
     kept = 0
@@ -33,18 +36,19 @@ def load_split(store, target: str, split, max_tokens: int):
             continue
         md = shard.metadata
         role = split.assign(md["sample_ids"], md["datasets"])
-        off = shard.sample_offsets if target.startswith("enc.") else shard.dec_sample_offsets
+        off = shard.sample_offsets if stack == keys.ENCODER else shard.dec_sample_offsets
         rows_role = np.repeat(role, np.diff(off))
         feats = []
-        if shard.has(f"{prev}.hidden"):
-            feats.append(rows_f32(shard.tensor(f"{prev}.hidden"), 0, int(off[-1])))
+        k_hidden = keys.layer_tensor(prev, keys.HIDDEN)
+        if shard.has(k_hidden):
+            feats.append(rows_f32(shard.tensor(k_hidden), 0, int(off[-1])))
         for name in (prev, prev2):
             oh = np.zeros((int(off[-1]), e), np.float32)
             if name is not None:
-                oh[np.arange(oh.shape[0]), np.asarray(shard.tensor(f"{name}.expert"))] = 1.0
+                oh[np.arange(oh.shape[0]), np.asarray(shard.tensor(keys.layer_tensor(name, keys.EXPERT)))] = 1.0
             feats.append(oh)
         x = np.concatenate(feats, axis=1)
-        y = np.asarray(shard.tensor(f"{target}.expert"), np.int64)
+        y = np.asarray(shard.tensor(keys.layer_tensor(target, keys.EXPERT)), np.int64)
         for r in (0, 1):
             m = rows_role == r
             parts[r][0].append(x[m])

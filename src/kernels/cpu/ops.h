@@ -1,10 +1,23 @@
-// CPU math used by the engine. No knowledge of models or files. Matrices are row-major float32.
-// tests/kernels_cpu/ops_test.cc compares each op with a plain loop on odd sizes.
+// The CPU ops of the Switch encoder and decoder: the reference twins of the GPU ops in
+// kernels/cuda/ops.h, with the same names and, as far as host memory allows, the same arguments.
+// No knowledge of models or files. Row-major float32 buffers, dense unless an ld (row stride, in
+// elements) is given. `act` is the activation dtype the GPU rounds to (kF32, kBF16 or kF16): a CPU
+// op rounds the same values with round_to() (core/dtype.h) and keeps them in float32, so a GPU op
+// and its twin see the same rounded numbers; act = kF32 rounds nothing (the CPU engine's math).
+// The residual stream, norms' sums, softmax sums and the router are float32 in every mode.
+// tests/backend checks each op against a plain loop on odd sizes and, with a GPU, the GPU ops
+// against these (one table of cases for both).
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "core/dtype.h"
 
 namespace moetrace::cpu {
+
+// ---- Dense math ---------------------------------------------------------------------------------
 
 // C[M,N] = alpha * A[M,K] · B[N,K]ᵀ + beta * C  (B in PyTorch Linear layout [out, in]).
 // lda/ldb/ldc are row strides in elements. Runs on BLAS; threads itself unless called inside an
@@ -14,13 +27,101 @@ void gemm_nt(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64
 // C[M,N] = alpha * A[M,K] · B[K,N] + beta * C.
 void gemm_nn(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+// gemm_nt as three plain loops, the sum over k in double: the yardstick of the tests.
+void gemm_nt_scalar(int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                    const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
-// out[r,:] = w * x[r,:] * rsqrt(mean(x[r,:]²) + eps); out may alias x.
-void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, float* out);
-// In-place softmax over each row of x[rows, n], max-subtracted. A row needs one finite entry: an
-// all -inf row gives NaN, which is why masks add the lowest finite float (as transformers does).
+// x[t,:] = float32(table[ids[t],:]) for t < T. table: [vocab, d] in table_dt (F32/BF16/F16). The
+// ids must be valid rows (the model checks them).
+void embed(const int32_t* ids, const void* table, DType table_dt, int64_t T, int64_t d, float* x);
+
+// out[r,:] = act(w * x[r,:] * rsqrt(mean(x[r,:]²) + eps)) for r < rows, the sum of squares in
+// float32 in column order; also the unrounded value into out_f32 when it is not null (the router's
+// input). out may alias x.
+void rmsnorm(const float* x, const float* w, int64_t rows, int64_t d, float eps, float* out,
+             DType act = DType::kF32, float* out_f32 = nullptr);
+
+// In-place softmax over each row of x[rows, n], max-subtracted, float32 sum. A row needs one
+// finite entry: an all -inf row gives NaN, which is why masks add the lowest finite float (as
+// transformers does).
 void softmax_rows(float* x, int64_t rows, int64_t n);
-void relu_inplace(float* x, int64_t n);
+// x[i] = act(max(x[i], 0)).
+void relu_inplace(float* x, int64_t n, DType act = DType::kF32);
+// x[i] = act(x[i]).
+void round_inplace(float* x, int64_t n, DType act);
+
+// ---- Attention (unscaled, T5) -------------------------------------------------------------------
+
+// Attention probabilities of one layer, as the GPU's attention_softmax:
+//   probs[b,h,i,:] = act(softmax(scores[b,h,i,:] + bias[h, j-i+Sk-1] + (mask[b,j] ? 0 : lowest)
+//                                + (causal && j > i ? lowest : 0)))
+// scores [B,H,Sq,Sk]; bias [H, 2*Sk-1] or null (no position bias); mask [B,Sk] or null (no
+// padding). probs may alias scores.
+void attention_softmax(const float* scores, const float* bias, const int32_t* mask, bool causal,
+                       int64_t B, int64_t H, int64_t Sq, int64_t Sk, float* probs, DType act);
+
+// Self-attention over packed qkv [B*S, 3*H*dk] (q | k | v, head-major: column h*dk + c), the twin
+// of the GPU's flash_attention and of its unfused path (batched GEMMs + attention_softmax):
+//   ctx[b,i,h,:] = act(Σ_j p_j · v[b,j,h,:]),  p = attention_softmax row (b,h,i) of q_i·k_j
+// bias [H, 2S-1] or null, mask [B,S] or null. ctx [B*S, H*dk]. Operands already in `act`.
+void attention(const float* qkv, const float* bias, const int32_t* mask, bool causal, int64_t B,
+               int64_t S, int64_t H, int64_t dk, float* ctx, DType act);
+
+// Attention of Sq query rows per sequence over Sk keys (decoder self-attention over its KV cache,
+// cross-attention over the encoder's keys), as the GPU's decode_attention:
+//   ctx[b,i,h,:] = act(Σ_j p_j · v[b,j,h,:]),  p = act(softmax_j(q[b,i,h]·k[b,j,h] + bias + mask))
+// Query i sits at position pos = i + Sk - Sq; causal: keys j > pos get the lowest float (a
+// probability of exactly 0). bias_dist [H, bias_ld] or null (causal only): key j <= pos gets
+// bias_dist[h, pos - j]. mask [B, Sk] or null: a 0 adds the lowest float.
+// Rows: q (b,i) at q + (b*Sq + i)*ldq + h*dk; k/v (b,j) at k/v + b*kv_bstride + j*ldkv + h*dk;
+// ctx (b,i) at ctx + (b*Sq + i)*ldctx + h*dk.
+void decode_attention(const float* q, int64_t ldq, const float* k, const float* v, int64_t ldkv,
+                      int64_t kv_bstride, const float* bias_dist, int64_t bias_ld,
+                      const int32_t* mask, bool causal, int64_t B, int64_t H, int64_t Sq,
+                      int64_t Sk, int64_t dk, float* ctx, int64_t ldctx, DType act);
+
+// ---- Decoding -----------------------------------------------------------------------------------
+
+// The greedy choice of one generation step, per sequence b:
+//   next = first maximum of logits[b,:] with logits[b, banned] read as -inf (when banned >= 0:
+//   eos before min_new_tokens); if finished[b]: next = pad; if next == eos: finished[b] = 1;
+//   ids[b] = next.
+// logits [B, V], finished [B] (in/out), ids [B] (out).
+void greedy_pick(const float* logits, int64_t B, int64_t V, int32_t banned, int32_t eos,
+                 int32_t pad, uint8_t* finished, int32_t* ids);
+
+// ---- Mixture of experts -------------------------------------------------------------------------
+
+// The Switch router after its logits, per sequence b, exactly as SWITCH_SPEC.md:
+//   probs = act(softmax(logits[b,s,:])) (float32 softmax, rounded to the activation dtype),
+//   expert = argmax(probs) (lowest index on ties), gate = max(probs),
+//   rank = number of earlier positions s' < s of sequence b with the same expert (pad tokens
+//   count), dropped = rank >= capacity.
+// logits [B,S,E]. Writes expert [B*S], dropped [B*S], gate [B*S] and adds the kept tokens of each
+// expert to counts[E] (zero it first).
+void moe_route(const float* logits, int64_t B, int64_t S, int64_t E, int64_t capacity, DType act,
+               int32_t* expert, uint8_t* dropped, float* gate, int32_t* counts);
+
+// Float32 weights of one expert: wi [F, K], wo [K, F] (PyTorch Linear layout).
+struct ExpertWeights {
+  const float* wi;
+  const float* wo;
+};
+// Returns expert e's weights, converting into the scratch vectors when they are stored in another
+// dtype; called once per expert with tokens, possibly from several threads at once (each with its
+// own scratch).
+using ExpertWeightsFn = std::function<ExpertWeights(int64_t e, std::vector<float>& wi_scratch,
+                                                    std::vector<float>& wo_scratch)>;
+
+// The expert FFN over T tokens h [T, K] (already in act precision) routed by moe_route:
+//   x[t,:] += gate[t] · (act(relu(h[t,:] · Wi[e]ᵀ)) · Wo[e]ᵀ)   e = expert[t], kept tokens only;
+// a dropped token adds nothing (it is carried by the residual). x [T, K] float32. One GEMM pair
+// per expert over its tokens in position order; experts run in parallel, busiest first.
+void moe_ffn(const float* h, int64_t T, int64_t K, int64_t F, int64_t E,
+             const ExpertWeightsFn& weights, const int32_t* expert, const uint8_t* dropped,
+             const float* gate, DType act, float* x);
+
+// ---- Threads ------------------------------------------------------------------------------------
 
 // Sets the BLAS/OpenMP thread count for this process (0 = leave the default).
 void set_num_threads(int n);

@@ -2,8 +2,8 @@
 // models or files. Pointers are device pointers; row-major, dense unless an ld (row stride, in
 // elements) is given. `act` is the activation dtype of GEMM operands: kF32, kBF16 or kF16. The
 // residual stream, norms, softmax and everything of the router are float32 in every mode. Each op
-// has a plain CPU twin in kernels/cuda/reference.h that tests/cuda compares it with on random
-// inputs of odd sizes.
+// has a CPU twin of the same name in kernels/cpu/ops.h (the CPU engine's ops, act rounding
+// modelled); tests/backend compares the two on random inputs of odd sizes for f32, bf16 and f16.
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -6,8 +6,10 @@
 #include <cstring>
 #include <deque>
 #include <map>
+#include <optional>
 
 #include "core/error.h"
+#include "core/keys.h"
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/common.h"
 #include "kernels/cuda/ops.h"
@@ -23,11 +25,11 @@ using cuda::Stream;
 
 namespace {
 
-std::string key(int64_t block, const char* name) {
-  return "enc." + std::to_string(block) + "." + name;
+std::string key(int64_t block, std::string_view field) {
+  return keys::tensor(keys::Stack::kEncoder, static_cast<int>(block), field);
 }
-std::string dec_key(int64_t block, const char* name) {
-  return "dec." + std::to_string(block) + "." + name;
+std::string dec_key(int64_t block, std::string_view field) {
+  return keys::tensor(keys::Stack::kDecoder, static_cast<int>(block), field);
 }
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
@@ -57,6 +59,18 @@ DeviceBuffer upload_f32(const std::vector<float>& v) {
   return b;
 }
 
+// What the pipeline copies to the host for every sparse encoder block i, as a submit()'s request
+// asks for it (spec_of below).
+struct CaptureSpec {
+  bool router_logits = false;        // enc.{i}.router_logits [B,S,E]
+  DType logits_dtype = DType::kF32;  // kF16 (half the bytes) or kF32
+  bool expert = false;               // enc.{i}.expert [B,S] I32
+  bool dropped = false;              // enc.{i}.dropped [B,S] U8
+  bool gate = false;                 // enc.{i}.gate [B,S] F32
+  bool hidden = false;               // enc.{i}.hidden [B,S,d]: the router input (RMS-normed)
+  DType hidden_dtype = DType::kF32;  // kF32, kBF16 or kF16
+};
+
 // The per-batch layout of a capture slot (device staging and pinned host alike), for T tokens and L
 // sparse blocks: [logits L*T*E][expert L*T i32][gate L*T f32][dropped L*T u8], each part
 // 256-aligned.
@@ -78,7 +92,9 @@ struct CaptureLayout {
 
 }  // namespace
 
-struct CapturedBatch::Pool {
+// The pipeline's slot states and pinned host buffers, shared with the batches handed out (a batch
+// keeps them alive and frees its slot when destroyed, from any thread).
+struct SlotPool {
   enum State { kFree, kInFlight, kHeld };
   std::mutex mu;
   std::condition_variable cv;
@@ -86,20 +102,22 @@ struct CapturedBatch::Pool {
   std::vector<PinnedBuffer> host;
 };
 
-CapturedBatch::~CapturedBatch() {
-  if (!pool_) return;
-  {
-    std::lock_guard<std::mutex> lock(pool_->mu);
-    pool_->state[static_cast<size_t>(slot_)] = Pool::kFree;
+// A finished pipeline batch: views into its slot's pinned host memory.
+class SlotBatch : public CapturedBatch {
+ public:
+  SlotBatch(std::shared_ptr<SlotPool> pool, int slot) : pool_(std::move(pool)), slot_(slot) {}
+  ~SlotBatch() override {
+    {
+      std::lock_guard<std::mutex> lock(pool_->mu);
+      pool_->state[static_cast<size_t>(slot_)] = SlotPool::kFree;
+    }
+    pool_->cv.notify_all();
   }
-  pool_->cv.notify_all();
-}
 
-const TensorView* CapturedBatch::find(std::string_view k) const {
-  for (const auto& [name, view] : tensors)
-    if (name == k) return &view;
-  return nullptr;
-}
+ private:
+  std::shared_ptr<SlotPool> pool_;
+  int slot_;
+};
 
 struct DevBlock {
   DeviceBuffer ln_attn, ln_ff;    // f32 [d]
@@ -168,13 +186,29 @@ struct RouterOut {
   float* gate;
 };
 
-// Where the decoder's observed tensors go. Immediate (no staging: decode()): each is downloaded
-// and offered when put. Staged (generate()): each is copied on the stream into pinned memory and
-// offered by flush(), after the step's one synchronization; staging must be reserved for a step.
-class Sink {
+// Where one pass's observed tensors go: the GPU engine's one observation mechanism. The observer
+// decides what is wanted (wants(key)); the pass decides how it travels:
+//  now:    downloaded and offered at once (encode(), decode());
+//  staged: copied on the stream into pinned memory and offered by flush(), after the step's one
+//          synchronization (generate(); staging must be reserved for a step);
+//  slot:   written by the router straight into a pipeline slot's device staging area in the
+//          request's dtypes (submit()); poll() hands it back, nothing is offered.
+class Tap {
  public:
-  Sink(Observer* obs, cudaStream_t stream, PinnedBuffer* staging)
-      : obs_(obs), stream_(stream), staging_(staging) {}
+  static Tap now(Observer* obs, cudaStream_t stream) { return Tap(obs, stream, nullptr); }
+  static Tap staged(Observer* obs, cudaStream_t stream, PinnedBuffer* staging) {
+    return Tap(obs, stream, staging);
+  }
+  static Tap slot(uint8_t* base, const CaptureLayout& layout, const CaptureSpec& spec, int64_t E,
+                  cudaStream_t stream) {
+    Tap t(nullptr, stream, nullptr);
+    t.slot_ = base;
+    t.layout_ = layout;
+    t.spec_ = spec;
+    t.E_ = E;
+    return t;
+  }
+
   bool wants(const std::string& k) const { return obs_ != nullptr && obs_->wants(k); }
   void put(const std::string& k, const void* dev, DType dt, Shape shape) {
     if (!wants(k)) return;
@@ -194,7 +228,7 @@ class Sink {
                                   stream_));
     pending_.push_back(Pending{k, dt, std::move(shape), off});
   }
-  // Waits for the stream, then offers what was staged since the last flush.
+  // Staged: waits for the stream, then offers what was staged since the last flush.
   void flush() {
     MT_CUDA_CHECK(cudaStreamSynchronize(stream_));
     for (const Pending& p : pending_)
@@ -203,7 +237,34 @@ class Sink {
     used_ = 0;
   }
 
+  // Slot: where the router of the li-th sparse block writes for T tokens (the slot's areas; the
+  // scratch ones of `r` otherwise).
+  RouterOut router_out(int64_t li, int64_t T, RouterOut r) const {
+    if (slot_ == nullptr) return r;
+    const auto lt = static_cast<size_t>(li * T);
+    r.expert = reinterpret_cast<int32_t*>(slot_ + layout_.expert) + lt;
+    r.gate = reinterpret_cast<float*>(slot_ + layout_.gate) + lt;
+    r.dropped = slot_ + layout_.dropped + lt;
+    if (spec_.router_logits) {
+      uint8_t* lb = slot_ + layout_.logits + lt * static_cast<size_t>(E_) * layout_.logit_bytes;
+      if (spec_.logits_dtype == DType::kF16)
+        r.logits_f16 = reinterpret_cast<uint16_t*>(lb);
+      else
+        r.logits = reinterpret_cast<float*>(lb);
+    }
+    return r;
+  }
+  // Slot: the li-th sparse block's router input hr [T, d] f32, converted into the slot.
+  void router_input(int64_t li, int64_t T, int64_t d, const float* hr) const {
+    if (slot_ == nullptr || !spec_.hidden) return;
+    cuda::convert_f32(
+        hr, T * d, slot_ + layout_.hidden + static_cast<size_t>(li * T * d) * layout_.hidden_bytes,
+        spec_.hidden_dtype, stream_);
+  }
+
  private:
+  Tap(Observer* obs, cudaStream_t stream, PinnedBuffer* staging)
+      : obs_(obs), stream_(stream), staging_(staging) {}
   struct Pending {
     std::string key;
     DType dtype;
@@ -215,6 +276,10 @@ class Sink {
   PinnedBuffer* staging_;
   std::vector<Pending> pending_;
   size_t used_ = 0;
+  uint8_t* slot_ = nullptr;
+  CaptureLayout layout_{CaptureSpec{}, 0, 0, 0, 0};
+  CaptureSpec spec_;
+  int64_t E_ = 0;
 };
 
 }  // namespace
@@ -226,13 +291,7 @@ struct SlotDev {
   uint64_t ticket = 0;
   int64_t B = 0, S = 0;
   size_t bytes = 0;
-};
-
-// Device destinations of the router outputs of one forward; null members use scratch.
-struct CaptureTargets {
-  uint8_t* base = nullptr;
-  CaptureLayout layout{CaptureSpec{}, 0, 0, 0, 0};
-  CaptureSpec spec;
+  CaptureSpec spec;  // what its request asked for
 };
 
 struct CudaSwitchModel::Impl {
@@ -260,7 +319,7 @@ struct CudaSwitchModel::Impl {
   // The batch whose encoder output `out` holds (set by encode(); submit() and a growing reserve()
   // overwrite `out`): generate()/decode() without an explicit encoder output read it.
   bool enc_valid = false;
-  int64_t enc_B = 0, enc_S = 0;
+  uint64_t enc_id = 0, encodes = 0;  // the Encoded::id of `out`; encode() calls so far
   std::vector<int32_t> enc_ids, enc_mask;
 
   // Decoder weights (when loaded with encoder_only = false).
@@ -284,8 +343,8 @@ struct CudaSwitchModel::Impl {
   DeviceBuffer finished;      // u8 [B]
   PinnedBuffer step_ids, step_obs;
 
-  CaptureSpec spec;
-  std::shared_ptr<CapturedBatch::Pool> pool;
+  int n_slots = 3;
+  std::shared_ptr<SlotPool> pool;
   std::vector<std::unique_ptr<SlotDev>> slots;
   std::deque<int> order;  // in-flight slots in submit order
   uint64_t next_ticket = 0;
@@ -295,18 +354,17 @@ struct CudaSwitchModel::Impl {
   void reserve(int64_t B, int64_t S);
   const float* bias_table(int64_t S);
   void feed_forward(const DevBlock& b, Acts& a, int64_t B, int64_t S, float* X, const RouterOut& r);
-  void forward(int64_t B, int64_t S, Observer* obs, const CaptureTargets* cap);
+  void forward(int64_t B, int64_t S, Tap& tap);
   // Decoder.
-  const float* enc_output(const Batch& batch, const Tensor* enc_out, const char* what);
+  const float* enc_output(const Batch& batch, const Encoded& enc, const char* what);
   void prepare_decoder(const float* enc, const Batch& batch);
   const float* dec_bias_table(int64_t Tmax);
-  void decoder_layers(int64_t B, int64_t S, int64_t Tq, int64_t t0, int64_t Tmax, Sink& sink);
+  void decoder_layers(int64_t B, int64_t S, int64_t Tq, int64_t t0, int64_t Tmax, Tap& tap);
   void lm_logits(int64_t n);
   GenerateResult generate(const float* enc, const Batch& batch, int64_t max_new_tokens,
                           int64_t min_new_tokens, Observer* obs);
   Tensor decode(const float* enc, const Batch& batch, const std::vector<int32_t>& dec_ids,
                 int64_t T, Observer* obs);
-  void offer(Observer* obs, const std::string& k, const void* dev, DType dt, Shape shape);
   size_t device_bytes() const;
   void configure_slots();
 };
@@ -432,14 +490,6 @@ const float* CudaSwitchModel::Impl::bias_table(int64_t S) {
   return bias_tables.emplace(S, upload_f32(table)).first->second.as<float>();
 }
 
-void CudaSwitchModel::Impl::offer(Observer* obs, const std::string& k, const void* dev, DType dt,
-                                  Shape shape) {
-  if (obs == nullptr || !obs->wants(k)) return;
-  Tensor t(dt, std::move(shape));
-  cuda::download(t.raw(), dev, t.nbytes(), compute->get());
-  obs->observe(k, t.view());
-}
-
 void CudaSwitchModel::Impl::feed_forward(const DevBlock& b, Acts& a, int64_t B, int64_t S, float* X,
                                          const RouterOut& r) {
   const int64_t T = B * S;
@@ -474,8 +524,7 @@ void CudaSwitchModel::Impl::feed_forward(const DevBlock& b, Acts& a, int64_t B, 
                      max_tiles, cuda::GroupedEpilogue::kGateResidual, X, d, r.gate, act, s);
 }
 
-void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs,
-                                    const CaptureTargets* cap) {
+void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Tap& tap) {
   const int64_t T = B * S;
   cudaStream_t s = compute->get();
   const int32_t* d_ids = ids.as<int32_t>();
@@ -499,7 +548,7 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs,
   for (size_t i = 0; i < blocks.size(); ++i) {
     const DevBlock& b = blocks[i];
     const auto bi = static_cast<int64_t>(i);
-    offer(obs, key(bi, "input"), X, DType::kF32, {B, S, d});
+    tap.put(key(bi, keys::kInput), X, DType::kF32, {B, S, d});
     // Self-attention: x += o(softmax(q·kᵀ + bias + mask)·v).
     cuda::rmsnorm(X, b.ln_attn.as<float>(), T, d, eps, enc.h.get(), act, nullptr, s);
     blas->gemm_nt(GemmArgs{T, 3 * inner, d, enc.h.get(), d, b.qkv.get(), d, enc.qkv.get(),
@@ -515,39 +564,20 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Observer* obs,
     blas->gemm_nt(GemmArgs{T, d, inner, enc.ctx.get(), inner, b.o.get(), inner, X, d, act,
                            DType::kF32, true});
     // Feed-forward; a sparse block's router writes into the capture slot when there is one.
-    RouterOut r{enc.logits.as<float>(), nullptr, enc.expert.as<int32_t>(),
-                enc.dropped.as<uint8_t>(), enc.gate.as<float>()};
-    const int64_t li = b.sparse_index;
-    if (cap && b.sparse) {
-      uint8_t* base = cap->base;
-      const auto lt = static_cast<size_t>(li * T);
-      r.expert = reinterpret_cast<int32_t*>(base + cap->layout.expert) + lt;
-      r.gate = reinterpret_cast<float*>(base + cap->layout.gate) + lt;
-      r.dropped = base + cap->layout.dropped + lt;
-      if (cap->spec.router_logits) {
-        uint8_t* lb =
-            base + cap->layout.logits + lt * static_cast<size_t>(E) * cap->layout.logit_bytes;
-        if (cap->spec.logits_dtype == DType::kF16)
-          r.logits_f16 = reinterpret_cast<uint16_t*>(lb);
-        else
-          r.logits = reinterpret_cast<float*>(lb);
-      }
-    }
+    const RouterOut scratch{enc.logits.as<float>(), nullptr, enc.expert.as<int32_t>(),
+                            enc.dropped.as<uint8_t>(), enc.gate.as<float>()};
+    const RouterOut r = b.sparse ? tap.router_out(b.sparse_index, T, scratch) : scratch;
     feed_forward(b, enc, B, S, X, r);
     if (!b.sparse) continue;
-    if (cap && cap->spec.hidden)
-      cuda::convert_f32(enc.hr.as<float>(), T * d,
-                        cap->base + cap->layout.hidden +
-                            static_cast<size_t>(li * T * d) * cap->layout.hidden_bytes,
-                        cap->spec.hidden_dtype, s);
-    offer(obs, key(bi, "hidden"), enc.hr.get(), DType::kF32, {B, S, d});
-    offer(obs, key(bi, "router_logits"), r.logits, DType::kF32, {B, S, E});
-    offer(obs, key(bi, "expert"), r.expert, DType::kI32, {B, S});
-    offer(obs, key(bi, "dropped"), r.dropped, DType::kU8, {B, S});
-    offer(obs, key(bi, "gate"), r.gate, DType::kF32, {B, S});
+    tap.router_input(b.sparse_index, T, d, enc.hr.as<float>());
+    tap.put(key(bi, keys::kHidden), enc.hr.get(), DType::kF32, {B, S, d});
+    tap.put(key(bi, keys::kRouterLogits), r.logits, DType::kF32, {B, S, E});
+    tap.put(key(bi, keys::kExpert), r.expert, DType::kI32, {B, S});
+    tap.put(key(bi, keys::kDropped), r.dropped, DType::kU8, {B, S});
+    tap.put(key(bi, keys::kGate), r.gate, DType::kF32, {B, S});
   }
   cuda::rmsnorm(X, final_ln.as<float>(), T, d, eps, out.get(), DType::kF32, nullptr, s);
-  offer(obs, "enc.output", out.get(), DType::kF32, {B, S, d});
+  tap.put(std::string(keys::kEncoderOutput), out.get(), DType::kF32, {B, S, d});
 }
 
 size_t CudaSwitchModel::Impl::device_bytes() const {
@@ -571,35 +601,24 @@ size_t CudaSwitchModel::Impl::device_bytes() const {
 // ---- decoder
 // -------------------------------------------------------------------------------------
 
-// The encoder output for a decoder call: the caller's (uploaded) or the last encode()'s, which
-// must be of this batch.
-const float* CudaSwitchModel::Impl::enc_output(const Batch& batch, const Tensor* enc_out,
+// The encoder output for a decoder call: still on the device when `enc` is the latest encode() of
+// this very batch, else enc.output uploaded.
+const float* CudaSwitchModel::Impl::enc_output(const Batch& batch, const Encoded& enc,
                                                const char* what) {
-  if (!has_decoder)
-    fail("CudaSwitchModel::", what,
-         ": the model was loaded encoder-only; the decoder is not available");
+  const std::string who = std::string("CudaSwitchModel::") + what;
+  if (!has_decoder) fail(who, ": the model was loaded encoder-only; the decoder is not available");
+  check_batch(batch, c.vocab_size, who);
   const int64_t B = batch.B, S = batch.S, n = B * S;
-  if (static_cast<int64_t>(batch.input_ids.size()) != n ||
-      static_cast<int64_t>(batch.attention_mask.size()) != n)
-    fail("CudaSwitchModel::", what, ": batch of ", B, "x", S, " has ", batch.input_ids.size(),
-         " ids and ", batch.attention_mask.size(), " mask values");
-  if (S > cuda::kDecodeMaxKeys)
-    fail("CudaSwitchModel::", what, ": encoder length ", S, " > ", cuda::kDecodeMaxKeys);
-  if (enc_out != nullptr) {
-    if (enc_out->dtype() != DType::kF32 || enc_out->shape() != Shape{B, S, d})
-      fail("CudaSwitchModel::", what, ": encoder output is ", dtype_name(enc_out->dtype()), " ",
-           shape_str(enc_out->shape()), ", expected F32 [", B, ", ", S, ", ", d, "]");
-    enc_in.reserve(static_cast<size_t>(n * d) * 4);
-    MT_CUDA_CHECK(cudaMemcpyAsync(enc_in.get(), enc_out->raw(), enc_out->nbytes(),
-                                  cudaMemcpyHostToDevice, compute->get()));
-    return enc_in.as<float>();
-  }
-  if (!enc_valid || enc_B != B || enc_S != S || enc_ids != batch.input_ids ||
-      enc_mask != batch.attention_mask)
-    fail("CudaSwitchModel::", what,
-         ": the batch is not the one of the last encode() call (call encode(batch) first, or pass "
-         "the encoder output)");
-  return out.as<float>();
+  if (S > cuda::kDecodeMaxKeys) fail(who, ": encoder length ", S, " > ", cuda::kDecodeMaxKeys);
+  check_encoded(enc, batch, d, who);
+  const Tensor& o = enc.output;
+  if (enc.id != 0 && enc_valid && enc.id == enc_id && enc_ids == batch.input_ids &&
+      enc_mask == batch.attention_mask)
+    return out.as<float>();
+  enc_in.reserve(static_cast<size_t>(n * d) * 4);
+  MT_CUDA_CHECK(
+      cudaMemcpyAsync(enc_in.get(), o.raw(), o.nbytes(), cudaMemcpyHostToDevice, compute->get()));
+  return enc_in.as<float>();
 }
 
 // Per batch: the padding mask and every block's cross-attention keys/values (one GEMM).
@@ -641,7 +660,7 @@ const float* CudaSwitchModel::Impl::dec_bias_table(int64_t Tmax) {
 // 0..t0+Tq-1; cross-attention reads cross_kv with the encoder padding mask. Either a generation
 // step (Tq == 1, any t0 < Tmax) or a teacher-forced pass (t0 == 0, Tq == Tmax).
 void CudaSwitchModel::Impl::decoder_layers(int64_t B, int64_t S, int64_t Tq, int64_t t0,
-                                           int64_t Tmax, Sink& sink) {
+                                           int64_t Tmax, Tap& tap) {
   MT_ASSERT((Tq == 1 && t0 < Tmax) || (t0 == 0 && Tq == Tmax));
   const int64_t n = B * Tq, L = static_cast<int64_t>(dec_blocks.size());
   const int64_t kv_ld = 2 * inner, cross_ld = L * 2 * inner;
@@ -651,7 +670,7 @@ void CudaSwitchModel::Impl::decoder_layers(int64_t B, int64_t S, int64_t Tq, int
   const float* bias = dec_bias_table(Tmax);
   for (int64_t i = 0; i < L; ++i) {
     const DevBlock& b = dec_blocks[static_cast<size_t>(i)];
-    sink.put(dec_key(i, "input"), Y, DType::kF32, {B, Tq, d});
+    tap.put(dec_key(i, keys::kInput), Y, DType::kF32, {B, Tq, d});
     // Self-attention: q of the new positions; their k, v go straight into the cache.
     cuda::rmsnorm(Y, b.ln_attn.as<float>(), n, d, eps, dec.h.get(), act, nullptr, s);
     blas->gemm_nt(
@@ -684,11 +703,11 @@ void CudaSwitchModel::Impl::decoder_layers(int64_t B, int64_t S, int64_t Tq, int
                       dec.dropped.as<uint8_t>(), dec.gate.as<float>()};
     feed_forward(b, dec, B, Tq, Y, r);
     if (!b.sparse) continue;
-    sink.put(dec_key(i, "hidden"), dec.hr.get(), DType::kF32, {B, Tq, d});
-    sink.put(dec_key(i, "router_logits"), r.logits, DType::kF32, {B, Tq, E});
-    sink.put(dec_key(i, "expert"), r.expert, DType::kI32, {B, Tq});
-    sink.put(dec_key(i, "dropped"), r.dropped, DType::kU8, {B, Tq});
-    sink.put(dec_key(i, "gate"), r.gate, DType::kF32, {B, Tq});
+    tap.put(dec_key(i, keys::kHidden), dec.hr.get(), DType::kF32, {B, Tq, d});
+    tap.put(dec_key(i, keys::kRouterLogits), r.logits, DType::kF32, {B, Tq, E});
+    tap.put(dec_key(i, keys::kExpert), r.expert, DType::kI32, {B, Tq});
+    tap.put(dec_key(i, keys::kDropped), r.dropped, DType::kU8, {B, Tq});
+    tap.put(dec_key(i, keys::kGate), r.gate, DType::kF32, {B, Tq});
   }
 }
 
@@ -735,20 +754,20 @@ GenerateResult CudaSwitchModel::Impl::generate(const float* enc_f32, const Batch
   std::vector<std::vector<int32_t>> seqs(
       static_cast<size_t>(B), std::vector<int32_t>{static_cast<int32_t>(c.decoder_start_token_id)});
   std::vector<bool> done(static_cast<size_t>(B), false);
-  Sink sink(obs, s, &step_obs);
+  Tap tap = Tap::staged(obs, s, &step_obs);
   int64_t steps = 0;
   // One synchronization per step: the step's ids (and staged observations) reach the host, which
   // decides on the early stop exactly as SwitchModel::generate (no step runs after every sequence
   // finished, so no observation is offered that the CPU engine would not offer).
   for (int64_t t = 0; t < max_new_tokens; ++t) {
     cuda::embed(tokens.as<int32_t>(), embed.get(), embed_dt, B, d, dec.x.as<float>(), s);
-    decoder_layers(B, S, 1, t, Tmax, sink);
+    decoder_layers(B, S, 1, t, Tmax, tap);
     lm_logits(B);
     cuda::greedy_pick(vocab_logits.as<float>(), B, V, t < min_new_tokens ? eos : -1, eos, pad,
                       finished.as<uint8_t>(), tokens.as<int32_t>(), s);
     MT_CUDA_CHECK(cudaMemcpyAsync(step_ids.get(), tokens.get(), static_cast<size_t>(B) * 4,
                                   cudaMemcpyDeviceToHost, s));
-    sink.flush();
+    tap.flush();
     bool all_done = true;
     for (int64_t b = 0; b < B; ++b) {
       const int32_t next = step_ids.as<int32_t>()[b];
@@ -772,12 +791,8 @@ Tensor CudaSwitchModel::Impl::decode(const float* enc_f32, const Batch& batch,
                                      Observer* obs) {
   const int64_t B = batch.B, S = batch.S, n = B * T, V = c.vocab_size;
   const int64_t L = static_cast<int64_t>(dec_blocks.size());
-  if (T < 1 || T > 1024) fail("CudaSwitchModel::decode: decoder length ", T, " outside [1, 1024]");
-  if (static_cast<int64_t>(dec_ids.size()) != n)
-    fail("CudaSwitchModel::decode: ", dec_ids.size(), " decoder ids for ", B, "x", T);
-  for (int64_t i = 0; i < n; ++i)
-    if (dec_ids[i] < 0 || dec_ids[i] >= V)
-      fail("decoder_input_ids[", i, "] = ", dec_ids[i], " is outside the vocabulary [0, ", V, ")");
+  check_decoder_ids(dec_ids, B, T, V, "CudaSwitchModel::decode");
+  if (T > 1024) fail("CudaSwitchModel::decode: decoder length ", T, " > 1024");
   const size_t as = cuda::act_size(act);
   cudaStream_t s = compute->get();
   prepare_decoder(enc_f32, batch);
@@ -788,8 +803,8 @@ Tensor CudaSwitchModel::Impl::decode(const float* enc_f32, const Batch& batch,
   MT_CUDA_CHECK(cudaMemcpyAsync(tokens.get(), dec_ids.data(), static_cast<size_t>(n) * 4,
                                 cudaMemcpyHostToDevice, s));
   cuda::embed(tokens.as<int32_t>(), embed.get(), embed_dt, n, d, dec.x.as<float>(), s);
-  Sink sink(obs, s, nullptr);
-  decoder_layers(B, S, T, 0, T, sink);
+  Tap tap = Tap::now(obs, s);
+  decoder_layers(B, S, T, 0, T, tap);
   lm_logits(n);
   Tensor logits(DType::kF32, {B, T, V});
   cuda::download(logits.raw(), vocab_logits.get(), logits.nbytes(), s);
@@ -797,12 +812,12 @@ Tensor CudaSwitchModel::Impl::decode(const float* enc_f32, const Batch& batch,
 }
 
 void CudaSwitchModel::Impl::configure_slots() {
-  auto p = std::make_shared<CapturedBatch::Pool>();
-  p->state.assign(static_cast<size_t>(spec.slots), CapturedBatch::Pool::kFree);
-  p->host.resize(static_cast<size_t>(spec.slots));
+  auto p = std::make_shared<SlotPool>();
+  p->state.assign(static_cast<size_t>(n_slots), SlotPool::kFree);
+  p->host.resize(static_cast<size_t>(n_slots));
   pool = std::move(p);
   slots.clear();
-  for (int i = 0; i < spec.slots; ++i) slots.push_back(std::make_unique<SlotDev>());
+  for (int i = 0; i < n_slots; ++i) slots.push_back(std::make_unique<SlotDev>());
 }
 
 // ---- public
@@ -888,118 +903,125 @@ size_t CudaSwitchModel::device_bytes() const { return impl_->device_bytes(); }
 double CudaSwitchModel::load_seconds() const { return impl_->load_s; }
 void CudaSwitchModel::reserve(int64_t B, int64_t S) { impl_->reserve(B, S); }
 
-Tensor CudaSwitchModel::encode(const Batch& batch, Observer* obs) {
+Encoded CudaSwitchModel::encode(const Batch& batch, Observer* obs) {
   Impl& m = *impl_;
+  check_batch(batch, m.c.vocab_size, "CudaSwitchModel::encode");
   const int64_t B = batch.B, S = batch.S, T = B * S;
-  if (static_cast<int64_t>(batch.input_ids.size()) != T ||
-      static_cast<int64_t>(batch.attention_mask.size()) != T)
-    fail("CudaSwitchModel::encode: batch of ", B, "x", S, " has ", batch.input_ids.size(),
-         " ids and ", batch.attention_mask.size(), " mask values");
-  for (int64_t i = 0; i < T; ++i)
-    if (batch.input_ids[i] < 0 || batch.input_ids[i] >= m.c.vocab_size)
-      fail("input_ids[", i, "] = ", batch.input_ids[i], " is outside the vocabulary [0, ",
-           m.c.vocab_size, ")");
   m.enc_valid = false;  // until this batch's output is complete
   m.reserve(B, S);
   MT_CUDA_CHECK(cudaMemcpyAsync(m.ids.get(), batch.input_ids.data(), T * 4, cudaMemcpyHostToDevice,
                                 m.compute->get()));
   MT_CUDA_CHECK(cudaMemcpyAsync(m.mask.get(), batch.attention_mask.data(), T * 4,
                                 cudaMemcpyHostToDevice, m.compute->get()));
-  m.forward(B, S, obs, nullptr);
-  Tensor out(DType::kF32, {B, S, m.d});
-  cuda::download(out.raw(), m.out.get(), out.nbytes(), m.compute->get());
+  Tap tap = Tap::now(obs, m.compute->get());
+  m.forward(B, S, tap);
+  Encoded e;
+  e.output = Tensor(DType::kF32, {B, S, m.d});
+  cuda::download(e.output.raw(), m.out.get(), e.output.nbytes(), m.compute->get());
+  e.id = ++m.encodes;
   m.enc_valid = true;
-  m.enc_B = B;
-  m.enc_S = S;
+  m.enc_id = e.id;
   m.enc_ids = batch.input_ids;
   m.enc_mask = batch.attention_mask;
-  return out;
+  return e;
 }
 
 bool CudaSwitchModel::has_decoder() const { return impl_->has_decoder; }
 
-GenerateResult CudaSwitchModel::generate(const Batch& batch, int64_t max_new_tokens,
-                                         int64_t min_new_tokens, Observer* obs) {
-  Impl& m = *impl_;
-  return m.generate(m.enc_output(batch, nullptr, "generate"), batch, max_new_tokens, min_new_tokens,
-                    obs);
-}
-
-GenerateResult CudaSwitchModel::generate(const Tensor& enc_out, const Batch& batch,
+GenerateResult CudaSwitchModel::generate(const Encoded& enc, const Batch& batch,
                                          int64_t max_new_tokens, int64_t min_new_tokens,
                                          Observer* obs) {
   Impl& m = *impl_;
-  return m.generate(m.enc_output(batch, &enc_out, "generate"), batch, max_new_tokens,
-                    min_new_tokens, obs);
+  return m.generate(m.enc_output(batch, enc, "generate"), batch, max_new_tokens, min_new_tokens,
+                    obs);
 }
 
-Tensor CudaSwitchModel::decode(const Batch& batch, const std::vector<int32_t>& dec_ids, int64_t T,
-                               Observer* obs) {
-  Impl& m = *impl_;
-  return m.decode(m.enc_output(batch, nullptr, "decode"), batch, dec_ids, T, obs);
-}
-
-Tensor CudaSwitchModel::decode(const Tensor& enc_out, const Batch& batch,
+Tensor CudaSwitchModel::decode(const Encoded& enc, const Batch& batch,
                                const std::vector<int32_t>& dec_ids, int64_t T, Observer* obs) {
   Impl& m = *impl_;
-  return m.decode(m.enc_output(batch, &enc_out, "decode"), batch, dec_ids, T, obs);
+  return m.decode(m.enc_output(batch, enc, "decode"), batch, dec_ids, T, obs);
 }
 
-void CudaSwitchModel::set_capture(const CaptureSpec& spec) {
+void CudaSwitchModel::set_slots(int n) {
   Impl& m = *impl_;
-  if (!m.order.empty()) fail("CudaSwitchModel::set_capture: batches are in flight");
+  if (!m.order.empty()) fail("CudaSwitchModel::set_slots: batches are in flight");
   {
     std::lock_guard<std::mutex> lock(m.pool->mu);
     for (auto st : m.pool->state)
-      if (st != CapturedBatch::Pool::kFree)
-        fail("CudaSwitchModel::set_capture: captured batches are still held");
+      if (st != SlotPool::kFree)
+        fail("CudaSwitchModel::set_slots: captured batches are still held");
   }
-  if (spec.slots < 1) fail("CudaSwitchModel::set_capture: slots must be >= 1");
-  if (spec.hidden && spec.hidden_dtype != DType::kF32 && spec.hidden_dtype != DType::kBF16 &&
-      spec.hidden_dtype != DType::kF16)
-    fail("CudaSwitchModel::set_capture: hidden dtype must be F32, BF16 or F16");
-  if (spec.router_logits && spec.logits_dtype != DType::kF16 && spec.logits_dtype != DType::kF32)
-    fail("CudaSwitchModel::set_capture: logits dtype must be F16 or F32");
-  m.spec = spec;
+  if (n < 1) fail("CudaSwitchModel::set_slots: slots must be >= 1");
+  m.n_slots = n;
   m.configure_slots();
 }
 
 int CudaSwitchModel::in_flight() const { return static_cast<int>(impl_->order.size()); }
-int CudaSwitchModel::slots() const { return impl_->spec.slots; }
+int CudaSwitchModel::slots() const { return impl_->n_slots; }
 
-uint64_t CudaSwitchModel::submit(const Batch& batch) {
+namespace {
+
+// What a submit()'s request asks the pipeline to copy, for every sparse encoder block: a field is
+// captured when the request wants it of any block; dtypes are the request's preference.
+CaptureSpec spec_of(const Observer& request, const std::vector<int>& blocks) {
+  CaptureSpec spec;
+  std::optional<DType> logits, hidden;
+  for (int bi : blocks) {
+    auto wants = [&](std::string_view field) { return request.wants(key(bi, field)); };
+    if (wants(keys::kRouterLogits)) {
+      spec.router_logits = true;
+      logits = request.preferred_dtype(key(bi, keys::kRouterLogits));
+    }
+    if (wants(keys::kHidden)) {
+      spec.hidden = true;
+      hidden = request.preferred_dtype(key(bi, keys::kHidden));
+    }
+    spec.expert |= wants(keys::kExpert);
+    spec.dropped |= wants(keys::kDropped);
+    spec.gate |= wants(keys::kGate);
+  }
+  spec.logits_dtype = logits.value_or(DType::kF32);
+  spec.hidden_dtype = hidden.value_or(DType::kF32);
+  if (spec.hidden && spec.hidden_dtype != DType::kF32 && spec.hidden_dtype != DType::kBF16 &&
+      spec.hidden_dtype != DType::kF16)
+    fail("CudaSwitchModel::submit: hidden dtype must be F32, BF16 or F16, not ",
+         dtype_name(spec.hidden_dtype));
+  if (spec.router_logits && spec.logits_dtype != DType::kF16 && spec.logits_dtype != DType::kF32)
+    fail("CudaSwitchModel::submit: logits dtype must be F16 or F32, not ",
+         dtype_name(spec.logits_dtype));
+  return spec;
+}
+
+}  // namespace
+
+uint64_t CudaSwitchModel::submit(const Batch& batch, const Observer& request) {
   Impl& m = *impl_;
+  check_batch(batch, m.c.vocab_size, "CudaSwitchModel::submit");
   const int64_t B = batch.B, S = batch.S, T = B * S;
-  if (static_cast<int64_t>(batch.input_ids.size()) != T ||
-      static_cast<int64_t>(batch.attention_mask.size()) != T)
-    fail("CudaSwitchModel::submit: batch of ", B, "x", S, " has ", batch.input_ids.size(), " ids");
-  for (int64_t i = 0; i < T; ++i)
-    if (batch.input_ids[i] < 0 || batch.input_ids[i] >= m.c.vocab_size)
-      fail("input_ids[", i, "] = ", batch.input_ids[i], " is outside the vocabulary [0, ",
-           m.c.vocab_size, ")");
+  const CaptureSpec spec = spec_of(request, m.c.sparse_encoder_blocks());
   int k = -1;
   {
     std::unique_lock<std::mutex> lock(m.pool->mu);
     for (;;) {
       bool held = false;
       for (size_t i = 0; i < m.pool->state.size(); ++i) {
-        if (m.pool->state[i] == CapturedBatch::Pool::kFree) {
+        if (m.pool->state[i] == SlotPool::kFree) {
           k = static_cast<int>(i);
           break;
         }
-        held |= m.pool->state[i] == CapturedBatch::Pool::kHeld;
+        held |= m.pool->state[i] == SlotPool::kHeld;
       }
       if (k >= 0) break;
       if (!held)
-        fail("CudaSwitchModel::submit: all ", m.spec.slots, " slots are in flight; poll() first");
+        fail("CudaSwitchModel::submit: all ", m.n_slots, " slots are in flight; poll() first");
       m.pool->cv.wait(lock);
     }
-    m.pool->state[static_cast<size_t>(k)] = CapturedBatch::Pool::kInFlight;
+    m.pool->state[static_cast<size_t>(k)] = SlotPool::kInFlight;
   }
   SlotDev& sl = *m.slots[static_cast<size_t>(k)];
   cudaStream_t s = m.compute->get();
   m.reserve(B, S);
-  const CaptureLayout layout(m.spec, T, m.n_sparse, m.E, m.d);
+  const CaptureLayout layout(spec, T, m.n_sparse, m.E, m.d);
   sl.ids.reserve(static_cast<size_t>(T) * 4);
   sl.mask.reserve(static_cast<size_t>(T) * 4);
   std::memcpy(sl.ids.get(), batch.input_ids.data(), static_cast<size_t>(T) * 4);
@@ -1011,11 +1033,8 @@ uint64_t CudaSwitchModel::submit(const Batch& batch) {
   MT_CUDA_CHECK(cudaMemcpyAsync(m.ids.get(), sl.ids.get(), T * 4, cudaMemcpyHostToDevice, s));
   MT_CUDA_CHECK(cudaMemcpyAsync(m.mask.get(), sl.mask.get(), T * 4, cudaMemcpyHostToDevice, s));
   m.enc_valid = false;  // the forward below overwrites the encoder output
-  CaptureTargets cap;
-  cap.base = sl.staging.as<uint8_t>();
-  cap.layout = layout;
-  cap.spec = m.spec;
-  m.forward(B, S, nullptr, &cap);
+  Tap tap = Tap::slot(sl.staging.as<uint8_t>(), layout, spec, m.E, s);
+  m.forward(B, S, tap);
   sl.computed.record(s);
   MT_CUDA_CHECK(cudaStreamWaitEvent(m.copy->get(), sl.computed.get(), 0));
   MT_CUDA_CHECK(cudaMemcpyAsync(m.pool->host[static_cast<size_t>(k)].get(), sl.staging.get(),
@@ -1025,6 +1044,7 @@ uint64_t CudaSwitchModel::submit(const Batch& batch) {
   sl.B = B;
   sl.S = S;
   sl.bytes = layout.total;
+  sl.spec = spec;
   m.order.push_back(k);
   return sl.ticket;
 }
@@ -1041,39 +1061,40 @@ std::unique_ptr<CapturedBatch> CudaSwitchModel::poll(bool wait) {
   m.order.pop_front();
   {
     std::lock_guard<std::mutex> lock(m.pool->mu);
-    m.pool->state[static_cast<size_t>(k)] = CapturedBatch::Pool::kHeld;
+    m.pool->state[static_cast<size_t>(k)] = SlotPool::kHeld;
   }
-  std::unique_ptr<CapturedBatch> r(new CapturedBatch(m.pool, k));
+  auto r = std::make_unique<SlotBatch>(m.pool, k);
+  const CaptureSpec& spec = sl.spec;
   r->ticket = sl.ticket;
   r->B = sl.B;
   r->S = sl.S;
   const int64_t T = sl.B * sl.S;
-  const CaptureLayout layout(m.spec, T, m.n_sparse, m.E, m.d);
+  const CaptureLayout layout(spec, T, m.n_sparse, m.E, m.d);
   const auto* base = static_cast<const uint8_t*>(m.pool->host[static_cast<size_t>(k)].get());
   for (const DevBlock& b : m.blocks) {
     if (!b.sparse) continue;
     const int64_t bi = &b - m.blocks.data();
     const auto lt = static_cast<size_t>(b.sparse_index * T);
-    if (m.spec.router_logits)
+    if (spec.router_logits)
       r->tensors.emplace_back(
-          key(bi, "router_logits"),
-          TensorView{m.spec.logits_dtype,
+          key(bi, keys::kRouterLogits),
+          TensorView{spec.logits_dtype,
                      {sl.B, sl.S, m.E},
                      base + layout.logits + lt * static_cast<size_t>(m.E) * layout.logit_bytes});
-    if (m.spec.expert)
-      r->tensors.emplace_back(key(bi, "expert"),
+    if (spec.expert)
+      r->tensors.emplace_back(key(bi, keys::kExpert),
                               TensorView{DType::kI32, {sl.B, sl.S}, base + layout.expert + lt * 4});
-    if (m.spec.dropped)
-      r->tensors.emplace_back(key(bi, "dropped"),
+    if (spec.dropped)
+      r->tensors.emplace_back(key(bi, keys::kDropped),
                               TensorView{DType::kU8, {sl.B, sl.S}, base + layout.dropped + lt});
-    if (m.spec.hidden)
+    if (spec.hidden)
       r->tensors.emplace_back(
-          key(bi, "hidden"),
-          TensorView{m.spec.hidden_dtype,
+          key(bi, keys::kHidden),
+          TensorView{spec.hidden_dtype,
                      {sl.B, sl.S, m.d},
                      base + layout.hidden + lt * static_cast<size_t>(m.d) * layout.hidden_bytes});
-    if (m.spec.gate)
-      r->tensors.emplace_back(key(bi, "gate"),
+    if (spec.gate)
+      r->tensors.emplace_back(key(bi, keys::kGate),
                               TensorView{DType::kF32, {sl.B, sl.S}, base + layout.gate + lt * 4});
   }
   return r;

@@ -8,22 +8,27 @@
 // activation dtype unless CudaOptions::fp32.routing (precision "mixed") keeps them float32.
 // Per-sequence expert capacity, top-1 ties and dropped tokens follow SWITCH_SPEC.md exactly.
 //
-// Two ways to run the encoder:
-//  * encode(batch, observer): synchronous, the same keys and shapes as SwitchModel::encode
-//    (enc.{i}.input/hidden/router_logits/expert/dropped/gate, enc.output), each copied to the host
-//    only when observer->wants(key). For tests, parity and small jobs.
-//  * submit(batch) / poll(): the collection pipeline. submit() copies the batch into a pinned slot
-//    and enqueues the forward on the compute stream without waiting; the router writes the observed
-//    tensors into that slot's device staging area, which a copy stream moves to pinned host memory
-//    while the next batch computes. poll() hands back finished batches in submit order as
-//    CapturedBatch objects (host views into pinned memory); destroying one returns its slot. No
-//    device-wide synchronization, none per layer: the expert plan stays on the device.
+// Observation, one mechanism (model/observer.h): every tensor of core/keys.h is offered to an
+// Observer only when it wants(key). Where it goes is the pass's business:
+//  * encode(batch, obs) and decode(): copied to the host at once (the same keys and shapes as
+//    SwitchModel::encode/decode).
+//  * generate(): staged in pinned memory on the stream, offered after the step's one
+//    synchronization, once per step with shapes [B,1,...].
+//  * submit(batch, request) / poll(): the collection pipeline. The request is an Observer too:
+//    its wants(key) picks the encoder keys and preferred_dtype(key) their dtype. submit() copies
+//    the batch into a pinned slot and enqueues the forward on the compute stream without waiting;
+//    the router writes the wanted tensors straight into that slot's device staging area, which a
+//    copy stream moves to pinned host memory while the next batch computes. poll() hands back
+//    finished batches in submit order as CapturedBatch objects (model/engine_io.h: host views
+//    into pinned memory); destroying one returns its slot. No device-wide synchronization, none
+//    per layer: the expert plan stays on the device.
 //
-//      CudaSwitchModel m(...);  m.set_capture(spec);
+//      CudaSwitchModel m(...);
+//      KeyRequest want;  want.add("enc.1.router_logits", DType::kF16);  ...
 //      for (const Batch& b : batches) {
 //        if (m.in_flight() == m.slots())
-//          consume(m.poll(true));  // consume may hand it to a writer thread
-//        m.submit(b);
+//          consume(m.poll(true));      // consume may hand it to a writer thread
+//        m.submit(b, want);
 //      }
 //      while (auto r = m.poll(true)) consume(std::move(r));
 //
@@ -31,23 +36,22 @@
 //    expected to release it) and throws if every slot is in flight (poll first). One thread calls
 //    submit/poll/encode; CapturedBatch objects may be released from any thread.
 //
-// The decoder (loaded unless LoadOptions::encoder_only), on the encoder output that stays on the
-// device:
-//  * generate(batch, max_new_tokens, min_new_tokens, observer): greedy generation with exactly
+// The decoder (loaded unless LoadOptions::encoder_only) continues from an Encoded (encode()'s
+// result, or any [B,S,d] float32 encoder output, e.g. the CPU engine's): when it is this engine's
+// latest encode() of the same batch, the output still on the device is used; otherwise
+// Encoded::output is uploaded. The same shape as the CPU engine behind engine/engine.h.
+//  * generate(enc, batch, max_new_tokens, min_new_tokens, observer): greedy generation with exactly
 //    SwitchModel::generate's semantics and result (start token, eos masked for the first
 //    min_new_tokens steps, finished sequences get pad tokens and are still routed, early stop when
-//    all have finished), reading the output of the last encode() call, which must have been for
-//    this same batch (checked: Error otherwise; submit() and a reserve() that grows the buffers
-//    discard it). The overload with an explicit encoder output [B,S,d] float32 (e.g. the CPU
-//    engine's) uploads it instead. Keys dec.{i}.input/hidden/router_logits/expert/dropped/gate are
-//    offered once per step with shapes [B,1,...], as the CPU engine offers them.
-//    A KV cache on the device: each step appends its k, v per block ([B, max_new_tokens, 2·H·d_kv]
+//    all have finished). Keys dec.{i}.input/hidden/router_logits/expert/dropped/gate are offered
+//    once per step with shapes [B,1,...], as the CPU engine offers them.
+//    A KV cache on the device: each step appends its k, v per block ([B, max_new_tokens, 2*H*d_kv]
 //    per block); the cross-attention k, v of every block come from one GEMM over the encoder output
 //    per call. One synchronization per step: the step's token ids and the observed tensors (staged
 //    in pinned memory) go to the host, which decides on the early stop.
-//  * decode(batch, dec_ids, T, observer): the teacher-forced pass, LM logits [B,T,V] float32 and
-//    keys with [B,T,...] (there, the per-sequence capacity can drop tokens; a generation step sees
-//    one token per sequence and never drops one).
+//  * decode(enc, batch, dec_ids, T, observer): the teacher-forced pass, LM logits [B,T,V] float32
+//    and keys with [B,T,...] (there, the per-sequence capacity can drop tokens; a generation step
+//    sees one token per sequence and never drops one).
 // The LM head (tied: the d_model^-0.5 scale folded into the final norm weight) and the argmax run
 // on the device; in every precision the LM logits are float32.
 #pragma once
@@ -65,6 +69,7 @@
 #include "core/tensor.h"
 #include "io/checkpoint.h"
 #include "model/config.h"
+#include "model/engine_io.h"
 #include "model/observer.h"
 #include "model/switch_model.h"
 
@@ -88,42 +93,6 @@ struct CudaOptions {
 // "mixed" = kBF16 with every Fp32Parts choice on. Error for anything else.
 CudaOptions cuda_options_for_precision(std::string_view precision);
 
-// What the pipeline copies to the host for every sparse encoder block i.
-struct CaptureSpec {
-  bool router_logits = true;          // enc.{i}.router_logits [B,S,E]
-  DType logits_dtype = DType::kF16;   // kF16 (half the bytes) or kF32
-  bool expert = true;                 // enc.{i}.expert [B,S] I32
-  bool dropped = true;                // enc.{i}.dropped [B,S] U8
-  bool gate = false;                  // enc.{i}.gate [B,S] F32
-  bool hidden = false;                // enc.{i}.hidden [B,S,d]: the router input (RMS-normed)
-  DType hidden_dtype = DType::kBF16;  // kF32, kBF16 or kF16
-  int slots = 3;                      // batches in flight + held
-};
-
-class CudaSwitchModel;
-
-// One finished batch of the pipeline. Views point into pinned host memory owned by the model and
-// stay valid until this object is destroyed (which returns the slot).
-class CapturedBatch {
- public:
-  ~CapturedBatch();
-  CapturedBatch(const CapturedBatch&) = delete;
-  CapturedBatch& operator=(const CapturedBatch&) = delete;
-
-  uint64_t ticket = 0;  // submit() order, from 0
-  int64_t B = 0, S = 0;
-  std::vector<std::pair<std::string, TensorView>> tensors;  // in block order
-  const TensorView* find(std::string_view key) const;
-
-  // Internal: the slot states and pinned buffers shared with the model (kept alive by this object).
-  struct Pool;
-  CapturedBatch(std::shared_ptr<Pool> pool, int slot) : pool_(std::move(pool)), slot_(slot) {}
-
- private:
-  std::shared_ptr<Pool> pool_;
-  int slot_ = -1;
-};
-
 class CudaSwitchModel {
  public:
   // Uploads the encoder weights and, unless load.encoder_only, the decoder's, in
@@ -146,28 +115,24 @@ class CudaSwitchModel {
   // Seconds the weight upload took.
   double load_seconds() const;
 
-  // Synchronous encoder; returns enc.output [B,S,d] float32 (and keeps it on the device for
-  // generate()/decode() of the same batch).
-  Tensor encode(const Batch& batch, Observer* obs);
+  // Synchronous encoder: enc.output [B,S,d] float32 (also kept on the device for generate()/
+  // decode() of the same batch).
+  Encoded encode(const Batch& batch, Observer* obs);
 
   bool has_decoder() const;
-  // Greedy generation (see the file comment) over the last encode()'s output for this batch, or
-  // over enc_out [B,S,d] float32. max_new_tokens <= 8192.
-  GenerateResult generate(const Batch& batch, int64_t max_new_tokens, int64_t min_new_tokens,
-                          Observer* obs);
-  GenerateResult generate(const Tensor& enc_out, const Batch& batch, int64_t max_new_tokens,
+  // Greedy generation (see the file comment). max_new_tokens <= 8192.
+  GenerateResult generate(const Encoded& enc, const Batch& batch, int64_t max_new_tokens,
                           int64_t min_new_tokens, Observer* obs);
   // Teacher-forced decoder pass over dec_ids [B,T] (T <= 1024); returns LM logits [B,T,V] float32.
-  Tensor decode(const Batch& batch, const std::vector<int32_t>& dec_ids, int64_t T, Observer* obs);
-  Tensor decode(const Tensor& enc_out, const Batch& batch, const std::vector<int32_t>& dec_ids,
+  Tensor decode(const Encoded& enc, const Batch& batch, const std::vector<int32_t>& dec_ids,
                 int64_t T, Observer* obs);
 
-  // The asynchronous pipeline (see the file comment).
-  void set_capture(const CaptureSpec& spec);  // only while nothing is in flight or held
-  uint64_t submit(const Batch& batch);
+  // The asynchronous pipeline (see the file comment). `request` is asked at submit() only.
+  uint64_t submit(const Batch& batch, const Observer& request);
   std::unique_ptr<CapturedBatch> poll(bool wait);
   int in_flight() const;
   int slots() const;
+  void set_slots(int n);  // batches in flight + held (default 3); only while none is
 
   // Prepares buffers for batches up to B x S (optional; they grow on demand otherwise).
   void reserve(int64_t B, int64_t S);

@@ -1,0 +1,230 @@
+#!/usr/bin/env python3
+"""Where does a low-precision GPU pass lose Switch routing? (issue #18's layer-by-layer measurement)
+
+Emulates the numerics of moetrace's CUDA engine in PyTorch (fp32 residual stream, norms, softmaxes and
+router GEMM; GEMM operands rounded to the activation dtype with fp32 accumulation; outputs rounded where
+the engine stores them in the activation dtype) with every rounding point switchable:
+
+  h    the RMS-norm output, operand of the q/k/v and FFN-in GEMMs
+  qkv  q, k, v as the attention reads them
+  p    the attention probabilities (operand of P·V)
+  ctx  the attention output (operand of the o-projection)
+  ffn  the FFN's ReLU output (operand of the FFN-out GEMM)
+  route  the router probabilities before the top-1 argmax (SWITCH_SPEC.md: the activation dtype)
+
+and each point's rounding chosen among bf16, fp16, tf32 and "split" (a bf16 pair hi + lo: what two bf16
+GEMMs over the same bf16 weights compute). Weights are HF-init random at switch-base-N's shape, rounded to
+bf16 (so every variant sees the same weights, exactly representable in bf16 and fp16). Token ids are
+real: the samples of a trace store (`moetrace collect --model demo ...` makes one from the bundled rows
+in seconds on a CPU).
+
+Prints top-1 agreement of each variant with the all-fp32 pass, per MoE layer, and writes JSON with the
+date and machine. Needs PyTorch (a GPU for switch-base-128's size; `--experts 8 --layers 4` runs on a CPU).
+
+    python bench/rounding_points.py STORE --out rounding.json [--experts 128] [--samples 600]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+POINTS = ("h", "qkv", "p", "ctx", "ffn")
+
+
+def variant(kind: str | None, route: str | None = None, **points: str) -> dict:
+    """Every GEMM-operand point rounded to `kind` (None: fp32), overridden per point; `route` rounds the
+    router probabilities before the argmax."""
+    d = {p: kind for p in POINTS if kind}
+    d.update(points)
+    if route:
+        d["route"] = route
+    return d
+
+
+VARIANTS = {
+    "fp32": variant(None),
+    "bf16 (moetrace --precision bf16)": variant("bf16", route="bf16"),
+    "bf16 operands, fp32 route": variant("bf16"),
+    "bf16 operands, split h, fp32 route": variant("bf16", h="split"),
+    "bf16 operands, split h+ffn, fp32 route": variant("bf16", h="split", ffn="split"),
+    "fp16 (moetrace --precision fp16)": variant("fp16", route="fp16"),
+    "fp16 operands, fp32 route (mixed)": variant("fp16"),
+    "tf32 operands, fp32 route": variant("tf32"),
+    "split bf16x2 operands, fp32 route": variant("split"),
+    "fp32 operands, bf16 route": variant(None, route="bf16"),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("store", help="a trace store whose token ids to use (its model does not matter)")
+    ap.add_argument("--out", default="rounding_points.json")
+    ap.add_argument("--experts", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=12, help="encoder blocks (every odd one sparse)")
+    ap.add_argument("--samples", type=int, default=600)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    a = ap.parse_args(argv)
+
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
+    import moetrace
+
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    store = moetrace.open_store(a.store)
+    seqs = [np.asarray(store.sample(i).token_ids, np.int64) for i in range(min(a.samples, len(store)))]
+    model = Model(a.experts, a.layers, a.seed, dev, torch)
+
+    results, timing = {}, {}
+    for name, rounding in VARIANTS.items():
+        t0 = time.time()
+        results[name] = run_batches(model, seqs, rounding, dev, torch)
+        timing[name] = time.time() - t0
+    ref = results["fp32"]
+    table = {}
+    n_layers = len(ref[0])
+    print(f"{'variant':42s} {'top-1 vs fp32':>13s}  per MoE layer (in block order)")
+    for name in VARIANTS:
+        experts, logits = results[name]
+        agree = [float((experts[l] == ref[0][l]).float().mean()) for l in range(n_layers)]
+        err = [float((logits[l] - ref[1][l]).abs().max()) for l in range(n_layers)]
+        total = sum(int((experts[l] == ref[0][l]).sum()) for l in range(n_layers)) / sum(
+            int(x.numel()) for x in ref[0])
+        table[name] = {"rounding": rounding, "top1_agreement": total, "per_layer_top1": agree,
+                       "per_layer_max_abs_logit_error": err, "seconds": timing[name]}
+        print(f"{name:42s} {100 * total:12.3f}%  " + " ".join(f"{100 * x:6.2f}" for x in agree))
+    tokens = sum(len(s) for s in seqs)
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "machine": platform.node(), "device": torch.cuda.get_device_name() if dev.startswith("cuda") else dev,
+           "torch": torch.__version__, "experts": a.experts, "layers": a.layers, "samples": len(seqs),
+           "tokens": tokens, "token_layers": tokens * n_layers, "variants": table}
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    print(f"{len(seqs)} samples, {tokens} tokens x {n_layers} MoE layers; JSON: {a.out}")
+    return 0
+
+
+class Model:
+    """switch-base-N's encoder with HF-init random weights (transformers' _init_weights scales), bf16-exact."""
+
+    def __init__(self, experts, layers, seed, dev, torch):
+        self.torch, self.E, self.d, self.F, self.H, self.dk = torch, experts, 768, 3072, 12, 64
+        d, F, H, dk = self.d, self.F, self.H, self.dk
+        g = torch.Generator(device=dev).manual_seed(seed)
+
+        def w(shape, std):
+            return (torch.randn(*shape, generator=g, device=dev) * std).bfloat16().float()
+
+        self.emb = w((32128, d), 1.0)
+        self.rel = w((32, H), d ** -0.5)
+        self.blocks = []
+        for i in range(layers):
+            b = {"q": w((H * dk, d), (d * dk) ** -0.5), "k": w((H * dk, d), d ** -0.5),
+                 "v": w((H * dk, d), d ** -0.5), "o": w((d, H * dk), (H * dk) ** -0.5)}
+            if i % 2 == 1:
+                b["router"] = w((experts, d), 1.0)
+                b["wi"] = w((experts, F, d), d ** -0.5).bfloat16()  # stored bf16: fp32 copies would not fit
+                b["wo"] = w((experts, d, F), F ** -0.5).bfloat16()
+            else:
+                b["wi"], b["wo"] = w((F, d), d ** -0.5), w((d, F), F ** -0.5)
+            self.blocks.append(b)
+
+
+def rounder(kind, torch):
+    if kind == "bf16":
+        return lambda x: x.bfloat16().float()
+    if kind == "fp16":
+        return lambda x: x.half().float()
+    if kind == "tf32":  # round to nearest even at 10 mantissa bits
+        def tf32(x):
+            i = x.contiguous().view(torch.int32)
+            return ((i + 0x0FFF + ((i >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+        return tf32
+    if kind == "split":
+        def split(x):
+            hi = x.bfloat16().float()
+            return hi + (x - hi).bfloat16().float()
+        return split
+    raise ValueError(kind)
+
+
+def bucket(rp, torch, num_buckets=32, max_distance=128):
+    """Relative position bucket (SWITCH_SPEC.md), bidirectional, of rp = key - query."""
+    nb = num_buckets // 2
+    n = rp.abs()
+    exact = nb // 2
+    large = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(max_distance / exact) * (nb - exact)).long()
+    return (rp > 0).long() * nb + torch.where(n < exact, n, large.clamp(max=nb - 1))
+
+
+def forward(m: Model, ids, mask, rounding):
+    torch = m.torch
+    r = {p: rounder(k, torch) for p, k in rounding.items()}
+    R = lambda p, x: r[p](x) if p in r else x
+    B, S = ids.shape
+    H, dk, d, E = m.H, m.dk, m.d, m.E
+    X = m.emb[ids]
+    pos = torch.arange(S, device=ids.device)
+    bias = m.rel[bucket(pos[None, :] - pos[:, None], torch)].permute(2, 0, 1)[None]
+    neg = torch.where(mask[:, None, None, :] > 0, 0.0, torch.finfo(torch.float32).min)
+    norm = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # layer-norm weights are 1
+    out = []
+    for b in m.blocks:
+        h = R("h", norm(X))
+        q, k, v = (R("qkv", h @ b[n].T).view(B, S, H, dk).transpose(1, 2) for n in "qkv")
+        p = R("p", torch.softmax(q @ k.transpose(-1, -2) + bias + neg, -1))
+        X = X + R("ctx", (p @ v).transpose(1, 2).reshape(B, S, H * dk)) @ b["o"].T
+        hf = norm(X)
+        h = R("h", hf)
+        if "router" not in b:
+            X = X + R("ffn", torch.relu(h @ b["wi"].T)) @ b["wo"].T
+            continue
+        logits = hf @ b["router"].T  # fp32 router on the fp32 norm output
+        probs = R("route", torch.softmax(logits, -1))
+        expert = probs.argmax(-1)  # the first maximum: lowest index on ties
+        gate = probs.gather(-1, expert[..., None])[..., 0]
+        onehot = torch.nn.functional.one_hot(expert, E)
+        kept = (onehot.cumsum(1) * onehot).sum(-1) <= 64  # per-sequence capacity, position order
+        out.append((expert, logits))
+        Xf, hh = X.reshape(B * S, d), h.reshape(B * S, d)
+        ef, kf, gf = expert.reshape(-1), kept.reshape(-1), gate.reshape(-1)
+        for e in range(E):
+            idx = ((ef == e) & kf).nonzero()[:, 0]
+            if idx.numel():
+                y = R("ffn", torch.relu(hh[idx] @ b["wi"][e].float().T)) @ b["wo"][e].float().T
+                Xf[idx] += gf[idx, None] * y
+        X = Xf.view(B, S, d)
+    return out
+
+
+def run_batches(m: Model, seqs, rounding, dev, torch, batch=100):
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    experts, logits = [], []
+    for c in range(0, len(order), batch):
+        part = order[c:c + batch]
+        S = max(len(seqs[i]) for i in part)
+        ids = torch.zeros(len(part), S, dtype=torch.long, device=dev)
+        mask = torch.zeros_like(ids)
+        for j, i in enumerate(part):
+            ids[j, :len(seqs[i])] = torch.from_numpy(seqs[i])
+            mask[j, :len(seqs[i])] = 1
+        with torch.no_grad():
+            o = forward(m, ids, mask, rounding)
+        experts.append([x[0][mask > 0] for x in o])
+        logits.append([x[1][mask > 0] for x in o])
+    n = len(experts[0])
+    return ([torch.cat([p[l] for p in experts]) for l in range(n)],
+            [torch.cat([p[l] for p in logits]) for l in range(n)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

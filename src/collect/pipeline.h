@@ -1,0 +1,364 @@
+// The stages of `moetrace collect` (run_collect in collect.cc strings them together):
+//
+//   plan      plan_samples(): which samples, real and synthetic, in store order
+//   tokenize  TokenizeStage: windows of one shard's samples, tokenized on their own thread
+//   batch     window_batches(): a window's real samples as length-bucketed, padded batches
+//   engine    EngineStage: batches through Engine::submit/poll (model/engine.h), every device
+//   capture   capture_samples(): a captured batch's rows into per-sample data
+//   store     StoreStage: finished windows into the TraceWriter, on its own thread
+//
+// run_windows() is the loop over them. Internal to src/collect.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <csignal>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "collect/collect.h"
+#include "collect/handoff.h"
+#include "collect/model_source.h"
+#include "collect/progress.h"
+#include "collect/synthetic.h"
+#include "core/keys.h"
+#include "data/plan.h"
+#include "model/engine.h"
+#include "text/tokenizer.h"
+#include "trace/store.h"
+
+namespace moetrace::pipeline {
+
+// ---- plan: which samples, in store order ---------------------------------------------------------
+
+// One sample of the run, in store order.
+struct WorkItem {
+  int64_t index = 0;  // global sample index
+  bool synthetic = false;
+  int64_t synthetic_index = 0;
+  std::string sample_id, dataset;
+  int64_t row = 0;
+  const std::string* text = nullptr;  // real samples: the prompt (owned by Plan::rows)
+  std::vector<int32_t> ids;           // filled by the tokenizer stage
+};
+
+struct Plan {
+  std::vector<PlannedSample> rows;  // the real samples' texts
+  std::vector<WorkItem> items;      // every sample of the run (this rank's after take_part)
+  std::string datasets_setting;     // what the manifest records as "datasets"
+};
+
+// The samples of --traces: real ones from the sampling plan and/or synthetic ones, interleaved by
+// --mode. When the datasets hold fewer real samples than asked for, the run collects those.
+Plan plan_samples(const CollectOptions& o, const ModelChoice& mc, int64_t L);
+
+// ---- tokenize: windows of samples, on their own thread -------------------------------------------
+
+// Tokenizes window after window (at most two ahead) while the engine runs. A window is one shard's
+// samples, so batches (and with them the float rounding of every logit) depend only on the plan: a
+// resumed run or a rank of a data-parallel run (whose part starts at a shard boundary) recomputes
+// exactly the batches of one uninterrupted process. With the GPU engine, each window is tokenized
+// by several threads (one would not keep up).
+class TokenizeStage {
+ public:
+  using Span = std::pair<size_t, size_t>;  // [begin, end) of the items
+  TokenizeStage(std::vector<WorkItem>& items, const T5Tokenizer& tok, int max_length,
+                size_t first_window, size_t per_window, unsigned threads)
+      : items_(items), tok_(tok), max_length_(max_length), threads_(threads) {
+    thread_ = std::thread([this, first_window, per_window] {
+      try {
+        for (size_t i = first_window; i < items_.size(); i += per_window) {
+          const size_t end = std::min(items_.size(), i + per_window);
+          tokenize(i, end);
+          if (!ready_.push({i, end})) break;
+        }
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+      ready_.finish();
+    });
+  }
+  ~TokenizeStage() { stop(); }
+  // The next tokenized window; nullopt when all are done or the tokenizer failed (rethrow()).
+  std::optional<Span> next() { return ready_.pop(); }
+  void stop() {
+    ready_.stop();
+    if (thread_.joinable()) thread_.join();
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void tokenize(size_t begin, size_t end) {
+    std::vector<std::exception_ptr> errors(threads_);
+    auto run = [&](size_t t) {
+      try {
+        for (size_t k = begin + t; k < end; k += threads_) {
+          WorkItem& w = items_[k];
+          if (w.text != nullptr) w.ids = tok_.encode(*w.text, max_length_);
+        }
+      } catch (...) {
+        errors[t] = std::current_exception();
+      }
+    };
+    std::vector<std::thread> pool;
+    for (size_t t = 1; t < threads_; ++t) pool.emplace_back(run, t);
+    run(0);
+    for (auto& th : pool) th.join();
+    for (auto& e : errors) {
+      if (e) std::rethrow_exception(e);
+    }
+  }
+
+  std::vector<WorkItem>& items_;
+  const T5Tokenizer& tok_;
+  int max_length_;
+  size_t threads_;
+  HandOff<Span> ready_{2};
+  std::exception_ptr error_;
+  std::thread thread_;
+};
+
+// ---- batch: a window's real samples as padded engine batches ------------------------------------
+
+// Owned per-sample traces between the engine and the writer (store order is restored per window).
+// Logits and hidden states keep the engine's dtype (F32 from the CPU engine, F16/BF16 from the GPU
+// pipeline) so that the writer copies them byte for byte when the store uses the same dtype.
+struct LayerData {
+  std::vector<uint8_t> logits, hidden;
+  DType logits_dtype = DType::kF32, hidden_dtype = DType::kF32;
+  std::vector<float> gate;
+  std::vector<int32_t> expert;
+  std::vector<uint8_t> dropped;
+};
+struct SampleData {
+  std::vector<LayerData> enc, dec;
+  std::vector<int32_t> dec_in, dec_out;
+};
+
+// A tokenized window: its samples go to the store, in store order, once every batch made of it
+// has come back from the engine.
+struct Window {
+  size_t begin = 0;  // position of items.front() in the run's items
+  std::vector<WorkItem> items;
+  std::vector<SampleData> data;
+  size_t outstanding = 0;  // batches submitted to the engine, not yet captured
+  bool submitted = false;  // every batch of the window has been submitted
+};
+
+// One engine batch: the window positions of its samples, padded to the longest.
+struct WindowBatch {
+  std::vector<size_t> members;
+  Batch batch;
+};
+
+// The window's real samples in length-bucketed batches, run in the order of their first sample,
+// not longest first: each batch's numbers do not depend on when it runs, and the samples complete
+// roughly in store order, so that an interrupted run commits most of what it computed.
+std::vector<WindowBatch> window_batches(const Window& win, int64_t batch_tokens, int32_t pad);
+
+// ---- capture: what the store needs of a batch, per sample ----------------------------------------
+
+// The layers to keep and how: the request the engine is given, and the slicing of its batches.
+struct CaptureLayout {
+  std::vector<int> enc_layers, dec_layers;  // block indices of the sparse layers
+  int64_t E = 0, d = 0;
+  bool hidden = false;
+  int32_t eos = 1;
+
+  // Every stored field of every layer. F16 logits may cross the GPU's bus as they are; other
+  // store dtypes are made from exact F32.
+  KeyRequest request(DType store_logits, std::optional<DType> store_hidden) const {
+    KeyRequest r;
+    auto add = [&](keys::Stack s, int block) {
+      r.add(keys::tensor(s, block, keys::kRouterLogits),
+            store_logits == DType::kF16 ? DType::kF16 : DType::kF32);
+      for (std::string_view f : {keys::kExpert, keys::kDropped, keys::kGate})
+        r.add(keys::tensor(s, block, f));
+      if (store_hidden) r.add(keys::tensor(s, block, keys::kHidden), *store_hidden);
+    };
+    for (int i : enc_layers) add(keys::Stack::kEncoder, i);
+    for (int i : dec_layers) add(keys::Stack::kDecoder, i);
+    return r;
+  }
+};
+
+// A captured batch into its samples' SampleData (win->data[members[b]]), in parallel over samples.
+void capture_samples(const CapturedBatch& r, const CaptureLayout& c, Window& win,
+                     const std::vector<size_t>& members);
+
+// ---- engine: batches in, captured batches out, in submit order -----------------------------------
+
+// Keeps every slot of the engine busy: a finished batch is taken back only when all are in flight
+// (the CPU engine has one, computed at submit()). Each captured batch goes to capture_samples().
+class EngineStage {
+ public:
+  EngineStage(Engine& engine, const CaptureLayout& layout, const Observer& request,
+              int64_t max_new_tokens, Progress& progress)
+      : engine_(engine),
+        layout_(layout),
+        request_(request),
+        max_new_tokens_(max_new_tokens),
+        progress_(progress) {}
+
+  void submit(Window& win, WindowBatch&& wb) {
+    const double t0 = progress_clock();
+    if (engine_.in_flight() == engine_.slots()) capture(engine_.poll(true));
+    engine_.submit(wb.batch, request_, max_new_tokens_);
+    tickets_.push_back(Ticket{&win, std::move(wb.members)});
+    ++win.outstanding;
+    seconds_ += progress_clock() - t0;
+  }
+  // Whatever the engine has finished (wait: everything in flight).
+  void drain(bool wait) {
+    const double t0 = progress_clock();
+    while (auto r = engine_.poll(wait)) capture(std::move(r));
+    seconds_ += progress_clock() - t0;
+  }
+  double seconds() const { return seconds_; }  // submit, wait, copy out
+
+ private:
+  struct Ticket {
+    Window* window;
+    std::vector<size_t> members;
+  };
+  void capture(std::unique_ptr<CapturedBatch> r) {
+    Ticket t = std::move(tickets_.front());
+    tickets_.pop_front();
+    capture_samples(*r, layout_, *t.window, t.members);
+    int64_t real_tokens = 0;
+    for (size_t j : t.members) real_tokens += static_cast<int64_t>(t.window->items[j].ids.size());
+    progress_.batch_done(r->B, real_tokens, t.window->items[t.members.front()].dataset);
+    --t.window->outstanding;
+  }
+
+  Engine& engine_;
+  const CaptureLayout& layout_;
+  const Observer& request_;
+  int64_t max_new_tokens_;
+  Progress& progress_;
+  std::deque<Ticket> tickets_;
+  double seconds_ = 0;
+};
+
+// ---- store: finished windows into the trace store, on their own thread ---------------------------
+
+LayerRecord record_of(const LayerData& l);
+
+// Finished windows reach the writer on this stage's thread (add() copies every logit once more),
+// so the engine loop does not wait for it; at most two windows wait for it. Samples before
+// `start` were committed by an earlier run and are skipped.
+class StoreStage {
+ public:
+  struct Params {
+    int64_t start = 0;     // samples committed by earlier runs
+    uint64_t seed = 0;     // synthetic samples' seed
+    int64_t L = 0, E = 0;  // encoder MoE layers, experts
+    int max_length = 0;
+    int64_t vocab_size = 0;
+    size_t dec_layers = 0;    // decoder MoE layers (synthetic samples have zero steps)
+    int64_t kill_after = -1;  // MOETRACE_FAULT_KILL_AFTER (tests): SIGKILL after this many samples
+  };
+  StoreStage(TraceWriter& writer, const Params& p) : writer_(writer), p_(p) {
+    thread_ = std::thread([this] {
+      try {
+        while (auto win = queue_.pop()) {
+          const double t0 = progress_clock();
+          write(*win);
+          seconds_ += progress_clock() - t0;
+        }
+      } catch (...) {
+        error_ = std::current_exception();
+        queue_.stop();
+      }
+    });
+  }
+  ~StoreStage() { close(); }
+  // Waits while two windows wait; rethrows the store's error if it failed.
+  void push(Window&& win) {
+    if (!queue_.push(std::move(win))) std::rethrow_exception(error_);
+  }
+  // Everything pushed is written (or the store failed: rethrow()).
+  void close() {
+    queue_.finish();
+    if (thread_.joinable()) thread_.join();
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+  // Read after close().
+  int64_t samples() const { return samples_; }
+  int64_t tokens() const { return tokens_; }
+  double seconds() const { return seconds_; }
+
+ private:
+  void write(Window& win) {
+    std::vector<SampleRecord> records;
+    std::deque<SyntheticSample> synthetic;  // owns what synthetic records point to
+    for (size_t j = 0; j < win.items.size(); ++j) {
+      if (win.begin + j < static_cast<size_t>(p_.start)) continue;  // committed by an earlier run
+      WorkItem& w = win.items[j];
+      SampleRecord& r = records.emplace_back();
+      r.sample_id = w.sample_id;
+      r.dataset = w.dataset;
+      r.row = w.row;
+      r.synthetic = w.synthetic;
+      if (w.synthetic) {
+        const SyntheticSample& syn = synthetic.emplace_back(
+            make_synthetic(p_.seed, w.synthetic_index, p_.L, p_.E, p_.max_length, p_.vocab_size));
+        r.token_ids = syn.token_ids;
+        for (int64_t l = 0; l < p_.L; ++l) {
+          r.enc.push_back(LayerRecord{syn.logits[l].data(), syn.expert[l].data(),
+                                      syn.dropped.data(), syn.gate[l].data(), nullptr});
+        }
+        r.dec.assign(p_.dec_layers, LayerRecord{});  // synthetic samples have no decoder pass
+      } else {
+        r.token_ids = std::move(w.ids);
+        for (const LayerData& l : win.data[j].enc) r.enc.push_back(record_of(l));
+        r.dec_input_ids = win.data[j].dec_in;
+        r.dec_output_ids = win.data[j].dec_out;
+        for (const LayerData& l : win.data[j].dec) r.dec.push_back(record_of(l));
+      }
+      tokens_ += static_cast<int64_t>(r.token_ids.size());
+    }
+    if (p_.kill_after < 0) {
+      writer_.add(records);  // the whole window at once: copied in parallel
+    } else {
+      for (const SampleRecord& r : records) {
+        writer_.add(r);
+        if (++added_ == p_.kill_after) std::raise(SIGKILL);  // fault injection for resume tests
+      }
+    }
+    samples_ += static_cast<int64_t>(records.size());
+  }
+
+  TraceWriter& writer_;
+  Params p_;
+  HandOff<Window> queue_{2};
+  std::exception_ptr error_;  // set before queue_.stop(), read after a failed push or the join
+  int64_t samples_ = 0, tokens_ = 0, added_ = 0;
+  double seconds_ = 0;
+  std::thread thread_;
+};
+
+// ---- the loop: tokenize -> batch -> engine -> capture -> store -----------------------------------
+
+struct LoopResult {
+  double engine_seconds = 0, wait_seconds = 0;
+};
+
+// Runs every window through the stages; once `stop` is set (SIGINT/SIGTERM) stops after the batch
+// in flight and commits the complete prefix of the window it was in.
+LoopResult run_windows(std::vector<WorkItem>& items, TokenizeStage& tokenize, EngineStage& engine,
+                       StoreStage& store, Progress& progress, int64_t batch_tokens, int32_t pad,
+                       int64_t start, const std::atomic<int>& stop);
+
+}  // namespace moetrace::pipeline

@@ -1,0 +1,79 @@
+// The GPU engine behind the Engine interface: CudaSwitchModel (model/cuda/cuda_switch_model.h).
+// Compiled only when the build has the CUDA backend (src/engine/CMakeLists.txt).
+#include <deque>
+
+#include "core/error.h"
+#include "engine/backends.h"
+#include "model/capture_now.h"
+#include "model/cuda/cuda_switch_model.h"
+
+namespace moetrace {
+
+namespace {
+
+class CudaEngine : public Engine {
+ public:
+  CudaEngine(std::unique_ptr<CudaSwitchModel> model, DeviceChoice device)
+      : model_(std::move(model)), device_(device) {}
+
+  const SwitchConfig& config() const override { return model_->config(); }
+  bool has_decoder() const override { return model_->has_decoder(); }
+  std::string device() const override { return device_.name(); }
+  DType precision() const override { return model_->precision(); }
+  Memory memory() const override { return Memory{model_->device_bytes(), "of GPU memory"}; }
+
+  Encoded encode(const Batch& batch, Observer* obs) override { return model_->encode(batch, obs); }
+  Tensor decode(const Encoded& enc, const Batch& batch, const std::vector<int32_t>& dec_ids,
+                int64_t T, Observer* obs) override {
+    return model_->decode(enc, batch, dec_ids, T, obs);
+  }
+  GenerateResult generate(const Encoded& enc, const Batch& batch, int64_t max_new_tokens,
+                          int64_t min_new_tokens, Observer* obs) override {
+    return model_->generate(enc, batch, max_new_tokens, min_new_tokens, obs);
+  }
+
+  // Encoder-only batches go through the asynchronous pipeline; a batch with generation runs at
+  // once (after the pipeline's batches, so that poll() keeps submit order).
+  uint64_t submit(const Batch& batch, const Observer& request, int64_t max_new_tokens) override {
+    if (max_new_tokens == 0) {
+      model_->submit(batch, request);
+    } else {
+      while (auto r = model_->poll(true)) ready_.push_back(std::move(r));
+      ready_.push_back(capture_now(*this, batch, request, max_new_tokens));
+    }
+    return submitted_++;
+  }
+  std::unique_ptr<CapturedBatch> poll(bool wait) override {
+    std::unique_ptr<CapturedBatch> r;
+    if (!ready_.empty()) {
+      r = std::move(ready_.front());
+      ready_.pop_front();
+    } else {
+      r = model_->poll(wait);
+    }
+    if (r) r->ticket = polled_++;
+    return r;
+  }
+  int in_flight() const override { return static_cast<int>(ready_.size()) + model_->in_flight(); }
+  int slots() const override { return model_->slots(); }
+
+ private:
+  std::unique_ptr<CudaSwitchModel> model_;
+  DeviceChoice device_;
+  std::deque<std::unique_ptr<CapturedBatch>> ready_;  // computed at once, not yet polled
+  uint64_t submitted_ = 0, polled_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Engine> make_cuda_engine(const EngineOptions& options, const SwitchConfig& config,
+                                         std::shared_ptr<TensorSource> weights) {
+  CudaOptions co;
+  co.device = options.device.index;
+  co.precision = options.precision;
+  co.fp32.routing = options.fp32_routing;
+  return std::make_unique<CudaEngine>(
+      CudaSwitchModel::from_source(config, std::move(weights), options.load, co), options.device);
+}
+
+}  // namespace moetrace

@@ -1,0 +1,30 @@
+// make_engine(): the engine of a device, the one place that knows which engines this build has
+// (model/engine.h is the interface both implement). collect, forward and the CLI see only this.
+//
+//   auto engine = make_engine({resolve_device("auto", 0), DType::kBF16, load}, config, weights);
+#pragma once
+
+#include <memory>
+
+#include "core/dtype.h"
+#include "engine/device.h"
+#include "io/checkpoint.h"
+#include "model/config.h"
+#include "model/engine.h"
+#include "model/switch_model.h"
+
+namespace moetrace {
+
+struct EngineOptions {
+  DeviceChoice device;            // resolve_device()'s
+  DType precision = DType::kF32;  // cpu: F32 only; cuda: BF16, F16 or F32
+  LoadOptions load;
+  bool fp32_routing = false;  // cuda: top-1 and gate from fp32 probabilities (--precision mixed)
+};
+
+// The engine of `options.device`, its weights loaded from `weights` (materialised or uploaded
+// once). Error when the device is not usable or the model not supported there.
+std::unique_ptr<Engine> make_engine(const EngineOptions& options, const SwitchConfig& config,
+                                    std::shared_ptr<TensorSource> weights);
+
+}  // namespace moetrace

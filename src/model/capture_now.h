@@ -1,0 +1,17 @@
+// The collection pipeline's batch computed at once, through an engine's encode() and generate():
+// the CPU engine's every batch, the GPU engine's batches with generation.
+#pragma once
+
+#include <memory>
+
+#include "model/engine.h"
+
+namespace moetrace {
+
+// Runs the encoder (and, with max_new_tokens > 0, greedy generation, min_new_tokens 0) on `batch`
+// and keeps what `request` wants: encoder keys as offered, decoder keys stacked over the steps
+// (model/engine_io.h). The batch owns its tensors; its ticket is left 0.
+std::unique_ptr<CapturedBatch> capture_now(Engine& engine, const Batch& batch,
+                                           const Observer& request, int64_t max_new_tokens);
+
+}  // namespace moetrace

@@ -1,0 +1,109 @@
+// The Engine interface on the GPU (make_engine({cuda:0})) against the CPU engine, through the
+// collection pipeline as collect drives it: encoder-only batches through the asynchronous slots,
+// then batches with generation (computed at submit, decoder keys stacked over the steps). Skipped
+// where no GPU is visible (scripts/gpu_check.sh runs it on one).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "core/keys.h"
+#include "engine/engine.h"
+#include "model/random_weights.h"
+
+namespace moetrace {
+namespace {
+
+Batch make_batch(int64_t B, int64_t S, int64_t vocab, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  Batch b;
+  b.B = B;
+  b.S = S;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t len = i == 0 ? S : 1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(S));
+    for (int64_t s = 0; s < S; ++s) {
+      const bool real = s < len;
+      b.input_ids.push_back(
+          real ? (s + 1 == len ? 1 : static_cast<int32_t>(2 + rng() % (vocab / 8))) : 0);
+      b.attention_mask.push_back(real ? 1 : 0);
+    }
+  }
+  return b;
+}
+
+// F32, I32 or U8 (what this request gets back) as floats.
+std::vector<float> f32_of(const TensorView& v) {
+  EXPECT_TRUE(v.dtype == DType::kF32 || v.dtype == DType::kI32 || v.dtype == DType::kU8);
+  std::vector<float> out(static_cast<size_t>(v.numel()));
+  for (size_t i = 0; i < out.size(); ++i) {
+    out[i] = v.dtype == DType::kF32   ? v.as<float>()[i]
+             : v.dtype == DType::kI32 ? static_cast<float>(v.as<int32_t>()[i])
+                                      : static_cast<float>(v.as<uint8_t>()[i]);
+  }
+  return out;
+}
+
+double rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (double{a[i]} - b[i]) * (double{a[i]} - b[i]);
+    den += double{b[i]} * b[i];
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
+
+TEST(CudaEngine, PipelineMatchesTheCpuEngine) {
+  if (!built_with_cuda() || visible_cuda_devices() < 1) GTEST_SKIP() << "no CUDA device";
+  SwitchConfig c = demo_config();
+  auto src = make_random_weights(c, RandomWeightOptions{7, DType::kF32, false});
+  EngineOptions co, go;
+  co.load.encoder_only = go.load.encoder_only = false;
+  go.device = resolve_device("cuda:0", 0);
+  go.precision = DType::kF32;
+  auto cpu = make_engine(co, c, src);
+  auto gpu = make_engine(go, c, src);
+  EXPECT_EQ(gpu->device(), "cuda:0");
+  KeyRequest request;  // F32 logits: comparable with the CPU's
+  for (int i : c.sparse_encoder_blocks())
+    for (std::string_view f : {keys::kRouterLogits, keys::kExpert, keys::kDropped, keys::kGate})
+      request.add(keys::tensor(keys::Stack::kEncoder, i, f), DType::kF32);
+  for (int i : c.sparse_decoder_blocks())
+    for (std::string_view f : {keys::kRouterLogits, keys::kExpert})
+      request.add(keys::tensor(keys::Stack::kDecoder, i, f));
+
+  std::vector<Batch> batches;
+  for (int i = 0; i < 6; ++i) batches.push_back(make_batch(2 + i, 9 + 5 * i, c.vocab_size, 30 + i));
+  for (int64_t steps : {int64_t{0}, int64_t{4}}) {
+    std::vector<std::unique_ptr<CapturedBatch>> got;
+    for (const Batch& b : batches) {
+      if (gpu->in_flight() == gpu->slots()) got.push_back(gpu->poll(true));
+      gpu->submit(b, request, steps);
+    }
+    while (auto r = gpu->poll(true)) got.push_back(std::move(r));
+    ASSERT_EQ(got.size(), batches.size());
+    for (size_t j = 0; j < batches.size(); ++j) {
+      EXPECT_EQ(got[j]->ticket, (steps == 0 ? 0 : batches.size()) + j);
+      cpu->submit(batches[j], request, steps);
+      auto want = cpu->poll(true);
+      ASSERT_EQ(got[j]->tensors.size(), want->tensors.size()) << "steps " << steps;
+      for (const auto& [key, w] : want->tensors) {
+        const TensorView* g = got[j]->find(key);
+        ASSERT_NE(g, nullptr) << key;
+        ASSERT_EQ(g->shape, w.shape) << key;
+        const auto a = f32_of(*g), b = f32_of(w);
+        if (key.find(keys::kRouterLogits) != std::string::npos) {
+          EXPECT_LT(rel_err(a, b), 1e-3) << key;
+        } else if (key.find(keys::kExpert) != std::string::npos) {
+          size_t same = 0;
+          for (size_t i = 0; i < a.size(); ++i) same += a[i] == b[i];
+          EXPECT_GE(static_cast<double>(same), 0.99 * static_cast<double>(a.size())) << key;
+        }
+      }
+      EXPECT_EQ(got[j]->generated.steps > 0, steps > 0);
+      EXPECT_EQ(got[j]->generated.B, want->generated.B);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moetrace
