@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))  # the reader without installing the package
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hf_switch_bench
 
-PRECISIONS = ("fp32", "bf16", "mixed")
+PRECISIONS = ("fp32", "bf16", "fp16", "mixed")
 SPIECE = os.path.join(ROOT, "assets", "demo", "spiece.model")
 DATA_ROOT = os.path.join(ROOT, "assets", "demo", "data")
 
@@ -329,7 +329,8 @@ def main(argv=None):
 
     pairs = [("moetrace fp32", "transformers fp32"), ("moetrace bf16", "moetrace fp32"),
              ("transformers bf16", "transformers fp32"), ("moetrace bf16", "transformers bf16"),
-             ("moetrace mixed", "moetrace fp32"), ("moetrace mixed", "transformers fp32")]
+             ("moetrace fp16", "moetrace fp32"), ("moetrace mixed", "moetrace fp32"),
+             ("moetrace mixed", "transformers fp32")]
     results = []
     for x, y in pairs:
         if x in routes and y in routes:
@@ -342,7 +343,7 @@ def main(argv=None):
         print(f"| {r['pair']:<40} | {100 * r['top1_agreement']:>14.3f}% | {r['max_logit_diff']:>16.4g} |")
 
     per_layer = {}
-    others = [p for p in ("bf16", "mixed") if p in a.precisions]
+    others = [p for p in ("bf16", "fp16", "mixed") if p in a.precisions]
     if others:
         print("\nper MoE layer, vs moetrace fp32: top-1 agreement / max |logit diff|")
         print(f"| {'layer':<8} | " + " | ".join(f"{p + ' top-1':>12} | {p + ' max diff':>15}" for p in others) + " |")

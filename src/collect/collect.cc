@@ -220,10 +220,6 @@ void check_options(const CollectOptions& o) {
     fail("--max-new-tokens ", o.max_new_tokens, ": expected at least 1 with --decoder");
 }
 
-DType precision_dtype(const std::string& p) {
-  return p == "fp32" ? DType::kF32 : p == "fp16" ? DType::kF16 : DType::kBF16;
-}
-
 StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc, const T5Tokenizer& tok,
                              const Plan& plan, const CaptureLayout& layout, const DeviceChoice& dev,
                              int64_t batch_tokens) {
@@ -400,8 +396,9 @@ CollectResult run_collect(const CollectOptions& o) {
   // leaves the store as it was.
   EngineOptions eo;
   eo.device = dev;  // --device cuda:N, else the local rank's GPU
-  eo.precision = dev.cuda ? precision_dtype(o.precision) : DType::kF32;  // mixed: bf16
-  eo.fp32_routing = dev.cuda && o.precision == "mixed";
+  const PrecisionMode pm = precision_mode(o.precision);
+  eo.precision = dev.cuda ? pm.operands : DType::kF32;
+  eo.fp32_routing = dev.cuda && pm.fp32_routing;
   eo.load.encoder_only = !o.decoder;
   const double t_load = progress_clock();
   std::unique_ptr<Engine> engine = make_engine(eo, cfg, mc.weights);

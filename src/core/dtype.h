@@ -31,11 +31,22 @@ DType parse_dtype_option(std::string_view option, std::string_view value,
                          std::initializer_list<DType> allowed,
                          std::initializer_list<std::string_view> others = {});
 
-// The --precision vocabulary of the engines (collect, bench_gpu): the GEMM operand dtypes bf16, f16
-// and f32 in parse_dtype_name's spellings, or "mixed": bf16 GEMM operands with everything that
-// decides and scales the routing in float32 (docs/GPU.md, "Precision"). Returns the spelling the
-// manifest records: "bf16", "fp16", "fp32" or "mixed". Error naming `option` otherwise.
+// The --precision vocabulary of the engines (collect, forward, bench_gpu): the GEMM operand dtypes
+// bf16, f16 and f32 in parse_dtype_name's spellings, or "mixed": fp16 GEMM operands (11-bit
+// significands; bf16 checkpoints convert exactly) with everything that decides and scales the
+// routing in float32 (docs/GPU.md, "Precision"). Returns the spelling the manifest records:
+// "bf16", "fp16", "fp32" or "mixed". Error naming `option` otherwise.
 std::string parse_precision_option(std::string_view option, std::string_view value);
+
+// What a precision name (parse_precision_option's spelling) means for the GPU engine: the dtype of
+// the GEMM operands and whether the top-1 and the gate come from the float32 probabilities instead
+// of the probabilities rounded to the operand dtype (SWITCH_SPEC.md's rule, as transformers
+// computes it). The one mapping: collect, forward, bench_gpu and the engine all use it.
+struct PrecisionMode {
+  DType operands = DType::kBF16;
+  bool fp32_routing = false;
+};
+PrecisionMode precision_mode(std::string_view name);
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;

@@ -34,5 +34,16 @@ TEST(PrecisionOption, OtherWordsAreOneLineNamingTheOptionAndMixed) {
   }
 }
 
+TEST(PrecisionMode, OneMappingOfEveryName) {
+  EXPECT_EQ(precision_mode("fp32").operands, DType::kF32);
+  EXPECT_EQ(precision_mode("bf16").operands, DType::kBF16);
+  EXPECT_EQ(precision_mode("fp16").operands, DType::kF16);
+  for (const char* n : {"fp32", "bf16", "fp16"}) EXPECT_FALSE(precision_mode(n).fp32_routing) << n;
+  // mixed: fp16 operands (11-bit significands) with the routing decided on fp32 probabilities.
+  EXPECT_EQ(precision_mode("mixed").operands, DType::kF16);
+  EXPECT_TRUE(precision_mode("mixed").fp32_routing);
+  EXPECT_THROW(precision_mode("f32"), Error);  // callers pass parse_precision_option's spelling
+}
+
 }  // namespace
 }  // namespace moetrace

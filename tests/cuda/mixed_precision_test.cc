@@ -1,5 +1,5 @@
-// Precision "mixed" (bf16 GEMM operands, routing decided in fp32): the decision and gate come from
-// the float32 probabilities of the very logits the engine observed, where bf16 rounds them first.
+// Precision "mixed" (fp16 GEMM operands, routing decided in fp32): the decision and gate come from
+// the float32 probabilities of the very logits the engine observed, where bf16/fp16 round them first.
 // Runs on a GPU only (skips otherwise, like every tests/cuda test).
 #include <algorithm>
 #include <cmath>
@@ -25,7 +25,7 @@ TEST(CudaPrecisionOptions, EverySpellingMapsToItsOptions) {
   EXPECT_EQ(bf16.precision, DType::kBF16);
   EXPECT_FALSE(bf16.fp32.routing);
   const CudaOptions mixed = cuda_options_for_precision("mixed");
-  EXPECT_EQ(mixed.precision, DType::kBF16);
+  EXPECT_EQ(mixed.precision, DType::kF16);
   EXPECT_TRUE(mixed.fp32.routing);
   EXPECT_THROW(cuda_options_for_precision("f32"), Error);  // callers pass parse_precision_option's
 }
@@ -46,7 +46,7 @@ TEST_F(CudaTest, MixedDecidesOnFp32Probabilities) {
   const Batch batch = random_batch(6, 70, c.vocab_size, 3);
   auto gpu =
       CudaSwitchModel::from_source(c, src, LoadOptions{true}, cuda_options_for_precision("mixed"));
-  EXPECT_EQ(gpu->precision(), DType::kBF16);
+  EXPECT_EQ(gpu->precision(), DType::kF16);
   RecordingObserver got;
   gpu->encode(batch, &got);
   const int64_t E = c.num_experts;

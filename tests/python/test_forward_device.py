@@ -76,6 +76,16 @@ def test_the_cpu_computes_in_fp32_only(cli, tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_mixed_on_the_cpu_is_fp32_and_says_so(cli, tmp_path):
+    out = tmp_path / "mixed.safetensors"
+    proc = forward(cli, "tiny-a", out, "--device", "cpu", "--precision", "mixed")
+    assert proc.returncode == 0, proc.stderr
+    assert "mixed is fp32" in proc.stderr, proc.stderr
+    ref = tmp_path / "fp32.safetensors"
+    assert forward(cli, "tiny-a", ref, "--device", "cpu").returncode == 0
+    assert out.read_bytes() == ref.read_bytes()
+
+
 @pytest.mark.parametrize("device,want", [("gpu", "--device 'gpu'"), ("cuda:x", "--device 'cuda:x'")])
 def test_a_bad_device_is_one_line(cli, tmp_path, device, want):
     line = one_error_line(forward(cli, "tiny-a", tmp_path / "o.safetensors", "--device", device))

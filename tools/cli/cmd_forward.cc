@@ -1,5 +1,5 @@
 // moetrace forward --model M --inputs IN.safetensors --output OUT.safetensors [--generate N]
-//                  [--device cpu|cuda|cuda:N|auto] [--precision fp32|bf16|fp16]
+//                  [--device cpu|cuda|cuda:N|auto] [--precision fp32|bf16|fp16|mixed]
 #include "command.h"
 #include "core/dtype.h"
 #include "core/log.h"
@@ -27,8 +27,14 @@ struct ForwardOptions {
 void run(const ForwardOptions& o) {
   EngineOptions eo;
   eo.device = resolve_device(o.device, 0);
-  eo.precision =
-      parse_dtype_option("--precision", o.precision, {DType::kF32, DType::kBF16, DType::kF16});
+  const std::string precision = parse_precision_option("--precision", o.precision);
+  const PrecisionMode pm = precision_mode(precision);
+  eo.precision = pm.operands;
+  eo.fp32_routing = pm.fp32_routing;
+  if (!eo.device.cuda && precision == "mixed") {
+    log_info("--precision mixed: the CPU engine computes everything in fp32, so mixed is fp32");
+    eo = EngineOptions{eo.device, DType::kF32, eo.load, false};
+  }
   cpu::set_num_threads(o.threads);
   ForwardInputs in = read_forward_inputs(o.inputs);
   eo.load.encoder_only = in.T == 0 && o.generate == 0;
@@ -62,7 +68,8 @@ const RegisterCommand reg([](CLI::App& app) {
                   "one is visible, else the CPU)")
       ->capture_default_str();
   sub->add_option("--precision", opts->precision,
-                  "fp32 | bf16 | fp16: the GPU engine's activations (router always fp32); the CPU "
+                  "fp32 | bf16 | fp16 | mixed: the GPU engine's GEMM operands (router always "
+                  "fp32; mixed: fp16 operands, top-1 and gate from fp32 probabilities); the CPU "
                   "computes in fp32 only")
       ->capture_default_str();
   sub->callback([opts] { run(*opts); });

@@ -881,19 +881,10 @@ std::unique_ptr<CudaSwitchModel> CudaSwitchModel::from_source(SwitchConfig confi
 }
 
 CudaOptions cuda_options_for_precision(std::string_view precision) {
+  const PrecisionMode m = precision_mode(precision);
   CudaOptions o;
-  if (precision == "fp32") {
-    o.precision = DType::kF32;
-  } else if (precision == "fp16") {
-    o.precision = DType::kF16;
-  } else if (precision == "bf16") {
-    o.precision = DType::kBF16;
-  } else if (precision == "mixed") {
-    o.precision = DType::kBF16;
-    o.fp32.routing = true;
-  } else {
-    fail("precision '", precision, "': expected bf16, fp16, fp32 or mixed");
-  }
+  o.precision = m.operands;
+  o.fp32.routing = m.fp32_routing;
   return o;
 }
 
