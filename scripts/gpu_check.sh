@@ -182,12 +182,14 @@ CMAKE
 fi
 
 if has test; then
-  $CUDA_TESTS --gtest_output=xml:"$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error|Expected|Which is|rel|^\[==" | head -80
+  # Each binary under a time limit: a hang (e.g. a pipeline slot never released) fails the step
+  # instead of eating the device call.
+  timeout 300 $CUDA_TESTS --gtest_output=xml:"$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/tests.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|error|Expected|Which is|rel|^\[==" | head -80
   # The backend test: every op of kernels/cuda against its CPU twin in kernels/cpu, f32/bf16/f16.
-  $BACKEND_TESTS --gtest_output=xml:"$OUT/backend_tests.xml" 2>&1 | tee "$OUT/backend.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[==" | head -80
+  timeout 300 $BACKEND_TESTS --gtest_output=xml:"$OUT/backend_tests.xml" 2>&1 | tee "$OUT/backend.log" | grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[==" | head -80
   # The Engine interface on the GPU against the CPU engine (collect's pipeline, with generation).
   if [[ -x $BUILD/full/tests/engine_tests ]]; then
-    $BUILD/full/tests/engine_tests --gtest_output=xml:"$OUT/engine_tests.xml" 2>&1 | tee "$OUT/engine_tests.log" |
+    timeout 300 $BUILD/full/tests/engine_tests --gtest_output=xml:"$OUT/engine_tests.xml" 2>&1 | tee "$OUT/engine_tests.log" |
       grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[==" | head -40
   fi
 fi
