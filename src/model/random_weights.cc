@@ -121,36 +121,33 @@ std::shared_ptr<TensorSource> make_random_weights(const SwitchConfig& c,
   return src;
 }
 
-SwitchConfig switch_base_config(int64_t num_experts) {
+namespace {
+
+// A published Switch shape (SWITCH_SPEC.md's config table): d_kv 64, capacity 64, the same depth and
+// number of MoE layers in encoder and decoder (every second block sparse).
+SwitchConfig published_shape(const std::string& name, int64_t d_model, int64_t heads,
+                             int64_t blocks, int64_t num_experts) {
   SwitchConfig c;
-  c.d_model = 768;
-  c.d_ff = 3072;
+  c.d_model = d_model;
+  c.d_ff = 4 * d_model;
   c.d_kv = 64;
-  c.num_heads = 12;
-  c.num_layers = 12;
-  c.num_decoder_layers = 12;
-  c.num_sparse_encoder_layers = 6;
-  c.num_sparse_decoder_layers = 6;
+  c.num_heads = heads;
+  c.num_layers = c.num_decoder_layers = blocks;
+  c.num_sparse_encoder_layers = c.num_sparse_decoder_layers = blocks / 2;
   c.num_experts = num_experts;
   c.expert_capacity = 64;
-  c.derive_and_validate("switch-base-" + std::to_string(num_experts));
+  c.derive_and_validate(name + std::to_string(num_experts));
   return c;
 }
 
+}  // namespace
+
+SwitchConfig switch_base_config(int64_t num_experts) {
+  return published_shape("switch-base-", 768, 12, 12, num_experts);
+}
+
 SwitchConfig switch_large_config(int64_t num_experts) {
-  SwitchConfig c;
-  c.d_model = 1024;
-  c.d_ff = 4096;
-  c.d_kv = 64;
-  c.num_heads = 16;
-  c.num_layers = 24;
-  c.num_decoder_layers = 24;
-  c.num_sparse_encoder_layers = 12;
-  c.num_sparse_decoder_layers = 12;
-  c.num_experts = num_experts;
-  c.expert_capacity = 64;
-  c.derive_and_validate("switch-large-" + std::to_string(num_experts));
-  return c;
+  return published_shape("switch-large-", 1024, 16, 24, num_experts);
 }
 
 std::optional<SwitchConfig> published_config(std::string_view name) {

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "common/random_batch.h"
 #include "core/tensor.h"
 #include "io/checkpoint.h"
 #include "model/switch_model.h"
@@ -45,22 +46,6 @@ inline Batch fixture_batch(const TensorSource& ref) {
   return b;
 }
 
-// A batch of pseudo-text: right-padded random lengths, ids skewed to small values like real text.
-inline Batch random_batch(int64_t B, int64_t S, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  Batch b;
-  b.B = B;
-  b.S = S;
-  for (int64_t i = 0; i < B; ++i) {
-    const int64_t len = i == 0 ? S : 1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(S));
-    for (int64_t s = 0; s < S; ++s) {
-      const bool real = s < len;
-      b.input_ids.push_back(
-          real ? (s + 1 == len ? 1 : static_cast<int32_t>(2 + rng() % (vocab / 8))) : 0);
-      b.attention_mask.push_back(real ? 1 : 0);
-    }
-  }
-  return b;
-}
+using moetrace::test::random_batch;  // tests/common/random_batch.h
 
 }  // namespace moetrace::cuda::test

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <random>
 
+#include "common/random_batch.h"
 #include "core/keys.h"
 #include "engine/engine.h"
 #include "model/random_weights.h"
@@ -14,22 +15,7 @@
 namespace moetrace {
 namespace {
 
-Batch make_batch(int64_t B, int64_t S, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  Batch b;
-  b.B = B;
-  b.S = S;
-  for (int64_t i = 0; i < B; ++i) {
-    const int64_t len = i == 0 ? S : 1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(S));
-    for (int64_t s = 0; s < S; ++s) {
-      const bool real = s < len;
-      b.input_ids.push_back(
-          real ? (s + 1 == len ? 1 : static_cast<int32_t>(2 + rng() % (vocab / 8))) : 0);
-      b.attention_mask.push_back(real ? 1 : 0);
-    }
-  }
-  return b;
-}
+using test::random_batch;  // tests/common/random_batch.h
 
 // F32, I32 or U8 (what this request gets back) as floats.
 std::vector<float> f32_of(const TensorView& v) {
@@ -72,7 +58,8 @@ TEST(CudaEngine, PipelineMatchesTheCpuEngine) {
       request.add(keys::tensor(keys::Stack::kDecoder, i, f));
 
   std::vector<Batch> batches;
-  for (int i = 0; i < 6; ++i) batches.push_back(make_batch(2 + i, 9 + 5 * i, c.vocab_size, 30 + i));
+  for (int i = 0; i < 6; ++i)
+    batches.push_back(random_batch(2 + i, 9 + 5 * i, c.vocab_size, 30 + i));
   // Each finished batch is compared and released as soon as it is polled: a CapturedBatch holds
   // its pinned slot, and submit() waits for a free one (holding all six would wait forever).
   for (int64_t steps : {int64_t{0}, int64_t{4}}) {

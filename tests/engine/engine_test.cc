@@ -9,6 +9,7 @@
 #include <functional>
 #include <random>
 
+#include "common/random_batch.h"
 #include "core/error.h"
 #include "core/keys.h"
 #include "model/random_weights.h"
@@ -26,22 +27,7 @@ SwitchConfig small_config() {
   return c;
 }
 
-Batch random_batch(int64_t B, int64_t S, int64_t vocab, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  Batch b;
-  b.B = B;
-  b.S = S;
-  for (int64_t i = 0; i < B; ++i) {
-    const int64_t len = i == 0 ? S : 1 + static_cast<int64_t>(rng() % static_cast<uint64_t>(S));
-    for (int64_t s = 0; s < S; ++s) {
-      const bool real = s < len;
-      b.input_ids.push_back(
-          real ? (s + 1 == len ? 1 : static_cast<int32_t>(2 + rng() % (vocab / 8))) : 0);
-      b.attention_mask.push_back(real ? 1 : 0);
-    }
-  }
-  return b;
-}
+using test::random_batch;  // tests/common/random_batch.h
 
 bool same_bytes(const TensorView& a, const TensorView& b) {
   return a.dtype == b.dtype && a.shape == b.shape &&
