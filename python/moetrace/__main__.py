@@ -116,8 +116,9 @@ def _print_fidelity(f, encoder_layers, p) -> None:
       f"{t['max_logit_error']:.4f}")
     p(f"  {'layer':<14}{'tokens':>12}{'top-1 agree':>12}{'max |logit err|':>18}")
     for block in encoder_layers:
-        c = f["per_layer"].get(f"enc.{block}", {})
-        p(f"  {'enc.' + str(block):<14}{c.get('tokens', 0):>12}{100.0 * c.get('top1_agreement', 0):>11.3f}%"
+        name = keys.layer(keys.ENCODER, block)
+        c = f["per_layer"].get(name, {})
+        p(f"  {name:<14}{c.get('tokens', 0):>12}{100.0 * c.get('top1_agreement', 0):>11.3f}%"
           f"{c.get('max_logit_error', 0):>18.4f}")
 
 
