@@ -21,6 +21,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -44,6 +45,7 @@ namespace {
 
 struct Args {
   int64_t experts = 128;
+  std::string model;  // --model switch-base-N | switch-large-N (published_config); else --experts
   DType precision = DType::kBF16;       // of the GEMM operands
   std::string precision_name = "bf16";  // --precision, as parse_precision_option spells it
   std::string json, mix = "/tmp/moetrace_mix.txt", shapes = "1x128,32x256,128x256,mix";
@@ -65,6 +67,8 @@ Args parse(int argc, char** argv) {
       a.store = val();
     else if (k == "--experts")
       a.experts = std::stoll(val());
+    else if (k == "--model")
+      a.model = val();
     else if (k == "--precision") {
       a.precision_name = parse_precision_option("--precision", val());
       a.precision = cuda_options_for_precision(a.precision_name).precision;
@@ -83,6 +87,8 @@ Args parse(int argc, char** argv) {
     else
       fail("bench_gpu: unknown option ", k);
   }
+  if (!a.model.empty() && !published_config(a.model))
+    fail("bench_gpu: --model '", a.model, "': expected switch-base-<N> or switch-large-<N>");
   return a;
 }
 
@@ -226,12 +232,12 @@ double run_pipeline(CudaSwitchModel& m, const std::vector<Batch>& batches,
 // seconds from the first submit until the manifest says complete.
 uint64_t first_ticket_ = 0;
 
-double run_into_store(CudaSwitchModel& m, const SwitchConfig& c, const std::vector<Batch>& batches,
-                      const std::string& dir) {
+double run_into_store(CudaSwitchModel& m, const SwitchConfig& c, const std::string& model,
+                      const std::vector<Batch>& batches, const std::string& dir) {
   const double t0 = bench::now_s();
   StoreSettings ss;
   ss.settings = {{"benchmark", "bench_gpu --store"}, {"samples", "the real-text mix"}};
-  ss.model = {{"id", "random switch-base-" + std::to_string(c.num_experts) + " (HF init, bf16)"}};
+  ss.model = {{"id", "random " + model + " (HF init, bf16)"}};
   ss.command_line = {"bench_gpu", "--store", dir};
   ss.enc_layers = c.sparse_encoder_blocks();
   ss.num_experts = c.num_experts;
@@ -419,10 +425,15 @@ int main_impl(int argc, char** argv) {
   j["cpu"] = bench::cpu_model();
   j["precision"] =
       a.precision_name == "mixed" ? a.precision_name : std::string(dtype_name(a.precision));
-  j["experts"] = a.experts;
-  const SwitchConfig c = switch_base_config(a.experts);
-  std::printf("bench_gpu: switch-base-%lld shape, %s, %s\n", static_cast<long long>(a.experts),
-              a.precision_name.c_str(), std::string(cuda::device_name()).c_str());
+  const std::string model = a.model.empty() ? "switch-base-" + std::to_string(a.experts) : a.model;
+  const std::optional<SwitchConfig> published = published_config(model);
+  if (!published)
+    fail("bench_gpu: --model '", model, "': expected switch-base-<N> or switch-large-<N>");
+  const SwitchConfig c = *published;
+  j["model"] = model;
+  j["experts"] = c.num_experts;
+  std::printf("bench_gpu: %s shape, %s, %s\n", model.c_str(), a.precision_name.c_str(),
+              std::string(cuda::device_name()).c_str());
 
   const double peak = a.ncu ? 0.0 : measure_peak_tflops();
   j["peak_bf16_tflops_measured"] = peak;
@@ -510,7 +521,7 @@ int main_impl(int argc, char** argv) {
   j["device_bytes_model"] = m->device_bytes();
   if (!a.store.empty() && !a.ncu) {
     const std::vector<Batch> batches = mix_batches(mix, 128);
-    const double secs = run_into_store(*m, c, batches, a.store);
+    const double secs = run_into_store(*m, c, model, batches, a.store);
     const auto problems = verify_store(a.store);
     std::printf(
         "  seed job into a trace store (%s): %zu samples, %zu traces, %.3f s end to end after "
