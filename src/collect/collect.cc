@@ -212,10 +212,7 @@ void check_options(const CollectOptions& o) {
   if (o.traces <= 0) fail("--traces ", o.traces, ": expected a positive number");
   if (o.max_length < 2) fail("--max-length ", o.max_length, ": expected at least 2");
   if (!(o.audit >= 0 && o.audit <= 1)) fail("--audit ", o.audit, ": expected a fraction in [0, 1]");
-  if (o.precision != "bf16" && o.precision != "fp16" && o.precision != "fp32" &&
-      o.precision != "mixed") {
-    fail("--precision '", o.precision, "': expected bf16, fp16, fp32 or mixed");
-  }
+  precision_mode(o.precision, "--precision");  // the one list of precision names
   if (o.decoder && o.max_new_tokens < 1)
     fail("--max-new-tokens ", o.max_new_tokens, ": expected at least 1 with --decoder");
 }

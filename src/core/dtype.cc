@@ -107,12 +107,12 @@ std::string parse_precision_option(std::string_view option, std::string_view val
   return t == DType::kF32 ? "fp32" : t == DType::kF16 ? "fp16" : "bf16";
 }
 
-PrecisionMode precision_mode(std::string_view name) {
+PrecisionMode precision_mode(std::string_view name, std::string_view what) {
   if (name == "fp32") return {DType::kF32, false};
   if (name == "fp16") return {DType::kF16, false};
   if (name == "bf16") return {DType::kBF16, false};
   if (name == "mixed") return {DType::kF16, true};
-  fail("precision '", name, "': expected bf16, fp16, fp32 or mixed");
+  fail(what, " '", name, "': expected bf16, fp16, fp32 or mixed");
 }
 
 float f16_to_f32(uint16_t h) {

@@ -46,7 +46,8 @@ struct PrecisionMode {
   DType operands = DType::kBF16;
   bool fp32_routing = false;
 };
-PrecisionMode precision_mode(std::string_view name);
+// Error "<what> '<name>': expected bf16, fp16, fp32 or mixed" for any other name.
+PrecisionMode precision_mode(std::string_view name, std::string_view what = "precision");
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;

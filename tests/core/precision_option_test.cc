@@ -43,6 +43,12 @@ TEST(PrecisionMode, OneMappingOfEveryName) {
   EXPECT_EQ(precision_mode("mixed").operands, DType::kF16);
   EXPECT_TRUE(precision_mode("mixed").fp32_routing);
   EXPECT_THROW(precision_mode("f32"), Error);  // callers pass parse_precision_option's spelling
+  try {
+    precision_mode("int8", "--precision");
+    FAIL() << "int8";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "--precision 'int8': expected bf16, fp16, fp32 or mixed");
+  }
 }
 
 }  // namespace

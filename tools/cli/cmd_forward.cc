@@ -33,7 +33,8 @@ void run(const ForwardOptions& o) {
   eo.fp32_routing = pm.fp32_routing;
   if (!eo.device.cuda && precision == "mixed") {
     log_info("--precision mixed: the CPU engine computes everything in fp32, so mixed is fp32");
-    eo = EngineOptions{eo.device, DType::kF32, eo.load, false};
+    eo.precision = DType::kF32;
+    eo.fp32_routing = false;
   }
   cpu::set_num_threads(o.threads);
   ForwardInputs in = read_forward_inputs(o.inputs);
