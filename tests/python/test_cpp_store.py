@@ -21,7 +21,7 @@ from conftest import REPO, moetrace_cli, run_module, to_bf16_bits, write_safeten
 MODEL = os.path.join(REPO, "tests", "data", "fixtures", "tiny-a", "model")
 
 
-def _cli_or_skip(*subcommands):
+def _cli_with(*subcommands):
     cli = moetrace_cli()
     listing = subprocess.run([cli, "--help"], capture_output=True, text=True).stdout
     for sub in subcommands:  # CLI11 lists subcommands one per line, indented
@@ -50,7 +50,7 @@ def model_dir(tmp_path_factory):
 
 def _collect(tmp_path_factory, model_dir, dtype):
     """(store path, logits dtype) of a 40-trace collection on the tiny fixture model."""
-    cli = _cli_or_skip("collect", "forward")
+    cli = _cli_with("collect", "forward")
     out = tmp_path_factory.mktemp(f"collect-{dtype}") / "store"
     _run([cli, "collect", "--model", model_dir, "--datasets", "demo", "--data-root", "assets/demo/data",
           "--traces", 40, "--logits", dtype, "--hidden", "f32" if dtype == "f32" else "bf16", "-o", out,
@@ -157,13 +157,13 @@ def test_collected_store_exports_seed_pickle(collected_f32, tmp_path):
                                      {"logits_dtype": "F16", "hidden_dtype": "F32", "num_samples": 9}])
 def test_cpp_verify_accepts_the_test_writers_stores(store_factory, options):
     """The Python tests' store writer and the C++ reader agree on the format."""
-    cli = _cli_or_skip("verify")
+    cli = _cli_with("verify")
     path, _ = store_factory(**options)
     _run([cli, "verify", path])
 
 
 def test_collected_decoder_store_reads_back(model_dir, tmp_path):
-    cli = _cli_or_skip("collect")
+    cli = _cli_with("collect")
     out = tmp_path / "store"
     _run([cli, "collect", "--model", model_dir, "--datasets", "demo", "--data-root", "assets/demo/data",
           "--traces", 12, "--decoder", "--max-new-tokens", 4, "--mode", "mixed", "--samples-per-shard", 2,
