@@ -6,8 +6,11 @@ The cache is huggingface_hub's (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/hu
 collect searches offline. huggingface_hub does the transfers (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE,
 proxies, resumption, its progress bars); this module decides which files:
 
-- a model: config.json, spiece.model and the weights in one format: safetensors (single or sharded +
-  index) when the revision has them, else pytorch_model*.bin (+ index); never other frameworks' copies.
+- a model: config.json, its tokenizer files (TOKENIZER_FILES: T5's spiece.model; the MoE language
+  models' tokenizer.json / tokenizer.model with tokenizer_config.json and special_tokens_map.json) and
+  the weights in one format: safetensors (single or sharded + index) when
+  the revision has them, else pytorch_model*.bin (+ index); never other frameworks' copies (flax, tf,
+  Mixtral's original consolidated.*.pt).
 - a catalog dataset: the files collect's locator (src/data/locate.cc, split_files) reads for the
   entry's config and split, picked from the revision's file listing; when the main branch (or
   --revision) has none, the Hub's Parquet conversion at refs/convert/parquet
@@ -90,13 +93,20 @@ def split_files(paths, config: str, split: str) -> list[str]:
     return []
 
 
+# The tokenizer files collect may read (src/text's tokenizer factory): whichever the repo has.
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json")
+# The files a tokenizer is made from; a model without any is fetched with a note.
+_TOKENIZER_MODELS = ("spiece.model", "tokenizer.json", "tokenizer.model")
+
 _SAFETENSORS = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
 _PYTORCH = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?")
 
 
 def model_files(paths) -> tuple[list[str], str]:
-    """(files to download, problem) for a model repo holding `paths`: config.json, spiece.model when
-    present, and the weights of one format (what src/io/checkpoint.cc open_checkpoint reads)."""
+    """(files to download, problem) for a model repo holding `paths`: config.json, the tokenizer files
+    present (TOKENIZER_FILES), and the weights of one format (what src/io/checkpoint.cc open_checkpoint
+    reads)."""
     top = {p for p in paths if "/" not in p}
     if "config.json" not in top:
         return [], "no config.json"
@@ -108,7 +118,7 @@ def model_files(paths) -> tuple[list[str], str]:
     else:
         return [], ("no checkpoint (expected model.safetensors[.index.json] or "
                     "pytorch_model.bin[.index.json])")
-    extra = ["spiece.model"] if "spiece.model" in top else []
+    extra = [f for f in TOKENIZER_FILES if f in top]
     return ["config.json"] + extra + weights, ""
 
 
@@ -216,8 +226,8 @@ class Planner:
         files, problem = model_files(listing)
         if problem:
             return self._failed(item, f"{problem} at {revision}")
-        if "spiece.model" not in files:
-            item.note = "no spiece.model: collect needs --tokenizer"
+        if not any(f in files for f in _TOKENIZER_MODELS):
+            item.note = "no tokenizer (spiece.model, tokenizer.json or tokenizer.model): collect needs --tokenizer"
         item.files = {f: listing[f] for f in files}
         return item
 

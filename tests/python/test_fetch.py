@@ -281,6 +281,38 @@ def test_model_files_take_one_format():
     assert fetch_mod.model_files(["model.safetensors"])[1] == "no config.json"
 
 
+def test_model_files_take_the_language_models_tokenizer_files():
+    """OLMoE/Qwen ship tokenizer.json, Mixtral tokenizer.model too; Mixtral's consolidated.*.pt (the original
+    format) and generation_config.json are not read by collect and are not fetched."""
+    mixtral = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+               "special_tokens_map.json", "consolidated.00.pt", "consolidated.01.pt", "model.safetensors.index.json",
+               "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "README.md"]
+    assert fetch_mod.model_files(mixtral) == (
+        ["config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"], "")
+
+
+def test_fetch_a_language_model_takes_its_tokenizer_and_shards_only(cli, tmp_path):
+    # Distinct contents: the cache stores one blob per content, so equal files would be downloaded once.
+    files = {"config.json": json.dumps({"model_type": "mixtral"}).encode(), "tokenizer.model": b"sp model",
+             "tokenizer.json": b'{"model": {}}', "tokenizer_config.json": b'{"add_bos_token": true}',
+             "generation_config.json": b'{"decoy": 1}', "consolidated.00.pt": b"original-format decoy",
+             "model.safetensors.index.json": b'{"weight_map": {}}',
+             "model-00001-of-00002.safetensors": b"shard one", "model-00002-of-00002.safetensors": b"shard two"}
+    with FakeHub() as hub:
+        hub.add("model", "test-org/tiny-moe-lm", files)
+        cache = tmp_path / "hub"
+        proc = run([cli, "fetch", "--model", "test-org/tiny-moe-lm", "--datasets", ""], env_for(hub, cache))
+        assert table(proc.stdout).get("model test-org/tiny-moe-lm") == "fetched", proc.stdout + proc.stderr
+        got = sorted(p.split("/resolve/", 1)[1].split("/", 1)[1] for p in resolve_paths(hub))
+        assert got == sorted(["config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                              "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                              "model-00002-of-00002.safetensors"])
+        snaps = list((cache / "models--test-org--tiny-moe-lm" / "snapshots").iterdir())
+        assert len(snaps) == 1 and (snaps[0] / "model-00002-of-00002.safetensors").read_bytes() == b"shard two"
+        assert not (snaps[0] / "consolidated.00.pt").exists()
+
+
 def test_exact_names_are_escaped_for_allow_patterns(tmp_path, monkeypatch):
     """snapshot_download's allow_patterns are fnmatch patterns: `[1]` would match `1`, `*` anything."""
     hub = FakeHub()
