@@ -14,6 +14,7 @@
 #include "collect/model_source.h"
 #include "data/plan.h"
 #include "kernels/cpu/ops.h"
+#include "model/engine_io.h"
 #include "model/switch_model.h"
 #include "text/tokenizer.h"
 

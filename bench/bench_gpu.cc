@@ -3,7 +3,9 @@
 // a writer thread copying every batch out as a store would), per shape:
 //   1x128, 32x256, 128x256 (random ids) and the real-text mix (the file bench/hf_switch_bench.py
 //   --write-mix writes: one sample per line, T5 ids), 128 samples per batch after sorting by
-//   length.
+//   length; `mix-collect`: the same texts batched as `moetrace collect` batches them (windows of
+//   1024 samples in mix order, length buckets of at most --batch-tokens tokens: length_batches of
+//   model/engine_io.h), the mix repeated to --mix-windows windows so that the pipeline stays full.
 // Also: the bf16 matrix-product ceiling of this GPU (cuBLASLt 8192³), the achieved fraction of it,
 // GPU memory, and with --parity N the bf16-vs-CPU-fp32 routing comparison on N real samples.
 // Prints a table; --json writes everything with the date and the GPU.
@@ -35,6 +37,7 @@
 #include "kernels/cuda/common.h"
 #include "model/cuda/cuda_switch_model.h"
 #include "model/cuda/hf_init_weights.h"
+#include "model/engine_io.h"
 #include "model/random_weights.h"
 #include "model/recording_observer.h"
 #include "model/switch_model.h"
@@ -48,11 +51,13 @@ struct Args {
   std::string model;  // --model switch-base-N | switch-large-N (published_config); else --experts
   DType precision = DType::kBF16;       // of the GEMM operands
   std::string precision_name = "bf16";  // --precision, as parse_precision_option spells it
-  std::string json, mix = "/tmp/moetrace_mix.txt", shapes = "1x128,32x256,128x256,mix";
+  std::string json, mix = "/tmp/moetrace_mix.txt", shapes = "1x128,32x256,128x256,mix,mix-collect";
   double budget = 3.0;
   int parity = 0;
   bool ncu = false;
   std::string store;  // --store DIR: also collect the mix end to end into a real trace store
+  int64_t batch_tokens = 32768;  // mix-collect: collect's --batch-tokens default on cuda
+  int64_t mix_windows = 16;      // mix-collect: windows of 1024 samples (the mix repeated)
 };
 
 Args parse(int argc, char** argv) {
@@ -76,6 +81,10 @@ Args parse(int argc, char** argv) {
       a.json = val();
     else if (k == "--mix")
       a.mix = val();
+    else if (k == "--batch-tokens")
+      a.batch_tokens = std::stoll(val());
+    else if (k == "--mix-windows")
+      a.mix_windows = std::stoll(val());
     else if (k == "--shapes")
       a.shapes = val();
     else if (k == "--budget")
@@ -130,6 +139,27 @@ std::vector<Batch> mix_batches(std::vector<std::vector<int32_t>> samples, int64_
   for (size_t i = 0; i < samples.size(); i += static_cast<size_t>(per_batch))
     out.push_back(
         pad_batch(samples, i, std::min(samples.size(), i + static_cast<size_t>(per_batch))));
+  return out;
+}
+
+// The mix as collect batches it: the samples in mix order (repeated to `windows` windows of
+// `per_window`), each window's samples in length buckets of at most batch_tokens tokens.
+std::vector<Batch> collect_batches(const std::vector<std::vector<int32_t>>& mix, int64_t windows,
+                                   int64_t per_window, int64_t batch_tokens) {
+  std::vector<Batch> out;
+  for (int64_t w = 0; w < windows; ++w) {
+    std::vector<std::vector<int32_t>> win;
+    std::vector<int64_t> lengths;
+    for (int64_t i = 0; i < per_window; ++i) {
+      win.push_back(mix[static_cast<size_t>(w * per_window + i) % mix.size()]);
+      lengths.push_back(static_cast<int64_t>(win.back().size()));
+    }
+    for (const std::vector<size_t>& members : length_batches(lengths, batch_tokens)) {
+      std::vector<std::vector<int32_t>> rows;
+      for (size_t j : members) rows.push_back(win[j]);
+      out.push_back(pad_batch(rows, 0, rows.size()));
+    }
+  }
   return out;
 }
 
@@ -454,6 +484,8 @@ int main_impl(int argc, char** argv) {
 
   std::vector<std::vector<int32_t>> mix;
   if (a.shapes.find("mix") != std::string::npos || a.parity > 0) mix = read_mix(a.mix);
+  if (a.batch_tokens < 1024 || a.mix_windows < 1)
+    fail("--batch-tokens >= 1024 and --mix-windows >= 1 expected");
 
   std::printf("\n%-9s %8s %12s %12s %9s %8s %10s\n", "shape", "batches", "tokens/s", "real tok/s",
               "TFLOP/s", "roofline", "GPU GiB");
@@ -464,6 +496,8 @@ int main_impl(int argc, char** argv) {
     std::vector<Batch> batches;
     if (shape == "mix") {
       batches = mix_batches(mix, 128);
+    } else if (shape == "mix-collect") {
+      batches = collect_batches(mix, a.mix_windows, 1024, a.batch_tokens);
     } else {
       const auto x = shape.find('x');
       const int64_t B = std::stoll(shape.substr(0, x)), S = std::stoll(shape.substr(x + 1));

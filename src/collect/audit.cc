@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/keys.h"
 #include "core/log.h"
+#include "model/engine_io.h"
 #include "model/recording_observer.h"
 
 namespace moetrace {

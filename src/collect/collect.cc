@@ -27,6 +27,7 @@
 #include "engine/engine.h"
 #include "kernels/cpu/blas_info.h"
 #include "kernels/cpu/ops.h"
+#include "model/engine_io.h"
 #include "text/tokenizer.h"
 #include "trace/store.h"
 
@@ -35,26 +36,6 @@ namespace moetrace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using namespace pipeline;  // the stages: plan, tokenize, batch, engine, capture, store
-
-std::vector<std::vector<size_t>> length_batches(const std::vector<int64_t>& lengths,
-                                                int64_t batch_tokens) {
-  std::vector<size_t> order(lengths.size());
-  std::iota(order.begin(), order.end(), size_t{0});
-  std::stable_sort(order.begin(), order.end(),
-                   [&](size_t a, size_t b) { return lengths[a] > lengths[b]; });
-  std::vector<std::vector<size_t>> batches;
-  for (size_t i : order) {
-    if (!batches.empty()) {
-      auto& cur = batches.back();
-      if (static_cast<int64_t>(cur.size() + 1) * lengths[cur.front()] <= batch_tokens) {
-        cur.push_back(i);
-        continue;
-      }
-    }
-    batches.push_back({i});
-  }
-  return batches;
-}
 
 bool mixed_is_real(int64_t k, double ratio) {
   return std::floor(static_cast<double>(k + 1) * ratio) >

@@ -69,12 +69,6 @@ struct CollectResult {
 
 CollectResult run_collect(const CollectOptions& options);
 
-// Length bucketing: indices of `lengths`, longest first, grouped while batch size × the batch's
-// longest length stays within batch_tokens. Padding never changes routing: capacity is per sequence
-// and pads come last.
-std::vector<std::vector<size_t>> length_batches(const std::vector<int64_t>& lengths,
-                                                int64_t batch_tokens);
-
 // The order of real and synthetic samples in a mixed run: sample k is real iff
 // floor((k+1)·r) > floor(k·r), which interleaves them evenly and gives round(n·r) real ones in all.
 bool mixed_is_real(int64_t k, double ratio);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <numeric>
 
 #include "core/error.h"
 
@@ -57,6 +58,26 @@ Tensor stack_steps(const std::vector<Tensor>& steps) {
     }
   }
   return out;
+}
+
+std::vector<std::vector<size_t>> length_batches(const std::vector<int64_t>& lengths,
+                                                int64_t batch_tokens) {
+  std::vector<size_t> order(lengths.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return lengths[a] > lengths[b]; });
+  std::vector<std::vector<size_t>> batches;
+  for (size_t i : order) {
+    if (!batches.empty()) {
+      auto& cur = batches.back();
+      if (static_cast<int64_t>(cur.size() + 1) * lengths[cur.front()] <= batch_tokens) {
+        cur.push_back(i);
+        continue;
+      }
+    }
+    batches.push_back({i});
+  }
+  return batches;
 }
 
 }  // namespace moetrace

@@ -80,4 +80,10 @@ void check_decoder_ids(const std::vector<int32_t>& dec_ids, int64_t B, int64_t T
 // Per-step [B,1,...] tensors (a decoder key during generation) stacked into [B,steps,...].
 Tensor stack_steps(const std::vector<Tensor>& steps);
 
+// Length bucketing (collect's batches, its audit's, the benchmarks'): indices of `lengths`, longest first, grouped while batch size × the batch's
+// longest length stays within batch_tokens. Padding never changes routing: capacity is per sequence
+// and pads come last.
+std::vector<std::vector<size_t>> length_batches(const std::vector<int64_t>& lengths,
+                                                int64_t batch_tokens);
+
 }  // namespace moetrace
