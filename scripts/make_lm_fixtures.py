@@ -36,6 +36,7 @@ import os
 import shutil
 import sys
 
+import safetensors
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -477,8 +478,8 @@ def make_family(family: str, out_root: str, max_tries: int = 50) -> dict:
     with open(os.path.join(root, "SOURCE.txt"), "w") as f:
         f.write(
             f"Made by scripts/make_lm_fixtures.py (moetrace), {datetime.date.today().isoformat()}, with "
-            f"transformers {transformers.__version__}, torch {torch.__version__}, safetensors on Python "
-            f"{sys.version.split()[0]}; seed {seed}.\n"
+            f"transformers {transformers.__version__}, torch {torch.__version__}, safetensors "
+            f"{safetensors.__version__}, Python {sys.version.split()[0]}; seed {seed}.\n"
             "Random weights (no licence restrictions). model/: save_pretrained; model_fused/: "
             "save_pretrained(save_original_format=False); model_hub/: per-expert Hub names built by the script "
             "from the fused tensors (the inverse of transformers' conversion_mapping.py for this family), two "
