@@ -44,6 +44,7 @@ def variant(kind: str | None, route: str | None = None, **points: str) -> dict:
     router probabilities before the argmax."""
     d = {p: kind for p in POINTS if kind}
     d.update(points)
+    d = {p: k for p, k in d.items() if k is not None}  # a point overridden with None stays fp32
     if route:
         d["route"] = route
     return d
@@ -62,6 +63,13 @@ VARIANTS = {
     "fp32 operands, bf16 route": variant(None, route="bf16"),
 }
 
+# `--variants points`: what each single rounding point costs `mixed` (fp16 operands, fp32 route): that
+# point left in fp32, and that point as a bf16 pair (16 significant bits, what a second GEMM buys).
+POINT_VARIANTS = {"fp32": variant(None), "fp16 operands, fp32 route (mixed)": variant("fp16")}
+for _p in POINTS:
+    POINT_VARIANTS[f"mixed, {_p} in fp32"] = variant("fp16", **{_p: None})
+    POINT_VARIANTS[f"mixed, {_p} as a bf16 pair"] = variant("fp16", **{_p: "split"})
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -72,7 +80,11 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    ap.add_argument("--variants", choices=("all", "points"), default="all",
+                    help="all: the table of docs/PERFORMANCE.md; points: mixed with one rounding point at a "
+                         "time in fp32 or as a bf16 pair")
     a = ap.parse_args(argv)
+    variants = VARIANTS if a.variants == "all" else POINT_VARIANTS
 
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
@@ -86,7 +98,7 @@ def main(argv=None) -> int:
     model = Model(a.experts, a.layers, a.seed, dev, torch)
 
     results, timing = {}, {}
-    for name, rounding in VARIANTS.items():
+    for name, rounding in variants.items():
         t0 = time.time()
         results[name] = run_batches(model, seqs, rounding, dev, torch)
         timing[name] = time.time() - t0
@@ -94,7 +106,7 @@ def main(argv=None) -> int:
     table = {}
     n_layers = len(ref[0])
     print(f"{'variant':42s} {'top-1 vs fp32':>13s}  per MoE layer (in block order)")
-    for name in VARIANTS:
+    for name in variants:
         experts, logits = results[name]
         agree = [float((experts[l] == ref[0][l]).float().mean()) for l in range(n_layers)]
         err = [float((logits[l] - ref[1][l]).abs().max()) for l in range(n_layers)]
