@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 
 #include "core/error.h"
@@ -228,6 +229,67 @@ TEST(LmModel, CachedStepsEqualAFullForwardPass) {
       }
     }
   }
+}
+
+// Mixtral's sliding window: key j is visible from query i iff i - j < W. With W = 2 and 2 layers
+// the last column depends on the last 3 tokens only: changing any earlier token leaves its logits
+// as they are, changing the third-last changes them (an off-by-one window would not).
+TEST(LmModel, SlidingWindowBoundsTheReceptiveField) {
+  const fs::path dir = kFixtures / "mixtral/model";
+  LmConfig c = load_lm_config(dir / "config.json");
+  ASSERT_EQ(c.sliding_window, 0);
+  ASSERT_EQ(c.num_hidden_layers, 2);
+  const ForwardInputs in = read_forward_inputs(kFixtures / "mixtral/inputs.safetensors");
+  const int64_t S = in.batch.S, V = c.vocab_size;
+  std::shared_ptr<TensorSource> src = open_checkpoint(dir);
+  auto last_logits = [&](int64_t window, int64_t changed) {  // changed < 0: none
+    LmConfig cw = c;
+    cw.sliding_window = window;
+    Batch b;
+    b.B = 1;
+    b.S = S;
+    b.input_ids.assign(in.batch.input_ids.begin(), in.batch.input_ids.begin() + S);
+    b.attention_mask.assign(static_cast<size_t>(S), 1);
+    if (changed >= 0) {
+      int32_t& id = b.input_ids[static_cast<size_t>(changed)];
+      id = static_cast<int32_t>((id + 17) % V);
+    }
+    const Tensor l = LmModel::from_source(cw, src)->forward(b, nullptr);
+    return std::vector<float>(l.data<float>() + (S - 1) * V, l.data<float>() + S * V);
+  };
+  auto max_diff = [](const std::vector<float>& a, const std::vector<float>& b) {
+    float m = 0;
+    for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+    return m;
+  };
+  const auto base = last_logits(2, -1);
+  for (int64_t t = 0; t < S - 3; ++t) EXPECT_LT(max_diff(base, last_logits(2, t)), 1e-5) << t;
+  EXPECT_GT(max_diff(base, last_logits(2, S - 3)), 1e-3);
+  // A window as long as the sequence is no window; no window sees everything.
+  EXPECT_EQ(max_diff(last_logits(S, -1), last_logits(0, -1)), 0.0f);
+  EXPECT_GT(max_diff(last_logits(0, -1), last_logits(0, 0)), 1e-3);
+}
+
+// tie_word_embeddings: no lm_head.weight needed, and the logits are those of an lm_head equal to
+// the embedding.
+TEST(LmModel, TiedEmbeddingsAreTheLmHead) {
+  const fs::path dir = kFixtures / "olmoe/model";
+  LmConfig c = load_lm_config(dir / "config.json");
+  ASSERT_FALSE(c.tie_word_embeddings);
+  auto untied = std::make_shared<EditedSource>(dir);
+  const CheckpointTensor* emb = untied->find("model.embed_tokens.weight");
+  float* head = untied->put("lm_head.weight", emb->view.shape);
+  std::copy_n(emb->view.as<float>(), emb->view.numel(), head);
+  auto tied = std::make_shared<EditedSource>(dir);
+  tied->remove("lm_head.weight");
+  LmConfig ct = c;
+  ct.tie_word_embeddings = true;
+  const ForwardInputs in = read_forward_inputs(kFixtures / "olmoe/inputs.safetensors");
+  const Tensor a = LmModel::from_source(c, untied)->forward(in.batch, nullptr);
+  const Tensor b = LmModel::from_source(ct, tied)->forward(in.batch, nullptr);
+  EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0);
+  const Tensor orig = LmModel::load(dir)->forward(in.batch, nullptr);
+  EXPECT_NE(std::memcmp(a.raw(), orig.raw(), a.nbytes()), 0);  // the fixture's own head differs
 }
 
 }  // namespace
