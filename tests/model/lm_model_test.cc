@@ -292,5 +292,41 @@ TEST(LmModel, TiedEmbeddingsAreTheLmHead) {
   EXPECT_NE(std::memcmp(a.raw(), orig.raw(), a.nbytes()), 0);  // the fixture's own head differs
 }
 
+TEST(LmRoute, DescendingOrderTiesToTheLowestIndexAndRenormalization) {
+  // Row 0 distinct; row 1 three-way tie for the top: experts 1 and 2 (lowest indices) win.
+  const float logits[2][5] = {{0.1f, 2.0f, -1.0f, 1.5f, 0.0f}, {1.0f, 3.0f, 3.0f, 0.0f, 3.0f}};
+  int32_t ids[2][3];
+  float w[2][3];
+  lm_topk_route(&logits[0][0], 2, 5, 3, false, &ids[0][0], &w[0][0]);
+  EXPECT_EQ((std::vector<int32_t>(ids[0], ids[0] + 3)), (std::vector<int32_t>{1, 3, 0}));
+  EXPECT_EQ((std::vector<int32_t>(ids[1], ids[1] + 3)), (std::vector<int32_t>{1, 2, 4}));
+  double z = 0;
+  for (float l : logits[0]) z += std::exp(static_cast<double>(l));
+  EXPECT_NEAR(w[0][0], std::exp(2.0) / z, 1e-6);  // plain softmax probabilities
+  EXPECT_NEAR(w[0][2], std::exp(0.1) / z, 1e-6);
+  int32_t ids2[2][2];
+  float w2[2][2];
+  lm_topk_route(&logits[0][0], 2, 5, 2, true, &ids2[0][0], &w2[0][0]);
+  EXPECT_NEAR(w2[0][0] + w2[0][1], 1.0f, 1e-6);  // renormalized over the k chosen
+  EXPECT_NEAR(w2[0][0] / w2[0][1], std::exp(0.5), 1e-5);
+  EXPECT_EQ(ids2[1][0], 1);
+  EXPECT_EQ(ids2[1][1], 2);
+  EXPECT_FLOAT_EQ(w2[1][0], 0.5f);
+}
+
+TEST(LmRope, InverseFrequencies) {
+  LmConfig c;
+  c.head_dim = 8;
+  c.rope_theta = 10000.0;
+  std::vector<float> f = rope_inv_freq(c);
+  ASSERT_EQ(f.size(), 4u);
+  EXPECT_FLOAT_EQ(f[0], 1.0f);
+  EXPECT_NEAR(f[1], 0.1f, 1e-7);  // 10000^(-2/8)
+  EXPECT_NEAR(f[3], 0.001f, 1e-9);
+  c.rope_type = RopeType::kLinear;
+  c.rope_factor = 4.0;
+  EXPECT_NEAR(rope_inv_freq(c)[1], 0.025f, 1e-8);
+}
+
 }  // namespace
 }  // namespace moetrace
