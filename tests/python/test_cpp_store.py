@@ -188,3 +188,29 @@ def test_collected_decoder_store_reads_back(model_dir, tmp_path):
     if re.search(r"^\s+inspect\b", subprocess.run([cli, "--help"], capture_output=True, text=True).stdout, re.M):
         inspect = _run([cli, "inspect", out]).stdout.splitlines()
         assert summary[:len(inspect)] == inspect
+
+
+GOLDEN_V1 = os.path.join(REPO, "tests", "data", "trace_v1_golden", "store")
+# The run's own fields (which machine, when, how fast): everything else must be equal.
+RUN_FIELDS = ("command_line", "device", "engine", "collection_time", "throughput_tokens_per_s", "moetrace_version")
+
+
+def test_switch_default_store_is_byte_identical_to_version_1(tmp_path):
+    """A Switch store with the default options is the store moetrace wrote before format version 2
+    (tests/data/trace_v1_golden/SOURCE.txt): the same shard bytes and the same manifest."""
+    cli = _cli_with("collect")
+    out = tmp_path / "store"
+    _run([cli, "collect", "--traces", 60, "--model", "demo", "--mode", "synthetic", "--max-length", 12, "--decoder",
+          "--samples-per-shard", 4, "-o", out, "--no-progress", "-q", "--threads", 1])
+    shards = sorted(f for f in os.listdir(GOLDEN_V1) if f.startswith("shard-"))
+    assert shards and shards == sorted(f for f in os.listdir(out) if f.startswith("shard-"))
+    for f in shards:
+        with open(os.path.join(GOLDEN_V1, f), "rb") as a, open(out / f, "rb") as b:
+            assert a.read() == b.read(), f"{f} differs from the version-1 store's"
+    import json
+    with open(os.path.join(GOLDEN_V1, "manifest.json")) as a, open(out / "manifest.json") as b:
+        want, got = json.load(a), json.load(b)
+    assert list(want) == list(got)  # the same fields in the same order
+    for k in RUN_FIELDS:
+        want.pop(k), got.pop(k)
+    assert got == want and got["format_version"] == 1 and "routing" not in got
