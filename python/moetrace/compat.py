@@ -78,7 +78,7 @@ def _routing(view, num_experts: int) -> np.ndarray:
     the K exact probabilities scattered into zeros (the rest is not stored)."""
     if not view.logits_topk:
         return softmax(view.router_logits)
-    ids, p = view.topk_ids, view.topk_probs
+    ids, p = view.router_topk_ids, view.topk_probs
     out = np.zeros((ids.shape[0], num_experts), np.float32)
     np.put_along_axis(out, ids.astype(np.int64), p, axis=1)
     return out

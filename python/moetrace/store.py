@@ -271,7 +271,7 @@ class LayerView:
         if self.logits_topk:
             raise StoreError(f"{self._shard.path}: {self.name}.{what}: the store keeps only the "
                              f"{self.logits_topk} largest router logits per token (--logits topk:{self.logits_topk}); "
-                             f"use topk_logits, topk_ids, lse and topk_probs")
+                             f"use router_topk_logits, router_topk_ids, router_lse and topk_probs")
 
     @property
     def router_logits(self) -> np.ndarray:
@@ -305,24 +305,24 @@ class LayerView:
         return self._rows("gate", float32=True)
 
     @property
-    def topk_logits(self) -> np.ndarray | None:
+    def router_topk_logits(self) -> np.ndarray | None:
         """float32 [S, K]: the K largest router logits (stored F16), descending; None with full logits."""
         return self._rows(keys.ROUTER_TOPK_LOGITS, float32=True) if self.logits_topk else None
 
     @property
-    def topk_ids(self) -> np.ndarray | None:
+    def router_topk_ids(self) -> np.ndarray | None:
         """int32 [S, K]: their experts (ties in the fp32 logits -> lowest index); None with full logits."""
         return self._rows(keys.ROUTER_TOPK_IDS) if self.logits_topk else None
 
     @property
-    def lse(self) -> np.ndarray | None:
+    def router_lse(self) -> np.ndarray | None:
         """float32 [S]: log-sum-exp over all E logits (fp32); None with full logits."""
         return self._rows(keys.ROUTER_LSE) if self.logits_topk else None
 
     @property
     def topk_probs(self) -> np.ndarray | None:
         """float32 [S, K]: the K experts' router probabilities exp(logit - lse); None with full logits."""
-        return topk_probs(self.topk_logits, self.lse) if self.logits_topk else None
+        return topk_probs(self.router_topk_logits, self.router_lse) if self.logits_topk else None
 
     @property
     def hidden(self) -> np.ndarray | None:
