@@ -158,7 +158,9 @@ def print_summary(store: TraceStore, s: dict, problems: list[str], out=None) -> 
         p("datasets (traces)")
         for name, count in s["dataset_distribution"].items():
             p(f"  {name:<32} {count}")
-    p(f"experts used    {s['experts_used']} of {e} ({s['diversity_percentage']:.1f}%), top-1 over the encoder MoE layers")
+    choices = "top-1" if store.top_k == 1 else f"each of the top-{store.top_k}"
+    over = "encoder" if store.family == "switch" else "prompt's"
+    p(f"experts used    {s['experts_used']} of {e} ({s['diversity_percentage']:.1f}%), {choices} over the {over} MoE layers")
     counts = [(int(c), k) for k, c in enumerate(s["expert_distribution"].values())]
     total = sum(c for c, _ in counts)
     everything = e <= 16

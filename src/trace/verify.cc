@@ -584,7 +584,12 @@ void print_store_summary(const fs::path& dir, std::ostream& out) {
     total += c;
   }
   out << "experts used    " << s["experts_used"] << " of " << num_experts << " ("
-      << s["diversity_percentage"].get<double>() << "%), top-1 over the encoder MoE layers\n";
+      << s["diversity_percentage"].get<double>() << "%), "
+      << (routing["top_k"].get<int>() == 1
+              ? std::string("top-1")
+              : "each of the top-" + std::to_string(routing["top_k"].get<int>()))
+      << " over the " << (routing["family"] == "switch" ? "encoder" : "prompt's")
+      << " MoE layers\n";
   const bool all = num_experts <= 16;
   if (!all) {
     std::stable_sort(counts.begin(), counts.end(),

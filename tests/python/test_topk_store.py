@@ -90,6 +90,10 @@ def test_cpp_verify_and_python_summary_agree_on_the_numpy_stores(store_factory, 
     assert f"routing         {store.family}, top-{store.top_k}" in out
     inspect = subprocess.run([moetrace_cli(), "inspect", path], capture_output=True, text=True).stdout
     assert f"routing         {store.family}, top-{store.top_k}" in inspect
+    # the C++ and the Python summaries print the same lines for what both know
+    for prefix in ("routing ", "format ", "stored ", "experts used ", "  " + store.layers[0]):
+        line = next(x for x in inspect.splitlines() if x.startswith(prefix))
+        assert line in out.splitlines(), (line, out)
 
 
 def test_export_pickle_holds_the_k_experts(store_factory, tmp_path):
