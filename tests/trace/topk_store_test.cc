@@ -433,6 +433,48 @@ TEST(TopkStore, VerifyCatchesBadTopkContents) {
   expect_problem(d, "lm.0.router_lse[0] = ");
 }
 
+// A data-parallel v2 store: the ranks' parts merge into a manifest with the routing, whose shards are
+// byte for byte a single process's; ranks with another routing are refused.
+TEST(TopkStore, RanksMergeWithTheirRouting) {
+  Tmp tmp;
+  const StoreSettings s = lm_settings(2, 3);
+  write(tmp / "single", s, 7);
+  const fs::path store = tmp / "dp";
+  auto rank = [&](int r, int64_t first, int64_t n, const StoreSettings& base) {
+    StoreSettings rs = base;
+    rs.part = StorePart{r, 2, first, n, 7};
+    prepare_parallel_store(store, r, 2, OpenMode::kCreate);
+    auto w = TraceWriter::open(rank_store_dir(store, r, 2), rs, OpenMode::kCreate);
+    for (int64_t i = first; i < first + n; ++i) w->add(Sample(s, static_cast<int>(i)).record());
+    w->finish(1.0);
+  };
+  rank(0, 0, 3, s);
+  rank(1, 3, 4, s);
+  const MergeResult m = merge_store(store);
+  ASSERT_TRUE(m.merged);
+  EXPECT_TRUE(verify_store(store).empty()) << joined(verify_store(store));
+  const json mm = json::parse(read_file(store / "manifest.json"));
+  EXPECT_EQ(mm["routing"]["top_k"], 2);
+  EXPECT_EQ(mm["logits_topk"], 3);
+  EXPECT_EQ(mm["format_version"], 2);
+  EXPECT_EQ(read_file(store / mm["shards"][2]["file"].get<std::string>()),
+            read_file(tmp / "single" / "shard-00002.safetensors"));
+  // rank 1 again with top-3 routing: the merge names the field
+  fs::remove_all(rank_store_dir(store, 1, 2));
+  fs::remove(store / "manifest.json");
+  StoreSettings other = s;
+  other.top_k = 3;
+  {
+    StoreSettings rs = other;
+    rs.part = StorePart{1, 2, 3, 4, 7};
+    auto w = TraceWriter::open(rank_store_dir(store, 1, 2), rs, OpenMode::kCreate);
+    for (int i = 3; i < 7; ++i) w->add(Sample(other, i).record());
+    w->finish(1.0);
+  }
+  EXPECT_NE(error_of([&] { merge_store(store); }).find("other settings than rank 0 (routing:"),
+            std::string::npos);
+}
+
 // The manifest's version must match what it describes: a version-1 manifest cannot declare a
 // top-k routing, and version 3 is unknown.
 TEST(TopkStore, FormatVersionMustMatchTheLayout) {
