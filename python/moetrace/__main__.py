@@ -45,12 +45,14 @@ def compute_summary(store: TraceStore) -> dict:
         for name, acc in layers.items():
             if not shard.has(keys.layer_tensor(name, keys.EXPERT)):
                 continue
-            expert = shard.tensor(keys.layer_tensor(name, keys.EXPERT))
-            acc["expert_counts"] += np.bincount(expert, minlength=e)[:e]
-            acc["dropped"] += int(np.count_nonzero(shard.tensor(keys.layer_tensor(name, keys.DROPPED))))
+            expert = np.asarray(shard.tensor(keys.layer_tensor(name, keys.EXPERT)))
+            acc["expert_counts"] += np.bincount(expert.ravel(), minlength=e)[:e]  # each of the k choices
+            k_dropped = keys.layer_tensor(name, keys.DROPPED)
+            if shard.has(k_dropped):
+                acc["dropped"] += int(np.count_nonzero(shard.tensor(k_dropped)))
             acc["tokens"] += int(expert.shape[0])
     n_enc = len(store.encoder_layers)
-    enc_names = keys.layers(keys.ENCODER, store.encoder_layers)
+    enc_names = keys.layers(store.encoder_stack, store.encoder_layers)
     dist = sum((layers[name]["expert_counts"] for name in enc_names), np.zeros(e, np.int64))
     used = int(np.count_nonzero(dist))
     return {
@@ -92,17 +94,20 @@ def _stored_dtypes(store: TraceStore) -> tuple[str, str]:
     settings = store.manifest.get("settings") or {}
     logits = store.manifest.get("logits_dtype", settings.get("logits_dtype", "?"))
     hidden = store.manifest.get("hidden_dtype", settings.get("hidden_dtype", "none"))
+    if store.logits_topk:
+        logits = f"top-{store.logits_topk} (F16 values, I32 ids, F32 log-sum-exp)"
     for shard in store.shards:
         if shard.num_samples and store.layers:
             first = store.layers[0]
-            logits = shard.info(keys.layer_tensor(first, keys.ROUTER_LOGITS))[0]
+            if not store.logits_topk:
+                logits = shard.info(keys.layer_tensor(first, keys.ROUTER_LOGITS))[0]
             k_hidden = keys.layer_tensor(first, keys.HIDDEN)
             hidden = shard.info(k_hidden)[0] if shard.has(k_hidden) else "none"
             break
     return logits, hidden
 
 
-def _print_fidelity(f, encoder_layers, p) -> None:
+def _print_fidelity(f, encoder_layers, p, stack: str = keys.ENCODER) -> None:
     """The manifest's `collect --audit` object as `moetrace inspect` prints it (verify.cc, print_fidelity)."""
     if not isinstance(f, dict):
         p("fidelity        not audited (`collect --audit FRACTION` re-runs samples at fp32)")
@@ -116,7 +121,7 @@ def _print_fidelity(f, encoder_layers, p) -> None:
       f"{t['max_logit_error']:.4f}")
     p(f"  {'layer':<14}{'tokens':>12}{'top-1 agree':>12}{'max |logit err|':>18}")
     for block in encoder_layers:
-        name = keys.layer(keys.ENCODER, block)
+        name = keys.layer(stack, block)
         c = f["per_layer"].get(name, {})
         p(f"  {name:<14}{c.get('tokens', 0):>12}{100.0 * c.get('top1_agreement', 0):>11.3f}%"
           f"{c.get('max_logit_error', 0):>18.4f}")
@@ -138,6 +143,7 @@ def print_summary(store: TraceStore, s: dict, problems: list[str], out=None) -> 
     p("status          " + ("complete" if m.get("complete") is True else
                             "INCOMPLETE (interrupted or running; `moetrace collect --resume` continues it)"))
     p(f"format          {m.get('format')} v{m.get('format_version')}, written by moetrace {text('moetrace_version')}")
+    p(f"routing         {store.family}, top-{store.top_k}, {'with' if store.has_dropped else 'no'} expert capacity")
     p(f"model           {model.get('id') if isinstance(model.get('id'), str) else '?'}")
     p(f"samples         {s['num_samples']} ({s['total_traces']} traces)")
     p(f"tokens          {s['num_tokens']} encoder" + (f", {s['num_decoder_tokens']} decoder" if store.decoder_layers else ""))
@@ -152,7 +158,9 @@ def print_summary(store: TraceStore, s: dict, problems: list[str], out=None) -> 
         p("datasets (traces)")
         for name, count in s["dataset_distribution"].items():
             p(f"  {name:<32} {count}")
-    p(f"experts used    {s['experts_used']} of {e} ({s['diversity_percentage']:.1f}%), top-1 over the encoder MoE layers")
+    choices = "top-1" if store.top_k == 1 else f"each of the top-{store.top_k}"
+    over = "encoder" if store.family == "switch" else "prompt's"
+    p(f"experts used    {s['experts_used']} of {e} ({s['diversity_percentage']:.1f}%), {choices} over the {over} MoE layers")
     counts = [(int(c), k) for k, c in enumerate(s["expert_distribution"].values())]
     total = sum(c for c, _ in counts)
     everything = e <= 16
@@ -167,7 +175,7 @@ def print_summary(store: TraceStore, s: dict, problems: list[str], out=None) -> 
         p(f"per layer       {'tokens':>12}{'dropped':>12}{'drop rate':>11}")
         for name, acc in s["per_layer"].items():
             p(f"  {name:<14}{acc['tokens']:>12}{acc['dropped']:>12}{100.0 * acc['drop_rate']:>10.2f}%")
-    _print_fidelity(m.get("fidelity"), store.encoder_layers, p)
+    _print_fidelity(m.get("fidelity"), store.encoder_layers, p, store.encoder_stack)
     p(f"sample kinds    {s['real_samples']} real, {s['synthetic_samples']} synthetic")
     if problems:
         p("manifest check  MISMATCH")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .keys import DROPPED, EXPERT, GATE, ROUTER_LOGITS, layer_tensor
+from .keys import DROPPED, EXPERT, GATE, ROUTER_LOGITS, ROUTER_LSE, ROUTER_TOPK_LOGITS, layer_tensor
 from .stats import (hist_summary, jsd_bits, jsd_noise_floor, joint_stats, logit_features, order_for_heatmap,
                     table_topk_accuracy, token_expert_stats, usage_stats)
 from .store import rows_f32
@@ -67,7 +67,8 @@ class LayerAcc:
         self.counts = np.zeros(e, np.int64)
         self.dropped = 0
         self.tokens = 0
-        self.logit_tokens = 0
+        self.logit_tokens = 0                     # tokens with a log-sum-exp (full or top-K logits)
+        self.prob_tokens = 0                      # tokens with every expert's probability (full logits)
         self.prob_sum = np.zeros(e, np.float64)   # sum over tokens of softmax probabilities
         self.z_sum = 0.0                          # sum of logsumexp(logits)^2
         self.gate_hist = np.zeros(len(GATE_BINS) - 1, np.int64)
@@ -83,6 +84,7 @@ class LayerAcc:
             out.dropped += a.dropped
             out.tokens += a.tokens
             out.logit_tokens += a.logit_tokens
+            out.prob_tokens += a.prob_tokens
             out.prob_sum += a.prob_sum
             out.z_sum += a.z_sum
             out.gate_hist += a.gate_hist
@@ -100,14 +102,14 @@ class LayerAcc:
         out["tokens"] = self.tokens
         out["dropped"] = self.dropped
         out["drop_rate"] = self.dropped / self.tokens if self.tokens else 0.0
-        if self.logit_tokens:
+        out["aux_loss"] = out["z_loss"] = None
+        if self.prob_tokens:  # needs every expert's probability: not in a --logits topk:K store
             f = self.counts / max(1, self.counts.sum())
-            p = self.prob_sum / self.logit_tokens
+            p = self.prob_sum / self.prob_tokens
             out["aux_loss"] = float(self.e * (f * p).sum())
-            out["z_loss"] = self.z_sum / self.logit_tokens
             out["mean_router_prob"] = [float(x) for x in p]
-        else:
-            out["aux_loss"] = out["z_loss"] = None
+        if self.logit_tokens:
+            out["z_loss"] = self.z_sum / self.logit_tokens
         out["gate"] = hist_summary(self.gate_hist, GATE_BINS, *self.gate_stats)
         out["margin"] = hist_summary(self.margin_hist, MARGIN_BINS, *self.margin_stats)
         return out
@@ -215,8 +217,10 @@ class StackAnalysis:
                 prev = None
                 continue
             accs = self._accs(name, names)
-            expert = np.asarray(tensor(k_expert), np.int64)
-            counts = np.bincount(g_all * e + expert, minlength=ng * e).reshape(ng, e)
+            choices = np.asarray(tensor(k_expert), np.int64).reshape(rows, -1)  # [rows, k]
+            expert = choices[:, 0]  # the top-1: transitions and token statistics
+            # usage counts each of a token's k choices
+            counts = np.bincount((g_all[:, None] * e + choices).ravel(), minlength=ng * e).reshape(ng, e)
             tokens = np.bincount(g_all, minlength=ng)
             dropped = (np.bincount(g_all, weights=np.asarray(tensor(k_dropped), np.float64), minlength=ng)
                        if shard.has(k_dropped) else np.zeros(ng))
@@ -232,31 +236,48 @@ class StackAnalysis:
             prev = expert
             if self.token_counts is not None:
                 self.token_counts[name].add(tok_keys + expert)
-            if not shard.has(k_logits):
+            k_topk, k_lse = layer_tensor(name, ROUTER_TOPK_LOGITS), layer_tensor(name, ROUTER_LSE)
+            full = shard.has(k_logits)
+            if not full and not shard.has(k_lse):
                 continue
-            lg_all = tensor(k_logits)
+            # --logits topk:K: z-loss from the stored log-sum-exp and the margin from the top two
+            # stored logits are exact; every expert's probability (aux loss) is not stored.
+            lg_all = tensor(k_logits) if full else tensor(k_topk)
+            lse_all = None if full else tensor(k_lse)
             gate_all = tensor(k_gate) if shard.has(k_gate) else None
             for a in range(0, rows, CHUNK_ROWS):
                 b = min(rows, a + CHUNK_ROWS)
                 g = g_all[a:b]
-                probs, lse, margin = logit_features(rows_f32(lg_all, a, b))
-                gate = np.asarray(gate_all[a:b], np.float32) if gate_all is not None else probs.max(axis=1)
-                if ng == 1:
+                if full:
+                    probs, lse, margin = logit_features(rows_f32(lg_all, a, b))
+                    top_p = probs.max(axis=1)
+                else:
+                    vals = rows_f32(lg_all, a, b)
+                    lse = np.asarray(lse_all[a:b], np.float32)
+                    margin = vals[:, 0] - vals[:, 1] if vals.shape[1] >= 2 else None
+                    top_p = np.exp(vals[:, 0] - lse)
+                gate = (np.asarray(gate_all[a:b], np.float32).reshape(b - a, -1)[:, 0] if gate_all is not None
+                        else top_p)  # k > 1: the top choice's weight
+                if full and ng == 1:
                     psum = probs.sum(axis=0, dtype=np.float64)[None]
-                else:  # a masked sum per dataset: faster than a one-hot GEMM, which BLAS runs badly
+                elif full:  # a masked sum per dataset: faster than a one-hot GEMM, which BLAS runs badly
                     psum = np.stack([probs[g == k].sum(axis=0, dtype=np.float64) for k in range(ng)])
                 zs = np.bincount(g, weights=lse.astype(np.float64) ** 2, minlength=ng)
                 gh = grouped_hist(gate, g, ng, GATE_BINS)
-                mh = grouped_hist(margin, g, ng, MARGIN_BINS)
+                mh = grouped_hist(margin, g, ng, MARGIN_BINS) if margin is not None else None
                 nt = np.bincount(g, minlength=ng)
                 for k, acc in enumerate(accs):
                     if nt[k] == 0:
                         continue
                     acc.logit_tokens += int(nt[k])
-                    acc.prob_sum += psum[k]
+                    if full:
+                        acc.prob_tokens += int(nt[k])
+                        acc.prob_sum += psum[k]
                     acc.z_sum += float(zs[k])
-                    for (hist, sums, sq, mins, maxs), h, st in ((gh, acc.gate_hist, acc.gate_stats),
-                                                                (mh, acc.margin_hist, acc.margin_stats)):
+                    hists = [(gh, acc.gate_hist, acc.gate_stats)]
+                    if mh is not None:
+                        hists.append((mh, acc.margin_hist, acc.margin_stats))
+                    for (hist, sums, sq, mins, maxs), h, st in hists:
                         h += hist[k]
                         st[0] += float(sums[k])
                         st[1] += float(sq[k])

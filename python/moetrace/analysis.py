@@ -23,7 +23,7 @@ import numpy as np
 
 from .accumulate import (CHUNK_ROWS, GATE_BINS, MARGIN_BINS, LayerAcc, SparseCounts,  # re-exported
                          StackAnalysis, TokenCounts, grouped_hist)
-from .keys import DECODER, ENCODER, EXPERT, layer_tensor, layers
+from .keys import EXPERT, layer_tensor, layers
 from .stats import (NOISE_DRAWS, TOPK, entropy_bits, gini, hist_summary, joint_stats,  # re-exported
                     jsd_bits, jsd_noise_floor, logit_features, order_for_heatmap, table_topk_accuracy,
                     token_expert_stats, transition_probs, usage_stats)
@@ -55,17 +55,17 @@ def _example(shard, k: int, enc_layers: list[str], dec_layers: list[str], max_to
     ex = {"index": shard.first_sample + k, "sample_id": md["sample_ids"][k], "dataset": md["datasets"][k],
           "tokens": int(b - a), "token_ids": [int(x) for x in shard.tensor("token_ids")[a:b2]],
           "layers": [n for n in enc_layers if shard.has(layer_tensor(n, EXPERT))]}
-    ex["paths"] = (np.stack([np.asarray(shard.tensor(layer_tensor(n, EXPERT))[a:b2]) for n in ex["layers"]],
-                            axis=1).tolist() if ex["layers"] else [])
+    top1 = lambda n, a, b: np.asarray(shard.tensor(layer_tensor(n, EXPERT))[a:b]).reshape(b - a, -1)[:, 0]  # noqa: E731
+    ex["paths"] = (np.stack([top1(n, a, b2) for n in ex["layers"]], axis=1).tolist() if ex["layers"] else [])
     doff = shard.dec_sample_offsets
     if dec_layers and doff is not None:
         da, db = int(doff[k]), int(doff[k + 1])
         db2 = min(db, da + max_tokens)
         dl = [n for n in dec_layers if shard.has(layer_tensor(n, EXPERT))]
-        ex["decoder"] = {"steps": int(db - da), "input_ids": [int(x) for x in shard.tensor("dec.input_ids")[da:db2]],
+        ex["decoder"] = {"steps": int(db - da),
+                         "input_ids": [int(x) for x in shard.tensor(shard.gen_name("input_ids"))[da:db2]],
                          "layers": dl,
-                         "paths": np.stack([np.asarray(shard.tensor(layer_tensor(n, EXPERT))[da:db2]) for n in dl],
-                                           axis=1).tolist() if dl else []}
+                         "paths": np.stack([top1(n, da, db2) for n in dl], axis=1).tolist() if dl else []}
     return ex
 
 
@@ -77,10 +77,10 @@ def analyze_store(store, *, seed: int = 0, examples: int = 5, example_tokens: in
     (default: the store's, see moetrace.text)."""
     from .progress import bar as progress_bar
     e = store.num_experts
-    enc_layers = layers(ENCODER, store.encoder_layers)
-    dec_layers = layers(DECODER, store.decoder_layers)
-    enc = StackAnalysis("enc", enc_layers, e, token_stats)
-    dec = StackAnalysis("dec", dec_layers, e, token_stats) if dec_layers else None
+    enc_layers = layers(store.encoder_stack, store.encoder_layers)
+    dec_layers = layers(store.decoder_stack, store.decoder_layers)
+    enc = StackAnalysis(store.encoder_stack, enc_layers, e, token_stats)
+    dec = StackAnalysis(store.decoder_stack, dec_layers, e, token_stats) if dec_layers else None
     if real_only:
         candidates = [i for i, k in enumerate(np.concatenate(
             [np.asarray(s.tensor("sample_kind")) for s in store.shards if s.num_samples] or [np.zeros(0)]))
@@ -108,7 +108,7 @@ def analyze_store(store, *, seed: int = 0, examples: int = 5, example_tokens: in
         done_tokens += int(np.diff(off)[keep].sum())
         doff = shard.dec_sample_offsets
         if dec is not None and doff is not None:
-            dec.add_shard(shard, doff, md["datasets"], np.asarray(shard.tensor("dec.input_ids")), keep)
+            dec.add_shard(shard, doff, md["datasets"], np.asarray(shard.tensor(shard.gen_name("input_ids"))), keep)
             done_dec += int(np.diff(doff)[keep].sum())
         for k in range(shard.num_samples):
             if shard.first_sample + k in chosen:
@@ -128,12 +128,22 @@ def analyze_store(store, *, seed: int = 0, examples: int = 5, example_tokens: in
     m = store.manifest
     model = m.get("model", {}) or {}
     cfg = model.get("config", {}) or {}
+    notices = []
+    if store.logits_topk:
+        notices.append(f"aux_loss and mean_router_prob not computed: they need every expert's router probability and "
+                       f"the store keeps the {store.logits_topk} largest logits per token (--logits topk:"
+                       f"{store.logits_topk}); z_loss comes from the stored log-sum-exp"
+                       + (", margin from the top two stored logits" if store.logits_topk >= 2 else
+                          "; margin (top-1 minus top-2 logit) needs K >= 2 and is empty"))
     return {
         "moetrace_analysis_version": ANALYSIS_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "store": os.path.abspath(getattr(store, "path", "")),
         "model": model.get("id"),
         "num_experts": e,
+        "routing": {"family": store.family, "top_k": store.top_k, "dropped": store.has_dropped},
+        "logits_topk": store.logits_topk,
+        "notices": notices,
         "num_samples": len(store) - skipped,
         "real_only": real_only, "skipped_synthetic_samples": skipped,
         "demo_model": bool(model.get("demo")),

@@ -108,13 +108,14 @@ class TimeModel:
 
 
 def layer_requests(experts: np.ndarray, groups: list, top: np.ndarray | None = None):
-    """The requests each MoE layer sees when the rows of `experts` [n, L] (top-1 expert per token and
-    moe index) are served in `groups` (index arrays: one per prefill sequence, or one row per decode
-    token): reqs[t][i] = the sorted distinct experts of group i at layer t. With `top` [n, L, k] (a
-    predictor's top-k per token), also pre[t][i] = the group's predicted experts, most often predicted
-    first (ties: lower expert); pre is None without it."""
+    """The requests each MoE layer sees when the rows of `experts` ([n, L]: the top-1 expert per token
+    and moe index, or [n, L, k]: a top-k model's k experts, all loaded for the token) are served in
+    `groups` (index arrays: one per prefill sequence, or one row per decode token): reqs[t][i] = the
+    sorted distinct experts of group i at layer t. With `top` [n, L, p] (a predictor's top-p per token),
+    also pre[t][i] = the group's predicted experts, most often predicted first (ties: lower expert); pre
+    is None without it."""
     L = experts.shape[1]
-    reqs = [[sorted(set(experts[g, t].tolist())) for g in groups] for t in range(L)]
+    reqs = [[sorted(set(experts[g, t].ravel().tolist())) for g in groups] for t in range(L)]
     pre = None
     if top is not None:
         pre = []

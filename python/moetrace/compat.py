@@ -5,12 +5,15 @@ dicts with the seed's keys and numpy values; export_pickle() writes that list (o
 GatingDataPoint dataclass below) plus the seed's metadata JSON beside it.
 
 Record fields (S tokens, E experts, d = d_model):
-  layer_id          int: the encoder block index of the MoE layer (1, 3, ..., 11)
+  layer_id          int: the block index of the (encoder / prompt-pass) MoE layer (1, 3, ..., 11)
   hidden_states     float32 [S, d]: the router's input when the store has it (--hidden), else None
   input_embeddings  int64 [S]: the token ids (the seed stored the ids under this name, not embeddings)
   target_routing    float32 [S, E]: softmax of the stored router logits; argmax(target_routing) equals
-                    target_top_k on every row (see consistent_routing for stored-logit ties)
-  target_top_k      int64 [S, 1]: the top-1 expert as the engine chose it (the stored `expert`)
+                    target_top_k[:, 0] on every row (see consistent_routing for stored-logit ties).
+                    A --logits topk:K store keeps K probabilities per token: they are exact (exp(l - lse))
+                    at the K stored experts and 0 elsewhere, so a row sums to less than 1
+  target_top_k      int64 [S, k]: the k experts as the engine chose them (the stored `expert`, k = the
+                    store's top_k: [S, 1] for Switch), in descending weight order
   prev_layer_gates  list of float32 [S, E]: target_routing of up to 3 earlier MoE layers, oldest first
   sequence_length   int: S
   token_ids         int64 [S]
@@ -62,11 +65,23 @@ def consistent_routing(probs: np.ndarray, expert: np.ndarray) -> np.ndarray:
     the largest, never below it, and argmax (lowest index on ties) may name the other expert. The
     stored expert is the truth: on such rows its probability is raised by one float32 ulp (a change
     of about 1e-7), so that argmax(target_routing) agrees with target_top_k."""
+    expert = expert.reshape(expert.shape[0], -1)[:, 0] if expert.ndim > 1 else expert
     wrong = np.flatnonzero(probs.argmax(axis=1) != expert)
     if wrong.size:
         top = probs[wrong].max(axis=1)
         probs[wrong, expert[wrong]] = np.nextafter(top, np.float32(np.inf))
     return probs
+
+
+def _routing(view, num_experts: int) -> np.ndarray:
+    """[S, E] router probabilities: the softmax of the stored logits, or in a --logits topk:K store
+    the K exact probabilities scattered into zeros (the rest is not stored)."""
+    if not view.logits_topk:
+        return softmax(view.router_logits)
+    ids, p = view.router_topk_ids, view.topk_probs
+    out = np.zeros((ids.shape[0], num_experts), np.float32)
+    np.put_along_axis(out, ids.astype(np.int64), p, axis=1)
+    return out
 
 
 def _encoder_layers(store: TraceStore, layers: Iterable | None) -> list[int]:
@@ -77,7 +92,7 @@ def _encoder_layers(store: TraceStore, layers: Iterable | None) -> list[int]:
     for x in layers:
         s = str(x)
         parsed = keys.parse_layer(s)
-        i = parsed.block if parsed is not None and parsed.stack == keys.ENCODER else int(s)
+        i = parsed.block if parsed is not None and parsed.stack == store.encoder_stack else int(s)
         if i not in store.encoder_layers:
             raise KeyError(f"no encoder MoE layer {x!r} in {store.path} (encoder layers: {store.encoder_layers})")
         out.append(i)
@@ -102,9 +117,9 @@ def gating_records(store: TraceStore | str | os.PathLike, layers: Iterable | Non
         token_ids = np.array(sample.token_ids, dtype=np.int64)
         gates: list[np.ndarray] = []
         for block in store.encoder_layers:
-            view = sample.layer(keys.layer(keys.ENCODER, block))
-            expert = np.array(view.expert, dtype=np.int64)
-            probs = consistent_routing(softmax(view.router_logits), expert)
+            view = sample.layer(keys.layer(store.encoder_stack, block))
+            expert = np.array(view.expert, dtype=np.int64).reshape(len(token_ids), -1)  # [S, k]
+            probs = consistent_routing(_routing(view, store.num_experts), expert[:, 0])
             if block in wanted:
                 hidden = view.hidden
                 yield {
@@ -112,7 +127,7 @@ def gating_records(store: TraceStore | str | os.PathLike, layers: Iterable | Non
                     "hidden_states": None if hidden is None else np.array(hidden, dtype=np.float32),
                     "input_embeddings": token_ids.copy(),
                     "target_routing": probs,
-                    "target_top_k": expert.reshape(-1, 1),
+                    "target_top_k": expert,
                     "prev_layer_gates": list(gates[-PREV_LAYERS:]),
                     "sequence_length": int(len(token_ids)),
                     "token_ids": token_ids,
@@ -168,7 +183,8 @@ def export_pickle(store: TraceStore | str | os.PathLike, out_path: str | os.Path
     def records():
         for rec in gating_records(store, layers=layers, limit=limit, real_only=real_only):
             summary["traces"] += 1
-            summary["expert_counts"] += np.bincount(rec["target_top_k"][:, 0], minlength=store.num_experts)[:store.num_experts]
+            # each of a token's k experts counts once, as in the manifest's expert_distribution
+            summary["expert_counts"] += np.bincount(rec["target_top_k"].ravel(), minlength=store.num_experts)[:store.num_experts]
             summary["datasets"][rec["dataset_name"]] = summary["datasets"].get(rec["dataset_name"], 0) + 1
             yield GatingDataPoint(**rec) if fmt == "dataclass" else rec
 

@@ -61,7 +61,13 @@ class Split:
 
 
 def true_ranks(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """0-based rank of the true expert y among scores [n, E]; ties go to the lower expert index."""
+    """0-based rank of the true expert y [n] among scores [n, E] -> [n]; or of each of a token's k
+    true experts y [n, k] -> [n, k] (top-k routing). Ties go to the lower expert index."""
+    if y.ndim == 2:
+        s = np.take_along_axis(scores, y, axis=1)[:, :, None]  # [n, k, 1]
+        idx = np.arange(scores.shape[1])
+        sc = scores[:, None, :]
+        return ((sc > s) | ((sc == s) & (idx < y[:, :, None]))).sum(axis=2)
     s = scores[np.arange(y.size), y][:, None]
     idx = np.arange(scores.shape[1])
     return ((scores > s) | ((scores == s) & (idx < y[:, None]))).sum(axis=1)
@@ -82,8 +88,11 @@ class RecallCell:
     """recall@k of one (predictor, lookahead, target layer, dataset). Tokens of a sample are
     correlated, so the 95% interval uses the cluster (ratio-estimator) variance over samples."""
 
-    def __init__(self, num_experts: int, ks=KS):
+    def __init__(self, num_experts: int, ks=KS, choices: int = 1):
+        """choices: the true experts per token (the store's top_k): add() then takes the ranks of all of
+        them, and recall@k is the share of a token's true experts among the predictor's k best."""
         self.ks = tuple(ks)
+        self.choices = int(choices)
         self.rank_hist = np.zeros(num_experts, np.int64)
         self.samples = 0
         self.sums = np.zeros((len(self.ks), 4))  # per k: sum h, sum h^2, sum h*n, (sum n^2 shared)
@@ -123,7 +132,8 @@ class RecallCell:
                 ci[str(k)] = [max(0.0, p - half), min(1.0, p + half)]
             else:
                 ci[str(k)] = None
-        return {"tokens": n, "samples": self.samples, "top1": rec["1"] if "1" in rec else None, "recall": rec,
+        return {"tokens": n // self.choices, "samples": self.samples, "top1": rec["1"] if "1" in rec else None,
+                "recall": rec,
                 "ci95": ci}
 
 

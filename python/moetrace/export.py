@@ -37,7 +37,7 @@ def _store(store) -> TraceStore:
 def _layers(store: TraceStore, layers: Iterable | None) -> list[str]:
     if layers is None:
         return list(store.layers)
-    out = [keys.layer(keys.ENCODER, int(x)) if isinstance(x, (int, np.integer)) or str(x).isdecimal() else str(x)
+    out = [keys.layer(store.encoder_stack, int(x)) if isinstance(x, (int, np.integer)) or str(x).isdecimal() else str(x)
            for x in layers]
     for name in out:
         if name not in store.layers:
@@ -48,8 +48,10 @@ def _layers(store: TraceStore, layers: Iterable | None) -> list[str]:
 def to_pandas(store, layers: Iterable | None = None, real_only: bool = False, logits: bool = False,
               progress: bool = False):
     """A pandas DataFrame with one row per (token, MoE layer): columns TOKEN_LAYER_COLUMNS (plus
-    `router_logits`, a float32 [E] array per row, with logits=True). Decoder layers' rows are the
-    generation steps, with token_id the step's decoder input id.
+    `router_logits`, a float32 [E] array per row, with logits=True; in a --logits topk:K store
+    `router_topk_logits` float32 [K], `router_topk_ids` int32 [K] and `router_lse` instead). Decoder layers'
+    rows are the generation steps, with token_id the step's decoder input id. With k > 1 experts per token
+    `expert` and `gate` are the top choice's and `experts` / `gates` hold all k (int16 / float32 [k] per row).
 
     Memory: everything is materialised: about 26 bytes per row, rows = tokens x layers (a store of
     1M tokens and 6 MoE layers: ~160 MB; with logits and 128 experts add 512 bytes per row: ~3 GB).
@@ -65,7 +67,7 @@ def to_pandas(store, layers: Iterable | None = None, real_only: bool = False, lo
         md = shard.metadata
         kinds = np.asarray(shard.tensor("sample_kind"))
         for name in names:
-            dec = keys.stack_of(name) == keys.DECODER
+            dec = keys.is_generation(name)
             off = shard.dec_sample_offsets if dec else shard.sample_offsets
             k_expert, k_gate, k_dropped, k_logits = (keys.layer_tensor(name, f) for f in (
                 keys.EXPERT, keys.GATE, keys.DROPPED, keys.ROUTER_LOGITS))
@@ -73,6 +75,10 @@ def to_pandas(store, layers: Iterable | None = None, real_only: bool = False, lo
                 continue
             lengths = np.diff(off)
             keep_sample = np.ones(shard.num_samples, bool) if not real_only else kinds == 0
+            keep_rows = np.repeat(keep_sample, lengths)
+            ex = np.asarray(shard.tensor(k_expert))[keep_rows].reshape(int(keep_rows.sum()), -1)  # [rows, k]
+            gt = (np.asarray(shard.tensor(k_gate, float32=True))[keep_rows].astype(np.float32).reshape(ex.shape)
+                  if shard.has(k_gate) else None)
             keep = np.repeat(keep_sample, lengths)
             local = np.repeat(np.arange(shard.num_samples), lengths)[keep]
             pos = (np.arange(int(off[-1])) - np.repeat(off[:-1], lengths))[keep]
@@ -82,15 +88,22 @@ def to_pandas(store, layers: Iterable | None = None, real_only: bool = False, lo
                 "dataset": np.asarray(md["datasets"], object)[local],
                 "synthetic": kinds[local] == 1,
                 "position": pos.astype(np.int32),
-                "token_id": np.asarray(shard.tensor("dec.input_ids" if dec else "token_ids"))[keep].astype(np.int32),
+                "token_id": np.asarray(shard.tensor(shard.gen_name("input_ids") if dec else "token_ids"))[keep]
+                .astype(np.int32),
                 "layer": np.full(local.size, name, object),
-                "expert": np.asarray(shard.tensor(k_expert))[keep].astype(np.int16),
-                "gate": np.asarray(shard.tensor(k_gate, float32=True))[keep].astype(np.float32)
-                if shard.has(k_gate) else np.full(local.size, np.nan, np.float32),
+                "expert": ex[:, 0].astype(np.int16),
+                "gate": gt[:, 0] if gt is not None else np.full(local.size, np.nan, np.float32),
                 "dropped": np.asarray(shard.tensor(k_dropped))[keep].astype(bool)
                 if shard.has(k_dropped) else np.zeros(local.size, bool),
             }
-            if logits:
+            if store.top_k > 1:
+                cols["experts"] = list(ex.astype(np.int16))
+                cols["gates"] = list(gt) if gt is not None else [None] * local.size
+            if logits and store.logits_topk:
+                for f in (keys.ROUTER_TOPK_LOGITS, keys.ROUTER_TOPK_IDS, keys.ROUTER_LSE):
+                    v = np.asarray(shard.tensor(keys.layer_tensor(name, f), float32=True))[keep]
+                    cols[f] = list(v) if v.ndim > 1 else v
+            elif logits:
                 lg = np.asarray(shard.tensor(k_logits, float32=True))[keep].astype(np.float32)
                 cols["router_logits"] = list(lg)
             frames.append(pd.DataFrame(cols))
@@ -108,17 +121,24 @@ def parquet_schema(store: TraceStore, layers: list[str], logits: bool):
     fields = [pa.field("sample", pa.int64()), pa.field("sample_id", pa.string()), pa.field("dataset", pa.string()),
               pa.field("row", pa.int64()), pa.field("synthetic", pa.bool_()),
               pa.field("token_ids", pa.list_(pa.int32()))]
-    if any(keys.stack_of(n) == keys.DECODER for n in layers):
+    if any(keys.is_generation(n) for n in layers):
         fields += [pa.field("dec_input_ids", pa.list_(pa.int32())), pa.field("dec_output_ids", pa.list_(pa.int32()))]
+    k, kl = store.top_k, store.logits_topk
+    per_choice = (lambda t: pa.list_(t)) if k == 1 else (lambda t: pa.list_(pa.list_(t, k)))  # noqa: E731
     for n in layers:
-        fields += [pa.field(keys.layer_tensor(n, keys.EXPERT), pa.list_(pa.int32())),
-                   pa.field(keys.layer_tensor(n, keys.GATE), pa.list_(pa.float32())),
+        fields += [pa.field(keys.layer_tensor(n, keys.EXPERT), per_choice(pa.int32())),
+                   pa.field(keys.layer_tensor(n, keys.GATE), per_choice(pa.float32())),
                    pa.field(keys.layer_tensor(n, keys.DROPPED), pa.list_(pa.bool_()))]
-        if logits:
+        if logits and kl:
+            fields += [pa.field(keys.layer_tensor(n, keys.ROUTER_TOPK_LOGITS), pa.list_(pa.list_(pa.float32(), kl))),
+                       pa.field(keys.layer_tensor(n, keys.ROUTER_TOPK_IDS), pa.list_(pa.list_(pa.int32(), kl))),
+                       pa.field(keys.layer_tensor(n, keys.ROUTER_LSE), pa.list_(pa.float32()))]
+        elif logits:
             fields.append(pa.field(keys.layer_tensor(n, keys.ROUTER_LOGITS),
                                    pa.list_(pa.list_(pa.float32(), store.num_experts))))
     return pa.schema(fields, metadata={"moetrace": json.dumps({
         "format": "moetrace-parquet", "version": 1, "num_experts": store.num_experts,
+        "routing": {"family": store.family, "top_k": k, "dropped": store.has_dropped}, "logits_topk": kl,
         "model": (store.manifest.get("model") or {}).get("id"),
         "demo_model": bool((store.manifest.get("model") or {}).get("demo"))})})
 
@@ -155,19 +175,35 @@ def _shard_table(store, shard, layers, logits, schema, real_only):
     dec_idx = dec_off = None
     if "dec_input_ids" in schema.names:
         if doff is None:
-            raise StoreError(f"{shard.path}: no decoder rows (dec.sample_offsets) but the store has decoder layers")
+            raise StoreError(f"{shard.path}: no decoder rows ({shard.gen_name('sample_offsets')}) but the store has "
+                             f"decoder layers")
         dec_idx, dec_off = rows_of(doff)
-        for key, tensor in (("dec_input_ids", "dec.input_ids"), ("dec_output_ids", "dec.output_ids")):
+        for key, tensor in (("dec_input_ids", shard.gen_name("input_ids")), ("dec_output_ids", shard.gen_name("output_ids"))):
             cols[key] = _list_array(np.asarray(shard.tensor(tensor))[dec_idx].astype(np.int32), dec_off, pa.int32())
     for n in layers:
-        idx, o = (dec_idx, dec_off) if keys.stack_of(n) == keys.DECODER else (enc_idx, enc_off)
+        idx, o = (dec_idx, dec_off) if keys.is_generation(n) else (enc_idx, enc_off)
         k_expert, k_gate, k_dropped, k_logits = (keys.layer_tensor(n, f) for f in (
             keys.EXPERT, keys.GATE, keys.DROPPED, keys.ROUTER_LOGITS))  # also the Parquet column names
-        cols[k_expert] = _list_array(np.asarray(shard.tensor(k_expert))[idx].astype(np.int32), o, pa.int32())
-        gate = np.asarray(shard.tensor(k_gate, float32=True))[idx].astype(np.float32)
-        cols[k_gate] = _list_array(gate, o, pa.float32())
-        cols[k_dropped] = _list_array(np.asarray(shard.tensor(k_dropped))[idx].astype(bool), o, pa.bool_())
-        if logits:
+
+        def rows(name, typ, width, f32=False):  # a per-token tensor as list<typ> or list<fixed_size_list<typ, width>>
+            v = np.asarray(shard.tensor(name, float32=f32))[idx]
+            if width == 0:
+                return _list_array(v, o, typ)
+            inner = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel(), typ), width)
+            return pa.ListArray.from_arrays(pa.array(o.astype(np.int32)), inner)
+        kk = store.top_k if store.top_k > 1 else 0
+        cols[k_expert] = rows(k_expert, pa.int32(), kk)
+        cols[k_gate] = rows(k_gate, pa.float32(), kk, True)
+        cols[k_dropped] = (_list_array(np.asarray(shard.tensor(k_dropped))[idx].astype(bool), o, pa.bool_())
+                           if shard.has(k_dropped) else _list_array(np.zeros(idx.size, bool), o, pa.bool_()))
+        if logits and store.logits_topk:
+            kl = store.logits_topk
+            cols[keys.layer_tensor(n, keys.ROUTER_TOPK_LOGITS)] = rows(keys.layer_tensor(n, keys.ROUTER_TOPK_LOGITS),
+                                                                      pa.float32(), kl, True)
+            cols[keys.layer_tensor(n, keys.ROUTER_TOPK_IDS)] = rows(keys.layer_tensor(n, keys.ROUTER_TOPK_IDS),
+                                                                   pa.int32(), kl)
+            cols[keys.layer_tensor(n, keys.ROUTER_LSE)] = rows(keys.layer_tensor(n, keys.ROUTER_LSE), pa.float32(), 0)
+        elif logits:
             lg = np.asarray(shard.tensor(k_logits, float32=True))[idx].astype(np.float32)
             inner = pa.FixedSizeListArray.from_arrays(pa.array(lg.ravel(), pa.float32()), store.num_experts)
             cols[k_logits] = pa.ListArray.from_arrays(pa.array(o.astype(np.int32)), inner)

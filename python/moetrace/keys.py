@@ -15,17 +15,31 @@ ROUTER_LOGITS = "router_logits"
 EXPERT = "expert"
 DROPPED = "dropped"
 GATE = "gate"
+# Stored instead of router_logits by `collect --logits topk:K` (docs/TRACE_FORMAT.md): the K largest
+# logits per token (F16, descending, ties -> lowest index), their experts (I32) and the log-sum-exp
+# over all E logits (F32).
+ROUTER_TOPK_LOGITS = "router_topk_logits"
+ROUTER_TOPK_IDS = "router_topk_ids"
+ROUTER_LSE = "router_lse"
 ENCODER_OUTPUT = "enc.output"
+LM_OUTPUT = "lm.output"
 FIELDS = (INPUT, HIDDEN, ROUTER_LOGITS, EXPERT, DROPPED, GATE)
 
 ENCODER = "enc"
 DECODER = "dec"
+# A decoder-only MoE language model's prompt (prefill) pass and its greedy generation steps: a store
+# keeps them where it keeps Switch's encoder and decoder (expert/gate [.., k], no dropped).
+LM = "lm"
+GEN = "gen"
+STACKS = (ENCODER, DECODER, LM, GEN)
+FIRST_PASS = (ENCODER, LM)    # the stacks of a store's "encoder" layer list
+GENERATION = (DECODER, GEN)   # the stacks of its "decoder" layer list
 
 
 def layer(stack: str, block: int) -> str:
     """'enc.3': a MoE layer's name (the prefix of its tensors, its per_layer key)."""
-    if stack not in (ENCODER, DECODER):
-        raise ValueError(f"stack must be 'enc' or 'dec', got {stack!r}")
+    if stack not in STACKS:
+        raise ValueError(f"stack must be one of {', '.join(STACKS)}, got {stack!r}")
     return f"{stack}.{int(block)}"
 
 
@@ -51,7 +65,7 @@ class Parsed(NamedTuple):
     field: str
 
 
-_KEY = re.compile(r"(enc|dec)\.([0-9]+)\.(.+)", re.DOTALL)  # the field is the rest, as in keys.h
+_KEY = re.compile(r"(enc|dec|lm|gen)\.([0-9]+)\.(.+)", re.DOTALL)  # the field is the rest, as in keys.h
 
 
 def parse(key: str) -> Optional[Parsed]:
@@ -65,7 +79,7 @@ class ParsedLayer(NamedTuple):
     block: int
 
 
-_LAYER = re.compile(r"(enc|dec)\.([0-9]+)")
+_LAYER = re.compile(r"(enc|dec|lm|gen)\.([0-9]+)")
 
 
 def parse_layer(name: str) -> Optional[ParsedLayer]:
@@ -75,7 +89,18 @@ def parse_layer(name: str) -> Optional[ParsedLayer]:
 
 
 def stack_of(name: str) -> Optional[str]:
-    """'enc' or 'dec' for a layer name or a tensor key of a stack ('dec.5', 'dec.5.gate',
-    'dec.input_ids'); None otherwise ('token_ids', 'encoder')."""
+    """'enc', 'dec', 'lm' or 'gen' for a layer name or a tensor key of a stack ('dec.5', 'dec.5.gate',
+    'dec.input_ids', 'lm.3'); None otherwise ('token_ids', 'encoder')."""
     head = name.split(".", 1)[0]
-    return head if head in (ENCODER, DECODER) and "." in name else None
+    return head if head in STACKS and "." in name else None
+
+
+def is_generation(name: str) -> bool:
+    """True for a layer name or tensor key of a generation stack ('dec.5', 'gen.3.gate')."""
+    return stack_of(name) in GENERATION
+
+
+def stacks_of(family: str | None) -> tuple[str, str]:
+    """(first pass, generation) stack prefixes of a routing family: ('enc', 'dec') for switch (and
+    None: stores written before families), ('lm', 'gen') for the decoder-only language models."""
+    return (ENCODER, DECODER) if family in (None, "switch") else (LM, GEN)

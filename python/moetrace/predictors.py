@@ -92,9 +92,20 @@ class Chunk:
     dataset: np.ndarray         # [n] index into the run's dataset names
     prev_step: np.ndarray | None  # [n, L] experts at the previous decoder step of the sample, -1 at step 0
     hidden_fn: object = None    # j -> [n, d] float32 router input of the MoE layer at moe index j, or None
+    # [n, L, k] int64: every expert of a top-k store's tokens (k > 1; experts is choices[:, :, 0]),
+    # None for top-1 routing
+    choices: np.ndarray | None = None
 
     def hidden(self, j: int):
         return None if self.hidden_fn is None else self.hidden_fn(j)
+
+    def targets(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows [m], experts [m]): the experts the tokens used at moe index t, one entry per choice
+        (m = n for top-1, n * k for top-k), so that count tables learn every expert a token needs."""
+        if self.choices is None:
+            return np.arange(self.experts.shape[0]), self.experts[:, t]
+        n, _, k = self.choices.shape
+        return np.repeat(np.arange(n), k), self.choices[:, t, :].ravel()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,7 +146,7 @@ class Frequency(Predictor):
 
     def fit(self, c):
         for t in range(self.L):
-            self.counts[t] += np.bincount(c.experts[:, t], minlength=self.e)
+            self.counts[t] += np.bincount(c.targets(t)[1], minlength=self.e)
 
     def prob(self, t: int) -> np.ndarray:
         s = self.counts[t].sum()
@@ -158,7 +169,8 @@ class Transition(Predictor):
     def fit(self, c):
         d, e = self.lookahead, self.e
         for t in range(d, self.L):
-            self.counts[t] += np.bincount(c.experts[:, t - d] * e + c.experts[:, t], minlength=e * e).reshape(e, e)
+            rows, y = c.targets(t)
+            self.counts[t] += np.bincount(c.experts[rows, t - d] * e + y, minlength=e * e).reshape(e, e)
 
     def scores(self, c, t):
         return backoff(self.counts[t][c.experts[:, t - self.lookahead]].astype(np.float64), self.freq.prob(t))
@@ -183,7 +195,8 @@ class History(Predictor):
 
     def fit(self, c):
         for (t, g), tab in self.tables.items():
-            tab.add(self._key(c, t, g), c.experts[:, t])
+            rows, y = c.targets(t)
+            tab.add(self._key(c, t, g)[rows], y)
 
     def finish(self, freq):
         super().finish(freq)
@@ -208,7 +221,8 @@ class TokenId(Predictor):
 
     def fit(self, c):
         for t in range(self.L):
-            self.tables[t].add(c.tokens, c.experts[:, t])
+            rows, y = c.targets(t)
+            self.tables[t].add(c.tokens[rows], y)
 
     def finish(self, freq):
         super().finish(freq)
@@ -228,10 +242,11 @@ class Temporal(Predictor):
         self.counts = np.zeros((L, E, E), np.int64)
 
     def fit(self, c):
-        ok = c.prev_step[:, 0] >= 0
         e = self.e
         for t in range(self.L):
-            self.counts[t] += np.bincount(c.prev_step[ok, t] * e + c.experts[ok, t], minlength=e * e).reshape(e, e)
+            rows, y = c.targets(t)
+            ok = c.prev_step[rows, 0] >= 0
+            self.counts[t] += np.bincount(c.prev_step[rows[ok], t] * e + y[ok], minlength=e * e).reshape(e, e)
 
     def scores(self, c, t):
         prev = c.prev_step[:, t]

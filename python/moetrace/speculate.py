@@ -38,7 +38,7 @@ import numpy as np
 from .accumulate import SparseCounts  # re-exported
 from .cachesim import POLICIES, TimeModel, layer_requests, next_uses, replay, simulate_cache  # re-exported
 from .evaluation import KS, Z95, RecallCell, Split, hash_unit, summarize, topk_experts, true_ranks
-from .keys import DECODER, ENCODER, EXPERT, HIDDEN, layer_tensor, layers
+from .keys import EXPERT, HIDDEN, layer_tensor, layers
 from .predictors import (ALL_PREDICTORS, DENSE_LIMIT, Chunk, CountTable, Frequency, History,
                          Learned, Predictor, Pregate, Temporal, TokenId, Transition, backoff, predictor_key)
 from .store import rows_f32
@@ -92,12 +92,14 @@ def stack_chunks(shard, spec: StackSpec, role: np.ndarray, want: int, ds_index: 
         m = rows_role[a:b] == want
         if not m.any():
             continue
-        ex = np.stack([np.asarray(x[a:b], np.int64) for x in exp_all], axis=1)
+        allk = np.stack([np.asarray(x[a:b], np.int64).reshape(b - a, -1) for x in exp_all], axis=1)  # [n, L, k]
+        ex = allk[:, :, 0]  # the top-1: what the predictors condition on
+        choices = allk[m] if allk.shape[2] > 1 else None
         prev = None
         if decoder:
             prev_full = np.full_like(ex, -1)
             if a > 0:
-                prev_full[0] = np.stack([np.asarray(x[a - 1], np.int64) for x in exp_all])
+                prev_full[0] = np.stack([np.asarray(x[a - 1], np.int64).reshape(-1)[0] for x in exp_all])
             prev_full[1:] = ex[:-1]
             prev_full[step0[a:b]] = -1
             prev = prev_full[m]
@@ -111,7 +113,7 @@ def stack_chunks(shard, spec: StackSpec, role: np.ndarray, want: int, ds_index: 
                     cache[j] = None if h is None else rows_f32(h, a, b)[m]
                 return cache[j]
         yield Chunk(experts=ex[m], tokens=np.asarray(tok_all[a:b], np.int64)[m], sample=sample[a:b][m],
-                    dataset=ds[a:b][m], prev_step=prev, hidden_fn=hidden_fn)
+                    dataset=ds[a:b][m], prev_step=prev, hidden_fn=hidden_fn, choices=choices)
 
 
 def load_routers(path: str, spec: StackSpec, num_experts: int, d_model: int):
@@ -269,19 +271,24 @@ def run_stack(store, spec: StackSpec, opt: Options, routers, progress, ds_names:
             inv = np.concatenate([[0], np.cumsum(np.diff(c.sample) != 0)]).astype(np.int64)  # rows are in sample order
             nsamp = int(inv[-1]) + 1
             ds_masks = [(d, c.dataset == d) for d in np.unique(c.dataset)] if len(ds_names) > 1 else []
-            if opt.simulate:
-                routing.append((c.experts.astype(np.int16), c.sample.astype(np.int32)))
+            if opt.simulate:  # top-k: every expert of a token is loaded
+                routing.append(((c.experts if c.choices is None else c.choices).astype(np.int16),
+                                c.sample.astype(np.int32)))
                 top = np.empty((n, L, kpre), np.int16)
             for p in preds:
                 for t in p.targets():
                     sc = p.scores(c, t)
-                    r = true_ranks(sc, c.experts[:, t])
+                    # recall@k against the set of a token's true experts: the rank of each of them, so
+                    # a token counts the share of its experts within the predictor's k best
+                    rows, _ = c.targets(t)
+                    r = true_ranks(sc, c.experts[:, t] if c.choices is None else c.choices[:, t, :]).ravel()
                     key = (predictor_key(p), t)
-                    cell = cells.setdefault(key, {"all": RecallCell(E, opt.ks)})
-                    cell["all"].add(r, inv, nsamp)
+                    cell = cells.setdefault(key, {"all": RecallCell(E, opt.ks, store.top_k)})
+                    cell["all"].add(r, inv[rows], nsamp)
                     if len(ds_names) > 1:
                         for d, m in ds_masks:
-                            cell.setdefault(ds_names[d], RecallCell(E, opt.ks)).add(r[m], inv[m], nsamp)
+                            mr = m[rows]
+                            cell.setdefault(ds_names[d], RecallCell(E, opt.ks, store.top_k)).add(r[mr], inv[rows][mr], nsamp)
                     if p is sim_pred:
                         top[:, t] = topk_experts(sc, kpre)
             if opt.simulate:
@@ -371,10 +378,10 @@ def speculate_store(store, opt: Options, progress=None) -> dict:
         raise ValueError(f"--k {','.join(str(k) for k in opt.ks)}: every k must be at least 1")
     opt.ks = tuple(sorted(set(int(k) for k in opt.ks) | {1}))  # top-1 is always reported
     unavailable: dict = {}
-    specs = [StackSpec("encoder", layers(ENCODER, store.encoder_layers), "sample_offsets", "token_ids")]
+    specs = [StackSpec("encoder", layers(store.encoder_stack, store.encoder_layers), "sample_offsets", "token_ids")]
     if store.decoder_layers:
-        specs.append(StackSpec("decoder", layers(DECODER, store.decoder_layers), "dec.sample_offsets",
-                               "dec.input_ids"))
+        specs.append(StackSpec("decoder", layers(store.decoder_stack, store.decoder_layers),
+                               store.gen_name("sample_offsets"), store.gen_name("input_ids")))
     specs = [s for s in specs if s.layers]
     routers_path = opt.routers
     tmpdir = None
@@ -415,7 +422,7 @@ def speculate_store(store, opt: Options, progress=None) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "store": os.path.abspath(getattr(store, "path", "")),
         "model": (store.manifest.get("model", {}) or {}).get("id"),
-        "num_experts": store.num_experts, "ks": list(opt.ks), "datasets": ds_names,
+        "num_experts": store.num_experts, "top_k": store.top_k, "ks": list(opt.ks), "datasets": ds_names,
         "real_only": opt.real_only, "demo_model": bool((store.manifest.get("model", {}) or {}).get("demo")),
         "split": opt.split.describe(),
         "predictors": list(opt.predictors), "unavailable": unavailable,

@@ -1,4 +1,8 @@
-"""Reading a moetrace trace store (docs/TRACE_FORMAT.md, format v1) with numpy alone.
+"""Reading a moetrace trace store (docs/TRACE_FORMAT.md, format versions 1 and 2) with numpy alone.
+
+Version 2 adds top-k routing (expert and gate [S, k] for k > 1), stores without `dropped` (models
+without expert capacity), the lm./gen. layers of decoder-only language models, and `--logits topk:K`
+(per token the K largest logits, their experts and the log-sum-exp instead of every logit).
 
 Tensors are memory-mapped: nothing is copied until a caller asks for a converted value (BF16/F16 ->
 float32, softmax probabilities, ColumnView.to_numpy()).
@@ -21,8 +25,10 @@ from .safetensors_io import DTYPES, SafetensorsFile, as_float32
 from .stats import softmax  # the one softmax; moetrace.store.softmax as before
 
 FORMAT = "moetrace-trace"
-FORMAT_VERSIONS = (1,)  # the versions this reader knows; others are refused
-LAYER_FIELDS = ("router_logits", "expert", "dropped", "gate", "hidden")
+FORMAT_VERSIONS = (1, 2)  # the versions this reader knows; others are refused
+LAYER_FIELDS = ("router_logits", "expert", "dropped", "gate", "hidden", "router_topk_logits", "router_topk_ids",
+                "router_lse")
+ROUTING_FAMILIES = ("switch", "olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
 REQUIRED_TENSORS = ("token_ids", "sample_offsets", "sample_kind")
 # A manifest's shard path: shard-N.safetensors, or in a merged data-parallel store the rank
 # directory's ranks/rank-RRRRR-of-WWWWW/shard-N.safetensors (docs/TRACE_FORMAT.md).
@@ -51,6 +57,14 @@ def rows_f32(arr: np.ndarray, a: int, b: int, dtype: str | None = None) -> np.nd
     return x.astype(np.float32, copy=False)
 
 
+def topk_probs(values: np.ndarray, lse: np.ndarray) -> np.ndarray:
+    """float32 [..., K]: the router probabilities of a --logits topk:K store's K experts,
+    exp(value - lse), exact up to the F16 rounding of the stored logits (values [..., K] as stored or
+    widened, lse [...] the log-sum-exp over all E logits)."""
+    v = np.asarray(values, np.float32)
+    return np.exp(v - np.asarray(lse, np.float32)[..., None]).astype(np.float32)
+
+
 def _check_version(where: str, fmt, version) -> None:
     if fmt != FORMAT:
         raise StoreError(f"{where}: format is {fmt!r}, expected {FORMAT!r} (not a moetrace trace store)")
@@ -67,8 +81,11 @@ def _check_version(where: str, fmt, version) -> None:
 class Shard:
     """One committed shard: samples [first_sample, first_sample + num_samples) of the store."""
 
-    def __init__(self, store_path: str, entry: dict, backend: str = "numpy"):
+    def __init__(self, store_path: str, entry: dict, backend: str = "numpy",
+                 stacks: tuple[str, str] = (keys.ENCODER, keys.DECODER), version: int | None = None):
         self.entry = entry
+        self.version = version  # the manifest's format_version, which every shard must repeat
+        self.stacks = stacks  # (first pass, generation) prefixes: ('enc', 'dec') or ('lm', 'gen')
         self.file = entry["file"]
         if not isinstance(self.file, str) or not SHARD_PATH.fullmatch(self.file):
             raise StoreError(f"{os.path.join(store_path, 'manifest.json')}: shard file {self.file!r} is neither "
@@ -96,6 +113,9 @@ class Shard:
 
     def _parse_metadata(self, meta: dict) -> dict:
         _check_version(f"{self.path} (__metadata__)", meta.get("format"), meta.get("format_version"))
+        if self.version is not None and str(meta.get("format_version")).strip() != str(self.version):
+            raise StoreError(f"{self.path} (__metadata__): format_version {meta.get('format_version')!r} differs from "
+                             f"the manifest's {self.version}")
         out = dict(meta)
         try:
             out["first_sample"] = int(meta["first_sample"])
@@ -115,8 +135,12 @@ class Shard:
                              f"{self.first_sample}")
         return out
 
+    def gen_name(self, field: str) -> str:
+        """A generation stack's own tensor: 'dec.input_ids' (Switch) or 'gen.input_ids' (a language model)."""
+        return f"{self.stacks[1]}.{field}"
+
     def _check_tensors(self, st: SafetensorsFile) -> tuple[np.ndarray, np.ndarray | None]:
-        """Checks the row structure; returns (sample_offsets, dec.sample_offsets or None)."""
+        """Checks the row structure; returns (sample_offsets, the generation's sample_offsets or None)."""
         infos = st.infos
         for name in REQUIRED_TENSORS:
             if name not in infos:
@@ -126,13 +150,15 @@ class Shard:
                              f"expected [{self.num_samples}]")
         offsets = self._checked_offsets(st, "sample_offsets", infos["token_ids"].shape)
         dec_offsets = None
-        if "dec.sample_offsets" in infos:
-            g = infos["dec.input_ids"].shape if "dec.input_ids" in infos else None
-            dec_offsets = self._checked_offsets(st, "dec.sample_offsets", g)
-        rows = {"enc.": int(offsets[-1]), "dec.": int(dec_offsets[-1]) if dec_offsets is not None else 0}
+        gen_offsets, gen_ids = self.gen_name("sample_offsets"), self.gen_name("input_ids")
+        if gen_offsets in infos:
+            g = infos[gen_ids].shape if gen_ids in infos else None
+            dec_offsets = self._checked_offsets(st, gen_offsets, g)
+        rows = {self.stacks[0] + ".": int(offsets[-1]),
+                self.stacks[1] + ".": int(dec_offsets[-1]) if dec_offsets is not None else 0}
         for name, info in infos.items():
-            prefix = name[:4]
-            if prefix in rows and name != "dec.sample_offsets" and (not info.shape or info.shape[0] != rows[prefix]):
+            prefix = name.split(".", 1)[0] + "."
+            if prefix in rows and name != gen_offsets and (not info.shape or info.shape[0] != rows[prefix]):
                 raise StoreError(f"{self.path}: tensor {name!r} has shape {list(info.shape)}, "
                                  f"expected {rows[prefix]} rows (the last of the sample offsets)")
         return offsets, dec_offsets
@@ -226,10 +252,12 @@ class Shard:
 
 
 class LayerView:
-    """One MoE layer of one sample: per-token routing, rows in token order."""
+    """One MoE layer of one sample: per-token routing, rows in token order. k = the store's experts
+    per token (store.top_k); K = its --logits topk:K (store.logits_topk, 0 for full logits)."""
 
-    def __init__(self, shard: Shard, name: str, begin: int, end: int):
+    def __init__(self, shard: Shard, name: str, begin: int, end: int, logits_topk: int = 0):
         self._shard, self.name, self._begin, self._end = shard, name, begin, end
+        self.logits_topk = logits_topk
 
     def __repr__(self) -> str:
         return f"LayerView({self.name!r}, tokens={self._end - self._begin})"
@@ -239,30 +267,62 @@ class LayerView:
         rows = self._shard.tensor(name)[self._begin:self._end]  # slice the map first: converts S rows only
         return as_float32(rows, self._shard.info(name)[0]) if float32 else rows
 
+    def _full_logits(self, what: str) -> None:
+        if self.logits_topk:
+            raise StoreError(f"{self._shard.path}: {self.name}.{what}: the store keeps only the "
+                             f"{self.logits_topk} largest router logits per token (--logits topk:{self.logits_topk}); "
+                             f"use router_topk_logits, router_topk_ids, router_lse and topk_probs")
+
     @property
     def router_logits(self) -> np.ndarray:
-        """float32 [S, E] (widened when stored as F16/BF16)."""
+        """float32 [S, E] (widened when stored as F16/BF16). StoreError in a --logits topk:K store."""
+        self._full_logits("router_logits")
         return self._rows("router_logits", float32=True)
 
     @property
     def probs(self) -> np.ndarray:
-        """float32 [S, E]: softmax of the stored logits."""
+        """float32 [S, E]: softmax of the stored logits. StoreError in a --logits topk:K store."""
         return softmax(self.router_logits)
 
     @property
     def expert(self) -> np.ndarray:
-        """int32 [S]: top-1 expert (also for dropped tokens)."""
+        """int32 [S] (k = 1: the top-1 expert, also for dropped tokens) or [S, k] (the k experts in
+        descending weight order)."""
         return self._rows("expert")
 
     @property
     def dropped(self) -> np.ndarray:
-        """bool [S]: the token exceeded its expert's capacity and skipped the expert."""
+        """bool [S]: the token exceeded its expert's capacity and skipped the expert (all False in a
+        store without capacity, which has no `dropped` tensor)."""
+        if not self._shard.has(keys.layer_tensor(self.name, keys.DROPPED)):
+            return np.zeros(self._end - self._begin, bool)
         return self._rows("dropped").astype(bool)
 
     @property
     def gate(self) -> np.ndarray:
-        """float32 [S]: top-1 router probability as the engine computed it."""
+        """float32 [S] (k = 1: the top-1 router probability) or [S, k] (the k experts' routing
+        weights, renormalized where the family does), as the engine computed them."""
         return self._rows("gate", float32=True)
+
+    @property
+    def router_topk_logits(self) -> np.ndarray | None:
+        """float32 [S, K]: the K largest router logits (stored F16), descending; None with full logits."""
+        return self._rows(keys.ROUTER_TOPK_LOGITS, float32=True) if self.logits_topk else None
+
+    @property
+    def router_topk_ids(self) -> np.ndarray | None:
+        """int32 [S, K]: their experts (ties in the fp32 logits -> lowest index); None with full logits."""
+        return self._rows(keys.ROUTER_TOPK_IDS) if self.logits_topk else None
+
+    @property
+    def router_lse(self) -> np.ndarray | None:
+        """float32 [S]: log-sum-exp over all E logits (fp32); None with full logits."""
+        return self._rows(keys.ROUTER_LSE) if self.logits_topk else None
+
+    @property
+    def topk_probs(self) -> np.ndarray | None:
+        """float32 [S, K]: the K experts' router probabilities exp(logit - lse); None with full logits."""
+        return topk_probs(self.router_topk_logits, self.router_lse) if self.logits_topk else None
 
     @property
     def hidden(self) -> np.ndarray | None:
@@ -315,24 +375,26 @@ class Sample:
     @property
     def dec_input_ids(self) -> np.ndarray | None:
         """int32 [G]: decoder input token of each generation step (None without --decoder)."""
-        return self._dec_rows("dec.input_ids")
+        return self._dec_rows(self.shard.gen_name("input_ids"))
 
     @property
     def dec_output_ids(self) -> np.ndarray | None:
         """int32 [G]: token generated at each step (None without --decoder)."""
-        return self._dec_rows("dec.output_ids")
+        return self._dec_rows(self.shard.gen_name("output_ids"))
 
     def layer(self, name: str) -> LayerView:
-        """'enc.{i}' or 'dec.{i}' (an int i means 'enc.{i}')."""
+        """'enc.{i}' / 'dec.{i}' (Switch) or 'lm.{i}' / 'gen.{i}' (a language model); an int i means
+        the first pass's layer of block i ('enc.{i}' or 'lm.{i}')."""
         if isinstance(name, (int, np.integer)):
-            name = keys.layer(keys.ENCODER, int(name))
+            name = keys.layer(self._store.encoder_stack, int(name))
         if name not in self._store.layers:
             raise KeyError(f"no MoE layer {name!r} in this store (layers: {', '.join(self._store.layers)})")
-        if keys.stack_of(name) == keys.DECODER:
+        k = self._store.logits_topk
+        if keys.is_generation(name):
             if self._dec is None:
                 raise KeyError(f"{self.shard.path}: no decoder routing stored (collected without --decoder)")
-            return LayerView(self.shard, name, *self._dec)
-        return LayerView(self.shard, name, self._begin, self._end)
+            return LayerView(self.shard, name, *self._dec, logits_topk=k)
+        return LayerView(self.shard, name, self._begin, self._end, logits_topk=k)
 
 
 class ColumnView:
@@ -460,12 +522,14 @@ class TraceStore:
             self.decoder_layers: list[int] = [int(i) for i in layers.get("decoder", [])]
             self.num_experts: int = int(self.manifest["num_experts"])
             self.d_model: int = int(self.manifest["d_model"])
+            self._read_routing(manifest_path)
             entries = list(self.manifest["shards"])
-            self.shards: list[Shard] = [Shard(path, e, backend) for e in entries]
+            self.shards: list[Shard] = [Shard(path, e, backend, (self.encoder_stack, self.decoder_stack),
+                                              self.format_version) for e in entries]
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise StoreError(f"{manifest_path}: invalid manifest ({type(e).__name__}: {e})") from None
-        self.layers: list[str] = (keys.layers(keys.ENCODER, self.encoder_layers)
-                                  + keys.layers(keys.DECODER, self.decoder_layers))
+        self.layers: list[str] = (keys.layers(self.encoder_stack, self.encoder_layers)
+                                  + keys.layers(self.decoder_stack, self.decoder_layers))
         expected = 0
         for s in self.shards:
             if s.first_sample != expected:
@@ -491,6 +555,44 @@ class TraceStore:
             raise StoreError(f"{manifest_path}: num_samples {declared} but its shards hold {expected}")
         self._firsts = [s.first_sample for s in self.shards]
         self._ids: dict[str, int] | None = None
+
+    def _read_routing(self, where: str) -> None:
+        """Version 2's routing and --logits topk:K; a version-1 store is Switch top-1 with capacity."""
+        routing = self.manifest.get("routing")
+        if routing is None:
+            routing = {"family": "switch", "top_k": 1, "dropped": True}
+        if not isinstance(routing, dict):
+            raise StoreError(f"{where}: routing must be an object")
+        family, top_k, dropped = routing.get("family"), routing.get("top_k"), routing.get("dropped")
+        if family not in ROUTING_FAMILIES:
+            raise StoreError(f"{where}: routing.family must be one of {', '.join(ROUTING_FAMILIES)}, got {family!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.num_experts:
+            raise StoreError(f"{where}: routing.top_k must be an integer in [1, {self.num_experts}], got {top_k!r}")
+        if not isinstance(dropped, bool):
+            raise StoreError(f"{where}: routing.dropped must be true or false, got {dropped!r}")
+        k = self.manifest.get("logits_topk", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.num_experts:
+            raise StoreError(f"{where}: logits_topk must be an integer in [1, {self.num_experts}], got {k!r}")
+        #: routing family: switch, olmoe, mixtral, qwen2_moe or qwen3_moe
+        self.family: str = family
+        #: experts per token: expert and gate are [S] for 1, [S, top_k] above
+        self.top_k: int = top_k
+        #: the model has expert capacity: the store holds `dropped`
+        self.has_dropped: bool = dropped
+        #: --logits topk:K (0: every logit in router_logits)
+        self.logits_topk: int = k
+        #: the stacks' prefixes: ('enc', 'dec') for Switch, ('lm', 'gen') for a language model
+        self.encoder_stack, self.decoder_stack = keys.stacks_of(family)
+        # Version 1 is exactly Switch's top-1 with capacity and full logits; anything else is version 2.
+        want = 1 if (family == "switch" and top_k == 1 and dropped and not k) else 2
+        if int(self.manifest["format_version"]) != want:
+            raise StoreError(f"{where}: format_version {self.manifest['format_version']} does not match its layout "
+                             f"(version {want}: version 1 is Switch top-1 with capacity and full router_logits)")
+        self.format_version: int = want
+
+    def gen_name(self, field: str) -> str:
+        """A generation stack's own tensor: 'dec.input_ids' (Switch) or 'gen.input_ids' (a language model)."""
+        return f"{self.decoder_stack}.{field}"
 
     def __repr__(self) -> str:
         return f"TraceStore({self.path!r}, samples={len(self)}, layers={self.layers})"
@@ -535,8 +637,9 @@ class TraceStore:
         """One tensor across all shards. Floating tensors (router_logits, gate, hidden) read as float32,
         as LayerView returns them (one rule); float32=False keeps the stored dtype (F16 as float16,
         BF16 as its uint16 bits) for zero-copy access. Integer tensors are never converted."""
-        if name in ("sample_offsets", "dec.sample_offsets"):
-            raise KeyError(f"{name} is shard-local; use store.{name.replace('.', '_')} for global offsets")
+        if name in ("sample_offsets", self.gen_name("sample_offsets")):
+            raise KeyError(f"{name} is shard-local; use store.sample_offsets or store.dec_sample_offsets for "
+                           f"global offsets")
         return ColumnView(self, name, float32=float32)
 
     def _global_offsets(self, attr: str) -> np.ndarray | None:

@@ -82,13 +82,22 @@ void compare_chunk(const std::vector<SampleRecordOwned>& chunk, const AuditOptio
         for (int64_t t = 0; t < len; ++t) {
           n.top1_agree += stored.expert[static_cast<size_t>(t)] == ref_expert[b * batch.S + t];
           const float* want = ref_logits + (b * batch.S + t) * E;
-          const float* got = stored.router_logits.data() + t * E;
-          for (int64_t e = 0; e < E; ++e) {
-            const double d = std::fabs(static_cast<double>(got[e]) - static_cast<double>(want[e]));
+          auto track = [&](float got, float ref) {
+            const double d = std::fabs(static_cast<double>(got) - static_cast<double>(ref));
             // NaN or inf on either side: the largest recordable error (JSON has no inf).
             n.max_logit_error = std::isfinite(d)
                                     ? std::max(n.max_logit_error, std::min(d, kFidelityNonFinite))
                                     : kFidelityNonFinite;
+          };
+          if (stored.topk_ids.empty()) {
+            const float* got = stored.router_logits.data() + t * E;
+            for (int64_t e = 0; e < E; ++e) track(got[e], want[e]);
+          } else {  // --logits topk:K: the K stored logits against the reference's of those experts
+            const size_t K = stored.topk_ids.size() / static_cast<size_t>(len);
+            for (size_t j = 0; j < K; ++j) {
+              const size_t at = static_cast<size_t>(t) * K + j;
+              track(stored.topk_logits[at], want[stored.topk_ids[at]]);
+            }
           }
         }
         n.tokens += len;

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
+#include <charconv>
 #include <cmath>
 #include <csignal>
 #include <cstdio>
@@ -40,6 +42,37 @@ using namespace pipeline;  // the stages: plan, tokenize, batch, engine, capture
 bool mixed_is_real(int64_t k, double ratio) {
   return std::floor(static_cast<double>(k + 1) * ratio) >
          std::floor(static_cast<double>(k) * ratio);
+}
+
+LogitsOption parse_logits_option(std::string_view value) {
+  LogitsOption r;
+  constexpr std::string_view kTopk = "topk:";
+  auto is_topk = [&] {  // case-insensitive, as the dtype names
+    if (value.size() < kTopk.size()) return false;
+    for (size_t i = 0; i < kTopk.size(); ++i) {
+      if (std::tolower(static_cast<unsigned char>(value[i])) != kTopk[i]) return false;
+    }
+    return true;
+  };
+  if (is_topk()) {
+    const std::string_view k = value.substr(kTopk.size());
+    int v = 0;
+    const auto [end, ec] = std::from_chars(k.data(), k.data() + k.size(), v);
+    if (k.empty() || ec != std::errc() || end != k.data() + k.size() || v < 1) {
+      fail("--logits '", value, "': topk:K needs a whole number K >= 1 (e.g. topk:8)");
+    }
+    r.dtype = DType::kF16;  // the top-K values' dtype
+    r.topk = v;
+    return r;
+  }
+  try {
+    r.dtype = parse_dtype_option("--logits", value, {DType::kF32, DType::kF16, DType::kBF16});
+  } catch (const Error& e) {
+    fail(e.what(),
+         ", or topk:K (the K largest logits per token, their experts and the "
+         "log-sum-exp)");
+  }
+  return r;
 }
 
 namespace {
@@ -224,6 +257,8 @@ StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc, con
   ss.num_experts = layout.E;
   ss.d_model = layout.d;
   ss.logits_dtype = o.logits_dtype;
+  ss.logits_topk = o.logits_topk;
+  if (o.logits_topk > 0) ss.settings["logits_topk"] = o.logits_topk;  // absent: every logit
   ss.hidden_dtype = o.hidden_dtype;
   ss.decoder = o.decoder;
   ss.samples_per_shard = o.samples_per_shard;
@@ -355,6 +390,7 @@ CollectResult run_collect(const CollectOptions& o) {
   layout.E = cfg.num_experts;
   layout.d = cfg.d_model;
   layout.hidden = o.hidden_dtype.has_value();
+  layout.logits_topk = o.logits_topk;
   layout.eos = static_cast<int32_t>(cfg.eos_token_id);
   if (layout.enc_layers.empty())
     fail(mc.id, ": the model has no sparse encoder layers: nothing to trace");
@@ -416,6 +452,7 @@ CollectResult run_collect(const CollectOptions& o) {
   sp.max_length = o.max_length;
   sp.vocab_size = cfg.vocab_size;
   sp.dec_layers = layout.dec_layers.size();
+  sp.logits_topk = o.logits_topk;
   // MOETRACE_FAULT_KILL_AFTER=N: SIGKILL this process right after the N-th sample of this run
   // reached the writer (tests kill runs at chosen points, between and inside shard commits).
   const char* fault = std::getenv("MOETRACE_FAULT_KILL_AFTER");

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "collect/launcher.h"
@@ -41,6 +42,9 @@ struct CollectOptions {
   std::string precision = "bf16";  // cuda only: bf16 | fp16 | fp32 | mixed (docs/GPU.md)
   // What to store.
   DType logits_dtype = DType::kF16;
+  // --logits topk:K: K > 0 stores the K largest logits, their experts and the log-sum-exp instead
+  // of every logit (logits_dtype is then F16, the values' dtype).
+  int logits_topk = 0;
   std::optional<DType> hidden_dtype;
   bool decoder = false;
   int max_new_tokens = 32;
@@ -68,6 +72,15 @@ struct CollectResult {
 };
 
 CollectResult run_collect(const CollectOptions& options);
+
+// The one parser of --logits: f32 | f16 | bf16 (parse_dtype_option's names) or topk:K (K >= 1; the
+// K largest logits as F16 with their experts and the log-sum-exp, docs/TRACE_FORMAT.md). Error
+// naming the option and the value otherwise.
+struct LogitsOption {
+  DType dtype = DType::kF16;
+  int topk = 0;  // 0: every logit, in dtype
+};
+LogitsOption parse_logits_option(std::string_view value);
 
 // The order of real and synthetic samples in a mixed run: sample k is real iff
 // floor((k+1)·r) > floor(k·r), which interleaves them evenly and gives round(n·r) real ones in all.

@@ -51,10 +51,20 @@ std::vector<LayerViews> layer_views(const CapturedBatch& r, keys::Stack s,
 }
 
 // Rows [b*S, b*S+len) of one layer's [B,S,...] tensors (decoder: S = steps, len = the sample's).
+// logits_topk > 0: the top-K of the logits instead of the logits.
 LayerData layer_slice(const LayerViews& v, int64_t b, int64_t S, int64_t len, int64_t E, int64_t d,
-                      bool hidden) {
+                      bool hidden, int logits_topk) {
   LayerData l;
-  copy_raw_rows(v.logits, b * S, len, E, l.logits, &l.logits_dtype);
+  if (logits_topk > 0) {
+    std::vector<float> rows(static_cast<size_t>(len * E));
+    const size_t es = dtype_size(v.logits.dtype);
+    convert_to_f32(v.logits.dtype,
+                   static_cast<const uint8_t*>(v.logits.data) + static_cast<size_t>(b * S * E) * es,
+                   rows.data(), rows.size());
+    topk_of(rows.data(), len, E, logits_topk, &l);
+  } else {
+    copy_raw_rows(v.logits, b * S, len, E, l.logits, &l.logits_dtype);
+  }
   copy_rows(v.expert, b * S, len, 1, l.expert);
   copy_rows(v.dropped, b * S, len, 1, l.dropped);
   copy_rows(v.gate, b * S, len, 1, l.gate);
@@ -161,7 +171,7 @@ void capture_samples(const CapturedBatch& r, const CaptureLayout& c, Window& win
     const auto len = static_cast<int64_t>(win.items[j].ids.size());
     SampleData& sd = win.data[j];
     for (const LayerViews& v : enc)
-      sd.enc.push_back(layer_slice(v, b, r.S, len, c.E, c.d, c.hidden));
+      sd.enc.push_back(layer_slice(v, b, r.S, len, c.E, c.d, c.hidden, c.logits_topk));
     if (c.dec_layers.empty()) continue;
     // Steps until this sequence produced eos (inclusive), else all steps run.
     const int32_t* ids = gen.ids.data() + b * (gen.steps + 1);
@@ -175,14 +185,26 @@ void capture_samples(const CapturedBatch& r, const CaptureLayout& c, Window& win
     sd.dec_in.assign(ids, ids + G);
     sd.dec_out.assign(ids + 1, ids + G + 1);
     for (const LayerViews& v : dec)
-      sd.dec.push_back(layer_slice(v, b, gen.steps, G, c.E, c.d, c.hidden));
+      sd.dec.push_back(layer_slice(v, b, gen.steps, G, c.E, c.d, c.hidden, c.logits_topk));
   }
+}
+
+void topk_of(const float* logits, int64_t rows, int64_t E, int K, LayerData* l) {
+  l->topk_values.resize(static_cast<size_t>(rows * K));
+  l->topk_ids.resize(static_cast<size_t>(rows * K));
+  l->lse.resize(static_cast<size_t>(rows));
+  router_topk(logits, rows, E, K, l->topk_values.data(), l->topk_ids.data(), l->lse.data());
 }
 
 LayerRecord record_of(const LayerData& l) {
   LayerRecord r;
   r.router_logits_raw = l.logits.data();
   r.router_logits_raw_dtype = l.logits_dtype;
+  if (!l.topk_ids.empty() || !l.lse.empty()) {
+    r.topk_logits = l.topk_values.data();
+    r.topk_ids = l.topk_ids.data();
+    r.lse = l.lse.data();
+  }
   r.expert = l.expert.data();
   r.dropped = l.dropped.data();
   r.gate = l.gate.data();

@@ -133,11 +133,14 @@ class TokenizeStage {
 // Logits and hidden states keep the engine's dtype (F32 from the CPU engine, F16/BF16 from the GPU
 // pipeline) so that the writer copies them byte for byte when the store uses the same dtype.
 struct LayerData {
-  std::vector<uint8_t> logits, hidden;
+  std::vector<uint8_t> logits, hidden;  // logits: empty with --logits topk:K
   DType logits_dtype = DType::kF32, hidden_dtype = DType::kF32;
   std::vector<float> gate;
   std::vector<int32_t> expert;
   std::vector<uint8_t> dropped;
+  // --logits topk:K (router_topk() of the captured logits): [S, K] values and ids, [S] lse.
+  std::vector<float> topk_values, lse;
+  std::vector<int32_t> topk_ids;
 };
 struct SampleData {
   std::vector<LayerData> enc, dec;
@@ -173,14 +176,17 @@ struct CaptureLayout {
   int64_t E = 0, d = 0;
   bool hidden = false;
   int32_t eos = 1;
+  // --logits topk:K: the top-K are computed here, on the host, from the engine's F32 logits (the
+  // same code for every engine; a GPU-side top-K would move fewer bytes over PCIe).
+  int logits_topk = 0;
 
   // Every stored field of every layer. F16 logits may cross the GPU's bus as they are; other
-  // store dtypes are made from exact F32.
+  // store dtypes, and the top-K, are made from exact F32.
   KeyRequest request(DType store_logits, std::optional<DType> store_hidden) const {
     KeyRequest r;
     auto add = [&](keys::Stack s, int block) {
       r.add(keys::tensor(s, block, keys::kRouterLogits),
-            store_logits == DType::kF16 ? DType::kF16 : DType::kF32);
+            store_logits == DType::kF16 && logits_topk == 0 ? DType::kF16 : DType::kF32);
       for (std::string_view f : {keys::kExpert, keys::kDropped, keys::kGate})
         r.add(keys::tensor(s, block, f));
       if (store_hidden) r.add(keys::tensor(s, block, keys::kHidden), *store_hidden);
@@ -252,6 +258,8 @@ class EngineStage {
 // ---- store: finished windows into the trace store, on their own thread ---------------------------
 
 LayerRecord record_of(const LayerData& l);
+// router_topk() of rows rows of E fp32 logits into l's topk_values, topk_ids and lse.
+void topk_of(const float* logits, int64_t rows, int64_t E, int K, LayerData* l);
 
 // Finished windows reach the writer on this stage's thread (add() copies every logit once more),
 // so the engine loop does not wait for it; at most two windows wait for it. Samples before
@@ -265,6 +273,7 @@ class StoreStage {
     int max_length = 0;
     int64_t vocab_size = 0;
     size_t dec_layers = 0;    // decoder MoE layers (synthetic samples have zero steps)
+    int logits_topk = 0;      // --logits topk:K
     int64_t kill_after = -1;  // MOETRACE_FAULT_KILL_AFTER (tests): SIGKILL after this many samples
   };
   StoreStage(TraceWriter& writer, const Params& p) : writer_(writer), p_(p) {
@@ -303,6 +312,7 @@ class StoreStage {
   void write(Window& win) {
     std::vector<SampleRecord> records;
     std::deque<SyntheticSample> synthetic;  // owns what synthetic records point to
+    std::deque<LayerData> synthetic_topk;   // and their top-K (--logits topk:K)
     for (size_t j = 0; j < win.items.size(); ++j) {
       if (win.begin + j < static_cast<size_t>(p_.start)) continue;  // committed by an earlier run
       WorkItem& w = win.items[j];
@@ -318,6 +328,14 @@ class StoreStage {
         for (int64_t l = 0; l < p_.L; ++l) {
           r.enc.push_back(LayerRecord{syn.logits[l].data(), syn.expert[l].data(),
                                       syn.dropped.data(), syn.gate[l].data(), nullptr});
+          if (p_.logits_topk > 0) {  // the same top-K rule as the engines' samples
+            LayerData& t = synthetic_topk.emplace_back();
+            topk_of(syn.logits[l].data(), static_cast<int64_t>(syn.token_ids.size()), p_.E,
+                    p_.logits_topk, &t);
+            r.enc.back().topk_logits = t.topk_values.data();
+            r.enc.back().topk_ids = t.topk_ids.data();
+            r.enc.back().lse = t.lse.data();
+          }
         }
         r.dec.assign(p_.dec_layers, LayerRecord{});  // synthetic samples have no decoder pass
       } else {

@@ -190,7 +190,8 @@ MergeResult merge_store(const fs::path& store) {
   const RankStore& r0 = parts.front();
   for (const RankStore& rs : parts) {
     for (const char* key : {"settings", "model", "layers", "num_experts", "d_model", "logits_dtype",
-                            "hidden_dtype", "decoder", "samples_per_shard"}) {
+                            "hidden_dtype", "decoder", "routing", "logits_topk",
+                            "samples_per_shard"}) {
       const json a = r0.m.contains(key) ? r0.m[key] : json();
       const json b = rs.m.contains(key) ? rs.m[key] : json();
       if (a != b) {

@@ -87,11 +87,19 @@ LayerRecordOwned read_layer(const SafetensorsFile& f, const trace::Layout& layou
   const size_t e = static_cast<size_t>(layout.num_experts);
   const size_t d = static_cast<size_t>(layout.d_model);
   const size_t r0 = static_cast<size_t>(row0);
+  const size_t k = static_cast<size_t>(layout.top_k);
+  const size_t K = static_cast<size_t>(layout.logits_topk);
   auto view = [&](const char* name) -> const TensorView& { return f.find(prefix + name)->view; };
-  l.router_logits = trace::read_f32_rows(view("router_logits"), r0, n, e);
-  l.expert = trace::read_elems<int32_t>(view("expert"), r0, n);
-  l.dropped = trace::read_elems<uint8_t>(view("dropped"), r0, n);
-  l.gate = trace::read_elems<float>(view("gate"), r0, n);
+  if (K > 0) {
+    l.topk_logits = trace::read_f32_rows(view("router_topk_logits"), r0, n, K);
+    l.topk_ids = trace::read_elems<int32_t>(view("router_topk_ids"), r0 * K, n * K);
+    l.lse = trace::read_elems<float>(view("router_lse"), r0, n);
+  } else {
+    l.router_logits = trace::read_f32_rows(view("router_logits"), r0, n, e);
+  }
+  l.expert = trace::read_elems<int32_t>(view("expert"), r0 * k, n * k);
+  if (layout.dropped) l.dropped = trace::read_elems<uint8_t>(view("dropped"), r0, n);
+  l.gate = trace::read_elems<float>(view("gate"), r0 * k, n * k);
   if (layout.hidden_dtype) l.hidden = trace::read_f32_rows(view("hidden"), r0, n, d);
   return l;
 }
@@ -124,17 +132,21 @@ SampleRecordOwned TraceStore::sample(int64_t i) const {
   s.token_ids = trace::read_elems<int32_t>(view("token_ids"), static_cast<size_t>(t0),
                                            static_cast<size_t>(t1 - t0));
   for (int b : st.layout.enc_layers) {
-    s.enc.push_back(read_layer(f, st.layout, trace::layer_key(false, b) + ".", t0, t1 - t0));
+    s.enc.push_back(
+        read_layer(f, st.layout, trace::layer_key(st.layout, false, b) + ".", t0, t1 - t0));
   }
   if (st.layout.decoder) {
-    const std::vector<int64_t> doff = trace::read_elems<int64_t>(view("dec.sample_offsets"), j, 2);
+    auto gen = [&](const char* name) -> const TensorView& {
+      return f.find(trace::gen_tensor(st.layout, name))->view;
+    };
+    const std::vector<int64_t> doff = trace::read_elems<int64_t>(gen("sample_offsets"), j, 2);
     const int64_t g0 = doff[0], g1 = doff[1];
     const size_t g = static_cast<size_t>(g1 - g0);
-    s.dec_input_ids = trace::read_elems<int32_t>(view("dec.input_ids"), static_cast<size_t>(g0), g);
-    s.dec_output_ids =
-        trace::read_elems<int32_t>(view("dec.output_ids"), static_cast<size_t>(g0), g);
+    s.dec_input_ids = trace::read_elems<int32_t>(gen("input_ids"), static_cast<size_t>(g0), g);
+    s.dec_output_ids = trace::read_elems<int32_t>(gen("output_ids"), static_cast<size_t>(g0), g);
     for (int b : st.layout.dec_layers) {
-      s.dec.push_back(read_layer(f, st.layout, trace::layer_key(true, b) + ".", g0, g1 - g0));
+      s.dec.push_back(
+          read_layer(f, st.layout, trace::layer_key(st.layout, true, b) + ".", g0, g1 - g0));
     }
   }
   return s;

@@ -111,8 +111,21 @@ bool parse_shard_path(const std::string& path, int64_t* index, std::string* rank
   return true;
 }
 
-std::string layer_key(bool decoder, int block) {
-  return keys::layer(keys::stack_of(decoder), block);
+int Layout::format_version() const {
+  const bool switch_v1 = family == "switch" && top_k == 1 && dropped && logits_topk == 0;
+  return switch_v1 ? kTraceFormatVersionSwitch : kTraceFormatVersion;
+}
+
+std::string layer_key(const Layout& layout, bool decoder, int block) {
+  return keys::layer(keys::stack_of(decoder, layout.lm()), block);
+}
+
+std::string gen_tensor(const Layout& layout, const char* name) {
+  return std::string(keys::stack_prefix(keys::stack_of(true, layout.lm()))) + "." + name;
+}
+
+json routing_json(const Layout& layout) {
+  return {{"family", layout.family}, {"top_k", layout.top_k}, {"dropped", layout.dropped}};
 }
 
 std::string hidden_dtype_name(const std::optional<DType>& t) {
@@ -220,6 +233,36 @@ Layout layout_from_manifest(const json& m, const std::string& what) {
   if (!l.decoder && !l.dec_layers.empty()) {
     fail(what, ": layers.decoder is not empty but decoder is false");
   }
+  // Version 2: "routing" (absent: Switch's top-1 with capacity) and "logits_topk" (absent: full
+  // router_logits).
+  if (m.contains("routing")) {
+    const json& r = m["routing"];
+    const std::string rw = what + ": routing";
+    const json& fam = field(r, "family", rw);
+    if (!fam.is_string() || !is_routing_family(fam.get<std::string>())) {
+      std::string names;
+      for (std::string_view f : kRoutingFamilies)
+        names += (names.empty() ? "" : ", ") + std::string(f);
+      fail(rw, ": family must be one of ", names, ", got ", fam.dump());
+    }
+    l.family = fam.get<std::string>();
+    l.top_k = static_cast<int>(int_field(r, "top_k", rw, 1, l.num_experts));
+    const json& dr = field(r, "dropped", rw);
+    if (!dr.is_boolean()) fail(rw, ": field \"dropped\" must be true or false");
+    l.dropped = dr.get<bool>();
+  }
+  if (m.contains("logits_topk")) {
+    l.logits_topk = static_cast<int>(int_field(m, "logits_topk", what, 1, l.num_experts));
+    if (l.logits_dtype != DType::kF16) {
+      fail(what,
+           ": logits_dtype must be \"F16\" with logits_topk (the stored top-K values' dtype)");
+    }
+  }
+  const json& v = m.contains("format_version") ? m["format_version"] : json();
+  if (v.is_number_integer() && v.get<int64_t>() != l.format_version()) {
+    fail(what, ": format_version ", v.dump(), " does not match its layout (version ",
+         l.format_version(), ": version 1 is Switch top-1 with capacity and full router_logits)");
+  }
   return l;
 }
 
@@ -241,15 +284,16 @@ void Stats::add(const Stats& o) {
 Stats empty_stats(const Layout& layout) {
   Stats s;
   const size_t e = static_cast<size_t>(layout.num_experts);
-  for (int b : layout.enc_layers) s.layers[layer_key(false, b)].expert_counts.assign(e, 0);
-  for (int b : layout.dec_layers) s.layers[layer_key(true, b)].expert_counts.assign(e, 0);
+  for (int b : layout.enc_layers) s.layers[layer_key(layout, false, b)].expert_counts.assign(e, 0);
+  for (int b : layout.dec_layers) s.layers[layer_key(layout, true, b)].expert_counts.assign(e, 0);
   return s;
 }
 
-void count_rows(LayerStats* s, const int32_t* expert, const uint8_t* dropped, int64_t n) {
-  for (int64_t r = 0; r < n; ++r) {
-    ++s->expert_counts[static_cast<size_t>(expert[r])];
-    s->dropped += dropped[r] != 0;
+void count_rows(LayerStats* s, const int32_t* expert, int k, const uint8_t* dropped, int64_t n) {
+  const int64_t nk = n * k;
+  for (int64_t r = 0; r < nk; ++r) ++s->expert_counts[static_cast<size_t>(expert[r])];
+  if (dropped != nullptr) {
+    for (int64_t r = 0; r < n; ++r) s->dropped += dropped[r] != 0;
   }
   s->tokens += n;
 }
@@ -263,7 +307,7 @@ json stats_fields(const Stats& t, const Layout& layout) {
   j["total_traces"] = t.num_samples * n_enc;
   std::vector<int64_t> dist(static_cast<size_t>(layout.num_experts), 0);
   for (int b : layout.enc_layers) {
-    auto it = t.layers.find(layer_key(false, b));
+    auto it = t.layers.find(layer_key(layout, false, b));
     if (it == t.layers.end()) continue;
     for (size_t e = 0; e < dist.size() && e < it->second.expert_counts.size(); ++e) {
       dist[e] += it->second.expert_counts[e];
@@ -284,7 +328,7 @@ json stats_fields(const Stats& t, const Layout& layout) {
   j["dataset_distribution"] = dd;
   json pl = json::object();
   auto put_layer = [&](bool dec, int b) {
-    const std::string key = layer_key(dec, b);
+    const std::string key = layer_key(layout, dec, b);
     LayerStats ls;
     ls.expert_counts.assign(static_cast<size_t>(layout.num_experts), 0);
     auto it = t.layers.find(key);
@@ -366,7 +410,7 @@ nlohmann::ordered_json build_manifest(const ManifestFields& f) {
   auto ord = [](const json& j) { return ordered_json::parse(j.dump()); };
   ordered_json m;
   m["format"] = kTraceFormat;
-  m["format_version"] = kTraceFormatVersion;
+  m["format_version"] = layout.format_version();
   m["moetrace_version"] = MOETRACE_VERSION;
   m["complete"] = f.complete;
   m["command_line"] = f.command_line;
@@ -378,6 +422,9 @@ nlohmann::ordered_json build_manifest(const ManifestFields& f) {
   m["logits_dtype"] = std::string(dtype_name(layout.logits_dtype));
   m["hidden_dtype"] = hidden_dtype_name(layout.hidden_dtype);
   m["decoder"] = layout.decoder;
+  if (layout.format_version() != kTraceFormatVersionSwitch)
+    m["routing"] = ord(routing_json(layout));
+  if (layout.logits_topk > 0) m["logits_topk"] = layout.logits_topk;
   m["samples_per_shard"] = layout.samples_per_shard;
   if (f.part) m["part"] = ord(part_json(*f.part));
   if (!f.data_parallel.is_null()) m["data_parallel"] = f.data_parallel;
@@ -400,7 +447,7 @@ nlohmann::ordered_json build_manifest(const ManifestFields& f) {
   if (!f.engine.is_null()) m["engine"] = ord(f.engine);
   ordered_json pl = ordered_json::object();  // layers in block order, encoder first
   auto put = [&](bool dec, int b) {
-    const std::string key = layer_key(dec, b);
+    const std::string key = layer_key(layout, dec, b);
     const json& l = st["per_layer"][key];
     pl[key] = {{"expert_counts", l["expert_counts"]},
                {"dropped", l["dropped"]},
@@ -561,7 +608,7 @@ Fidelity fidelity_from_json(const json& j, const Layout& layout, const std::stri
   }
   FidelityCounts sum;
   for (int b : layout.enc_layers) {
-    const std::string key = layer_key(false, b);
+    const std::string key = layer_key(layout, false, b);
     const FidelityCounts c = fidelity_counts_from_json(field(pl, key.c_str(), what + ": per_layer"),
                                                        what + ": per_layer." + key);
     sum.tokens += c.tokens;
@@ -625,28 +672,93 @@ void check_offsets(const SafetensorsFile& f, const std::string& name, const Tens
   }
 }
 
+// Experts [rows, width] in [0, E), distinct within a row (a token's k choices, its top-K ids).
+void check_expert_rows(const SafetensorsFile& f, const std::string& name, const int32_t* e,
+                       int64_t rows, int64_t width, int64_t E) {
+  std::vector<int32_t> row(static_cast<size_t>(width));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < width; ++j) {
+      const int32_t x = e[r * width + j];
+      if (x < 0 || x >= E) {
+        fail(f.path().string(), ": ", name, "[", r, width > 1 ? "][" + std::to_string(j) : "",
+             "] = ", x, " is outside [0, ", E, ")");
+      }
+    }
+    if (width == 1) continue;
+    row.assign(e + r * width, e + (r + 1) * width);
+    std::sort(row.begin(), row.end());
+    const auto dup = std::adjacent_find(row.begin(), row.end());
+    if (dup != row.end())
+      fail(f.path().string(), ": ", name, "[", r, "] holds expert ", *dup, " twice");
+  }
+}
+
+// --logits topk:K: values non-increasing along K, ids distinct experts, and the K probabilities
+// exp(value - lse) summing to at most 1 (within the F16 rounding of the values).
+void check_topk(const SafetensorsFile& f, const std::string& p, const TensorView& values,
+                const TensorView& ids, const TensorView& lse, int64_t rows, int64_t K, int64_t E) {
+  const std::vector<int32_t> id = read_elems<int32_t>(ids, 0, static_cast<size_t>(rows * K));
+  check_expert_rows(f, p + "router_topk_ids", id.data(), rows, K, E);
+  const std::vector<float> v =
+      read_f32_rows(values, 0, static_cast<size_t>(rows), static_cast<size_t>(K));
+  const std::vector<float> l = read_elems<float>(lse, 0, static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = v.data() + r * K;
+    double sum = 0, max_abs = 0;
+    bool finite = std::isfinite(l[r]);
+    for (int64_t j = 0; j < K; ++j) {
+      if (j > 0 && x[j] > x[j - 1]) {
+        fail(f.path().string(), ": ", p, "router_topk_logits[", r, "] increases at ", j, " (",
+             x[j - 1], " then ", x[j], "); the K largest come in descending order");
+      }
+      finite = finite && std::isfinite(x[j]);
+      sum += std::exp(static_cast<double>(x[j]) - l[r]);
+      max_abs = std::max(max_abs, std::fabs(static_cast<double>(x[j])));
+    }
+    // F16 rounds each value by at most 2^-11 of itself (plus subnormals), fp32 the lse by 2^-24.
+    const double bound =
+        std::exp(max_abs * 0x1p-11 + std::fabs(static_cast<double>(l[r])) * 0x1p-23 + 1e-6);
+    if (finite && !(sum <= bound)) {
+      fail(f.path().string(), ": ", p, "router_lse[", r, "] = ", l[r],
+           " is below the log-sum-exp of the stored top-K logits (their probabilities sum to ", sum,
+           ")");
+    }
+  }
+}
+
 // Checks and counts one MoE layer's tensors of rows rows.
 void check_layer(const SafetensorsFile& f, const Layout& layout, bool dec, int block, int64_t rows,
                  std::set<std::string>* seen, LayerStats* stats) {
-  const std::string p = layer_key(dec, block) + ".";
-  expect_tensor(f, p + "router_logits", layout.logits_dtype, {rows, layout.num_experts}, seen);
-  const auto& expert = expect_tensor(f, p + "expert", DType::kI32, {rows}, seen);
-  const auto& dropped = expect_tensor(f, p + "dropped", DType::kU8, {rows}, seen);
-  expect_tensor(f, p + "gate", DType::kF32, {rows}, seen);
+  const std::string p = layer_key(layout, dec, block) + ".";
+  const int64_t E = layout.num_experts, k = layout.top_k;
+  if (layout.logits_topk > 0) {
+    const int64_t K = layout.logits_topk;
+    const auto& v = expect_tensor(f, p + "router_topk_logits", DType::kF16, {rows, K}, seen);
+    const auto& ids = expect_tensor(f, p + "router_topk_ids", DType::kI32, {rows, K}, seen);
+    const auto& lse = expect_tensor(f, p + "router_lse", DType::kF32, {rows}, seen);
+    check_topk(f, p, v.view, ids.view, lse.view, rows, K, E);
+  } else {
+    expect_tensor(f, p + "router_logits", layout.logits_dtype, {rows, E}, seen);
+  }
+  // [T] for top-1 (Switch, as in version 1), [T, k] above.
+  const Shape per_choice = k == 1 ? Shape{rows} : Shape{rows, k};
+  const auto& expert = expect_tensor(f, p + "expert", DType::kI32, per_choice, seen);
+  expect_tensor(f, p + "gate", DType::kF32, per_choice, seen);
+  std::vector<uint8_t> d;
+  if (layout.dropped) {
+    const auto& dropped = expect_tensor(f, p + "dropped", DType::kU8, {rows}, seen);
+    d = read_elems<uint8_t>(dropped.view, 0, static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) {
+      if (d[r] > 1)
+        fail(f.path().string(), ": ", p, "dropped[", r, "] = ", int{d[r]}, " is not 0 or 1");
+    }
+  }
   if (layout.hidden_dtype) {
     expect_tensor(f, p + "hidden", *layout.hidden_dtype, {rows, layout.d_model}, seen);
   }
-  const std::vector<int32_t> e = read_elems<int32_t>(expert.view, 0, static_cast<size_t>(rows));
-  const std::vector<uint8_t> d = read_elems<uint8_t>(dropped.view, 0, static_cast<size_t>(rows));
-  for (int64_t r = 0; r < rows; ++r) {
-    if (e[r] < 0 || e[r] >= layout.num_experts) {
-      fail(f.path().string(), ": ", p, "expert[", r, "] = ", e[r], " is outside [0, ",
-           layout.num_experts, ")");
-    }
-    if (d[r] > 1)
-      fail(f.path().string(), ": ", p, "dropped[", r, "] = ", int{d[r]}, " is not 0 or 1");
-  }
-  count_rows(stats, e.data(), d.data(), rows);
+  const std::vector<int32_t> e = read_elems<int32_t>(expert.view, 0, static_cast<size_t>(rows * k));
+  check_expert_rows(f, p + "expert", e.data(), rows, k, E);
+  count_rows(stats, e.data(), static_cast<int>(k), layout.dropped ? d.data() : nullptr, rows);
 }
 
 }  // namespace
@@ -661,9 +773,9 @@ Stats check_shard(const SafetensorsFile& f, const Layout& layout, int64_t expect
     return it->second;
   };
   if (get("format") != kTraceFormat) fail(what, ": __metadata__ format is not ", kTraceFormat);
-  if (get("format_version") != std::to_string(kTraceFormatVersion)) {
+  if (get("format_version") != std::to_string(layout.format_version())) {
     fail(what, ": __metadata__ format_version is \"", get("format_version"), "\", expected \"",
-         kTraceFormatVersion, "\"");
+         layout.format_version(), "\" (the manifest's)");
   }
   if (get("first_sample") != std::to_string(expected_first_sample)) {
     fail(what, ": __metadata__ first_sample is \"", get("first_sample"), "\", expected \"",
@@ -708,19 +820,21 @@ Stats check_shard(const SafetensorsFile& f, const Layout& layout, int64_t expect
   s.num_tokens = t;
   for (const auto& d : meta.datasets) ++s.dataset_samples[d];
   for (int b : layout.enc_layers)
-    check_layer(f, layout, false, b, t, &seen, &s.layers[layer_key(false, b)]);
+    check_layer(f, layout, false, b, t, &seen, &s.layers[layer_key(layout, false, b)]);
   if (layout.decoder) {
-    const NamedView* in_t = f.find("dec.input_ids");
+    const std::string in_name = gen_tensor(layout, "input_ids");
+    const std::string off_name = gen_tensor(layout, "sample_offsets");
+    const NamedView* in_t = f.find(in_name);
     if (in_t == nullptr || in_t->view.shape.size() != 1)
-      fail(what, ": missing tensor dec.input_ids [G]");
+      fail(what, ": missing tensor ", in_name, " [G]");
     const int64_t g = in_t->view.shape[0];
-    expect_tensor(f, "dec.input_ids", DType::kI32, {g}, &seen);
-    expect_tensor(f, "dec.output_ids", DType::kI32, {g}, &seen);
-    const auto& dec_off = expect_tensor(f, "dec.sample_offsets", DType::kI64, {n + 1}, &seen);
-    check_offsets(f, "dec.sample_offsets", dec_off.view, n, g);
+    expect_tensor(f, in_name, DType::kI32, {g}, &seen);
+    expect_tensor(f, gen_tensor(layout, "output_ids"), DType::kI32, {g}, &seen);
+    const auto& dec_off = expect_tensor(f, off_name, DType::kI64, {n + 1}, &seen);
+    check_offsets(f, off_name, dec_off.view, n, g);
     s.num_decoder_tokens = g;
     for (int b : layout.dec_layers)
-      check_layer(f, layout, true, b, g, &seen, &s.layers[layer_key(true, b)]);
+      check_layer(f, layout, true, b, g, &seen, &s.layers[layer_key(layout, true, b)]);
   }
   for (const auto& nv : f.tensors()) {
     if (!seen.count(nv.name)) fail(what, ": unexpected tensor ", nv.name);
@@ -810,9 +924,11 @@ json read_manifest(const fs::path& dir) {
   if (!m.contains("format_version") || !m["format_version"].is_number_integer()) {
     fail(p.string(), ": missing integer \"format_version\"");
   }
-  if (m["format_version"].get<int64_t>() != kTraceFormatVersion) {
+  const int64_t v = m["format_version"].get<int64_t>();
+  if (v != kTraceFormatVersionSwitch && v != kTraceFormatVersion) {
     fail(p.string(), ": format_version ", m["format_version"].dump(),
-         " is not supported (this moetrace reads version ", kTraceFormatVersion, ")");
+         " is not supported (this moetrace reads versions ", kTraceFormatVersionSwitch, " and ",
+         kTraceFormatVersion, ")");
   }
   return m;
 }
@@ -820,6 +936,41 @@ json read_manifest(const fs::path& dir) {
 }  // namespace moetrace::trace
 
 namespace moetrace {
+
+bool is_routing_family(std::string_view family) {
+  for (std::string_view f : kRoutingFamilies) {
+    if (f == family) return true;
+  }
+  return false;
+}
+
+void router_topk(const float* logits, int64_t rows, int64_t E, int K, float* values, int32_t* ids,
+                 float* lse) {
+  MT_ASSERT(K >= 1 && K <= E);
+  std::vector<int32_t> order(static_cast<size_t>(E));
+  // a before b: the larger logit, then the lower index; NaN sorts below every number.
+  auto before = [](float va, int32_t a, float vb, int32_t b) {
+    const bool na = std::isnan(va), nb = std::isnan(vb);
+    if (na != nb) return nb;
+    if (!na && va != vb) return va > vb;
+    return a < b;
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = logits + r * E;
+    for (int64_t e = 0; e < E; ++e) order[static_cast<size_t>(e)] = static_cast<int32_t>(e);
+    std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                      [&](int32_t a, int32_t b) { return before(x[a], a, x[b], b); });
+    for (int j = 0; j < K; ++j) {
+      ids[r * K + j] = order[static_cast<size_t>(j)];
+      values[r * K + j] = x[order[static_cast<size_t>(j)]];
+    }
+    // log(sum exp) around the largest value, in double: exact to fp32 for any E.
+    const double top = values[r * K];
+    double sum = 0;
+    for (int64_t e = 0; e < E; ++e) sum += std::exp(static_cast<double>(x[e]) - top);
+    lse[r] = std::isfinite(top) ? static_cast<float>(top + std::log(sum)) : static_cast<float>(top);
+  }
+}
 
 double FidelityCounts::top1_agreement() const {
   return tokens > 0 ? static_cast<double>(top1_agree) / static_cast<double>(tokens) : 1.0;

@@ -39,9 +39,6 @@ bool parse_rank_dir_name(const std::string& name, int* rank, int* world_size);
 // manifest can point outside its store.
 bool parse_shard_path(const std::string& path, int64_t* index, std::string* rank_dir);
 
-// "enc.3" / "dec.5": the prefix of a MoE layer's tensors and its per_layer key.
-std::string layer_key(bool decoder, int block);
-
 // What the shards of a store hold (fixed for the life of the store).
 struct Layout {
   std::vector<int> enc_layers, dec_layers;
@@ -50,7 +47,24 @@ struct Layout {
   std::optional<DType> hidden_dtype;
   bool decoder = false;
   int64_t samples_per_shard = 0;
+  // Routing (StoreSettings): family, experts per token, capacity (`dropped` stored), and the K of
+  // --logits topk:K (0: full router_logits).
+  std::string family = "switch";
+  int top_k = 1;
+  bool dropped = true;
+  int logits_topk = 0;
+  // The version the store is written as: 1 when every field above has Switch's default, else 2.
+  int format_version() const;
+  bool lm() const { return is_lm_family(family); }
 };
+
+// "enc.3" / "dec.5" (Switch), "lm.3" / "gen.3" (a language model): the prefix of a MoE layer's
+// tensors and its per_layer key; decoder = the generation stack.
+std::string layer_key(const Layout& layout, bool decoder, int block);
+// A generation stack's own tensor: "dec.input_ids" (Switch) or "gen.input_ids" (a language model).
+std::string gen_tensor(const Layout& layout, const char* name);
+// The "routing" manifest object of a version-2 store: {"family", "top_k", "dropped"}.
+json routing_json(const Layout& layout);
 // Reads the layout fields of a manifest; throws Error naming the field when one is missing or
 // wrong.
 Layout layout_from_manifest(const json& manifest, const std::string& what);
@@ -58,7 +72,7 @@ Layout layout_from_manifest(const json& manifest, const std::string& what);
 std::string hidden_dtype_name(const std::optional<DType>& t);
 
 struct LayerStats {
-  std::vector<int64_t> expert_counts;  // [E] top-1 choices
+  std::vector<int64_t> expert_counts;  // [E] choices: each of a token's k experts counts once
   int64_t dropped = 0;
   int64_t tokens = 0;
 };
@@ -72,8 +86,9 @@ struct Stats {
   void add(const Stats& other);
 };
 Stats empty_stats(const Layout& layout);
-// Adds n rows of one layer (experts already checked to lie in [0, E)).
-void count_rows(LayerStats* s, const int32_t* expert, const uint8_t* dropped, int64_t n);
+// Adds n rows of one layer: expert [n, k] (already checked to lie in [0, E)), dropped [n] or
+// nullptr (a store without capacity).
+void count_rows(LayerStats* s, const int32_t* expert, int k, const uint8_t* dropped, int64_t n);
 
 // The manifest's count fields derived from the totals: num_samples, num_tokens, num_decoder_tokens,
 // total_traces, expert_distribution, experts_used, diversity_percentage, dataset_distribution,

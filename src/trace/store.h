@@ -1,5 +1,5 @@
-// The trace store (docs/TRACE_FORMAT.md, format version 1): a directory of safetensors shards and a
-// manifest.json. TraceWriter appends samples and commits whole shards atomically on background
+// The trace store (docs/TRACE_FORMAT.md, format versions 1 and 2): a directory of safetensors shards
+// and a manifest.json. TraceWriter appends samples and commits whole shards atomically on background
 // threads; TraceStore reads samples back; verify_store() checks a store against its manifest.
 #pragma once
 
@@ -12,6 +12,7 @@
 #include <ostream>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -20,15 +21,36 @@
 namespace moetrace {
 
 inline constexpr const char* kTraceFormat = "moetrace-trace";
-inline constexpr int kTraceFormatVersion = 1;
+// Version 2 adds top-k routing (expert/gate [T, k]), stores without `dropped`, the routing family
+// and `--logits topk:K`. A store that uses none of them (Switch, default options) is written as
+// version 1, byte for byte as before; readers take both.
+inline constexpr int kTraceFormatVersion = 2;
+inline constexpr int kTraceFormatVersionSwitch = 1;
 
-// One MoE layer of one sample: S rows (S = tokens of the sample, or G decoder steps). The pointers
-// must stay valid during TraceWriter::add() only; add() copies them.
+// The routing families a store may record (manifest "routing.family"); switch keeps its layers as
+// enc.{i} / dec.{i}, the decoder-only language models as lm.{i} (the prompt) / gen.{i} (greedy
+// generation steps).
+inline constexpr std::string_view kRoutingFamilies[] = {"switch", "olmoe", "mixtral", "qwen2_moe",
+                                                        "qwen3_moe"};
+bool is_routing_family(std::string_view family);
+// True for the decoder-only language model families (every family but switch).
+inline bool is_lm_family(std::string_view family) { return family != "switch"; }
+
+// The one top-K rule of `--logits topk:K` (docs/TRACE_FORMAT.md): for each of `rows` rows of E
+// fp32 logits, the K largest in descending order, ties to the lowest index (values [rows, K],
+// ids [rows, K]), and lse [rows] = log(sum over all E of exp(logit)), computed in double and
+// stored as fp32. 1 <= K <= E. NaN logits sort below every number.
+void router_topk(const float* logits, int64_t rows, int64_t E, int K, float* values, int32_t* ids,
+                 float* lse);
+
+// One MoE layer of one sample: S rows (S = tokens of the sample, or G decoder steps); k =
+// StoreSettings::top_k. The pointers must stay valid during TraceWriter::add() only; add() copies
+// them.
 struct LayerRecord {
-  const float* router_logits = nullptr;  // [S, E] fp32
-  const int32_t* expert = nullptr;       // [S] top-1 choice in [0, E)
-  const uint8_t* dropped = nullptr;      // [S] 0 or 1
-  const float* gate = nullptr;           // [S] top-1 router probability
+  const float* router_logits = nullptr;  // [S, E] fp32 (unused by a --logits topk:K store)
+  const int32_t* expert = nullptr;       // [S, k] the router's choices in [0, E), descending weight
+  const uint8_t* dropped = nullptr;      // [S] 0 or 1; nullptr when the store has no capacity
+  const float* gate = nullptr;  // [S, k] their routing weights (Switch: the top-1 probability)
   // [S, d_model] fp32, or nullptr (zeros are stored if the store has hidden states)
   const float* hidden = nullptr;
   // Instead of router_logits / hidden: the same values in another dtype (F32, F16 or BF16), copied
@@ -38,6 +60,11 @@ struct LayerRecord {
   DType router_logits_raw_dtype = DType::kF32;
   const void* hidden_raw = nullptr;
   DType hidden_raw_dtype = DType::kF32;
+  // A --logits topk:K store (StoreSettings::logits_topk = K) takes these instead of the logits,
+  // made by router_topk() from the fp32 logits: [S, K] values (stored as F16), [S, K] ids, [S] lse.
+  const float* topk_logits = nullptr;
+  const int32_t* topk_ids = nullptr;
+  const float* lse = nullptr;
 };
 
 struct SampleRecord {
@@ -53,11 +80,15 @@ struct SampleRecord {
 
 // A layer of a sample read back from a store; logits and hidden widened to fp32.
 struct LayerRecordOwned {
-  std::vector<float> router_logits;  // [S * E]
-  std::vector<int32_t> expert;       // [S]
-  std::vector<uint8_t> dropped;      // [S]
-  std::vector<float> gate;           // [S]
+  std::vector<float> router_logits;  // [S * E]; empty in a --logits topk:K store
+  std::vector<int32_t> expert;       // [S * k]
+  std::vector<uint8_t> dropped;      // [S]; empty when the store has no capacity
+  std::vector<float> gate;           // [S * k]
   std::vector<float> hidden;         // [S * d_model], empty when the store has no hidden states
+  // --logits topk:K stores only (else empty): [S * K] values, [S * K] ids, [S] log-sum-exp.
+  std::vector<float> topk_logits;
+  std::vector<int32_t> topk_ids;
+  std::vector<float> lse;
 };
 
 struct SampleRecordOwned {
@@ -89,6 +120,16 @@ struct StoreSettings {
   DType logits_dtype = DType::kF16;   // F32, F16 or BF16
   std::optional<DType> hidden_dtype;  // BF16 or F32; nullopt = no hidden states
   bool decoder = false;
+  // Routing (docs/TRACE_FORMAT.md, "Routing"): the family (kRoutingFamilies; switch -> layers
+  // enc./dec., the language models -> lm./gen.), experts per token (expert and gate are [T] for 1,
+  // [T, top_k] above) and whether the model has expert capacity (`dropped` stored). The defaults
+  // are Switch's, and a Switch store with them is written as format version 1.
+  std::string family = "switch";
+  int top_k = 1;
+  bool dropped = true;
+  // --logits topk:K: K > 0 stores router_topk_logits [T, K] F16, router_topk_ids [T, K] I32 and
+  // router_lse [T] F32 instead of router_logits (logits_dtype is then F16, the values' dtype).
+  int logits_topk = 0;
   // Shard boundaries depend on this only -> resume reproduces them.
   int64_t samples_per_shard = 1024;
   std::string device;  // manifest "device"

@@ -388,7 +388,7 @@ json store_summary_json(const fs::path& dir) {
   out["path"] = dir.string();
   out["complete"] = f.boolean(m, "complete", "complete");
   out["format"] = kTraceFormat;
-  out["format_version"] = kTraceFormatVersion;
+  out["format_version"] = layout.format_version();
   out["moetrace_version"] = f.string(m, "moetrace_version", "moetrace_version");
   out["model"] = f.string(f.object(m, "model", "model"), "id", "model.id");
   for (const char* key : {"num_samples", "total_traces", "num_tokens", "num_decoder_tokens"})
@@ -434,7 +434,7 @@ json store_summary_json(const fs::path& dir) {
   json per_layer = json::object();
   const json& pl = f.object(m, "per_layer", "per_layer");
   auto layer = [&](bool dec, int b) {
-    const std::string key = trace::layer_key(dec, b);
+    const std::string key = trace::layer_key(layout, dec, b);
     if (f.absent(pl, key)) return;
     const json& l = f.object(pl, key, "per_layer." + key);
     per_layer[key] = {{"tokens", f.integer(l, "tokens", "per_layer." + key + ".tokens")},
@@ -444,6 +444,9 @@ json store_summary_json(const fs::path& dir) {
   for (int b : layout.enc_layers) layer(false, b);
   for (int b : layout.dec_layers) layer(true, b);
   out["per_layer"] = per_layer;
+  // Version 2 (the defaults for a version-1 store): the routing and the --logits topk:K (0: full).
+  out["routing"] = trace::routing_json(layout);
+  out["logits_topk"] = layout.logits_topk;
   if (!f.absent(m, "part")) {
     const trace::Part p = trace::part_from_json(m["part"], what);
     out["part"] = {{"rank", p.rank},
@@ -465,6 +468,13 @@ json store_summary_json(const fs::path& dir) {
 }
 
 namespace {
+
+// A MoE layer's name from a summary (its routing family gives the stacks' prefixes).
+std::string summary_layer_key(const json& summary, bool dec, int block) {
+  trace::Layout l;
+  l.family = summary["routing"]["family"].get<std::string>();
+  return trace::layer_key(l, dec, block);
+}
 
 // "fidelity" lines of the summary: the audit's totals, then one line per encoder MoE layer
 // (python/moetrace/__main__.py print_summary prints the same lines).
@@ -494,7 +504,7 @@ void print_fidelity(const json& summary, std::ostream& out) {
       << std::setw(12) << "top-1 agree" << std::setw(18) << "max |logit err|"
       << "\n";
   for (const json& b : summary["layers"]["encoder"]) {  // block order
-    const std::string key = trace::layer_key(false, b.get<int>());
+    const std::string key = summary_layer_key(summary, false, b.get<int>());
     const json& c = f["per_layer"][key];
     out << "  " << std::left << std::setw(14) << key << std::right << std::setw(12)
         << c["tokens"].get<int64_t>() << std::setw(11) << std::setprecision(3) << pct(c) << "%"
@@ -517,8 +527,12 @@ void print_store_summary(const fs::path& dir, std::ostream& out) {
               ? "complete"
               : "INCOMPLETE (interrupted or running; `moetrace collect --resume` continues it)")
       << "\n";
-  out << "format          " << kTraceFormat << " v" << kTraceFormatVersion
+  out << "format          " << kTraceFormat << " v" << s["format_version"].get<int>()
       << ", written by moetrace " << s["moetrace_version"].get<std::string>() << "\n";
+  const json& routing = s["routing"];
+  out << "routing         " << routing["family"].get<std::string>() << ", top-"
+      << routing["top_k"].get<int>() << (routing["dropped"].get<bool>() ? ", with" : ", no")
+      << " expert capacity\n";
   out << "model           " << s["model"].get<std::string>() << "\n";
   out << "samples         " << s["num_samples"] << " (" << s["total_traces"] << " traces)\n";
   out << "tokens          " << s["num_tokens"] << " encoder";
@@ -540,8 +554,14 @@ void print_store_summary(const fs::path& dir, std::ostream& out) {
   out << "MoE layers      encoder " << layers_str(s["layers"]["encoder"]) << ", decoder "
       << layers_str(s["layers"]["decoder"]) << "\n";
   out << "experts         " << num_experts << ", d_model " << s["d_model"] << "\n";
-  out << "stored          logits " << s["logits_dtype"].get<std::string>() << ", hidden "
-      << s["hidden_dtype"].get<std::string>() << "\n";
+  if (s["logits_topk"].get<int>() > 0) {
+    out << "stored          logits top-" << s["logits_topk"].get<int>()
+        << " (F16 values, I32 ids, F32 log-sum-exp), hidden "
+        << s["hidden_dtype"].get<std::string>() << "\n";
+  } else {
+    out << "stored          logits " << s["logits_dtype"].get<std::string>() << ", hidden "
+        << s["hidden_dtype"].get<std::string>() << "\n";
+  }
   out << "device          " << s["device"].get<std::string>() << "\n";
   out << std::fixed << std::setprecision(1);
   out << "collection      " << s["collection_time"].get<double>() << " s, "
@@ -564,7 +584,12 @@ void print_store_summary(const fs::path& dir, std::ostream& out) {
     total += c;
   }
   out << "experts used    " << s["experts_used"] << " of " << num_experts << " ("
-      << s["diversity_percentage"].get<double>() << "%), top-1 over the encoder MoE layers\n";
+      << s["diversity_percentage"].get<double>() << "%), "
+      << (routing["top_k"].get<int>() == 1
+              ? std::string("top-1")
+              : "each of the top-" + std::to_string(routing["top_k"].get<int>()))
+      << " over the " << (routing["family"] == "switch" ? "encoder" : "prompt's")
+      << " MoE layers\n";
   const bool all = num_experts <= 16;
   if (!all) {
     std::stable_sort(counts.begin(), counts.end(),
@@ -589,7 +614,7 @@ void print_store_summary(const fs::path& dir, std::ostream& out) {
         << std::setw(11) << "drop rate"
         << "\n";
     auto row = [&](bool dec, int b) {
-      const std::string key = trace::layer_key(dec, b);
+      const std::string key = summary_layer_key(s, dec, b);
       if (!pl.contains(key)) return;
       const json& l = pl[key];
       out << "  " << std::left << std::setw(14) << key << std::right << std::setw(12)

@@ -61,11 +61,15 @@ struct NoInitAllocator : std::allocator<T> {
 using Bytes = std::vector<uint8_t, NoInitAllocator<uint8_t>>;
 
 struct LayerBuf {
-  Bytes logits;                  // [T, E] in the store's logits dtype
-  std::vector<int32_t> expert;   // [T]
-  std::vector<uint8_t> dropped;  // [T]
-  std::vector<float> gate;       // [T]
+  Bytes logits;                  // [T, E] in the store's logits dtype (empty with topk logits)
+  std::vector<int32_t> expert;   // [T, k]
+  std::vector<uint8_t> dropped;  // [T] (empty without capacity)
+  std::vector<float> gate;       // [T, k]
   Bytes hidden;                  // [T, d_model] in the hidden dtype (empty without hidden)
+  // --logits topk:K only: [T, K] F16 values, [T, K] ids, [T] log-sum-exp.
+  std::vector<uint16_t> topk_values;
+  std::vector<int32_t> topk_ids;
+  std::vector<float> lse;
 };
 
 // The samples of one shard, laid out as the shard's tensors.
@@ -94,6 +98,9 @@ struct ShardBuf {
         l.dropped.clear();
         l.gate.clear();
         l.hidden.clear();
+        l.topk_values.clear();
+        l.topk_ids.clear();
+        l.lse.clear();
       }
     }
     dec_in.clear();
@@ -106,7 +113,10 @@ struct ShardBuf {
   size_t bytes() const {
     size_t n = token_ids.size() * 4 + dec_in.size() * 8;
     for (const auto* ls : {&enc, &dec}) {
-      for (const LayerBuf& l : *ls) n += l.logits.size() + l.expert.size() * 9 + l.hidden.size();
+      for (const LayerBuf& l : *ls) {
+        n += l.logits.size() + l.expert.size() * 8 + l.dropped.size() + l.hidden.size() +
+             l.topk_values.size() * 6 + l.lse.size() * 4;
+      }
     }
     return n;
   }
@@ -165,6 +175,10 @@ Layout layout_of(const StoreSettings& s) {
   l.hidden_dtype = s.hidden_dtype;
   l.decoder = s.decoder;
   l.samples_per_shard = s.samples_per_shard;
+  l.family = s.family;
+  l.top_k = s.top_k;
+  l.dropped = s.dropped;
+  l.logits_topk = s.logits_topk;
   return l;
 }
 
@@ -183,6 +197,18 @@ void check_settings(const StoreSettings& s) {
   }
   if (!s.decoder && !s.dec_layers.empty())
     fail("trace store: decoder layers given without decoder");
+  if (!is_routing_family(s.family)) fail("trace store: unknown routing family '", s.family, "'");
+  if (s.top_k < 1 || s.top_k > s.num_experts) {
+    fail("trace store: top_k must be in [1, num_experts = ", s.num_experts, "], got ", s.top_k);
+  }
+  if (s.logits_topk < 0 || s.logits_topk > s.num_experts) {
+    fail("--logits topk:", s.logits_topk, ": K must be in [1, ", s.num_experts,
+         "] (the model's experts)");
+  }
+  if (s.logits_topk > 0 && s.logits_dtype != DType::kF16) {
+    fail("trace store: --logits topk:K stores its values as F16, got logits dtype ",
+         dtype_name(s.logits_dtype));
+  }
   if (s.part) {
     const StorePart& p = *s.part;
     if (p.world_size < 1 || p.rank < 0 || p.rank >= p.world_size || p.first_sample < 0 ||
@@ -258,6 +284,15 @@ void check_resume_against(const fs::path& dir, const json& m, const Layout& stor
     refuse(std::string("decoder: ") + (stored.decoder ? "true" : "false") + " in the store, " +
            (layout.decoder ? "true" : "false") + " now");
   }
+  if (stored.family != layout.family) {
+    refuse("routing.family: " + stored.family + " in the store, " + layout.family + " now");
+  }
+  num("routing.top_k", stored.top_k, layout.top_k);
+  if (stored.dropped != layout.dropped) {
+    refuse(std::string("routing.dropped: ") + (stored.dropped ? "true" : "false") +
+           " in the store, " + (layout.dropped ? "true" : "false") + " now");
+  }
+  num("logits_topk", stored.logits_topk, layout.logits_topk);
   const json had_part = m.contains("part") ? m["part"] : json();
   const json now_part = s.part ? trace::part_json(*s.part) : json();
   if (had_part != now_part) {
@@ -392,17 +427,26 @@ struct TraceWriter::Impl {
     const int64_t n = b.num_samples();
     const int64_t t = static_cast<int64_t>(b.token_ids.size());
     const int64_t g = static_cast<int64_t>(b.dec_in.size());
-    const int64_t e = layout.num_experts, d = layout.d_model;
+    const int64_t e = layout.num_experts, d = layout.d_model, kk = layout.top_k;
+    const int64_t K = layout.logits_topk;
     std::vector<NamedView> views;
     views.push_back({"token_ids", view_of(b.token_ids, DType::kI32, {t})});
     views.push_back({"sample_offsets", view_of(b.offsets, DType::kI64, {n + 1})});
     views.push_back({"sample_kind", view_of(b.kind, DType::kU8, {n})});
     auto add_layer = [&](const LayerBuf& l, bool dec, int block, int64_t rows) {
-      const std::string p = trace::layer_key(dec, block) + ".";
-      views.push_back({p + "router_logits", view_of(l.logits, layout.logits_dtype, {rows, e})});
-      views.push_back({p + "expert", view_of(l.expert, DType::kI32, {rows})});
-      views.push_back({p + "dropped", view_of(l.dropped, DType::kU8, {rows})});
-      views.push_back({p + "gate", view_of(l.gate, DType::kF32, {rows})});
+      const std::string p = trace::layer_key(layout, dec, block) + ".";
+      if (K > 0) {
+        views.push_back({p + "router_topk_logits", view_of(l.topk_values, DType::kF16, {rows, K})});
+        views.push_back({p + "router_topk_ids", view_of(l.topk_ids, DType::kI32, {rows, K})});
+        views.push_back({p + "router_lse", view_of(l.lse, DType::kF32, {rows})});
+      } else {
+        views.push_back({p + "router_logits", view_of(l.logits, layout.logits_dtype, {rows, e})});
+      }
+      // [T] for top-1 (Switch, as in version 1), [T, k] above.
+      const Shape per_choice = kk == 1 ? Shape{rows} : Shape{rows, kk};
+      views.push_back({p + "expert", view_of(l.expert, DType::kI32, per_choice)});
+      if (layout.dropped) views.push_back({p + "dropped", view_of(l.dropped, DType::kU8, {rows})});
+      views.push_back({p + "gate", view_of(l.gate, DType::kF32, per_choice)});
       if (layout.hidden_dtype) {
         views.push_back({p + "hidden", view_of(l.hidden, *layout.hidden_dtype, {rows, d})});
       }
@@ -411,16 +455,19 @@ struct TraceWriter::Impl {
       add_layer(b.enc[i], false, layout.enc_layers[i], t);
     }
     if (layout.decoder) {
-      views.push_back({"dec.input_ids", view_of(b.dec_in, DType::kI32, {g})});
-      views.push_back({"dec.output_ids", view_of(b.dec_out, DType::kI32, {g})});
-      views.push_back({"dec.sample_offsets", view_of(b.dec_offsets, DType::kI64, {n + 1})});
+      views.push_back(
+          {trace::gen_tensor(layout, "input_ids"), view_of(b.dec_in, DType::kI32, {g})});
+      views.push_back(
+          {trace::gen_tensor(layout, "output_ids"), view_of(b.dec_out, DType::kI32, {g})});
+      views.push_back({trace::gen_tensor(layout, "sample_offsets"),
+                       view_of(b.dec_offsets, DType::kI64, {n + 1})});
       for (size_t i = 0; i < layout.dec_layers.size(); ++i) {
         add_layer(b.dec[i], true, layout.dec_layers[i], g);
       }
     }
     const std::map<std::string, std::string> meta = {
         {"format", kTraceFormat},
-        {"format_version", std::to_string(kTraceFormatVersion)},
+        {"format_version", std::to_string(layout.format_version())},
         {"first_sample", std::to_string(b.first_sample)},
         {"sample_ids", json(b.ids).dump()},
         {"datasets", json(b.datasets).dump()},
@@ -603,18 +650,38 @@ struct TraceWriter::Impl {
     }
     auto check = [&](const LayerRecord& l, bool dec, int block, size_t rows) {
       if (rows == 0) return;
-      const std::string key = trace::layer_key(dec, block);
-      if ((l.router_logits == nullptr && l.router_logits_raw == nullptr) || l.expert == nullptr ||
-          l.dropped == nullptr || l.gate == nullptr) {
-        fail("trace store: sample ", id, " layer ", key, ": a required pointer is null");
+      const std::string key = trace::layer_key(layout, dec, block);
+      auto null = [&](const char* what) {
+        fail("trace store: sample ", id, " layer ", key, ": ", what, " is null");
+      };
+      if (layout.logits_topk > 0) {
+        if (l.topk_logits == nullptr || l.topk_ids == nullptr || l.lse == nullptr)
+          null("topk_logits, topk_ids or lse (a --logits topk:K store)");
+        const size_t nk = rows * static_cast<size_t>(layout.logits_topk);
+        for (size_t r = 0; r < nk; ++r) {
+          if (l.topk_ids[r] < 0 || l.topk_ids[r] >= layout.num_experts) {
+            fail("trace store: sample ", id, " ", key, ".router_topk_ids[", r,
+                 "] = ", l.topk_ids[r], " is outside [0, ", layout.num_experts, ")");
+          }
+        }
+      } else if (l.router_logits == nullptr && l.router_logits_raw == nullptr) {
+        null("router_logits");
       }
-      for (size_t r = 0; r < rows; ++r) {
+      if (l.expert == nullptr) null("expert");
+      if (l.gate == nullptr) null("gate");
+      if (layout.dropped && l.dropped == nullptr) null("dropped (the store has capacity)");
+      const size_t nk = rows * static_cast<size_t>(layout.top_k);
+      for (size_t r = 0; r < nk; ++r) {
         if (l.expert[r] < 0 || l.expert[r] >= layout.num_experts) {
           fail("trace store: sample ", id, " ", key, ".expert[", r, "] = ", l.expert[r],
                " is outside [0, ", layout.num_experts, ")");
         }
-        if (l.dropped[r] > 1) {
-          fail("trace store: sample ", id, " ", key, ".dropped[", r, "] is not 0 or 1");
+      }
+      if (layout.dropped) {
+        for (size_t r = 0; r < rows; ++r) {
+          if (l.dropped[r] > 1) {
+            fail("trace store: sample ", id, " ", key, ".dropped[", r, "] is not 0 or 1");
+          }
         }
       }
     };
@@ -649,13 +716,21 @@ struct TraceWriter::Impl {
     const size_t d = static_cast<size_t>(layout.d_model);
     const size_t ls = dtype_size(layout.logits_dtype);
     const size_t hs = layout.hidden_dtype ? dtype_size(*layout.hidden_dtype) : 0;
-    std::vector<size_t> at(k + 1, l->expert.size());  // first row of each sample
+    const size_t kk = static_cast<size_t>(layout.top_k);
+    const size_t K = static_cast<size_t>(layout.logits_topk);
+    std::vector<size_t> at(k + 1, l->expert.size() / kk);  // first row of each sample
     for (size_t j = 0; j < k; ++j) at[j + 1] = at[j] + rows[j];
     const size_t end = at[k];
-    l->logits.resize(end * e * ls);
-    l->expert.resize(end);
-    l->dropped.resize(end);
-    l->gate.resize(end);
+    if (K == 0) {
+      l->logits.resize(end * e * ls);
+    } else {
+      l->topk_values.resize(end * K);
+      l->topk_ids.resize(end * K);
+      l->lse.resize(end);
+    }
+    l->expert.resize(end * kk);
+    if (layout.dropped) l->dropped.resize(end);
+    l->gate.resize(end * kk);
     if (hs > 0) l->hidden.resize(end * d * hs);
     auto record = [&](size_t j) -> const LayerRecord& {
       return dec ? s[j].dec[layer] : s[j].enc[layer];
@@ -665,11 +740,17 @@ struct TraceWriter::Impl {
       const LayerRecord& r = record(j);
       const size_t n = rows[j], r0 = at[j];
       if (n == 0) continue;
-      put_values(l->logits.data() + r0 * e * ls, r.router_logits, r.router_logits_raw,
-                 r.router_logits_raw_dtype, layout.logits_dtype, n * e);
-      std::memcpy(l->expert.data() + r0, r.expert, n * sizeof(int32_t));
-      std::memcpy(l->dropped.data() + r0, r.dropped, n);
-      std::memcpy(l->gate.data() + r0, r.gate, n * sizeof(float));
+      if (K == 0) {
+        put_values(l->logits.data() + r0 * e * ls, r.router_logits, r.router_logits_raw,
+                   r.router_logits_raw_dtype, layout.logits_dtype, n * e);
+      } else {
+        convert_from_f32(r.topk_logits, DType::kF16, l->topk_values.data() + r0 * K, n * K);
+        std::memcpy(l->topk_ids.data() + r0 * K, r.topk_ids, n * K * sizeof(int32_t));
+        std::memcpy(l->lse.data() + r0, r.lse, n * sizeof(float));
+      }
+      std::memcpy(l->expert.data() + r0 * kk, r.expert, n * kk * sizeof(int32_t));
+      if (layout.dropped) std::memcpy(l->dropped.data() + r0, r.dropped, n);
+      std::memcpy(l->gate.data() + r0 * kk, r.gate, n * kk * sizeof(float));
       if (hs > 0 && (r.hidden != nullptr || r.hidden_raw != nullptr)) {
         put_values(l->hidden.data() + r0 * d * hs, r.hidden, r.hidden_raw, r.hidden_raw_dtype,
                    *layout.hidden_dtype, n * d);
@@ -680,7 +761,8 @@ struct TraceWriter::Impl {
     for (size_t j = 0; j < k; ++j) {
       if (rows[j] > 0) {
         const LayerRecord& r = record(j);
-        trace::count_rows(st, r.expert, r.dropped, static_cast<int64_t>(rows[j]));
+        trace::count_rows(st, r.expert, layout.top_k, layout.dropped ? r.dropped : nullptr,
+                          static_cast<int64_t>(rows[j]));
       }
     }
   }
@@ -694,12 +776,14 @@ struct TraceWriter::Impl {
       steps[j] = s[j].dec_input_ids.size();
     }
     for (size_t i = 0; i < layout.enc_layers.size(); ++i) {
-      append_layer(&b.enc[i], &b.stats.layers[trace::layer_key(false, layout.enc_layers[i])], s, k,
+      append_layer(&b.enc[i],
+                   &b.stats.layers[trace::layer_key(layout, false, layout.enc_layers[i])], s, k,
                    false, i, tokens);
     }
     if (layout.decoder) {
       for (size_t i = 0; i < layout.dec_layers.size(); ++i) {
-        append_layer(&b.dec[i], &b.stats.layers[trace::layer_key(true, layout.dec_layers[i])], s, k,
+        append_layer(&b.dec[i],
+                     &b.stats.layers[trace::layer_key(layout, true, layout.dec_layers[i])], s, k,
                      true, i, steps);
       }
     }
@@ -733,20 +817,26 @@ struct TraceWriter::Impl {
     append_raw(&b.offsets, get("sample_offsets"));
     append_raw(&b.kind, get("sample_kind"));
     auto load_layer = [&](LayerBuf* l, bool dec, int block) {
-      const std::string p = trace::layer_key(dec, block) + ".";
-      append_raw(&l->logits, get(p + "router_logits"));
+      const std::string p = trace::layer_key(layout, dec, block) + ".";
+      if (layout.logits_topk > 0) {
+        append_raw(&l->topk_values, get(p + "router_topk_logits"));
+        append_raw(&l->topk_ids, get(p + "router_topk_ids"));
+        append_raw(&l->lse, get(p + "router_lse"));
+      } else {
+        append_raw(&l->logits, get(p + "router_logits"));
+      }
       append_raw(&l->expert, get(p + "expert"));
-      append_raw(&l->dropped, get(p + "dropped"));
+      if (layout.dropped) append_raw(&l->dropped, get(p + "dropped"));
       append_raw(&l->gate, get(p + "gate"));
       if (layout.hidden_dtype) append_raw(&l->hidden, get(p + "hidden"));
     };
     for (size_t i = 0; i < layout.enc_layers.size(); ++i)
       load_layer(&b.enc[i], false, layout.enc_layers[i]);
     if (layout.decoder) {
-      append_raw(&b.dec_in, get("dec.input_ids"));
-      append_raw(&b.dec_out, get("dec.output_ids"));
+      append_raw(&b.dec_in, get(trace::gen_tensor(layout, "input_ids")));
+      append_raw(&b.dec_out, get(trace::gen_tensor(layout, "output_ids")));
       b.dec_offsets.clear();
-      append_raw(&b.dec_offsets, get("dec.sample_offsets"));
+      append_raw(&b.dec_offsets, get(trace::gen_tensor(layout, "sample_offsets")));
       for (size_t i = 0; i < layout.dec_layers.size(); ++i)
         load_layer(&b.dec[i], true, layout.dec_layers[i]);
     }

@@ -63,8 +63,9 @@ std::vector<int32_t> sample_ids(int64_t k) {
 }
 
 // A complete store of n samples whose routing is the fake model's (every synthetic_every-th
-// sample synthetic, with garbage routing).
-void write_fake_store(const fs::path& dir, int64_t n, DType logits_dtype, int synthetic_every = 0) {
+// sample synthetic, with garbage routing); logits_topk > 0: a --logits topk:K store.
+void write_fake_store(const fs::path& dir, int64_t n, DType logits_dtype, int synthetic_every = 0,
+                      int logits_topk = 0) {
   StoreSettings s;
   s.settings = {{"mode", "real"}};
   s.model = {{"id", "test/fake"}};
@@ -74,6 +75,7 @@ void write_fake_store(const fs::path& dir, int64_t n, DType logits_dtype, int sy
   s.logits_dtype = logits_dtype;
   s.samples_per_shard = 4;
   s.device = "test";
+  s.logits_topk = logits_topk;
   auto w = TraceWriter::open(dir, s, OpenMode::kCreate);
   for (int64_t k = 0; k < n; ++k) {
     SampleRecord r;
@@ -86,6 +88,8 @@ void write_fake_store(const fs::path& dir, int64_t n, DType logits_dtype, int sy
     std::vector<std::vector<float>> logits(kLayers.size()), gate(kLayers.size());
     std::vector<std::vector<int32_t>> expert(kLayers.size());
     std::vector<uint8_t> dropped(S, 0);
+    std::vector<std::vector<float>> topk(kLayers.size()), lse(kLayers.size());
+    std::vector<std::vector<int32_t>> ids(kLayers.size());
     for (size_t l = 0; l < kLayers.size(); ++l) {
       for (size_t t = 0; t < S; ++t) {
         for (int64_t e = 0; e < kExperts; ++e) {
@@ -97,6 +101,16 @@ void write_fake_store(const fs::path& dir, int64_t n, DType logits_dtype, int sy
       }
       r.enc.push_back(
           LayerRecord{logits[l].data(), expert[l].data(), dropped.data(), gate[l].data(), nullptr});
+      if (logits_topk > 0) {
+        topk[l].resize(S * static_cast<size_t>(logits_topk));
+        ids[l].resize(topk[l].size());
+        lse[l].resize(S);
+        router_topk(logits[l].data(), static_cast<int64_t>(S), kExperts, logits_topk,
+                    topk[l].data(), ids[l].data(), lse[l].data());
+        r.enc.back().topk_logits = topk[l].data();
+        r.enc.back().topk_ids = ids[l].data();
+        r.enc.back().lse = lse[l].data();
+      }
     }
     w->add(r);
   }
@@ -222,6 +236,21 @@ TEST(Audit, Fp16StorageRoundingIsPartOfTheError) {
   EXPECT_EQ(f.total.top1_agreement(), 1.0);
   EXPECT_GT(f.total.max_logit_error, 0.0);  // thirds are not F16 values; rounding them moves
   EXPECT_LE(f.total.max_logit_error, 1.0 / 512 + 1e-7);  // half an ulp at most: 2^-9 below 8
+}
+
+// --logits topk:K: the error is over the K stored logits, each against the reference's logit of the
+// same expert (the others are not stored).
+TEST(Audit, ATopkStoreComparesItsStoredLogits) {
+  TempDir tmp;
+  write_fake_store(tmp.path(), 16, DType::kF16, 0, 2);
+  FakeEngine exact;
+  const Fidelity f = run_audit(tmp.path(), options(1.0), encode_with(&exact));
+  EXPECT_EQ(f.total.top1_agreement(), 1.0);
+  EXPECT_GT(f.total.max_logit_error, 0.0);  // F16 rounding of the stored top-2
+  EXPECT_LE(f.total.max_logit_error, 1.0 / 512 + 1e-7);
+  FakeEngine shifted = shifted_by(2.5f);  // moves expert 0: seen where it is among a token's top 2
+  const Fidelity g = run_audit(tmp.path(), options(1.0), encode_with(&shifted));
+  EXPECT_NEAR(g.total.max_logit_error, 2.5, 1.0 / 512 + 1e-6);
 }
 
 TEST(Audit, SyntheticSamplesAreNotRerun) {

@@ -30,5 +30,20 @@ TEST(Keys, RejectsOtherNames) {
   }
 }
 
+TEST(Keys, LanguageModelStacks) {
+  EXPECT_EQ(layer(stack_of(false, true), 3), "lm.3");
+  EXPECT_EQ(tensor(stack_of(true, true), 5, kExpert), "gen.5.expert");
+  EXPECT_EQ(layer(stack_of(true, false), 5), "dec.5");  // Switch is unchanged
+  const auto p = parse("gen.7.router_topk_ids");
+  ASSERT_TRUE(p.has_value());
+  EXPECT_EQ(p->stack, Stack::kGen);
+  EXPECT_EQ(p->block, 7);
+  EXPECT_EQ(p->field, kRouterTopkIds);
+  EXPECT_EQ(parse("lm.0.gate")->stack, Stack::kLm);
+  for (std::string_view k : {"lm.output", "lmx.1.gate", "gen..gate", "gen.1.", "l.1.gate"}) {
+    EXPECT_FALSE(parse(k).has_value()) << k;
+  }
+}
+
 }  // namespace
 }  // namespace moetrace::keys

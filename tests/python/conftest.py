@@ -1,4 +1,4 @@
-"""Fixtures for the Python reader's tests: a numpy-only writer of format-v1 trace stores (test-only;
+"""Fixtures for the Python reader's tests: a numpy-only writer of format v1/v2 trace stores (test-only;
 the real writer is the C++ `moetrace collect`), and paths to the repository and the C++ CLI."""
 
 from __future__ import annotations
@@ -53,12 +53,28 @@ def _softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def topk_rows(logits: np.ndarray, k: int) -> np.ndarray:
+    """[n, k] the k largest per row, descending, ties to the lowest index (moetrace's rule)."""
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int32)
+
+
 def make_store(path, num_samples=7, shard_size=3, enc_layers=(1, 3, 5), dec_layers=(), num_experts=8,
                d_model=16, logits_dtype="F32", hidden_dtype=None, synthetic_every=0, seed=0,
-               datasets=("glue/mrpc", "sst2"), capacity=4, format_version=1, empty_last_shard=False):
-    """Writes a format-v1 store of random routing and returns the truth: a list of per-sample dicts
-    holding the float32 values the store should read back as."""
+               datasets=("glue/mrpc", "sst2"), capacity=4, format_version=None, empty_last_shard=False,
+               family="switch", top_k=1, logits_topk=0, dropped=None):
+    """Writes a store of random routing and returns the truth: a list of per-sample dicts holding the
+    float32 values the store should read back as. Switch defaults give a format-v1 store; `family`
+    (lm./gen. layers for the language models), `top_k` (expert/gate [S, k]), `dropped` (default: Switch
+    has capacity, the others not) and `logits_topk` (--logits topk:K) a v2 one, as the C++ writer does.
+    The truth keeps the full router_logits also for a topk:K store (to check the probabilities)."""
     rng = np.random.default_rng(seed)
+    has_dropped = family == "switch" if dropped is None else dropped
+    v2 = family != "switch" or top_k != 1 or not has_dropped or logits_topk > 0
+    if format_version is None:
+        format_version = 2 if v2 else 1
+    if logits_topk:
+        logits_dtype = "F16"  # the top-K values' dtype
+    stack1, stack2 = ("enc", "dec") if family == "switch" else ("lm", "gen")
     os.makedirs(path, exist_ok=True)
     truth = []
     for i in range(num_samples):
@@ -82,14 +98,31 @@ def make_store(path, num_samples=7, shard_size=3, enc_layers=(1, 3, 5), dec_laye
                     logits = logits.astype(np.float16).astype(np.float32)
                 elif logits_dtype == "BF16":
                     logits = (to_bf16_bits(logits).astype(np.uint32) << 16).view(np.float32)
-                expert = logits.argmax(axis=1).astype(np.int32)
+                top = topk_rows(logits, top_k)
+                expert = top[:, 0].copy()
                 counts = np.zeros(num_experts, int)
-                dropped = np.zeros(n, np.uint8)
+                drop = np.zeros(n, np.uint8)
                 for t, e in enumerate(expert):
                     counts[e] += 1
-                    dropped[t] = prefix == "enc" and counts[e] > capacity and not synthetic
-                layer = {"router_logits": logits, "expert": expert, "dropped": dropped,
-                         "gate": _softmax(logits).max(axis=1).astype(np.float32)}
+                    drop[t] = prefix == "enc" and counts[e] > capacity and not synthetic
+                probs = _softmax(logits)
+                if top_k == 1:
+                    layer = {"router_logits": logits, "expert": expert,
+                             "gate": probs.max(axis=1).astype(np.float32)}
+                else:
+                    w = np.take_along_axis(probs, top, axis=1)
+                    layer = {"router_logits": logits, "expert": top, "gate": (w / w.sum(axis=1, keepdims=True)).astype(np.float32)}
+                if has_dropped:
+                    layer["dropped"] = drop
+                if logits_topk:
+                    ids = topk_rows(logits, logits_topk)
+                    vals = np.take_along_axis(logits, ids, axis=1)
+                    m = logits.max(axis=1, keepdims=True) if n else np.zeros((0, 1), np.float32)
+                    lse = (m[:, 0].astype(np.float64) + np.log(np.exp(logits.astype(np.float64) - m).sum(axis=1))) if n \
+                        else np.zeros(0)
+                    layer["router_topk_logits"] = vals.astype(np.float16).astype(np.float32)
+                    layer["router_topk_ids"] = ids
+                    layer["router_lse"] = lse.astype(np.float32)
                 if hidden_dtype:
                     h = rng.normal(size=(n, d_model)).astype(np.float32)
                     if synthetic:
@@ -97,12 +130,12 @@ def make_store(path, num_samples=7, shard_size=3, enc_layers=(1, 3, 5), dec_laye
                     if hidden_dtype == "BF16":
                         h = (to_bf16_bits(h).astype(np.uint32) << 16).view(np.float32)
                     layer["hidden"] = h
-                sample["layers"][f"{prefix}.{b}"] = layer
+                sample["layers"][f"{stack1 if prefix == 'enc' else stack2}.{b}"] = layer
         truth.append(sample)
 
     def stored(name, arr):
         kind = name.rsplit(".", 1)[-1]
-        dtype = {"router_logits": logits_dtype, "hidden": hidden_dtype}.get(kind)
+        dtype = {"router_logits": logits_dtype, "hidden": hidden_dtype, "router_topk_logits": "F16"}.get(kind)
         if dtype == "F16":
             return arr.astype(np.float16)
         if dtype == "BF16":
@@ -119,18 +152,23 @@ def make_store(path, num_samples=7, shard_size=3, enc_layers=(1, 3, 5), dec_laye
         tensors = {"token_ids": np.concatenate([x["token_ids"] for x in chunk] or [np.zeros(0, np.int32)]).astype(np.int32),
                    "sample_offsets": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
                    "sample_kind": np.array([x["synthetic"] for x in chunk], np.uint8)}
-        names = [f"enc.{b}" for b in enc_layers] + [f"dec.{b}" for b in dec_layers]
+        names = [f"{stack1}.{b}" for b in enc_layers] + [f"{stack2}.{b}" for b in dec_layers]
         if dec_layers:
             glens = [len(x["dec_input_ids"]) for x in chunk]
-            tensors["dec.input_ids"] = np.concatenate([x["dec_input_ids"] for x in chunk] or [np.zeros(0, np.int32)])
-            tensors["dec.output_ids"] = np.concatenate([x["dec_output_ids"] for x in chunk] or [np.zeros(0, np.int32)])
-            tensors["dec.sample_offsets"] = np.concatenate([[0], np.cumsum(glens)]).astype(np.int64)
+            tensors[f"{stack2}.input_ids"] = np.concatenate([x["dec_input_ids"] for x in chunk] or [np.zeros(0, np.int32)])
+            tensors[f"{stack2}.output_ids"] = np.concatenate([x["dec_output_ids"] for x in chunk] or [np.zeros(0, np.int32)])
+            tensors[f"{stack2}.sample_offsets"] = np.concatenate([[0], np.cumsum(glens)]).astype(np.int64)
         for name in names:
-            fields = ["router_logits", "expert", "dropped", "gate"] + (["hidden"] if hidden_dtype else [])
+            fields = ((["router_topk_logits", "router_topk_ids", "router_lse"] if logits_topk else ["router_logits"])
+                      + ["expert"] + (["dropped"] if has_dropped else []) + ["gate"]
+                      + (["hidden"] if hidden_dtype else []))
             for f in fields:
-                width = {"router_logits": (num_experts,), "hidden": (d_model,)}.get(f, ())
+                kk = (top_k,) if top_k > 1 else ()
+                width = {"router_logits": (num_experts,), "hidden": (d_model,), "expert": kk, "gate": kk,
+                         "router_topk_logits": (logits_topk,), "router_topk_ids": (logits_topk,)}.get(f, ())
                 parts = [x["layers"][name][f] for x in chunk]
-                dt = parts[0].dtype if parts else {"expert": np.int32, "dropped": np.uint8}.get(f, np.float32)
+                dt = parts[0].dtype if parts else {"expert": np.int32, "dropped": np.uint8,
+                                                   "router_topk_ids": np.int32}.get(f, np.float32)
                 arr = np.concatenate(parts) if parts else np.zeros((0,) + width, dt)
                 tensors[f"{name}.{f}"] = stored(f"{name}.{f}", arr)
         file = f"shard-{k:05d}.safetensors"
@@ -141,17 +179,18 @@ def make_store(path, num_samples=7, shard_size=3, enc_layers=(1, 3, 5), dec_laye
         write_safetensors(os.path.join(path, file), tensors, meta)
         raw = open(os.path.join(path, file), "rb").read()
         shards.append({"file": file, "first_sample": first, "num_samples": len(chunk), "num_tokens": sum(lens),
-                       "num_decoder_tokens": int(tensors["dec.sample_offsets"][-1]) if dec_layers else 0,
+                       "num_decoder_tokens": int(tensors[f"{stack2}.sample_offsets"][-1]) if dec_layers else 0,
                        "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()})
         first += len(chunk)
 
     dist = np.zeros(num_experts, np.int64)
     per_layer = {}
-    for name in [f"enc.{b}" for b in enc_layers] + [f"dec.{b}" for b in dec_layers]:
+    for name in [f"{stack1}.{b}" for b in enc_layers] + [f"{stack2}.{b}" for b in dec_layers]:
         ex = np.concatenate([x["layers"][name]["expert"] for x in truth])
-        dr = np.concatenate([x["layers"][name]["dropped"] for x in truth])
-        counts = np.bincount(ex, minlength=num_experts)
-        if name.startswith("enc."):
+        dr = (np.concatenate([x["layers"][name]["dropped"] for x in truth]) if has_dropped
+              else np.zeros(len(ex), np.uint8))
+        counts = np.bincount(ex.ravel(), minlength=num_experts)  # each of a token's k choices
+        if name.startswith(stack1 + "."):
             dist += counts
         per_layer[name] = {"expert_counts": [int(c) for c in counts], "dropped": int(dr.sum()),
                            "tokens": int(len(ex)), "drop_rate": float(dr.sum() / max(len(ex), 1))}
@@ -181,6 +220,10 @@ def make_store(path, num_samples=7, shard_size=3, enc_layers=(1, 3, 5), dec_laye
         "dataset_distribution": ds_counts, "collection_time": 1.5, "device": "cpu (test)",
         "per_layer": per_layer, "throughput_tokens_per_s": 100.0,
     }
+    if v2:
+        manifest["routing"] = {"family": family, "top_k": top_k, "dropped": has_dropped}
+    if logits_topk:
+        manifest["logits_topk"] = logits_topk
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return truth

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import moetrace
+from moetrace import keys
 from moetrace.safetensors_io import SafetensorsFile
 from conftest import REPO, moetrace_cli, run_module, to_bf16_bits, write_safetensors
 
@@ -188,3 +189,75 @@ def test_collected_decoder_store_reads_back(model_dir, tmp_path):
     if re.search(r"^\s+inspect\b", subprocess.run([cli, "--help"], capture_output=True, text=True).stdout, re.M):
         inspect = _run([cli, "inspect", out]).stdout.splitlines()
         assert summary[:len(inspect)] == inspect
+
+
+GOLDEN_V1 = os.path.join(REPO, "tests", "data", "trace_v1_golden", "store")
+# The run's own fields (which machine, when, how fast): everything else must be equal.
+RUN_FIELDS = ("command_line", "device", "engine", "collection_time", "throughput_tokens_per_s", "moetrace_version")
+
+
+def test_switch_default_store_is_byte_identical_to_version_1(tmp_path):
+    """A Switch store with the default options is the store moetrace wrote before format version 2
+    (tests/data/trace_v1_golden/SOURCE.txt): the same shard bytes and the same manifest."""
+    cli = _cli_with("collect")
+    out = tmp_path / "store"
+    _run([cli, "collect", "--traces", 60, "--model", "demo", "--mode", "synthetic", "--max-length", 12, "--decoder",
+          "--samples-per-shard", 4, "-o", out, "--no-progress", "-q", "--threads", 1])
+    shards = sorted(f for f in os.listdir(GOLDEN_V1) if f.startswith("shard-"))
+    assert shards and shards == sorted(f for f in os.listdir(out) if f.startswith("shard-"))
+    for f in shards:
+        with open(os.path.join(GOLDEN_V1, f), "rb") as a, open(out / f, "rb") as b:
+            assert a.read() == b.read(), f"{f} differs from the version-1 store's"
+    import json
+    with open(os.path.join(GOLDEN_V1, "manifest.json")) as a, open(out / "manifest.json") as b:
+        want, got = json.load(a), json.load(b)
+    assert list(want) == list(got)  # the same fields in the same order
+    for k in RUN_FIELDS:
+        want.pop(k), got.pop(k)
+    assert got == want and got["format_version"] == 1 and "routing" not in got
+
+
+def test_logits_topk_store_keeps_the_exact_top_probabilities(tmp_path):
+    """`collect --logits topk:3` next to `--logits f32` on the same model and samples (the same batches,
+    so the same fp32 logits): the top-3 ids are the f32 logits' top 3 (ties to the lowest index), the
+    values their F16 rounding, the lse the f32 logits' log-sum-exp, so exp(l - lse) is the softmax's
+    probability up to the F16 rounding; synthetic samples get the same rule; verify checks it all."""
+    cli = _cli_with("collect", "verify")
+    common = ["--traces", 48, "--model", "demo", "--mode", "mixed", "--decoder", "--max-new-tokens", 3,
+              "--samples-per-shard", 4, "--no-progress", "-q", "--threads", 2]
+    _run([cli, "collect", *common, "--logits", "topk:3", "-o", tmp_path / "topk"])
+    _run([cli, "collect", *common, "--logits", "f32", "-o", tmp_path / "full"])
+    assert "OK" in _run([cli, "verify", tmp_path / "topk"]).stdout
+    topk, full = moetrace.open_store(tmp_path / "topk"), moetrace.open_store(tmp_path / "full")
+    assert topk.logits_topk == 3 and full.logits_topk == 0 and topk.manifest["format_version"] == 2
+    assert topk.manifest["settings"]["logits_topk"] == 3 and "logits_topk" not in full.manifest["settings"]
+    assert len(topk) == len(full) and any(s.synthetic for s in topk) and any(s.has_decoder for s in topk)
+    for a, b in zip(topk, full):
+        for name in topk.layers:
+            if keys.is_generation(name) and not b.has_decoder:
+                continue
+            la, lb = a.layer(name), b.layer(name)
+            logits = lb.router_logits
+            want = np.argsort(-logits, axis=1, kind="stable")[:, :3]
+            assert np.array_equal(la.router_topk_ids, want), (a.sample_id, name)
+            assert np.array_equal(la.router_topk_logits, np.take_along_axis(logits, want, 1).astype(np.float16).astype(np.float32))
+            m = logits.max(axis=1, keepdims=True)
+            lse = (m[:, 0] + np.log(np.exp(logits.astype(np.float64) - m).sum(axis=1))).astype(np.float32)
+            np.testing.assert_allclose(la.router_lse, lse, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(la.topk_probs, np.take_along_axis(lb.probs, want, 1), rtol=5e-3, atol=1e-7)
+            assert np.array_equal(la.expert, lb.expert) and np.array_equal(la.gate, lb.gate)
+            with pytest.raises(moetrace.StoreError, match=r"keeps only the 3 largest router logits"):
+                la.router_logits
+    shard = topk.shards[0]
+    assert shard.info("enc.1.router_topk_logits") == ("F16", (shard.num_tokens, 3))
+    assert shard.info("enc.1.router_topk_ids")[0] == "I32" and not shard.has("enc.1.router_logits")
+
+
+def test_logits_option_errors_name_the_value(tmp_path):
+    cli = _cli_with("collect")
+    for value, message in (("topk:0", "topk:K needs a whole number K >= 1"), ("topk:2x", "topk:K needs a whole"),
+                           ("f8", "expected f32, f16 or bf16 (also"), ("topk:9", "--logits topk:9: K must be in [1, 8]")):
+        proc = subprocess.run([cli, "collect", "--traces", "6", "--model", "demo", "--logits", value, "-q",
+                               "--no-progress", "-o", str(tmp_path / value.replace(":", "_"))],
+                              capture_output=True, text=True)
+        assert proc.returncode != 0 and message in proc.stderr, (value, proc.stderr)

@@ -17,7 +17,9 @@ def test_fields_match_header():
     assert c, "no constants found in src/core/keys.h"
     py = {"Input": keys.INPUT, "Hidden": keys.HIDDEN, "RouterLogits": keys.ROUTER_LOGITS,
           "Expert": keys.EXPERT, "Dropped": keys.DROPPED, "Gate": keys.GATE,
-          "EncoderOutput": keys.ENCODER_OUTPUT}
+          "EncoderOutput": keys.ENCODER_OUTPUT, "LmOutput": keys.LM_OUTPUT,
+          "RouterTopkLogits": keys.ROUTER_TOPK_LOGITS, "RouterTopkIds": keys.ROUTER_TOPK_IDS,
+          "RouterLse": keys.ROUTER_LSE}
     assert c == py
 
 
@@ -48,3 +50,16 @@ def test_parse_takes_the_rest_as_the_field_like_the_header():
         assert "stack must be" in str(e)
     else:
         raise AssertionError("keys.layer accepted stack 'mid'")
+
+
+def test_language_model_stacks():
+    """lm.{i} (the prompt pass) and gen.{i} (greedy generation) as in keys.h's Stack::kLm / kGen."""
+    assert keys.tensor(keys.LM, 3, keys.EXPERT) == "lm.3.expert"
+    assert keys.parse("gen.7.router_topk_ids") == ("gen", 7, "router_topk_ids")
+    assert keys.parse_layer("lm.0") == ("lm", 0)
+    assert [keys.stack_of(n) for n in ("lm.3", "gen.1.gate", "gen.input_ids", "lmx.1")] == ["lm", "gen", "gen", None]
+    assert keys.is_generation("gen.2") and keys.is_generation("dec.1.expert") and not keys.is_generation("lm.2")
+    assert keys.stacks_of("switch") == ("enc", "dec") and keys.stacks_of(None) == ("enc", "dec")
+    assert keys.stacks_of("mixtral") == ("lm", "gen")
+    header = HEADER.read_text()
+    assert 'return "lm";' in header and 'return "gen";' in header

@@ -218,12 +218,12 @@ def test_sha_mismatch_with_verify(store_factory):
 
 def test_unknown_format_version_is_refused(store_factory):
     path, _ = store_factory()
-    _edit_manifest(path, format_version=2)
-    with pytest.raises(StoreError, match=r"manifest\.json: format_version 2 is not supported by this reader"):
+    _edit_manifest(path, format_version=3)
+    with pytest.raises(StoreError, match=r"manifest\.json: format_version 3 is not supported by this reader"):
         moetrace.open_store(path)
-    path2, _ = store_factory("v2shards", format_version=2)
-    _edit_manifest(path2, format_version=1)  # a manifest that claims 1 over shards that say 2
-    with pytest.raises(StoreError, match=r"shard-00000\.safetensors \(__metadata__\): format_version '2'"):
+    path2, _ = store_factory("v3shards", format_version=3)
+    _edit_manifest(path2, format_version=1)  # a manifest that claims 1 over shards that say 3
+    with pytest.raises(StoreError, match=r"shard-00000\.safetensors \(__metadata__\): format_version '3'"):
         moetrace.open_store(path2).sample(0)
     _edit_manifest(path, format_version=1, format="something-else")
     with pytest.raises(StoreError, match="not a moetrace trace store"):

@@ -715,11 +715,11 @@ TEST_F(Verify, StorageFieldsFromSettings) {
 
 TEST_F(Verify, UnknownFormatVersion) {
   json m = manifest();
-  m["format_version"] = 2;
+  m["format_version"] = 3;
   set_manifest(m);
   const auto problems = verify_store(dir_);
   ASSERT_EQ(problems.size(), 1u);
-  EXPECT_NE(problems[0].find("format_version 2 is not supported"), std::string::npos)
+  EXPECT_NE(problems[0].find("format_version 3 is not supported"), std::string::npos)
       << problems[0];
   EXPECT_THROW(TraceStore::open(dir_), Error);
   EXPECT_TRUE(is_trace_store(dir_));

@@ -91,7 +91,10 @@ const RegisterCommand reg([](CLI::App& app) {
       ->capture_default_str()
       ->group(ge);
   auto* gs = "What to store";
-  sub->add_option("--logits", a->logits, "router logits dtype: f32 | f16 | bf16")
+  sub->add_option("--logits", a->logits,
+                  "router logits: f32 | f16 | bf16 (every logit in that dtype), or topk:K (the K "
+                  "largest per token as f16, their experts and the log-sum-exp; "
+                  "docs/TRACE_FORMAT.md)")
       ->capture_default_str()
       ->group(gs);
   sub->add_option("--hidden", a->hidden, "router input hidden states: none | bf16 | f32")
@@ -130,8 +133,9 @@ const RegisterCommand reg([](CLI::App& app) {
     data::check_split_option(a->o.split);
     CollectOptions opts = a->o;
     // One dtype vocabulary for every option (core/dtype.h): f16 = fp16 = float16 = half, ...
-    opts.logits_dtype =
-        parse_dtype_option("--logits", a->logits, {DType::kF32, DType::kF16, DType::kBF16});
+    const LogitsOption logits = parse_logits_option(a->logits);
+    opts.logits_dtype = logits.dtype;
+    opts.logits_topk = logits.topk;
     if (a->hidden != "none") {
       opts.hidden_dtype =
           parse_dtype_option("--hidden", a->hidden, {DType::kBF16, DType::kF32}, {"none"});

@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except (StoreError, KeyError) as e:
         print(f"moetrace: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
+    for notice in stats.get("notices", []):  # what this store cannot give, and why (one line each)
+        print(f"analyze: notice: {notice}", file=sys.stderr)
     os.makedirs(args.output, exist_ok=True)
     if args.no_plots:
         with open(os.path.join(args.output, "stats.json"), "w") as f:

@@ -44,7 +44,7 @@ class TraceDataset(Dataset):
                  fields: Sequence[str] | None = None, real_only: bool = False):
         self.store = store if isinstance(store, TraceStore) else open_store(store)
         self.layers = list(self.store.layers if layers is None else
-                           [keys.layer(keys.ENCODER, x) if isinstance(x, int) else str(x) for x in layers])
+                           [keys.layer(self.store.encoder_stack, x) if isinstance(x, int) else str(x) for x in layers])
         for name in self.layers:
             if name not in self.store.layers:
                 raise KeyError(f"no MoE layer {name!r} in {self.store.path} (layers: {self.store.layers})")
@@ -66,7 +66,7 @@ class TraceDataset(Dataset):
         item = {"index": sample.index, "sample_id": sample.sample_id, "dataset": sample.dataset,
                 "synthetic": sample.synthetic,
                 "token_ids": torch.from_numpy(np.array(sample.token_ids, dtype=np.int64))}
-        if any(keys.stack_of(name) == keys.DECODER for name in self.layers):
+        if any(keys.is_generation(name) for name in self.layers):
             item["dec_input_ids"] = torch.from_numpy(np.array(sample.dec_input_ids, dtype=np.int64))
             item["dec_output_ids"] = torch.from_numpy(np.array(sample.dec_output_ids, dtype=np.int64))
         for name in self.layers:
