@@ -2,6 +2,7 @@
 //                  [--device cpu|cuda|cuda:N|auto] [--precision fp32|bf16|fp16|mixed]
 #include "command.h"
 #include "core/dtype.h"
+#include "core/error.h"
 #include "core/log.h"
 #include "engine/engine.h"
 #include "io/checkpoint.h"
@@ -10,6 +11,7 @@
 #include "kernels/cpu/ops.h"
 #include "model/config.h"
 #include "model/forward.h"
+#include "model/lm/lm_forward.h"
 
 namespace moetrace::cli {
 namespace {
@@ -24,7 +26,38 @@ struct ForwardOptions {
   std::string precision = "fp32";
 };
 
+void write_outputs(const std::map<std::string, Tensor>& out, const std::string& output,
+                   const std::string& device) {
+  std::vector<NamedView> views;
+  for (const auto& [name, t] : out) views.push_back({name, t.view()});
+  const std::filesystem::path path(output);
+  const std::filesystem::path tmp = path.string() + ".tmp";
+  write_safetensors(tmp, views, {{"producer", "moetrace forward"}});
+  std::filesystem::rename(tmp, path);
+  log_info("wrote ", out.size(), " tensors to ", output, " (", device, ")");
+}
+
+// A decoder-only MoE language model (config.json's model_type olmoe, mixtral, qwen2_moe,
+// qwen3_moe): the CPU reference engine in fp32.
+void run_lm(const ForwardOptions& o, const std::filesystem::path& dir, const ForwardInputs& in) {
+  if (o.device != "cpu" && o.device != "auto")
+    fail("--device ", o.device, ": language models run on the CPU engine only (--device cpu)");
+  if (parse_precision_option("--precision", o.precision) != "fp32")
+    fail("--precision ", o.precision, ": the CPU engine computes language models in fp32 only");
+  const auto model = LmModel::load(dir);
+  log_info(model->config().summary(), "; experts ", model->weights().expert_layout);
+  write_outputs(run_lm_forward(*model, in, o.generate), o.output, "cpu");
+}
+
 void run(const ForwardOptions& o) {
+  cpu::set_num_threads(o.threads);
+  ForwardInputs in = read_forward_inputs(o.inputs);
+  const std::filesystem::path dir = resolve_model(o.model).dir;
+  LmFamily family;
+  if (parse_lm_family(read_model_type(dir / "config.json"), &family)) {
+    run_lm(o, dir, in);
+    return;
+  }
   EngineOptions eo;
   eo.device = resolve_device(o.device, 0);
   const std::string precision = parse_precision_option("--precision", o.precision);
@@ -36,26 +69,19 @@ void run(const ForwardOptions& o) {
     eo.precision = DType::kF32;
     eo.fp32_routing = false;
   }
-  cpu::set_num_threads(o.threads);
-  ForwardInputs in = read_forward_inputs(o.inputs);
   eo.load.encoder_only = in.T == 0 && o.generate == 0;
-  const std::filesystem::path dir = resolve_model(o.model).dir;
   auto engine = make_engine(eo, load_config(dir / "config.json"), open_checkpoint(dir));
-  std::map<std::string, Tensor> out = run_forward(*engine, in, o.generate);
-  std::vector<NamedView> views;
-  for (const auto& [name, t] : out) views.push_back({name, t.view()});
-  const std::filesystem::path path(o.output);
-  const std::filesystem::path tmp = path.string() + ".tmp";
-  write_safetensors(tmp, views, {{"producer", "moetrace forward"}});
-  std::filesystem::rename(tmp, path);
-  log_info("wrote ", out.size(), " tensors to ", o.output, " (", engine->device(), ")");
+  write_outputs(run_forward(*engine, in, o.generate), o.output, engine->device());
 }
 
 const RegisterCommand reg([](CLI::App& app) {
   auto opts = std::make_shared<ForwardOptions>();
   CLI::App* sub = app.add_subcommand(
       "forward", "Run the model on given ids; outputs named like the fixtures' reference");
-  sub->add_option("--model,-m", opts->model, "model directory or Hub id (resolved offline)")
+  sub->add_option(
+         "--model,-m", opts->model,
+         "model directory or Hub id (resolved offline); a Switch model or a MoE language model "
+         "(olmoe, mixtral, qwen2_moe, qwen3_moe: CPU, fp32)")
       ->required();
   sub->add_option("--inputs", opts->inputs,
                   "safetensors with input_ids, attention_mask [, decoder_input_ids]")
