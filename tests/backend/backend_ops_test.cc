@@ -1135,6 +1135,40 @@ class SwiGluCase : public OpCase {
   std::vector<float> in_;
 };
 
+// Random weights made on the device: the same values as the CPU's, in [lo, hi), spread out.
+class FillUniformCase : public OpCase {
+ public:
+  explicit FillUniformCase(int64_t n) : OpCase("fill_uniform_" + std::to_string(n)), n_(n) {}
+  Outputs cpu(DType act) const override {
+    std::vector<float> v(static_cast<size_t>(n_));
+    cpu::fill_uniform(v.data(), n_, act, kSeed, -0.5f, 0.25f);
+    return {{v}, {}};
+  }
+  void check(const Outputs& got) const override {
+    const auto& v = got.values[0];
+    double mean = 0;
+    for (float x : v) {
+      ASSERT_GE(x, -0.5f);
+      ASSERT_LT(x, 0.25f);
+      mean += x;
+    }
+    EXPECT_NEAR(mean / static_cast<double>(n_), -0.125, 0.01) << "uniform over [lo, hi)";
+    EXPECT_NE(v[0], v[1]);
+  }
+  double tolerance(DType, size_t) const override { return 0; }  // the same hash
+#ifdef MOETRACE_BACKEND_CUDA
+  Outputs cuda(DType act, cudaStream_t s) const override {
+    DeviceBuffer v(static_cast<size_t>(n_ * 4));
+    cuda::fill_uniform(v.get(), n_, act, kSeed, -0.5f, 0.25f, s);
+    return {{from_device(v, n_, act)}, {}};
+  }
+#endif
+
+ private:
+  static constexpr uint64_t kSeed = 0x1234abcdull;
+  int64_t n_;
+};
+
 // ---- gemm ---------------------------------------------------------------------------------------
 
 // D = act(relu(A·Bᵀ)) (the GPU's ReLU epilogue into the activation dtype) and C += A·Bᵀ in
@@ -1241,6 +1275,7 @@ std::vector<std::shared_ptr<OpCase>> all_cases() {
       std::make_shared<MoeSwiGluCase>(185, 19, 4, 72, 40, false),
       std::make_shared<MoeSwiGluCase>(131, 8, 2, 64, 96, true),
       std::make_shared<SwiGluCase>(37, 101),
+      std::make_shared<FillUniformCase>(100003),
   };
 }
 

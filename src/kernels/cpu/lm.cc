@@ -200,4 +200,9 @@ void swiglu(const float* in, int64_t rows, int64_t F, float* out, DType act) {
   }
 }
 
+void fill_uniform(float* dst, int64_t n, DType act, uint64_t seed, float lo, float hi) {
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = round_to(lo + (hi - lo) * uniform_hash(seed, static_cast<uint64_t>(i)), act);
+}
+
 }  // namespace moetrace::cpu

@@ -181,6 +181,17 @@ void moe_combine(const float* rows, const float* weight, int64_t T, int64_t k, i
 // The twin of cuda::swiglu: out[r, f] = act(silu(in[r, 2f]) * in[r, 2f+1]).
 void swiglu(const float* in, int64_t rows, int64_t F, float* out, DType act);
 
+// The twin of cuda::fill_uniform: dst[i] = act(lo + (hi - lo) * u(seed, i)) (float32 values).
+void fill_uniform(float* dst, int64_t n, DType act, uint64_t seed, float lo, float hi);
+// u(seed, i) of fill_uniform, in [0, 1).
+inline float uniform_hash(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + i * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) * 0x1p-24f;
+}
+
 // ---- Threads ------------------------------------------------------------------------------------
 
 // Sets the BLAS/OpenMP thread count for this process (0 = leave the default).

@@ -254,6 +254,19 @@ __global__ void ban_tokens_kernel(float* logits, int64_t B, int64_t V, const int
   logits[(i / n) * V + ids[i % n]] = -INFINITY;
 }
 
+template <class T>
+__global__ void fill_uniform_kernel(T* dst, int64_t n, uint64_t seed, float lo, float hi) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = seed + static_cast<uint64_t>(i) * 0x9E3779B97F4A7C15ull;  // cpu::uniform_hash
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = static_cast<float>(z >> 40) * 0x1p-24f;
+    dst[i] = from_f32<T>(lo + (hi - lo) * u);
+  }
+}
+
 int64_t grid_1d(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, 256), 8192));
 }
@@ -358,6 +371,15 @@ void ban_tokens(float* logits, int64_t B, int64_t V, const int32_t* ids, int64_t
   if (B == 0 || n_ids == 0) return;
   ban_tokens_kernel<<<static_cast<unsigned>(ceil_div(B * n_ids, 256)), 256, 0, stream>>>(
       logits, B, V, ids, n_ids);
+  MT_CUDA_CHECK_LAUNCH();
+}
+
+void fill_uniform(void* dst, int64_t n, DType act, uint64_t seed, float lo, float hi,
+                  cudaStream_t stream) {
+  if (n == 0) return;
+  MT_DISPATCH_ACT(act, E,
+                  fill_uniform_kernel<E>
+                  <<<grid_1d(n), 256, 0, stream>>>(static_cast<E*>(dst), n, seed, lo, hi));
   MT_CUDA_CHECK_LAUNCH();
 }
 

@@ -213,4 +213,10 @@ void gather_rows(const float* src, const int32_t* rows, int64_t n, int64_t d, fl
 void ban_tokens(float* logits, int64_t B, int64_t V, const int32_t* ids, int64_t n_ids,
                 cudaStream_t stream);
 
+// dst[i] = act(lo + (hi - lo) * u(seed, i)) for i < n, u = the top 24 bits of splitmix64(seed +
+// i * 0x9E3779B97F4A7C15) over 2^24: reproducible random weights made on the device (benchmarks of
+// models too large to pass through the host). cpu::fill_uniform gives the same values.
+void fill_uniform(void* dst, int64_t n, DType act, uint64_t seed, float lo, float hi,
+                  cudaStream_t stream);
+
 }  // namespace moetrace::cuda
