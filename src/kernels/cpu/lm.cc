@@ -91,9 +91,9 @@ void lm_qkv_rope(const float* qkv, const float* bias, float clip, QkNormKind nor
 }
 
 void lm_attention(const float* q, int64_t ldq, const float* k, const float* v, int64_t ldkv,
-                  int64_t kv_bstride, const int32_t* mask, int64_t window, int64_t B, int64_t H,
-                  int64_t KV, int64_t Sq, int64_t Sk, int64_t hd, float* ctx, int64_t ldctx,
-                  DType act) {
+                  int64_t kv_bstride, const int32_t* mask, int64_t mask_ld, int64_t window,
+                  int64_t B, int64_t H, int64_t KV, int64_t Sq, int64_t Sk, int64_t hd, float* ctx,
+                  int64_t ldctx, DType act) {
   const int64_t G = H / KV;
 #pragma omp parallel
   {
@@ -111,7 +111,7 @@ void lm_attention(const float* q, int64_t ldq, const float* k, const float* v, i
           const float* kr = k + kv_off + j * ldkv;
           float acc = 0.f;
           for (int64_t c = 0; c < hd; ++c) acc += qr[c] * kr[c];
-          if (mask != nullptr && mask[b * Sk + j] == 0) acc += kLowest;
+          if (mask != nullptr && mask[b * mask_ld + j] == 0) acc += kLowest;
           p[j] = acc;
           mx = std::max(mx, acc);
         }

@@ -145,11 +145,11 @@ void lm_qkv_rope(const float* qkv, const float* bias, float clip, QkNormKind nor
                  int64_t kv_bstride, int64_t t0, DType act);
 
 // The twin of cuda::lm_attention: causal grouped-query attention (G = H/KV), the sliding window
-// when window > 0, mask [B, Sk] or null, q pre-scaled; probs and ctx rounded to act.
+// when window > 0, mask [B, mask_ld] or null, q pre-scaled; probs and ctx rounded to act.
 void lm_attention(const float* q, int64_t ldq, const float* k, const float* v, int64_t ldkv,
-                  int64_t kv_bstride, const int32_t* mask, int64_t window, int64_t B, int64_t H,
-                  int64_t KV, int64_t Sq, int64_t Sk, int64_t hd, float* ctx, int64_t ldctx,
-                  DType act);
+                  int64_t kv_bstride, const int32_t* mask, int64_t mask_ld, int64_t window,
+                  int64_t B, int64_t H, int64_t KV, int64_t Sq, int64_t Sk, int64_t hd, float* ctx,
+                  int64_t ldctx, DType act);
 
 // The twin of cuda::moe_topk: float32 softmax over E, the k largest in descending order (ties to
 // the lowest index), renormalized when renorm; counts[e] += slots of e.

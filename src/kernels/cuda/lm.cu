@@ -91,8 +91,9 @@ __global__ void __launch_bounds__(kQkvThreads)
 // Grid (Sq, H, B); shared memory: q [hd] | scores [Sk] | red [32] | partial sums [parts * hd].
 template <class T>
 __global__ void lm_attention_kernel(const T* q, int64_t ldq, const T* k, const T* v, int64_t ldkv,
-                                    int64_t kv_bstride, const int32_t* mask, int window, int G,
-                                    int Sq, int Sk, int hd, T* ctx, int64_t ldctx) {
+                                    int64_t kv_bstride, const int32_t* mask, int64_t mask_ld,
+                                    int window, int G, int Sq, int Sk, int hd, T* ctx,
+                                    int64_t ldctx) {
   extern __shared__ float sm[];
   float* qs = sm;
   float* sc = qs + hd;
@@ -109,7 +110,7 @@ __global__ void lm_attention_kernel(const T* q, int64_t ldq, const T* k, const T
   const int64_t kv_off = static_cast<int64_t>(b) * kv_bstride + static_cast<int64_t>(h / G) * hd;
   const T* kb = k + kv_off;
   const T* vb = v + kv_off;
-  const int32_t* mb = mask ? mask + static_cast<int64_t>(b) * Sk : nullptr;
+  const int32_t* mb = mask ? mask + static_cast<int64_t>(b) * mask_ld : nullptr;
   for (int jj = warp; jj < n_keys; jj += n_warps) {
     const int j = j0 + jj;
     const T* kr = kb + static_cast<int64_t>(j) * ldkv;
@@ -296,9 +297,9 @@ void lm_qkv_rope(const float* qkv, const float* bias, float clip, QkNormKind nor
 }
 
 void lm_attention(const void* q, int64_t ldq, const void* k, const void* v, int64_t ldkv,
-                  int64_t kv_bstride, const int32_t* mask, int64_t window, int64_t B, int64_t H,
-                  int64_t KV, int64_t Sq, int64_t Sk, int64_t hd, void* ctx, int64_t ldctx,
-                  DType act, cudaStream_t stream) {
+                  int64_t kv_bstride, const int32_t* mask, int64_t mask_ld, int64_t window,
+                  int64_t B, int64_t H, int64_t KV, int64_t Sq, int64_t Sk, int64_t hd, void* ctx,
+                  int64_t ldctx, DType act, cudaStream_t stream) {
   if (hd > kMaxHd || hd < 1) fail("lm_attention: head_dim ", hd, " outside [1, ", kMaxHd, "]");
   if (Sk > kDecodeMaxKeys) fail("lm_attention: ", Sk, " keys; at most ", kDecodeMaxKeys);
   if (Sq > Sk) fail("lm_attention: ", Sq, " queries over ", Sk, " keys");
@@ -315,7 +316,7 @@ void lm_attention(const void* q, int64_t ldq, const void* k, const void* v, int6
       act, E,
       lm_attention_kernel<E><<<grid, threads, smem, stream>>>(
           static_cast<const E*>(q), ldq, static_cast<const E*>(k), static_cast<const E*>(v), ldkv,
-          kv_bstride, mask, win, static_cast<int>(H / KV), static_cast<int>(Sq),
+          kv_bstride, mask, mask_ld, win, static_cast<int>(H / KV), static_cast<int>(Sq),
           static_cast<int>(Sk), static_cast<int>(hd), static_cast<E*>(ctx), ldctx));
   MT_CUDA_CHECK_LAUNCH();
 }

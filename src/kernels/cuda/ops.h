@@ -170,14 +170,14 @@ void lm_qkv_rope(const float* qkv, const float* bias, float clip, QkNormKind nor
 //   ctx[b,i,h,:] = act(Σ_j p_j · v[b,j,h/G,:]),  p = act(softmax_j(q[b,i,h]·k[b,j,h/G] + mask))
 // float32 scores and softmax, unscaled (q carries the scale). Query i sits at cache position
 // pos = i + Sk - Sq and sees keys j <= pos, and only those with pos - j < window when window > 0
-// (mixtral's sliding window); mask [B, Sk] int32 or null: a 0 adds the lowest float (HF's finite
-// mask). Rows: q (b,i) at q + (b*Sq + i)*ldq + h*hd; k/v (b,j) at k/v + b*kv_bstride + j*ldkv +
+// (mixtral's sliding window); mask [B, mask_ld] int32 (keys 0..Sk-1 of row b at mask + b*mask_ld)
+// or null: a 0 adds the lowest float (HF's finite mask). Rows: q (b,i) at q + (b*Sq + i)*ldq + h*hd; k/v (b,j) at k/v + b*kv_bstride + j*ldkv +
 // (h/G)*hd; ctx (b,i) at ctx + (b*Sq + i)*ldctx + h*hd. All in act. hd <= 256, Sk <=
 // kDecodeMaxKeys, H % KV == 0.
 void lm_attention(const void* q, int64_t ldq, const void* k, const void* v, int64_t ldkv,
-                  int64_t kv_bstride, const int32_t* mask, int64_t window, int64_t B, int64_t H,
-                  int64_t KV, int64_t Sq, int64_t Sk, int64_t hd, void* ctx, int64_t ldctx,
-                  DType act, cudaStream_t stream);
+                  int64_t kv_bstride, const int32_t* mask, int64_t mask_ld, int64_t window,
+                  int64_t B, int64_t H, int64_t KV, int64_t Sq, int64_t Sk, int64_t hd, void* ctx,
+                  int64_t ldctx, DType act, cudaStream_t stream);
 
 // The top-k router after its float32 logits, one warp per token t < T:
 //   p = softmax(logits[t,:]) in float32; expert[t, 0..k-1] = the k largest p in descending order,
