@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "core/keys.h"
+#include "model/engine_io.h"
 #include "model/recording_observer.h"
 
 namespace moetrace {
@@ -26,10 +27,26 @@ std::map<std::string, Tensor> run_lm_forward(const LmModel& model, const Forward
     out[p + "router_input"] = last(keys::kHidden);
   }
   if (generate > 0) {
-    const LmGenerateResult g = model.generate(in.batch, generate, nullptr);
+    RecordingObserver grec([](std::string_view k) { return k.rfind("gen.", 0) == 0; });
+    const LmGenerateResult g = model.generate(in.batch, generate, &grec);
     Tensor ids(DType::kI32, {g.B, g.S + g.new_tokens});
     std::copy(g.ids.begin(), g.ids.end(), ids.data<int32_t>());
     out["generated_ids"] = std::move(ids);
+    Tensor pos(DType::kI64, {g.B, g.S + g.new_tokens - 1});
+    std::copy(g.positions.begin(), g.positions.end(), pos.data<int64_t>());
+    out["generate_position_ids"] = std::move(pos);
+    if (generate > 1) {  // the N - 1 cached steps, each [B, 1, ...], stacked into [B, N - 1, ...]
+      for (size_t k = 0; k < blocks.size(); ++k) {
+        const std::string p = "generate_router." + std::to_string(k) + ".";
+        auto steps = [&](std::string_view field) {
+          return stack_steps(grec.all(lm_key(true, blocks[k], field)));
+        };
+        out[p + "router_logits"] = steps(keys::kRouterLogits);
+        out[p + "topk_ids"] = steps(keys::kExpert);
+        out[p + "topk_weights"] = steps(keys::kGate);
+        out[p + "router_input"] = steps(keys::kHidden);
+      }
+    }
   }
   return out;
 }

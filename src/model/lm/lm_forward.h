@@ -3,7 +3,9 @@
 // layers only, in layer order):
 //   router.{k}.router_logits [B,S,E] F32   router.{k}.topk_ids     [B,S,k] I32
 //   router.{k}.topk_weights  [B,S,k] F32   router.{k}.router_input [B,S,d] F32
-//   logits [B,S,V] F32, and with generate = N > 0: generated_ids [B,S+N] I32.
+//   logits [B,S,V] F32, and with generate = N > 0: generated_ids [B,S+N] I32,
+//   generate_position_ids [B,S+N-1] I64 and, for N > 1, generate_router.{k}.* [B,N-1,...] (the
+//   router of each cached step j = 1..N-1, which feeds new token j).
 #pragma once
 
 #include <map>

@@ -517,6 +517,14 @@ LmGenerateResult LmModel::generate(const Batch& batch, int64_t new_tokens, Obser
   }
   r.ids.reserve(static_cast<size_t>(B * T));
   for (const auto& s : seqs) r.ids.insert(r.ids.end(), s.begin(), s.end());
+  r.positions.reserve(static_cast<size_t>(B * (T - 1)));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t s = 0; s < S; ++s)
+      r.positions.push_back(positions[static_cast<size_t>(b * S + s)]);
+    for (int64_t t = 1; t < new_tokens; ++t)
+      r.positions.push_back(positions[static_cast<size_t>(b * S + S - 1)] +
+                            static_cast<int32_t>(t));
+  }
   return r;
 }
 

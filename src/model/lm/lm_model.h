@@ -28,6 +28,9 @@ std::string lm_key(bool gen, int64_t block, std::string_view field);
 struct LmGenerateResult {
   int64_t B = 0, S = 0, new_tokens = 0;
   std::vector<int32_t> ids;  // [B, S + new_tokens]: the prompt, then the greedy tokens
+  // [B, S + new_tokens - 1]: the RoPE position of every column run (the prefill's, then one per
+  // cached step), as transformers' generate_position_ids.
+  std::vector<int32_t> positions;
 };
 
 class LmModel {
