@@ -853,8 +853,8 @@ class LmAttentionCase : public OpCase {
     const auto q = rounded(q_, act), kv = rounded(kv_, act);
     std::vector<float> ctx(static_cast<size_t>(k_.B * k_.Sq * ldctx_), 0.f);
     cpu::lm_attention(q.data(), ldq_, kv.data(), kv.data() + k_.KV * k_.hd, ldkv_, kv_bstride_,
-                      k_.mask ? mask_.data() : nullptr, k_.window, k_.B, k_.H, k_.KV, k_.Sq, k_.Sk,
-                      k_.hd, ctx.data(), ldctx_, act);
+                      k_.mask ? mask_.data() : nullptr, k_.Sk, k_.window, k_.B, k_.H, k_.KV, k_.Sq,
+                      k_.Sk, k_.hd, ctx.data(), ldctx_, act);
     return {{ctx}, {}};
   }
   void check(const Outputs& got) const override {
@@ -894,8 +894,8 @@ class LmAttentionCase : public OpCase {
     auto ctx = to_device(std::vector<float>(static_cast<size_t>(n), 0.f), act);
     cuda::lm_attention(q.get(), ldq_, kv.get(),
                        kv.as<uint8_t>() + k_.KV * k_.hd * cuda::act_size(act), ldkv_, kv_bstride_,
-                       k_.mask ? mask.as<int32_t>() : nullptr, k_.window, k_.B, k_.H, k_.KV, k_.Sq,
-                       k_.Sk, k_.hd, ctx.get(), ldctx_, act, s);
+                       k_.mask ? mask.as<int32_t>() : nullptr, k_.Sk, k_.window, k_.B, k_.H, k_.KV,
+                       k_.Sq, k_.Sk, k_.hd, ctx.get(), ldctx_, act, s);
     return {{from_device(ctx, n, act)}, {}};
   }
 #endif

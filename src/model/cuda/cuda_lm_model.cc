@@ -804,6 +804,13 @@ LmGenerateResult CudaLmModel::generate(const Batch& batch, int64_t new_tokens, O
   r.new_tokens = new_tokens;
   r.ids.reserve(static_cast<size_t>(B * Smax));
   for (const auto& q : seqs) r.ids.insert(r.ids.end(), q.begin(), q.end());
+  r.positions.reserve(static_cast<size_t>(B * (Smax - 1)));
+  for (int64_t b = 0; b < B; ++b) {
+    r.positions.insert(r.positions.end(), positions.begin() + b * S,
+                       positions.begin() + (b + 1) * S);
+    for (int64_t t = 1; t < new_tokens; ++t)
+      r.positions.push_back(step_pos[static_cast<size_t>((t - 1) * B + b)]);
+  }
   return r;
 }
 
@@ -827,10 +834,26 @@ std::map<std::string, Tensor> run_lm_forward(CudaLmModel& model, const ForwardIn
     out[p + "router_input"] = last(keys::kHidden);
   }
   if (generate > 0) {
-    const LmGenerateResult g = model.generate(in.batch, generate, nullptr);
+    RecordingObserver grec([](std::string_view k) { return k.rfind("gen.", 0) == 0; });
+    const LmGenerateResult g = model.generate(in.batch, generate, &grec);
     Tensor ids(DType::kI32, {g.B, g.S + g.new_tokens});
     std::copy(g.ids.begin(), g.ids.end(), ids.data<int32_t>());
     out["generated_ids"] = std::move(ids);
+    Tensor pos(DType::kI64, {g.B, g.S + g.new_tokens - 1});
+    std::copy(g.positions.begin(), g.positions.end(), pos.data<int64_t>());
+    out["generate_position_ids"] = std::move(pos);
+    if (generate > 1) {  // the N - 1 cached steps, each [B, 1, ...], stacked into [B, N - 1, ...]
+      for (size_t k = 0; k < blocks.size(); ++k) {
+        const std::string p = "generate_router." + std::to_string(k) + ".";
+        auto steps = [&](std::string_view field) {
+          return stack_steps(grec.all(lm_key(true, blocks[k], field)));
+        };
+        out[p + "router_logits"] = steps(keys::kRouterLogits);
+        out[p + "topk_ids"] = steps(keys::kExpert);
+        out[p + "topk_weights"] = steps(keys::kGate);
+        out[p + "router_input"] = steps(keys::kHidden);
+      }
+    }
   }
   return out;
 }

@@ -84,7 +84,8 @@ class CudaLmModel {
   std::unique_ptr<Impl> impl_;
 };
 
-// run_lm_forward (model/lm/lm_forward.h) on the GPU engine: the same output names and shapes.
+// run_lm_forward (model/lm/lm_forward.h) on the GPU engine: the same output names and shapes
+// (logits, router.{k}.*, generated_ids, generate_position_ids, generate_router.{k}.*).
 std::map<std::string, Tensor> run_lm_forward(CudaLmModel& model, const ForwardInputs& in,
                                              int64_t generate);
 
