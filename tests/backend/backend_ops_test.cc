@@ -766,9 +766,7 @@ class LmQkvRopeCase : public OpCase {
     for (int64_t t = 0; t < k_.B * k_.Sq; ++t) {
       std::vector<double> x(static_cast<size_t>(cols_));
       for (int64_t c = 0; c < cols_; ++c) {
-        double v = qkv_[t * cols_ + c] + (k_.bias ? double{bias_[c]} : 0.0);
-        if (k_.clip > 0) v = std::clamp<double>(v, -k_.clip, k_.clip);
-        x[c] = v;
+        x[c] = qkv_[t * cols_ + c] + (k_.bias ? double{bias_[c]} : 0.0);
       }
       if (k_.norm == cpu::QkNormKind::kFull) {
         rms(x, 0, qn, qn_);
@@ -776,6 +774,8 @@ class LmQkvRopeCase : public OpCase {
       } else if (k_.norm == cpu::QkNormKind::kPerHead) {
         for (int64_t hh = 0; hh < H + KV; ++hh) rms(x, hh * hd, hd, hh < H ? qn_ : kn_);
       }
+      if (k_.clip > 0)
+        for (double& v : x) v = std::clamp<double>(v, -k_.clip, k_.clip);
       const int64_t b = t / k_.Sq, s = t % k_.Sq;
       for (int64_t hh = 0; hh < H + KV; ++hh) {
         for (int64_t c = 0; c < half; ++c) {

@@ -57,10 +57,8 @@ void lm_qkv_rope(const float* qkv, const float* bias, float clip, QkNormKind nor
   for (int64_t t = 0; t < B * Sq; ++t) {
     const int64_t b = t / Sq, s = t % Sq;
     std::vector<float> row(qkv + t * cols, qkv + (t + 1) * cols);
-    for (int64_t c = 0; c < cols; ++c) {
-      if (bias != nullptr) row[c] += bias[c];
-      if (clip > 0.f) row[c] = std::min(std::max(row[c], -clip), clip);
-    }
+    if (bias != nullptr)
+      for (int64_t c = 0; c < cols; ++c) row[c] += bias[c];
     if (norm == QkNormKind::kFull) {
       rms_inplace(row.data(), qn, q_norm, eps);
       rms_inplace(row.data() + qn, kn, k_norm, eps);
@@ -68,6 +66,8 @@ void lm_qkv_rope(const float* qkv, const float* bias, float clip, QkNormKind nor
       for (int64_t hh = 0; hh < H + KV; ++hh)
         rms_inplace(row.data() + hh * hd, hd, hh < H ? q_norm : k_norm, eps);
     }
+    if (clip > 0.f)
+      for (int64_t c = 0; c < cols; ++c) row[c] = std::min(std::max(row[c], -clip), clip);
     const float* co = cos + static_cast<int64_t>(pos[t]) * half;
     const float* si = sin + static_cast<int64_t>(pos[t]) * half;
     float* qrow = q + t * ldq;

@@ -135,7 +135,7 @@ void rope_table(int64_t hd, int64_t P, double theta, double factor, std::vector<
 // See cuda::QkNormKind.
 enum class QkNormKind { kNone, kFull, kPerHead };
 
-// The twin of cuda::lm_qkv_rope: bias, clip, q/k RMS norms, RoPE at pos[t] from the rope_table
+// The twin of cuda::lm_qkv_rope: bias, q/k RMS norms, clip, RoPE at pos[t] from the rope_table
 // tables, q times q_scale; q rows [B*Sq, ldq] and k | v rows into kv + b*kv_bstride +
 // (t0 + s)*ldkv, rounded to act.
 void lm_qkv_rope(const float* qkv, const float* bias, float clip, QkNormKind norm,

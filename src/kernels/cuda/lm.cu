@@ -1,5 +1,5 @@
 // The pieces of the decoder-only MoE language models that Switch does not have: q/k preparation
-// (bias, clip, q/k RMS norms, RoPE, the attention scale) straight into the KV cache, causal
+// (bias, q/k RMS norms, clip, RoPE, the attention scale) straight into the KV cache, causal
 // grouped-query attention over the cache, the top-k router, the deterministic top-k combine,
 // SwiGLU, and small row helpers.
 #include <algorithm>
@@ -18,7 +18,7 @@ constexpr int kTopkWarps = 8;
 constexpr int kMaxExpertsPerLane = 8;  // E <= 256
 constexpr int kMaxTopK = 32;
 
-// One block per token: the row in shared memory through bias, clip and the norms, then RoPE and
+// One block per token: the row in shared memory through bias, the norms and clip, then RoPE and
 // the scale on the way out.
 template <class T>
 __global__ void __launch_bounds__(kQkvThreads)
@@ -36,7 +36,6 @@ __global__ void __launch_bounds__(kQkvThreads)
   for (int c = threadIdx.x; c < cols; c += blockDim.x) {
     float v = in[c];
     if (bias) v += bias[c];
-    if (clip > 0.f) v = fminf(fmaxf(v, -clip), clip);
     row[c] = v;
   }
   __syncthreads();
@@ -64,6 +63,10 @@ __global__ void __launch_bounds__(kQkvThreads)
       __syncwarp();
       for (int c = lane; c < hd; c += 32) x[c] = w[c] * (x[c] * scale);
     }
+    __syncthreads();
+  }
+  if (clip > 0.f) {  // olmoe's clip_qkv: after the norms
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] = fminf(fmaxf(row[c], -clip), clip);
     __syncthreads();
   }
   const int p = pos[t];

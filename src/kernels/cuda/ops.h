@@ -148,10 +148,10 @@ enum class QkNormKind { kNone, kFull, kPerHead };
 // Everything between the fused q|k|v projection and the attention, per token t = b*Sq + s:
 //   qkv [B*Sq, (H + 2*KV)*hd] float32 (q | k | v, head-major: column h*hd + c), the GEMM output;
 //   1. + bias[(H + 2*KV)*hd] when bias is not null (qwen2_moe);
-//   2. clamped to [-clip, clip] when clip > 0 (olmoe's clip_qkv);
-//   3. q/k RMS norms (eps): kFull: q over its H*hd values times q_norm[H*hd], k over its KV*hd
+//   2. q/k RMS norms (eps): kFull: q over its H*hd values times q_norm[H*hd], k over its KV*hd
 //      values times k_norm[KV*hd]; kPerHead: every head over its hd values times q_norm[hd] /
 //      k_norm[hd];
+//   3. q, k and v clamped to [-clip, clip] when clip > 0 (olmoe's clip_qkv, after its norms);
 //   4. RoPE (rotate_half) at position p = pos[t] of q and k: for c < hd/2,
 //      x'[c] = x[c]*cos[p,c] - x[c+hd/2]*sin[p,c],  x'[c+hd/2] = x[c+hd/2]*cos[p,c] + x[c]*sin[p,c]
 //      with cos/sin [P, hd/2] float32 (cpu::rope_table), 0 <= p < P;

@@ -535,7 +535,8 @@ void CudaLmModel::Impl::moe(const LmDevLayer& Ly, int64_t n) {
     cuda::swiglu(gu32.as<float>(), n, Fs, mid.get(), act, s);
     blas->gemm_nt(GemmArgs{n, d, Fs, mid.get(), Fs, Ly.shared_down.get(), Fs, shared_out.get(), d,
                            act, DType::kF32});
-    blas->gemm_nt(GemmArgs{n, 1, d, hr.get(), d, Ly.shared_gate.get(), d, shared_gate.get(), 1,
+    // The gate's logits as one row [1, n] = w [1, d] · hrᵀ (a GEMV-shaped GEMM, not N = 1).
+    blas->gemm_nt(GemmArgs{1, n, d, Ly.shared_gate.get(), d, hr.get(), d, shared_gate.get(), n,
                            DType::kF32, DType::kF32});
     sh = shared_out.as<float>();
     sg = shared_gate.as<float>();

@@ -4,12 +4,12 @@
 //
 // Precision: weights and GEMM operands in bf16 (default), fp16 or fp32, always with fp32
 // accumulation; fp32 is the parity mode. The residual stream, every RMS norm, the q/k preparation
-// (bias, clip, q/k norms, RoPE), the attention softmax and the whole router stay float32 in every
+// (bias, q/k norms, clip, RoPE), the attention softmax and the whole router stay float32 in every
 // mode: the router's logits are the float32 GEMM of the float32 post-attention norm output and the
 // float32 router weight, so the top-k is decided in float32 as transformers decides it.
 //
 // One layer, n = B*Sq token rows (kernels/cuda/ops.h):
-//   rmsnorm -> fused q|k|v GEMM (f32 out) -> lm_qkv_rope (bias, clip, q/k norm, RoPE, 1/sqrt(hd)
+//   rmsnorm -> fused q|k|v GEMM (f32 out) -> lm_qkv_rope (bias, q/k norm, clip, RoPE, 1/sqrt(hd)
 //   into q and straight into the KV cache) -> lm_attention (causal GQA, padding mask, sliding
 //   window) -> o GEMM accumulated into x -> rmsnorm (f32 copy = the router input) ->
 //   dense: gate|up GEMM, swiglu, down GEMM accumulated into x;
