@@ -283,6 +283,30 @@ TEST_F(CudaTest, LmPrefillOffersWhatForwardOffers) {
   EXPECT_FALSE(b.has("lm.output"));
 }
 
+// The prompt's two attention paths (batched GEMMs + attention_softmax, and lm_attention) agree,
+// with grouped-query heads and padded rows, in fp32 closely and in bf16 within its rounding.
+TEST_F(CudaTest, LmPromptAttentionPathsAgree) {
+  const LmConfig c = small_config();
+  const Batch batch = random_batch(4, 77, c.vocab_size, 13);
+  for (DType prec : {DType::kF32, DType::kBF16}) {
+    auto m = CudaLmModel::random(c, CudaOptions{prec}, 5);
+    RecordingObserver a, b;
+    const Tensor la = m->forward(batch, &a);
+    m->set_prompt_attention(LmPromptAttention::kFused);
+    const Tensor lb = m->forward(batch, &b);
+    const double tol = prec == DType::kF32 ? 1e-5 : 3e-2;
+    const Diff dl = diff_f32(la.view(), lb.view());
+    EXPECT_LT(dl.rel, tol) << dtype_name(prec) << " logits: " << dl.str();
+    for (int blk : c.sparse_layers()) {
+      const std::string key = lm_key(false, blk, "router_logits");
+      const Diff d = diff_f32(a.last(key).view(), b.last(key).view());
+      EXPECT_LT(d.rel, tol) << dtype_name(prec) << " " << key << ": " << d.str();
+    }
+    std::printf("[ %s ] batched vs fused prompt attention: logits %s\n",
+                std::string(dtype_name(prec)).c_str(), dl.str().c_str());
+  }
+}
+
 TEST_F(CudaTest, LmModelTooLargeFailsWithTheSizeNeeded) {
   LmConfig c = small_config();
   c.hidden_size = 4096;

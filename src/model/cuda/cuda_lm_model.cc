@@ -225,6 +225,12 @@ struct CudaLmModel::Impl {
   int64_t cap_vocab_rows = 0;
   // Inputs and caches.
   DeviceBuffer ids, pos, mask, kv_cache, last_idx, last_x, next_ids, finished;
+  // The prompt's batched attention: scores f32 / probs act [B,H,S,S], the prompt mask [B,S] and the
+  // per-layer pointer tables of the per-(b,h) GEMMs ([L][5][B*H]: q, k, v, scores|probs, ctx).
+  LmPromptAttention prompt_attention = LmPromptAttention::kAuto;
+  bool batched = false;  // this prompt pass uses them
+  DeviceBuffer scores, probs, pmask, att_ptrs;
+  std::vector<const void*> host_ptrs;
   PinnedBuffer step_ids, step_obs;
 
   void init_dims();
@@ -240,6 +246,9 @@ struct CudaLmModel::Impl {
   void layers_pass(int64_t B, int64_t Sq, int64_t t0, int64_t Smax, const int32_t* pos_dev,
                    LmTap& tap, bool gen);
   void moe(const LmDevLayer& Ly, int64_t n);
+  // Prepares the batched prompt attention for B x S (batched = true) where it applies.
+  void prepare_batched(const Batch& batch, int64_t Smax);
+  void batched_attention(int64_t i, int64_t B, int64_t S);
   // The prompt: ids, positions and the mask [B, Smax] (prompt mask, then ones) uploaded, embedded,
   // every layer (lm.* keys).
   void prompt(const Batch& batch, const std::vector<int32_t>& positions, int64_t Smax, LmTap& tap);
@@ -561,9 +570,13 @@ void CudaLmModel::Impl::layers_pass(int64_t B, int64_t Sq, int64_t t0, int64_t S
                       Ly.k_norm.as<float>(), eps, pos_dev, rope_cos.as<float>(),
                       rope_sin.as<float>(), q_scale, B, Sq, H, KV, hd, q.get(), qn, cache, ldkv,
                       Smax * ldkv, t0, act, s);
-    cuda::lm_attention(q.get(), qn, cache, cache + static_cast<size_t>(kn) * as, ldkv, Smax * ldkv,
-                       mask.as<int32_t>(), Smax, c.sliding_window, B, H, KV, Sq, t0 + Sq, hd,
-                       ctx.get(), qn, act, s);
+    if (batched && Sq > 1) {
+      batched_attention(i, B, Sq);
+    } else {
+      cuda::lm_attention(q.get(), qn, cache, cache + static_cast<size_t>(kn) * as, ldkv,
+                         Smax * ldkv, mask.as<int32_t>(), Smax, c.sliding_window, B, H, KV, Sq,
+                         t0 + Sq, hd, ctx.get(), qn, act, s);
+    }
     blas->gemm_nt(GemmArgs{n, d, qn, ctx.get(), qn, Ly.o.get(), qn, X, d, act, DType::kF32, true});
     if (Ly.o_bias.bytes() > 0) cuda::add_bias(X, Ly.o_bias.as<float>(), n, d, s);
     // MLP: x += mlp(rmsnorm(x)); a MoE layer keeps the float32 norm output (its router input).
@@ -585,6 +598,63 @@ void CudaLmModel::Impl::layers_pass(int64_t B, int64_t Sq, int64_t t0, int64_t S
   }
 }
 
+// The prompt's attention as three batched steps per layer: scores = q·kᵀ (float32, q pre-scaled),
+// attention_softmax (causal, the prompt's padding mask, probs in act), ctx = probs·v; query head h
+// reads kv head h / (H/KV) through the pointer tables. Where S <= 1024 and there is no sliding
+// window; lm_attention otherwise (and for every generation step).
+void CudaLmModel::Impl::prepare_batched(const Batch& batch, int64_t Smax) {
+  const int64_t B = batch.B, S = batch.S, n = B * H, ldkv = 2 * kn, G = H / KV;
+  batched =
+      prompt_attention == LmPromptAttention::kAuto && S > 1 && S <= 1024 && c.sliding_window == 0;
+  if (!batched) return;
+  const size_t as = cuda::act_size(act);
+  const auto ss = static_cast<size_t>(n * S * S);
+  scores.reserve(ss * 4);
+  probs.reserve(ss * as);
+  pmask.reserve(static_cast<size_t>(B * S) * 4);
+  // [scores n][probs n], then per layer [q n][k n][v n][ctx n].
+  host_ptrs.assign(static_cast<size_t>((2 + 4 * L) * n), nullptr);
+  const auto* qb = q.as<uint8_t>();
+  const auto* cb = ctx.as<uint8_t>();
+  for (int64_t e = 0; e < n; ++e) {
+    host_ptrs[static_cast<size_t>(e)] = scores.as<uint8_t>() + static_cast<size_t>(e) * S * S * 4;
+    host_ptrs[static_cast<size_t>(n + e)] =
+        probs.as<uint8_t>() + static_cast<size_t>(e) * S * S * as;
+  }
+  for (int64_t i = 0; i < L; ++i) {
+    const uint8_t* cache = kv_cache.as<uint8_t>() + static_cast<size_t>(i * B * Smax * ldkv) * as;
+    const void** tab = host_ptrs.data() + (2 + 4 * i) * n;
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t hh = 0; hh < H; ++hh) {
+        const int64_t e = b * H + hh;
+        const uint8_t* kr = cache + static_cast<size_t>(b * Smax * ldkv + (hh / G) * hd) * as;
+        tab[e] = qb + static_cast<size_t>(b * S * qn + hh * hd) * as;
+        tab[n + e] = kr;
+        tab[2 * n + e] = kr + static_cast<size_t>(kn) * as;
+        tab[3 * n + e] = cb + static_cast<size_t>(b * S * qn + hh * hd) * as;
+      }
+    }
+  }
+  att_ptrs.reserve(host_ptrs.size() * sizeof(void*));
+  // Synchronous copies: nothing on the stream reads these buffers now (every pass ends with a
+  // synchronization).
+  MT_CUDA_CHECK(cudaMemcpy(att_ptrs.get(), host_ptrs.data(), host_ptrs.size() * sizeof(void*),
+                           cudaMemcpyHostToDevice));
+  MT_CUDA_CHECK(cudaMemcpy(pmask.get(), batch.attention_mask.data(), static_cast<size_t>(B * S) * 4,
+                           cudaMemcpyHostToDevice));
+}
+
+void CudaLmModel::Impl::batched_attention(int64_t i, int64_t B, int64_t S) {
+  const int64_t n = B * H, ldkv = 2 * kn;
+  void* const* all = att_ptrs.as<void*>();
+  void* const* tab = all + (2 + 4 * i) * n;
+  auto in = [](void* const* p) { return const_cast<const void* const*>(p); };
+  blas->batched_nt(n, S, S, hd, in(tab), qn, in(tab + n), ldkv, all, S, act, DType::kF32);
+  cuda::attention_softmax(scores.as<float>(), nullptr, pmask.as<int32_t>(), true, B, H, S, S,
+                          probs.get(), act, stream->get());
+  blas->batched_nn(n, S, hd, S, in(all + n), S, in(tab + 2 * n), ldkv, tab + 3 * n, qn, act, act);
+}
+
 void CudaLmModel::Impl::prompt(const Batch& batch, const std::vector<int32_t>& positions,
                                int64_t Smax, LmTap& tap) {
   const int64_t B = batch.B, S = batch.S, n = B * S;
@@ -599,6 +669,7 @@ void CudaLmModel::Impl::prompt(const Batch& batch, const std::vector<int32_t>& p
     std::copy_n(batch.attention_mask.begin() + b * S, S, m.begin() + b * Smax);
   mask.reserve(m.size() * 4);
   kv_cache.reserve(static_cast<size_t>(L * B * Smax * 2 * kn) * as);
+  prepare_batched(batch, Smax);  // after the buffers its tables point into are sized
   MT_CUDA_CHECK(cudaMemcpyAsync(mask.get(), m.data(), m.size() * 4, cudaMemcpyHostToDevice, s));
   MT_CUDA_CHECK(cudaMemcpyAsync(ids.get(), batch.input_ids.data(), static_cast<size_t>(n) * 4,
                                 cudaMemcpyHostToDevice, s));
@@ -626,11 +697,11 @@ size_t CudaLmModel::Impl::device_bytes() const {
              rope_sin.bytes() + banned_dev.bytes();
   for (const LmDevLayer& Ly : layers) n += Ly.bytes();
   for (const DeviceBuffer* b :
-       {&x,          &h,           &hr,           &qkv32,    &q,       &ctx,
-        &gu32,       &mid,         &logits,       &expert,   &weight,  &counts,
-        &offsets,    &cursor,      &perm,         &tile_e,   &tile_r,  &rows,
-        &shared_out, &shared_gate, &vocab_logits, &ids,      &pos,     &mask,
-        &kv_cache,   &last_idx,    &last_x,       &next_ids, &finished})
+       {&x,        &h,      &hr,     &qkv32,    &q,          &ctx,         &gu32,
+        &mid,      &logits, &expert, &weight,   &counts,     &offsets,     &cursor,
+        &perm,     &tile_e, &tile_r, &rows,     &shared_out, &shared_gate, &vocab_logits,
+        &ids,      &pos,    &mask,   &kv_cache, &last_idx,   &last_x,      &next_ids,
+        &finished, &scores, &probs,  &pmask,    &att_ptrs})
     n += b->bytes();
   return n;
 }
@@ -699,6 +770,7 @@ DType CudaLmModel::precision() const { return impl_->act; }
 size_t CudaLmModel::device_bytes() const { return impl_->device_bytes(); }
 double CudaLmModel::load_seconds() const { return impl_->load_s; }
 const std::vector<int64_t>& CudaLmModel::banned_ids() const { return impl_->banned; }
+void CudaLmModel::set_prompt_attention(LmPromptAttention a) { impl_->prompt_attention = a; }
 void CudaLmModel::set_banned_ids(std::vector<int64_t> ids) {
   impl_->banned = std::move(ids);
   impl_->upload_banned();

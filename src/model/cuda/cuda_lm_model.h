@@ -43,6 +43,12 @@
 
 namespace moetrace {
 
+// How a prompt pass attends: kAuto: per layer three batched steps (q·kᵀ per (sequence, head) by
+// cuBLAS, attention_softmax with the causal and padding masks, probs·v) where S <= 1024 and there
+// is no sliding window, else lm_attention; kFused: lm_attention always (one block per query row,
+// no [B,H,S,S] scores). Generation steps always use lm_attention. Both give the same math.
+enum class LmPromptAttention { kAuto, kFused };
+
 class CudaLmModel {
  public:
   // Reads the model as LmModel::load does (config, generation_config's eos ids, the checkpoint,
@@ -66,6 +72,7 @@ class CudaLmModel {
   // Token ids greedy generation never picks (LmModel::banned_ids()).
   const std::vector<int64_t>& banned_ids() const;
   void set_banned_ids(std::vector<int64_t> ids);
+  void set_prompt_attention(LmPromptAttention a);  // default kAuto
 
   // LmModel::forward: positions 0..S-1, padding keys masked; logits [B,S,V] F32; lm.* keys and
   // lm.output.
