@@ -848,13 +848,13 @@ class LmAttentionCase : public OpCase {
         kv_bstride_((k.Sk + 4) * ldkv_),
         q_(random_vec(k.B * k.Sq * ldq_, 40, -0.5f, 0.5f)),
         kv_(random_vec(k.B * kv_bstride_, 41, -0.5f, 0.5f)),
-        mask_(padding_mask(k.B, k.Sk)) {}
+        mask_(strided_mask(k.B, k.Sk, kMaskPad)) {}
   Outputs cpu(DType act) const override {
     const auto q = rounded(q_, act), kv = rounded(kv_, act);
     std::vector<float> ctx(static_cast<size_t>(k_.B * k_.Sq * ldctx_), 0.f);
     cpu::lm_attention(q.data(), ldq_, kv.data(), kv.data() + k_.KV * k_.hd, ldkv_, kv_bstride_,
-                      k_.mask ? mask_.data() : nullptr, k_.Sk, k_.window, k_.B, k_.H, k_.KV, k_.Sq,
-                      k_.Sk, k_.hd, ctx.data(), ldctx_, act);
+                      k_.mask ? mask_.data() : nullptr, k_.Sk + kMaskPad, k_.window, k_.B, k_.H,
+                      k_.KV, k_.Sq, k_.Sk, k_.hd, ctx.data(), ldctx_, act);
     return {{ctx}, {}};
   }
   void check(const Outputs& got) const override {
@@ -872,7 +872,7 @@ class LmAttentionCase : public OpCase {
             const float* kr = kv_.data() + b * kv_bstride_ + j * ldkv_ + (h / G) * hd;
             double acc = 0;
             for (int64_t c = 0; c < hd; ++c) acc += double{qr[c]} * kr[c];
-            s.push_back(k_.mask && mask_[b * k_.Sk + j] == 0 ? kLowest : acc);
+            s.push_back(k_.mask && mask_[b * (k_.Sk + kMaskPad) + j] == 0 ? kLowest : acc);
             keys.push_back(j);
           }
           const auto p = plain_softmax(s);
@@ -894,13 +894,23 @@ class LmAttentionCase : public OpCase {
     auto ctx = to_device(std::vector<float>(static_cast<size_t>(n), 0.f), act);
     cuda::lm_attention(q.get(), ldq_, kv.get(),
                        kv.as<uint8_t>() + k_.KV * k_.hd * cuda::act_size(act), ldkv_, kv_bstride_,
-                       k_.mask ? mask.as<int32_t>() : nullptr, k_.Sk, k_.window, k_.B, k_.H, k_.KV,
-                       k_.Sq, k_.Sk, k_.hd, ctx.get(), ldctx_, act, s);
+                       k_.mask ? mask.as<int32_t>() : nullptr, k_.Sk + kMaskPad, k_.window, k_.B,
+                       k_.H, k_.KV, k_.Sq, k_.Sk, k_.hd, ctx.get(), ldctx_, act, s);
     return {{from_device(ctx, n, act)}, {}};
   }
 #endif
 
  private:
+  // The mask rows are Sk + kMaskPad wide (a KV cache's mask, [B, Smax]); the pad columns hide
+  // everything, so reading them would show.
+  static constexpr int64_t kMaskPad = 5;
+  static std::vector<int32_t> strided_mask(int64_t B, int64_t Sk, int64_t pad) {
+    const auto m = padding_mask(B, Sk);
+    std::vector<int32_t> out(static_cast<size_t>(B * (Sk + pad)), 0);
+    for (int64_t b = 0; b < B; ++b)
+      std::copy_n(m.begin() + b * Sk, Sk, out.begin() + b * (Sk + pad));
+    return out;
+  }
   Shape k_;
   int64_t ldq_, ldctx_, ldkv_, kv_bstride_;
   std::vector<float> q_, kv_;
