@@ -232,6 +232,7 @@ struct CudaLmModel::Impl {
   DeviceBuffer scores, probs, pmask, att_ptrs;
   std::vector<const void*> host_ptrs;
   PinnedBuffer step_ids, step_obs;
+  PinnedBuffer prompt_obs;  // the prompt pass's observations (staged: no synchronization per layer)
 
   void init_dims();
   void upload(const LmModel& m);
@@ -255,7 +256,30 @@ struct CudaLmModel::Impl {
   // vocab_logits [n, V] = lm_head · rmsnorm(xin [n, d]); the float32 normed rows into hr.
   void head(const float* xin, int64_t n);
   size_t device_bytes() const;
+  // A tap for a pass of B x Sq rows staging, in pinned memory, every key obs wants (lm.* or gen.*,
+  // and lm.output when `output`): the copies run on the stream, offered at flush().
+  LmTap staged_tap(Observer* obs, PinnedBuffer& staging, int64_t B, int64_t Sq, bool gen,
+                   bool output);
 };
+
+LmTap CudaLmModel::Impl::staged_tap(Observer* obs, PinnedBuffer& staging, int64_t B, int64_t Sq,
+                                    bool gen, bool output) {
+  if (obs == nullptr) return LmTap(nullptr, stream->get(), nullptr);
+  const auto n = static_cast<size_t>(B * Sq);
+  size_t bytes = 256;
+  for (int blk : c.sparse_layers()) {
+    auto add = [&](std::string_view field, size_t per_row) {
+      if (obs->wants(lm_key(gen, blk, field))) bytes += align256(n * per_row);
+    };
+    add(keys::kHidden, static_cast<size_t>(d) * 4);
+    add(keys::kRouterLogits, static_cast<size_t>(E) * 4);
+    add(keys::kExpert, static_cast<size_t>(k) * 4);
+    add(keys::kGate, static_cast<size_t>(k) * 4);
+  }
+  if (output && obs->wants("lm.output")) bytes += align256(n * static_cast<size_t>(d) * 4);
+  staging.reserve(bytes);
+  return LmTap(obs, stream->get(), &staging);
+}
 
 void CudaLmModel::Impl::init_dims() {
   d = c.hidden_size;
@@ -785,12 +809,13 @@ Tensor CudaLmModel::forward(const Batch& batch, Observer* obs) {
     fail("CudaLmModel::forward: sequence length ", S, " > ", cuda::kDecodeMaxKeys);
   std::vector<int32_t> positions(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) positions[static_cast<size_t>(i)] = static_cast<int32_t>(i % S);
-  LmTap tap(obs, m.stream->get(), nullptr);
+  LmTap tap = m.staged_tap(obs, m.prompt_obs, B, S, false, true);
   m.prompt(batch, positions, S, tap);
   m.head(m.x.as<float>(), n);
+  tap.put("lm.output", m.hr.get(), DType::kF32, {B, S, m.d});
   Tensor logits(DType::kF32, {B, S, m.V});
   cuda::download(logits.raw(), m.vocab_logits.get(), logits.nbytes(), m.stream->get());
-  tap.put("lm.output", m.hr.get(), DType::kF32, {B, S, m.d});
+  tap.flush();
   return logits;
 }
 
@@ -803,8 +828,9 @@ void CudaLmModel::prefill(const Batch& batch, Observer* obs) {
     fail("CudaLmModel::prefill: sequence length ", S, " > ", cuda::kDecodeMaxKeys);
   std::vector<int32_t> positions(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) positions[static_cast<size_t>(i)] = static_cast<int32_t>(i % S);
-  LmTap tap(obs, m.stream->get(), nullptr);
+  LmTap tap = m.staged_tap(obs, m.prompt_obs, batch.B, S, false, false);
   m.prompt(batch, positions, S, tap);
+  tap.flush();
 }
 
 LmGenerateResult CudaLmModel::generate(const Batch& batch, int64_t new_tokens, Observer* obs) {
@@ -818,8 +844,9 @@ LmGenerateResult CudaLmModel::generate(const Batch& batch, int64_t new_tokens, O
   cudaStream_t s = m.stream->get();
   const std::vector<int32_t> positions = lm_generate_positions(batch);
   {
-    LmTap tap(obs, s, nullptr);
+    LmTap tap = m.staged_tap(obs, m.prompt_obs, B, S, false, false);
     m.prompt(batch, positions, Smax, tap);
+    tap.flush();
   }
   // Step t >= 1 feeds token t - 1 at cache index S + t - 1, position p_b + t (p_b: the prompt's
   // position of column S - 1).
@@ -839,11 +866,6 @@ LmGenerateResult CudaLmModel::generate(const Batch& batch, int64_t new_tokens, O
   m.next_ids.reserve(static_cast<size_t>(B) * 4);
   m.finished.reserve(static_cast<size_t>(B));
   m.step_ids.reserve(static_cast<size_t>(B) * 4);
-  const int64_t n_sparse = static_cast<int64_t>(m.c.sparse_layers().size());
-  m.step_obs.reserve(std::max<size_t>(
-      256, static_cast<size_t>(n_sparse) * (align256(static_cast<size_t>(B * d) * 4) +
-                                            align256(static_cast<size_t>(B * m.E) * 4) +
-                                            2 * align256(static_cast<size_t>(B * m.k) * 4))));
   MT_CUDA_CHECK(cudaMemcpy(m.last_idx.get(), last.data(), last.size() * 4, cudaMemcpyHostToDevice));
   MT_CUDA_CHECK(cudaMemsetAsync(m.finished.get(), 0, static_cast<size_t>(B), s));
   cuda::gather_rows(m.x.as<float>(), m.last_idx.as<int32_t>(), B, d, m.last_x.as<float>(), s);
@@ -852,7 +874,7 @@ LmGenerateResult CudaLmModel::generate(const Batch& batch, int64_t new_tokens, O
   for (int64_t b = 0; b < B; ++b)
     seqs[static_cast<size_t>(b)].assign(batch.input_ids.begin() + b * S,
                                         batch.input_ids.begin() + (b + 1) * S);
-  LmTap tap(obs, s, &m.step_obs);
+  LmTap tap = m.staged_tap(obs, m.step_obs, B, 1, true, false);
   for (int64_t t = 0; t < new_tokens; ++t) {
     const float* xin = m.last_x.as<float>();
     if (t > 0) {  // one cached step over the token chosen last
