@@ -22,9 +22,8 @@
 // Observation (model/observer.h, the keys of LmModel): lm.{i}.hidden [B,S,d] F32 (router input),
 // lm.{i}.router_logits [B,S,E] F32, lm.{i}.expert [B,S,k] I32, lm.{i}.gate [B,S,k] F32 for the
 // prompt pass, lm.output [B,S,d] F32 from forward(); gen.{i}.* [B,1,...] once per cached
-// generation step. Only the keys the observer wants(key) are copied: forward()/prefill() download
-// them at once, generate() stages them in pinned memory and offers them after the step's one
-// synchronization.
+// generation step. Only the keys the observer wants(key) are copied, on the stream into pinned
+// memory, and offered after the pass's (the prompt's, a generation step's) one synchronization.
 #pragma once
 
 #include <cstdint>
