@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 
 #include "core/error.h"
@@ -228,6 +229,103 @@ TEST(LmModel, CachedStepsEqualAFullForwardPass) {
       }
     }
   }
+}
+
+// Mixtral's sliding window: key j is visible from query i iff i - j < W. With W = 2 and 2 layers
+// the last column depends on the last 3 tokens only: changing any earlier token leaves its logits
+// as they are, changing the third-last changes them (an off-by-one window would not).
+TEST(LmModel, SlidingWindowBoundsTheReceptiveField) {
+  const fs::path dir = kFixtures / "mixtral/model";
+  LmConfig c = load_lm_config(dir / "config.json");
+  ASSERT_EQ(c.sliding_window, 0);
+  ASSERT_EQ(c.num_hidden_layers, 2);
+  const ForwardInputs in = read_forward_inputs(kFixtures / "mixtral/inputs.safetensors");
+  const int64_t S = in.batch.S, V = c.vocab_size;
+  std::shared_ptr<TensorSource> src = open_checkpoint(dir);
+  auto last_logits = [&](int64_t window, int64_t changed) {  // changed < 0: none
+    LmConfig cw = c;
+    cw.sliding_window = window;
+    Batch b;
+    b.B = 1;
+    b.S = S;
+    b.input_ids.assign(in.batch.input_ids.begin(), in.batch.input_ids.begin() + S);
+    b.attention_mask.assign(static_cast<size_t>(S), 1);
+    if (changed >= 0) {
+      int32_t& id = b.input_ids[static_cast<size_t>(changed)];
+      id = static_cast<int32_t>((id + 17) % V);
+    }
+    const Tensor l = LmModel::from_source(cw, src)->forward(b, nullptr);
+    return std::vector<float>(l.data<float>() + (S - 1) * V, l.data<float>() + S * V);
+  };
+  auto max_diff = [](const std::vector<float>& a, const std::vector<float>& b) {
+    float m = 0;
+    for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
+    return m;
+  };
+  const auto base = last_logits(2, -1);
+  for (int64_t t = 0; t < S - 3; ++t) EXPECT_LT(max_diff(base, last_logits(2, t)), 1e-5) << t;
+  EXPECT_GT(max_diff(base, last_logits(2, S - 3)), 1e-3);
+  // A window as long as the sequence is no window; no window sees everything.
+  EXPECT_EQ(max_diff(last_logits(S, -1), last_logits(0, -1)), 0.0f);
+  EXPECT_GT(max_diff(last_logits(0, -1), last_logits(0, 0)), 1e-3);
+}
+
+// tie_word_embeddings: no lm_head.weight needed, and the logits are those of an lm_head equal to
+// the embedding.
+TEST(LmModel, TiedEmbeddingsAreTheLmHead) {
+  const fs::path dir = kFixtures / "olmoe/model";
+  LmConfig c = load_lm_config(dir / "config.json");
+  ASSERT_FALSE(c.tie_word_embeddings);
+  auto untied = std::make_shared<EditedSource>(dir);
+  const CheckpointTensor* emb = untied->find("model.embed_tokens.weight");
+  float* head = untied->put("lm_head.weight", emb->view.shape);
+  std::copy_n(emb->view.as<float>(), emb->view.numel(), head);
+  auto tied = std::make_shared<EditedSource>(dir);
+  tied->remove("lm_head.weight");
+  LmConfig ct = c;
+  ct.tie_word_embeddings = true;
+  const ForwardInputs in = read_forward_inputs(kFixtures / "olmoe/inputs.safetensors");
+  const Tensor a = LmModel::from_source(c, untied)->forward(in.batch, nullptr);
+  const Tensor b = LmModel::from_source(ct, tied)->forward(in.batch, nullptr);
+  EXPECT_EQ(std::memcmp(a.raw(), b.raw(), a.nbytes()), 0);
+  const Tensor orig = LmModel::load(dir)->forward(in.batch, nullptr);
+  EXPECT_NE(std::memcmp(a.raw(), orig.raw(), a.nbytes()), 0);  // the fixture's own head differs
+}
+
+TEST(LmRoute, DescendingOrderTiesToTheLowestIndexAndRenormalization) {
+  // Row 0 distinct; row 1 three-way tie for the top: experts 1 and 2 (lowest indices) win.
+  const float logits[2][5] = {{0.1f, 2.0f, -1.0f, 1.5f, 0.0f}, {1.0f, 3.0f, 3.0f, 0.0f, 3.0f}};
+  int32_t ids[2][3];
+  float w[2][3];
+  lm_topk_route(&logits[0][0], 2, 5, 3, false, &ids[0][0], &w[0][0]);
+  EXPECT_EQ((std::vector<int32_t>(ids[0], ids[0] + 3)), (std::vector<int32_t>{1, 3, 0}));
+  EXPECT_EQ((std::vector<int32_t>(ids[1], ids[1] + 3)), (std::vector<int32_t>{1, 2, 4}));
+  double z = 0;
+  for (float l : logits[0]) z += std::exp(static_cast<double>(l));
+  EXPECT_NEAR(w[0][0], std::exp(2.0) / z, 1e-6);  // plain softmax probabilities
+  EXPECT_NEAR(w[0][2], std::exp(0.1) / z, 1e-6);
+  int32_t ids2[2][2];
+  float w2[2][2];
+  lm_topk_route(&logits[0][0], 2, 5, 2, true, &ids2[0][0], &w2[0][0]);
+  EXPECT_NEAR(w2[0][0] + w2[0][1], 1.0f, 1e-6);  // renormalized over the k chosen
+  EXPECT_NEAR(w2[0][0] / w2[0][1], std::exp(0.5), 1e-5);
+  EXPECT_EQ(ids2[1][0], 1);
+  EXPECT_EQ(ids2[1][1], 2);
+  EXPECT_FLOAT_EQ(w2[1][0], 0.5f);
+}
+
+TEST(LmRope, InverseFrequencies) {
+  LmConfig c;
+  c.head_dim = 8;
+  c.rope_theta = 10000.0;
+  std::vector<float> f = rope_inv_freq(c);
+  ASSERT_EQ(f.size(), 4u);
+  EXPECT_FLOAT_EQ(f[0], 1.0f);
+  EXPECT_NEAR(f[1], 0.1f, 1e-7);  // 10000^(-2/8)
+  EXPECT_NEAR(f[3], 0.001f, 1e-9);
+  c.rope_type = RopeType::kLinear;
+  c.rope_factor = 4.0;
+  EXPECT_NEAR(rope_inv_freq(c)[1], 0.025f, 1e-8);
 }
 
 }  // namespace

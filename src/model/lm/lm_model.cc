@@ -20,6 +20,55 @@ std::string lm_key(bool gen, int64_t block, std::string_view field) {
   return k;
 }
 
+void lm_topk_route(const float* logits, int64_t n, int64_t E, int64_t k, bool renormalize,
+                   int32_t* ids, float* weights) {
+  std::vector<float> p(static_cast<size_t>(E));
+  std::vector<uint8_t> taken(static_cast<size_t>(E));
+  for (int64_t t = 0; t < n; ++t) {
+    std::copy_n(logits + t * E, E, p.data());
+    float mx = -std::numeric_limits<float>::infinity();
+    for (float v : p) mx = std::max(mx, v);
+    float sum = 0.f;
+    for (float& v : p) {
+      v = std::exp(v - mx);
+      sum += v;
+    }
+    for (float& v : p) v /= sum;
+    std::fill(taken.begin(), taken.end(), 0);
+    int32_t* id = ids + t * k;
+    float* w = weights + t * k;
+    for (int64_t r = 0; r < k; ++r) {
+      int64_t best = -1;  // the first maximum among the experts not taken yet
+      for (int64_t e = 0; e < E; ++e) {
+        if (!taken[static_cast<size_t>(e)] &&
+            (best < 0 || p[static_cast<size_t>(e)] > p[static_cast<size_t>(best)]))
+          best = e;
+      }
+      taken[static_cast<size_t>(best)] = 1;
+      id[r] = static_cast<int32_t>(best);
+      w[r] = p[static_cast<size_t>(best)];
+    }
+    if (renormalize) {
+      float s = 0.f;
+      for (int64_t r = 0; r < k; ++r) s += w[r];
+      for (int64_t r = 0; r < k; ++r) w[r] /= s;
+    }
+  }
+}
+
+std::vector<float> rope_inv_freq(const LmConfig& c) {
+  const int64_t half = c.head_dim / 2;
+  std::vector<float> f(static_cast<size_t>(half));
+  const auto theta = static_cast<float>(c.rope_theta);
+  for (int64_t i = 0; i < half; ++i) {
+    const float e = static_cast<float>(2 * i) / static_cast<float>(c.head_dim);
+    f[static_cast<size_t>(i)] = 1.0f / std::pow(theta, e);
+    if (c.rope_type == RopeType::kLinear)
+      f[static_cast<size_t>(i)] /= static_cast<float>(c.rope_factor);
+  }
+  return f;
+}
+
 namespace {
 
 // transformers' eager attention adds the lowest float to masked scores (not -inf): a row with no
@@ -86,20 +135,6 @@ void linear(const Matrix& w, const std::vector<float>& bias, const float* x, int
 
 float silu(float x) { return x / (1.0f + std::exp(-x)); }
 float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-
-// inv_freq[i] = 1 / theta^(2i / hd) (float32, as torch), divided by the factor for linear RoPE.
-std::vector<float> inv_freq(const LmConfig& c) {
-  const int64_t half = c.head_dim / 2;
-  std::vector<float> f(static_cast<size_t>(half));
-  const auto theta = static_cast<float>(c.rope_theta);
-  for (int64_t i = 0; i < half; ++i) {
-    const float e = static_cast<float>(2 * i) / static_cast<float>(c.head_dim);
-    f[static_cast<size_t>(i)] = 1.0f / std::pow(theta, e);
-    if (c.rope_type == RopeType::kLinear)
-      f[static_cast<size_t>(i)] /= static_cast<float>(c.rope_factor);
-  }
-  return f;
-}
 
 // RoPE, rotate_half convention: for each head of each row r at position pos[r], with
 // a = x[i], b = x[i + hd/2], angle = pos · inv_freq[i]:  x[i] = a·cos - b·sin,
@@ -239,52 +274,14 @@ void swiglu(const LmMlp& m, const float* h, int64_t d, const std::vector<int64_t
   }
 }
 
-// The router after its logits, per token row: probs = softmax(logits) in float32 over all E
-// experts; the k largest in descending order (ties: lowest index first); their probabilities,
-// divided by their float32 sum when norm_topk_prob.
-void route(const LmConfig& c, LmActs& a) {
-  const int64_t E = c.num_experts, k = c.top_k;
-  std::vector<float> p(static_cast<size_t>(E));
-  std::vector<uint8_t> taken(static_cast<size_t>(E));
-  for (int64_t t = 0; t < a.n; ++t) {
-    std::copy_n(a.router_logits.data() + t * E, E, p.data());
-    float mx = -std::numeric_limits<float>::infinity();
-    for (float v : p) mx = std::max(mx, v);
-    float sum = 0.f;
-    for (float& v : p) {
-      v = std::exp(v - mx);
-      sum += v;
-    }
-    for (float& v : p) v /= sum;
-    std::fill(taken.begin(), taken.end(), 0);
-    int32_t* ids = a.expert.data() + t * k;
-    float* w = a.gate.data() + t * k;
-    for (int64_t r = 0; r < k; ++r) {
-      int64_t best = -1;
-      for (int64_t e = 0; e < E; ++e) {
-        if (!taken[static_cast<size_t>(e)] &&
-            (best < 0 || p[static_cast<size_t>(e)] > p[static_cast<size_t>(best)]))
-          best = e;
-      }
-      taken[static_cast<size_t>(best)] = 1;
-      ids[r] = static_cast<int32_t>(best);
-      w[r] = p[static_cast<size_t>(best)];
-    }
-    if (c.norm_topk_prob) {
-      float s = 0.f;
-      for (int64_t r = 0; r < k; ++r) s += w[r];
-      for (int64_t r = 0; r < k; ++r) w[r] /= s;
-    }
-  }
-}
-
 // The MoE block on a.h: a.out = Σ_r gate_r · expert_{id_r}(h), experts in ascending index order
 // (as transformers' index_add), + sigmoid(shared_expert_gate(h)) · shared_expert(h) (qwen2_moe).
 void moe_block(const LmConfig& c, const LmMoe& m, int64_t block, bool gen, LmActs& a,
                Observer* obs) {
   const int64_t d = c.hidden_size, E = c.num_experts, k = c.top_k, B = a.B, Sq = a.Sq;
   linear(m.router, {}, a.h.data(), a.n, a.router_logits.data());
-  route(c, a);
+  lm_topk_route(a.router_logits.data(), a.n, E, k, c.norm_topk_prob, a.expert.data(),
+                a.gate.data());
   offer(obs, lm_key(gen, block, keys::kHidden), DType::kF32, {B, Sq, d}, a.h.data());
   offer(obs, lm_key(gen, block, keys::kRouterLogits), DType::kF32, {B, Sq, E},
         a.router_logits.data());
@@ -448,7 +445,7 @@ Tensor LmModel::forward(const Batch& batch, Observer* obs) const {
   const Pass p{positions.data(), 0, S, batch.attention_mask.data()};
   std::vector<KvCache> cache = make_cache(c, B, S);
   LmActs a(c, B, S);
-  layers(c, weights_, p, inv_freq(c), cache, a, x.data(), false, obs);
+  layers(c, weights_, p, rope_inv_freq(c), cache, a, x.data(), false, obs);
   Tensor logits(DType::kF32, {B, S, c.vocab_size});
   lm_head(c, weights_, x.data(), n, logits.data<float>());
   offer(obs, std::string("lm.output"), DType::kF32, {B, S, d}, x.data());
@@ -474,7 +471,7 @@ LmGenerateResult LmModel::generate(const Batch& batch, int64_t new_tokens, Obser
       positions[static_cast<size_t>(b * S + s)] = m != 0 ? seen - 1 : 0;
     }
   }
-  const std::vector<float> freq = inv_freq(c);
+  const std::vector<float> freq = rope_inv_freq(c);
   std::vector<KvCache> cache = make_cache(c, B, T);
 
   LmGenerateResult r;

@@ -25,6 +25,17 @@ namespace moetrace {
 // The observation key "lm.3.router_logits" (gen = false) or "gen.3.router_logits" (gen = true).
 std::string lm_key(bool gen, int64_t block, std::string_view field);
 
+// The router after its logits, the one statement of the rule (docs/MOE_LM_SPEC.md, 5.): per
+// token row t of logits [n, E], probs = softmax(logits[t]) in float32 over all E experts; ids[t]
+// [k] = the k largest in descending order, exact ties to the lowest index; weights[t] [k] = their
+// probabilities, divided by their float32 sum when renormalize (norm_topk_prob; mixtral always).
+void lm_topk_route(const float* logits, int64_t n, int64_t E, int64_t k, bool renormalize,
+                   int32_t* ids, float* weights);
+
+// RoPE's inverse frequencies [hd/2], float32 as transformers computes them: 1 / theta^(2i/hd),
+// divided by the factor for linear scaling. Angle of position p: p * inv_freq[i] (float32).
+std::vector<float> rope_inv_freq(const LmConfig& c);
+
 struct LmGenerateResult {
   int64_t B = 0, S = 0, new_tokens = 0;
   std::vector<int32_t> ids;  // [B, S + new_tokens]: the prompt, then the greedy tokens
