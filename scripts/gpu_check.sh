@@ -6,7 +6,11 @@
 #                                           may lack into .gpudeps/deps.tar.xz (ignored; pass
 #                                           carry=[".gpudeps"] to the device call)
 #   bash scripts/gpu_check.sh [steps...]    on the device; steps: env build test forward bench hf ncu collect
-#                                           scale (default: env build test forward bench hf)
+#                                           scale lm (default: env build test forward bench hf)
+#
+# lm: the MoE language models alone (issue 20): the LM GPU tests (tests/cuda/lm_*), the LM ops of
+# the backend test, and bench/bench_lm_gpu (OLMoE-1B-7B and Mixtral-8x7B prefill, LM_BENCH_ARGS
+# passed on); e.g. `bash scripts/gpu_check.sh env build lm`.
 #
 # The device image is bare and offline: the carried bundle supplies what it lacks (OpenBLAS,
 # SentencePiece, CLI11, ...) and the image's pyarrow wheel supplies Arrow C++, so the whole project
@@ -87,6 +91,7 @@ MOETRACE=""
 CUDA_TESTS=$BUILD/cuda_tests
 BACKEND_TESTS=$BUILD/backend_tests
 BENCH_GPU=$BUILD/bench_gpu
+BENCH_LM=$BUILD/bench_lm_gpu
 if has build; then
   t0=$(date +%s)
   mkdir -p $BUILD
@@ -95,11 +100,12 @@ if has build; then
   if cmake -S $ROOT -B $BUILD/full -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOETRACE_WERROR=OFF -DMOETRACE_CUDA=ON \
       -DMOETRACE_PYTHON="$(command -v python3)" -DCMAKE_CXX_FLAGS="$cxx_flags" "${cmake_args[@]}" \
       >"$BUILD/full-configure.log" 2>&1 &&
-    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests backend_tests engine_tests bench_gpu bench_store >"$BUILD/full-build.log" 2>&1; then
+    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests backend_tests engine_tests bench_gpu bench_lm_gpu bench_store >"$BUILD/full-build.log" 2>&1; then
     MOETRACE=$BUILD/full/tools/cli/moetrace
     CUDA_TESTS=$BUILD/full/tests/cuda_tests
     BACKEND_TESTS=$BUILD/full/tests/backend_tests
     BENCH_GPU=$BUILD/full/bench/bench_gpu
+    BENCH_LM=$BUILD/full/bench/bench_lm_gpu
     echo "== full build (CLI included): $(( $(date +%s) - t0 )) s"
   else
     echo "== full project build failed; building the GPU engine's part alone. Last lines:"
@@ -107,7 +113,7 @@ if has build; then
   fi
 fi
 [[ -x $BUILD/full/tools/cli/moetrace ]] && MOETRACE=$BUILD/full/tools/cli/moetrace CUDA_TESTS=$BUILD/full/tests/cuda_tests \
-  BACKEND_TESTS=$BUILD/full/tests/backend_tests BENCH_GPU=$BUILD/full/bench/bench_gpu
+  BACKEND_TESTS=$BUILD/full/tests/backend_tests BENCH_GPU=$BUILD/full/bench/bench_gpu BENCH_LM=$BUILD/full/bench/bench_lm_gpu
 
 # BASELINE_SRC=DIR (a source tree of an earlier commit, e.g. `git archive REV src include tools cmake
 # assets bench scripts python CMakeLists.txt CMakePresets.json`): its CLI is built too, with the same
@@ -170,12 +176,17 @@ if(bench_gpu_srcs AND TARGET moetrace_model_cuda)
   add_executable(bench_gpu \${bench_gpu_srcs})
   target_link_libraries(bench_gpu PRIVATE moetrace_all)
 endif()
+if(EXISTS $ROOT/bench/bench_lm_gpu.cc AND TARGET moetrace_model_cuda)
+  add_executable(bench_lm_gpu $ROOT/bench/bench_lm_gpu.cc)
+  target_link_libraries(bench_lm_gpu PRIVATE moetrace_all)
+endif()
 CMAKE
   t0=$(date +%s)
   set -o pipefail
   cmake -S $BUILD/src -B $BUILD -G Ninja -DCMAKE_BUILD_TYPE=Release "${cmake_args[@]}" 2>&1 | tee "$BUILD/configure.log" | tail -15 || exit 1
   targets=(cuda_tests backend_tests)
   grep -q '^build bench_gpu' $BUILD/build.ninja 2>/dev/null && targets+=(bench_gpu)
+  grep -q '^build bench_lm_gpu' $BUILD/build.ninja 2>/dev/null && targets+=(bench_lm_gpu)
   cmake --build $BUILD -j "$NPROC" --target "${targets[@]}" 2>&1 | tee "$BUILD/build.log" | grep -E "error|warning: |FAILED" | head -40
   [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "BUILD FAILED"; tail -30 "$BUILD/build.log"; exit 1; }
   echo "== build: $(( $(date +%s) - t0 )) s"
@@ -228,6 +239,22 @@ fi
 if has bench && [[ -x $BENCH_GPU ]]; then
   [[ -e /tmp/moetrace_mix.txt ]] || python3 $ROOT/bench/hf_switch_bench.py --write-mix
   $BENCH_GPU --json "$OUT/bench_gpu.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -40
+fi
+
+# The MoE language models (issue 20): their GPU tests (fixtures in fp32 against transformers and
+# the CPU engine, bf16 agreement, reproducibility), their ops in the backend test, and the prefill
+# benchmark at the OLMoE-1B-7B and Mixtral-8x7B shapes (a model larger than the GPU is measured with
+# the layers that fit, and says so).
+if has lm; then
+  timeout 300 $CUDA_TESTS --gtest_filter='*Lm*' --gtest_output=xml:"$OUT/lm_tests.xml" 2>&1 | tee "$OUT/lm_tests.log" |
+    grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[ (fp32|BF16|F16) \]|^\[==" | head -120
+  timeout 300 $BACKEND_TESTS --gtest_filter='*lm_*:*moe_*:*swiglu*:*fill_uniform*:*gemm*' 2>&1 | tee "$OUT/lm_backend.log" |
+    grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[==" | head -60
+  if [[ -x $BENCH_LM ]]; then
+    timeout 480 $BENCH_LM --json "$OUT/bench_lm_gpu.json" ${LM_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_lm.log" | tail -30
+  else
+    echo "no bench_lm_gpu binary at $BENCH_LM"
+  fi
 fi
 
 if has hf && [[ -e $ROOT/bench/hf_switch_bench.py ]]; then

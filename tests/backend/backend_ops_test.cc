@@ -718,6 +718,467 @@ class MoeFfnCase : public OpCase {
   std::vector<float> logits_, h_, wi_, wo_, x0_;
 };
 
+// ---- language models ----------------------------------------------------------------------------
+
+// q/k preparation of one LM layer: bias, clip, q/k norms, RoPE, the scale; q rows and k | v rows
+// into a strided cache [B, Smax, 2*KV*hd + pad] at position t0.
+class LmQkvRopeCase : public OpCase {
+ public:
+  struct Shape {
+    int64_t B, Sq, H, KV, hd;
+    cpu::QkNormKind norm;
+    bool bias;
+    float clip;
+  };
+  LmQkvRopeCase(std::string name, Shape k)
+      : OpCase("lm_qkv_rope_" + name),
+        k_(k),
+        cols_((k.H + 2 * k.KV) * k.hd),
+        ldq_(k.H * k.hd + 3),
+        ldkv_(2 * k.KV * k.hd + 8),
+        smax_(k.Sq + kT0 + 2),
+        qkv_(random_vec(k.B * k.Sq * cols_, 30, -2, 2)),
+        bias_(random_vec(cols_, 31, -0.5f, 0.5f)),
+        qn_(random_vec(k.norm == cpu::QkNormKind::kFull ? k.H * k.hd : k.hd, 32, 0.5f, 1.5f)),
+        kn_(random_vec(k.norm == cpu::QkNormKind::kFull ? k.KV * k.hd : k.hd, 33, 0.5f, 1.5f)) {
+    for (int64_t t = 0; t < k.B * k.Sq; ++t) pos_.push_back(static_cast<int32_t>((t * 37) % kP));
+    cpu::rope_table(k.hd, kP, kTheta, kFactor, cos_, sin_);
+  }
+  // values: q rows, the cache.
+  Outputs cpu(DType act) const override {
+    std::vector<float> q(static_cast<size_t>(k_.B * k_.Sq * ldq_), 0.f),
+        kv(static_cast<size_t>(k_.B * smax_ * ldkv_), 0.f);
+    cpu::lm_qkv_rope(qkv_.data(), k_.bias ? bias_.data() : nullptr, k_.clip, k_.norm, qn_.data(),
+                     kn_.data(), kEps, pos_.data(), cos_.data(), sin_.data(), kScale, k_.B, k_.Sq,
+                     k_.H, k_.KV, k_.hd, q.data(), ldq_, kv.data(), ldkv_, smax_ * ldkv_, kT0, act);
+    return {{q, kv}, {}};
+  }
+  // A plain loop in double: transformers' order of operations, its rope angles from scratch.
+  void check(const Outputs& got) const override {
+    const int64_t H = k_.H, KV = k_.KV, hd = k_.hd, half = hd / 2, qn = H * hd, kn = KV * hd;
+    std::vector<float> want_q(got.values[0].size(), 0.f), want_kv(got.values[1].size(), 0.f);
+    auto rms = [&](std::vector<double>& x, int64_t off, int64_t n, const std::vector<float>& w) {
+      double ss = 0;
+      for (int64_t c = 0; c < n; ++c) ss += x[off + c] * x[off + c];
+      const double scale = 1 / std::sqrt(ss / static_cast<double>(n) + kEps);
+      for (int64_t c = 0; c < n; ++c) x[off + c] = w[c % w.size()] * x[off + c] * scale;
+    };
+    for (int64_t t = 0; t < k_.B * k_.Sq; ++t) {
+      std::vector<double> x(static_cast<size_t>(cols_));
+      for (int64_t c = 0; c < cols_; ++c) {
+        x[c] = qkv_[t * cols_ + c] + (k_.bias ? double{bias_[c]} : 0.0);
+      }
+      if (k_.norm == cpu::QkNormKind::kFull) {
+        rms(x, 0, qn, qn_);
+        rms(x, qn, kn, kn_);
+      } else if (k_.norm == cpu::QkNormKind::kPerHead) {
+        for (int64_t hh = 0; hh < H + KV; ++hh) rms(x, hh * hd, hd, hh < H ? qn_ : kn_);
+      }
+      if (k_.clip > 0)
+        for (double& v : x) v = std::clamp<double>(v, -k_.clip, k_.clip);
+      const int64_t b = t / k_.Sq, s = t % k_.Sq;
+      for (int64_t hh = 0; hh < H + KV; ++hh) {
+        for (int64_t c = 0; c < half; ++c) {
+          const double inv = 1 / std::pow(kTheta, 2.0 * c / hd) / kFactor;
+          const double a = pos_[t] * inv;
+          const double x1 = x[hh * hd + c], x2 = x[hh * hd + c + half];
+          const double y1 = x1 * std::cos(a) - x2 * std::sin(a);
+          const double y2 = x2 * std::cos(a) + x1 * std::sin(a);
+          if (hh < H) {
+            want_q[t * ldq_ + hh * hd + c] = static_cast<float>(y1 * kScale);
+            want_q[t * ldq_ + hh * hd + c + half] = static_cast<float>(y2 * kScale);
+          } else {
+            float* kr = want_kv.data() + b * smax_ * ldkv_ + (kT0 + s) * ldkv_ + (hh - H) * hd;
+            kr[c] = static_cast<float>(y1);
+            kr[c + half] = static_cast<float>(y2);
+          }
+        }
+      }
+      float* vr = want_kv.data() + b * smax_ * ldkv_ + (kT0 + s) * ldkv_ + kn;
+      for (int64_t c = 0; c < kn; ++c) vr[c] = static_cast<float>(x[qn + kn + c]);
+    }
+    // float32 angles of positions up to kP: about 1e-5 of a radian apart from double ones.
+    EXPECT_LT(rel_err(got.values[0], want_q), 2e-5);
+    EXPECT_LT(rel_err(got.values[1], want_kv), 2e-5);
+  }
+  double tolerance(DType act, size_t) const override {
+    return act == DType::kF32 ? 1e-6 : 2 * act_tol(act);
+  }
+#ifdef MOETRACE_BACKEND_CUDA
+  Outputs cuda(DType act, cudaStream_t s) const override {
+    auto qkv = to_device(qkv_, DType::kF32), bias = to_device(bias_, DType::kF32),
+         qn = to_device(qn_, DType::kF32), kn = to_device(kn_, DType::kF32),
+         co = to_device(cos_, DType::kF32), si = to_device(sin_, DType::kF32);
+    auto pos = to_device_raw(pos_);
+    const int64_t nq = k_.B * k_.Sq * ldq_, nkv = k_.B * smax_ * ldkv_;
+    auto q = to_device(std::vector<float>(static_cast<size_t>(nq), 0.f), act);
+    auto kv = to_device(std::vector<float>(static_cast<size_t>(nkv), 0.f), act);
+    cuda::lm_qkv_rope(qkv.as<float>(), k_.bias ? bias.as<float>() : nullptr, k_.clip,
+                      static_cast<cuda::QkNormKind>(k_.norm), qn.as<float>(), kn.as<float>(), kEps,
+                      pos.as<int32_t>(), co.as<float>(), si.as<float>(), kScale, k_.B, k_.Sq, k_.H,
+                      k_.KV, k_.hd, q.get(), ldq_, kv.get(), ldkv_, smax_ * ldkv_, kT0, act, s);
+    return {{from_device(q, nq, act), from_device(kv, nkv, act)}, {}};
+  }
+#endif
+
+ private:
+  static constexpr int64_t kP = 300, kT0 = 3;
+  static constexpr double kTheta = 10000.0, kFactor = 2.0;
+  static constexpr float kEps = 1e-6f, kScale = 0.125f;
+  Shape k_;
+  int64_t cols_, ldq_, ldkv_, smax_;
+  std::vector<float> qkv_, bias_, qn_, kn_, cos_, sin_;
+  std::vector<int32_t> pos_;
+};
+
+// Causal grouped-query attention over a strided cache: the prompt pass (Sq = Sk) with padding, a
+// generation step (Sq = 1), the sliding window.
+class LmAttentionCase : public OpCase {
+ public:
+  struct Shape {
+    int64_t B, H, KV, hd, Sq, Sk, window;
+    bool mask;
+  };
+  LmAttentionCase(std::string name, Shape k)
+      : OpCase("lm_attention_" + name),
+        k_(k),
+        ldq_(k.H * k.hd + 5),
+        ldctx_(k.H * k.hd + 3),
+        ldkv_(2 * k.KV * k.hd + 16),
+        kv_bstride_((k.Sk + 4) * ldkv_),
+        q_(random_vec(k.B * k.Sq * ldq_, 40, -0.5f, 0.5f)),
+        kv_(random_vec(k.B * kv_bstride_, 41, -0.5f, 0.5f)),
+        mask_(strided_mask(k.B, k.Sk, kMaskPad)) {}
+  Outputs cpu(DType act) const override {
+    const auto q = rounded(q_, act), kv = rounded(kv_, act);
+    std::vector<float> ctx(static_cast<size_t>(k_.B * k_.Sq * ldctx_), 0.f);
+    cpu::lm_attention(q.data(), ldq_, kv.data(), kv.data() + k_.KV * k_.hd, ldkv_, kv_bstride_,
+                      k_.mask ? mask_.data() : nullptr, k_.Sk + kMaskPad, k_.window, k_.B, k_.H,
+                      k_.KV, k_.Sq, k_.Sk, k_.hd, ctx.data(), ldctx_, act);
+    return {{ctx}, {}};
+  }
+  void check(const Outputs& got) const override {
+    const int64_t G = k_.H / k_.KV, hd = k_.hd;
+    std::vector<float> want(got.values[0].size(), 0.f);
+    for (int64_t b = 0; b < k_.B; ++b)
+      for (int64_t h = 0; h < k_.H; ++h)
+        for (int64_t i = 0; i < k_.Sq; ++i) {
+          const int64_t pos = i + k_.Sk - k_.Sq;
+          const float* qr = q_.data() + (b * k_.Sq + i) * ldq_ + h * hd;
+          std::vector<double> s;
+          std::vector<int64_t> keys;
+          for (int64_t j = 0; j <= pos; ++j) {
+            if (k_.window > 0 && pos - j >= k_.window) continue;
+            const float* kr = kv_.data() + b * kv_bstride_ + j * ldkv_ + (h / G) * hd;
+            double acc = 0;
+            for (int64_t c = 0; c < hd; ++c) acc += double{qr[c]} * kr[c];
+            s.push_back(k_.mask && mask_[b * (k_.Sk + kMaskPad) + j] == 0 ? kLowest : acc);
+            keys.push_back(j);
+          }
+          const auto p = plain_softmax(s);
+          for (int64_t c = 0; c < hd; ++c) {
+            double acc = 0;
+            for (size_t u = 0; u < keys.size(); ++u)
+              acc += p[u] * kv_[b * kv_bstride_ + keys[u] * ldkv_ + k_.KV * hd + (h / G) * hd + c];
+            want[(b * k_.Sq + i) * ldctx_ + h * hd + c] = static_cast<float>(acc);
+          }
+        }
+    EXPECT_LT(rel_err(got.values[0], want), 1e-5);
+  }
+  double tolerance(DType act, size_t) const override { return 2 * act_tol(act); }
+#ifdef MOETRACE_BACKEND_CUDA
+  Outputs cuda(DType act, cudaStream_t s) const override {
+    auto q = to_device(rounded(q_, act), act), kv = to_device(rounded(kv_, act), act);
+    auto mask = to_device_raw(mask_);
+    const int64_t n = k_.B * k_.Sq * ldctx_;
+    auto ctx = to_device(std::vector<float>(static_cast<size_t>(n), 0.f), act);
+    cuda::lm_attention(q.get(), ldq_, kv.get(),
+                       kv.as<uint8_t>() + k_.KV * k_.hd * cuda::act_size(act), ldkv_, kv_bstride_,
+                       k_.mask ? mask.as<int32_t>() : nullptr, k_.Sk + kMaskPad, k_.window, k_.B,
+                       k_.H, k_.KV, k_.Sq, k_.Sk, k_.hd, ctx.get(), ldctx_, act, s);
+    return {{from_device(ctx, n, act)}, {}};
+  }
+#endif
+
+ private:
+  // The mask rows are Sk + kMaskPad wide (a KV cache's mask, [B, Smax]); the pad columns hide
+  // everything, so reading them would show.
+  static constexpr int64_t kMaskPad = 5;
+  static std::vector<int32_t> strided_mask(int64_t B, int64_t Sk, int64_t pad) {
+    const auto m = padding_mask(B, Sk);
+    std::vector<int32_t> out(static_cast<size_t>(B * (Sk + pad)), 0);
+    for (int64_t b = 0; b < B; ++b)
+      std::copy_n(m.begin() + b * Sk, Sk, out.begin() + b * (Sk + pad));
+    return out;
+  }
+  Shape k_;
+  int64_t ldq_, ldctx_, ldkv_, kv_bstride_;
+  std::vector<float> q_, kv_;
+  std::vector<int32_t> mask_;
+};
+
+// Router logits with planted exact ties among the top experts.
+std::vector<float> topk_logits(int64_t T, int64_t E, uint64_t seed) {
+  auto l = random_vec(T * E, seed, -3, 3);
+  for (int64_t t = 0; t < T; ++t) {
+    if (t % 3 == 0) l[t * E + (E - 1)] = l[t * E + 2] = l[t * E + (E / 2)] = 7.f;  // a 3-way tie
+    if (t % 5 == 1) l[t * E + 0] = l[t * E + 1] = 6.f;
+  }
+  return l;
+}
+
+struct TopkRouting {
+  std::vector<int32_t> expert, counts;
+  std::vector<float> weight;
+};
+TopkRouting cpu_topk(const std::vector<float>& logits, int64_t T, int64_t E, int64_t k,
+                     bool renorm) {
+  TopkRouting r{std::vector<int32_t>(static_cast<size_t>(T * k)),
+                std::vector<int32_t>(static_cast<size_t>(E)),
+                std::vector<float>(static_cast<size_t>(T * k))};
+  cpu::moe_topk(logits.data(), T, E, k, renorm, r.expert.data(), r.weight.data(), r.counts.data());
+  return r;
+}
+
+class MoeTopkCase : public OpCase {
+ public:
+  MoeTopkCase(int64_t T, int64_t E, int64_t k, bool renorm)
+      : OpCase("moe_topk_E" + std::to_string(E) + "_k" + std::to_string(k) +
+               (renorm ? "_renorm" : "")),
+        T_(T),
+        E_(E),
+        k_(k),
+        renorm_(renorm),
+        logits_(topk_logits(T, E, 42)) {}
+  // values: weight; exact: expert, counts.
+  Outputs cpu(DType) const override {
+    TopkRouting r = cpu_topk(logits_, T_, E_, k_, renorm_);
+    return {{r.weight}, {r.expert, r.counts}};
+  }
+  void check(const Outputs& got) const override {
+    const auto &expert = got.exact[0], &counts = got.exact[1];
+    std::vector<int32_t> want_counts(static_cast<size_t>(E_), 0);
+    for (int64_t t = 0; t < T_; ++t) {
+      const float* l = logits_.data() + t * E_;
+      std::vector<int64_t> order(static_cast<size_t>(E_));
+      std::iota(order.begin(), order.end(), int64_t{0});
+      // Descending logit (the softmax is monotone), ties to the lowest index.
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t a, int64_t b) { return l[a] > l[b]; });
+      double z = 0, top = 0;
+      for (int64_t e = 0; e < E_; ++e) z += std::exp(double{l[e]} - l[order[0]]);
+      for (int64_t j = 0; j < k_; ++j) top += std::exp(double{l[order[j]]} - l[order[0]]) / z;
+      for (int64_t j = 0; j < k_; ++j) {
+        ASSERT_EQ(expert[t * k_ + j], order[j]) << "token " << t << " slot " << j;
+        const double p = std::exp(double{l[order[j]]} - l[order[0]]) / z;
+        ASSERT_NEAR(got.values[0][t * k_ + j], renorm_ ? p / top : p, 1e-6);
+        ++want_counts[order[j]];
+      }
+      if (t % 3 == 0 && k_ >= 3) {
+        ASSERT_EQ(expert[t * k_], 2) << "a tie goes to the lowest index first";
+      }
+    }
+    EXPECT_EQ(counts, want_counts);
+  }
+  bool gpu_runs(DType act) const override { return act == DType::kF32; }  // float32 in any mode
+#ifdef MOETRACE_BACKEND_CUDA
+  Outputs cuda(DType, cudaStream_t s) const override {
+    auto l = to_device(logits_, DType::kF32);
+    DeviceBuffer expert(T_ * k_ * 4), weight(T_ * k_ * 4), counts(E_ * 4);
+    MT_CUDA_CHECK(cudaMemsetAsync(counts.get(), 0, E_ * 4, s));
+    cuda::moe_topk(l.as<float>(), T_, E_, k_, renorm_, expert.as<int32_t>(), weight.as<float>(),
+                   counts.as<int32_t>(), s);
+    return {{from_device_raw<float>(weight, T_ * k_)},
+            { from_device_raw<int32_t>(expert, T_ * k_),
+              from_device_raw<int32_t>(counts, E_) }};
+  }
+#endif
+
+ private:
+  int64_t T_, E_, k_;
+  bool renorm_;
+  std::vector<float> logits_;
+};
+
+// top-k route -> SwiGLU experts -> combine (with a shared expert's output and gate):
+//   x[t] += Σ_j act(w[t,j]) · down[e](act(silu(g)·u)) + sigmoid(sg[t]) · shared[t]
+// On the GPU: moe_topk, moe_plan, moe_permute over the T*k slots, grouped gate|up GEMM (kSwiGlu),
+// grouped down GEMM (kRows), moe_combine.
+class MoeSwiGluCase : public OpCase {
+ public:
+  MoeSwiGluCase(int64_t T, int64_t E, int64_t k, int64_t d, int64_t F, bool shared)
+      : OpCase("moe_swiglu_E" + std::to_string(E) + "_k" + std::to_string(k) +
+               (shared ? "_shared" : "")),
+        T_(T),
+        E_(E),
+        k_(k),
+        d_(d),
+        F_(F),
+        shared_on_(shared),
+        logits_(topk_logits(T, E, 43)),
+        h_(random_vec(T * d, 44)),
+        gate_up_(random_vec(E * 2 * F * d, 45, -0.3f, 0.3f)),
+        down_(random_vec(E * d * F, 46, -0.3f, 0.3f)),
+        shared_(random_vec(T * d, 47)),
+        shared_gate_(random_vec(T, 48, -3, 3)),
+        x0_(random_vec(T * d, 49)) {}
+  // values: x - x0.
+  Outputs cpu(DType act) const override {
+    const auto h = rounded(h_, act), gu = rounded(gate_up_, act), dn = rounded(down_, act);
+    const TopkRouting r = cpu_topk(logits_, T_, E_, k_, true);
+    std::vector<float> rows(static_cast<size_t>(T_ * k_ * d_)), x = x0_;
+    auto weights = [&](int64_t e, std::vector<float>&, std::vector<float>&) {
+      return cpu::SwiGluWeights{gu.data() + e * 2 * F_ * d_, dn.data() + e * d_ * F_};
+    };
+    cpu::moe_swiglu_experts(h.data(), T_, d_, F_, E_, k_, weights, r.expert.data(), act,
+                            rows.data());
+    cpu::moe_combine(rows.data(), r.weight.data(), T_, k_, d_,
+                     shared_on_ ? shared_.data() : nullptr,
+                     shared_on_ ? shared_gate_.data() : nullptr, act, x.data());
+    return {{delta(x)}, {}};
+  }
+  void check(const Outputs& got) const override {
+    const TopkRouting r = cpu_topk(logits_, T_, E_, k_, true);
+    std::vector<float> want(static_cast<size_t>(T_ * d_), 0.f);
+    std::vector<double> mid(static_cast<size_t>(F_));
+    for (int64_t t = 0; t < T_; ++t) {
+      std::vector<double> acc(static_cast<size_t>(d_), 0.0);
+      for (int64_t j = 0; j < k_; ++j) {
+        const int64_t e = r.expert[t * k_ + j];
+        const float* gu = gate_up_.data() + e * 2 * F_ * d_;
+        for (int64_t f = 0; f < F_; ++f) {
+          double g = 0, u = 0;
+          for (int64_t c = 0; c < d_; ++c) {
+            g += double{h_[t * d_ + c]} * gu[(2 * f) * d_ + c];
+            u += double{h_[t * d_ + c]} * gu[(2 * f + 1) * d_ + c];
+          }
+          mid[f] = g / (1 + std::exp(-g)) * u;
+        }
+        for (int64_t c = 0; c < d_; ++c) {
+          double o = 0;
+          for (int64_t f = 0; f < F_; ++f) o += mid[f] * down_[(e * d_ + c) * F_ + f];
+          acc[c] += r.weight[t * k_ + j] * o;
+        }
+      }
+      const double sg = 1 / (1 + std::exp(-double{shared_gate_[t]}));
+      for (int64_t c = 0; c < d_; ++c)
+        want[t * d_ + c] =
+            static_cast<float>(acc[c] + (shared_on_ ? sg * shared_[t * d_ + c] : 0.0));
+    }
+    EXPECT_LT(rel_err(got.values[0], want), 1e-5);
+  }
+  double tolerance(DType act, size_t) const override { return act == DType::kF32 ? 1e-5 : 1e-2; }
+#ifdef MOETRACE_BACKEND_CUDA
+  Outputs cuda(DType act, cudaStream_t s) const override {
+    const int tile_m = cuda::grouped_tile_m(act);
+    const int64_t n = T_ * k_, E = E_, max_tiles = n / tile_m + 1 + E;
+    auto l = to_device(logits_, DType::kF32), h = to_device(rounded(h_, act), act),
+         gu = to_device(rounded(gate_up_, act), act), dn = to_device(rounded(down_, act), act),
+         sh = to_device(shared_, DType::kF32), sg = to_device(shared_gate_, DType::kF32),
+         x = to_device(x0_, DType::kF32);
+    DeviceBuffer expert(n * 4), weight(n * 4), counts(E * 4), offsets((E + 1) * 4), cursor(E * 4),
+        perm(n * 4), tile_e(max_tiles * 4), tile_r(max_tiles * 4), mid(n * F_ * 4),
+        rows(n * d_ * 4);
+    MT_CUDA_CHECK(cudaMemsetAsync(counts.get(), 0, E * 4, s));
+    cuda::moe_topk(l.as<float>(), T_, E, k_, true, expert.as<int32_t>(), weight.as<float>(),
+                   counts.as<int32_t>(), s);
+    cuda::moe_plan(counts.as<int32_t>(), E, tile_m, max_tiles, offsets.as<int32_t>(),
+                   tile_e.as<int32_t>(), tile_r.as<int32_t>(), cursor.as<int32_t>(), s);
+    cuda::moe_permute(expert.as<int32_t>(), nullptr, n, offsets.as<int32_t>(), cursor.as<int32_t>(),
+                      perm.as<int32_t>(), s);
+    cuda::grouped_gemm(h.get(), d_, true, perm.as<int32_t>(), gu.get(), 2 * F_, d_,
+                       tile_e.as<int32_t>(), tile_r.as<int32_t>(), offsets.as<int32_t>(), max_tiles,
+                       cuda::GroupedEpilogue::kSwiGlu, mid.get(), F_, nullptr, act, s, k_);
+    cuda::grouped_gemm(mid.get(), F_, false, perm.as<int32_t>(), dn.get(), d_, F_,
+                       tile_e.as<int32_t>(), tile_r.as<int32_t>(), offsets.as<int32_t>(), max_tiles,
+                       cuda::GroupedEpilogue::kRows, rows.get(), d_, nullptr, act, s);
+    cuda::moe_combine(rows.as<float>(), weight.as<float>(), T_, k_, d_,
+                      shared_on_ ? sh.as<float>() : nullptr, shared_on_ ? sg.as<float>() : nullptr,
+                      act, x.as<float>(), s);
+    return {{delta(from_device(x, T_ * d_, DType::kF32))}, {}};
+  }
+#endif
+
+ private:
+  std::vector<float> delta(std::vector<float> x) const {
+    for (size_t i = 0; i < x.size(); ++i) x[i] -= x0_[i];
+    return x;
+  }
+  int64_t T_, E_, k_, d_, F_;
+  bool shared_on_;
+  std::vector<float> logits_, h_, gate_up_, down_, shared_, shared_gate_, x0_;
+};
+
+// The dense SwiGLU over interleaved gate | up columns.
+class SwiGluCase : public OpCase {
+ public:
+  SwiGluCase(int64_t rows, int64_t F)
+      : OpCase("swiglu_F" + std::to_string(F)),
+        rows_(rows),
+        F_(F),
+        in_(random_vec(rows * 2 * F, 50, -4, 4)) {}
+  Outputs cpu(DType act) const override {
+    std::vector<float> out(static_cast<size_t>(rows_ * F_));
+    cpu::swiglu(in_.data(), rows_, F_, out.data(), act);
+    return {{out}, {}};
+  }
+  void check(const Outputs& got) const override {
+    std::vector<float> want(static_cast<size_t>(rows_ * F_));
+    for (int64_t i = 0; i < rows_ * F_; ++i) {
+      const double g = in_[(i / F_) * 2 * F_ + 2 * (i % F_)],
+                   u = in_[(i / F_) * 2 * F_ + 2 * (i % F_) + 1];
+      want[i] = static_cast<float>(g / (1 + std::exp(-g)) * u);
+    }
+    EXPECT_LT(rel_err(got.values[0], want), 1e-6);
+  }
+#ifdef MOETRACE_BACKEND_CUDA
+  Outputs cuda(DType act, cudaStream_t s) const override {
+    auto in = to_device(in_, DType::kF32);
+    DeviceBuffer out(static_cast<size_t>(rows_ * F_ * 4));
+    cuda::swiglu(in.as<float>(), rows_, F_, out.get(), act, s);
+    return {{from_device(out, rows_ * F_, act)}, {}};
+  }
+#endif
+
+ private:
+  int64_t rows_, F_;
+  std::vector<float> in_;
+};
+
+// Random weights made on the device: the same values as the CPU's, in [lo, hi), spread out.
+class FillUniformCase : public OpCase {
+ public:
+  explicit FillUniformCase(int64_t n) : OpCase("fill_uniform_" + std::to_string(n)), n_(n) {}
+  Outputs cpu(DType act) const override {
+    std::vector<float> v(static_cast<size_t>(n_));
+    cpu::fill_uniform(v.data(), n_, act, kSeed, -0.5f, 0.25f);
+    return {{v}, {}};
+  }
+  void check(const Outputs& got) const override {
+    const auto& v = got.values[0];
+    double mean = 0;
+    for (float x : v) {
+      ASSERT_GE(x, -0.5f);
+      ASSERT_LT(x, 0.25f);
+      mean += x;
+    }
+    EXPECT_NEAR(mean / static_cast<double>(n_), -0.125, 0.01) << "uniform over [lo, hi)";
+    EXPECT_NE(v[0], v[1]);
+  }
+  double tolerance(DType, size_t) const override { return 0; }  // the same hash
+#ifdef MOETRACE_BACKEND_CUDA
+  Outputs cuda(DType act, cudaStream_t s) const override {
+    DeviceBuffer v(static_cast<size_t>(n_ * 4));
+    cuda::fill_uniform(v.get(), n_, act, kSeed, -0.5f, 0.25f, s);
+    return {{from_device(v, n_, act)}, {}};
+  }
+#endif
+
+ private:
+  static constexpr uint64_t kSeed = 0x1234abcdull;
+  int64_t n_;
+};
+
 // ---- gemm ---------------------------------------------------------------------------------------
 
 // D = act(relu(A·Bᵀ)) (the GPU's ReLU epilogue into the activation dtype) and C += A·Bᵀ in
@@ -793,6 +1254,38 @@ std::vector<std::shared_ptr<OpCase>> all_cases() {
       std::make_shared<MoeFfnCase>(5, 77, 19, 9, 72, 200),
       std::make_shared<GemmCase>(37, 93, 72),
       std::make_shared<GemmCase>(1, 7, 9),
+      std::make_shared<LmQkvRopeCase>(
+          "plain", LmQkvRopeCase::Shape{3, 13, 4, 2, 16, cpu::QkNormKind::kNone, false, 0.f}),
+      std::make_shared<LmQkvRopeCase>(
+          "bias", LmQkvRopeCase::Shape{2, 7, 6, 2, 10, cpu::QkNormKind::kNone, true, 0.f}),
+      std::make_shared<LmQkvRopeCase>(
+          "full_norm_clip",
+          LmQkvRopeCase::Shape{3, 11, 4, 4, 24, cpu::QkNormKind::kFull, false, 1.5f}),
+      std::make_shared<LmQkvRopeCase>(
+          "head_norm", LmQkvRopeCase::Shape{2, 9, 8, 2, 64, cpu::QkNormKind::kPerHead, false, 0.f}),
+      std::make_shared<LmQkvRopeCase>(
+          "step", LmQkvRopeCase::Shape{5, 1, 4, 1, 128, cpu::QkNormKind::kPerHead, false, 0.f}),
+      std::make_shared<LmAttentionCase>("prompt",
+                                        LmAttentionCase::Shape{3, 4, 2, 16, 29, 29, 0, true}),
+      std::make_shared<LmAttentionCase>("prompt_mha",
+                                        LmAttentionCase::Shape{2, 3, 3, 64, 41, 41, 0, true}),
+      std::make_shared<LmAttentionCase>("window",
+                                        LmAttentionCase::Shape{2, 4, 1, 32, 37, 37, 9, true}),
+      std::make_shared<LmAttentionCase>("step",
+                                        LmAttentionCase::Shape{4, 8, 2, 128, 1, 45, 0, true}),
+      std::make_shared<LmAttentionCase>("step_window",
+                                        LmAttentionCase::Shape{3, 4, 2, 40, 1, 70, 16, false}),
+      std::make_shared<LmAttentionCase>("head256",
+                                        LmAttentionCase::Shape{2, 2, 1, 256, 13, 13, 0, true}),
+      std::make_shared<MoeTopkCase>(301, 64, 8, false),
+      std::make_shared<MoeTopkCase>(301, 64, 8, true),
+      std::make_shared<MoeTopkCase>(97, 8, 2, true),
+      std::make_shared<MoeTopkCase>(53, 256, 4, false),
+      std::make_shared<MoeTopkCase>(45, 7, 1, false),
+      std::make_shared<MoeSwiGluCase>(185, 19, 4, 72, 40, false),
+      std::make_shared<MoeSwiGluCase>(131, 8, 2, 64, 96, true),
+      std::make_shared<SwiGluCase>(37, 101),
+      std::make_shared<FillUniformCase>(100003),
   };
 }
 

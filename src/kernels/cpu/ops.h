@@ -121,6 +121,77 @@ void moe_ffn(const float* h, int64_t T, int64_t K, int64_t F, int64_t E,
              const ExpertWeightsFn& weights, const int32_t* expert, const uint8_t* dropped,
              const float* gate, DType act, float* x);
 
+// ---- Decoder-only MoE language models (olmoe, mixtral, qwen2_moe, qwen3_moe) --------------------
+// The twins of kernels/cuda/ops.h's LM ops (same names and arguments; outputs rounded to act as the
+// GPU stores them). docs/MOE_LM_SPEC.md has the models' math.
+
+// The RoPE tables of transformers' default and linear rope, float32 as transformers computes them:
+//   inv_freq[c] = 1 / theta^(float(2c) / hd) (float32 pow), divided by factor (linear; 1 = none),
+//   angle = float(p) * inv_freq[c], cos[p, c] = cos(angle), sin[p, c] = sin(angle)
+// for p < P, c < hd/2. cos and sin get [P, hd/2] each.
+void rope_table(int64_t hd, int64_t P, double theta, double factor, std::vector<float>& cos,
+                std::vector<float>& sin);
+
+// See cuda::QkNormKind.
+enum class QkNormKind { kNone, kFull, kPerHead };
+
+// The twin of cuda::lm_qkv_rope: bias, q/k RMS norms, clip, RoPE at pos[t] from the rope_table
+// tables, q times q_scale; q rows [B*Sq, ldq] and k | v rows into kv + b*kv_bstride +
+// (t0 + s)*ldkv, rounded to act.
+void lm_qkv_rope(const float* qkv, const float* bias, float clip, QkNormKind norm,
+                 const float* q_norm, const float* k_norm, float eps, const int32_t* pos,
+                 const float* cos, const float* sin, float q_scale, int64_t B, int64_t Sq,
+                 int64_t H, int64_t KV, int64_t hd, float* q, int64_t ldq, float* kv, int64_t ldkv,
+                 int64_t kv_bstride, int64_t t0, DType act);
+
+// The twin of cuda::lm_attention: causal grouped-query attention (G = H/KV), the sliding window
+// when window > 0, mask [B, mask_ld] or null, q pre-scaled; probs and ctx rounded to act.
+void lm_attention(const float* q, int64_t ldq, const float* k, const float* v, int64_t ldkv,
+                  int64_t kv_bstride, const int32_t* mask, int64_t mask_ld, int64_t window,
+                  int64_t B, int64_t H, int64_t KV, int64_t Sq, int64_t Sk, int64_t hd, float* ctx,
+                  int64_t ldctx, DType act);
+
+// The twin of cuda::moe_topk: float32 softmax over E, the k largest in descending order (ties to
+// the lowest index), renormalized when renorm; counts[e] += slots of e.
+void moe_topk(const float* logits, int64_t T, int64_t E, int64_t k, bool renorm, int32_t* expert,
+              float* weight, int32_t* counts);
+
+// Float32 weights of one SwiGLU expert: gate_up [2F, d] with gate and up rows interleaved (row 2f
+// = gate_f, 2f + 1 = up_f), down [d, F].
+struct SwiGluWeights {
+  const float* gate_up;
+  const float* down;
+};
+using SwiGluWeightsFn = std::function<SwiGluWeights(int64_t e, std::vector<float>& gate_up_scratch,
+                                                    std::vector<float>& down_scratch)>;
+
+// The experts of a top-k router, one output row per slot (the twin of the GPU's grouped GEMMs
+// with the kSwiGlu and kRows epilogues):
+//   rows[t*k + j, :] = down[e] · act(silu(g) * u),  g | u = gate_up[e] · h[t, :],  e = expert[t,j]
+// h [T, d] in act precision, rows [T*k, d] float32. Experts run in parallel.
+void moe_swiglu_experts(const float* h, int64_t T, int64_t d, int64_t F, int64_t E, int64_t k,
+                        const SwiGluWeightsFn& weights, const int32_t* expert, DType act,
+                        float* rows);
+
+// The twin of cuda::moe_combine: x[t,:] += Σ_j act(weight[t,j]) · rows[t*k + j,:] (+ the shared
+// expert times sigmoid(shared_gate[t])), the sum formed first.
+void moe_combine(const float* rows, const float* weight, int64_t T, int64_t k, int64_t d,
+                 const float* shared, const float* shared_gate, DType act, float* x);
+
+// The twin of cuda::swiglu: out[r, f] = act(silu(in[r, 2f]) * in[r, 2f+1]).
+void swiglu(const float* in, int64_t rows, int64_t F, float* out, DType act);
+
+// The twin of cuda::fill_uniform: dst[i] = act(lo + (hi - lo) * u(seed, i)) (float32 values).
+void fill_uniform(float* dst, int64_t n, DType act, uint64_t seed, float lo, float hi);
+// u(seed, i) of fill_uniform, in [0, 1).
+inline float uniform_hash(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + i * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) * 0x1p-24f;
+}
+
 // ---- Threads ------------------------------------------------------------------------------------
 
 // Sets the BLAS/OpenMP thread count for this process (0 = leave the default).

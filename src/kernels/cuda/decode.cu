@@ -14,26 +14,6 @@ constexpr int kAttnThreads = 128;  // 4 warps
 constexpr int kMaxDk = kAttnThreads;
 constexpr int kPickThreads = 1024;
 
-// Block-wide max / sum through `red` [32] (all threads get the result).
-__device__ __forceinline__ float block_max(float v, float* red) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  v = warp_max(v);
-  __syncthreads();  // red may still be read by a previous reduction
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float r = lane < n_warps ? red[lane] : -INFINITY;
-  return warp_max(r);
-}
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  v = warp_sum(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float r = lane < n_warps ? red[lane] : 0.f;
-  return warp_sum(r);
-}
-
 // Grid (Sq, H, B). Shared memory: q [dk] | scores [Sk] | red [32] | partial sums [parts * dk].
 template <class T>
 __global__ void __launch_bounds__(kAttnThreads)

@@ -46,6 +46,26 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Block-wide max / sum through `red` [32] (all threads get the result).
+__device__ __forceinline__ float block_max(float v, float* red) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  v = warp_max(v);
+  __syncthreads();  // red may still be read by a previous reduction
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float r = lane < n_warps ? red[lane] : -INFINITY;
+  return warp_max(r);
+}
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float r = lane < n_warps ? red[lane] : 0.f;
+  return warp_sum(r);
+}
+
 // The warp's largest value and its index, the lowest index among equal values (torch's and
 // std::max_element's choice), in every lane.
 template <class I>

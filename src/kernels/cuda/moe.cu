@@ -116,7 +116,7 @@ __global__ void moe_plan_kernel(const int32_t* counts, int E, int tile_m, int ma
 __global__ void moe_permute_kernel(const int32_t* expert, const uint8_t* dropped, int64_t T,
                                    const int32_t* offsets, int32_t* cursor, int32_t* perm) {
   const int64_t t = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (t >= T || dropped[t]) return;
+  if (t >= T || (dropped != nullptr && dropped[t])) return;
   const int e = expert[t];
   perm[offsets[e] + atomicAdd(&cursor[e], 1)] = static_cast<int32_t>(t);
 }
@@ -141,16 +141,38 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Applies the epilogue to one float32 accumulator value of permuted row r, column n.
+__device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
+
+// Applies the epilogue to the float32 accumulator values a0, a1 of permuted row r, columns n and
+// n + 1 (n even; has1: column n + 1 exists).
 template <class T>
-__device__ __forceinline__ void epilogue_store(GroupedEpilogue ep, float acc, int r, int n,
-                                               const int32_t* perm, void* out, int64_t ldo,
-                                               const float* gate) {
-  if (ep == GroupedEpilogue::kRelu) {
-    static_cast<T*>(out)[static_cast<int64_t>(r) * ldo + n] = from_f32<T>(fmaxf(acc, 0.f));
-  } else {
-    const int tok = perm[r];
-    static_cast<float*>(out)[static_cast<int64_t>(tok) * ldo + n] += gate[tok] * acc;
+__device__ __forceinline__ void epilogue_pair(GroupedEpilogue ep, float a0, float a1, bool has1,
+                                              int r, int n, const int32_t* perm, void* out,
+                                              int64_t ldo, const float* gate) {
+  switch (ep) {
+    case GroupedEpilogue::kRelu: {
+      T* o = static_cast<T*>(out) + static_cast<int64_t>(r) * ldo;
+      o[n] = from_f32<T>(fmaxf(a0, 0.f));
+      if (has1) o[n + 1] = from_f32<T>(fmaxf(a1, 0.f));
+      break;
+    }
+    case GroupedEpilogue::kGateResidual: {
+      const int tok = perm[r];
+      float* x = static_cast<float*>(out) + static_cast<int64_t>(tok) * ldo;
+      x[n] += gate[tok] * a0;
+      if (has1) x[n + 1] += gate[tok] * a1;
+      break;
+    }
+    case GroupedEpilogue::kSwiGlu:
+      if (has1)
+        static_cast<T*>(out)[static_cast<int64_t>(r) * ldo + n / 2] = from_f32<T>(silu(a0) * a1);
+      break;
+    case GroupedEpilogue::kRows: {
+      float* x = static_cast<float*>(out) + static_cast<int64_t>(perm[r]) * ldo;
+      x[n] = a0;
+      if (has1) x[n + 1] = a1;
+      break;
+    }
   }
 }
 
@@ -160,7 +182,7 @@ __device__ __forceinline__ void epilogue_store(GroupedEpilogue ep, float acc, in
 // c2,c3 at row g + 8.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    grouped_gemm_wmma_kernel(const T* A, int64_t lda, bool a_gather, const int32_t* perm,
+    grouped_gemm_wmma_kernel(const T* A, int64_t lda, bool a_gather, int a_div, const int32_t* perm,
                              const T* W, int N, int K, const int32_t* tile_expert,
                              const int32_t* tile_row, const int32_t* offsets, GroupedEpilogue ep,
                              void* out, int64_t ldo, const float* gate) {
@@ -183,7 +205,7 @@ __global__ void __launch_bounds__(kThreads)
     const int chunk = tid + c * kThreads;
     const int r = chunk / (kBK / 8), col = (chunk % (kBK / 8)) * 8;
     a_ok[c] = row0 + r < row_end;
-    const int64_t arow = a_ok[c] ? (a_gather ? perm[row0 + r] : row0 + r) : 0;
+    const int64_t arow = a_ok[c] ? (a_gather ? perm[row0 + r] / a_div : row0 + r) : 0;
     a_src[c] = A + arow * lda + col;
     a_off[c] = r * kLds + col;
   }
@@ -258,7 +280,15 @@ __global__ void __launch_bounds__(kThreads)
     for (int half = 0; half < 2; ++half) {
       const int grow = row0 + wm * 64 + i * 16 + g + half * 8;
       if (grow >= row_end) continue;
-      if (ep == GroupedEpilogue::kRelu) {
+      if (ep == GroupedEpilogue::kSwiGlu || ep == GroupedEpilogue::kRows) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int n = n0 + wn * 64 + j * 8 + t * 2;
+          if (n < N)
+            epilogue_pair<T>(ep, acc[i][j][half * 2], acc[i][j][half * 2 + 1], n + 1 < N, grow, n,
+                             perm, out, ldo, gate);
+        }
+      } else if (ep == GroupedEpilogue::kRelu) {
         T* o = static_cast<T*>(out) + static_cast<int64_t>(grow) * ldo;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -297,10 +327,11 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kFM = kGroupedTileMF32, kFN = 64, kFK = 16;
 
 __global__ void __launch_bounds__(256)
-    grouped_gemm_f32_kernel(const float* A, int64_t lda, bool a_gather, const int32_t* perm,
-                            const float* W, int N, int K, const int32_t* tile_expert,
-                            const int32_t* tile_row, const int32_t* offsets, GroupedEpilogue ep,
-                            void* out, int64_t ldo, const float* gate) {
+    grouped_gemm_f32_kernel(const float* A, int64_t lda, bool a_gather, int a_div,
+                            const int32_t* perm, const float* W, int N, int K,
+                            const int32_t* tile_expert, const int32_t* tile_row,
+                            const int32_t* offsets, GroupedEpilogue ep, void* out, int64_t ldo,
+                            const float* gate) {
   const int e = tile_expert[blockIdx.y];
   if (e < 0) return;
   const int row0 = tile_row[blockIdx.y];
@@ -318,7 +349,7 @@ __global__ void __launch_bounds__(256)
       const int grow = row0 + r;
       float v = 0.f;
       if (grow < row_end && k0 + k < K)
-        v = A[static_cast<int64_t>(a_gather ? perm[grow] : grow) * lda + k0 + k];
+        v = A[static_cast<int64_t>(a_gather ? perm[grow] / a_div : grow) * lda + k0 + k];
       As[k][r] = v;
     }
     for (int i = tid; i < kFN * kFK; i += 256) {
@@ -346,9 +377,11 @@ __global__ void __launch_bounds__(256)
     const int grow = row0 + tr * 4 + i;
     if (grow >= row_end) continue;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int n = n0 + tc * 4 + j;
-      if (n < N) epilogue_store<float>(ep, acc[i][j], grow, n, perm, out, ldo, gate);
+    for (int j = 0; j < 4; j += 2) {
+      const int n = n0 + tc * 4 + j;  // even: n0 and tc * 4 are
+      if (n < N)
+        epilogue_pair<float>(ep, acc[i][j], acc[i][j + 1], n + 1 < N, grow, n, perm, out, ldo,
+                             gate);
     }
   }
 }
@@ -390,13 +423,17 @@ int grouped_tile_m(DType act) { return act == DType::kF32 ? kGroupedTileMF32 : k
 void grouped_gemm(const void* A, int64_t lda, bool a_gather, const int32_t* perm, const void* W,
                   int64_t N, int64_t K, const int32_t* tile_expert, const int32_t* tile_row,
                   const int32_t* offsets, int64_t max_tiles, GroupedEpilogue epilogue, void* out,
-                  int64_t ldo, const float* gate, DType act, cudaStream_t stream) {
+                  int64_t ldo, const float* gate, DType act, cudaStream_t stream, int64_t a_div) {
   if (K % 8 != 0) fail("grouped_gemm: K = ", K, " must be a multiple of 8");
+  if (a_div < 1) fail("grouped_gemm: a_div = ", a_div, " must be >= 1");
+  if (epilogue == GroupedEpilogue::kSwiGlu && N % 2 != 0)
+    fail("grouped_gemm: the SwiGLU epilogue needs an even N (gate and up interleaved), got ", N);
+  const int div = static_cast<int>(a_div);
   if (max_tiles == 0 || N == 0) return;
   if (act == DType::kF32) {
     const dim3 grid(static_cast<unsigned>(ceil_div(N, kFN)), static_cast<unsigned>(max_tiles));
     grouped_gemm_f32_kernel<<<grid, 256, 0, stream>>>(
-        static_cast<const float*>(A), lda, a_gather, perm, static_cast<const float*>(W),
+        static_cast<const float*>(A), lda, a_gather, div, perm, static_cast<const float*>(W),
         static_cast<int>(N), static_cast<int>(K), tile_expert, tile_row, offsets, epilogue, out,
         ldo, gate);
     MT_CUDA_CHECK_LAUNCH();
@@ -410,9 +447,9 @@ void grouped_gemm(const void* A, int64_t lda, bool a_gather, const int32_t* perm
                                          static_cast<int>(kWmmaSmem)));
       attr_set = true;
     }
-    kernel<<<grid, kThreads, kWmmaSmem, stream>>>(a, lda, a_gather, perm, w, static_cast<int>(N),
-                                                  static_cast<int>(K), tile_expert, tile_row,
-                                                  offsets, epilogue, out, ldo, gate);
+    kernel<<<grid, kThreads, kWmmaSmem, stream>>>(
+        a, lda, a_gather, div, perm, w, static_cast<int>(N), static_cast<int>(K), tile_expert,
+        tile_row, offsets, epilogue, out, ldo, gate);
   };
   if (act == DType::kBF16) {
     launch(grouped_gemm_wmma_kernel<__nv_bfloat16>, static_cast<const __nv_bfloat16*>(A),

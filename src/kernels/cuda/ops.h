@@ -108,7 +108,8 @@ void moe_plan(const int32_t* counts, int64_t E, int tile_m, int64_t max_tiles, i
               int32_t* tile_expert, int32_t* tile_row, int32_t* cursor, cudaStream_t stream);
 
 // perm[offsets[e] + k] = token (k-th kept token of expert e in arrival order, not deterministic;
-// the result does not depend on it). T tokens.
+// the result does not depend on it). T tokens; dropped may be null (none dropped: the top-k
+// routers' flattened [T*k] slots, where "token" is then the slot t*k + j).
 void moe_permute(const int32_t* expert, const uint8_t* dropped, int64_t T, const int32_t* offsets,
                  int32_t* cursor, int32_t* perm, cudaStream_t stream);
 
@@ -120,14 +121,102 @@ void moe_permute(const int32_t* expert, const uint8_t* dropped, int64_t T, const
 //   kRelu:          out[r,:] = act(relu(acc))             out: [rows, ldo], act dtype
 //   kGateResidual:  x[perm[r],:] += gate[perm[r]] * acc   x: float32 [T, ldo]; the un-permute is
 //                   fused into the residual add (each token appears once)
-// W: [E, N, K] act dtype contiguous. K % 8 == 0. fp32 runs a plain SIMT kernel (no TF32).
-enum class GroupedEpilogue { kRelu, kGateResidual };
+//   kSwiGlu:        out[r, n/2] = act(silu(acc[n]) * acc[n+1]) for even n   out: [rows, ldo] act;
+//                   W[e] holds gate and up rows interleaved (row 2f = gate_f, 2f+1 = up_f), N = 2F
+//   kRows:          out[perm[r],:] = acc                  out: float32 [slots, ldo], one row per
+//                   routed slot (the top-k sum is left to moe_combine: deterministic, no atomics)
+// a_div: with a_gather, A row = perm[r] / a_div (perm holds the slots t*k + j of a top-k router,
+// a_div = k; 1 for Switch). W: [E, N, K] act dtype contiguous. K % 8 == 0. fp32 runs a plain SIMT
+// kernel (no TF32).
+enum class GroupedEpilogue { kRelu, kGateResidual, kSwiGlu, kRows };
 constexpr int kGroupedTileM = 128;  // tile_m to pass to moe_plan for bf16/f16
 constexpr int kGroupedTileMF32 = 64;
 int grouped_tile_m(DType act);
 void grouped_gemm(const void* A, int64_t lda, bool a_gather, const int32_t* perm, const void* W,
                   int64_t N, int64_t K, const int32_t* tile_expert, const int32_t* tile_row,
                   const int32_t* offsets, int64_t max_tiles, GroupedEpilogue epilogue, void* out,
-                  int64_t ldo, const float* gate, DType act, cudaStream_t stream);
+                  int64_t ldo, const float* gate, DType act, cudaStream_t stream,
+                  int64_t a_div = 1);
+
+// ---- Decoder-only MoE language models (olmoe, mixtral, qwen2_moe, qwen3_moe) --------------------
+// docs/MOE_LM_SPEC.md has the models' math; these are its pieces. CPU twins in kernels/cpu/ops.h.
+
+// The q/k RMS norm of an attention layer (none; over the whole q / k projection, olmoe; per head
+// with one [hd] weight, qwen3_moe).
+enum class QkNormKind { kNone, kFull, kPerHead };
+
+// Everything between the fused q|k|v projection and the attention, per token t = b*Sq + s:
+//   qkv [B*Sq, (H + 2*KV)*hd] float32 (q | k | v, head-major: column h*hd + c), the GEMM output;
+//   1. + bias[(H + 2*KV)*hd] when bias is not null (qwen2_moe);
+//   2. q/k RMS norms (eps): kFull: q over its H*hd values times q_norm[H*hd], k over its KV*hd
+//      values times k_norm[KV*hd]; kPerHead: every head over its hd values times q_norm[hd] /
+//      k_norm[hd];
+//   3. q, k and v clamped to [-clip, clip] when clip > 0 (olmoe's clip_qkv, after its norms);
+//   4. RoPE (rotate_half) at position p = pos[t] of q and k: for c < hd/2,
+//      x'[c] = x[c]*cos[p,c] - x[c+hd/2]*sin[p,c],  x'[c+hd/2] = x[c+hd/2]*cos[p,c] + x[c]*sin[p,c]
+//      with cos/sin [P, hd/2] float32 (cpu::rope_table), 0 <= p < P;
+//   5. q times q_scale (the attention's 1/sqrt(hd), folded into q).
+// Writes, in act: q of token t at q + t*ldq; k of (b, s) at kv + b*kv_bstride + (t0 + s)*ldkv and
+// v at the same row + KV*hd: straight into a KV cache [B, Smax, 2*KV*hd] (t0: the first new
+// position). (H + 2*KV)*hd <= 12288, hd even.
+void lm_qkv_rope(const float* qkv, const float* bias, float clip, QkNormKind norm,
+                 const float* q_norm, const float* k_norm, float eps, const int32_t* pos,
+                 const float* cos, const float* sin, float q_scale, int64_t B, int64_t Sq,
+                 int64_t H, int64_t KV, int64_t hd, void* q, int64_t ldq, void* kv, int64_t ldkv,
+                 int64_t kv_bstride, int64_t t0, DType act, cudaStream_t stream);
+
+// Causal grouped-query attention of Sq query rows per sequence over its first Sk cached keys (the
+// prompt pass: Sq = Sk; a generation step: Sq = 1), G = H / KV query heads per key/value head:
+//   ctx[b,i,h,:] = act(Σ_j p_j · v[b,j,h/G,:]),  p = act(softmax_j(q[b,i,h]·k[b,j,h/G] + mask))
+// float32 scores and softmax, unscaled (q carries the scale). Query i sits at cache position
+// pos = i + Sk - Sq and sees keys j <= pos, and only those with pos - j < window when window > 0
+// (mixtral's sliding window); mask [B, mask_ld] int32 (keys 0..Sk-1 of row b at mask + b*mask_ld)
+// or null: a 0 adds the lowest float (HF's finite mask). Rows: q (b,i) at q + (b*Sq + i)*ldq + h*hd; k/v (b,j) at k/v + b*kv_bstride + j*ldkv +
+// (h/G)*hd; ctx (b,i) at ctx + (b*Sq + i)*ldctx + h*hd. All in act. hd <= 256, Sk <=
+// kDecodeMaxKeys, H % KV == 0.
+void lm_attention(const void* q, int64_t ldq, const void* k, const void* v, int64_t ldkv,
+                  int64_t kv_bstride, const int32_t* mask, int64_t mask_ld, int64_t window,
+                  int64_t B, int64_t H, int64_t KV, int64_t Sq, int64_t Sk, int64_t hd, void* ctx,
+                  int64_t ldctx, DType act, cudaStream_t stream);
+
+// The top-k router after its float32 logits, one warp per token t < T:
+//   p = softmax(logits[t,:]) in float32; expert[t, 0..k-1] = the k largest p in descending order,
+//   ties to the lowest index; weight[t,j] = p[expert[t,j]], divided by the k values' sum (added in
+//   slot order) when renorm; counts[e] += the slots that chose e (zero it first).
+// logits [T,E], expert [T,k] int32, weight [T,k] float32 (unrounded: moe_combine rounds). E <= 256,
+// 1 <= k <= min(E, 32).
+void moe_topk(const float* logits, int64_t T, int64_t E, int64_t k, bool renorm, int32_t* expert,
+              float* weight, int32_t* counts, cudaStream_t stream);
+
+// The MoE output added to the residual stream, per token t:
+//   x[t,:] += Σ_j act(weight[t,j]) · rows[t*k + j,:]   (j in slot order)
+//             + sigmoid(shared_gate[t]) · shared[t,:]   (qwen2_moe's shared expert, when not null)
+// the sum formed first, then added. rows [T*k, d], shared [T, d], shared_gate [T], x [T, d] float32.
+void moe_combine(const float* rows, const float* weight, int64_t T, int64_t k, int64_t d,
+                 const float* shared, const float* shared_gate, DType act, float* x,
+                 cudaStream_t stream);
+
+// out[r, f] = act(silu(in[r, 2f]) * in[r, 2f+1]), silu(g) = g / (1 + exp(-g)), for r < rows,
+// f < F: in [rows, 2F] float32 with gate and up interleaved (the dense MLP and the shared expert,
+// whose stacked weights are laid out as the experts' for kSwiGlu). out [rows, F] act.
+void swiglu(const float* in, int64_t rows, int64_t F, void* out, DType act, cudaStream_t stream);
+
+// x[r, :] += bias[:] for r < rows: x [rows, d] float32 (an o projection's bias).
+void add_bias(float* x, const float* bias, int64_t rows, int64_t d, cudaStream_t stream);
+
+// dst[i, :] = src[rows[i], :] for i < n: float32 rows of width d (the last position of each
+// sequence before the LM head).
+void gather_rows(const float* src, const int32_t* rows, int64_t n, int64_t d, float* dst,
+                 cudaStream_t stream);
+
+// logits[b, ids[i]] = -inf for b < B, i < n_ids (eos before min_new_tokens). ids on the device.
+void ban_tokens(float* logits, int64_t B, int64_t V, const int32_t* ids, int64_t n_ids,
+                cudaStream_t stream);
+
+// dst[i] = act(lo + (hi - lo) * u(seed, i)) for i < n, u = the top 24 bits of splitmix64(seed +
+// i * 0x9E3779B97F4A7C15) over 2^24: reproducible random weights made on the device (benchmarks of
+// models too large to pass through the host). cpu::fill_uniform gives the same values.
+void fill_uniform(void* dst, int64_t n, DType act, uint64_t seed, float lo, float hi,
+                  cudaStream_t stream);
 
 }  // namespace moetrace::cuda
