@@ -11,6 +11,8 @@ namespace moetrace {
 // Only in a build with the CUDA backend (cuda_engine.cc).
 std::unique_ptr<Engine> make_cuda_engine(const EngineOptions& options, const SwitchConfig& config,
                                          std::shared_ptr<TensorSource> weights);
+std::unique_ptr<Engine> make_cuda_lm_engine(const EngineOptions& options,
+                                            const std::filesystem::path& dir);
 
 // "fp32", "bf16", "fp16": the spelling of --precision.
 std::string precision_name(DType precision);

@@ -5,7 +5,9 @@
 #include "core/error.h"
 #include "engine/backends.h"
 #include "model/capture_now.h"
+#include "model/cuda/cuda_lm_model.h"
 #include "model/cuda/cuda_switch_model.h"
+#include "model/lm/lm_engine.h"
 
 namespace moetrace {
 
@@ -16,7 +18,6 @@ class CudaEngine : public Engine {
   CudaEngine(std::unique_ptr<CudaSwitchModel> model, DeviceChoice device)
       : model_(std::move(model)), device_(device) {}
 
-  const SwitchConfig& config() const override { return model_->config(); }
   bool has_decoder() const override { return model_->has_decoder(); }
   std::string device() const override { return device_.name(); }
   DType precision() const override { return model_->precision(); }
@@ -64,7 +65,51 @@ class CudaEngine : public Engine {
   uint64_t submitted_ = 0, polled_ = 0;
 };
 
+// A decoder-only language model on the GPU (CudaLmModel): each batch computed at submit(), its
+// prompt pass through prefill() (no LM head), generation through generate(); the adapter's rules
+// are model/lm/lm_engine.h's.
+class CudaLmEngine : public ComputeAtSubmit {
+ public:
+  CudaLmEngine(std::unique_ptr<CudaLmModel> model, DeviceChoice device)
+      : model_(std::move(model)), device_(device) {}
+
+  bool has_decoder() const override { return false; }
+  std::string device() const override { return device_.name(); }
+  DType precision() const override { return model_->precision(); }
+  Memory memory() const override { return Memory{model_->device_bytes(), "of GPU memory"}; }
+
+  Encoded encode(const Batch& batch, Observer* obs) override {
+    check_batch(batch, model_->config().vocab_size, "encode");
+    model_->prefill(batch, obs);
+    return Encoded{};
+  }
+  Tensor decode(const Encoded&, const Batch&, const std::vector<int32_t>&, int64_t,
+                Observer*) override {
+    fail("decode: ", lm_family_name(model_->config().family),
+         " is a decoder-only language model: it has no teacher-forced decoder pass");
+  }
+  GenerateResult generate(const Encoded&, const Batch& batch, int64_t max_new_tokens, int64_t,
+                          Observer* obs) override {
+    check_batch(batch, model_->config().vocab_size, "generate");
+    if (max_new_tokens < 1) fail("generate: max_new_tokens ", max_new_tokens, ", expected >= 1");
+    GenerationKeysOnly gen_only(obs);
+    return as_generate_result(model_->generate(batch, max_new_tokens, obs ? &gen_only : nullptr));
+  }
+
+ private:
+  std::unique_ptr<CudaLmModel> model_;
+  DeviceChoice device_;
+};
+
 }  // namespace
+
+std::unique_ptr<Engine> make_cuda_lm_engine(const EngineOptions& options,
+                                            const std::filesystem::path& dir) {
+  CudaOptions co;
+  co.device = options.device.index;
+  co.precision = options.precision;
+  return std::make_unique<CudaLmEngine>(CudaLmModel::load(dir, co), options.device);
+}
 
 std::unique_ptr<Engine> make_cuda_engine(const EngineOptions& options, const SwitchConfig& config,
                                          std::shared_ptr<TensorSource> weights) {

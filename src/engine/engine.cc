@@ -7,6 +7,7 @@
 #include "core/error.h"
 #include "engine/backends.h"
 #include "model/cpu_engine.h"
+#include "model/lm/lm_engine.h"
 #ifdef MOETRACE_WITH_CUDA
 #include "kernels/cuda/device.h"
 #endif
@@ -39,6 +40,22 @@ std::unique_ptr<Engine> make_engine(const EngineOptions& options, const SwitchCo
   }
 #ifdef MOETRACE_WITH_CUDA
   return make_cuda_engine(options, config, std::move(weights));
+#else
+  fail("--device ", options.device.name(),
+       ": this moetrace was built without the CUDA backend (no nvcc found); use --device cpu");
+#endif
+}
+
+std::unique_ptr<Engine> make_lm_engine(const EngineOptions& options,
+                                       const std::filesystem::path& dir) {
+  if (!options.device.cuda) {
+    if (options.precision != DType::kF32)
+      fail("--precision ", precision_name(options.precision),
+           ": the CPU engine computes in fp32 only; use --precision fp32 or a GPU");
+    return lm_cpu_engine(LmModel::load(dir));
+  }
+#ifdef MOETRACE_WITH_CUDA
+  return make_cuda_lm_engine(options, dir);
 #else
   fail("--device ", options.device.name(),
        ": this moetrace was built without the CUDA backend (no nvcc found); use --device cpu");

@@ -4,6 +4,7 @@
 //   auto engine = make_engine({resolve_device("auto", 0), DType::kBF16, load}, config, weights);
 #pragma once
 
+#include <filesystem>
 #include <memory>
 
 #include "core/dtype.h"
@@ -26,5 +27,12 @@ struct EngineOptions {
 // once). Error when the device is not usable or the model not supported there.
 std::unique_ptr<Engine> make_engine(const EngineOptions& options, const SwitchConfig& config,
                                     std::shared_ptr<TensorSource> weights);
+
+// The same for a decoder-only MoE language model (model/lm: olmoe, mixtral, qwen2_moe, qwen3_moe)
+// in `dir` (config.json, generation_config.json, the checkpoint): LmModel on the CPU (fp32),
+// CudaLmModel on a GPU (options.precision; options.load and fp32_routing do not apply: the router
+// is fp32 in every precision).
+std::unique_ptr<Engine> make_lm_engine(const EngineOptions& options,
+                                       const std::filesystem::path& dir);
 
 }  // namespace moetrace

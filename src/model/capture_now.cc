@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "core/error.h"
+
 namespace moetrace {
 
 namespace {
@@ -52,6 +54,21 @@ std::unique_ptr<CapturedBatch> capture_now(Engine& engine, const Batch& batch,
     out->tensors.emplace_back(key, out->owned.back().view());
   }
   return out;
+}
+
+uint64_t ComputeAtSubmit::submit(const Batch& batch, const Observer& request,
+                                 int64_t max_new_tokens) {
+  if (!done_.empty()) fail("CPU engine: submit() with a batch not yet polled; poll() first");
+  done_.push_back(capture_now(*this, batch, request, max_new_tokens));
+  done_.back()->ticket = next_ticket_;
+  return next_ticket_++;
+}
+
+std::unique_ptr<CapturedBatch> ComputeAtSubmit::poll(bool) {
+  if (done_.empty()) return nullptr;
+  std::unique_ptr<CapturedBatch> r = std::move(done_.front());
+  done_.pop_front();
+  return r;
 }
 
 }  // namespace moetrace

@@ -2,6 +2,7 @@
 // the CPU engine's every batch, the GPU engine's batches with generation.
 #pragma once
 
+#include <deque>
 #include <memory>
 
 #include "model/engine.h"
@@ -13,5 +14,19 @@ namespace moetrace {
 // (model/engine_io.h). The batch owns its tensors; its ticket is left 0.
 std::unique_ptr<CapturedBatch> capture_now(Engine& engine, const Batch& batch,
                                            const Observer& request, int64_t max_new_tokens);
+
+// The collection pipeline of an engine that computes each batch at submit() (capture_now) and
+// hands it back at poll(): the CPU engines (Switch and the language models).
+class ComputeAtSubmit : public Engine {
+ public:
+  uint64_t submit(const Batch& batch, const Observer& request, int64_t max_new_tokens) override;
+  std::unique_ptr<CapturedBatch> poll(bool wait) override;
+  int in_flight() const override { return static_cast<int>(done_.size()); }
+  int slots() const override { return 1; }
+
+ private:
+  std::deque<std::unique_ptr<CapturedBatch>> done_;
+  uint64_t next_ticket_ = 0;
+};
 
 }  // namespace moetrace

@@ -12,27 +12,11 @@ namespace moetrace {
 
 namespace {
 
-// Resident memory of this process (VmRSS), bytes; 0 where /proc is not there.
-uint64_t resident_bytes() {
-  uint64_t kb = 0;
-  if (FILE* f = std::fopen("/proc/self/status", "r")) {
-    char line[256];
-    while (std::fgets(line, sizeof line, f)) {
-      if (std::strncmp(line, "VmRSS:", 6) == 0) {
-        kb = std::strtoull(line + 6, nullptr, 10);
-        break;
-      }
-    }
-    std::fclose(f);
-  }
-  return kb * 1024;
-}
-
-class CpuEngine : public Engine {
+class CpuEngine : public ComputeAtSubmit {
  public:
   CpuEngine(std::shared_ptr<const SwitchModel> model) : model_(std::move(model)) {}
 
-  const SwitchConfig& config() const override { return model_->config(); }
+  const SwitchConfig& config() const { return model_->config(); }
   bool has_decoder() const override { return model_->weights().has_decoder; }
   std::string device() const override { return "cpu"; }
   DType precision() const override { return DType::kF32; }
@@ -54,21 +38,6 @@ class CpuEngine : public Engine {
     return model_->generate(enc.output, batch, max_new_tokens, min_new_tokens, obs);
   }
 
-  uint64_t submit(const Batch& batch, const Observer& request, int64_t max_new_tokens) override {
-    if (!done_.empty()) fail("CPU engine: submit() with a batch not yet polled; poll() first");
-    done_.push_back(capture_now(*this, batch, request, max_new_tokens));
-    done_.back()->ticket = next_ticket_;
-    return next_ticket_++;
-  }
-  std::unique_ptr<CapturedBatch> poll(bool) override {
-    if (done_.empty()) return nullptr;
-    std::unique_ptr<CapturedBatch> r = std::move(done_.front());
-    done_.pop_front();
-    return r;
-  }
-  int in_flight() const override { return static_cast<int>(done_.size()); }
-  int slots() const override { return 1; }
-
  private:
   void check_decoder_call(const Encoded& enc, const Batch& batch, const char* what) const {
     if (!has_decoder())
@@ -78,11 +47,25 @@ class CpuEngine : public Engine {
   }
 
   std::shared_ptr<const SwitchModel> model_;
-  std::deque<std::unique_ptr<CapturedBatch>> done_;
-  uint64_t next_ticket_ = 0;
 };
 
 }  // namespace
+
+// Resident memory of this process (VmRSS), bytes; 0 where /proc is not there.
+uint64_t resident_bytes() {
+  uint64_t kb = 0;
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    while (std::fgets(line, sizeof line, f)) {
+      if (std::strncmp(line, "VmRSS:", 6) == 0) {
+        kb = std::strtoull(line + 6, nullptr, 10);
+        break;
+      }
+    }
+    std::fclose(f);
+  }
+  return kb * 1024;
+}
 
 std::unique_ptr<Engine> cpu_engine(std::unique_ptr<SwitchModel> model) {
   return std::make_unique<CpuEngine>(std::shared_ptr<const SwitchModel>(std::move(model)));

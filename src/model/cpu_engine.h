@@ -13,4 +13,8 @@ std::unique_ptr<Engine> cpu_engine(std::unique_ptr<SwitchModel> model);
 // The same over a model the caller keeps alive.
 std::unique_ptr<Engine> cpu_engine(const SwitchModel& model);
 
+// Resident memory of this process (VmRSS), bytes; 0 where /proc is not there: what a CPU engine
+// reports as its Memory.
+uint64_t resident_bytes();
+
 }  // namespace moetrace

@@ -1,6 +1,7 @@
-// One interface for both engines: the CPU SwitchModel (model/cpu_engine.h) and the GPU
-// CudaSwitchModel (model/cuda/cuda_switch_model.h, behind engine/engine.h's make_engine(), the one
-// place that knows which engines a build has).
+// One interface for every engine: the CPU SwitchModel (model/cpu_engine.h) and the GPU
+// CudaSwitchModel (model/cuda/cuda_switch_model.h), and the decoder-only language models' LmModel
+// and CudaLmModel (model/lm), behind engine/engine.h's make_engine() and make_lm_engine(), the one
+// place that knows which engines a build has.
 //
 //   Encoded enc = engine.encode(batch, &observer);            // keys of core/keys.h
 //   GenerateResult g = engine.generate(enc, batch, 32, 0, &observer);
@@ -34,7 +35,9 @@ class Engine {
  public:
   virtual ~Engine() = default;
 
-  virtual const SwitchConfig& config() const = 0;
+  // Switch has an encoder and a decoder; a decoder-only language model (model/lm) has neither
+  // decoder pass (has_decoder() is false, decode() an error): its encode() is the prompt pass
+  // (lm.* keys) and generate() continues it greedily (gen.* keys).
   virtual bool has_decoder() const = 0;
   virtual std::string device() const = 0;  // "cpu", "cuda:0", ...
   // The activations' dtype: F32 on the CPU; BF16, F16 or F32 on the GPU (the router is F32 in

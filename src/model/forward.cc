@@ -98,12 +98,11 @@ ForwardInputs read_forward_inputs(const std::filesystem::path& path) {
 
 std::map<std::string, Tensor> run_forward(const SwitchModel& model, const ForwardInputs& in,
                                           int64_t generate) {
-  return run_forward(*cpu_engine(model), in, generate);
+  return run_forward(*cpu_engine(model), model.config(), in, generate);
 }
 
-std::map<std::string, Tensor> run_forward(Engine& engine, const ForwardInputs& in,
-                                          int64_t generate) {
-  const SwitchConfig& c = engine.config();
+std::map<std::string, Tensor> run_forward(Engine& engine, const SwitchConfig& c,
+                                          const ForwardInputs& in, int64_t generate) {
   std::map<std::string, Tensor> out;
   RecordingObserver rec;
   const Encoded encoded = engine.encode(in.batch, &rec);

@@ -25,8 +25,8 @@ ForwardInputs read_forward_inputs(const std::filesystem::path& path);
 // Runs encoder, the teacher-forced decoder when decoder ids are given and the model has a decoder,
 // and greedy generation of exactly `generate` tokens (eos masked) when generate > 0, on any engine
 // (`moetrace forward --device`): the same keys from every one.
-std::map<std::string, Tensor> run_forward(Engine& engine, const ForwardInputs& in,
-                                          int64_t generate);
+std::map<std::string, Tensor> run_forward(Engine& engine, const SwitchConfig& config,
+                                          const ForwardInputs& in, int64_t generate);
 // The same on the CPU engine over `model`.
 std::map<std::string, Tensor> run_forward(const SwitchModel& model, const ForwardInputs& in,
                                           int64_t generate);

@@ -70,8 +70,9 @@ void run(const ForwardOptions& o) {
     eo.fp32_routing = false;
   }
   eo.load.encoder_only = in.T == 0 && o.generate == 0;
-  auto engine = make_engine(eo, load_config(dir / "config.json"), open_checkpoint(dir));
-  write_outputs(run_forward(*engine, in, o.generate), o.output, engine->device());
+  const SwitchConfig config = load_config(dir / "config.json");
+  auto engine = make_engine(eo, config, open_checkpoint(dir));
+  write_outputs(run_forward(*engine, config, in, o.generate), o.output, engine->device());
 }
 
 const RegisterCommand reg([](CLI::App& app) {
