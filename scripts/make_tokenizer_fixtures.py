@@ -101,6 +101,7 @@ def reference_texts():
         "\t\tTabs\tand  spaces   ",
         "a\u000bvertical tab, a\u0085next line, a\u00a0no-break space, a\u3000wide space",
         "\r\nWindows\r\nline ends\r\n",
+        "runs: a\u000b\u000bb x\u0085\u0085y p\u001c\u001d\u001e\u001fq z\u200b\u200bw \u2028\u2029 end\u000b",
         "Numbers: 1234567890, 3.14159, 1,000,000 and 2026-12-07.",
         "I'LL DON'T we'Re you've she'd it's THEY'VE Ma'am ſ'S",
         "Caf\u00e9 vs Cafe\u0301 (NFC composes the second), \u212b vs \u00c5, \ufb01 ligature",

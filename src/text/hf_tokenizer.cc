@@ -51,29 +51,6 @@ char32_t decode_at(std::string_view s, size_t i, size_t* len) {
   return cp;
 }
 
-// The pattern in ICU's dialect. Hugging Face `tokenizers` compiles its patterns with Oniguruma,
-// whose \s is Unicode White_Space; ICU's \s is [\t\n\f\r\p{Z}] (no \v, no U+0085). Every other
-// construct these patterns use (\p{L}, \p{N}, (?i:...), (?!...)) means the same in both.
-std::string onig_to_icu(std::string_view pattern) {
-  std::string out;
-  for (size_t i = 0; i < pattern.size(); ++i) {
-    if (pattern[i] == '\\' && i + 1 < pattern.size()) {
-      char c = pattern[i + 1];
-      if (c == 's') {
-        out += "\\p{White_Space}";
-      } else if (c == 'S') {
-        out += "\\P{White_Space}";
-      } else {
-        out += pattern.substr(i, 2);
-      }
-      ++i;
-      continue;
-    }
-    out += pattern[i];
-  }
-  return out;
-}
-
 // The byte-level alphabet of GPT-2: byte b is written as one printable code point.
 struct ByteLevelMap {
   std::array<std::string, 256> byte_to_utf8;
@@ -402,7 +379,10 @@ struct Reader {
 
 std::unique_ptr<icu::RegexPattern> compile(const std::string& pattern, const Reader& r,
                                            std::string_view field) {
-  std::string icu_pattern = onig_to_icu(pattern);
+  // `tokenizers` compiles patterns with Oniguruma. ICU reads the constructs these patterns use the
+  // same way: \p{L}, \p{N}, (?i:...), (?!...), and \s as Unicode White_Space (with \v and U+0085,
+  // without U+001C..U+001F); the reference texts hold those characters.
+  const std::string& icu_pattern = pattern;
   UErrorCode st = U_ZERO_ERROR;
   UParseError pe{};
   std::unique_ptr<icu::RegexPattern> p(icu::RegexPattern::compile(
