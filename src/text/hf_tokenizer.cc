@@ -35,8 +35,8 @@ constexpr std::string_view kGpt2Pattern =
 // Unicode White_Space (what Rust's char::is_whitespace and Oniguruma's \s match).
 bool is_white_space(char32_t c) {
   return (c >= 0x09 && c <= 0x0d) || c == 0x20 || c == 0x85 || c == 0xa0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f ||
-         c == 0x205f || c == 0x3000;
+         (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f ||
+         c == 0x3000;
 }
 
 // The code point at s[i] (valid UTF-8 assumed; invalid bytes read as themselves).
@@ -276,8 +276,9 @@ void HfBpeTokenizer::Impl::bpe(std::string_view word, std::vector<int32_t>& out)
     Symbol& s = syms[c.pos];
     if (s.id != c.left || s.next < 0 || syms[s.next].id != c.right) continue;  // stale
     int nx = s.next;
-    s.id = merges.at((static_cast<uint64_t>(static_cast<uint32_t>(c.left)) << 32) |
-                     static_cast<uint32_t>(c.right))
+    s.id = merges
+               .at((static_cast<uint64_t>(static_cast<uint32_t>(c.left)) << 32) |
+                   static_cast<uint32_t>(c.right))
                .second;
     s.next = syms[nx].next;
     if (s.next >= 0) syms[s.next].prev = c.pos;
@@ -385,8 +386,8 @@ std::unique_ptr<icu::RegexPattern> compile(const std::string& pattern, const Rea
   const std::string& icu_pattern = pattern;
   UErrorCode st = U_ZERO_ERROR;
   UParseError pe{};
-  std::unique_ptr<icu::RegexPattern> p(icu::RegexPattern::compile(
-      icu::UnicodeString::fromUTF8(icu_pattern), 0, pe, st));
+  std::unique_ptr<icu::RegexPattern> p(
+      icu::RegexPattern::compile(icu::UnicodeString::fromUTF8(icu_pattern), 0, pe, st));
   if (U_FAILURE(st)) {
     r.bad(field, "regex does not compile (" + std::string(u_errorName(st)) + " at offset " +
                      std::to_string(pe.offset) + "): " + pattern);
@@ -633,7 +634,8 @@ int32_t config_token(const json& cfg, const char* key, const std::string& config
     fail(config_name, ": field '", key, "': expected a token string, {\"content\": ...} or null");
   }
   auto id = tok.token_to_id(content);
-  if (!id) fail(config_name, ": field '", key, "': '", content, "' is not a token of the tokenizer");
+  if (!id)
+    fail(config_name, ": field '", key, "': '", content, "' is not a token of the tokenizer");
   return *id;
 }
 
@@ -706,8 +708,8 @@ std::unique_ptr<HfBpeTokenizer> HfBpeTokenizer::parse(const std::string& json_te
   return std::unique_ptr<HfBpeTokenizer>(new HfBpeTokenizer(std::move(impl)));
 }
 
-std::unique_ptr<HfBpeTokenizer> HfBpeTokenizer::load(const std::filesystem::path& tokenizer_json,
-                                                     const std::filesystem::path& tokenizer_config) {
+std::unique_ptr<HfBpeTokenizer> HfBpeTokenizer::load(
+    const std::filesystem::path& tokenizer_json, const std::filesystem::path& tokenizer_config) {
   std::string bytes = text::read_file_bytes(tokenizer_json, "tokenizer.json");
   auto tok = parse(bytes, tokenizer_json.string());
   tok->impl_->files.push_back({tokenizer_json.filename().string(), text::hex_sha256(bytes)});
@@ -741,8 +743,8 @@ std::vector<int32_t> HfBpeTokenizer::encode(std::string_view text, int max_lengt
                              [](char c) { return static_cast<unsigned char>(c) < 0x80; });
     if (!m.normalizers.empty() && !ascii) {  // the Unicode normal forms leave ASCII alone
       UErrorCode st = U_ZERO_ERROR;
-      icu::UnicodeString u = icu::UnicodeString::fromUTF8(icu::StringPiece(piece.data(),
-                                                                           piece.size()));
+      icu::UnicodeString u =
+          icu::UnicodeString::fromUTF8(icu::StringPiece(piece.data(), piece.size()));
       for (const icu::Normalizer2* n : m.normalizers) u = n->normalize(u, st);
       if (U_FAILURE(st)) fail(m.name, ": normalization failed: ", u_errorName(st));
       normalized.clear();
@@ -763,8 +765,8 @@ std::vector<int32_t> HfBpeTokenizer::encode(std::string_view text, int max_lengt
     size_t budget = static_cast<size_t>(max_length) > extra ? max_length - extra : 0;
     if (ids.size() > budget) ids.resize(budget);
   }
-  if (!m.template_prefix.empty()) ids.insert(ids.begin(), m.template_prefix.begin(),
-                                             m.template_prefix.end());
+  if (!m.template_prefix.empty())
+    ids.insert(ids.begin(), m.template_prefix.begin(), m.template_prefix.end());
   ids.insert(ids.end(), m.template_suffix.begin(), m.template_suffix.end());
   if (max_length > 0 && ids.size() > static_cast<size_t>(max_length)) ids.resize(max_length);
   return ids;

@@ -16,9 +16,9 @@ namespace {
 struct WireField {
   uint32_t number = 0;
   uint32_t wire_type = 0;
-  uint64_t varint = 0;        // wire type 0
-  std::string_view payload;   // wire type 2
-  std::string_view raw;       // the whole field, tag included
+  uint64_t varint = 0;       // wire type 0
+  std::string_view payload;  // wire type 2
+  std::string_view raw;      // the whole field, tag included
 };
 
 bool read_varint(std::string_view s, size_t* pos, uint64_t* v) {
@@ -146,12 +146,14 @@ std::unique_ptr<LlamaSpTokenizer> LlamaSpTokenizer::load(
          ", expected 2 (BPE, as Llama's and Mixtral's tokenizer.model)");
   }
   if (facts.has_charsmap) {
-    fail(file, ": normalizer_spec has a precompiled charsmap; expected the identity normalization "
-               "of Llama's tokenizer.model");
+    fail(file,
+         ": normalizer_spec has a precompiled charsmap; expected the identity normalization "
+         "of Llama's tokenizer.model");
   }
   if (facts.remove_extra_whitespaces || !facts.escape_whitespaces) {
-    fail(file, ": normalizer_spec expected remove_extra_whitespaces=false and "
-               "escape_whitespaces=true (Llama's settings)");
+    fail(file,
+         ": normalizer_spec expected remove_extra_whitespaces=false and "
+         "escape_whitespaces=true (Llama's settings)");
   }
   if (facts.has_user_defined) fail(file, ": user-defined pieces are not supported");
   auto impl = std::make_unique<Impl>();
@@ -237,8 +239,8 @@ std::vector<int32_t> LlamaSpTokenizer::encode(std::string_view text, int max_len
         piece += c;
       }
     }
-    bool prepend = m.prepend == Impl::Prepend::kAlways ||
-                   (m.prepend == Impl::Prepend::kFirst && offset == 0);
+    bool prepend =
+        m.prepend == Impl::Prepend::kAlways || (m.prepend == Impl::Prepend::kFirst && offset == 0);
     if (prepend && !piece.starts_with(kMeta)) piece.insert(0, kMeta);
     piece_ids.clear();
     auto status = m.sp.Encode(piece, &piece_ids);

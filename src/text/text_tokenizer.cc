@@ -61,8 +61,9 @@ std::unique_ptr<TextTokenizer> load_text_tokenizer_file(const fs::path& file) {
     if (looks_like_t5(file)) return std::make_unique<T5TextTokenizer>(file);
     return LlamaSpTokenizer::load(file, config_beside(file));
   }
-  fail(file.string(), ": not a tokenizer file (expected spiece.model, tokenizer.model, "
-                      "tokenizer.json, or a .model / .json file)");
+  fail(file.string(),
+       ": not a tokenizer file (expected spiece.model, tokenizer.model, "
+       "tokenizer.json, or a .model / .json file)");
 }
 
 std::unique_ptr<TextTokenizer> load_text_tokenizer(const fs::path& model_dir) {

@@ -1,14 +1,13 @@
 // The LM tokenizers against Hugging Face's ids for the fixtures of tests/data/tokenizers_lm (made
 // by scripts/make_tokenizer_fixtures.py with `tokenizers` / transformers).
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <atomic>
 #include <thread>
-
-#include <unistd.h>
 
 #include "core/error.h"
 #include "text/hf_tokenizer.h"
@@ -214,8 +213,9 @@ TEST(TokenizersLm, DecodeRejectsUnknownIds) {
 class Malformed : public testing::Test {
  protected:
   void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("moetrace_tok_" + std::to_string(::getpid()) + "_" +
-                                        testing::UnitTest::GetInstance()->current_test_info()->name());
+    dir_ =
+        fs::temp_directory_path() / ("moetrace_tok_" + std::to_string(::getpid()) + "_" +
+                                     testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::create_directories(dir_);
     std::ifstream in(kData / "qwen2_bpe/tokenizer.json");
     base_ = json::parse(in);
@@ -273,7 +273,8 @@ TEST_F(Malformed, UnsupportedNormalizer) {
   json j = base_;
   j["normalizer"] = {{"type", "Lowercase"}};
   expect_error(j, {"'normalizer.type'", "Lowercase"});
-  j["normalizer"] = {{"type", "Sequence"}, {"normalizers", {{{"type", "NFC"}}, {{"type", "Strip"}}}}};
+  j["normalizer"] = {{"type", "Sequence"},
+                     {"normalizers", {{{"type", "NFC"}}, {{"type", "Strip"}}}}};
   expect_error(j, {"'normalizer.normalizers[1].type'", "Strip"});
 }
 
