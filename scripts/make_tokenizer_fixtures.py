@@ -22,6 +22,8 @@ Tokenizers made (each in its own folder, as a model directory would hold them):
                 identity normalization) as tokenizer.model + tokenizer_config.json (legacy=true, as
                 Mixtral-8x7B's), the reference from transformers' LlamaTokenizer (tokenizers backend).
   llama_spm_nolegacy/  the same model with legacy=false (transformers 5's default).
+  tiny_bpe/     a hand-made 9-token BPE: ignore_merges, unk_token + fuse_unk, Split on a String,
+                a Sequence normalizer, no decoder (14 texts).
 Each folder has reference.jsonl: {"text", "ids", "decoded"} per text.
 """
 import gzip
@@ -277,6 +279,21 @@ def main():
 
     fb = save_hf(fb, folder, {"eos_token": "<|endoftext|>", "unk_token": "<unk>"}, bytes_not_added)
     write_reference(folder, lambda t: fb.encode(t).ids, lambda i: fb.decode(i, skip_special_tokens=False), texts)
+
+    # A hand-made BPE for the options the trained ones leave unused: ignore_merges (a vocabulary word
+    # taken whole although no merge makes it), unk_token with fuse_unk, Split on a String pattern,
+    # a Sequence normalizer (NFKC), no decoder (decode joins tokens with spaces).
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "c": 3, "ab": 4, "bc": 5, "abc": 6, " ": 7, "x": 8}
+    tiny = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], unk_token="<unk>", fuse_unk=True,
+                                ignore_merges=True))
+    tiny.normalizer = normalizers.Sequence([normalizers.NFKC()])
+    tiny.pre_tokenizer = pre_tokenizers.Split(" ", behavior="isolated")
+    folder = fresh("tiny_bpe")
+    tiny = save_hf(tiny, folder, {})
+    tiny_texts = ["", "abc", "abcabc", "ab c", "zzz abc", "q", "abc  ab", "\uff42c x", "bcab", "xqqa",
+                  "a\u00e9b\u00e9\u00e9c", "abc abcx", "  ", "cba"]
+    write_reference(folder, lambda t: tiny.encode(t).ids, lambda i: tiny.decode(i, skip_special_tokens=False),
+                    tiny_texts)
 
     # Llama / Mixtral SentencePiece.
     tmp = os.path.join(OUT, "_spm_train.txt")

@@ -53,7 +53,7 @@ class Reference : public testing::TestWithParam<std::string> {};
 TEST_P(Reference, IdsAndDecodeMatchHuggingFace) {
   auto tok = load_text_tokenizer(kData / GetParam());
   auto rows = reference(GetParam());
-  ASSERT_GE(rows.size(), 250u);
+  ASSERT_GE(rows.size(), GetParam() == "tiny_bpe" ? 14u : 450u);
   int id_mismatches = 0, decode_mismatches = 0;
   for (size_t i = 0; i < rows.size(); ++i) {
     auto got = tok->encode(rows[i].text);
@@ -73,7 +73,7 @@ TEST_P(Reference, IdsAndDecodeMatchHuggingFace) {
 
 INSTANTIATE_TEST_SUITE_P(TokenizersLm, Reference,
                          testing::Values("qwen2_bpe", "olmoe_bpe", "template_bpe", "fallback_bpe",
-                                         "llama_spm", "llama_spm_nolegacy"));
+                                         "llama_spm", "llama_spm_nolegacy", "tiny_bpe"));
 
 // The fixtures exercise what they claim to: without these the parity test would prove less.
 TEST(TokenizersLm, FixturesCoverTheFeatures) {
