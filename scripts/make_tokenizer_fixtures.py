@@ -15,7 +15,8 @@ Tokenizers made (each in its own folder, as a model directory would hold them):
                 (normalized=true, not special) as GPT-NeoX has them.
   template_bpe/ olmoe_bpe's vocabulary with a TemplateProcessing post-processor
                 "<|endoftext|> $A <|endoftext|>" and ByteLevel(add_prefix_space=True): BOS/EOS and
-                prefix-space handling; added tokens <mask> (lstrip) and <sep> (rstrip).
+                prefix-space handling; added tokens <mask> (lstrip), <sep> (rstrip) and a
+                normalized=true one whose content NFC changes.
   fallback_bpe/ a BPE that is not byte-level: NFC + the Qwen2 Split regex, byte_fallback=True with
                 <0x00>..<0xFF> in the vocabulary and a small alphabet, so rare characters fall back.
   llama_spm/    SentencePiece BPE (Llama/Mixtral settings: byte_fallback, split_digits, dummy prefix,
@@ -119,6 +120,7 @@ def reference_texts():
         "<s>" + base[6] + "</s>",
         base[7] + " <s> " + base[8] + " <unk> </s>",
         "<|im_start|",
+        "Un caf\u00e9 au lait, Caf\u00e9 au lait, Cafe\u0301 au lait.",
         "Fill  <mask>  here and <sep>   there\n<sep>\n \t<mask>",
         "<|endoftext|>   " + base[9] + "    \n",
         "     leading spaces and trailing     ",
@@ -246,6 +248,8 @@ def main():
     eot = tmpl.token_to_id("<|endoftext|>")
     tmpl.add_special_tokens([AT("<mask>", special=True, normalized=False, lstrip=True),
                              AT("<sep>", special=True, normalized=False, rstrip=True)])
+    # normalized=true with content that NFC changes: matched as the normalizer writes it.
+    tmpl.add_tokens([AT("Cafe\u0301 au lait", special=False, normalized=True)])
     tmpl.post_processor = processors.TemplateProcessing(
         single="<|endoftext|> $A <|endoftext|>", pair="<|endoftext|> $A <|endoftext|> $B:1 <|endoftext|>:1",
         special_tokens=[("<|endoftext|>", eot)],

@@ -72,6 +72,7 @@ const ByteLevelMap& byte_level_map() {
 
 struct AddedToken {
   std::string content;
+  std::string match;  // what is looked for: content, normalized for normalized=true tokens
   int32_t id = 0;
   bool lstrip = false;
   bool rstrip = false;
@@ -84,8 +85,8 @@ struct AddedToken {
 class AddedMatcher {
  public:
   void add(const AddedToken* t) {
-    if (t->content.empty()) return;
-    by_first_[static_cast<unsigned char>(t->content[0])].push_back(t);
+    if (t->match.empty()) return;
+    by_first_[static_cast<unsigned char>(t->match[0])].push_back(t);
   }
   bool empty() const {
     return std::all_of(by_first_.begin(), by_first_.end(), [](auto& v) { return v.empty(); });
@@ -98,8 +99,8 @@ class AddedMatcher {
     while (pos < s.size()) {
       const AddedToken* best = nullptr;
       for (const AddedToken* t : by_first_[static_cast<unsigned char>(s[pos])]) {
-        if (s.substr(pos).starts_with(t->content) &&
-            (!best || t->content.size() > best->content.size())) {
+        if (s.substr(pos).starts_with(t->match) &&
+            (!best || t->match.size() > best->match.size())) {
           best = t;
         }
       }
@@ -107,7 +108,7 @@ class AddedMatcher {
         ++pos;
         continue;
       }
-      size_t a = pos, b = pos + best->content.size();
+      size_t a = pos, b = pos + best->match.size();
       if (best->lstrip) {
         while (a > start) {
           size_t k = a - 1;
@@ -142,6 +143,21 @@ struct PreTokenizer {
 };
 
 enum class DecodeStep { kByteLevel, kByteFallback, kFuse };
+
+// s through the normalizers in order (ASCII text is left alone: the Unicode normal forms keep it).
+std::string_view normalize(const std::vector<const icu::Normalizer2*>& normalizers,
+                           std::string_view s, std::string& buffer, const std::string& name) {
+  bool ascii =
+      std::all_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) < 0x80; });
+  if (normalizers.empty() || ascii) return s;
+  UErrorCode st = U_ZERO_ERROR;
+  icu::UnicodeString u = icu::UnicodeString::fromUTF8(icu::StringPiece(s.data(), s.size()));
+  for (const icu::Normalizer2* n : normalizers) u = n->normalize(u, st);
+  if (U_FAILURE(st)) fail(name, ": normalization failed: ", u_errorName(st));
+  buffer.clear();
+  u.toUTF8String(buffer);
+  return buffer;
+}
 
 // Splits s at the matches of pattern, every match and every gap its own piece (behavior Isolated).
 void split_isolated(const icu::RegexPattern& pattern, std::string_view s,
@@ -688,6 +704,12 @@ std::unique_ptr<HfBpeTokenizer> HfBpeTokenizer::parse(const std::string& json_te
       t.special = r.bool_or(list[i], "special", false, f + ".special");
       impl->added.push_back(std::move(t));
     }
+    // `tokenizers` looks for a normalized=true token's content as the normalizer writes it.
+    std::string buffer;
+    for (AddedToken& t : impl->added) {
+      t.match = t.normalized ? std::string(normalize(impl->normalizers, t.content, buffer, name))
+                             : t.content;
+    }
     for (const AddedToken& t : impl->added) {
       (t.normalized ? impl->normalized_matcher : impl->raw_matcher).add(&t);
     }
@@ -698,7 +720,8 @@ std::unique_ptr<HfBpeTokenizer> HfBpeTokenizer::parse(const std::string& json_te
   for (const AddedToken& t : impl->added) max_id = std::max(max_id, t.id);
   impl->id_to_token.assign(static_cast<size_t>(max_id + 1), std::string());
   for (const auto& [tok, id] : impl->vocab) impl->id_to_token[static_cast<size_t>(id)] = tok;
-  for (const AddedToken& t : impl->added) impl->id_to_token[static_cast<size_t>(t.id)] = t.content;
+  // `tokenizers` gives a normalized=true token back as the normalizer wrote it.
+  for (const AddedToken& t : impl->added) impl->id_to_token[static_cast<size_t>(t.id)] = t.match;
   for (int32_t id : impl->template_prefix) {
     if (id > max_id) r.bad("post_processor", "template id " + std::to_string(id) + " unknown");
   }
@@ -738,19 +761,7 @@ std::vector<int32_t> HfBpeTokenizer::encode(std::string_view text, int max_lengt
   auto plain_normalized = [&](std::string_view piece) { m.encode_plain(piece, ids); };
   auto token = [&](int32_t id) { ids.push_back(id); };
   auto plain_raw = [&](std::string_view piece) {
-    std::string_view norm = piece;
-    bool ascii = std::all_of(piece.begin(), piece.end(),
-                             [](char c) { return static_cast<unsigned char>(c) < 0x80; });
-    if (!m.normalizers.empty() && !ascii) {  // the Unicode normal forms leave ASCII alone
-      UErrorCode st = U_ZERO_ERROR;
-      icu::UnicodeString u =
-          icu::UnicodeString::fromUTF8(icu::StringPiece(piece.data(), piece.size()));
-      for (const icu::Normalizer2* n : m.normalizers) u = n->normalize(u, st);
-      if (U_FAILURE(st)) fail(m.name, ": normalization failed: ", u_errorName(st));
-      normalized.clear();
-      u.toUTF8String(normalized);
-      norm = normalized;
-    }
+    std::string_view norm = normalize(m.normalizers, piece, normalized, m.name);
     if (m.normalized_matcher.empty()) {
       m.encode_plain(norm, ids);
     } else {
