@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <array>
-#include <mutex>
 #include <nlohmann/json.hpp>
 #include <queue>
 #include <unordered_map>
@@ -206,19 +205,18 @@ struct HfBpeTokenizer::Impl {
   std::vector<int32_t> template_prefix, template_suffix;  // post-processor ids around $A
   int32_t bos = -1, eos = -1, pad = -1;
 
-  // Cache of BPE ids per pre-token (the byte-level word), sharded so threads rarely contend.
-  static constexpr size_t kShards = 16;
-  static constexpr size_t kShardCapacity = 1 << 15;
-  static constexpr size_t kMaxCachedWord = 128;  // bytes
-  struct Shard {
-    std::mutex mu;
-    StringMap<std::vector<int32_t>> words;
-  };
-  mutable std::array<Shard, kShards> cache;
+  // Cache of BPE ids per pre-token (the byte-level word): one per thread and tokenizer, so the
+  // threads that share a tokenizer never wait for each other. A thread's caches of tokenizers
+  // that are gone are dropped when that thread next makes one.
+  static constexpr size_t kCacheCapacity = 1 << 16;  // words per thread; cleared when full
+  static constexpr size_t kMaxCachedWord = 128;      // bytes
+  using WordCache = StringMap<std::vector<int32_t>>;
+  std::shared_ptr<const int> alive = std::make_shared<const int>(0);  // identity for the caches
+  WordCache& thread_cache() const;
 
   void bpe(std::string_view word, std::vector<int32_t>& out) const;
-  void bpe_cached(std::string_view word, std::vector<int32_t>& out) const;
-  void encode_plain(std::string_view normalized, std::vector<int32_t>& out) const;
+  void bpe_cached(std::string_view word, std::vector<int32_t>& out, WordCache& cache) const;
+  void encode_plain(std::string_view normalized, std::vector<int32_t>& out, WordCache& cache) const;
 };
 
 void HfBpeTokenizer::Impl::bpe(std::string_view word, std::vector<int32_t>& out) const {
@@ -305,31 +303,41 @@ void HfBpeTokenizer::Impl::bpe(std::string_view word, std::vector<int32_t>& out)
   for (int k = 0; k >= 0; k = syms[k].next) out.push_back(syms[k].id);
 }
 
-void HfBpeTokenizer::Impl::bpe_cached(std::string_view word, std::vector<int32_t>& out) const {
+HfBpeTokenizer::Impl::WordCache& HfBpeTokenizer::Impl::thread_cache() const {
+  struct Entry {
+    std::weak_ptr<const int> owner;
+    WordCache words;
+  };
+  thread_local std::vector<Entry> caches;
+  for (Entry& e : caches) {
+    if (!e.owner.owner_before(alive) && !alive.owner_before(e.owner)) return e.words;
+  }
+  std::erase_if(caches, [](const Entry& e) { return e.owner.expired(); });
+  caches.push_back({alive, {}});
+  return caches.back().words;
+}
+
+void HfBpeTokenizer::Impl::bpe_cached(std::string_view word, std::vector<int32_t>& out,
+                                      WordCache& cache) const {
   if (word.size() > kMaxCachedWord) {
     bpe(word, out);
     return;
   }
-  Shard& shard = cache[std::hash<std::string_view>{}(word) % kShards];
-  {
-    std::lock_guard lock(shard.mu);
-    auto it = shard.words.find(word);
-    if (it != shard.words.end()) {
-      out.insert(out.end(), it->second.begin(), it->second.end());
-      return;
-    }
+  auto it = cache.find(word);
+  if (it != cache.end()) {
+    out.insert(out.end(), it->second.begin(), it->second.end());
+    return;
   }
   size_t begin = out.size();
   bpe(word, out);
-  std::vector<int32_t> ids(out.begin() + static_cast<std::ptrdiff_t>(begin), out.end());
-  std::lock_guard lock(shard.mu);
-  if (shard.words.size() >= kShardCapacity) shard.words.clear();
-  shard.words.emplace(std::string(word), std::move(ids));
+  if (cache.size() >= kCacheCapacity) cache.clear();
+  cache.emplace(std::string(word),
+                std::vector<int32_t>(out.begin() + static_cast<std::ptrdiff_t>(begin), out.end()));
 }
 
 // Pre-tokenizers and BPE over one piece of normalized text that holds no added token.
-void HfBpeTokenizer::Impl::encode_plain(std::string_view normalized,
-                                        std::vector<int32_t>& out) const {
+void HfBpeTokenizer::Impl::encode_plain(std::string_view normalized, std::vector<int32_t>& out,
+                                        WordCache& cache) const {
   std::vector<std::string> pieces{std::string(normalized)};
   std::vector<std::string> next;
   for (const PreTokenizer& p : pre_tokenizers) {
@@ -358,7 +366,7 @@ void HfBpeTokenizer::Impl::encode_plain(std::string_view normalized,
     std::swap(pieces, next);
   }
   for (const std::string& word : pieces) {
-    if (!word.empty()) bpe_cached(word, out);
+    if (!word.empty()) bpe_cached(word, out, cache);
   }
 }
 
@@ -758,12 +766,13 @@ std::vector<int32_t> HfBpeTokenizer::encode(std::string_view text, int max_lengt
   const Impl& m = *impl_;
   std::vector<int32_t> ids;
   std::string normalized;
-  auto plain_normalized = [&](std::string_view piece) { m.encode_plain(piece, ids); };
+  Impl::WordCache& cache = m.thread_cache();
+  auto plain_normalized = [&](std::string_view piece) { m.encode_plain(piece, ids, cache); };
   auto token = [&](int32_t id) { ids.push_back(id); };
   auto plain_raw = [&](std::string_view piece) {
     std::string_view norm = normalize(m.normalizers, piece, normalized, m.name);
     if (m.normalized_matcher.empty()) {
-      m.encode_plain(norm, ids);
+      m.encode_plain(norm, ids, cache);
     } else {
       std::string copy(norm);  // `normalized` is reused by the next piece
       m.normalized_matcher.split(copy, plain_normalized, token);
