@@ -200,6 +200,20 @@ TEST(TokenizersLm, EncodeFromSeveralThreads) {
   }
 }
 
+// The word caches belong to one tokenizer: a tokenizer made after another is gone (perhaps at the
+// same address) never sees the other's cached words.
+TEST(TokenizersLm, WordCacheBelongsToItsTokenizer) {
+  auto qwen_rows = reference("qwen2_bpe");
+  auto fallback_rows = reference("fallback_bpe");
+  for (int round = 0; round < 4; ++round) {
+    const char* folder = round % 2 ? "fallback_bpe" : "qwen2_bpe";
+    const auto& rows = round % 2 ? fallback_rows : qwen_rows;
+    auto tok = load_text_tokenizer(kData / folder);
+    for (size_t i = 0; i < 60; ++i)
+      ASSERT_EQ(tok->encode(rows[i].text), rows[i].ids) << folder << i;
+  }
+}
+
 TEST(TokenizersLm, DecodeRejectsUnknownIds) {
   auto qwen = load_text_tokenizer(kData / "qwen2_bpe");
   EXPECT_THROW(qwen->decode({5000}), Error);
