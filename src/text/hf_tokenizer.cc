@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <nlohmann/json.hpp>
 #include <queue>
 #include <unordered_map>
@@ -847,8 +848,9 @@ std::string HfBpeTokenizer::decode(const std::vector<int32_t>& ids) const {
         run_len = 0;
       };
       for (const std::string& t : tokens) {
-        if (t.size() == 6 && t.starts_with("<0x") && t[5] == '>' && std::isxdigit(t[3]) &&
-            std::isxdigit(t[4])) {
+        if (t.size() == 6 && t.starts_with("<0x") && t[5] == '>' &&
+            std::isxdigit(static_cast<unsigned char>(t[3])) &&
+            std::isxdigit(static_cast<unsigned char>(t[4]))) {
           run += static_cast<char>(std::stoi(t.substr(3, 2), nullptr, 16));
           ++run_len;
         } else {
