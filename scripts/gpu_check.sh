@@ -38,6 +38,8 @@ if [[ "${1:-}" == "--pack" ]]; then
     $L/libquadmath.so.0.0.0 usr/include/openssl usr/include/x86_64-linux-gnu/openssl $L/libcrypto.so $L/libcrypto.so.3 \
     $L/libssl.so $L/libssl.so.3 \
     usr/include/sentencepiece_processor.h $L/libsentencepiece.so $L/libsentencepiece.so.0 $L/libsentencepiece.so.0.0.0 \
+    usr/include/unicode $L/libicuuc.so $L/libicuuc.so.72 $L/libicuuc.so.72.1 $L/libicui18n.so $L/libicui18n.so.72 \
+    $L/libicui18n.so.72.1 $L/libicudata.so $L/libicudata.so.72 $L/libicudata.so.72.1 \
     --transform "s,^usr/include/CLI,cli11/CLI," usr/include/CLI usr/include/zlib.h usr/include/zconf.h usr/include/zstd.h usr/include/zstd_errors.h \
     --transform "s,^$L/libz\\.so,linkonly/libz.so," --transform "s,^$L/libzstd,linkonly/libzstd," \
     $L/libz.so $L/libz.so.1 $L/libz.so.1.2.13 $L/libzstd.so $L/libzstd.so.1 $L/libzstd.so.1.5.4

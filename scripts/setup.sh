@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   build-essential cmake ninja-build pkg-config git clang clang-format clang-tidy libclang-rt-14-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev libsentencepiece-dev
+  libopenblas-openmp-dev nlohmann-json3-dev libcli11-dev libsentencepiece-dev libicu-dev
   zlib1g-dev libzstd-dev libssl-dev
   python3 python3-venv python3-pip
 )

@@ -1,13 +1,9 @@
 #include "text/tokenizer.h"
 
-#include <openssl/evp.h>
 #include <sentencepiece_processor.h>
 
-#include <fstream>
-#include <iterator>
-#include <sstream>
-
 #include "core/error.h"
+#include "text/text_util.h"
 
 namespace moetrace {
 
@@ -18,21 +14,6 @@ struct T5Tokenizer::Impl {
 };
 
 namespace {
-
-std::string hex_sha256(const std::string& bytes) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int n = 0;
-  if (EVP_Digest(bytes.data(), bytes.size(), md, &n, EVP_sha256(), nullptr) != 1) {
-    fail("sha256 of the tokenizer model failed");
-  }
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < n; ++i) {
-    out += kHex[md[i] >> 4];
-    out += kHex[md[i] & 15];
-  }
-  return out;
-}
 
 // If a special token starts at text[pos] (text[pos] == '<'), returns its id and sets *len.
 // Only the exact spellings count: `<extra_id_7>`, not `<extra_id_07>`.
@@ -75,10 +56,7 @@ T5Tokenizer& T5Tokenizer::operator=(T5Tokenizer&&) noexcept = default;
 T5Tokenizer::~T5Tokenizer() = default;
 
 T5Tokenizer T5Tokenizer::load(const std::filesystem::path& spiece_model) {
-  std::ifstream in(spiece_model, std::ios::binary);
-  if (!in) fail(spiece_model.string(), ": cannot open the SentencePiece model");
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) fail(spiece_model.string(), ": read error");
+  std::string bytes = text::read_file_bytes(spiece_model, "the SentencePiece model");
   auto impl = std::make_unique<Impl>();
   auto status = impl->sp.LoadFromSerializedProto(bytes);
   if (!status.ok()) {
@@ -90,7 +68,7 @@ T5Tokenizer T5Tokenizer::load(const std::filesystem::path& spiece_model) {
          ": not a T5 vocabulary (expected pad=0 eos=1 unk=2, got pad=", impl->sp.pad_id(),
          " eos=", impl->sp.eos_id(), " unk=", impl->sp.unk_id(), ")");
   }
-  impl->sha256 = hex_sha256(bytes);
+  impl->sha256 = text::hex_sha256(bytes);
   return T5Tokenizer(std::move(impl));
 }
 
