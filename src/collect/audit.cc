@@ -29,6 +29,8 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 struct Comparison {
   std::vector<int> layers;             // encoder blocks with a MoE layer, the store's order
+  keys::Stack stack = keys::Stack::kEncoder;  // Switch: enc.; a language model's prompt: lm.
+  int64_t k = 1;  // experts per token: the stored and the reference's expert are [.., k], top-1 first
   std::vector<FidelityCounts> counts;  // per layer
   int64_t experts = 0;
   int64_t samples = 0;
@@ -51,26 +53,30 @@ void compare_chunk(const std::vector<SampleRecordOwned>& chunk, const AuditOptio
       std::copy(ids.begin(), ids.end(), batch.input_ids.begin() + b * batch.S);
       std::fill_n(batch.attention_mask.begin() + b * batch.S, ids.size(), 1);
     }
-    RecordingObserver ref([](std::string_view key) {
+    RecordingObserver ref([stack = c->stack](std::string_view key) {
       const auto p = keys::parse(key);
-      return p && p->stack == keys::Stack::kEncoder &&
+      return p && p->stack == stack &&
              (p->field == keys::kRouterLogits || p->field == keys::kExpert);
     });
     encode(batch, &ref);
     for (size_t l = 0; l < c->layers.size(); ++l) {
       const int block = c->layers[l];
-      const std::string lk = keys::tensor(keys::Stack::kEncoder, block, keys::kRouterLogits);
-      const std::string ek = keys::tensor(keys::Stack::kEncoder, block, keys::kExpert);
+      const std::string lk = keys::tensor(c->stack, block, keys::kRouterLogits);
+      const std::string ek = keys::tensor(c->stack, block, keys::kExpert);
+      const int64_t k = c->k;
+      const Shape expert_shape = k == 1 && c->stack == keys::Stack::kEncoder
+                                     ? Shape{batch.B, batch.S}
+                                     : Shape{batch.B, batch.S, k};
       if (!ref.has(lk) || !ref.has(ek))
         fail("audit: the fp32 reference offered no ", ref.has(lk) ? ek : lk);
       const Tensor& rl = ref.last(lk);
       const Tensor& re = ref.last(ek);
       if (rl.dtype() != DType::kF32 || rl.shape() != Shape{batch.B, batch.S, E} ||
-          re.dtype() != DType::kI32 || re.shape() != Shape{batch.B, batch.S}) {
+          re.dtype() != DType::kI32 || re.shape() != expert_shape) {
         fail("audit: the fp32 reference's ", lk, " is ", dtype_name(rl.dtype()), " ",
              shape_str(rl.shape()), " and ", ek, " ", dtype_name(re.dtype()), " ",
              shape_str(re.shape()), "; the store needs F32 [", batch.B, ", ", batch.S, ", ", E,
-             "] and I32 [", batch.B, ", ", batch.S, "] (another model than the store's?)");
+             "] and I32 ", shape_str(expert_shape), " (another model than the store's?)");
       }
       const float* ref_logits = rl.view().as<float>();
       const int32_t* ref_expert = re.view().as<int32_t>();
@@ -80,7 +86,8 @@ void compare_chunk(const std::vector<SampleRecordOwned>& chunk, const AuditOptio
         const LayerRecordOwned& stored = s.enc[l];
         const int64_t len = lengths[members[static_cast<size_t>(b)]];
         for (int64_t t = 0; t < len; ++t) {
-          n.top1_agree += stored.expert[static_cast<size_t>(t)] == ref_expert[b * batch.S + t];
+          // The top-1 (for top-k routing the first, highest-weight choice).
+          n.top1_agree += stored.expert[static_cast<size_t>(t * k)] == ref_expert[(b * batch.S + t) * k];
           const float* want = ref_logits + (b * batch.S + t) * E;
           auto track = [&](float got, float ref) {
             const double d = std::fabs(static_cast<double>(got) - static_cast<double>(ref));
@@ -132,6 +139,9 @@ Fidelity run_audit(const fs::path& dir, const AuditOptions& o, const AuditEncode
   c.layers = store.enc_layers();
   c.counts.assign(c.layers.size(), FidelityCounts{});
   c.experts = store.manifest().value("num_experts", int64_t{0});
+  const nlohmann::json routing = store.manifest().value("routing", nlohmann::json::object());
+  if (is_lm_family(routing.value("family", std::string("switch")))) c.stack = keys::Stack::kLm;
+  c.k = routing.value("top_k", int64_t{1});
   const int64_t n = store.num_samples();
   std::vector<SampleRecordOwned> chunk;
   int64_t next = 0;  // the first sample not looked at yet: each sample is chosen once

@@ -30,7 +30,7 @@
 #include "kernels/cpu/blas_info.h"
 #include "kernels/cpu/ops.h"
 #include "model/engine_io.h"
-#include "text/tokenizer.h"
+#include "text/text_tokenizer.h"
 #include "trace/store.h"
 
 namespace moetrace {
@@ -231,7 +231,54 @@ void check_options(const CollectOptions& o) {
     fail("--max-new-tokens ", o.max_new_tokens, ": expected at least 1 with --decoder");
 }
 
-StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc, const T5Tokenizer& tok,
+// The ids collect needs of a model: the padding of its batches (any id in the vocabulary; the
+// attention mask hides it) and the vocabulary size.
+struct ModelIds {
+  int32_t pad = 0;
+  int64_t vocab_size = 0;
+};
+ModelIds model_ids(const ModelChoice& mc) {
+  if (!mc.lm) return {static_cast<int32_t>(mc.config.pad_token_id), mc.config.vocab_size};
+  const LmConfig& c = *mc.lm;
+  int64_t pad = c.pad_token_id;
+  if (pad < 0 && !c.eos_token_ids.empty()) pad = c.eos_token_ids.front();
+  if (pad < 0 || pad >= c.vocab_size) pad = 0;
+  return {static_cast<int32_t>(pad), c.vocab_size};
+}
+
+// What collect captures of a model: its MoE layers (Switch: the encoder's, the decoder's with
+// --decoder; a language model: its prompt's, its generated tokens' with --decoder), their keys and
+// widths.
+CaptureLayout capture_layout(const CollectOptions& o, const ModelChoice& mc) {
+  CaptureLayout layout;
+  layout.hidden = o.hidden_dtype.has_value();
+  layout.logits_topk = o.logits_topk;
+  if (mc.lm) {
+    const LmConfig& c = *mc.lm;
+    layout.prompt_stack = keys::Stack::kLm;
+    layout.gen_stack = keys::Stack::kGen;
+    layout.enc_layers = c.sparse_layers();
+    if (o.decoder) layout.dec_layers = layout.enc_layers;
+    layout.top_k = c.top_k;
+    layout.dropped = false;  // no expert capacity
+    layout.E = c.num_experts;
+    layout.d = c.hidden_size;
+    layout.eos = -1;  // greedy generation never picks an eos id (model/lm/lm_model.h)
+    if (layout.enc_layers.empty()) fail(mc.id, ": the model has no MoE layers: nothing to trace");
+    return layout;
+  }
+  const SwitchConfig& cfg = mc.config;
+  layout.enc_layers = cfg.sparse_encoder_blocks();
+  if (o.decoder) layout.dec_layers = cfg.sparse_decoder_blocks();
+  layout.E = cfg.num_experts;
+  layout.d = cfg.d_model;
+  layout.eos = static_cast<int32_t>(cfg.eos_token_id);
+  if (layout.enc_layers.empty())
+    fail(mc.id, ": the model has no sparse encoder layers: nothing to trace");
+  return layout;
+}
+
+StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc, const TextTokenizer& tok,
                              const Plan& plan, const CaptureLayout& layout, const DeviceChoice& dev,
                              int64_t batch_tokens) {
   StoreSettings ss;
@@ -258,6 +305,11 @@ StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc, con
   ss.d_model = layout.d;
   ss.logits_dtype = o.logits_dtype;
   ss.logits_topk = o.logits_topk;
+  if (mc.lm) {  // the manifest's routing object (docs/TRACE_FORMAT.md)
+    ss.family = std::string(lm_family_name(mc.lm->family));
+    ss.top_k = static_cast<int>(layout.top_k);
+    ss.dropped = layout.dropped;
+  }
   if (o.logits_topk > 0) ss.settings["logits_topk"] = o.logits_topk;  // absent: every logit
   ss.hidden_dtype = o.hidden_dtype;
   ss.decoder = o.decoder;
@@ -379,26 +431,17 @@ CollectResult run_collect(const CollectOptions& o) {
 
   // Model, tokenizer and plan.
   ModelChoice mc = choose_model(o.model, !o.decoder);
-  const SwitchConfig& cfg = mc.config;
-  if (o.tokenizer.empty() && !fs::exists(mc.spiece)) {
-    fail(mc.spiece.string(), ": no spiece.model beside the checkpoint; pass --tokenizer FILE");
-  }
-  const T5Tokenizer tok = T5Tokenizer::load(o.tokenizer.empty() ? mc.spiece : o.tokenizer);
-  CaptureLayout layout;
-  layout.enc_layers = cfg.sparse_encoder_blocks();
-  if (o.decoder) layout.dec_layers = cfg.sparse_decoder_blocks();
-  layout.E = cfg.num_experts;
-  layout.d = cfg.d_model;
-  layout.hidden = o.hidden_dtype.has_value();
-  layout.logits_topk = o.logits_topk;
-  layout.eos = static_cast<int32_t>(cfg.eos_token_id);
-  if (layout.enc_layers.empty())
-    fail(mc.id, ": the model has no sparse encoder layers: nothing to trace");
+  const ModelIds ids = model_ids(mc);
+  if (mc.lm && o.mode != "real")
+    fail("--mode ", o.mode, ": ", mc.id,
+         " is a language model; synthetic samples exist for Switch models only (use --mode real)");
+  const std::unique_ptr<TextTokenizer> tok = load_model_tokenizer(mc, o.tokenizer);
+  const CaptureLayout layout = capture_layout(o, mc);
   const auto L = static_cast<int64_t>(layout.enc_layers.size());
   Plan plan = plan_samples(o, mc, L);
 
   // The store's settings; a rank's part; a resume checked before the engine starts.
-  StoreSettings ss = store_settings(o, mc, tok, plan, layout, dev, batch_tokens);
+  StoreSettings ss = store_settings(o, mc, *tok, plan, layout, dev, batch_tokens);
   if (parallel) take_part(plan, ss, o);
   std::vector<WorkItem>& items = plan.items;
   if (check_resume_store(store_dir, ss, static_cast<int64_t>(items.size()), o, parallel)) {
@@ -415,14 +458,15 @@ CollectResult run_collect(const CollectOptions& o) {
   eo.fp32_routing = dev.cuda && pm.fp32_routing;
   eo.load.encoder_only = !o.decoder;
   const double t_load = progress_clock();
-  std::unique_ptr<Engine> engine = make_engine(eo, cfg, mc.weights);
+  std::unique_ptr<Engine> engine =
+      mc.lm ? make_lm_engine(eo, mc.dir) : make_engine(eo, mc.config, mc.weights);
   const Engine::Memory mem = engine->memory();
   // The seed's "Model loaded successfully!", with what a user checks first.
   log_info("model loaded: ", mc.id, " on ", ss.device, ", ", human_bytes(mem.bytes), " ", mem.what,
            ", in ", fixed1(progress_clock() - t_load), " s");
   if (mc.demo) {
-    log_warn("demo model: seeded random weights in the switch-base layout (", cfg.num_layers,
-             " layers, d_model ", cfg.d_model, ", ", layout.E,
+    log_warn("demo model: seeded random weights in the switch-base layout (", mc.config.num_layers,
+             " layers, d_model ", mc.config.d_model, ", ", layout.E,
              " experts); its routing is not a trained model's");
   }
 
@@ -438,7 +482,7 @@ CollectResult run_collect(const CollectOptions& o) {
   const size_t first_window = static_cast<size_t>(start) - static_cast<size_t>(start) % per_window;
   const unsigned tok_threads =
       dev.cuda ? std::clamp(std::thread::hardware_concurrency(), 2u, 10u) - 1 : 1;
-  TokenizeStage tokenize(items, tok, o.max_length, first_window, per_window, tok_threads);
+  TokenizeStage tokenize(items, *tok, o.max_length, first_window, per_window, tok_threads);
   const double t_loop = progress_clock();
   const StopSignals stop_signals;
   Progress progress(static_cast<int64_t>(items.size()), start, L, o.progress);
@@ -450,7 +494,7 @@ CollectResult run_collect(const CollectOptions& o) {
   sp.L = L;
   sp.E = layout.E;
   sp.max_length = o.max_length;
-  sp.vocab_size = cfg.vocab_size;
+  sp.vocab_size = ids.vocab_size;
   sp.dec_layers = layout.dec_layers.size();
   sp.logits_topk = o.logits_topk;
   // MOETRACE_FAULT_KILL_AFTER=N: SIGKILL this process right after the N-th sample of this run
@@ -460,8 +504,9 @@ CollectResult run_collect(const CollectOptions& o) {
   StoreStage store(*writer, sp);
   LoopResult lr;
   try {
-    lr = run_windows(items, tokenize, engine_stage, store, progress, batch_tokens,
-                     static_cast<int32_t>(cfg.pad_token_id), start, g_signal);
+    // A language model generates from equal-length batches (model/lm/lm_engine.h).
+    lr = run_windows(items, tokenize, engine_stage, store, progress, batch_tokens, ids.pad,
+                     mc.lm && o.decoder, start, g_signal);
     store.close();
     store.rethrow();
   } catch (...) {
@@ -504,7 +549,7 @@ CollectResult run_collect(const CollectOptions& o) {
     ao.fraction = o.audit;
     ao.min_samples = std::max<int64_t>(1, batch_tokens / o.max_length);  // one batch
     ao.batch_tokens = batch_tokens;
-    ao.pad_token_id = static_cast<int32_t>(cfg.pad_token_id);
+    ao.pad_token_id = ids.pad;
     ao.precision = dev.cuda ? o.precision : "fp32";
     if (!dev.cuda) ao.skip_reason = "the CPU engine computes in fp32: the stored routing is fp32's";
     if (dev.cuda && o.precision == "fp32")
@@ -514,7 +559,8 @@ CollectResult run_collect(const CollectOptions& o) {
       ref_options.precision = DType::kF32;
       ref_options.fp32_routing = false;
       ref_options.load.encoder_only = true;
-      std::shared_ptr<Engine> ref = make_engine(ref_options, cfg, mc.weights);
+      std::shared_ptr<Engine> ref = mc.lm ? make_lm_engine(ref_options, mc.dir)
+                                          : make_engine(ref_options, mc.config, mc.weights);
       return [ref](const Batch& b, Observer* obs) { ref->encode(b, obs); };
     });
   }

@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <fstream>
+
 #include "core/error.h"
 #include "core/log.h"
 #include "core/sha256.h"
@@ -68,10 +70,30 @@ ModelChoice choose_model(const std::string& spec, bool encoder_only) {
   const ResolvedModel r = resolve_model(chosen);
   m.id = r.id;
   m.dir = r.dir;
+  LmFamily family;
+  if (parse_lm_family(read_model_type(r.dir / "config.json"), &family)) {
+    m.lm = load_lm_config(r.dir / "config.json");
+    m.weights = open_checkpoint(r.dir);
+    return m;
+  }
   m.config = load_config(r.dir / "config.json");
   m.weights = open_checkpoint(r.dir);
   m.spiece = r.dir / "spiece.model";
   return m;
+}
+
+std::unique_ptr<TextTokenizer> load_model_tokenizer(const ModelChoice& m, const fs::path& file) {
+  if (!file.empty()) return load_text_tokenizer_file(file);
+  if (!m.lm) {
+    if (!fs::exists(m.spiece))
+      fail(m.spiece.string(), ": no spiece.model beside the checkpoint; pass --tokenizer FILE");
+    return load_text_tokenizer_file(m.spiece);
+  }
+  try {
+    return load_text_tokenizer(m.dir);
+  } catch (const Error& e) {
+    fail(e.what(), "; pass --tokenizer FILE");
+  }
 }
 
 namespace {
@@ -86,6 +108,16 @@ std::string file_sha256(const fs::path& f) {
       return name;
   }
   return sha256_file(f);
+}
+
+// A language model's config.json as it is (its fields are model/lm/lm_config.h's to interpret).
+nlohmann::json read_json_file(const fs::path& path) {
+  std::ifstream in(path);
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    fail(path.string(), ": not valid JSON (", e.what(), ")");
+  }
 }
 
 }  // namespace
@@ -105,7 +137,7 @@ nlohmann::json describe_model(const ModelChoice& m, const std::string& tokenizer
                       {"demo", m.demo},
                       {"format", m.weights->format()},
                       {"files", files},
-                      {"config", m.config.to_json()},
+                      {"config", m.lm ? read_json_file(m.dir / "config.json") : m.config.to_json()},
                       {"tokenizer_sha256", tokenizer_sha256}};
   if (m.demo) j["demo_seed"] = kDemoSeed;
   return j;

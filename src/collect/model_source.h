@@ -6,9 +6,12 @@
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
+#include "model/lm/lm_config.h"
 #include "model/switch_model.h"
+#include "text/text_tokenizer.h"
 
 namespace moetrace {
 
@@ -17,13 +20,22 @@ struct ModelChoice {
   std::filesystem::path dir;     // empty for the demo
   std::filesystem::path spiece;  // the tokenizer model
   bool demo = false;
-  SwitchConfig config;
+  SwitchConfig config;  // a Switch model's
+  // A decoder-only MoE language model's (config.json's model_type olmoe, mixtral, qwen2_moe or
+  // qwen3_moe; docs/MOE_LM_SPEC.md); `config` is then unused.
+  std::optional<LmConfig> lm;
   std::shared_ptr<TensorSource> weights;
 };
 
 // spec: "" (default: largest cached switch-base, else the demo), "demo", "random:switch-base-N",
 // "random:switch-large-N" (that published shape, seeded random weights), a directory or a Hub id.
 ModelChoice choose_model(const std::string& spec, bool encoder_only);
+
+// The tokenizer of a collection: `file` when given (--tokenizer), else the model's: spiece.model
+// for Switch (error naming it when absent), the files of a language model's directory
+// (text/text_tokenizer.h's choice).
+std::unique_ptr<TextTokenizer> load_model_tokenizer(const ModelChoice& m,
+                                                    const std::filesystem::path& file);
 
 // The manifest's "model" object: id, files with sizes and sha256, config, tokenizer sha256, demo.
 nlohmann::json describe_model(const ModelChoice& m, const std::string& tokenizer_sha256);

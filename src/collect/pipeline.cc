@@ -31,7 +31,7 @@ struct LayerViews {
   TensorView logits, expert, dropped, gate, hidden;
 };
 std::vector<LayerViews> layer_views(const CapturedBatch& r, keys::Stack s,
-                                    const std::vector<int>& blocks, bool hidden) {
+                                    const std::vector<int>& blocks, bool hidden, bool dropped) {
   std::vector<LayerViews> out;
   for (int i : blocks) {
     auto get = [&](std::string_view field) {
@@ -43,17 +43,19 @@ std::vector<LayerViews> layer_views(const CapturedBatch& r, keys::Stack s,
     LayerViews& l = out.emplace_back();
     l.logits = get(keys::kRouterLogits);
     l.expert = get(keys::kExpert);
-    l.dropped = get(keys::kDropped);
+    if (dropped) l.dropped = get(keys::kDropped);
     l.gate = get(keys::kGate);
     if (hidden) l.hidden = get(keys::kHidden);
   }
   return out;
 }
 
-// Rows [b*S, b*S+len) of one layer's [B,S,...] tensors (decoder: S = steps, len = the sample's).
-// logits_topk > 0: the top-K of the logits instead of the logits.
-LayerData layer_slice(const LayerViews& v, int64_t b, int64_t S, int64_t len, int64_t E, int64_t d,
-                      bool hidden, int logits_topk) {
+// Rows [b*S, b*S+len) of one layer's [B,S,...] tensors (decoder: S = steps, len = the sample's);
+// expert and gate are [B,S,k]. logits_topk > 0: the top-K of the logits instead of the logits.
+LayerData layer_slice(const LayerViews& v, int64_t b, int64_t S, int64_t len,
+                      const CaptureLayout& c) {
+  const int64_t E = c.E, d = c.d, k = c.top_k;
+  const int logits_topk = c.logits_topk;
   LayerData l;
   if (logits_topk > 0) {
     std::vector<float> rows(static_cast<size_t>(len * E));
@@ -65,11 +67,25 @@ LayerData layer_slice(const LayerViews& v, int64_t b, int64_t S, int64_t len, in
   } else {
     copy_raw_rows(v.logits, b * S, len, E, l.logits, &l.logits_dtype);
   }
-  copy_rows(v.expert, b * S, len, 1, l.expert);
-  copy_rows(v.dropped, b * S, len, 1, l.dropped);
-  copy_rows(v.gate, b * S, len, 1, l.gate);
-  if (hidden) copy_raw_rows(v.hidden, b * S, len, d, l.hidden, &l.hidden_dtype);
+  copy_rows(v.expert, b * S, len, k, l.expert);
+  if (c.dropped) copy_rows(v.dropped, b * S, len, 1, l.dropped);
+  copy_rows(v.gate, b * S, len, k, l.gate);
+  if (c.hidden) copy_raw_rows(v.hidden, b * S, len, d, l.hidden, &l.hidden_dtype);
   return l;
+}
+
+// Each group of length_batches (longest first) cut where the length changes: batches without
+// padding.
+std::vector<std::vector<size_t>> split_by_length(const std::vector<std::vector<size_t>>& groups,
+                                                 const std::vector<int64_t>& lengths) {
+  std::vector<std::vector<size_t>> out;
+  for (const auto& g : groups) {
+    for (size_t i = 0; i < g.size(); ++i) {
+      if (i == 0 || lengths[g[i]] != lengths[g[i - 1]]) out.emplace_back();
+      out.back().push_back(g[i]);
+    }
+  }
+  return out;
 }
 
 }  // namespace
@@ -127,7 +143,8 @@ Plan plan_samples(const CollectOptions& o, const ModelChoice& mc, int64_t L) {
   return p;
 }
 
-std::vector<WindowBatch> window_batches(const Window& win, int64_t batch_tokens, int32_t pad) {
+std::vector<WindowBatch> window_batches(const Window& win, int64_t batch_tokens, int32_t pad,
+                                        bool same_length) {
   std::vector<size_t> real;
   std::vector<int64_t> lengths;
   for (size_t j = 0; j < win.items.size(); ++j) {
@@ -136,6 +153,7 @@ std::vector<WindowBatch> window_batches(const Window& win, int64_t batch_tokens,
     lengths.push_back(static_cast<int64_t>(win.items[j].ids.size()));
   }
   std::vector<std::vector<size_t>> groups = length_batches(lengths, batch_tokens);
+  if (same_length) groups = split_by_length(groups, lengths);
   for (auto& g : groups) {
     for (size_t& j : g) j = real[j];
   }
@@ -162,8 +180,8 @@ std::vector<WindowBatch> window_batches(const Window& win, int64_t batch_tokens,
 
 void capture_samples(const CapturedBatch& r, const CaptureLayout& c, Window& win,
                      const std::vector<size_t>& members) {
-  const auto enc = layer_views(r, keys::Stack::kEncoder, c.enc_layers, c.hidden);
-  const auto dec = layer_views(r, keys::Stack::kDecoder, c.dec_layers, c.hidden);
+  const auto enc = layer_views(r, c.prompt_stack, c.enc_layers, c.hidden, c.dropped);
+  const auto dec = layer_views(r, c.gen_stack, c.dec_layers, c.hidden, c.dropped);
   const GenerateResult& gen = r.generated;
 #pragma omp parallel for schedule(dynamic, 8)
   for (int64_t b = 0; b < r.B; ++b) {
@@ -171,7 +189,7 @@ void capture_samples(const CapturedBatch& r, const CaptureLayout& c, Window& win
     const auto len = static_cast<int64_t>(win.items[j].ids.size());
     SampleData& sd = win.data[j];
     for (const LayerViews& v : enc)
-      sd.enc.push_back(layer_slice(v, b, r.S, len, c.E, c.d, c.hidden, c.logits_topk));
+      sd.enc.push_back(layer_slice(v, b, r.S, len, c));
     if (c.dec_layers.empty()) continue;
     // Steps until this sequence produced eos (inclusive), else all steps run.
     const int32_t* ids = gen.ids.data() + b * (gen.steps + 1);
@@ -185,7 +203,7 @@ void capture_samples(const CapturedBatch& r, const CaptureLayout& c, Window& win
     sd.dec_in.assign(ids, ids + G);
     sd.dec_out.assign(ids + 1, ids + G + 1);
     for (const LayerViews& v : dec)
-      sd.dec.push_back(layer_slice(v, b, gen.steps, G, c.E, c.d, c.hidden, c.logits_topk));
+      sd.dec.push_back(layer_slice(v, b, gen.steps, G, c));
   }
 }
 
@@ -217,7 +235,7 @@ LayerRecord record_of(const LayerData& l) {
 
 LoopResult run_windows(std::vector<WorkItem>& items, TokenizeStage& tokenize, EngineStage& engine,
                        StoreStage& store, Progress& progress, int64_t batch_tokens, int32_t pad,
-                       int64_t start, const std::atomic<int>& stop) {
+                       bool same_length, int64_t start, const std::atomic<int>& stop) {
   LoopResult lr;
   std::deque<Window> windows;  // references stay valid: only push_back and pop_front
   auto store_finished_windows = [&] {
@@ -242,7 +260,7 @@ LoopResult run_windows(std::vector<WorkItem>& items, TokenizeStage& tokenize, En
         std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span->first)),
         std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span->second)));
     win.data.resize(win.items.size());
-    for (WindowBatch& wb : window_batches(win, batch_tokens, pad)) {
+    for (WindowBatch& wb : window_batches(win, batch_tokens, pad, same_length)) {
       if (stop != 0) break;
       engine.submit(win, std::move(wb));
     }

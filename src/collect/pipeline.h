@@ -31,7 +31,7 @@
 #include "core/keys.h"
 #include "data/plan.h"
 #include "model/engine.h"
-#include "text/tokenizer.h"
+#include "text/text_tokenizer.h"
 #include "trace/store.h"
 
 namespace moetrace::pipeline {
@@ -69,7 +69,7 @@ Plan plan_samples(const CollectOptions& o, const ModelChoice& mc, int64_t L);
 class TokenizeStage {
  public:
   using Span = std::pair<size_t, size_t>;  // [begin, end) of the items
-  TokenizeStage(std::vector<WorkItem>& items, const T5Tokenizer& tok, int max_length,
+  TokenizeStage(std::vector<WorkItem>& items, const TextTokenizer& tok, int max_length,
                 size_t first_window, size_t per_window, unsigned threads)
       : items_(items), tok_(tok), max_length_(max_length), threads_(threads) {
     thread_ = std::thread([this, first_window, per_window] {
@@ -119,7 +119,7 @@ class TokenizeStage {
   }
 
   std::vector<WorkItem>& items_;
-  const T5Tokenizer& tok_;
+  const TextTokenizer& tok_;
   int max_length_;
   size_t threads_;
   HandOff<Span> ready_{2};
@@ -166,13 +166,20 @@ struct WindowBatch {
 // The window's real samples in length-bucketed batches, run in the order of their first sample,
 // not longest first: each batch's numbers do not depend on when it runs, and the samples complete
 // roughly in store order, so that an interrupted run commits most of what it computed.
-std::vector<WindowBatch> window_batches(const Window& win, int64_t batch_tokens, int32_t pad);
+// same_length: only samples of one length share a batch (no padding): a decoder-only language
+// model's greedy generation continues from the batch's last column (model/lm/lm_engine.h).
+std::vector<WindowBatch> window_batches(const Window& win, int64_t batch_tokens, int32_t pad,
+                                        bool same_length = false);
 
 // ---- capture: what the store needs of a batch, per sample ----------------------------------------
 
 // The layers to keep and how: the request the engine is given, and the slicing of its batches.
 struct CaptureLayout {
   std::vector<int> enc_layers, dec_layers;  // block indices of the sparse layers
+  // Where their keys come from: Switch's enc./dec., a language model's lm. (prompt) / gen. steps.
+  keys::Stack prompt_stack = keys::Stack::kEncoder, gen_stack = keys::Stack::kDecoder;
+  int64_t top_k = 1;    // experts per token: expert and gate are [B,S,top_k]
+  bool dropped = true;  // the model has expert capacity (Switch): `dropped` is captured
   int64_t E = 0, d = 0;
   bool hidden = false;
   int32_t eos = 1;
@@ -187,12 +194,12 @@ struct CaptureLayout {
     auto add = [&](keys::Stack s, int block) {
       r.add(keys::tensor(s, block, keys::kRouterLogits),
             store_logits == DType::kF16 && logits_topk == 0 ? DType::kF16 : DType::kF32);
-      for (std::string_view f : {keys::kExpert, keys::kDropped, keys::kGate})
-        r.add(keys::tensor(s, block, f));
+      for (std::string_view f : {keys::kExpert, keys::kGate}) r.add(keys::tensor(s, block, f));
+      if (dropped) r.add(keys::tensor(s, block, keys::kDropped));
       if (store_hidden) r.add(keys::tensor(s, block, keys::kHidden), *store_hidden);
     };
-    for (int i : enc_layers) add(keys::Stack::kEncoder, i);
-    for (int i : dec_layers) add(keys::Stack::kDecoder, i);
+    for (int i : enc_layers) add(prompt_stack, i);
+    for (int i : dec_layers) add(gen_stack, i);
     return r;
   }
 };
@@ -374,9 +381,9 @@ struct LoopResult {
 };
 
 // Runs every window through the stages; once `stop` is set (SIGINT/SIGTERM) stops after the batch
-// in flight and commits the complete prefix of the window it was in.
+// in flight and commits the complete prefix of the window it was in. same_length: window_batches'.
 LoopResult run_windows(std::vector<WorkItem>& items, TokenizeStage& tokenize, EngineStage& engine,
                        StoreStage& store, Progress& progress, int64_t batch_tokens, int32_t pad,
-                       int64_t start, const std::atomic<int>& stop);
+                       bool same_length, int64_t start, const std::atomic<int>& stop);
 
 }  // namespace moetrace::pipeline
