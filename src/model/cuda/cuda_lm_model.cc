@@ -530,8 +530,7 @@ void CudaLmModel::Impl::ensure_rope(int64_t P) {
   if (P <= rope_P) return;
   P = (P + 255) / 256 * 256;
   std::vector<float> co, si;
-  cpu::rope_table(hd, P, c.rope_theta, c.rope_type == RopeType::kLinear ? c.rope_factor : 1.0, co,
-                  si);
+  cpu::rope_table(rope_inv_freq(c), P, co, si);
   stream->sync();  // the old tables may still be read
   rope_cos = upload_f32(co);
   rope_sin = upload_f32(si);
