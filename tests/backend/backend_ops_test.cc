@@ -742,7 +742,11 @@ class LmQkvRopeCase : public OpCase {
         qn_(random_vec(k.norm == cpu::QkNormKind::kFull ? k.H * k.hd : k.hd, 32, 0.5f, 1.5f)),
         kn_(random_vec(k.norm == cpu::QkNormKind::kFull ? k.KV * k.hd : k.hd, 33, 0.5f, 1.5f)) {
     for (int64_t t = 0; t < k.B * k.Sq; ++t) pos_.push_back(static_cast<int32_t>((t * 37) % kP));
-    cpu::rope_table(k.hd, kP, kTheta, kFactor, cos_, sin_);
+    std::vector<float> inv(static_cast<size_t>(k.hd / 2));
+    for (int64_t c = 0; c < k.hd / 2; ++c)
+      inv[c] = 1.0f / std::pow(static_cast<float>(kTheta), static_cast<float>(2 * c) / k.hd) /
+               static_cast<float>(kFactor);
+    cpu::rope_table(inv, kP, cos_, sin_);
   }
   // values: q rows, the cache.
   Outputs cpu(DType act) const override {

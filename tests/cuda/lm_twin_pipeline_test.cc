@@ -11,6 +11,8 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
+#include <tuple>
 
 #include "io/safetensors.h"
 #include "kernels/cpu/ops.h"
@@ -106,8 +108,7 @@ struct Twin {
       }
       layers.push_back(std::move(t));
     }
-    cpu::rope_table(hd, 4096, c.rope_theta, c.rope_type == RopeType::kLinear ? c.rope_factor : 1.0,
-                    cos, sin);
+    cpu::rope_table(rope_inv_freq(c), 4096, cos, sin);
   }
 
   void start(const Batch& b, int64_t smax) {
@@ -285,6 +286,32 @@ TEST_P(LmTwinPipeline, MatchesTransformersReference) {
     for (int64_t t = 0; t < N; ++t)
       EXPECT_EQ(seqs[static_cast<size_t>(i)][static_cast<size_t>(t)], want[i * (S + N) + S + t])
           << "row " << i << " new token " << t;
+}
+
+// The GPU router's twin (cpu::moe_topk, which tests/backend holds the GPU's moe_topk to) gives
+// exactly what the routing rule (lm_topk_route) gives, ties and renormalization included.
+TEST(LmTwinRouting, MoeTopkIsTheRoutingRule) {
+  for (const auto& [E, k, renorm] :
+       {std::tuple{64, 8, false}, std::tuple{64, 8, true}, std::tuple{8, 2, true},
+        std::tuple{60, 4, false}, std::tuple{7, 1, false}}) {
+    const int64_t T = 257;
+    std::mt19937_64 rng(static_cast<uint64_t>(E * 31 + k));
+    std::uniform_real_distribution<float> u(-4.f, 4.f);
+    std::vector<float> logits(static_cast<size_t>(T * E));
+    for (auto& v : logits) v = u(rng);
+    for (int64_t t = 0; t < T; t += 3) {  // exact ties among the top
+      logits[static_cast<size_t>(t * E + E - 1)] = 9.f;
+      logits[static_cast<size_t>(t * E + 1)] = 9.f;
+    }
+    std::vector<int32_t> ids_a(static_cast<size_t>(T * k)), ids_b(ids_a.size()),
+        counts(static_cast<size_t>(E));
+    std::vector<float> w_a(ids_a.size()), w_b(ids_a.size());
+    cpu::moe_topk(logits.data(), T, E, k, renorm, ids_a.data(), w_a.data(), counts.data());
+    lm_topk_route(logits.data(), T, E, k, renorm, ids_b.data(), w_b.data());
+    EXPECT_EQ(ids_a, ids_b) << "E " << E << " k " << k;
+    EXPECT_EQ(w_a, w_b) << "E " << E << " k " << k << ": the weights differ in some bit";
+    EXPECT_EQ(ids_a[0], 1) << "a tie goes to the lowest index";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, LmTwinPipeline,

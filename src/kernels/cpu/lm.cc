@@ -27,22 +27,16 @@ void rms_inplace(float* x, int64_t n, const float* w, float eps) {
 
 }  // namespace
 
-void rope_table(int64_t hd, int64_t P, double theta, double factor, std::vector<float>& cos,
+void rope_table(const std::vector<float>& inv_freq, int64_t P, std::vector<float>& cos,
                 std::vector<float>& sin) {
-  const int64_t half = hd / 2;
-  std::vector<float> inv(static_cast<size_t>(half));
-  for (int64_t c = 0; c < half; ++c) {
-    const float ex = static_cast<float>(2 * c) / static_cast<float>(hd);
-    inv[c] = 1.0f / std::pow(static_cast<float>(theta), ex);
-    if (factor != 1.0) inv[c] /= static_cast<float>(factor);
-  }
+  const auto half = static_cast<int64_t>(inv_freq.size());
   cos.resize(static_cast<size_t>(P * half));
   sin.resize(static_cast<size_t>(P * half));
   for (int64_t p = 0; p < P; ++p) {
     for (int64_t c = 0; c < half; ++c) {
-      const float angle = static_cast<float>(p) * inv[c];
-      cos[p * half + c] = static_cast<float>(std::cos(static_cast<double>(angle)));
-      sin[p * half + c] = static_cast<float>(std::sin(static_cast<double>(angle)));
+      const float angle = static_cast<float>(p) * inv_freq[static_cast<size_t>(c)];
+      cos[p * half + c] = std::cos(angle);
+      sin[p * half + c] = std::sin(angle);
     }
   }
 }
@@ -135,7 +129,11 @@ void moe_topk(const float* logits, int64_t T, int64_t E, int64_t k, bool renorm,
   std::vector<float> p(static_cast<size_t>(E));
   for (int64_t t = 0; t < T; ++t) {
     std::copy_n(logits + t * E, E, p.data());
-    softmax_rows(p.data(), 1, E);
+    float mx = -std::numeric_limits<float>::infinity();
+    for (float v : p) mx = std::max(mx, v);
+    float z = 0.f;
+    for (float& v : p) z += (v = std::exp(v - mx));
+    for (float& v : p) v /= z;
     float sum = 0.f;
     for (int64_t j = 0; j < k; ++j) {
       int64_t best = -1;

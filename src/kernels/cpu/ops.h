@@ -125,11 +125,11 @@ void moe_ffn(const float* h, int64_t T, int64_t K, int64_t F, int64_t E,
 // The twins of kernels/cuda/ops.h's LM ops (same names and arguments; outputs rounded to act as the
 // GPU stores them). docs/MOE_LM_SPEC.md has the models' math.
 
-// The RoPE tables of transformers' default and linear rope, float32 as transformers computes them:
-//   inv_freq[c] = 1 / theta^(float(2c) / hd) (float32 pow), divided by factor (linear; 1 = none),
-//   angle = float(p) * inv_freq[c], cos[p, c] = cos(angle), sin[p, c] = sin(angle)
+// The RoPE tables of the inverse frequencies inv_freq [hd/2] (model/lm's rope_inv_freq: the one
+// statement of the rule), float32 as transformers computes them:
+//   angle = float(p) * inv_freq[c], cos[p, c] = cos(angle), sin[p, c] = sin(angle) (float32)
 // for p < P, c < hd/2. cos and sin get [P, hd/2] each.
-void rope_table(int64_t hd, int64_t P, double theta, double factor, std::vector<float>& cos,
+void rope_table(const std::vector<float>& inv_freq, int64_t P, std::vector<float>& cos,
                 std::vector<float>& sin);
 
 // See cuda::QkNormKind.
@@ -151,8 +151,9 @@ void lm_attention(const float* q, int64_t ldq, const float* k, const float* v, i
                   int64_t B, int64_t H, int64_t KV, int64_t Sq, int64_t Sk, int64_t hd, float* ctx,
                   int64_t ldctx, DType act);
 
-// The twin of cuda::moe_topk: float32 softmax over E, the k largest in descending order (ties to
-// the lowest index), renormalized when renorm; counts[e] += slots of e.
+// The twin of cuda::moe_topk: float32 softmax over E (exp(l - max) / sum), the k largest in
+// descending order (ties to the lowest index), renormalized when renorm; counts[e] += slots of e.
+// The same numbers as model/lm's lm_topk_route (the rule; tests/cuda/lm_twin_pipeline_test.cc).
 void moe_topk(const float* logits, int64_t T, int64_t E, int64_t k, bool renorm, int32_t* expert,
               float* weight, int32_t* counts);
 

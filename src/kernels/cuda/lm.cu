@@ -183,9 +183,8 @@ __global__ void __launch_bounds__(kTopkWarps * 32)
     }
   }
   sum = warp_sum(sum);
-  const float inv = 1.f / sum;  // times the inverse, as cpu::softmax_rows
 #pragma unroll
-  for (int u = 0; u < kMaxExpertsPerLane; ++u) p[u] = u * 32 + lane < E ? p[u] * inv : -INFINITY;
+  for (int u = 0; u < kMaxExpertsPerLane; ++u) p[u] = u * 32 + lane < E ? p[u] / sum : -INFINITY;
   int32_t* ex = expert + t * k;
   float* w = weight + t * k;
   for (int j = 0; j < k; ++j) {

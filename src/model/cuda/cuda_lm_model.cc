@@ -226,7 +226,7 @@ struct CudaLmModel::Impl {
   // Inputs and caches.
   DeviceBuffer ids, pos, mask, kv_cache, last_idx, last_x, next_ids, finished;
   // The prompt's batched attention: scores f32 / probs act [B,H,S,S], the prompt mask [B,S] and the
-  // per-layer pointer tables of the per-(b,h) GEMMs ([L][5][B*H]: q, k, v, scores|probs, ctx).
+  // pointer tables of the per-(b,h) GEMMs: [scores B*H][probs B*H], then per layer [q][k][v][ctx].
   LmPromptAttention prompt_attention = LmPromptAttention::kAuto;
   bool batched = false;  // this prompt pass uses them
   DeviceBuffer scores, probs, pmask, att_ptrs;
@@ -530,8 +530,7 @@ void CudaLmModel::Impl::ensure_rope(int64_t P) {
   if (P <= rope_P) return;
   P = (P + 255) / 256 * 256;
   std::vector<float> co, si;
-  cpu::rope_table(hd, P, c.rope_theta, c.rope_type == RopeType::kLinear ? c.rope_factor : 1.0, co,
-                  si);
+  cpu::rope_table(rope_inv_freq(c), P, co, si);
   stream->sync();  // the old tables may still be read
   rope_cos = upload_f32(co);
   rope_sin = upload_f32(si);
@@ -628,11 +627,12 @@ void CudaLmModel::Impl::layers_pass(int64_t B, int64_t Sq, int64_t t0, int64_t S
 // window; lm_attention otherwise (and for every generation step).
 void CudaLmModel::Impl::prepare_batched(const Batch& batch, int64_t Smax) {
   const int64_t B = batch.B, S = batch.S, n = B * H, ldkv = 2 * kn, G = H / KV;
-  batched =
-      prompt_attention == LmPromptAttention::kAuto && S > 1 && S <= 1024 && c.sliding_window == 0;
-  if (!batched) return;
   const size_t as = cuda::act_size(act);
   const auto ss = static_cast<size_t>(n * S * S);
+  // The [B,H,S,S] scores and probs within 4 GiB (a larger batch attends with lm_attention).
+  batched = prompt_attention == LmPromptAttention::kAuto && S > 1 && S <= 1024 &&
+            c.sliding_window == 0 && ss * (4 + as) <= (size_t{4} << 30);
+  if (!batched) return;
   scores.reserve(ss * 4);
   probs.reserve(ss * as);
   pmask.reserve(static_cast<size_t>(B * S) * 4);

@@ -43,8 +43,8 @@
 namespace moetrace {
 
 // How a prompt pass attends: kAuto: per layer three batched steps (q·kᵀ per (sequence, head) by
-// cuBLAS, attention_softmax with the causal and padding masks, probs·v) where S <= 1024 and there
-// is no sliding window, else lm_attention; kFused: lm_attention always (one block per query row,
+// cuBLAS, attention_softmax with the causal and padding masks, probs·v) where S <= 1024, there is
+// no sliding window and the [B,H,S,S] scores and probs fit 4 GiB, else lm_attention; kFused: lm_attention always (one block per query row,
 // no [B,H,S,S] scores). Generation steps always use lm_attention. Both give the same math.
 enum class LmPromptAttention { kAuto, kFused };
 
