@@ -103,12 +103,26 @@ class CudaLmEngine : public ComputeAtSubmit {
 
 }  // namespace
 
-std::unique_ptr<Engine> make_cuda_lm_engine(const EngineOptions& options,
-                                            const std::filesystem::path& dir) {
+namespace {
+CudaOptions lm_cuda_options(const EngineOptions& options) {
   CudaOptions co;
   co.device = options.device.index;
   co.precision = options.precision;
-  return std::make_unique<CudaLmEngine>(CudaLmModel::load(dir, co), options.device);
+  return co;
+}
+}  // namespace
+
+std::unique_ptr<Engine> make_cuda_lm_engine(const EngineOptions& options,
+                                            const std::filesystem::path& dir) {
+  return std::make_unique<CudaLmEngine>(CudaLmModel::load(dir, lm_cuda_options(options)),
+                                        options.device);
+}
+
+std::map<std::string, Tensor> cuda_lm_forward(const EngineOptions& options,
+                                              const std::filesystem::path& dir,
+                                              const ForwardInputs& in, int64_t generate) {
+  const auto model = CudaLmModel::load(dir, lm_cuda_options(options));
+  return run_lm_forward(*model, in, generate);
 }
 
 std::unique_ptr<Engine> make_cuda_engine(const EngineOptions& options, const SwitchConfig& config,

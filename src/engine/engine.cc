@@ -7,7 +7,9 @@
 #include "core/error.h"
 #include "engine/backends.h"
 #include "model/cpu_engine.h"
+#include "core/log.h"
 #include "model/lm/lm_engine.h"
+#include "model/lm/lm_forward.h"
 #ifdef MOETRACE_WITH_CUDA
 #include "kernels/cuda/device.h"
 #endif
@@ -56,6 +58,25 @@ std::unique_ptr<Engine> make_lm_engine(const EngineOptions& options,
   }
 #ifdef MOETRACE_WITH_CUDA
   return make_cuda_lm_engine(options, dir);
+#else
+  fail("--device ", options.device.name(),
+       ": this moetrace was built without the CUDA backend (no nvcc found); use --device cpu");
+#endif
+}
+
+std::map<std::string, Tensor> lm_forward(const EngineOptions& options,
+                                         const std::filesystem::path& dir, const ForwardInputs& in,
+                                         int64_t generate) {
+  if (!options.device.cuda) {
+    if (options.precision != DType::kF32)
+      fail("--precision ", precision_name(options.precision),
+           ": the CPU engine computes in fp32 only; use --precision fp32 or a GPU");
+    const auto model = LmModel::load(dir);
+    log_info(model->config().summary(), "; experts ", model->weights().expert_layout);
+    return run_lm_forward(*model, in, generate);
+  }
+#ifdef MOETRACE_WITH_CUDA
+  return cuda_lm_forward(options, dir, in, generate);
 #else
   fail("--device ", options.device.name(),
        ": this moetrace was built without the CUDA backend (no nvcc found); use --device cpu");

@@ -5,13 +5,16 @@
 #pragma once
 
 #include <filesystem>
+#include <map>
 #include <memory>
+#include <string>
 
 #include "core/dtype.h"
 #include "engine/device.h"
 #include "io/checkpoint.h"
 #include "model/config.h"
 #include "model/engine.h"
+#include "model/forward.h"
 #include "model/switch_model.h"
 
 namespace moetrace {
@@ -27,6 +30,13 @@ struct EngineOptions {
 // once). Error when the device is not usable or the model not supported there.
 std::unique_ptr<Engine> make_engine(const EngineOptions& options, const SwitchConfig& config,
                                     std::shared_ptr<TensorSource> weights);
+
+// `moetrace forward` of a decoder-only MoE language model in `dir` on options.device: the outputs
+// of run_lm_forward (model/lm/lm_forward.h) from LmModel (CPU, fp32) or CudaLmModel (GPU,
+// options.precision).
+std::map<std::string, Tensor> lm_forward(const EngineOptions& options,
+                                         const std::filesystem::path& dir, const ForwardInputs& in,
+                                         int64_t generate);
 
 // The same for a decoder-only MoE language model (model/lm: olmoe, mixtral, qwen2_moe, qwen3_moe)
 // in `dir` (config.json, generation_config.json, the checkpoint): LmModel on the CPU (fp32),

@@ -11,7 +11,7 @@
 #include "kernels/cpu/ops.h"
 #include "model/config.h"
 #include "model/forward.h"
-#include "model/lm/lm_forward.h"
+#include "model/lm/lm_config.h"
 
 namespace moetrace::cli {
 namespace {
@@ -37,27 +37,10 @@ void write_outputs(const std::map<std::string, Tensor>& out, const std::string& 
   log_info("wrote ", out.size(), " tensors to ", output, " (", device, ")");
 }
 
-// A decoder-only MoE language model (config.json's model_type olmoe, mixtral, qwen2_moe,
-// qwen3_moe): the CPU reference engine in fp32.
-void run_lm(const ForwardOptions& o, const std::filesystem::path& dir, const ForwardInputs& in) {
-  if (o.device != "cpu" && o.device != "auto")
-    fail("--device ", o.device, ": language models run on the CPU engine only (--device cpu)");
-  if (parse_precision_option("--precision", o.precision) != "fp32")
-    fail("--precision ", o.precision, ": the CPU engine computes language models in fp32 only");
-  const auto model = LmModel::load(dir);
-  log_info(model->config().summary(), "; experts ", model->weights().expert_layout);
-  write_outputs(run_lm_forward(*model, in, o.generate), o.output, "cpu");
-}
-
 void run(const ForwardOptions& o) {
   cpu::set_num_threads(o.threads);
   ForwardInputs in = read_forward_inputs(o.inputs);
   const std::filesystem::path dir = resolve_model(o.model).dir;
-  LmFamily family;
-  if (parse_lm_family(read_model_type(dir / "config.json"), &family)) {
-    run_lm(o, dir, in);
-    return;
-  }
   EngineOptions eo;
   eo.device = resolve_device(o.device, 0);
   const std::string precision = parse_precision_option("--precision", o.precision);
@@ -68,6 +51,12 @@ void run(const ForwardOptions& o) {
     log_info("--precision mixed: the CPU engine computes everything in fp32, so mixed is fp32");
     eo.precision = DType::kF32;
     eo.fp32_routing = false;
+  }
+  LmFamily family;
+  if (parse_lm_family(read_model_type(dir / "config.json"), &family)) {
+    // A decoder-only MoE language model (olmoe, mixtral, qwen2_moe, qwen3_moe).
+    write_outputs(lm_forward(eo, dir, in, o.generate), o.output, eo.device.name());
+    return;
   }
   eo.load.encoder_only = in.T == 0 && o.generate == 0;
   const SwitchConfig config = load_config(dir / "config.json");
@@ -82,7 +71,7 @@ const RegisterCommand reg([](CLI::App& app) {
   sub->add_option(
          "--model,-m", opts->model,
          "model directory or Hub id (resolved offline); a Switch model or a MoE language model "
-         "(olmoe, mixtral, qwen2_moe, qwen3_moe: CPU, fp32)")
+         "(olmoe, mixtral, qwen2_moe, qwen3_moe)")
       ->required();
   sub->add_option("--inputs", opts->inputs,
                   "safetensors with input_ids, attention_mask [, decoder_input_ids]")
