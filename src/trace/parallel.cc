@@ -189,9 +189,9 @@ MergeResult merge_store(const fs::path& store) {
   // Every rank ran the same collection: all but "part" and the per-run fields agree.
   const RankStore& r0 = parts.front();
   for (const RankStore& rs : parts) {
-    for (const char* key : {"settings", "model", "layers", "num_experts", "d_model", "logits_dtype",
-                            "hidden_dtype", "decoder", "routing", "logits_topk",
-                            "samples_per_shard"}) {
+    for (const char* key :
+         {"settings", "model", "layers", "num_experts", "d_model", "logits_dtype", "hidden_dtype",
+          "decoder", "routing", "logits_topk", "samples_per_shard"}) {
       const json a = r0.m.contains(key) ? r0.m[key] : json();
       const json b = rs.m.contains(key) ? rs.m[key] : json();
       if (a != b) {
