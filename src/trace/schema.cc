@@ -5,11 +5,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <numeric>
 #include <set>
 #include <sstream>
 
@@ -944,31 +946,72 @@ bool is_routing_family(std::string_view family) {
   return false;
 }
 
+namespace {
+
+// A float as an int32 whose order is the float's, with NaN below every number (-inf included).
+inline int32_t order_key(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof(i));
+  if (std::isnan(f)) return INT32_MIN;
+  if (f == 0.f) return 0;               // -0 == +0: ties, as the floats compare
+  return i >= 0 ? i : (i ^ INT32_MAX);  // negative floats: larger magnitude, smaller key
+}
+
+}  // namespace
+
 void router_topk(const float* logits, int64_t rows, int64_t E, int K, float* values, int32_t* ids,
                  float* lse) {
   MT_ASSERT(K >= 1 && K <= E);
-  std::vector<int32_t> order(static_cast<size_t>(E));
-  // a before b: the larger logit, then the lower index; NaN sorts below every number.
-  auto before = [](float va, int32_t a, float vb, int32_t b) {
-    const bool na = std::isnan(va), nb = std::isnan(vb);
-    if (na != nb) return nb;
-    if (!na && va != vb) return va > vb;
-    return a < b;
-  };
+  // A capture of 1.5M tokens/s of 6 MoE layers asks for ~10M rows/s, so the common small K keeps
+  // the K best seen so far in registers-sized arrays and inserts without data-dependent branches
+  // (about 2x faster than a sort of all E); large K sorts.
+  constexpr int kSmallK = 32;
+  std::vector<int32_t> order(K > kSmallK ? static_cast<size_t>(E) : 0);
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = logits + r * E;
-    for (int64_t e = 0; e < E; ++e) order[static_cast<size_t>(e)] = static_cast<int32_t>(e);
-    std::partial_sort(order.begin(), order.begin() + K, order.end(),
-                      [&](int32_t a, int32_t b) { return before(x[a], a, x[b], b); });
-    for (int j = 0; j < K; ++j) {
-      ids[r * K + j] = order[static_cast<size_t>(j)];
-      values[r * K + j] = x[order[static_cast<size_t>(j)]];
+    int32_t* id = ids + r * K;
+    if (K <= kSmallK) {
+      // (key, index) pairs in order; an empty slot (INT32_MIN, INT32_MAX) is after every entry, a
+      // NaN's (INT32_MIN, e) before the empty slots. Entries come in index order, so an equal key
+      // never goes before a held one: ties stay with the lowest index.
+      int32_t kv[kSmallK], ix[kSmallK];
+      for (int j = 0; j < K; ++j) {
+        kv[j] = INT32_MIN;
+        ix[j] = INT32_MAX;
+      }
+      for (int32_t e = 0; e < static_cast<int32_t>(E); ++e) {
+        const int32_t k = order_key(x[e]);
+        auto before = [&](int j) { return k > kv[j] || (k == kv[j] && ix[j] == INT32_MAX); };
+        if (!before(K - 1)) continue;
+        for (int j = K - 1; j > 0; --j) {
+          const bool prev = before(j - 1), self = before(j);
+          const int32_t nk = prev ? kv[j - 1] : self ? k : kv[j];
+          const int32_t ni = prev ? ix[j - 1] : self ? e : ix[j];
+          kv[j] = nk;
+          ix[j] = ni;
+        }
+        if (before(0)) {
+          kv[0] = k;
+          ix[0] = e;
+        }
+      }
+      std::copy(ix, ix + K, id);
+    } else {
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int32_t a, int32_t b) {
+        const int32_t ka = order_key(x[a]), kb = order_key(x[b]);
+        return ka != kb ? ka > kb : a < b;
+      });
+      std::copy(order.begin(), order.begin() + K, id);
     }
-    // log(sum exp) around the largest value, in double: exact to fp32 for any E.
-    const double top = values[r * K];
+    float* v = values + r * K;
+    for (int j = 0; j < K; ++j) v[j] = x[id[j]];
+    // log(sum exp) around the largest value (every term <= 1: no overflow), summed in double.
+    const float top = v[0];
     double sum = 0;
-    for (int64_t e = 0; e < E; ++e) sum += std::exp(static_cast<double>(x[e]) - top);
-    lse[r] = std::isfinite(top) ? static_cast<float>(top + std::log(sum)) : static_cast<float>(top);
+    for (int64_t e = 0; e < E; ++e) sum += static_cast<double>(std::exp(x[e] - top));
+    lse[r] =
+        std::isfinite(top) ? static_cast<float>(static_cast<double>(top) + std::log(sum)) : top;
   }
 }
 

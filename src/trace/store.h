@@ -38,8 +38,8 @@ inline bool is_lm_family(std::string_view family) { return family != "switch"; }
 
 // The one top-K rule of `--logits topk:K` (docs/TRACE_FORMAT.md): for each of `rows` rows of E
 // fp32 logits, the K largest in descending order, ties to the lowest index (values [rows, K],
-// ids [rows, K]), and lse [rows] = log(sum over all E of exp(logit)), computed in double and
-// stored as fp32. 1 <= K <= E. NaN logits sort below every number.
+// ids [rows, K]), and lse [rows] = log(sum over all E of exp(logit)), summed in double around the
+// largest logit and stored as fp32. 1 <= K <= E. NaN logits sort below every number (-inf too).
 void router_topk(const float* logits, int64_t rows, int64_t E, int K, float* values, int32_t* ids,
                  float* lse);
 

@@ -184,6 +184,27 @@ TEST(RouterTopk, DescendingTiesToTheLowestIndexAndAnExactLse) {
   const double want = std::log(std::exp(1.0) + 3 * std::exp(3.0) + std::exp(-2.0) + std::exp(0.5));
   EXPECT_FLOAT_EQ(lse[0], static_cast<float>(want));
   EXPECT_TRUE(std::isnan(lse[1]));  // a NaN logit makes the row's normalizer NaN, honestly
+  // -0 and +0 tie (lowest index first); -inf is above NaN; K > 32 takes the sorting path.
+  const std::vector<float> z = {nan, -0.f, 0.f, -std::numeric_limits<float>::infinity(), -1.f};
+  std::vector<float> zv(5), zl(1);
+  std::vector<int32_t> zi(5);
+  router_topk(z.data(), 1, 5, 5, zv.data(), zi.data(), zl.data());
+  EXPECT_EQ(zi, (std::vector<int32_t>{1, 2, 4, 3, 0}));
+  std::vector<float> wide(100);
+  for (int e = 0; e < 100; ++e) wide[e] = static_cast<float>((e * 37) % 50);  // pairs of ties
+  std::vector<float> wv(40), wl(1), nv(40), nl(1);
+  std::vector<int32_t> wi(40), ni(40);
+  router_topk(wide.data(), 1, 100, 40, wv.data(), wi.data(), wl.data());
+  for (int j = 0; j < 40; ++j) {
+    ASSERT_EQ(wide[wi[j]], 49.f - static_cast<float>(j / 2)) << j;
+    if (j % 2 == 1) {
+      EXPECT_LT(wi[j - 1], wi[j]) << j;  // a tie: the lower index first
+    }
+  }
+  router_topk(wide.data(), 1, 100, 20, nv.data(), ni.data(), nl.data());  // the small-K path
+  EXPECT_EQ(std::vector<int32_t>(wi.begin(), wi.begin() + 20),
+            std::vector<int32_t>(ni.begin(), ni.end() - 20));
+  EXPECT_EQ(wl, nl);
   // K = E: every expert, sorted; large logits do not overflow the lse.
   const std::vector<float> big = {1000.f, 999.f};
   std::vector<float> bv(2), bl(1);
