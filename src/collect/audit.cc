@@ -28,9 +28,10 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 struct Comparison {
-  std::vector<int> layers;             // encoder blocks with a MoE layer, the store's order
+  std::vector<int> layers;                    // encoder blocks with a MoE layer, the store's order
   keys::Stack stack = keys::Stack::kEncoder;  // Switch: enc.; a language model's prompt: lm.
-  int64_t k = 1;  // experts per token: the stored and the reference's expert are [.., k], top-1 first
+  int64_t k =
+      1;  // experts per token: the stored and the reference's expert are [.., k], top-1 first
   std::vector<FidelityCounts> counts;  // per layer
   int64_t experts = 0;
   int64_t samples = 0;
@@ -87,7 +88,8 @@ void compare_chunk(const std::vector<SampleRecordOwned>& chunk, const AuditOptio
         const int64_t len = lengths[members[static_cast<size_t>(b)]];
         for (int64_t t = 0; t < len; ++t) {
           // The top-1 (for top-k routing the first, highest-weight choice).
-          n.top1_agree += stored.expert[static_cast<size_t>(t * k)] == ref_expert[(b * batch.S + t) * k];
+          n.top1_agree +=
+              stored.expert[static_cast<size_t>(t * k)] == ref_expert[(b * batch.S + t) * k];
           const float* want = ref_logits + (b * batch.S + t) * E;
           auto track = [&](float got, float ref) {
             const double d = std::fabs(static_cast<double>(got) - static_cast<double>(ref));

@@ -278,8 +278,9 @@ CaptureLayout capture_layout(const CollectOptions& o, const ModelChoice& mc) {
   return layout;
 }
 
-StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc, const TextTokenizer& tok,
-                             const Plan& plan, const CaptureLayout& layout, const DeviceChoice& dev,
+StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc,
+                             const TextTokenizer& tok, const Plan& plan,
+                             const CaptureLayout& layout, const DeviceChoice& dev,
                              int64_t batch_tokens) {
   StoreSettings ss;
   ss.settings = {

@@ -188,8 +188,7 @@ void capture_samples(const CapturedBatch& r, const CaptureLayout& c, Window& win
     const size_t j = members[static_cast<size_t>(b)];
     const auto len = static_cast<int64_t>(win.items[j].ids.size());
     SampleData& sd = win.data[j];
-    for (const LayerViews& v : enc)
-      sd.enc.push_back(layer_slice(v, b, r.S, len, c));
+    for (const LayerViews& v : enc) sd.enc.push_back(layer_slice(v, b, r.S, len, c));
     if (c.dec_layers.empty()) continue;
     // Steps until this sequence produced eos (inclusive), else all steps run.
     const int32_t* ids = gen.ids.data() + b * (gen.steps + 1);
@@ -202,8 +201,7 @@ void capture_samples(const CapturedBatch& r, const CaptureLayout& c, Window& win
     }
     sd.dec_in.assign(ids, ids + G);
     sd.dec_out.assign(ids + 1, ids + G + 1);
-    for (const LayerViews& v : dec)
-      sd.dec.push_back(layer_slice(v, b, gen.steps, G, c));
+    for (const LayerViews& v : dec) sd.dec.push_back(layer_slice(v, b, gen.steps, G, c));
   }
 }
 

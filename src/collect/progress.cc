@@ -13,6 +13,7 @@
 
 #include "core/keys.h"
 #include "core/log.h"
+#include "trace/store.h"
 
 namespace moetrace {
 
@@ -131,11 +132,16 @@ void print_collect_summary(const std::filesystem::path& store, FILE* out) {
   std::fprintf(out, "\n%-10s %10s %12s %10s %12s\n", "layer", "tokens", "experts used", "drop rate",
                "top expert");
   const int64_t E = m.value("num_experts", 0);
-  // Layers in block order (the JSON object sorts "enc.11" before "enc.3").
+  // Layers in block order (the JSON object sorts "enc.11" before "enc.3"); a language model's are
+  // lm.{i} / gen.{i}, without expert capacity.
+  const nlohmann::json routing = m.value("routing", nlohmann::json::object());
+  const bool lm = is_lm_family(routing.value("family", std::string("switch")));
+  const bool capacity = routing.value("dropped", true);
   std::vector<std::string> names;
   for (const char* stack : {"encoder", "decoder"}) {
     for (const auto& i : m["layers"].value(stack, nlohmann::json::array())) {
-      names.push_back(keys::layer(keys::stack_of(stack == std::string("decoder")), i.get<int>()));
+      names.push_back(
+          keys::layer(keys::stack_of(stack == std::string("decoder"), lm), i.get<int>()));
     }
   }
   for (const std::string& name : names) {
@@ -152,10 +158,12 @@ void print_collect_summary(const std::filesystem::path& store, FILE* out) {
     const double share = total > 0 ? 100.0 * counts[static_cast<size_t>(top)].get<double>() /
                                          static_cast<double>(total)
                                    : 0;
-    std::fprintf(out, "%-10s %10lld %7lld/%-4lld %9.2f%% %6lld (%4.1f%%)\n", name.c_str(),
+    char drop[16] = "         -";  // no capacity: nothing is dropped by design
+    if (capacity) std::snprintf(drop, sizeof drop, "%9.2f%%", 100 * layer.value("drop_rate", 0.0));
+    std::fprintf(out, "%-10s %10lld %7lld/%-4lld %s %6lld (%4.1f%%)\n", name.c_str(),
                  static_cast<long long>(layer.value("tokens", int64_t{0})),
-                 static_cast<long long>(used), static_cast<long long>(E),
-                 100 * layer.value("drop_rate", 0.0), static_cast<long long>(top), share);
+                 static_cast<long long>(used), static_cast<long long>(E), drop,
+                 static_cast<long long>(top), share);
   }
   std::fprintf(out, "\n%lld samples, %lld traces, %lld tokens in %.1f s, %.1f tokens/s (%s)\n",
                static_cast<long long>(m.value("num_samples", int64_t{0})),

@@ -5,9 +5,9 @@
 #include <optional>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "engine/backends.h"
 #include "model/cpu_engine.h"
-#include "core/log.h"
 #include "model/lm/lm_engine.h"
 #include "model/lm/lm_forward.h"
 #ifdef MOETRACE_WITH_CUDA
