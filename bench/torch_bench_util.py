@@ -150,11 +150,14 @@ def print_table(title, columns, rows, notes=()):
     """A markdown table: columns [(header, key, fmt)], rows of dicts; notes printed below it."""
     cells = [[(fmt.format(r[k]) if r.get(k) is not None else "—") for _, k, fmt in columns] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (h, _, _) in enumerate(columns)]
+    left = [fmt == "{}" for _, _, fmt in columns]  # text columns left, numbers right
     print(f"\n{title}")
     print("| " + " | ".join(h.ljust(w) for (h, _, _), w in zip(columns, widths)) + " |")
-    print("|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|")
+    print("|" + "|".join("-" * (w + 1) + ("-" if lf else ":") for lf, w in zip(left, widths)) + "|")
     for c in cells:
-        print("| " + " | ".join((v.rjust(w) if i else v.ljust(w)) for i, (v, w) in enumerate(zip(c, widths))) + " |")
+        print("| " + " | ".join((v.ljust(w) if lf else v.rjust(w)) for v, w, lf in zip(c, widths, left)) + " |")
+    if not rows:
+        print("| (no row ran) |")
     for n in notes:
         print(f"  note: {n}")
     sys.stdout.flush()
