@@ -118,7 +118,7 @@ def generate_fn(torch, model, ids, mask, n, capture, row, notes):
                   num_beams=1)
         try:
             out = model.generate(**kw, output_router_logits=state["router_flag"])
-        except ValueError as e:
+        except (ValueError, RuntimeError, TypeError, IndexError) as e:
             if row != "hf-faithful" or not state["router_flag"]:
                 raise
             state["router_flag"] = False

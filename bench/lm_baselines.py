@@ -463,6 +463,8 @@ def topk_agreement(torch, a, b):
 
 def run_model(torch, a, device, name, notes, gmm, experts_path, gqa):
     dtype = torch.float32 if a.tiny and device.type == "cpu" else torch.bfloat16
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     full_cfg = make_config(name, TINY[name] if a.tiny else None)
     layers, note = fit_layers(torch, device, full_cfg, a.shapes, a.margin_gib, a.layers)
     if note:
