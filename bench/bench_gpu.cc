@@ -8,6 +8,11 @@
 //   model/engine_io.h), the mix repeated to --mix-windows windows so that the pipeline stays full.
 // Also: the bf16 matrix-product ceiling of this GPU (cuBLASLt 8192³), the achieved fraction of it,
 // GPU memory, and with --parity N the bf16-vs-CPU-fp32 routing comparison on N real samples.
+// With --generate N: greedy generation (encode + generate(N, min N), the decoder's router logits
+// and experts offered to a host observer every step, as `collect --decoder` captures them) per
+// batch size of --generate-batches (default 1,32,128) on random prompts of --generate-prompt
+// tokens (default 64); decoder tokens/s = B x N / the median seconds of encode + generate. The
+// model is then loaded with its decoder; --shapes '' skips the encoder rows.
 // Prints a table; --json writes everything with the date and the GPU.
 #include <cuda_profiler_api.h>
 
@@ -58,6 +63,9 @@ struct Args {
   std::string store;  // --store DIR: also collect the mix end to end into a real trace store
   int64_t batch_tokens = 32768;  // mix-collect: collect's --batch-tokens default on cuda
   int64_t mix_windows = 16;      // mix-collect: windows of 1024 samples (the mix repeated)
+  int64_t generate = 0;          // --generate N: greedy generation of N tokens
+  std::string generate_batches = "1,32,128";  // --generate-batches
+  int64_t generate_prompt = 64;               // --generate-prompt: prompt tokens per sequence
 };
 
 Args parse(int argc, char** argv) {
@@ -93,11 +101,20 @@ Args parse(int argc, char** argv) {
       a.parity = std::stoi(val());
     else if (k == "--ncu")
       a.ncu = true;
+    else if (k == "--generate")
+      a.generate = std::stoll(val());
+    else if (k == "--generate-batches")
+      a.generate_batches = val();
+    else if (k == "--generate-prompt")
+      a.generate_prompt = std::stoll(val());
     else
       fail("bench_gpu: unknown option ", k);
   }
   if (!a.model.empty() && !published_config(a.model))
     fail("bench_gpu: --model '", a.model, "': expected switch-base-<N> or switch-large-<N>");
+  if (a.generate < 0 || a.generate > 8192)
+    fail("bench_gpu: --generate ", a.generate, ": expected 0 (off) to 8192 new tokens");
+  if (a.generate_prompt < 1) fail("bench_gpu: --generate-prompt: expected at least 1 token");
   return a;
 }
 
@@ -358,6 +375,76 @@ size_t gpu_used_bytes() {
   return total_b - free_b;
 }
 
+// The decoder's routing as `collect --decoder` keeps it: every step's router logits and experts
+// copied out of the engine's pinned staging (what a writer does first).
+class DecoderRouting : public Observer {
+ public:
+  bool wants(std::string_view key) const override {
+    return key.rfind("dec.", 0) == 0 &&
+           (key.ends_with(keys::kRouterLogits) || key.ends_with(keys::kExpert));
+  }
+  void observe(std::string_view, const TensorView& t) override {
+    buf_.resize(t.nbytes());
+    std::memcpy(buf_.data(), t.data, t.nbytes());
+    bytes_ += t.nbytes();
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  std::vector<uint8_t> buf_;
+  size_t bytes_ = 0;
+};
+
+// encode + generate(N, min N) per batch size: decoder tokens/s over the median of the repeats.
+nlohmann::json generation(CudaSwitchModel& m, const SwitchConfig& c, const Args& a) {
+  std::printf("\ngeneration: greedy, %lld new tokens (min = max), prompts of %lld random ids\n",
+              static_cast<long long>(a.generate), static_cast<long long>(a.generate_prompt));
+  std::printf("%-6s %8s %16s %12s %12s %10s\n", "batch", "repeats", "decoder tok/s", "ms/step",
+              "s/call", "MB routed");
+  nlohmann::json rows = nlohmann::json::array();
+  std::stringstream list(a.generate_batches);
+  std::string item;
+  while (std::getline(list, item, ',')) {
+    const int64_t B = std::stoll(item);
+    if (B < 1) fail("bench_gpu: --generate-batches: '", item, "' is not a batch size");
+    const Batch batch = random_batch(B, a.generate_prompt, c.vocab_size, 11);
+    auto call = [&](DecoderRouting& obs) {
+      const double t0 = bench::now_s();
+      const Encoded enc = m.encode(batch, nullptr);
+      const GenerateResult g = m.generate(enc, batch, a.generate, a.generate, &obs);
+      if (g.steps != a.generate)
+        fail("bench_gpu: generate made ", g.steps, " steps, expected ", a.generate);
+      return bench::now_s() - t0;
+    };
+    DecoderRouting warm;
+    call(warm);  // warm-up: the KV cache, buffers, plans
+    std::vector<double> t;
+    double total = 0;
+    size_t routed = 0;
+    while (t.size() < 3 || (total < a.budget && t.size() < 50)) {
+      DecoderRouting obs;
+      t.push_back(call(obs));
+      total += t.back();
+      routed = obs.bytes();
+    }
+    std::sort(t.begin(), t.end());
+    const double med = t[t.size() / 2];
+    const double tps = static_cast<double>(B * a.generate) / med;
+    std::printf("%-6lld %8zu %16.0f %12.3f %12.4f %10.1f\n", static_cast<long long>(B), t.size(),
+                tps, 1e3 * med / static_cast<double>(a.generate), med,
+                static_cast<double>(routed) / 1e6);
+    rows.push_back({{"batch", B},
+                    {"prompt_tokens", a.generate_prompt},
+                    {"new_tokens", a.generate},
+                    {"repeats", t.size()},
+                    {"median_seconds", med},
+                    {"min_seconds", t.front()},
+                    {"decoder_tokens_per_s", tps},
+                    {"routing_bytes_per_call", routed}});
+  }
+  return rows;
+}
+
 nlohmann::json parity(const SwitchConfig& c, std::shared_ptr<TensorSource> src,
                       CudaSwitchModel& gpu, const std::vector<std::vector<int32_t>>& mix, int n) {
   // One padded batch of n real samples spread over the mix.
@@ -469,11 +556,14 @@ int main_impl(int argc, char** argv) {
   j["peak_bf16_tflops_measured"] = peak;
   double t0 = bench::now_s();
   // Random weights at transformers' init scales (model/cuda/hf_init_weights.h), as the HF baseline.
+  // The decoder only for --generate.
+  const bool encoder_only = a.generate == 0;
   auto src = make_hf_init_random_weights(
-      c, RandomWeightOptions{42, a.precision == DType::kF32 ? DType::kF32 : DType::kBF16, true});
+      c, RandomWeightOptions{42, a.precision == DType::kF32 ? DType::kF32 : DType::kBF16,
+                             encoder_only});
   const double gen_s = bench::now_s() - t0;
   const size_t used0 = gpu_used_bytes();
-  auto m = CudaSwitchModel::from_source(c, src, LoadOptions{true},
+  auto m = CudaSwitchModel::from_source(c, src, LoadOptions{encoder_only},
                                         cuda_options_for_precision(a.precision_name));
   std::printf(
       "random weights %.1f s, upload %.1f s, weights+buffers %.2f GiB; matrix ceiling %.0f "
@@ -566,6 +656,7 @@ int main_impl(int argc, char** argv) {
     j["store_seconds"] = secs;
     j["store_verify_ok"] = problems.empty();
   }
+  if (a.generate > 0 && !a.ncu) j["generate"] = generation(*m, c, a);
   if (a.parity > 0 && !a.ncu) j["parity"] = parity(c, src, *m, mix, a.parity);
   if (!a.json.empty()) {
     std::ofstream(a.json) << j.dump(1) << "\n";
