@@ -957,6 +957,18 @@ int main_impl(int argc, char** argv) {
             {"tokens", a.tokens},        {"reps", a.reps}};
   std::printf("bench_libs on %s, CUDA runtime %d, driver %d, cuBLAS %d, cuBLASLt %zu\n",
               std::string(cuda::device_name()).c_str(), rt, drv, cublas_v, cublasLtGetVersion());
+  // A part (or MoE case) that throws is reported and the others still run: one device call
+  // should bring back everything that works.
+  json errors = json::array();
+  auto guarded = [&](const std::string& what, auto&& f) {
+    try {
+      f();
+    } catch (const std::exception& e) {
+      std::printf("%s failed: %s\n", what.c_str(), e.what());
+      errors.push_back(what + ": " + e.what());
+    }
+    std::fflush(stdout);
+  };
   if (has_part(a, "moe")) {
     json rows = json::array(), loads = json::array(), sync = json::array();
     const MoeCase cases[] = {{"switch-base-128", 128, true},
@@ -964,17 +976,19 @@ int main_impl(int argc, char** argv) {
                              {"switch-base-8", 8, true},
                              {"switch-base-8", 8, false}};
     for (const MoeCase& c : cases) {
-      loads.push_back(run_moe(L, c, a.tokens, a.reps, rows, sync));
-      std::printf("moe %s %s done (%.1f s)\n", c.model.c_str(), c.skewed ? "skewed" : "uniform",
-                  bench::now_s() - t_start);
-      std::fflush(stdout);
+      const std::string name = "moe " + c.model + (c.skewed ? " skewed" : " uniform");
+      guarded(name, [&] { loads.push_back(run_moe(L, c, a.tokens, a.reps, rows, sync)); });
+      std::printf("%s (%.1f s)\n", name.c_str(), bench::now_s() - t_start);
     }
     j["moe"] = rows;
     j["moe_loads"] = loads;
     j["moe_sync"] = sync;
   }
-  if (has_part(a, "attention")) j["attention"] = run_attention(L.s, a.reps);
-  if (has_part(a, "dense")) j["dense"] = run_dense(L, a.tokens, a.reps, a.search);
+  if (has_part(a, "attention"))
+    guarded("attention", [&] { j["attention"] = run_attention(L.s, a.reps); });
+  if (has_part(a, "dense"))
+    guarded("dense", [&] { j["dense"] = run_dense(L, a.tokens, a.reps, a.search); });
+  j["errors"] = errors;
   cublasLtDestroy(L.lt);
   cublasDestroy(L.blas);
   j["wall_s"] = bench::now_s() - t_start;
@@ -983,6 +997,8 @@ int main_impl(int argc, char** argv) {
     std::ofstream(a.json) << j.dump(1) << "\n";
     std::printf("wrote %s (%.1f s)\n", a.json.c_str(), j["wall_s"].get<double>());
   }
+  for (const json& e : errors) std::printf("ERROR %s\n", e.get<std::string>().c_str());
+  if (!errors.empty()) return 3;
   // Exit 2 when a measured implementation disagrees (a refusal is a result, not a failure).
   for (const char* part : {"moe", "attention"})
     if (j.contains(part))

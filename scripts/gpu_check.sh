@@ -412,7 +412,7 @@ fi
 if has libs && [[ -x $BENCH_LIBS ]]; then
   timeout 150 $BENCH_LIBS --json "$OUT/bench_libs.json" ${LIBS_ARGS:-} >"$OUT/bench_libs.log" 2>&1
   rc=$?
-  [[ $rc -eq 0 ]] || { echo "bench_libs exit $rc (2: an implementation disagrees):"; grep -v "^== \|^ \|^[0-9]" "$OUT/bench_libs.log" | tail -5; }
+  [[ $rc -eq 0 ]] || { echo "bench_libs exit $rc (2: an implementation disagrees, 3: a part failed):"; grep -E "ERROR|failed|bench_libs:" "$OUT/bench_libs.log" | tail -5; }
   moetrace_json=()
   [[ -s $OUT/bench_libs.json ]] && moetrace_json=(--moetrace "$OUT/bench_libs.json")
   PYTHONUNBUFFERED=1 timeout 150 python3 "$ROOT/bench/attention_libs.py" --json "$OUT/attention_libs.json" \
