@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import time
 import warnings
 
@@ -95,7 +96,11 @@ def run_backend(name, q, k, v, mask, reps, device, ref, n_ref):
                 sec = timed(call, reps, device)
         except RuntimeError as e:
             # PyTorch says why in warnings ("... requires ...") and raises "No available kernel".
-            reasons = [first_line(w.message) for w in caught]
+            # Keep the reasons themselves, not the "X kernel not used because:" headers, the
+            # "runtime disabled" notes of the backends sdpa_kernel switched off, or source locations.
+            reasons = [re.sub(r"\s*\(Triggered internally at [^)]*\)", "", first_line(w.message)).strip()
+                       for w in caught]
+            reasons = [r for r in reasons if r and not r.endswith("because:") and "runtime disabled" not in r]
             row["note"] = "refused: " + ("; ".join(dict.fromkeys(reasons)) or first_line(e))
             return row
     got = out[:n_ref].double().cpu()

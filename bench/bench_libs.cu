@@ -46,7 +46,7 @@ constexpr size_t kWorkspace = 32u << 20;  // cuBLAS / cuBLASLt workspace, as ker
 struct Args {
   std::string json;
   std::string parts = "moe,attention,dense";
-  int reps = 20;
+  int reps = 50;
   int search = 32;  // cuBLASLt algorithms asked of the heuristic and timed (dense)
   int64_t tokens = 32768;
 };
