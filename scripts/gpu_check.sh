@@ -6,7 +6,7 @@
 #                                           may lack into .gpudeps/deps.tar.xz (ignored; pass
 #                                           carry=[".gpudeps"] to the device call)
 #   bash scripts/gpu_check.sh [steps...]    on the device; steps: env build test forward bench hf ncu collect
-#                                           scale lm (default: env build test forward bench hf)
+#                                           scale lm libs (default: env build test forward bench hf)
 #
 # lm: the MoE language models alone (issue 20): the LM GPU tests (tests/cuda/lm_*), the LM ops of
 # the backend test, and bench/bench_lm_gpu (OLMoE-1B-7B and Mixtral-8x7B prefill, LM_BENCH_ARGS
@@ -94,6 +94,7 @@ CUDA_TESTS=$BUILD/cuda_tests
 BACKEND_TESTS=$BUILD/backend_tests
 BENCH_GPU=$BUILD/bench_gpu
 BENCH_LM=$BUILD/bench_lm_gpu
+BENCH_LIBS=$BUILD/bench_libs
 if has build; then
   t0=$(date +%s)
   mkdir -p $BUILD
@@ -102,12 +103,13 @@ if has build; then
   if cmake -S $ROOT -B $BUILD/full -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOETRACE_WERROR=OFF -DMOETRACE_CUDA=ON \
       -DMOETRACE_PYTHON="$(command -v python3)" -DCMAKE_CXX_FLAGS="$cxx_flags" "${cmake_args[@]}" \
       >"$BUILD/full-configure.log" 2>&1 &&
-    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests backend_tests engine_tests bench_gpu bench_lm_gpu bench_store >"$BUILD/full-build.log" 2>&1; then
+    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests backend_tests engine_tests bench_gpu bench_lm_gpu bench_store bench_libs >"$BUILD/full-build.log" 2>&1; then
     MOETRACE=$BUILD/full/tools/cli/moetrace
     CUDA_TESTS=$BUILD/full/tests/cuda_tests
     BACKEND_TESTS=$BUILD/full/tests/backend_tests
     BENCH_GPU=$BUILD/full/bench/bench_gpu
     BENCH_LM=$BUILD/full/bench/bench_lm_gpu
+    BENCH_LIBS=$BUILD/full/bench/bench_libs
     echo "== full build (CLI included): $(( $(date +%s) - t0 )) s"
   else
     echo "== full project build failed; building the GPU engine's part alone. Last lines:"
@@ -115,7 +117,8 @@ if has build; then
   fi
 fi
 [[ -x $BUILD/full/tools/cli/moetrace ]] && MOETRACE=$BUILD/full/tools/cli/moetrace CUDA_TESTS=$BUILD/full/tests/cuda_tests \
-  BACKEND_TESTS=$BUILD/full/tests/backend_tests BENCH_GPU=$BUILD/full/bench/bench_gpu BENCH_LM=$BUILD/full/bench/bench_lm_gpu
+  BACKEND_TESTS=$BUILD/full/tests/backend_tests BENCH_GPU=$BUILD/full/bench/bench_gpu BENCH_LM=$BUILD/full/bench/bench_lm_gpu \
+  BENCH_LIBS=$BUILD/full/bench/bench_libs
 
 # BASELINE_SRC=DIR (a source tree of an earlier commit, e.g. `git archive REV src include tools cmake
 # assets bench scripts python CMakeLists.txt CMakePresets.json`): its CLI is built too, with the same
@@ -182,6 +185,11 @@ if(EXISTS $ROOT/bench/bench_lm_gpu.cc AND TARGET moetrace_model_cuda)
   add_executable(bench_lm_gpu $ROOT/bench/bench_lm_gpu.cc)
   target_link_libraries(bench_lm_gpu PRIVATE moetrace_all)
 endif()
+if(EXISTS $ROOT/bench/bench_libs.cu AND TARGET moetrace_cuda)
+  add_executable(bench_libs $ROOT/bench/bench_libs.cu)
+  target_compile_options(bench_libs PRIVATE \$<\$<COMPILE_LANGUAGE:CUDA>:\${MOETRACE_CUDA_FLAGS}>)
+  target_link_libraries(bench_libs PRIVATE moetrace_cuda CUDA::cublas CUDA::cublasLt)
+endif()
 CMAKE
   t0=$(date +%s)
   set -o pipefail
@@ -189,6 +197,7 @@ CMAKE
   targets=(cuda_tests backend_tests)
   grep -q '^build bench_gpu' $BUILD/build.ninja 2>/dev/null && targets+=(bench_gpu)
   grep -q '^build bench_lm_gpu' $BUILD/build.ninja 2>/dev/null && targets+=(bench_lm_gpu)
+  grep -q '^build bench_libs' $BUILD/build.ninja 2>/dev/null && targets+=(bench_libs)
   cmake --build $BUILD -j "$NPROC" --target "${targets[@]}" 2>&1 | tee "$BUILD/build.log" | grep -E "error|warning: |FAILED" | head -40
   [[ ${PIPESTATUS[0]} -eq 0 ]] || { echo "BUILD FAILED"; tail -30 "$BUILD/build.log"; exit 1; }
   echo "== build: $(( $(date +%s) - t0 )) s"
@@ -423,4 +432,21 @@ print(f"speed-up {tpn/tp1:.2f}x on {ng} GPUs")
 json.dump(dict(baseline=base, one=one, ranks=ranks, speedup=tpn / tp1, gpus=ng), open(f"{out}/scale.json", "w"), indent=1)
 PY
   rm -rf $SD
+fi
+
+# Libraries against the hand kernels (docs/GPU.md): bench_libs (grouped expert GEMM against cuBLAS
+# grouped / a cuBLASLt loop, flash attention, the dense GEMMs' algorithm choice), then PyTorch's
+# SDPA backends (cuDNN, ...) on the same attention shape; the two tables come last (this step is the
+# script's last).
+if has libs && [[ -x $BENCH_LIBS ]]; then
+  timeout 150 $BENCH_LIBS --json "$OUT/bench_libs.json" ${LIBS_ARGS:-} >"$OUT/bench_libs.log" 2>&1
+  rc=$?
+  [[ $rc -eq 0 ]] || { echo "bench_libs exit $rc (2: an implementation disagrees, 3: a part failed):"; grep -E "ERROR|failed|bench_libs:" "$OUT/bench_libs.log" | tail -5; }
+  moetrace_json=()
+  [[ -s $OUT/bench_libs.json ]] && moetrace_json=(--moetrace "$OUT/bench_libs.json")
+  PYTHONUNBUFFERED=1 timeout 150 python3 "$ROOT/bench/attention_libs.py" --json "$OUT/attention_libs.json" \
+    "${moetrace_json[@]}" >"$OUT/attention_libs.log" 2>&1 || echo "attention_libs.py exit $?"
+  sed -n '/^== /,$p' "$OUT/bench_libs.log"
+  sed -n '/^== /,$p' "$OUT/attention_libs.log" | grep -q . && sed -n '/^== /,$p' "$OUT/attention_libs.log" ||
+    tail -15 "$OUT/attention_libs.log"
 fi
