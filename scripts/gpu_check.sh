@@ -243,8 +243,57 @@ forward_fixtures() {
   done
   return $rc
 }
+# The MoE language models' fixtures (tests/data/fixtures_lm) the same way: fp32 within 1e-4 and ids
+# identical against transformers; bf16 reported with its top-k ids agreement.
+forward_lm_fixtures() {
+  local fx n out rc=0
+  for fx in "$ROOT"/tests/data/fixtures_lm/*/; do
+    [[ -e $fx/reference.safetensors ]] || continue
+    n=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["generate_new_tokens"])' "$fx/meta.json")
+    for prec in fp32 bf16; do
+      out=/tmp/moetrace-forward-lm-$(basename "$fx")-$prec.safetensors
+      if ! $MOETRACE forward --device cuda --precision $prec -m "$fx/model" --inputs "$fx/inputs.safetensors" \
+          -o "$out" --generate "$n" -q; then
+        echo "forward lm $(basename "$fx") $prec: FAILED"; rc=1; continue
+      fi
+      if [[ $prec == fp32 ]]; then
+        python3 "$ROOT/scripts/compare_forward.py" "$out" "$fx/reference.safetensors" --label "lm $(basename "$fx") $prec" || rc=1
+      else
+        python3 "$ROOT/scripts/compare_forward.py" "$out" "$fx/reference.safetensors" --rtol 5e-2 --min-agreement 0 \
+          --label "lm $(basename "$fx") $prec" | tail -1
+      fi
+    done
+  done
+  return $rc
+}
 if has forward && [[ -x $MOETRACE ]]; then
   forward_fixtures 2>&1 | tee "$OUT/forward.txt" | grep -E "FAIL|within bounds"
+  forward_lm_fixtures 2>&1 | tee "$OUT/forward_lm.txt" | grep -E "FAIL|within bounds"
+fi
+
+# Issue 18's measurement: bench/fidelity.py (a transformers-initialized switch-base-128-shaped
+# encoder, 600 real samples, every precision's agreement with fp32 and with transformers), then
+# bench/rounding_points.py --variants points on its fp32 store (which rounding point costs mixed).
+if has fidelity && [[ -x $MOETRACE ]]; then
+  PYTHONUNBUFFERED=1 timeout 420 python3 "$ROOT/bench/fidelity.py" --device cuda --experts 128 --layers 12 --d-model 768 \
+    --samples 600 --cli "$MOETRACE" --work /tmp/moetrace_fidelity --json "$OUT/fidelity.json" 2>&1 | tee "$OUT/fidelity.log" | tail -32
+  if [[ -d /tmp/moetrace_fidelity ]]; then
+    st=$(ls -d /tmp/moetrace_fidelity/*fp32* 2>/dev/null | head -1)
+    [[ -n $st ]] && PYTHONUNBUFFERED=1 timeout 300 python3 "$ROOT/bench/rounding_points.py" "$st" --variants points \
+      --out "$OUT/rounding_points.json" 2>&1 | tee "$OUT/rounding_points.log" | tail -14
+  fi
+fi
+
+# The baselines beside every GPU table (docs/GPU.md "Baselines"): the strong PyTorch Switch encoder,
+# the LM prefill baselines (transformers with output_router_logits and a strong PyTorch), and
+# transformers' generate against bench_gpu --generate.
+if has baselines; then
+  PYTHONUNBUFFERED=1 timeout 300 python3 "$ROOT/bench/torch_switch_baseline.py" --device cuda --repeats 5 \
+    --json "$OUT/torch_switch_baseline.json" 2>&1 | tee "$OUT/torch_switch_baseline.log" | tail -16
+  PYTHONUNBUFFERED=1 timeout 400 python3 "$ROOT/bench/lm_baselines.py" --device cuda --repeats 3 \
+    --json "$OUT/lm_baselines.json" ${LM_BASELINE_ARGS:-} 2>&1 | tee "$OUT/lm_baselines.log" | tail -20
+  PYTHONUNBUFFERED=1 timeout 300 python3 "$ROOT/bench/hf_generate_bench.py" --device cuda --new-tokens 32 \
+    --bench-gpu "$BENCH_GPU" --json "$OUT/hf_generate.json" 2>&1 | tee "$OUT/hf_generate.log" | tail -16
 fi
 
 if has bench && [[ -x $BENCH_GPU ]]; then
@@ -257,10 +306,12 @@ fi
 # benchmark at the OLMoE-1B-7B and Mixtral-8x7B shapes (a model larger than the GPU is measured with
 # the layers that fit, and says so).
 if has lm; then
-  timeout 300 $CUDA_TESTS --gtest_filter='*Lm*' --gtest_output=xml:"$OUT/lm_tests.xml" 2>&1 | tee "$OUT/lm_tests.log" |
-    grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[ (fp32|BF16|F16) \]|^\[==" | head -120
-  timeout 300 $BACKEND_TESTS --gtest_filter='*lm_*:*moe_*:*swiglu*:*fill_uniform*:*gemm*' 2>&1 | tee "$OUT/lm_backend.log" |
-    grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[==" | head -60
+  if ! has test; then  # the test step runs every test binary, these included
+    timeout 300 $CUDA_TESTS --gtest_filter='*Lm*' --gtest_output=xml:"$OUT/lm_tests.xml" 2>&1 | tee "$OUT/lm_tests.log" |
+      grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[ (fp32|BF16|F16) \]|^\[==" | head -120
+    timeout 300 $BACKEND_TESTS --gtest_filter='*lm_*:*moe_*:*swiglu*:*fill_uniform*:*gemm*' 2>&1 | tee "$OUT/lm_backend.log" |
+      grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[==" | head -60
+  fi
   if [[ -x $BENCH_LM ]]; then
     timeout 480 $BENCH_LM --json "$OUT/bench_lm_gpu.json" ${LM_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_lm.log" | tail -30
   else
