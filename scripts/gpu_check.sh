@@ -16,7 +16,8 @@
 # SentencePiece, CLI11, ...) and the image's pyarrow wheel supplies Arrow C++, so the whole project
 # (the `moetrace` CLI included) is built there; if that fails, the GPU engine's part alone (core, io,
 # kernels, model, trace, the CUDA targets, cuda_tests, bench_gpu) from a generated CMake project.
-# Results land in $OUT (default ./gpu-out): logs, gtest XML, benchmark JSON.
+# Results land in $OUT (default ./gpu-out): logs, gtest XML, benchmark JSON. GPU_TARGETS="moetrace
+# cuda_tests ..." builds only those targets (a short device call).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/gpu-out}
@@ -103,7 +104,7 @@ if has build; then
   if cmake -S $ROOT -B $BUILD/full -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOETRACE_WERROR=OFF -DMOETRACE_CUDA=ON \
       -DMOETRACE_PYTHON="$(command -v python3)" -DCMAKE_CXX_FLAGS="$cxx_flags" "${cmake_args[@]}" \
       >"$BUILD/full-configure.log" 2>&1 &&
-    cmake --build $BUILD/full -j "$NPROC" --target moetrace cuda_tests backend_tests engine_tests bench_gpu bench_lm_gpu bench_store bench_libs >"$BUILD/full-build.log" 2>&1; then
+    cmake --build $BUILD/full -j "$NPROC" --target ${GPU_TARGETS:-moetrace cuda_tests backend_tests engine_tests bench_gpu bench_lm_gpu bench_store bench_libs} >"$BUILD/full-build.log" 2>&1; then
     MOETRACE=$BUILD/full/tools/cli/moetrace
     CUDA_TESTS=$BUILD/full/tests/cuda_tests
     BACKEND_TESTS=$BUILD/full/tests/backend_tests
