@@ -120,3 +120,24 @@ def test_synthetic_samples_are_refused_for_a_language_model(collected, tmp_path)
                            tmp_path / "s", "--no-progress"], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "language model; synthetic samples exist for Switch models only" in proc.stderr
+
+
+def test_inspect_model_checks_a_language_model(collected, tmp_path):
+    cli, model, _, _ = collected
+    proc = run([cli, "inspect", model, "--json"])
+    j = json.loads(proc.stdout)
+    assert j["family"] == "olmoe" and j["ok"] and j["moe_layers"] == [0, 1]
+    assert j["tokenizer"].endswith("tokenizer.json") and j["expert_layout"] == "per-expert"
+    # A checkpoint without one expert's tensor: one line naming it, non-zero exit.
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    src = SafetensorsFile(str(model / "model.safetensors"))
+    gone = "model.layers.1.mlp.experts.3.up_proj.weight"
+    write_safetensors(str(broken / "model.safetensors"),
+                      {n: np.asarray(src.tensor(n), np.float32) for n in src.infos if n != gone}, {"format": "pt"})
+    bad = subprocess.run([cli, "inspect", broken], capture_output=True, text=True)
+    assert bad.returncode != 0 and gone in bad.stderr, bad.stderr
+    # routers is Switch's: a language model is one clear line.
+    r = subprocess.run([cli, "routers", "--model", model, "-o", tmp_path / "r.safetensors"], capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and "decoder-only language model (olmoe)" in r.stderr

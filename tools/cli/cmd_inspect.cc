@@ -12,6 +12,7 @@
 #include "data/catalog.h"
 #include "io/hf_cache.h"
 #include "model/config.h"
+#include "model/lm/lm_weights.h"
 #include "model/weights.h"
 #include "trace/store.h"
 
@@ -129,8 +130,102 @@ void print_model(const json& j, const SwitchConfig& c) {
   }
 }
 
+// `inspect MODEL` of a decoder-only MoE language model: its config, its tokenizer, its parameters
+// and every tensor mapped as the engines map it (model/lm/lm_weights.h).
+json describe_lm(const ModelChoice& m) {
+  const LmConfig& c = *m.lm;
+  json j;
+  j["kind"] = "model";
+  j["id"] = m.id;
+  j["family"] = std::string(lm_family_name(c.family));
+  j["directory"] = m.dir.string();
+  j["format"] = m.weights->format();
+  j["files"] = json::array();
+  for (const auto& f : m.weights->files())
+    j["files"].push_back({{"path", f.string()}, {"bytes", fs::file_size(f)}});
+  try {
+    const auto tok = load_model_tokenizer(m, {});
+    j["tokenizer"] = (m.dir / tok->files().front().name).string();
+    j["tokenizer_kind"] = std::string(tok->kind());
+  } catch (const Error& e) {
+    j["tokenizer"] = nullptr;
+    j["tokenizer_note"] = e.what();
+  }
+  j["summary"] = c.summary();
+  j["moe_layers"] = c.sparse_layers();
+  std::map<std::string, int64_t> by_dtype;
+  int64_t total = 0, experts = 0;
+  for (const std::string& name : m.weights->names()) {
+    const CheckpointTensor* t = m.weights->find(name);
+    const int64_t n = t->view.numel();
+    total += n;
+    by_dtype[std::string(dtype_name(t->view.dtype))] += n;
+    if (name.find(".experts.") != std::string::npos) experts += n;
+  }
+  j["parameters"] = {{"total", total}, {"experts", experts}};
+  j["dtypes"] = by_dtype;
+  j["problems"] = json::array();
+  try {
+    j["expert_layout"] = map_lm_weights(c, *m.weights, WeightOptions{}).expert_layout;
+  } catch (const Error& e) {
+    j["problems"].push_back(e.what());
+  }
+  j["ok"] = j["problems"].empty();
+  j["num_tensors"] = m.weights->names().size();
+  return j;
+}
+
+void print_lm_model(const json& j) {
+  std::printf("model        %s (%s)\n", j["id"].get<std::string>().c_str(),
+              j["family"].get<std::string>().c_str());
+  std::printf("directory    %s\n", j["directory"].get<std::string>().c_str());
+  std::printf("format       %s\n", j["format"].get<std::string>().c_str());
+  for (const auto& f : j["files"]) {
+    std::printf("file         %s (%.1f MB)\n", f["path"].get<std::string>().c_str(),
+                static_cast<double>(f["bytes"].get<int64_t>()) / 1e6);
+  }
+  if (j["tokenizer"].is_null()) {
+    std::printf("tokenizer    none (%s)\n", j["tokenizer_note"].get<std::string>().c_str());
+  } else {
+    std::printf("tokenizer    %s (%s)\n", j["tokenizer"].get<std::string>().c_str(),
+                j["tokenizer_kind"].get<std::string>().c_str());
+  }
+  std::printf("config       %s\n", j["summary"].get<std::string>().c_str());
+  std::string layers;
+  for (const auto& i : j["moe_layers"]) layers += (layers.empty() ? "" : ", ") + i.dump();
+  std::printf("MoE layers   [%s]\n", layers.c_str());
+  const json& p = j["parameters"];
+  std::printf("parameters   %.3f B total, %.3f B in experts\n",
+              static_cast<double>(p["total"].get<int64_t>()) / 1e9,
+              static_cast<double>(p["experts"].get<int64_t>()) / 1e9);
+  for (auto it = j["dtypes"].begin(); it != j["dtypes"].end(); ++it) {
+    std::printf("dtype        %-5s %lld parameters\n", it.key().c_str(),
+                static_cast<long long>(it.value().get<int64_t>()));
+  }
+  if (j["problems"].empty()) {
+    std::printf("check        %zu tensors agree with config.json (%s experts)\n",
+                j["num_tensors"].get<size_t>(), j["expert_layout"].get<std::string>().c_str());
+  }
+  for (const auto& pr : j["problems"])
+    std::printf("MISMATCH     %s\n", pr.get<std::string>().c_str());
+}
+
 void inspect_model(const std::string& spec, bool as_json) {
   const ModelChoice m = choose_model(spec, false);
+  if (m.lm) {
+    const json j = describe_lm(m);
+    if (as_json) {
+      std::cout << j.dump(2) << "\n";
+    } else {
+      print_lm_model(j);
+    }
+    std::cout.flush();
+    std::fflush(stdout);
+    if (!j["problems"].empty())
+      fail(m.dir.string(),
+           ": a tensor disagrees with config.json: ", j["problems"][0].get<std::string>());
+    return;
+  }
   const json j = describe(m);
   if (as_json) {
     std::cout << j.dump(2) << "\n";

@@ -69,6 +69,11 @@ void warn_non_finite(const CheckpointTensor& t) {
 void run_routers(const RoutersOptions& opt) {
   // The same --model as collect: a directory, a Hub id, "demo" or "random:switch-base-N".
   const ModelChoice model = choose_model(opt.model_dir, false);
+  if (model.lm)
+    fail("routers: ", model.id, " is a decoder-only language model (",
+         lm_family_name(model.lm->family),
+         "); `moetrace routers` exports Switch routers (speculate's router-based predictors are "
+         "for Switch stores)");
   const SwitchConfig& cfg = model.config;
   const TensorSource* src = model.weights.get();
   const std::string dir = model.demo ? model.id : model.dir.string();
