@@ -66,39 +66,14 @@ class CudaEngine : public Engine {
 };
 
 // A decoder-only language model on the GPU (CudaLmModel): each batch computed at submit(), its
-// prompt pass through prefill() (no LM head), generation through generate(); the adapter's rules
-// are model/lm/lm_engine.h's.
-class CudaLmEngine : public ComputeAtSubmit {
+// prompt pass through prefill() (no LM head); the adapter's rules are model/lm/lm_engine.h's.
+class CudaLmEngine : public LmEngine<CudaLmModel> {
  public:
   CudaLmEngine(std::unique_ptr<CudaLmModel> model, DeviceChoice device)
-      : model_(std::move(model)), device_(device) {}
-
-  bool has_decoder() const override { return false; }
-  std::string device() const override { return device_.name(); }
-  DType precision() const override { return model_->precision(); }
-  Memory memory() const override { return Memory{model_->device_bytes(), "of GPU memory"}; }
-
-  Encoded encode(const Batch& batch, Observer* obs) override {
-    check_batch(batch, model_->config().vocab_size, "encode");
-    model_->prefill(batch, obs);
-    return Encoded{};
-  }
-  Tensor decode(const Encoded&, const Batch&, const std::vector<int32_t>&, int64_t,
-                Observer*) override {
-    fail("decode: ", lm_family_name(model_->config().family),
-         " is a decoder-only language model: it has no teacher-forced decoder pass");
-  }
-  GenerateResult generate(const Encoded&, const Batch& batch, int64_t max_new_tokens, int64_t,
-                          Observer* obs) override {
-    check_batch(batch, model_->config().vocab_size, "generate");
-    if (max_new_tokens < 1) fail("generate: max_new_tokens ", max_new_tokens, ", expected >= 1");
-    GenerationKeysOnly gen_only(obs);
-    return as_generate_result(model_->generate(batch, max_new_tokens, obs ? &gen_only : nullptr));
-  }
-
- private:
-  std::unique_ptr<CudaLmModel> model_;
-  DeviceChoice device_;
+      : LmEngine(std::move(model), device.name(),
+                 [](CudaLmModel& m, const Batch& b, Observer* obs) { m.prefill(b, obs); }) {}
+  DType precision() const override { return model().precision(); }
+  Memory memory() const override { return Memory{model().device_bytes(), "of GPU memory"}; }
 };
 
 }  // namespace

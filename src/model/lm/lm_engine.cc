@@ -29,35 +29,13 @@ GenerateResult as_generate_result(const LmGenerateResult& g) {
 
 namespace {
 
-class LmCpuEngine : public ComputeAtSubmit {
+class LmCpuEngine : public LmEngine<LmModel> {
  public:
-  explicit LmCpuEngine(std::unique_ptr<LmModel> model) : model_(std::move(model)) {}
-
-  bool has_decoder() const override { return false; }
-  std::string device() const override { return "cpu"; }
+  explicit LmCpuEngine(std::unique_ptr<LmModel> model)
+      : LmEngine(std::move(model), "cpu",
+                 [](LmModel& m, const Batch& b, Observer* obs) { m.forward(b, obs); }) {}
   DType precision() const override { return DType::kF32; }
   Memory memory() const override { return Memory{resident_bytes(), "resident"}; }
-
-  Encoded encode(const Batch& batch, Observer* obs) override {
-    check_batch(batch, model_->config().vocab_size, "encode");
-    model_->forward(batch, obs);
-    return Encoded{};
-  }
-  Tensor decode(const Encoded&, const Batch&, const std::vector<int32_t>&, int64_t,
-                Observer*) override {
-    fail("decode: ", lm_family_name(model_->config().family),
-         " is a decoder-only language model: it has no teacher-forced decoder pass");
-  }
-  GenerateResult generate(const Encoded&, const Batch& batch, int64_t max_new_tokens, int64_t,
-                          Observer* obs) override {
-    check_batch(batch, model_->config().vocab_size, "generate");
-    if (max_new_tokens < 1) fail("generate: max_new_tokens ", max_new_tokens, ", expected >= 1");
-    GenerationKeysOnly gen_only(obs);
-    return as_generate_result(model_->generate(batch, max_new_tokens, obs ? &gen_only : nullptr));
-  }
-
- private:
-  std::unique_ptr<LmModel> model_;
 };
 
 }  // namespace

@@ -11,15 +11,17 @@
 // does (a pad for the shorter rows): collect therefore generates from batches of equal length.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
+#include "core/error.h"
+#include "model/capture_now.h"
 #include "model/engine.h"
 #include "model/lm/lm_model.h"
 
 namespace moetrace {
-
-std::unique_ptr<Engine> lm_cpu_engine(std::unique_ptr<LmModel> model);
 
 // LmGenerateResult (the prompt, then N tokens) as the Engine's GenerateResult (the N new tokens,
 // steps = N - 1); shared by both engines' adapters.
@@ -38,6 +40,47 @@ class GenerationKeysOnly : public Observer {
 
  private:
   Observer* inner_;
+};
+
+std::unique_ptr<Engine> lm_cpu_engine(std::unique_ptr<LmModel> model);
+
+// The Engine of either language-model engine (Model: LmModel or CudaLmModel), computing each batch
+// at submit(); `prompt` runs the prompt pass of encode() (the CPU's forward, the GPU's prefill).
+template <class Model>
+class LmEngine : public ComputeAtSubmit {
+ public:
+  using Prompt = std::function<void(Model&, const Batch&, Observer*)>;
+  LmEngine(std::unique_ptr<Model> model, std::string device, Prompt prompt)
+      : model_(std::move(model)), device_(std::move(device)), prompt_(std::move(prompt)) {}
+
+  bool has_decoder() const override { return false; }
+  std::string device() const override { return device_; }
+
+  Encoded encode(const Batch& batch, Observer* obs) override {
+    check_batch(batch, model_->config().vocab_size, "encode");
+    prompt_(*model_, batch, obs);
+    return Encoded{};
+  }
+  Tensor decode(const Encoded&, const Batch&, const std::vector<int32_t>&, int64_t,
+                Observer*) override {
+    fail("decode: ", lm_family_name(model_->config().family),
+         " is a decoder-only language model: it has no teacher-forced decoder pass");
+  }
+  GenerateResult generate(const Encoded&, const Batch& batch, int64_t max_new_tokens, int64_t,
+                          Observer* obs) override {
+    check_batch(batch, model_->config().vocab_size, "generate");
+    if (max_new_tokens < 1) fail("generate: max_new_tokens ", max_new_tokens, ", expected >= 1");
+    GenerationKeysOnly gen_only(obs);
+    return as_generate_result(model_->generate(batch, max_new_tokens, obs ? &gen_only : nullptr));
+  }
+
+ protected:
+  Model& model() const { return *model_; }
+
+ private:
+  std::unique_ptr<Model> model_;
+  std::string device_;
+  Prompt prompt_;
 };
 
 }  // namespace moetrace

@@ -9,13 +9,22 @@ namespace moetrace {
 
 std::map<std::string, Tensor> run_lm_forward(const LmModel& model, const ForwardInputs& in,
                                              int64_t generate) {
+  return run_lm_forward(
+      model.config(), [&](const Batch& b, Observer* obs) { return model.forward(b, obs); },
+      [&](const Batch& b, int64_t n, Observer* obs) { return model.generate(b, n, obs); }, in,
+      generate);
+}
+
+std::map<std::string, Tensor> run_lm_forward(const LmConfig& config, const LmForwardFn& forward,
+                                             const LmGenerateFn& generate_fn,
+                                             const ForwardInputs& in, int64_t generate) {
   if (in.T > 0)
     fail(
         "decoder_input_ids: a decoder-only language model takes input_ids and attention_mask only");
   std::map<std::string, Tensor> out;
   RecordingObserver rec([](std::string_view k) { return k.rfind("lm.", 0) == 0; });
-  out["logits"] = model.forward(in.batch, &rec);
-  const std::vector<int> blocks = model.config().sparse_layers();
+  out["logits"] = forward(in.batch, &rec);
+  const std::vector<int> blocks = config.sparse_layers();
   for (size_t k = 0; k < blocks.size(); ++k) {
     const std::string p = "router." + std::to_string(k) + ".";
     auto last = [&](std::string_view field) {
@@ -28,7 +37,7 @@ std::map<std::string, Tensor> run_lm_forward(const LmModel& model, const Forward
   }
   if (generate > 0) {
     RecordingObserver grec([](std::string_view k) { return k.rfind("gen.", 0) == 0; });
-    const LmGenerateResult g = model.generate(in.batch, generate, &grec);
+    const LmGenerateResult g = generate_fn(in.batch, generate, &grec);
     Tensor ids(DType::kI32, {g.B, g.S + g.new_tokens});
     std::copy(g.ids.begin(), g.ids.end(), ids.data<int32_t>());
     out["generated_ids"] = std::move(ids);

@@ -8,6 +8,7 @@
 //   router of each cached step j = 1..N-1, which feeds new token j).
 #pragma once
 
+#include <functional>
 #include <map>
 #include <string>
 
@@ -21,5 +22,13 @@ namespace moetrace {
 // exactly `generate` tokens (eos never chosen).
 std::map<std::string, Tensor> run_lm_forward(const LmModel& model, const ForwardInputs& in,
                                              int64_t generate);
+
+// The same over any engine of the model (the GPU's CudaLmModel too): its forward (logits, lm.*
+// keys) and generate (gen.* keys).
+using LmForwardFn = std::function<Tensor(const Batch&, Observer*)>;
+using LmGenerateFn = std::function<LmGenerateResult(const Batch&, int64_t, Observer*)>;
+std::map<std::string, Tensor> run_lm_forward(const LmConfig& config, const LmForwardFn& forward,
+                                             const LmGenerateFn& generate_fn,
+                                             const ForwardInputs& in, int64_t generate);
 
 }  // namespace moetrace
