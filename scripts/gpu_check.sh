@@ -6,7 +6,7 @@
 #                                           may lack into .gpudeps/deps.tar.xz (ignored; pass
 #                                           carry=[".gpudeps"] to the device call)
 #   bash scripts/gpu_check.sh [steps...]    on the device; steps: env build test forward bench hf ncu collect
-#                                           scale lm libs (default: env build test forward bench hf)
+#                                           scale lm fidelity baselines libs (default: env build test forward bench hf)
 #
 # lm: the MoE language models alone (issue 20): the LM GPU tests (tests/cuda/lm_*), the LM ops of
 # the backend test, and bench/bench_lm_gpu (OLMoE-1B-7B and Mixtral-8x7B prefill, LM_BENCH_ARGS
@@ -289,12 +289,14 @@ fi
 # the LM prefill baselines (transformers with output_router_logits and a strong PyTorch), and
 # transformers' generate against bench_gpu --generate.
 if has baselines; then
+  [[ -e /tmp/moetrace_mix.txt ]] || python3 "$ROOT/bench/hf_switch_bench.py" --write-mix
   PYTHONUNBUFFERED=1 timeout 300 python3 "$ROOT/bench/torch_switch_baseline.py" --device cuda --repeats 5 \
     --json "$OUT/torch_switch_baseline.json" 2>&1 | tee "$OUT/torch_switch_baseline.log" | tail -16
   PYTHONUNBUFFERED=1 timeout 400 python3 "$ROOT/bench/lm_baselines.py" --device cuda --repeats 3 \
     --json "$OUT/lm_baselines.json" ${LM_BASELINE_ARGS:-} 2>&1 | tee "$OUT/lm_baselines.log" | tail -20
+  gen=(); [[ -x $BENCH_GPU ]] && gen=(--bench-gpu "$BENCH_GPU")
   PYTHONUNBUFFERED=1 timeout 300 python3 "$ROOT/bench/hf_generate_bench.py" --device cuda --new-tokens 32 \
-    --bench-gpu "$BENCH_GPU" --json "$OUT/hf_generate.json" 2>&1 | tee "$OUT/hf_generate.log" | tail -16
+    "${gen[@]}" --json "$OUT/hf_generate.json" 2>&1 | tee "$OUT/hf_generate.log" | tail -16
 fi
 
 if has bench && [[ -x $BENCH_GPU ]]; then
