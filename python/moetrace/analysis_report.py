@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from . import keys
 from .accumulate import GATE_BINS, MARGIN_BINS
 from .stats import transition_probs
 
@@ -24,7 +25,9 @@ def make_plots(stats: dict, out_dir: str, per_layer_charts: bool = False, jsd_vm
     if transition_min_row is None:
         transition_min_row = TRANSITION_MIN_ROW
     files: dict[str, list[str]] = {}
-    for stack_key, title in (("encoder", "encoder"), ("decoder", "decoder")):
+    family = (stats.get("routing") or {}).get("family")
+    for stack_key in ("encoder", "decoder"):
+        title = keys.pass_title(stack_key, family)
         st = stats.get(stack_key)
         if not st or not st["layers"]:
             continue
@@ -154,7 +157,7 @@ def render_html(stats: dict, files: dict[str, list[str]], out_dir: str = ".", em
             continue
         pl = st["per_layer"]
         imgs = files.get(stack_key, [])
-        out.append(f"<h2>{stack_key.capitalize()}</h2>")
+        out.append(f"<h2>{keys.pass_title(stack_key, (stats.get('routing') or {}).get('family')).capitalize()}</h2>")
         out.append("<h3>Expert usage</h3>")
         out.append(table([txt("layer"), cnt("tokens"), flt("mean"), flt("std"), flt("cv"), bits("entropy (bits)"),
                           cnt("min"), cnt("max"), flt("skew"), flt("kurt"), flt("median"), flt("IQR"), cnt("active"),

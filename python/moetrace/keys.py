@@ -104,3 +104,11 @@ def stacks_of(family: str | None) -> tuple[str, str]:
     """(first pass, generation) stack prefixes of a routing family: ('enc', 'dec') for switch (and
     None: stores written before families), ('lm', 'gen') for the decoder-only language models."""
     return (ENCODER, DECODER) if family in (None, "switch") else (LM, GEN)
+
+
+def pass_title(section: str, family: str | None) -> str:
+    """How reports name a store's two passes (the stats.json keys stay "encoder" / "decoder"):
+    "encoder" / "decoder" for switch, "prompt" / "generation" for the language models."""
+    if family in (None, "switch"):
+        return section
+    return "prompt" if section == "encoder" else "generation"

@@ -423,6 +423,7 @@ def speculate_store(store, opt: Options, progress=None) -> dict:
         "store": os.path.abspath(getattr(store, "path", "")),
         "model": (store.manifest.get("model", {}) or {}).get("id"),
         "num_experts": store.num_experts, "top_k": store.top_k, "ks": list(opt.ks), "datasets": ds_names,
+        "routing": {"family": store.family, "top_k": store.top_k, "dropped": store.has_dropped},
         "real_only": opt.real_only, "demo_model": bool((store.manifest.get("model", {}) or {}).get("demo")),
         "split": opt.split.describe(),
         "predictors": list(opt.predictors), "unavailable": unavailable,

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 
+from . import keys
 from .cachesim import POLICIES
 from .evaluation import KS
 
@@ -43,7 +44,7 @@ def render_markdown(res: dict) -> str:
         st = res.get(key)
         if not st:
             continue
-        out += [f"## {key.capitalize()}", "",
+        out += [f"## {keys.pass_title(key, (res.get('routing') or {}).get('family')).capitalize()}", "",
                 f"Train: {st['train']['samples']} samples, {st['train']['tokens']} tokens; test: "
                 f"{st['test']['samples']} samples, {st['test']['tokens']} tokens.", "",
                 "Predictors ranked by top-1 accuracy on held-out samples (token-weighted over the target layers "
@@ -106,7 +107,7 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
             if all(ci.get(str(k)) for k in ks):
                 bands[name] = ([ci[str(k)][0] for k in ks], [ci[str(k)][1] for k in ks])
         files.append(plots.lines(os.path.join(out_dir, f"{key}_recall_at_k.png"), ks, series,
-                                 f"{key}: recall@k on held-out samples (band: 95% CI over samples)",
+                                 f"{keys.pass_title(key, (res.get('routing') or {}).get('family'))}: recall@k on held-out samples (band: 95% CI over samples)",
                                  "k (experts prefetched per layer)", "recall@k", logx=True, ylim=(0, 1.02),
                                  bands=bands))
         c = st.get("cache")
@@ -114,7 +115,7 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
             files.append(plots.cache_panels(os.path.join(out_dir, f"{key}_cache_hit_rate.png"), c["runs"],
                                             [p for p in POLICIES if any(r["policy"] == p for r in c["runs"])],
                                             c["tokens"],
-                                            f"{key}: expert cache ({c['mode']} replay; prefetch "
+                                            f"{keys.pass_title(key, (res.get('routing') or {}).get('family'))}: expert cache ({c['mode']} replay; prefetch "
                                             f"{c['prefetch_predictor']} top-{c['prefetch_k']})"))
         if st.get("learned") and st["learned"]["loss_curves"]:
             curves = st["learned"]["loss_curves"]
@@ -129,7 +130,7 @@ def make_plots(res: dict, out_dir: str) -> list[str]:
                     series[f"{name} validation"] = (steps, [p["val_loss"] for p in cv])
                     styles[f"{name} validation"] = {"color": colour, "ls": "--"}
             files.append(plots.lines(os.path.join(out_dir, f"{key}_learned_loss.png"), None, series,
-                                     f"{key}: learned predictor loss per target layer (solid: training, dashed: "
+                                     f"{keys.pass_title(key, (res.get('routing') or {}).get('family'))}: learned predictor loss per target layer (solid: training, dashed: "
                                      "validation)", "step", "cross-entropy (nats)", markers=False, styles=styles))
     return files
 
@@ -154,7 +155,7 @@ def render_html(res: dict, files: list[str], out_dir: str, embed: bool = True) -
         if not st:
             continue
         mine = [f for f in files if f.startswith(key + "_")]
-        out.append(f"<h2>{key.capitalize()}</h2><p>Train: {st['train']['samples']:,} samples, "
+        out.append(f"<h2>{keys.pass_title(key, (res.get('routing') or {}).get('family')).capitalize()}</h2><p>Train: {st['train']['samples']:,} samples, "
                    f"{st['train']['tokens']:,} tokens; test: {st['test']['samples']:,} samples, "
                    f"{st['test']['tokens']:,} tokens. Fit {st['fit_s']:.2f} s, evaluation {st['eval_s']:.2f} s.</p>")
         out.append("<h3>Predictors</h3><p>Ranked by top-1 accuracy on held-out samples (token-weighted over the "

@@ -141,3 +141,15 @@ def test_inspect_model_checks_a_language_model(collected, tmp_path):
     r = subprocess.run([cli, "routers", "--model", model, "-o", tmp_path / "r.safetensors"], capture_output=True,
                        text=True)
     assert r.returncode != 0 and "decoder-only language model (olmoe)" in r.stderr
+
+
+def test_analyze_and_speculate_name_the_prompt_and_the_generation(collected, tmp_path):
+    cli, _, store, _ = collected
+    run([cli, "analyze", store, "-o", tmp_path / "report", "-q"])
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "<h2>Prompt</h2>" in html and "<h2>Generation</h2>" in html and "<h2>Encoder</h2>" not in html
+    stats = json.loads((tmp_path / "report" / "stats.json").read_text())
+    assert stats["routing"]["family"] == "olmoe" and stats["encoder"]["layers"] == ["lm.0", "lm.1"]
+    run([cli, "speculate", store, "-o", tmp_path / "spec", "-q"])
+    md = (tmp_path / "spec" / "speculation.md").read_text()
+    assert "## Prompt" in md and "## Generation" in md
