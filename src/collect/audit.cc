@@ -170,7 +170,7 @@ Fidelity run_audit(const fs::path& dir, const AuditOptions& o, const AuditEncode
   f.samples = c.samples;
   for (size_t l = 0; l < c.layers.size(); ++l) {
     const FidelityCounts& k = c.counts[l];
-    f.per_layer.emplace_back(keys::layer(keys::Stack::kEncoder, c.layers[l]), k);
+    f.per_layer.emplace_back(keys::layer(c.stack, c.layers[l]), k);
     f.total.tokens += k.tokens;
     f.total.top1_agree += k.top1_agree;
     f.total.max_logit_error = std::max(f.total.max_logit_error, k.max_logit_error);
@@ -194,10 +194,19 @@ Fidelity audit_store(const fs::path& dir, const AuditOptions& o,
       any_real = !store.sample(i).synthetic;
     if (!any_real) f.reason = "no real samples: synthetic samples have no model computation";
   }
+  AuditEncode encode;
   if (f.reason.empty()) {
     log_info("audit: re-running ", o.fraction * 100.0, "% of the samples (at least ", o.min_samples,
              ") at fp32 to compare the stored ", o.precision, " routing");
-    const AuditEncode encode = make_encode();
+    try {
+      encode = make_encode();
+    } catch (const Error& e) {
+      // The store is complete: a reference that cannot be had (e.g. an fp32 copy larger than the
+      // GPU) is recorded as the reason, not an error of the run.
+      f.reason = std::string("the fp32 reference could not be loaded: ") + e.what();
+    }
+  }
+  if (f.reason.empty()) {
     f = run_audit(dir, o, encode);
     f.seconds = seconds_since(t0);
     std::string worst;

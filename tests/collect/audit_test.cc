@@ -328,6 +328,103 @@ TEST(Audit, AuditStoreWritesTheManifestObject) {
   EXPECT_TRUE(verify_store(tmp.path()).empty());
 }
 
+// A language model's store (issue 20): layers lm.{i}, top-2 experts [S, 2], no `dropped`; the
+// fake model's routing, its reference offered under lm.* keys with [B, S, 2] experts.
+void write_fake_lm_store(const fs::path& dir, int64_t n) {
+  StoreSettings s;
+  s.settings = {{"mode", "real"}};
+  s.model = {{"id", "test/fake-lm"}};
+  s.enc_layers = kLayers;
+  s.num_experts = kExperts;
+  s.d_model = 4;
+  s.logits_dtype = DType::kF32;
+  s.samples_per_shard = 4;
+  s.device = "test";
+  s.family = "olmoe";
+  s.top_k = 2;
+  s.dropped = false;
+  auto w = TraceWriter::open(dir, s, OpenMode::kCreate);
+  for (int64_t k = 0; k < n; ++k) {
+    SampleRecord r;
+    r.sample_id = "fake/default/test/" + std::to_string(k);
+    r.dataset = std::string("fake");
+    r.row = k;
+    r.token_ids = sample_ids(k);
+    const size_t S = r.token_ids.size();
+    std::vector<std::vector<float>> logits(kLayers.size()), gate(kLayers.size());
+    std::vector<std::vector<int32_t>> expert(kLayers.size());
+    for (size_t l = 0; l < kLayers.size(); ++l) {
+      for (size_t t = 0; t < S; ++t) {
+        for (int64_t e = 0; e < kExperts; ++e)
+          logits[l].push_back(fake_logit(r.token_ids[t], kLayers[l], e));
+        const float* row = logits[l].data() + t * kExperts;
+        const int32_t first = argmax(row, kExperts);
+        expert[l].push_back(first);
+        expert[l].push_back(first == 0 ? 1 : 0);  // any distinct second choice
+        gate[l].insert(gate[l].end(), {0.75f, 0.25f});
+      }
+      r.enc.push_back(
+          LayerRecord{logits[l].data(), expert[l].data(), nullptr, gate[l].data(), nullptr});
+    }
+    w->add(r);
+  }
+  w->finish(1.0);
+}
+
+TEST(Audit, ALanguageModelStoreIsAuditedOnItsLmLayers) {
+  TempDir tmp;
+  write_fake_lm_store(tmp.path(), 6);
+  const AuditEncode lm_reference = [](const Batch& b, Observer* obs) {
+    Tensor logits(DType::kF32, {b.B, b.S, kExperts});
+    Tensor expert(DType::kI32, {b.B, b.S, 2});
+    for (int blk : kLayers) {
+      float* l = logits.data<float>();
+      int32_t* e = expert.data<int32_t>();
+      for (int64_t t = 0; t < b.B * b.S; ++t) {
+        for (int64_t x = 0; x < kExperts; ++x)
+          l[t * kExperts + x] = fake_logit(b.input_ids[t], blk, x);
+        e[2 * t] = argmax(l + t * kExperts, kExperts);
+        e[2 * t + 1] = e[2 * t] == 0 ? 1 : 0;
+      }
+      const std::string p = "lm." + std::to_string(blk) + ".";
+      ASSERT_TRUE(obs->wants(p + "router_logits") && obs->wants(p + "expert")) << p;
+      EXPECT_FALSE(obs->wants("enc." + std::to_string(blk) + ".expert"));
+      obs->observe(p + "router_logits", logits.view());
+      obs->observe(p + "expert", expert.view());
+    }
+  };
+  const Fidelity f =
+      audit_store(tmp.path(), options(1.0, 8192, "bf16"), [&] { return lm_reference; });
+  ASSERT_TRUE(f.measured) << f.reason;
+  ASSERT_EQ(f.per_layer.size(), 2u);
+  EXPECT_EQ(f.per_layer[0].first, "lm.1");
+  EXPECT_EQ(f.per_layer[1].first, "lm.3");
+  EXPECT_EQ(f.total.top1_agree, f.total.tokens);
+  EXPECT_EQ(f.total.max_logit_error, 0.0);
+  const std::optional<Fidelity> back =
+      manifest_fidelity(TraceStore::open(tmp.path()).manifest(), "test");
+  ASSERT_TRUE(back.has_value());
+  EXPECT_EQ(back->per_layer[0].first, "lm.1");
+  EXPECT_TRUE(verify_store(tmp.path()).empty());
+}
+
+TEST(Audit, AReferenceThatCannotBeLoadedIsRecordedAsTheReason) {
+  TempDir tmp;
+  write_fake_store(tmp.path(), 4, DType::kF16);
+  const Fidelity f = audit_store(tmp.path(), options(1.0, 8192, "bf16"), []() -> AuditEncode {
+    fail("CudaLmModel: the weights need 174 GiB in fp32 but the GPU has 139 GiB free");
+  });
+  EXPECT_FALSE(f.measured);
+  EXPECT_NE(f.reason.find("the fp32 reference could not be loaded: CudaLmModel: the weights need"),
+            std::string::npos)
+      << f.reason;
+  const std::optional<Fidelity> back =
+      manifest_fidelity(TraceStore::open(tmp.path()).manifest(), "test");
+  ASSERT_TRUE(back.has_value());
+  EXPECT_FALSE(back->measured);
+  EXPECT_TRUE(verify_store(tmp.path()).empty());
+}
+
 TEST(Audit, AStoreOfSyntheticSamplesOnlyLoadsNoEngine) {
   TempDir tmp;
   write_fake_store(tmp.path(), 4, DType::kF32, /*synthetic_every=*/1);
