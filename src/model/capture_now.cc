@@ -58,7 +58,8 @@ std::unique_ptr<CapturedBatch> capture_now(Engine& engine, const Batch& batch,
 
 uint64_t ComputeAtSubmit::submit(const Batch& batch, const Observer& request,
                                  int64_t max_new_tokens) {
-  if (!done_.empty()) fail("engine: submit() with a batch not yet polled (it computes at submit); poll() first");
+  if (!done_.empty())
+    fail("engine: submit() with a batch not yet polled (it computes at submit); poll() first");
   done_.push_back(capture_now(*this, batch, request, max_new_tokens));
   done_.back()->ticket = next_ticket_;
   return next_ticket_++;
