@@ -11,6 +11,7 @@
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/common.h"
 #include "kernels/cuda/ops.h"
+#include "model/cuda/observation_tap.h"
 #include "model/engine_io.h"
 #include "model/lm/lm_forward.h"
 #include "model/recording_observer.h"
@@ -24,57 +25,12 @@ using cuda::Stream;
 
 namespace {
 
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-
-// Where a pass's observed tensors go (the GPU engines' one mechanism, as CudaSwitchModel's Tap):
-// the observer decides what is wanted; `now` downloads and offers at once (prompt passes),
-// `staged` copies on the stream into pinned memory and offers at flush(), after the generation
-// step's one synchronization.
-class LmTap {
+// Where a pass's observed tensors go: the GPU engines' one mechanism (now for prompt passes, staged
+// for generation steps).
+class LmTap : public ObservationTap {
  public:
   LmTap(Observer* obs, cudaStream_t stream, PinnedBuffer* staging)
-      : obs_(obs), stream_(stream), staging_(staging) {}
-  bool wants(const std::string& k) const { return obs_ != nullptr && obs_->wants(k); }
-  void put(const std::string& k, const void* dev, DType dt, Shape shape) {
-    if (!wants(k)) return;
-    const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dt);
-    if (staging_ == nullptr) {
-      Tensor t(dt, std::move(shape));
-      cuda::download(t.raw(), dev, bytes, stream_);
-      obs_->observe(k, t.view());
-      return;
-    }
-    const size_t off = used_;
-    used_ = align256(used_ + bytes);
-    if (used_ > staging_->bytes())
-      fail("CudaLmModel: observation staging of ", staging_->bytes(), " bytes is too small for ",
-           k);
-    MT_CUDA_CHECK(cudaMemcpyAsync(staging_->as<uint8_t>() + off, dev, bytes, cudaMemcpyDeviceToHost,
-                                  stream_));
-    pending_.push_back(Pending{k, dt, std::move(shape), off});
-  }
-  // Staged: waits for the stream, then offers what was staged since the last flush.
-  void flush() {
-    MT_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    if (staging_ == nullptr) return;
-    for (const Pending& p : pending_)
-      obs_->observe(p.key, TensorView{p.dtype, p.shape, staging_->as<uint8_t>() + p.offset});
-    pending_.clear();
-    used_ = 0;
-  }
-
- private:
-  struct Pending {
-    std::string key;
-    DType dtype;
-    Shape shape;
-    size_t offset;
-  };
-  Observer* obs_;
-  cudaStream_t stream_;
-  PinnedBuffer* staging_;
-  std::vector<Pending> pending_;
-  size_t used_ = 0;
+      : ObservationTap(obs, stream, staging, "CudaLmModel") {}
 };
 
 // n float32 values into dst (device) as `act`.

@@ -13,6 +13,7 @@
 #include "kernels/cuda/blas.h"
 #include "kernels/cuda/common.h"
 #include "kernels/cuda/ops.h"
+#include "model/cuda/observation_tap.h"
 #include "model/weights.h"
 
 namespace moetrace {
@@ -31,8 +32,6 @@ std::string key(int64_t block, std::string_view field) {
 std::string dec_key(int64_t block, std::string_view field) {
   return keys::tensor(keys::Stack::kDecoder, static_cast<int>(block), field);
 }
-
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 // Uploads a [rows, cols] checkpoint matrix as `act` into dst. Bytes already in `act` go as they
 // are.
@@ -186,14 +185,11 @@ struct RouterOut {
   float* gate;
 };
 
-// Where one pass's observed tensors go: the GPU engine's one observation mechanism. The observer
-// decides what is wanted (wants(key)); the pass decides how it travels:
-//  now:    downloaded and offered at once (encode(), decode());
-//  staged: copied on the stream into pinned memory and offered by flush(), after the step's one
-//          synchronization (generate(); staging must be reserved for a step);
+// Where one pass's observed tensors go: the GPU engines' one observation mechanism
+// (model/cuda/observation_tap.h: now and staged), plus
 //  slot:   written by the router straight into a pipeline slot's device staging area in the
 //          request's dtypes (submit()); poll() hands it back, nothing is offered.
-class Tap {
+class Tap : public ObservationTap {
  public:
   static Tap now(Observer* obs, cudaStream_t stream) { return Tap(obs, stream, nullptr); }
   static Tap staged(Observer* obs, cudaStream_t stream, PinnedBuffer* staging) {
@@ -207,34 +203,6 @@ class Tap {
     t.spec_ = spec;
     t.E_ = E;
     return t;
-  }
-
-  bool wants(const std::string& k) const { return obs_ != nullptr && obs_->wants(k); }
-  void put(const std::string& k, const void* dev, DType dt, Shape shape) {
-    if (!wants(k)) return;
-    const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dt);
-    if (staging_ == nullptr) {
-      Tensor t(dt, std::move(shape));
-      cuda::download(t.raw(), dev, bytes, stream_);
-      obs_->observe(k, t.view());
-      return;
-    }
-    const size_t off = used_;
-    used_ = align256(used_ + bytes);
-    if (used_ > staging_->bytes())
-      fail("CudaSwitchModel: observation staging of ", staging_->bytes(),
-           " bytes is too small for ", k);
-    MT_CUDA_CHECK(cudaMemcpyAsync(staging_->as<uint8_t>() + off, dev, bytes, cudaMemcpyDeviceToHost,
-                                  stream_));
-    pending_.push_back(Pending{k, dt, std::move(shape), off});
-  }
-  // Staged: waits for the stream, then offers what was staged since the last flush.
-  void flush() {
-    MT_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    for (const Pending& p : pending_)
-      obs_->observe(p.key, TensorView{p.dtype, p.shape, staging_->as<uint8_t>() + p.offset});
-    pending_.clear();
-    used_ = 0;
   }
 
   // Slot: where the router of the li-th sparse block writes for T tokens (the slot's areas; the
@@ -259,23 +227,12 @@ class Tap {
     if (slot_ == nullptr || !spec_.hidden) return;
     cuda::convert_f32(
         hr, T * d, slot_ + layout_.hidden + static_cast<size_t>(li * T * d) * layout_.hidden_bytes,
-        spec_.hidden_dtype, stream_);
+        spec_.hidden_dtype, stream());
   }
 
  private:
   Tap(Observer* obs, cudaStream_t stream, PinnedBuffer* staging)
-      : obs_(obs), stream_(stream), staging_(staging) {}
-  struct Pending {
-    std::string key;
-    DType dtype;
-    Shape shape;
-    size_t offset;
-  };
-  Observer* obs_;
-  cudaStream_t stream_;
-  PinnedBuffer* staging_;
-  std::vector<Pending> pending_;
-  size_t used_ = 0;
+      : ObservationTap(obs, stream, staging, "CudaSwitchModel") {}
   uint8_t* slot_ = nullptr;
   CaptureLayout layout_{CaptureSpec{}, 0, 0, 0, 0};
   CaptureSpec spec_;
