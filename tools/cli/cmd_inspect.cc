@@ -22,6 +22,27 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
+// The checkpoint's format and files, for both kinds of model.
+void add_weight_files(const ModelChoice& m, json& j) {
+  j["format"] = m.weights->format();
+  j["files"] = json::array();
+  for (const auto& f : m.weights->files())
+    j["files"].push_back({{"path", f.string()}, {"bytes", fs::file_size(f)}});
+}
+void print_weight_files(const json& j) {
+  std::printf("format       %s\n", j["format"].get<std::string>().c_str());
+  for (const auto& f : j["files"]) {
+    std::printf("file         %s (%.1f MB)\n", f["path"].get<std::string>().c_str(),
+                static_cast<double>(f["bytes"].get<int64_t>()) / 1e6);
+  }
+}
+void print_dtypes(const json& j) {
+  for (auto it = j["dtypes"].begin(); it != j["dtypes"].end(); ++it) {
+    std::printf("dtype        %-5s %lld parameters\n", it.key().c_str(),
+                static_cast<long long>(it.value().get<int64_t>()));
+  }
+}
+
 // Everything `inspect MODEL` reports, text and JSON alike.
 json describe(const ModelChoice& m) {
   const SwitchConfig& c = m.config;
@@ -30,10 +51,7 @@ json describe(const ModelChoice& m) {
   j["id"] = m.id;
   j["demo"] = m.demo;
   j["directory"] = m.demo ? json() : json(m.dir.string());
-  j["format"] = m.weights->format();
-  j["files"] = json::array();
-  for (const auto& f : m.weights->files())
-    j["files"].push_back({{"path", f.string()}, {"bytes", fs::file_size(f)}});
+  add_weight_files(m, j);
   if (fs::exists(m.spiece)) {
     j["tokenizer"] = m.spiece.string();
   } else {
@@ -75,11 +93,7 @@ void print_model(const json& j, const SwitchConfig& c) {
               j["demo"] == true ? "  (built-in demo: seeded random weights)" : "");
   if (!j["directory"].is_null())
     std::printf("directory    %s\n", j["directory"].get<std::string>().c_str());
-  std::printf("format       %s\n", j["format"].get<std::string>().c_str());
-  for (const auto& f : j["files"]) {
-    std::printf("file         %s (%.1f MB)\n", f["path"].get<std::string>().c_str(),
-                static_cast<double>(f["bytes"].get<int64_t>()) / 1e6);
-  }
+  print_weight_files(j);
   if (j["tokenizer"].is_null()) {
     std::printf("tokenizer    none (%s)\n", j["tokenizer_note"].get<std::string>().c_str());
   } else {
@@ -107,10 +121,7 @@ void print_model(const json& j, const SwitchConfig& c) {
               static_cast<double>(p["total"].get<int64_t>()) / 1e9,
               static_cast<double>(p["encoder"].get<int64_t>()) / 1e9,
               static_cast<double>(p["experts"].get<int64_t>()) / 1e9);
-  for (auto it = j["dtypes"].begin(); it != j["dtypes"].end(); ++it) {
-    std::printf("dtype        %-5s %lld parameters\n", it.key().c_str(),
-                static_cast<long long>(it.value().get<int64_t>()));
-  }
+  print_dtypes(j);
   const auto& problems = j["problems"];
   if (problems.empty()) {
     std::printf("check        %zu tensors agree with config.json (shapes, dtypes)\n",
@@ -139,10 +150,7 @@ json describe_lm(const ModelChoice& m) {
   j["id"] = m.id;
   j["family"] = std::string(lm_family_name(c.family));
   j["directory"] = m.dir.string();
-  j["format"] = m.weights->format();
-  j["files"] = json::array();
-  for (const auto& f : m.weights->files())
-    j["files"].push_back({{"path", f.string()}, {"bytes", fs::file_size(f)}});
+  add_weight_files(m, j);
   try {
     const auto tok = load_model_tokenizer(m, {});
     j["tokenizer"] = (m.dir / tok->files().front().name).string();
@@ -179,11 +187,7 @@ void print_lm_model(const json& j) {
   std::printf("model        %s (%s)\n", j["id"].get<std::string>().c_str(),
               j["family"].get<std::string>().c_str());
   std::printf("directory    %s\n", j["directory"].get<std::string>().c_str());
-  std::printf("format       %s\n", j["format"].get<std::string>().c_str());
-  for (const auto& f : j["files"]) {
-    std::printf("file         %s (%.1f MB)\n", f["path"].get<std::string>().c_str(),
-                static_cast<double>(f["bytes"].get<int64_t>()) / 1e6);
-  }
+  print_weight_files(j);
   if (j["tokenizer"].is_null()) {
     std::printf("tokenizer    none (%s)\n", j["tokenizer_note"].get<std::string>().c_str());
   } else {
@@ -198,10 +202,7 @@ void print_lm_model(const json& j) {
   std::printf("parameters   %.3f B total, %.3f B in experts\n",
               static_cast<double>(p["total"].get<int64_t>()) / 1e9,
               static_cast<double>(p["experts"].get<int64_t>()) / 1e9);
-  for (auto it = j["dtypes"].begin(); it != j["dtypes"].end(); ++it) {
-    std::printf("dtype        %-5s %lld parameters\n", it.key().c_str(),
-                static_cast<long long>(it.value().get<int64_t>()));
-  }
+  print_dtypes(j);
   if (j["problems"].empty()) {
     std::printf("check        %zu tensors agree with config.json (%s experts)\n",
                 j["num_tensors"].get<size_t>(), j["expert_layout"].get<std::string>().c_str());
@@ -212,33 +213,23 @@ void print_lm_model(const json& j) {
 
 void inspect_model(const std::string& spec, bool as_json) {
   const ModelChoice m = choose_model(spec, false);
-  if (m.lm) {
-    const json j = describe_lm(m);
-    if (as_json) {
-      std::cout << j.dump(2) << "\n";
-    } else {
-      print_lm_model(j);
-    }
-    std::cout.flush();
-    std::fflush(stdout);
-    if (!j["problems"].empty())
-      fail(m.dir.string(),
-           ": a tensor disagrees with config.json: ", j["problems"][0].get<std::string>());
-    return;
-  }
-  const json j = describe(m);
+  const json j = m.lm ? describe_lm(m) : describe(m);
   if (as_json) {
     std::cout << j.dump(2) << "\n";
+  } else if (m.lm) {
+    print_lm_model(j);
   } else {
     print_model(j, m.config);
   }
   std::cout.flush();
   std::fflush(stdout);
-  if (!j["problems"].empty()) {
-    fail(m.demo ? m.id : m.dir.string(), ": ", j["problems"].size(),
-         j["problems"].size() == 1 ? " tensor disagrees" : " tensors disagree",
-         " with config.json; first: ", j["problems"][0].get<std::string>());
-  }
+  const json& problems = j["problems"];
+  if (problems.empty()) return;
+  if (m.lm)  // the engines' mapping stops at the first problem
+    fail(m.dir.string(), ": a tensor disagrees with config.json: ", problems[0].get<std::string>());
+  fail(m.demo ? m.id : m.dir.string(), ": ", problems.size(),
+       problems.size() == 1 ? " tensor disagrees" : " tensors disagree",
+       " with config.json; first: ", problems[0].get<std::string>());
 }
 
 // A target that names no existing file could still be a Hub id ("org/name[@rev]") to find in the
