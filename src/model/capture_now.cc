@@ -40,14 +40,13 @@ class OwnedBatch : public CapturedBatch {
 
 }  // namespace
 
-std::unique_ptr<CapturedBatch> capture_now(Engine& engine, const Batch& batch,
-                                           const Observer& request, int64_t max_new_tokens) {
+std::unique_ptr<CapturedBatch> capture_with(const Batch& batch, const Observer& request,
+                                            const CaptureRun& run) {
   Recorder rec(request);
-  const Encoded enc = engine.encode(batch, &rec);
   auto out = std::make_unique<OwnedBatch>();
   out->B = batch.B;
   out->S = batch.S;
-  if (max_new_tokens > 0) out->generated = engine.generate(enc, batch, max_new_tokens, 0, &rec);
+  out->generated = run(&rec);
   for (const std::string& key : rec.order()) {
     std::vector<Tensor>& steps = rec.steps(key);
     out->owned.push_back(steps.size() == 1 ? std::move(steps.front()) : stack_steps(steps));
@@ -56,11 +55,20 @@ std::unique_ptr<CapturedBatch> capture_now(Engine& engine, const Batch& batch,
   return out;
 }
 
+std::unique_ptr<CapturedBatch> capture_now(Engine& engine, const Batch& batch,
+                                           const Observer& request, int64_t max_new_tokens) {
+  return capture_with(batch, request, [&](Observer* rec) {
+    const Encoded enc = engine.encode(batch, rec);
+    return max_new_tokens > 0 ? engine.generate(enc, batch, max_new_tokens, 0, rec)
+                              : GenerateResult{};
+  });
+}
+
 uint64_t ComputeAtSubmit::submit(const Batch& batch, const Observer& request,
                                  int64_t max_new_tokens) {
   if (!done_.empty())
     fail("engine: submit() with a batch not yet polled (it computes at submit); poll() first");
-  done_.push_back(capture_now(*this, batch, request, max_new_tokens));
+  done_.push_back(capture(batch, request, max_new_tokens));
   done_.back()->ticket = next_ticket_;
   return next_ticket_++;
 }

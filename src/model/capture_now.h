@@ -3,6 +3,7 @@
 #pragma once
 
 #include <deque>
+#include <functional>
 #include <memory>
 
 #include "model/engine.h"
@@ -15,6 +16,12 @@ namespace moetrace {
 std::unique_ptr<CapturedBatch> capture_now(Engine& engine, const Batch& batch,
                                            const Observer& request, int64_t max_new_tokens);
 
+// The same assembly around any computation of the batch: `run` offers its keys to the observer it
+// is given (which keeps what `request` wants) and returns the generation's ids (steps 0: none).
+using CaptureRun = std::function<GenerateResult(Observer*)>;
+std::unique_ptr<CapturedBatch> capture_with(const Batch& batch, const Observer& request,
+                                            const CaptureRun& run);
+
 // The collection pipeline of an engine that computes each batch at submit() (capture_now) and
 // hands it back at poll(): the CPU engines (Switch and the language models).
 class ComputeAtSubmit : public Engine {
@@ -23,6 +30,13 @@ class ComputeAtSubmit : public Engine {
   std::unique_ptr<CapturedBatch> poll(bool wait) override;
   int in_flight() const override { return static_cast<int>(done_.size()); }
   int slots() const override { return 1; }
+
+ protected:
+  // One batch of the pipeline; capture_now(*this, ...) unless an engine computes it otherwise.
+  virtual std::unique_ptr<CapturedBatch> capture(const Batch& batch, const Observer& request,
+                                                 int64_t max_new_tokens) {
+    return capture_now(*this, batch, request, max_new_tokens);
+  }
 
  private:
   std::deque<std::unique_ptr<CapturedBatch>> done_;

@@ -6,6 +6,7 @@
 //                                 keys per cached step; its own prompt pass offers nothing (encode
 //                                 did). ids [B, N] (GenerateResult: steps = N - 1, ids[b] = the N
 //                                 new tokens: step t routes token t and produces token t + 1).
+//   submit(batch, request, N > 0) one generate() whose prompt pass offers the lm.* keys too.
 //   decode                        an error: there is no teacher-forced decoder pass
 // For right-padded rows greedy generation continues from the batch's last column as transformers
 // does (a pad for the shorter rows): collect therefore generates from batches of equal length.
@@ -76,6 +77,18 @@ class LmEngine : public ComputeAtSubmit {
 
  protected:
   Model& model() const { return *model_; }
+
+  // A batch with generation in one pass: generate()'s own prompt pass offers the lm.* keys (its
+  // positions are forward's for every real token of a right-padded row), its cached steps the
+  // gen.* keys; encode() first would run the prompt twice.
+  std::unique_ptr<CapturedBatch> capture(const Batch& batch, const Observer& request,
+                                         int64_t max_new_tokens) override {
+    if (max_new_tokens == 0) return ComputeAtSubmit::capture(batch, request, 0);
+    check_batch(batch, model_->config().vocab_size, "generate");
+    return capture_with(batch, request, [&](Observer* rec) {
+      return as_generate_result(model_->generate(batch, max_new_tokens, rec));
+    });
+  }
 
  private:
   std::unique_ptr<Model> model_;
