@@ -73,7 +73,7 @@ int main(int argc, char** argv) {
     LoadOptions lo;
     lo.encoder_only = true;
     auto model = SwitchModel::from_source(mc.config, mc.weights, lo);
-    const auto groups = length_batches(lengths, o.batch_tokens);
+    const auto groups = length_batches(lengths, {o.batch_tokens, kBatchOverheadTokensCpu});
     std::vector<Batch> batches;
     for (const auto& g : groups) {
       Batch b;

@@ -4,8 +4,11 @@
 //   1x128, 32x256, 128x256 (random ids) and the real-text mix (the file bench/hf_switch_bench.py
 //   --write-mix writes: one sample per line, T5 ids), 128 samples per batch after sorting by
 //   length; `mix-collect`: the same texts batched as `moetrace collect` batches them (windows of
-//   1024 samples in mix order, length buckets of at most --batch-tokens tokens: length_batches of
-//   model/engine_io.h), the mix repeated to --mix-windows windows so that the pipeline stays full.
+//   1024 samples in mix order, collect's default --samples-per-shard; length_batches of
+//   model/engine_io.h with --batch-tokens and --batch-overhead), the mix repeated to --mix-windows
+//   windows so that the pipeline stays full; `mix-collect@W`: windows of W samples (the same
+//   samples in all); `mix-collect-greedy[@W]`: the baseline, collect's rule before the cost model
+//   (each batch filled from its longest sample up to --batch-tokens).
 // Also: the bf16 matrix-product ceiling of this GPU (cuBLASLt 8192³), the achieved fraction of it,
 // GPU memory, and with --parity N the bf16-vs-CPU-fp32 routing comparison on N real samples.
 // With --generate N: greedy generation (encode + generate(N, min N), the decoder's router logits
@@ -56,14 +59,18 @@ struct Args {
   std::string model;  // --model switch-base-N | switch-large-N (published_config); else --experts
   DType precision = DType::kBF16;       // of the GEMM operands
   std::string precision_name = "bf16";  // --precision, as parse_precision_option spells it
-  std::string json, mix = "/tmp/moetrace_mix.txt", shapes = "1x128,32x256,128x256,mix,mix-collect";
+  std::string json, mix = "/tmp/moetrace_mix.txt",
+                    shapes =
+                        "1x128,32x256,128x256,mix,mix-collect-greedy,mix-collect,mix-collect-"
+                        "greedy@4096,mix-collect@4096";
   double budget = 3.0;
   int parity = 0;
   bool ncu = false;
   std::string store;  // --store DIR: also collect the mix end to end into a real trace store
-  int64_t batch_tokens = 32768;  // mix-collect: collect's --batch-tokens default on cuda
-  int64_t mix_windows = 16;      // mix-collect: windows of 1024 samples (the mix repeated)
-  int64_t generate = 0;          // --generate N: greedy generation of N tokens
+  int64_t batch_tokens = kDefaultBatchTokensCuda;     // mix-collect: collect's default on cuda
+  int64_t batch_overhead = kBatchOverheadTokensCuda;  // mix-collect: collect's cost of a batch
+  int64_t mix_windows = 16;  // mix-collect: windows of 1024 samples (the mix repeated)
+  int64_t generate = 0;      // --generate N: greedy generation of N tokens
   std::string generate_batches = "1,32,128";  // --generate-batches
   int64_t generate_prompt = 64;               // --generate-prompt: prompt tokens per sequence
 };
@@ -91,6 +98,8 @@ Args parse(int argc, char** argv) {
       a.mix = val();
     else if (k == "--batch-tokens")
       a.batch_tokens = std::stoll(val());
+    else if (k == "--batch-overhead")
+      a.batch_overhead = std::stoll(val());
     else if (k == "--mix-windows")
       a.mix_windows = std::stoll(val());
     else if (k == "--shapes")
@@ -159,10 +168,32 @@ std::vector<Batch> mix_batches(std::vector<std::vector<int32_t>> samples, int64_
   return out;
 }
 
+// The baseline of mix-collect-greedy: collect's batches before the cost model of length_batches
+// (longest first, each batch filled while batch size × its first length fits batch_tokens).
+std::vector<std::vector<size_t>> greedy_length_batches(const std::vector<int64_t>& lengths,
+                                                       int64_t batch_tokens) {
+  std::vector<size_t> order(lengths.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t x, size_t y) { return lengths[x] > lengths[y]; });
+  std::vector<std::vector<size_t>> batches;
+  for (size_t i : order) {
+    if (!batches.empty() &&
+        static_cast<int64_t>(batches.back().size() + 1) * lengths[batches.back().front()] <=
+            batch_tokens) {
+      batches.back().push_back(i);
+    } else {
+      batches.push_back({i});
+    }
+  }
+  return batches;
+}
+
 // The mix as collect batches it: the samples in mix order (repeated to `windows` windows of
-// `per_window`), each window's samples in length buckets of at most batch_tokens tokens.
+// `per_window`), each window's samples in length buckets (length_batches, or with greedy the
+// baseline rule).
 std::vector<Batch> collect_batches(const std::vector<std::vector<int32_t>>& mix, int64_t windows,
-                                   int64_t per_window, int64_t batch_tokens) {
+                                   int64_t per_window, const BatchBudget& budget, bool greedy) {
   std::vector<Batch> out;
   for (int64_t w = 0; w < windows; ++w) {
     std::vector<std::vector<int32_t>> win;
@@ -171,7 +202,8 @@ std::vector<Batch> collect_batches(const std::vector<std::vector<int32_t>>& mix,
       win.push_back(mix[static_cast<size_t>(w * per_window + i) % mix.size()]);
       lengths.push_back(static_cast<int64_t>(win.back().size()));
     }
-    for (const std::vector<size_t>& members : length_batches(lengths, batch_tokens)) {
+    for (const std::vector<size_t>& members :
+         greedy ? greedy_length_batches(lengths, budget.tokens) : length_batches(lengths, budget)) {
       std::vector<std::vector<int32_t>> rows;
       for (size_t j : members) rows.push_back(win[j]);
       out.push_back(pad_batch(rows, 0, rows.size()));
@@ -577,8 +609,8 @@ int main_impl(int argc, char** argv) {
   if (a.batch_tokens < 1024 || a.mix_windows < 1)
     fail("--batch-tokens >= 1024 and --mix-windows >= 1 expected");
 
-  std::printf("\n%-9s %8s %12s %12s %9s %8s %10s\n", "shape", "batches", "tokens/s", "real tok/s",
-              "TFLOP/s", "roofline", "GPU GiB");
+  std::printf("\n%-24s %8s %8s %12s %12s %9s %8s %10s\n", "shape", "batches", "padding", "tokens/s",
+              "real tok/s", "TFLOP/s", "roofline", "GPU GiB");
   nlohmann::json rows = nlohmann::json::array();
   std::stringstream shapes(a.ncu ? std::string("128x256") : a.shapes);
   std::string shape;
@@ -586,8 +618,13 @@ int main_impl(int argc, char** argv) {
     std::vector<Batch> batches;
     if (shape == "mix") {
       batches = mix_batches(mix, 128);
-    } else if (shape == "mix-collect") {
-      batches = collect_batches(mix, a.mix_windows, 1024, a.batch_tokens);
+    } else if (shape.rfind("mix-collect", 0) == 0) {  // mix-collect[-greedy][@W]
+      const size_t at = shape.find('@');
+      const int64_t per_window = at == std::string::npos ? 1024 : std::stoll(shape.substr(at + 1));
+      if (per_window < 1) fail("shape ", shape, ": expected mix-collect[-greedy][@W], W >= 1");
+      const int64_t windows = std::max<int64_t>(1, a.mix_windows * 1024 / per_window);
+      batches = collect_batches(mix, windows, per_window, {a.batch_tokens, a.batch_overhead},
+                                shape.find("-greedy") != std::string::npos);
     } else {
       const auto x = shape.find('x');
       const int64_t B = std::stoll(shape.substr(0, x)), S = std::stoll(shape.substr(x + 1));
@@ -622,12 +659,15 @@ int main_impl(int argc, char** argv) {
     const double tps = static_cast<double>(tokens) / per, rtps = static_cast<double>(real) / per;
     const double tflops = flops / per / 1e12;
     const double mem = static_cast<double>(gpu_used_bytes() - used0) / (1 << 30);
-    std::printf("%-9s %8zu %12.0f %12.0f %9.1f %7.1f%% %10.2f\n", shape.c_str(), batches.size(),
-                tps, rtps, tflops, peak > 0 ? 100.0 * tflops / peak : 0.0, mem);
+    const double padding = 1.0 - static_cast<double>(real) / static_cast<double>(tokens);
+    std::printf("%-24s %8zu %7.1f%% %12.0f %12.0f %9.1f %7.1f%% %10.2f\n", shape.c_str(),
+                batches.size(), 100.0 * padding, tps, rtps, tflops,
+                peak > 0 ? 100.0 * tflops / peak : 0.0, mem);
     rows.push_back({{"shape", shape},
                     {"batches", batches.size()},
                     {"tokens", tokens},
                     {"real_tokens", real},
+                    {"padding_fraction", padding},
                     {"seconds_per_pass", per},
                     {"first_pass_seconds", first},
                     {"tokens_per_s", tps},

@@ -315,6 +315,20 @@ if has lm; then
     timeout 300 $BACKEND_TESTS --gtest_filter='*lm_*:*moe_*:*swiglu*:*fill_uniform*:*gemm*' 2>&1 | tee "$OUT/lm_backend.log" |
       grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|Expected|Which is|^\[==" | head -60
   fi
+  # collect on a language model end to end through the GPU engine: tests/python/test_collect_lm.py
+  # with MOETRACE_TEST_DEVICE=cuda (collect and forward in fp32 on the GPU), then the same model in
+  # the default precision with its audit.
+  if [[ -n $MOETRACE ]]; then
+    echo "== collect on a language model, --device cuda (tests/python/test_collect_lm.py)"
+    MOETRACE_TEST_DEVICE=cuda MOETRACE_CLI=$MOETRACE timeout 300 python3 -m pytest -q -p no:cacheprovider \
+      "$ROOT/tests/python/test_collect_lm.py" 2>&1 | tee "$OUT/lm_collect_tests.log" | tail -4
+    L=/tmp/moetrace-lm-collect && rm -rf $L && mkdir -p $L
+    PYTHONPATH=$ROOT/tests/python:$ROOT/python python3 -c "import sys; sys.argv=['x']; from test_collect_lm import make_model; make_model('$L/model')" &&
+      $MOETRACE collect --model $L/model --device cuda --traces 400 --datasets ag_news --data-root "$ROOT/tests/data" \
+        --decoder --max-new-tokens 8 --audit 0.5 --no-progress -o $L/store 2>&1 | tee "$OUT/lm_collect_bf16.log" |
+        grep -E "timing|error|audit|fidelity" | tail -4
+    [[ -d $L/store ]] && $MOETRACE verify $L/store 2>&1 | tail -1 && $MOETRACE inspect $L/store 2>&1 | grep -iE -A4 "fidelity" | head -8
+  fi
   if [[ -x $BENCH_LM ]]; then
     timeout 480 $BENCH_LM --json "$OUT/bench_lm_gpu.json" ${LM_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_lm.log" | tail -30
   else

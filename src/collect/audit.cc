@@ -43,7 +43,7 @@ void compare_chunk(const std::vector<SampleRecordOwned>& chunk, const AuditOptio
   std::vector<int64_t> lengths;
   for (const auto& s : chunk) lengths.push_back(static_cast<int64_t>(s.token_ids.size()));
   const int64_t E = c->experts;
-  for (const std::vector<size_t>& members : length_batches(lengths, o.batch_tokens)) {
+  for (const std::vector<size_t>& members : length_batches(lengths, o.batches)) {
     Batch batch;
     batch.B = static_cast<int64_t>(members.size());
     for (size_t j : members) batch.S = std::max(batch.S, lengths[j]);

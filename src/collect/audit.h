@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "model/engine_io.h"
 #include "model/observer.h"
 #include "model/switch_model.h"
 #include "trace/store.h"
@@ -26,9 +27,9 @@ namespace moetrace {
 using AuditEncode = std::function<void(const Batch& batch, Observer* observer)>;
 
 struct AuditOptions {
-  double fraction = 0.01;       // share of the store's samples to re-run, in (0, 1]
-  int64_t min_samples = 1;      // at least this many (collect: one batch, batch_tokens/max_length)
-  int64_t batch_tokens = 8192;  // batch size × padded length of the re-run
+  double fraction = 0.01;   // share of the store's samples to re-run, in (0, 1]
+  int64_t min_samples = 1;  // at least this many (collect: one batch, batch_tokens/max_length)
+  BatchBudget batches;      // the re-run's batches (length_batches)
   int32_t pad_token_id = 0;
   std::string precision;  // the stored routing's precision (the engine's --precision)
   // Non-empty: nothing is re-run, the object records "skipped" with this reason (the stored
@@ -43,7 +44,7 @@ std::vector<int64_t> audit_positions(int64_t n, double fraction, int64_t min_sam
 
 // Audits the store in dir: from each position the first real sample not chosen yet (synthetic
 // ones have no model computation to compare), re-run with encode, batched by length within
-// batch_tokens. Compares every token of the samples (dropped ones too: their expert is the
+// options.batches. Compares every token of the samples (dropped ones too: their expert is the
 // router's choice) per encoder MoE layer: top1_agree counts stored expert == reference expert,
 // max_logit_error is max |stored logit - reference logit|, the stored logit as the store holds
 // it (F16/BF16 rounding included). Error when the reference's tensors do not fit the store.

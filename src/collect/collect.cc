@@ -281,7 +281,7 @@ CaptureLayout capture_layout(const CollectOptions& o, const ModelChoice& mc) {
 StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc,
                              const TextTokenizer& tok, const Plan& plan,
                              const CaptureLayout& layout, const DeviceChoice& dev,
-                             int64_t batch_tokens) {
+                             const BatchBudget& budget) {
   StoreSettings ss;
   ss.settings = {
       {"mode", o.mode},
@@ -318,7 +318,9 @@ StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc,
   const int threads = cpu::num_threads();
   ss.device = dev.cuda ? dev.name() + " (" + o.precision + ")" : cpu_description(threads);
   // What changes the numbers besides the settings: a resume must match it (check_resume_engine).
-  ss.engine = {{"device", dev.cuda ? "cuda" : "cpu"}, {"batch_tokens", batch_tokens}};
+  ss.engine = {{"device", dev.cuda ? "cuda" : "cpu"},
+               {"batch_tokens", budget.tokens},
+               {"batch_overhead_tokens", budget.overhead_tokens}};
   if (dev.cuda) {
     ss.engine["precision"] = o.precision;
   } else {
@@ -401,6 +403,8 @@ CollectResult run_collect(const CollectOptions& o) {
   const int64_t batch_tokens = o.batch_tokens > 0 ? o.batch_tokens
                                : dev.cuda         ? kDefaultBatchTokensCuda
                                                   : kDefaultBatchTokensCpu;
+  const BatchBudget budget{batch_tokens,
+                           dev.cuda ? kBatchOverheadTokensCuda : kBatchOverheadTokensCpu};
   if (batch_tokens < o.max_length)
     fail("--batch-tokens ", batch_tokens, " must be >= --max-length ", o.max_length);
   if (o.resume && o.overwrite) fail("--resume and --overwrite exclude each other");
@@ -442,7 +446,7 @@ CollectResult run_collect(const CollectOptions& o) {
   Plan plan = plan_samples(o, mc, L);
 
   // The store's settings; a rank's part; a resume checked before the engine starts.
-  StoreSettings ss = store_settings(o, mc, *tok, plan, layout, dev, batch_tokens);
+  StoreSettings ss = store_settings(o, mc, *tok, plan, layout, dev, budget);
   if (parallel) take_part(plan, ss, o);
   std::vector<WorkItem>& items = plan.items;
   if (check_resume_store(store_dir, ss, static_cast<int64_t>(items.size()), o, parallel)) {
@@ -506,7 +510,7 @@ CollectResult run_collect(const CollectOptions& o) {
   LoopResult lr;
   try {
     // A language model generates from equal-length batches (model/lm/lm_engine.h).
-    lr = run_windows(items, tokenize, engine_stage, store, progress, batch_tokens, ids.pad,
+    lr = run_windows(items, tokenize, engine_stage, store, progress, budget, ids.pad,
                      mc.lm && o.decoder, start, g_signal);
     store.close();
     store.rethrow();
@@ -549,7 +553,7 @@ CollectResult run_collect(const CollectOptions& o) {
     AuditOptions ao;
     ao.fraction = o.audit;
     ao.min_samples = std::max<int64_t>(1, batch_tokens / o.max_length);  // one batch
-    ao.batch_tokens = batch_tokens;
+    ao.batches = budget;
     ao.pad_token_id = ids.pad;
     ao.precision = dev.cuda ? o.precision : "fp32";
     if (!dev.cuda) ao.skip_reason = "the CPU engine computes in fp32: the stored routing is fp32's";

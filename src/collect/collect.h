@@ -11,12 +11,9 @@
 
 #include "collect/launcher.h"
 #include "core/dtype.h"
+#include "model/engine_io.h"  // kDefaultBatchTokens*, kBatchOverheadTokens*
 
 namespace moetrace {
-
-// The batch budget (batch size × padded length) when --batch-tokens is 0, per engine.
-constexpr int64_t kDefaultBatchTokensCpu = 8192;
-constexpr int64_t kDefaultBatchTokensCuda = 32768;
 
 struct CollectOptions {
   // The seed system's options, same meanings.

@@ -143,7 +143,7 @@ Plan plan_samples(const CollectOptions& o, const ModelChoice& mc, int64_t L) {
   return p;
 }
 
-std::vector<WindowBatch> window_batches(const Window& win, int64_t batch_tokens, int32_t pad,
+std::vector<WindowBatch> window_batches(const Window& win, const BatchBudget& budget, int32_t pad,
                                         bool same_length) {
   std::vector<size_t> real;
   std::vector<int64_t> lengths;
@@ -152,7 +152,7 @@ std::vector<WindowBatch> window_batches(const Window& win, int64_t batch_tokens,
     real.push_back(j);
     lengths.push_back(static_cast<int64_t>(win.items[j].ids.size()));
   }
-  std::vector<std::vector<size_t>> groups = length_batches(lengths, batch_tokens);
+  std::vector<std::vector<size_t>> groups = length_batches(lengths, budget);
   if (same_length) groups = split_by_length(groups, lengths);
   for (auto& g : groups) {
     for (size_t& j : g) j = real[j];
@@ -232,8 +232,8 @@ LayerRecord record_of(const LayerData& l) {
 }
 
 LoopResult run_windows(std::vector<WorkItem>& items, TokenizeStage& tokenize, EngineStage& engine,
-                       StoreStage& store, Progress& progress, int64_t batch_tokens, int32_t pad,
-                       bool same_length, int64_t start, const std::atomic<int>& stop) {
+                       StoreStage& store, Progress& progress, const BatchBudget& budget,
+                       int32_t pad, bool same_length, int64_t start, const std::atomic<int>& stop) {
   LoopResult lr;
   std::deque<Window> windows;  // references stay valid: only push_back and pop_front
   auto store_finished_windows = [&] {
@@ -258,7 +258,7 @@ LoopResult run_windows(std::vector<WorkItem>& items, TokenizeStage& tokenize, En
         std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span->first)),
         std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(span->second)));
     win.data.resize(win.items.size());
-    for (WindowBatch& wb : window_batches(win, batch_tokens, pad, same_length)) {
+    for (WindowBatch& wb : window_batches(win, budget, pad, same_length)) {
       if (stop != 0) break;
       engine.submit(win, std::move(wb));
     }

@@ -168,7 +168,7 @@ struct WindowBatch {
 // roughly in store order, so that an interrupted run commits most of what it computed.
 // same_length: only samples of one length share a batch (no padding): a decoder-only language
 // model's greedy generation continues from the batch's last column (model/lm/lm_engine.h).
-std::vector<WindowBatch> window_batches(const Window& win, int64_t batch_tokens, int32_t pad,
+std::vector<WindowBatch> window_batches(const Window& win, const BatchBudget& budget, int32_t pad,
                                         bool same_length = false);
 
 // ---- capture: what the store needs of a batch, per sample ----------------------------------------
@@ -383,7 +383,7 @@ struct LoopResult {
 // Runs every window through the stages; once `stop` is set (SIGINT/SIGTERM) stops after the batch
 // in flight and commits the complete prefix of the window it was in. same_length: window_batches'.
 LoopResult run_windows(std::vector<WorkItem>& items, TokenizeStage& tokenize, EngineStage& engine,
-                       StoreStage& store, Progress& progress, int64_t batch_tokens, int32_t pad,
-                       bool same_length, int64_t start, const std::atomic<int>& stop);
+                       StoreStage& store, Progress& progress, const BatchBudget& budget,
+                       int32_t pad, bool same_length, int64_t start, const std::atomic<int>& stop);
 
 }  // namespace moetrace::pipeline

@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <numeric>
+#include <utility>
 
 #include "core/error.h"
 
@@ -61,22 +63,35 @@ Tensor stack_steps(const std::vector<Tensor>& steps) {
 }
 
 std::vector<std::vector<size_t>> length_batches(const std::vector<int64_t>& lengths,
-                                                int64_t batch_tokens) {
+                                                const BatchBudget& budget) {
   std::vector<size_t> order(lengths.size());
   std::iota(order.begin(), order.end(), size_t{0});
   std::stable_sort(order.begin(), order.end(),
                    [&](size_t a, size_t b) { return lengths[a] > lengths[b]; });
-  std::vector<std::vector<size_t>> batches;
-  for (size_t i : order) {
-    if (!batches.empty()) {
-      auto& cur = batches.back();
-      if (static_cast<int64_t>(cur.size() + 1) * lengths[cur.front()] <= batch_tokens) {
-        cur.push_back(i);
-        continue;
+  // cost[i]: the least (cost, batch count) of batching order[0, i); from[i]: where its last batch
+  // starts. A batch order[j, i) holds i - j rows of the length of order[j] (the longest); one row
+  // always fits. Among equal costs the fewest batches, then the fullest first batches win.
+  const size_t n = order.size();
+  std::vector<std::pair<int64_t, int64_t>> cost(n + 1, {0, 0});
+  std::vector<size_t> from(n + 1, 0);
+  for (size_t i = 1; i <= n; ++i) {
+    cost[i] = {INT64_MAX, 0};
+    for (size_t j = i; j-- > 0;) {
+      const int64_t tokens = static_cast<int64_t>(i - j) * lengths[order[j]];
+      if (j + 1 < i && tokens > budget.tokens) break;  // longer rows only make it larger
+      const std::pair<int64_t, int64_t> c{cost[j].first + budget.overhead_tokens + tokens,
+                                          cost[j].second + 1};
+      if (c < cost[i]) {
+        cost[i] = c;
+        from[i] = j;
       }
     }
-    batches.push_back({i});
   }
+  std::vector<std::vector<size_t>> batches;
+  for (size_t i = n; i > 0; i = from[i])
+    batches.emplace_back(order.begin() + static_cast<std::ptrdiff_t>(from[i]),
+                         order.begin() + static_cast<std::ptrdiff_t>(i));
+  std::reverse(batches.begin(), batches.end());
   return batches;
 }
 

@@ -80,10 +80,28 @@ void check_decoder_ids(const std::vector<int32_t>& dec_ids, int64_t B, int64_t T
 // Per-step [B,1,...] tensors (a decoder key during generation) stacked into [B,steps,...].
 Tensor stack_steps(const std::vector<Tensor>& steps);
 
-// Length bucketing (collect's batches, its audit's, the benchmarks'): indices of `lengths`, longest first, grouped while batch size × the batch's
-// longest length stays within batch_tokens. Padding never changes routing: capacity is per sequence
-// and pads come last.
+// How collect batches, per engine (docs/PERFORMANCE.md "Batching"). The budget when --batch-tokens
+// is 0: batch size × padded length. The overhead of one batch, in tokens of compute: on the GPU the
+// fixed cost of a batch (launches, a smaller batch's lower efficiency) measured on an H100 as
+// 2.25 ms at 0.54 µs per token (32×256 against 128×256 tokens), about 4,000 tokens; the CPU engine's
+// cost is nearly proportional to its tokens.
+constexpr int64_t kDefaultBatchTokensCpu = 8192;
+constexpr int64_t kDefaultBatchTokensCuda = 32768;
+constexpr int64_t kBatchOverheadTokensCpu = 256;
+constexpr int64_t kBatchOverheadTokensCuda = 4096;
+// A batch's budget and the cost of one more batch (length_batches).
+struct BatchBudget {
+  int64_t tokens = kDefaultBatchTokensCpu;
+  int64_t overhead_tokens = kBatchOverheadTokensCpu;
+};
+
+// Length bucketing (collect's batches, its audit's, the benchmarks'): indices of `lengths` in
+// batches of at most budget.tokens rows × longest length, longest first. Of the partitions of the
+// length-sorted samples into such runs, the one of least modelled cost Σ (overhead_tokens + rows ×
+// longest): overhead_tokens is what one more batch costs beyond its tokens, so that padding is
+// traded against batch count; 0 puts only equal lengths together (no padding). Padding never
+// changes routing: capacity is per sequence and pads come last.
 std::vector<std::vector<size_t>> length_batches(const std::vector<int64_t>& lengths,
-                                                int64_t batch_tokens);
+                                                const BatchBudget& budget);
 
 }  // namespace moetrace

@@ -160,7 +160,7 @@ AuditOptions options(double fraction, int64_t batch_tokens = 8192, std::string p
                      std::string skip_reason = "") {
   AuditOptions o;
   o.fraction = fraction;
-  o.batch_tokens = batch_tokens;
+  o.batches.tokens = batch_tokens;
   o.precision = std::move(precision);
   o.skip_reason = std::move(skip_reason);
   return o;
