@@ -168,6 +168,7 @@ uint64_t store_bytes(const fs::path& dir) {
 
 // The option behind each "engine" field, for the refusal of a resume that differs.
 const char* engine_option(const std::string& key) {
+  if (key == "batch_overhead_tokens") return "--batch-overhead";
   if (key == "device") return "--device";
   if (key == "threads") return "--threads";
   if (key == "batch_tokens") return "--batch-tokens";
@@ -403,8 +404,9 @@ CollectResult run_collect(const CollectOptions& o) {
   const int64_t batch_tokens = o.batch_tokens > 0 ? o.batch_tokens
                                : dev.cuda         ? kDefaultBatchTokensCuda
                                                   : kDefaultBatchTokensCpu;
-  const BatchBudget budget{batch_tokens,
-                           dev.cuda ? kBatchOverheadTokensCuda : kBatchOverheadTokensCpu};
+  const BatchBudget budget{batch_tokens, o.batch_overhead >= 0 ? o.batch_overhead
+                                         : dev.cuda            ? kBatchOverheadTokensCuda
+                                                               : kBatchOverheadTokensCpu};
   if (batch_tokens < o.max_length)
     fail("--batch-tokens ", batch_tokens, " must be >= --max-length ", o.max_length);
   if (o.resume && o.overwrite) fail("--resume and --overwrite exclude each other");

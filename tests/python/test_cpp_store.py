@@ -55,7 +55,7 @@ def _collect(tmp_path_factory, model_dir, dtype):
     out = tmp_path_factory.mktemp(f"collect-{dtype}") / "store"
     _run([cli, "collect", "--model", model_dir, "--datasets", "demo", "--data-root", "assets/demo/data",
           "--traces", 40, "--logits", dtype, "--hidden", "f32" if dtype == "f32" else "bf16", "-o", out,
-          "--threads", 2])
+          "--threads", 2, "--batch-overhead", 100000])  # one batch (test_collected_values_equal_forward)
     return str(out), dtype
 
 

@@ -85,6 +85,12 @@ const RegisterCommand reg([](CLI::App& app) {
                       std::to_string(kDefaultBatchTokensCpu) + " on cpu, " +
                       std::to_string(kDefaultBatchTokensCuda) + " on cuda)")
       ->group(ge);
+  sub->add_option("--batch-overhead", o.batch_overhead,
+                  "what one more batch costs, in tokens, when a window is cut into length "
+                  "buckets (0: no padding at all; default " +
+                      std::to_string(kBatchOverheadTokensCpu) + " on cpu, " +
+                      std::to_string(kBatchOverheadTokensCuda) + " on cuda)")
+      ->group(ge);
   sub->add_option("--precision", o.precision,
                   "cuda: bf16 | fp16 | fp32 | mixed (router logits always fp32; mixed: fp16 "
                   "GEMM operands, routing decided in fp32; docs/GPU.md); the cpu computes in fp32")
