@@ -63,12 +63,15 @@ std::vector<int32_t> sample_ids(int64_t k) {
 }
 
 // A complete store of n samples whose routing is the fake model's (every synthetic_every-th
-// sample synthetic, with garbage routing); logits_topk > 0: a --logits topk:K store.
+// sample synthetic, with garbage routing); logits_topk > 0: a --logits topk:K store. top_k 2: a
+// language model's store (issue 20): top-2 experts [S, 2] (the fake model's best, then any other),
+// no `dropped`; its reference is offered under lm.* keys with [B, S, 2] experts.
 void write_fake_store(const fs::path& dir, int64_t n, DType logits_dtype, int synthetic_every = 0,
-                      int logits_topk = 0) {
+                      int logits_topk = 0, int top_k = 1) {
+  const bool lm = top_k == 2;
   StoreSettings s;
   s.settings = {{"mode", "real"}};
-  s.model = {{"id", "test/fake"}};
+  s.model = {{"id", lm ? "test/fake-lm" : "test/fake"}};
   s.enc_layers = kLayers;
   s.num_experts = kExperts;
   s.d_model = 4;
@@ -76,6 +79,11 @@ void write_fake_store(const fs::path& dir, int64_t n, DType logits_dtype, int sy
   s.samples_per_shard = 4;
   s.device = "test";
   s.logits_topk = logits_topk;
+  if (lm) {
+    s.family = "olmoe";
+    s.top_k = 2;
+    s.dropped = false;
+  }
   auto w = TraceWriter::open(dir, s, OpenMode::kCreate);
   for (int64_t k = 0; k < n; ++k) {
     SampleRecord r;
@@ -95,12 +103,18 @@ void write_fake_store(const fs::path& dir, int64_t n, DType logits_dtype, int sy
         for (int64_t e = 0; e < kExperts; ++e) {
           logits[l].push_back(r.synthetic ? 0.f : fake_logit(r.token_ids[t], kLayers[l], e));
         }
-        expert[l].push_back(r.synthetic ? static_cast<int32_t>(t % kExperts)
-                                        : argmax(logits[l].data() + t * kExperts, kExperts));
-        gate[l].push_back(0.5f);
+        const int32_t first = r.synthetic ? static_cast<int32_t>(t % kExperts)
+                                          : argmax(logits[l].data() + t * kExperts, kExperts);
+        expert[l].push_back(first);
+        if (lm) {
+          expert[l].push_back(first == 0 ? 1 : 0);  // any distinct second choice
+          gate[l].insert(gate[l].end(), {0.75f, 0.25f});
+        } else {
+          gate[l].push_back(0.5f);
+        }
       }
-      r.enc.push_back(
-          LayerRecord{logits[l].data(), expert[l].data(), dropped.data(), gate[l].data(), nullptr});
+      r.enc.push_back(LayerRecord{logits[l].data(), expert[l].data(), lm ? nullptr : dropped.data(),
+                                  gate[l].data(), nullptr});
       if (logits_topk > 0) {
         topk[l].resize(S * static_cast<size_t>(logits_topk));
         ids[l].resize(topk[l].size());
@@ -328,52 +342,9 @@ TEST(Audit, AuditStoreWritesTheManifestObject) {
   EXPECT_TRUE(verify_store(tmp.path()).empty());
 }
 
-// A language model's store (issue 20): layers lm.{i}, top-2 experts [S, 2], no `dropped`; the
-// fake model's routing, its reference offered under lm.* keys with [B, S, 2] experts.
-void write_fake_lm_store(const fs::path& dir, int64_t n) {
-  StoreSettings s;
-  s.settings = {{"mode", "real"}};
-  s.model = {{"id", "test/fake-lm"}};
-  s.enc_layers = kLayers;
-  s.num_experts = kExperts;
-  s.d_model = 4;
-  s.logits_dtype = DType::kF32;
-  s.samples_per_shard = 4;
-  s.device = "test";
-  s.family = "olmoe";
-  s.top_k = 2;
-  s.dropped = false;
-  auto w = TraceWriter::open(dir, s, OpenMode::kCreate);
-  for (int64_t k = 0; k < n; ++k) {
-    SampleRecord r;
-    r.sample_id = "fake/default/test/" + std::to_string(k);
-    r.dataset = std::string("fake");
-    r.row = k;
-    r.token_ids = sample_ids(k);
-    const size_t S = r.token_ids.size();
-    std::vector<std::vector<float>> logits(kLayers.size()), gate(kLayers.size());
-    std::vector<std::vector<int32_t>> expert(kLayers.size());
-    for (size_t l = 0; l < kLayers.size(); ++l) {
-      for (size_t t = 0; t < S; ++t) {
-        for (int64_t e = 0; e < kExperts; ++e)
-          logits[l].push_back(fake_logit(r.token_ids[t], kLayers[l], e));
-        const float* row = logits[l].data() + t * kExperts;
-        const int32_t first = argmax(row, kExperts);
-        expert[l].push_back(first);
-        expert[l].push_back(first == 0 ? 1 : 0);  // any distinct second choice
-        gate[l].insert(gate[l].end(), {0.75f, 0.25f});
-      }
-      r.enc.push_back(
-          LayerRecord{logits[l].data(), expert[l].data(), nullptr, gate[l].data(), nullptr});
-    }
-    w->add(r);
-  }
-  w->finish(1.0);
-}
-
 TEST(Audit, ALanguageModelStoreIsAuditedOnItsLmLayers) {
   TempDir tmp;
-  write_fake_lm_store(tmp.path(), 6);
+  write_fake_store(tmp.path(), 6, DType::kF32, 0, 0, /*top_k=*/2);
   const AuditEncode lm_reference = [](const Batch& b, Observer* obs) {
     Tensor logits(DType::kF32, {b.B, b.S, kExperts});
     Tensor expert(DType::kI32, {b.B, b.S, 2});
