@@ -323,7 +323,7 @@ if has lm; then
     MOETRACE_TEST_DEVICE=cuda MOETRACE_CLI=$MOETRACE timeout 300 python3 -m pytest -q -p no:cacheprovider \
       "$ROOT/tests/python/test_collect_lm.py" 2>&1 | tee "$OUT/lm_collect_tests.log" | tail -4
     L=/tmp/moetrace-lm-collect && rm -rf $L && mkdir -p $L
-    PYTHONPATH=$ROOT/tests/python:$ROOT/python python3 -c "import sys; sys.argv=['x']; from test_collect_lm import make_model; make_model('$L/model')" &&
+    PYTHONPATH=$ROOT/tests/python:$ROOT/python python3 -c "from test_collect_lm import make_model; make_model('$L/model')" &&
       $MOETRACE collect --model $L/model --device cuda --traces 400 --datasets ag_news --data-root "$ROOT/tests/data" \
         --decoder --max-new-tokens 8 --audit 0.5 --no-progress -o $L/store 2>&1 | tee "$OUT/lm_collect_bf16.log" |
         grep -E "timing|error|audit|fidelity" | tail -4

@@ -226,6 +226,8 @@ void check_options(const CollectOptions& o) {
     fail("--real-ratio ", o.real_ratio, ": expected a value in [0, 1]");
   if (o.traces <= 0) fail("--traces ", o.traces, ": expected a positive number");
   if (o.max_length < 2) fail("--max-length ", o.max_length, ": expected at least 2");
+  if (o.batch_overhead && *o.batch_overhead < 0)
+    fail("--batch-overhead ", *o.batch_overhead, ": expected 0 or more tokens");
   if (!(o.audit >= 0 && o.audit <= 1)) fail("--audit ", o.audit, ": expected a fraction in [0, 1]");
   precision_mode(o.precision, "--precision");  // the one list of precision names
   if (o.decoder && o.max_new_tokens < 1)
@@ -401,14 +403,13 @@ CollectResult run_collect(const CollectOptions& o) {
   const DeviceChoice dev = resolve_device(o.device, launch.local_rank);
   // Batch budget: the GPU wants large batches (128 × 256 fills an H100/H200), the CPU cache-sized
   // ones.
-  const int64_t batch_tokens = o.batch_tokens > 0 ? o.batch_tokens
-                               : dev.cuda         ? kDefaultBatchTokensCuda
-                                                  : kDefaultBatchTokensCpu;
-  const BatchBudget budget{batch_tokens, o.batch_overhead >= 0 ? o.batch_overhead
-                                         : dev.cuda            ? kBatchOverheadTokensCuda
-                                                               : kBatchOverheadTokensCpu};
-  if (batch_tokens < o.max_length)
-    fail("--batch-tokens ", batch_tokens, " must be >= --max-length ", o.max_length);
+  const BatchBudget budget{
+      o.batch_tokens > 0 ? o.batch_tokens
+      : dev.cuda         ? kDefaultBatchTokensCuda
+                         : kDefaultBatchTokensCpu,
+      o.batch_overhead.value_or(dev.cuda ? kBatchOverheadTokensCuda : kBatchOverheadTokensCpu)};
+  if (budget.tokens < o.max_length)
+    fail("--batch-tokens ", budget.tokens, " must be >= --max-length ", o.max_length);
   if (o.resume && o.overwrite) fail("--resume and --overwrite exclude each other");
   const bool parallel = launch.world_size > 1;
   const OpenMode mode = o.resume      ? OpenMode::kResume
@@ -554,7 +555,7 @@ CollectResult run_collect(const CollectOptions& o) {
     engine.reset();
     AuditOptions ao;
     ao.fraction = o.audit;
-    ao.min_samples = std::max<int64_t>(1, batch_tokens / o.max_length);  // one batch
+    ao.min_samples = std::max<int64_t>(1, budget.tokens / o.max_length);  // one batch
     ao.batches = budget;
     ao.pad_token_id = ids.pad;
     ao.precision = dev.cuda ? o.precision : "fp32";

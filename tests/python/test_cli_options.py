@@ -72,6 +72,19 @@ def test_collect_refuses_other_dtypes_in_one_line(cli, tmp_path, option, value, 
     assert not (tmp_path / "store").exists() or not os.listdir(tmp_path / "store")
 
 
+def test_collect_refuses_a_negative_batch_overhead_in_one_line(cli, tmp_path):
+    line = one_error_line(collect(cli, tmp_path / "store", "--batch-overhead", "-3", check=False))
+    assert "--batch-overhead -3: expected 0 or more tokens" in line
+    assert not (tmp_path / "store").exists() or not os.listdir(tmp_path / "store")
+
+
+def test_collect_records_its_batch_overhead(cli, tmp_path):
+    collect(cli, tmp_path / "default")
+    collect(cli, tmp_path / "none", "--batch-overhead", "0")
+    assert json.load(open(tmp_path / "default" / "manifest.json"))["engine"]["batch_overhead_tokens"] == 256
+    assert json.load(open(tmp_path / "none" / "manifest.json"))["engine"]["batch_overhead_tokens"] == 0
+
+
 # --- -q and --log-level in either position ---------------------------------------------------------
 
 
