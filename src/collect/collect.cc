@@ -506,7 +506,8 @@ CollectResult run_collect(const CollectOptions& o) {
   sp.dec_layers = layout.dec_layers.size();
   sp.logits_topk = o.logits_topk;
   // MOETRACE_FAULT_KILL_AFTER=N: SIGKILL this process right after the N-th sample of this run
-  // reached the writer (tests kill runs at chosen points, between and inside shard commits).
+  // reached the writer, the shards filled before it committed (tests kill runs at chosen points,
+  // between and inside shard commits).
   const char* fault = std::getenv("MOETRACE_FAULT_KILL_AFTER");
   sp.kill_after = fault != nullptr ? std::atoll(fault) : -1;
   StoreStage store(*writer, sp);

@@ -357,9 +357,13 @@ class StoreStage {
     if (p_.kill_after < 0) {
       writer_.add(records);  // the whole window at once: copied in parallel
     } else {
+      // Fault injection for resume tests: the shards filled before the kill_after-th sample are
+      // committed first, so that what survives depends on the kill point, not on the commit
+      // threads' timing; a shard that this sample fills is still being committed when it dies.
       for (const SampleRecord& r : records) {
+        if (added_ + 1 == p_.kill_after) writer_.wait_for_commits();
         writer_.add(r);
-        if (++added_ == p_.kill_after) std::raise(SIGKILL);  // fault injection for resume tests
+        if (++added_ == p_.kill_after) std::raise(SIGKILL);
       }
     }
     samples_ += static_cast<int64_t>(records.size());

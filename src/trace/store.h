@@ -179,6 +179,8 @@ class TraceWriter {
   void add(const SampleRecord& sample);
   // The same for several samples in store order; their layer data is copied in parallel.
   void add(std::span<const SampleRecord> samples);
+  // Waits until every queued shard is committed (durable and listed), or rethrows its error.
+  void wait_for_commits();
   // Waits for queued commits, then commits the current partial shard now (the Ctrl-C path).
   void commit_partial();
   // Commits the partial shard, waits for the commit threads, and writes the manifest with

@@ -1064,6 +1064,8 @@ void TraceWriter::add(std::span<const SampleRecord> samples) {
   }
 }
 
+void TraceWriter::wait_for_commits() { impl_->drain(); }
+
 void TraceWriter::commit_partial() {
   Impl& m = *impl_;
   if (m.finished) return;
