@@ -16,12 +16,15 @@ and each point's rounding chosen among bf16, fp16, tf32 and "split" (a bf16 pair
 GEMMs over the same bf16 weights compute). Weights are HF-init random at switch-base-N's shape, rounded to
 bf16 (so every variant sees the same weights, exactly representable in bf16 and fp16). Token ids are
 real: the samples of a trace store (`moetrace collect --model demo ...` makes one from the bundled rows
-in seconds on a CPU).
+in seconds on a CPU). With `--model DIR` the weights are those of a saved Switch checkpoint instead
+(config.json + *.safetensors with transformers' tensor names, e.g. the model bench/fidelity.py saves):
+then the emulation runs on exactly the weights whose agreement fidelity.py reports.
 
 Prints top-1 agreement of each variant with the all-fp32 pass, per MoE layer, and writes JSON with the
 date and machine. Needs PyTorch (a GPU for switch-base-128's size; `--experts 8 --layers 4` runs on a CPU).
 
     python bench/rounding_points.py STORE --out rounding.json [--experts 128] [--samples 600]
+    python bench/rounding_points.py STORE --model /tmp/moetrace_fidelity/model --variants points
 """
 from __future__ import annotations
 
@@ -80,6 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    ap.add_argument("--model", default=None,
+                    help="a saved Switch checkpoint (config.json + safetensors) to take the weights from "
+                         "instead of the HF-init random ones (--experts/--layers/--seed are then unused)")
     ap.add_argument("--variants", choices=("all", "points"), default="all",
                     help="all: the table of docs/PERFORMANCE.md; points: mixed with one rounding point at a "
                          "time in fp32 or as a bf16 pair")
@@ -95,7 +101,7 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     store = moetrace.open_store(a.store)
     seqs = [np.asarray(store.sample(i).token_ids, np.int64) for i in range(min(a.samples, len(store)))]
-    model = Model(a.experts, a.layers, a.seed, dev, torch)
+    model = Model.from_checkpoint(a.model, dev, torch) if a.model else Model(a.experts, a.layers, a.seed, dev, torch)
 
     results, timing = {}, {}
     for name, rounding in variants.items():
@@ -103,6 +109,8 @@ def main(argv=None) -> int:
         results[name] = run_batches(model, seqs, rounding, dev, torch)
         timing[name] = time.time() - t0
     ref = results["fp32"]
+    names = [f"enc.{i}" for i, b in enumerate(model.blocks) if "router" in b]
+    check = store_agreement(store, len(seqs), names, ref[0]) if a.model else None
     table = {}
     n_layers = len(ref[0])
     print(f"{'variant':42s} {'top-1 vs fp32':>13s}  per MoE layer (in block order)")
@@ -115,21 +123,27 @@ def main(argv=None) -> int:
         table[name] = {"rounding": rounding, "top1_agreement": total, "per_layer_top1": agree,
                        "per_layer_max_abs_logit_error": err, "seconds": timing[name]}
         print(f"{name:42s} {100 * total:12.3f}%  " + " ".join(f"{100 * x:6.2f}" for x in agree))
+    if check is not None:
+        # The store was collected from the same weights: the emulation's fp32 pass must route as it did.
+        print(f"emulation fp32 vs the store's own routing: {100 * check:.3f}% top-1 (the emulation's check)")
     tokens = sum(len(s) for s in seqs)
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": platform.node(), "device": torch.cuda.get_device_name() if dev.startswith("cuda") else dev,
-           "torch": torch.__version__, "experts": a.experts, "layers": a.layers, "samples": len(seqs),
-           "tokens": tokens, "token_layers": tokens * n_layers, "variants": table}
+           "torch": torch.__version__, "experts": model.E, "layers": len(model.blocks),
+           "weights": a.model or f"HF-init random, seed {a.seed}", "samples": len(seqs),
+           "fp32_vs_store_top1": check, "tokens": tokens, "token_layers": tokens * n_layers, "variants": table}
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"{len(seqs)} samples, {tokens} tokens x {n_layers} MoE layers; JSON: {a.out}")
     return 0
 
 
 class Model:
-    """switch-base-N's encoder with HF-init random weights (transformers' _init_weights scales), bf16-exact."""
+    """switch-base-N's encoder with HF-init random weights (transformers' _init_weights scales), bf16-exact,
+    or (from_checkpoint) a saved checkpoint's encoder."""
 
     def __init__(self, experts, layers, seed, dev, torch):
         self.torch, self.E, self.d, self.F, self.H, self.dk = torch, experts, 768, 3072, 12, 64
+        self.eps, self.capacity, self.buckets, self.max_distance = 1e-6, 64, 32, 128
         d, F, H, dk = self.d, self.F, self.H, self.dk
         g = torch.Generator(device=dev).manual_seed(seed)
 
@@ -141,14 +155,80 @@ class Model:
         self.blocks = []
         for i in range(layers):
             b = {"q": w((H * dk, d), (d * dk) ** -0.5), "k": w((H * dk, d), d ** -0.5),
-                 "v": w((H * dk, d), d ** -0.5), "o": w((d, H * dk), (H * dk) ** -0.5)}
+                 "v": w((H * dk, d), d ** -0.5), "o": w((d, H * dk), (H * dk) ** -0.5),
+                 "ln_attn": torch.ones(d, device=dev), "ln_ff": torch.ones(d, device=dev)}
             if i % 2 == 1:
                 b["router"] = w((experts, d), 1.0)
                 b["wi"] = w((experts, F, d), d ** -0.5).bfloat16()  # stored bf16: fp32 copies would not fit
-                b["wo"] = w((experts, d, F), F ** -0.5).bfloat16()
+                # transformers initializes an expert's wo with d_model^-0.5 (a dense block's with
+                # d_ff^-0.5): experts add twice as much to the residual stream at switch-base's shape.
+                b["wo"] = w((experts, d, F), d ** -0.5).bfloat16()
             else:
                 b["wi"], b["wo"] = w((F, d), d ** -0.5), w((d, F), F ** -0.5)
             self.blocks.append(b)
+
+    @classmethod
+    def from_checkpoint(cls, path, dev, torch):
+        """The encoder of a Switch checkpoint directory: config.json and every *.safetensors in it, with
+        transformers' names (4.x `DenseReluDense` or 5.x `mlp`; experts as `experts.expert_{e}.wi/wo`)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        cfg = json.loads((path / "config.json").read_text())
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise SystemExit(f"rounding_points.py: {path}: no *.safetensors (expected a saved Switch checkpoint)")
+        raw = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    if name.startswith("encoder.") or name == "shared.weight":
+                        raw[name] = st.get_tensor(name)
+
+        def get(name, dtype=torch.float32):
+            if name not in raw:
+                raise SystemExit(f"rounding_points.py: {path}: tensor {name} missing")
+            return raw[name].to(dev, dtype)
+
+        m = cls.__new__(cls)
+        m.torch, m.E = torch, int(cfg.get("num_experts", 8))
+        m.d, m.F, m.H, m.dk = (int(cfg[k]) for k in ("d_model", "d_ff", "num_heads", "d_kv"))
+        m.eps, m.capacity = float(cfg.get("layer_norm_epsilon", 1e-6)), int(cfg.get("expert_capacity", 64))
+        m.emb = get("shared.weight")
+        m.rel = get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        m.buckets = int(cfg.get("relative_attention_num_buckets", 32))
+        m.max_distance = int(cfg.get("relative_attention_max_distance", 128))
+        m.blocks = []
+        for i in range(int(cfg["num_layers"])):
+            p = f"encoder.block.{i}.layer."
+            b = {n: get(f"{p}0.SelfAttention.{n}.weight") for n in "qkvo"}
+            b["ln_attn"], b["ln_ff"] = get(f"{p}0.layer_norm.weight"), get(f"{p}1.layer_norm.weight")
+            if f"{p}1.mlp.router.classifier.weight" in raw:
+                b["router"] = get(f"{p}1.mlp.router.classifier.weight")
+                b["wi"] = torch.stack([get(f"{p}1.mlp.experts.expert_{e}.wi.weight", torch.bfloat16)
+                                       for e in range(m.E)])
+                b["wo"] = torch.stack([get(f"{p}1.mlp.experts.expert_{e}.wo.weight", torch.bfloat16)
+                                       for e in range(m.E)])
+            else:
+                ff = next((f"{p}1.{n}." for n in ("mlp", "DenseReluDense") if f"{p}1.{n}.wi.weight" in raw), None)
+                if ff is None:
+                    raise SystemExit(f"rounding_points.py: {path}: no dense FFN (wi/wo) in encoder block {i}")
+                b["wi"], b["wo"] = get(ff + "wi.weight"), get(ff + "wo.weight")
+            m.blocks.append(b)
+        return m
+
+
+def store_agreement(store, n, names, ref_experts) -> float:
+    """Top-1 agreement of the emulation's fp32 experts (run_batches' order: samples by length) with the
+    experts the store holds for its first n samples, over every token and MoE layer."""
+    order = sorted(range(n), key=lambda i: len(store.sample(i).token_ids))
+    same = total = 0
+    for name, ref in zip(names, ref_experts):
+        got = ref.cpu().numpy()
+        stored = np.concatenate([np.asarray(store.sample(i).layer(name).expert, np.int64) for i in order])
+        same += int((stored == got).sum())
+        total += len(stored)
+    return same / total
 
 
 def rounder(kind, torch):
@@ -186,16 +266,16 @@ def forward(m: Model, ids, mask, rounding):
     H, dk, d, E = m.H, m.dk, m.d, m.E
     X = m.emb[ids]
     pos = torch.arange(S, device=ids.device)
-    bias = m.rel[bucket(pos[None, :] - pos[:, None], torch)].permute(2, 0, 1)[None]
+    bias = m.rel[bucket(pos[None, :] - pos[:, None], torch, m.buckets, m.max_distance)].permute(2, 0, 1)[None]
     neg = torch.where(mask[:, None, None, :] > 0, 0.0, torch.finfo(torch.float32).min)
-    norm = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # layer-norm weights are 1
+    norm = lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps))
     out = []
     for b in m.blocks:
-        h = R("h", norm(X))
+        h = R("h", norm(X, b["ln_attn"]))
         q, k, v = (R("qkv", h @ b[n].T).view(B, S, H, dk).transpose(1, 2) for n in "qkv")
         p = R("p", torch.softmax(q @ k.transpose(-1, -2) + bias + neg, -1))
         X = X + R("ctx", (p @ v).transpose(1, 2).reshape(B, S, H * dk)) @ b["o"].T
-        hf = norm(X)
+        hf = norm(X, b["ln_ff"])
         h = R("h", hf)
         if "router" not in b:
             X = X + R("ffn", torch.relu(h @ b["wi"].T)) @ b["wo"].T
@@ -205,7 +285,7 @@ def forward(m: Model, ids, mask, rounding):
         expert = probs.argmax(-1)  # the first maximum: lowest index on ties
         gate = probs.gather(-1, expert[..., None])[..., 0]
         onehot = torch.nn.functional.one_hot(expert, E)
-        kept = (onehot.cumsum(1) * onehot).sum(-1) <= 64  # per-sequence capacity, position order
+        kept = (onehot.cumsum(1) * onehot).sum(-1) <= m.capacity  # per-sequence capacity, position order
         out.append((expert, logits))
         Xf, hh = X.reshape(B * S, d), h.reshape(B * S, d)
         ef, kf, gf = expert.reshape(-1), kept.reshape(-1), gate.reshape(-1)

@@ -279,9 +279,13 @@ if has fidelity && [[ -x $MOETRACE ]]; then
   PYTHONUNBUFFERED=1 timeout 420 python3 "$ROOT/bench/fidelity.py" --device cuda --experts 128 --layers 12 --d-model 768 \
     --samples 600 --cli "$MOETRACE" --work /tmp/moetrace_fidelity --json "$OUT/fidelity.json" 2>&1 | tee "$OUT/fidelity.log" | tail -32
   if [[ -d /tmp/moetrace_fidelity ]]; then
+    # On fidelity.py's own weights (--model): the emulation's agreement beside the engine's, then
+    # each rounding point's share of what `mixed` loses.
     st=$(ls -d /tmp/moetrace_fidelity/*fp32* 2>/dev/null | head -1)
-    [[ -n $st ]] && PYTHONUNBUFFERED=1 timeout 300 python3 "$ROOT/bench/rounding_points.py" "$st" --variants points \
-      --out "$OUT/rounding_points.json" 2>&1 | tee "$OUT/rounding_points.log" | tail -14
+    for v in all points; do
+      [[ -n $st ]] && PYTHONUNBUFFERED=1 timeout 200 python3 "$ROOT/bench/rounding_points.py" "$st" --variants $v \
+        --model /tmp/moetrace_fidelity/model --out "$OUT/rounding_$v.json" 2>&1 | tee "$OUT/rounding_$v.log" | tail -14
+    done
   fi
 fi
 
