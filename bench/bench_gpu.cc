@@ -572,8 +572,9 @@ int main_impl(int argc, char** argv) {
   j["date"] = bench::today_utc();
   j["gpu"] = std::string(cuda::device_name());
   j["cpu"] = bench::cpu_model();
-  j["precision"] =
-      a.precision_name == "mixed" ? a.precision_name : std::string(dtype_name(a.precision));
+  j["precision"] = a.precision_name == "mixed" || a.precision_name == "faithful"
+                       ? a.precision_name
+                       : std::string(dtype_name(a.precision));
   const std::string model = a.model.empty() ? "switch-base-" + std::to_string(a.experts) : a.model;
   const std::optional<SwitchConfig> published = published_config(model);
   if (!published)

@@ -4,13 +4,13 @@
 1. Builds a Switch encoder with transformers' own random initialization (default: a tiny shape for
    a CPU smoke run; `--experts 128 --layers 12 --d-model 768` is switch-base-128), rounds its weights
    to bf16 and saves them as bf16 safetensors with config.json and the bundled spiece.model.
-2. Runs `moetrace collect` on that directory once per precision (fp32, bf16, mixed) on --device, with
+2. Runs `moetrace collect` on that directory once per precision (fp32, bf16, fp16, mixed, faithful) on --device, with
    the same plan: --samples real samples of the bundled rows (`--datasets demo`), float32 logits.
 3. Reads the stores with the Python reader, checks that they hold the same samples and token ids,
    and feeds those ids to transformers patched to the 4.x semantics of SWITCH_SPEC.md
    (bench/hf_switch_bench.py patch_faithful) in fp32 and bf16.
 4. Prints the top-1 agreement table of the issue over every (token, encoder MoE layer), a
-   per-layer table of moetrace {bf16, mixed} vs moetrace fp32 (top-1 agreement, max |logit diff|),
+   per-layer table of moetrace {bf16, fp16, mixed, faithful} vs moetrace fp32 (top-1 agreement, max |logit diff|),
    each collect run's tokens/s (the manifest's throughput: the collection loop, model load
    excluded) and its audit (`collect --audit`), and writes all of it as JSON with date and machine.
 
@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))  # the reader without installing the package
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # hf_switch_bench
 
-PRECISIONS = ("fp32", "bf16", "fp16", "mixed")
+PRECISIONS = ("fp32", "bf16", "fp16", "mixed", "faithful")
 SPIECE = os.path.join(ROOT, "assets", "demo", "spiece.model")
 DATA_ROOT = os.path.join(ROOT, "assets", "demo", "data")
 
@@ -175,7 +175,7 @@ def collect(a, model_dir, precision, out, n_sparse):
             "tokens_per_s": m["throughput_tokens_per_s"], "collection_time_s": m["collection_time"],
             "engine_s": float(timing.group(3)) if timing else None,
             "device": m["device"], "engine": m.get("engine"), "fidelity": m.get("fidelity"),
-            "log": [line for line in proc.stderr.splitlines() if "audit" in line or "mixed" in line]}
+            "log": [line for line in proc.stderr.splitlines() if "audit" in line or "mixed" in line or "faithful" in line]}
 
 
 def read_store(path):
@@ -330,7 +330,8 @@ def main(argv=None):
     pairs = [("moetrace fp32", "transformers fp32"), ("moetrace bf16", "moetrace fp32"),
              ("transformers bf16", "transformers fp32"), ("moetrace bf16", "transformers bf16"),
              ("moetrace fp16", "moetrace fp32"), ("moetrace mixed", "moetrace fp32"),
-             ("moetrace mixed", "transformers fp32")]
+             ("moetrace mixed", "transformers fp32"), ("moetrace faithful", "moetrace fp32"),
+             ("moetrace faithful", "transformers fp32")]
     results = []
     for x, y in pairs:
         if x in routes and y in routes:
@@ -343,7 +344,7 @@ def main(argv=None):
         print(f"| {r['pair']:<40} | {100 * r['top1_agreement']:>14.3f}% | {r['max_logit_diff']:>16.4g} |")
 
     per_layer = {}
-    others = [p for p in ("bf16", "fp16", "mixed") if p in a.precisions]
+    others = [p for p in ("bf16", "fp16", "mixed", "faithful") if p in a.precisions]
     if others:
         print("\nper MoE layer, vs moetrace fp32: top-1 agreement / max |logit diff|")
         print(f"| {'layer':<8} | " + " | ".join(f"{p + ' top-1':>12} | {p + ' max diff':>15}" for p in others) + " |")
@@ -362,7 +363,7 @@ def main(argv=None):
         audit = (f"audit {100 * fid['total']['top1_agreement']:.3f}% top-1 vs fp32 over {fid['samples']} samples"
                  if fid.get("status") == "measured" else
                  f"audit {fid.get('status', 'off')}" + (f" ({fid['reason']})" if fid.get("reason") else ""))
-        print(f"  {p:<6} {r['tokens_per_s']:>12,.0f} tokens/s  {audit}")
+        print(f"  {p:<8} {r['tokens_per_s']:>12,.0f} tokens/s  {audit}")
 
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": machine(torch, a.device), "device": a.device, "command": [sys.executable, *sys.argv],

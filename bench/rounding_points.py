@@ -12,9 +12,9 @@ the engine stores them in the activation dtype) with every rounding point switch
   ffn  the FFN's ReLU output (operand of the FFN-out GEMM)
   route  the router probabilities before the top-1 argmax (SWITCH_SPEC.md: the activation dtype)
 
-and each point's rounding chosen among bf16, fp16, tf32 and "split" (a bf16 pair hi + lo: what two bf16
-GEMMs over the same bf16 weights compute). Weights are HF-init random at switch-base-N's shape, rounded to
-bf16 (so every variant sees the same weights, exactly representable in bf16 and fp16). Token ids are
+and each point's rounding chosen among bf16, fp16, tf32, "split" (a bf16 pair hi + lo: what two bf16
+GEMMs over the same bf16 weights compute) and "pair16" (an fp16 pair: --precision faithful's p and
+ctx). Weights are HF-init random at switch-base-N's shape, rounded to bf16 (so every variant sees the same weights, exactly representable in bf16 and fp16). Token ids are
 real: the samples of a trace store (`moetrace collect --model demo ...` makes one from the bundled rows
 in seconds on a CPU). With `--model DIR` the weights are those of a saved Switch checkpoint instead
 (config.json + *.safetensors with transformers' tensor names, e.g. the model bench/fidelity.py saves):
@@ -72,6 +72,10 @@ POINT_VARIANTS = {"fp32": variant(None), "fp16 operands, fp32 route (mixed)": va
 for _p in POINTS:
     POINT_VARIANTS[f"mixed, {_p} in fp32"] = variant("fp16", **{_p: None})
     POINT_VARIANTS[f"mixed, {_p} as a bf16 pair"] = variant("fp16", **{_p: "split"})
+# --precision faithful: mixed with the attention's probabilities and output as fp16 pairs.
+POINT_VARIANTS["faithful (mixed, p + ctx as fp16 pairs)"] = variant("fp16", p="pair16", ctx="pair16")
+POINT_VARIANTS["mixed, ctx as an fp16 pair"] = variant("fp16", ctx="pair16")
+POINT_VARIANTS["faithful + h as an fp16 pair"] = variant("fp16", p="pair16", ctx="pair16", h="pair16")
 
 
 def main(argv=None) -> int:
@@ -241,6 +245,11 @@ def rounder(kind, torch):
             i = x.contiguous().view(torch.int32)
             return ((i + 0x0FFF + ((i >> 13) & 1)) & ~0x1FFF).view(torch.float32)
         return tf32
+    if kind == "pair16":  # an fp16 pair hi + lo: what --precision faithful keeps (~22 bits)
+        def pair16(x):
+            hi = x.half().float()
+            return hi + (x - hi).half().float()
+        return pair16
     if kind == "split":
         def split(x):
             hi = x.bfloat16().float()

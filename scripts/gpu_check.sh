@@ -6,7 +6,8 @@
 #                                           may lack into .gpudeps/deps.tar.xz (ignored; pass
 #                                           carry=[".gpudeps"] to the device call)
 #   bash scripts/gpu_check.sh [steps...]    on the device; steps: env build test forward bench hf ncu collect
-#                                           scale lm fidelity baselines libs (default: env build test forward bench hf)
+#                                           scale lm fidelity precisions baselines libs (default: env build
+#                                           test forward bench hf)
 #
 # lm: the MoE language models alone (issue 20): the LM GPU tests (tests/cuda/lm_*), the LM ops of
 # the backend test, and bench/bench_lm_gpu (OLMoE-1B-7B and Mixtral-8x7B prefill, LM_BENCH_ARGS
@@ -220,15 +221,15 @@ fi
 # Every fixture through `moetrace forward --device cuda` (encoder, teacher-forced decoder, greedy
 # generation of the reference's length), compared with its transformers reference by the script
 # the CPU test uses (tests/python/test_forward_device.py): fp32 within the CPU parity bounds
-# (1e-4 relative, top1/kept/ids identical); bf16 reported with looser bounds and its top-1
-# agreement.
+# (1e-4 relative, top1/kept/ids identical); bf16 and faithful reported with looser bounds and
+# their top-1 agreement.
 forward_fixtures() {
   local fx ref steps out rc=0
   for fx in "$ROOT"/tests/data/fixtures/*/; do
     ref=$fx/reference.safetensors
     [[ -e $ref ]] || continue
     steps=$(python3 -c 'import json,struct,sys; d=open(sys.argv[1],"rb").read(8); f=open(sys.argv[1],"rb"); f.seek(8); h=json.loads(f.read(struct.unpack("<Q",d)[0])); print(h["generated_ids"]["shape"][1]-1)' "$ref")
-    for prec in fp32 bf16; do
+    for prec in fp32 bf16 faithful; do
       out=/tmp/moetrace-forward-$(basename "$fx")-$prec.safetensors
       if ! $MOETRACE forward --device cuda --precision $prec -m "$fx/model" --inputs "$ref" -o "$out" \
           --generate "$steps" -q; then
@@ -282,7 +283,7 @@ if has fidelity && [[ -x $MOETRACE ]]; then
     # On fidelity.py's own weights (--model): the emulation's agreement beside the engine's, then
     # each rounding point's share of what `mixed` loses.
     st=$(ls -d /tmp/moetrace_fidelity/*fp32* 2>/dev/null | head -1)
-    for v in all points; do
+    for v in ${ROUNDING_VARIANTS:-all points}; do
       [[ -n $st ]] && PYTHONUNBUFFERED=1 timeout 200 python3 "$ROOT/bench/rounding_points.py" "$st" --variants $v \
         --model /tmp/moetrace_fidelity/model --out "$OUT/rounding_$v.json" 2>&1 | tee "$OUT/rounding_$v.log" | tail -14
     done
@@ -301,6 +302,17 @@ if has baselines; then
   gen=(); [[ -x $BENCH_GPU ]] && gen=(--bench-gpu "$BENCH_GPU")
   PYTHONUNBUFFERED=1 timeout 300 python3 "$ROOT/bench/hf_generate_bench.py" --device cuda --new-tokens 32 \
     "${gen[@]}" --json "$OUT/hf_generate.json" 2>&1 | tee "$OUT/hf_generate.log" | tail -16
+fi
+
+# Issue 18's speed side: bench_gpu in each GPU precision one after the other on the same card,
+# bf16 first and last (the spread of the two bf16 runs is the noise), JSON per run.
+if has precisions && [[ -x $BENCH_GPU ]]; then
+  [[ -e /tmp/moetrace_mix.txt ]] || python3 $ROOT/bench/hf_switch_bench.py --write-mix
+  for p in bf16 mixed faithful bf16; do
+    n=$p; [[ -e $OUT/bench_$p.json ]] && n=${p}_again
+    $BENCH_GPU --precision $p --shapes ${PRECISION_SHAPES:-128x256,mix,mix-collect} --json "$OUT/bench_$n.json" 2>&1 |
+      tee "$OUT/bench_$n.log" | grep -E "^(128x|mix)" | sed "s/^/$n  /"
+  done
 fi
 
 if has bench && [[ -x $BENCH_GPU ]]; then

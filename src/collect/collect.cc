@@ -327,8 +327,9 @@ StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc,
   if (dev.cuda) {
     ss.engine["precision"] = o.precision;
   } else {
-    if (o.precision == "mixed")
-      log_info("--precision mixed: the CPU engine computes everything in fp32, so mixed is fp32");
+    if (o.precision == "mixed" || o.precision == "faithful")
+      log_info("--precision ", o.precision, ": the CPU engine computes everything in fp32, so ",
+               o.precision, " is fp32");
     ss.engine["precision"] = "fp32";
     ss.engine["threads"] = threads;
     ss.engine["blas"] = cpu::blas_config();
@@ -464,6 +465,7 @@ CollectResult run_collect(const CollectOptions& o) {
   const PrecisionMode pm = precision_mode(o.precision);
   eo.precision = dev.cuda ? pm.operands : DType::kF32;
   eo.fp32_routing = dev.cuda && pm.fp32_routing;
+  eo.attention_pairs = dev.cuda && pm.attention_pairs;
   eo.load.encoder_only = !o.decoder;
   const double t_load = progress_clock();
   std::unique_ptr<Engine> engine =
@@ -567,6 +569,7 @@ CollectResult run_collect(const CollectOptions& o) {
       EngineOptions ref_options = eo;
       ref_options.precision = DType::kF32;
       ref_options.fp32_routing = false;
+      ref_options.attention_pairs = false;
       ref_options.load.encoder_only = true;
       std::shared_ptr<Engine> ref = mc.lm ? make_lm_engine(ref_options, mc.dir)
                                           : make_engine(ref_options, mc.config, mc.weights);

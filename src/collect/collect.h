@@ -37,7 +37,7 @@ struct CollectOptions {
   int threads = 0;
   int64_t batch_tokens = 0;  // batch size × padded length; 0: kDefaultBatchTokensCpu/Cuda
   std::optional<int64_t> batch_overhead;  // length_batches' cost of a batch; kBatchOverheadTokens*
-  std::string precision = "bf16";         // cuda only: bf16 | fp16 | fp32 | mixed (docs/GPU.md)
+  std::string precision = "bf16";  // cuda only: bf16 | fp16 | fp32 | mixed | faithful (docs/GPU.md)
   // What to store.
   DType logits_dtype = DType::kF16;
   // --logits topk:K: K > 0 stores the K largest logits, their experts and the log-sum-exp instead

@@ -98,11 +98,14 @@ DType parse_dtype_option(std::string_view option, std::string_view value,
 
 std::string parse_precision_option(std::string_view option, std::string_view value) {
   if (lower(value) == "mixed") return "mixed";
+  if (lower(value) == "faithful") return "faithful";
   DType t;
   try {
     t = parse_dtype_option(option, value, {DType::kBF16, DType::kF16, DType::kF32});
   } catch (const Error& e) {
-    fail(e.what(), ", or mixed (fp16 GEMM operands, fp32 routing)");
+    fail(e.what(),
+         ", or mixed (fp16 GEMM operands, fp32 routing) or faithful (mixed with the "
+         "attention in fp16 pairs)");
   }
   return t == DType::kF32 ? "fp32" : t == DType::kF16 ? "fp16" : "bf16";
 }
@@ -111,8 +114,9 @@ PrecisionMode precision_mode(std::string_view name, std::string_view what) {
   if (name == "fp32") return {DType::kF32, false};
   if (name == "fp16") return {DType::kF16, false};
   if (name == "bf16") return {DType::kBF16, false};
-  if (name == "mixed") return {DType::kF16, true};
-  fail(what, " '", name, "': expected bf16, fp16, fp32 or mixed");
+  if (name == "mixed") return {DType::kF16, true, false};
+  if (name == "faithful") return {DType::kF16, true, true};
+  fail(what, " '", name, "': expected bf16, fp16, fp32, mixed or faithful");
 }
 
 float f16_to_f32(uint16_t h) {

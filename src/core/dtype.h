@@ -32,21 +32,26 @@ DType parse_dtype_option(std::string_view option, std::string_view value,
                          std::initializer_list<std::string_view> others = {});
 
 // The --precision vocabulary of the engines (collect, forward, bench_gpu): the GEMM operand dtypes
-// bf16, f16 and f32 in parse_dtype_name's spellings, or "mixed": fp16 GEMM operands (11-bit
+// bf16, f16 and f32 in parse_dtype_name's spellings, "mixed": fp16 GEMM operands (11-bit
 // significands; bf16 checkpoints convert exactly) with everything that decides and scales the
-// routing in float32 (docs/GPU.md, "Precision"). Returns the spelling the manifest records:
-// "bf16", "fp16", "fp32" or "mixed". Error naming `option` otherwise.
+// routing in float32, or "faithful": mixed with the encoder attention's probabilities and output
+// (the o-projection's operand) as fp16 pairs hi + lo (docs/GPU.md, "Precision"). Returns the
+// spelling the manifest records: "bf16", "fp16", "fp32", "mixed" or "faithful". Error naming
+// `option` otherwise.
 std::string parse_precision_option(std::string_view option, std::string_view value);
 
 // What a precision name (parse_precision_option's spelling) means for the GPU engine: the dtype of
-// the GEMM operands and whether the top-1 and the gate come from the float32 probabilities instead
+// the GEMM operands, whether the top-1 and the gate come from the float32 probabilities instead
 // of the probabilities rounded to the operand dtype (SWITCH_SPEC.md's rule, as transformers
-// computes it). The one mapping: collect, forward, bench_gpu and the engine all use it.
+// computes it), and whether the encoder's attention keeps its probabilities and output as pairs
+// of the operand dtype (~22 significant bits; a second MMA over the same values). The one mapping:
+// collect, forward, bench_gpu and the engine all use it.
 struct PrecisionMode {
   DType operands = DType::kBF16;
   bool fp32_routing = false;
+  bool attention_pairs = false;
 };
-// Error "<what> '<name>': expected bf16, fp16, fp32 or mixed" for any other name.
+// Error "<what> '<name>': expected bf16, fp16, fp32, mixed or faithful" for any other name.
 PrecisionMode precision_mode(std::string_view name, std::string_view what = "precision");
 
 inline float bf16_to_f32(uint16_t v) {

@@ -106,6 +106,7 @@ std::unique_ptr<Engine> make_cuda_engine(const EngineOptions& options, const Swi
   co.device = options.device.index;
   co.precision = options.precision;
   co.fp32.routing = options.fp32_routing;
+  co.fp32.attention_pairs = options.attention_pairs;
   return std::make_unique<CudaEngine>(
       CudaSwitchModel::from_source(config, std::move(weights), options.load, co), options.device);
 }

@@ -23,7 +23,8 @@ struct EngineOptions {
   DeviceChoice device;            // resolve_device()'s
   DType precision = DType::kF32;  // cpu: F32 only; cuda: BF16, F16 or F32
   LoadOptions load;
-  bool fp32_routing = false;  // cuda: top-1 and gate from fp32 probabilities (--precision mixed)
+  bool fp32_routing = false;     // cuda: top-1 and gate from fp32 probabilities (--precision mixed)
+  bool attention_pairs = false;  // cuda: encoder attention in operand pairs (--precision faithful)
 };
 
 // The engine of `options.device`, its weights loaded from `weights` (materialised or uploaded

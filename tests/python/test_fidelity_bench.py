@@ -49,7 +49,7 @@ def test_options_default_to_a_tiny_cpu_run_and_refuse_a_run_without_fp32():
     fid = load_bench()
     a = fid.parse_args([])
     assert (a.device, a.experts, a.layers, a.d_model, a.d_ff, a.heads) == ("cpu", 8, 4, 64, 256, 1)
-    assert a.precisions == ["fp32", "bf16", "fp16", "mixed"]
+    assert a.precisions == ["fp32", "bf16", "fp16", "mixed", "faithful"]
     full = fid.parse_args(["--experts", "128", "--layers", "12", "--d-model", "768", "--samples", "600"])
     assert (full.d_ff, full.heads, full.d_kv) == (3072, 12, 64)  # switch-base-128
     for bad in (["--precisions", "bf16,mixed"], ["--precisions", "fp32,int8"], ["--layers", "1"]):

@@ -47,10 +47,13 @@ void run(const ForwardOptions& o) {
   const PrecisionMode pm = precision_mode(precision);
   eo.precision = pm.operands;
   eo.fp32_routing = pm.fp32_routing;
-  if (!eo.device.cuda && precision == "mixed") {
-    log_info("--precision mixed: the CPU engine computes everything in fp32, so mixed is fp32");
+  eo.attention_pairs = pm.attention_pairs;
+  if (!eo.device.cuda && (precision == "mixed" || precision == "faithful")) {
+    log_info("--precision ", precision, ": the CPU engine computes everything in fp32, so ",
+             precision, " is fp32");
     eo.precision = DType::kF32;
     eo.fp32_routing = false;
+    eo.attention_pairs = false;
   }
   LmFamily family;
   if (parse_lm_family(read_model_type(dir / "config.json"), &family)) {

@@ -1,6 +1,8 @@
 // Fused self-attention for head size 64 on the tensor cores (mma.sync m16n8k16, bf16/fp16 operands,
 // fp32 accumulation and softmax): scores, relative position bias, padding mask, online softmax and
 // probs·v in one pass, without the [B,H,S,S] scores in device memory (flash-attention style).
+// With pairs (--precision faithful), the probabilities enter P·V as hi + lo of the operand dtype
+// (two MMAs over the same V) and the output is written as its hi and lo halves.
 #include <cstdint>
 
 #include "kernels/cuda/common.h"
@@ -25,11 +27,17 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
          (static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&hi)) << 16);
 }
 __device__ __forceinline__ uint32_t ld32(const void* p) { return *static_cast<const uint32_t*>(p); }
+// The low half of a pair: what rounding to T left of each value, rounded to T.
+template <class T>
+__device__ __forceinline__ uint32_t pack2_lo(float lo, float hi) {
+  return pack2<T>(lo - round_to<T>(lo), hi - round_to<T>(hi));
+}
 
 // Grid (ceil(S/64), H, B), 4 warps; warp w owns query rows [64*x + 16*w, +16). Fragment layouts
 // are those of the PTX ISA for m16n8k16: g = lane/4 picks the row (and row + 8), t = lane%4 the
-// column pair.
-template <class T>
+// column pair. kPairs: P·V over the probabilities' hi and lo halves; ctx rows of 2·inner, the hi
+// half in columns [0, inner), the lo half in [inner, 2·inner).
+template <class T, bool kPairs>
 __global__ void __launch_bounds__(128)
     flash_attention_kernel(const T* qkv, int64_t ld, int64_t inner, const float* bias,
                            const int32_t* mask, int S, T* ctx) {
@@ -140,12 +148,20 @@ __global__ void __launch_bounds__(128)
                               pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      uint32_t pl[4] = {0u, 0u, 0u, 0u};
+      if constexpr (kPairs) {
+        pl[0] = pack2_lo<T>(s[2 * kk][0], s[2 * kk][1]);
+        pl[1] = pack2_lo<T>(s[2 * kk][2], s[2 * kk][3]);
+        pl[2] = pack2_lo<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pl[3] = pack2_lo<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
         const int kr = kk * 16 + t * 2, n = nt * 8 + g;
         const uint32_t vb0 = pack2<T>(Vs[kr][n], Vs[kr + 1][n]);
         const uint32_t vb1 = pack2<T>(Vs[kr + 8][n], Vs[kr + 9][n]);
         mma16816<T>(o[nt], pa, vb0, vb1);
+        if constexpr (kPairs) mma16816<T>(o[nt], pl, vb0, vb1);
       }
     }
   }
@@ -154,16 +170,31 @@ __global__ void __launch_bounds__(128)
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
   const float inv0 = 1.f / l0, inv1 = 1.f / l1;
+  const int64_t ldc = kPairs ? 2 * inner : inner;
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) {
     const int col = h * kD + nt * 8 + t * 2;
-    if (r0 < S)
-      *reinterpret_cast<uint32_t*>(ctx + (static_cast<int64_t>(b) * S + r0) * inner + col) =
-          pack2<T>(o[nt][0] * inv0, o[nt][1] * inv0);
-    if (r1 < S)
-      *reinterpret_cast<uint32_t*>(ctx + (static_cast<int64_t>(b) * S + r1) * inner + col) =
-          pack2<T>(o[nt][2] * inv1, o[nt][3] * inv1);
+    const float a0 = o[nt][0] * inv0, a1 = o[nt][1] * inv0, c0 = o[nt][2] * inv1,
+                c1 = o[nt][3] * inv1;
+    T* row0 = ctx + (static_cast<int64_t>(b) * S + r0) * ldc + col;
+    T* row1 = ctx + (static_cast<int64_t>(b) * S + r1) * ldc + col;
+    if (r0 < S) {
+      *reinterpret_cast<uint32_t*>(row0) = pack2<T>(a0, a1);
+      if constexpr (kPairs) *reinterpret_cast<uint32_t*>(row0 + inner) = pack2_lo<T>(a0, a1);
+    }
+    if (r1 < S) {
+      *reinterpret_cast<uint32_t*>(row1) = pack2<T>(c0, c1);
+      if constexpr (kPairs) *reinterpret_cast<uint32_t*>(row1 + inner) = pack2_lo<T>(c0, c1);
+    }
   }
+}
+
+template <class T>
+void launch(dim3 grid, const void* qkv, int64_t inner, const float* bias, const int32_t* mask,
+            int64_t S, void* ctx, bool pairs, cudaStream_t stream) {
+  auto* kernel = pairs ? flash_attention_kernel<T, true> : flash_attention_kernel<T, false>;
+  kernel<<<grid, 128, 0, stream>>>(static_cast<const T*>(qkv), 3 * inner, inner, bias, mask,
+                                   static_cast<int>(S), static_cast<T*>(ctx));
 }
 
 }  // namespace
@@ -173,7 +204,7 @@ bool flash_attention_supported(int64_t dk, int64_t S, DType act) {
 }
 
 void flash_attention(const void* qkv, const float* bias, const int32_t* mask, int64_t B, int64_t S,
-                     int64_t H, int64_t dk, void* ctx, DType act, cudaStream_t stream) {
+                     int64_t H, int64_t dk, void* ctx, DType act, cudaStream_t stream, bool pairs) {
   if (!flash_attention_supported(dk, S, act))
     fail("flash_attention: needs d_kv 64, S <= ", kMaxS, " and BF16/F16 (got d_kv ", dk, ", S ", S,
          ", ", dtype_name(act), ")");
@@ -182,13 +213,9 @@ void flash_attention(const void* qkv, const float* bias, const int32_t* mask, in
                   static_cast<unsigned>(B));
   const int64_t inner = H * dk;
   if (act == DType::kBF16)
-    flash_attention_kernel<__nv_bfloat16>
-        <<<grid, 128, 0, stream>>>(static_cast<const __nv_bfloat16*>(qkv), 3 * inner, inner, bias,
-                                   mask, static_cast<int>(S), static_cast<__nv_bfloat16*>(ctx));
+    launch<__nv_bfloat16>(grid, qkv, inner, bias, mask, S, ctx, pairs, stream);
   else
-    flash_attention_kernel<__half>
-        <<<grid, 128, 0, stream>>>(static_cast<const __half*>(qkv), 3 * inner, inner, bias, mask,
-                                   static_cast<int>(S), static_cast<__half*>(ctx));
+    launch<__half>(grid, qkv, inner, bias, mask, S, ctx, pairs, stream);
   MT_CUDA_CHECK_LAUNCH();
 }
 

@@ -55,9 +55,14 @@ void attention_pointers(const void* qkv, const float* scores, const void* probs,
 // ctx [B*S, H*dk]. bias [H, 2S-1] or null, mask [B,S] or null. Only where
 // flash_attention_supported(): d_kv = 64, S <= 1024, BF16/F16 (elsewhere the unfused path:
 // batched GEMMs + attention_softmax).
+// pairs (CudaOptions' Fp32Parts::attention_pairs): the probabilities enter probs·v as hi + lo of
+// the activation dtype (hi = act(p), lo = act(p - hi)), and ctx is [B*S, 2*H*dk]: columns
+// [0, H*dk) the output's hi half, [H*dk, 2*H*dk) its lo half (ctx ≈ hi + lo to ~22 bits in f16),
+// for an o-projection over K = 2*H*dk against [Wo | Wo].
 bool flash_attention_supported(int64_t dk, int64_t S, DType act);
 void flash_attention(const void* qkv, const float* bias, const int32_t* mask, int64_t B, int64_t S,
-                     int64_t H, int64_t dk, void* ctx, DType act, cudaStream_t stream);
+                     int64_t H, int64_t dk, void* ctx, DType act, cudaStream_t stream,
+                     bool pairs = false);
 
 // ---- Decoder ------------------------------------------------------------------------------------
 

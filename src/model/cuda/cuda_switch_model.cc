@@ -255,6 +255,7 @@ struct CudaSwitchModel::Impl {
   SwitchConfig c;
   CudaOptions opt;
   DType act = DType::kBF16;
+  bool pairs = false;  // opt.fp32.attention_pairs in a bf16/f16 run (Fp32Parts)
   int64_t d = 0, H = 0, dk = 0, inner = 0, F = 0, E = 0, n_sparse = 0, capacity = 0;
   float eps = 1e-6f;
   double load_s = 0;
@@ -272,6 +273,7 @@ struct CudaSwitchModel::Impl {
   // Encoder activations, sized for cap_T tokens / cap_BHSS attention scores.
   int64_t cap_T = 0, cap_BHSS = 0, cap_BH = 0;
   Acts enc;
+  DeviceBuffer ctx_pair;  // with pairs: act [cap_T, 2*inner], the attention output's hi | lo
   DeviceBuffer ids, mask, scores, probs, ptrs, out;
   // The batch whose encoder output `out` holds (set by encode(); submit() and a growing reserve()
   // overwrite `out`): generate()/decode() without an explicit encoder output read it.
@@ -376,6 +378,16 @@ void CudaSwitchModel::Impl::upload_weights(const SwitchWeights& w) {
   for (const Block& b : w.encoder) {
     blocks.push_back(upload_block(b, scratch, conv));
     if (b.sparse) blocks.back().sparse_index = sparse_index++;
+    if (pairs) {
+      // [Wo | Wo]: one GEMM over the context's hi | lo halves computes hi·Woᵀ + lo·Woᵀ.
+      DeviceBuffer o2;
+      const size_t row = static_cast<size_t>(inner) * as;
+      o2.reserve(2 * row * static_cast<size_t>(d));
+      for (size_t half = 0; half < 2; ++half)
+        MT_CUDA_CHECK(cudaMemcpy2D(o2.as<uint8_t>() + half * row, 2 * row, blocks.back().o.get(),
+                                   row, row, static_cast<size_t>(d), cudaMemcpyDeviceToDevice));
+      blocks.back().o = std::move(o2);
+    }
   }
   n_sparse = sparse_index;
   has_decoder = w.has_decoder;
@@ -421,6 +433,7 @@ void CudaSwitchModel::Impl::reserve(int64_t B, int64_t S) {
     mask.reserve(t * 4);
     out.reserve(t * d * 4);
     enc.reserve(T, d, inner, F, E, act);
+    if (pairs) ctx_pair.reserve(t * 2 * inner * as);
     cap_T = T;
   }
   if (!cuda::flash_attention_supported(dk, S, act) && B * H * S * S > cap_BHSS) {
@@ -483,6 +496,7 @@ void CudaSwitchModel::Impl::feed_forward(const DevBlock& b, Acts& a, int64_t B, 
 
 void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Tap& tap) {
   const int64_t T = B * S;
+  const size_t as = cuda::act_size(act);
   cudaStream_t s = compute->get();
   const int32_t* d_ids = ids.as<int32_t>();
   const int32_t* d_mask = mask.as<int32_t>();
@@ -511,15 +525,25 @@ void CudaSwitchModel::Impl::forward(int64_t B, int64_t S, Tap& tap) {
     blas->gemm_nt(GemmArgs{T, 3 * inner, d, enc.h.get(), d, b.qkv.get(), d, enc.qkv.get(),
                            3 * inner, act, act});
     if (flash) {
-      cuda::flash_attention(enc.qkv.get(), bias, d_mask, B, S, H, dk, enc.ctx.get(), act, s);
+      cuda::flash_attention(enc.qkv.get(), bias, d_mask, B, S, H, dk,
+                            pairs ? ctx_pair.get() : enc.ctx.get(), act, s, pairs);
     } else {
       blas->batched_nt(n, S, S, dk, p.q, 3 * inner, p.k, 3 * inner, p.scores, S, act, DType::kF32);
       cuda::attention_softmax(scores.as<float>(), bias, d_mask, false, B, H, S, S, probs.get(), act,
                               s);
       blas->batched_nn(n, S, dk, S, p.probs, S, p.v, 3 * inner, p.ctx, inner, act, act);
+      if (pairs) {  // no pairs without the fused attention: hi = the context, lo = 0
+        const size_t row = static_cast<size_t>(inner) * as;
+        MT_CUDA_CHECK(cudaMemcpy2DAsync(ctx_pair.get(), 2 * row, enc.ctx.get(), row, row,
+                                        static_cast<size_t>(T), cudaMemcpyDeviceToDevice, s));
+        MT_CUDA_CHECK(cudaMemset2DAsync(ctx_pair.as<uint8_t>() + row, 2 * row, 0, row,
+                                        static_cast<size_t>(T), s));
+      }
     }
-    blas->gemm_nt(GemmArgs{T, d, inner, enc.ctx.get(), inner, b.o.get(), inner, X, d, act,
-                           DType::kF32, true});
+    // x += ctx·Woᵀ; with pairs over K = 2·inner: [hi | lo]·[Wo | Wo]ᵀ.
+    const int64_t K = pairs ? 2 * inner : inner;
+    blas->gemm_nt(GemmArgs{T, d, K, pairs ? ctx_pair.get() : enc.ctx.get(), K, b.o.get(), K, X, d,
+                           act, DType::kF32, true});
     // Feed-forward; a sparse block's router writes into the capture slot when there is one.
     const RouterOut scratch{enc.logits.as<float>(), nullptr, enc.expert.as<int32_t>(),
                             enc.dropped.as<uint8_t>(), enc.gate.as<float>()};
@@ -547,9 +571,9 @@ size_t CudaSwitchModel::Impl::device_bytes() const {
   for (const auto* tables : {&bias_tables, &dec_bias_tables})
     for (const auto& [len, t] : *tables) n += t.bytes();
   n += enc.bytes() + dec.bytes();
-  for (const DeviceBuffer* b :
-       {&ids, &mask, &scores, &probs, &ptrs, &out, &cross_kv_w, &dec_final_ln, &lm_head_own,
-        &enc_in, &enc_act, &cross_kv, &dec_mask, &kv_cache, &vocab_logits, &tokens, &finished})
+  for (const DeviceBuffer* b : {&ids, &mask, &scores, &probs, &ptrs, &out, &ctx_pair, &cross_kv_w,
+                                &dec_final_ln, &lm_head_own, &enc_in, &enc_act, &cross_kv,
+                                &dec_mask, &kv_cache, &vocab_logits, &tokens, &finished})
     n += b->bytes();
   for (const auto& sl : slots) n += sl->staging.bytes();
   return n;
@@ -810,6 +834,7 @@ std::unique_ptr<CudaSwitchModel> CudaSwitchModel::from_source(SwitchConfig confi
   m.c = std::move(config);
   m.opt = options;
   m.act = options.precision;
+  m.pairs = options.fp32.attention_pairs && m.act != DType::kF32;
   m.d = m.c.d_model;
   m.H = m.c.num_heads;
   m.dk = m.c.d_kv;
@@ -842,6 +867,7 @@ CudaOptions cuda_options_for_precision(std::string_view precision) {
   CudaOptions o;
   o.precision = m.operands;
   o.fp32.routing = m.fp32_routing;
+  o.fp32.attention_pairs = m.attention_pairs;
   return o;
 }
 

@@ -81,6 +81,13 @@ struct Fp32Parts {
   // The routing decision and its scale: top-1 (lowest index on ties) and gate from the float32
   // probabilities, not from the probabilities rounded to the activation dtype.
   bool routing = false;
+  // The encoder's self-attention keeps its probabilities (operand of P·V) and its output (operand
+  // of the o-projection) as pairs hi + lo of the operand dtype, hi = round(x), lo = round(x - hi):
+  // ~22 significant bits in fp16. The fused attention runs P·V twice (hi and lo over the same
+  // V) and writes both halves; the o-projection is one GEMM over K = 2·inner against [Wo | Wo].
+  // Where the fused attention does not apply (d_kv != 64 or S > 1024) the low half is zero and
+  // the numbers are those without pairs. The decoder is unchanged.
+  bool attention_pairs = false;
 };
 
 struct CudaOptions {
@@ -90,7 +97,8 @@ struct CudaOptions {
 };
 
 // The CudaOptions of a --precision spelling (parse_precision_option): "bf16", "fp16", "fp32", or
-// "mixed" = kBF16 with every Fp32Parts choice on. Error for anything else.
+// "mixed" = kF16 with Fp32Parts::routing, "faithful" = kF16 with every Fp32Parts choice on (one
+// mapping: core/dtype.h precision_mode). Error for anything else.
 CudaOptions cuda_options_for_precision(std::string_view precision);
 
 class CudaSwitchModel {
