@@ -92,8 +92,9 @@ const RegisterCommand reg([](CLI::App& app) {
                       std::to_string(kBatchOverheadTokensCuda) + " on cuda)")
       ->group(ge);
   sub->add_option("--precision", o.precision,
-                  "cuda: bf16 | fp16 | fp32 | mixed (router logits always fp32; mixed: fp16 "
-                  "GEMM operands, routing decided in fp32; docs/GPU.md); the cpu computes in fp32")
+                  "cuda: bf16 | fp16 | fp32 | mixed | faithful (router logits always fp32; mixed: "
+                  "fp16 GEMM operands, routing decided in fp32; faithful: mixed with the attention "
+                  "in fp16 pairs; docs/GPU.md); the cpu computes in fp32")
       ->capture_default_str()
       ->group(ge);
   auto* gs = "What to store";

@@ -88,9 +88,10 @@ const RegisterCommand reg([](CLI::App& app) {
                   "one is visible, else the CPU)")
       ->capture_default_str();
   sub->add_option("--precision", opts->precision,
-                  "fp32 | bf16 | fp16 | mixed: the GPU engine's GEMM operands (router always "
-                  "fp32; mixed: fp16 operands, top-1 and gate from fp32 probabilities); the CPU "
-                  "computes in fp32 only")
+                  "fp32 | bf16 | fp16 | mixed | faithful: the GPU engine's GEMM operands (router "
+                  "always fp32; mixed: fp16 operands, top-1 and gate from fp32 probabilities; "
+                  "faithful: mixed with the encoder attention in fp16 pairs); the CPU computes in "
+                  "fp32 only")
       ->capture_default_str();
   sub->callback([opts] { run(*opts); });
 });
