@@ -278,7 +278,7 @@ fi
 # bench/rounding_points.py --variants points on its fp32 store (which rounding point costs mixed).
 if has fidelity && [[ -x $MOETRACE ]]; then
   PYTHONUNBUFFERED=1 timeout 420 python3 "$ROOT/bench/fidelity.py" --device cuda --experts 128 --layers 12 --d-model 768 \
-    --samples 600 --cli "$MOETRACE" --work /tmp/moetrace_fidelity --json "$OUT/fidelity.json" 2>&1 | tee "$OUT/fidelity.log" | tail -32
+    --samples 600 --cli "$MOETRACE" --work /tmp/moetrace_fidelity --json "$OUT/fidelity.json" ${FIDELITY_ARGS:-} 2>&1 | tee "$OUT/fidelity.log" | tail -32
   if [[ -d /tmp/moetrace_fidelity ]]; then
     # On fidelity.py's own weights (--model): the emulation's agreement beside the engine's, then
     # each rounding point's share of what `mixed` loses.
