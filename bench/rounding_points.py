@@ -72,10 +72,17 @@ POINT_VARIANTS = {"fp32": variant(None), "fp16 operands, fp32 route (mixed)": va
 for _p in POINTS:
     POINT_VARIANTS[f"mixed, {_p} in fp32"] = variant("fp16", **{_p: None})
     POINT_VARIANTS[f"mixed, {_p} as a bf16 pair"] = variant("fp16", **{_p: "split"})
-# --precision faithful: mixed with the attention's probabilities and output as fp16 pairs.
-POINT_VARIANTS["faithful (mixed, p + ctx as fp16 pairs)"] = variant("fp16", p="pair16", ctx="pair16")
-POINT_VARIANTS["mixed, ctx as an fp16 pair"] = variant("fp16", ctx="pair16")
-POINT_VARIANTS["faithful + h as an fp16 pair"] = variant("fp16", p="pair16", ctx="pair16", h="pair16")
+# `--variants faithful`: --precision faithful (mixed with the attention's probabilities and output as
+# fp16 pairs), its two pairs apart, and what a pair for the norm output would add. Also in `points`.
+FAITHFUL_VARIANTS = {
+    "fp32": variant(None),
+    "fp16 operands, fp32 route (mixed)": variant("fp16"),
+    "faithful (mixed, p + ctx as fp16 pairs)": variant("fp16", p="pair16", ctx="pair16"),
+    "mixed, ctx as an fp16 pair": variant("fp16", ctx="pair16"),
+    "mixed, p as an fp16 pair": variant("fp16", p="pair16"),
+    "faithful + h as an fp16 pair": variant("fp16", p="pair16", ctx="pair16", h="pair16"),
+}
+POINT_VARIANTS.update({k: v for k, v in FAITHFUL_VARIANTS.items() if k not in POINT_VARIANTS})
 
 
 def main(argv=None) -> int:
@@ -90,11 +97,12 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None,
                     help="a saved Switch checkpoint (config.json + safetensors) to take the weights from "
                          "instead of the HF-init random ones (--experts/--layers/--seed are then unused)")
-    ap.add_argument("--variants", choices=("all", "points"), default="all",
+    ap.add_argument("--variants", choices=("all", "points", "faithful"), default="all",
                     help="all: the table of docs/PERFORMANCE.md; points: mixed with one rounding point at a "
-                         "time in fp32 or as a bf16 pair")
+                         "time in fp32 or as a bf16 pair, and faithful's; faithful: mixed, faithful and "
+                         "its pairs apart")
     a = ap.parse_args(argv)
-    variants = VARIANTS if a.variants == "all" else POINT_VARIANTS
+    variants = {"all": VARIANTS, "points": POINT_VARIANTS, "faithful": FAITHFUL_VARIANTS}[a.variants]
 
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))

@@ -219,58 +219,56 @@ if has test; then
 fi
 
 # Every fixture through `moetrace forward --device cuda` (encoder, teacher-forced decoder, greedy
-# generation of the reference's length), compared with its transformers reference by the script
-# the CPU test uses (tests/python/test_forward_device.py): fp32 within the CPU parity bounds
-# (1e-4 relative, top1/kept/ids identical); bf16 and faithful reported with looser bounds and
-# their top-1 agreement.
-forward_fixtures() {
-  local fx ref steps out rc=0
-  for fx in "$ROOT"/tests/data/fixtures/*/; do
-    ref=$fx/reference.safetensors
-    [[ -e $ref ]] || continue
-    steps=$(python3 -c 'import json,struct,sys; d=open(sys.argv[1],"rb").read(8); f=open(sys.argv[1],"rb"); f.seek(8); h=json.loads(f.read(struct.unpack("<Q",d)[0])); print(h["generated_ids"]["shape"][1]-1)' "$ref")
-    for prec in fp32 bf16 faithful; do
-      out=/tmp/moetrace-forward-$(basename "$fx")-$prec.safetensors
-      if ! $MOETRACE forward --device cuda --precision $prec -m "$fx/model" --inputs "$ref" -o "$out" \
-          --generate "$steps" -q; then
-        echo "forward $(basename "$fx") $prec: FAILED"; rc=1; continue
+# generation of the reference's length; the MoE language models' prefill and generation), compared
+# with its transformers reference by the script the CPU test uses (tests/python/test_forward_device.py):
+# fp32 within the CPU parity bounds (1e-4 relative, top1/kept/ids identical); the other precisions
+# reported with looser bounds and their top-1 (top-k ids) agreement. FORWARD_DEVICE=cpu runs the
+# same loop on the CPU engine (a check of this script without a GPU).
+#   forward_fixture_set LABEL PRECISIONS FIXTURE...   each fixture: DIR:INPUTS:STEPS
+forward_fixture_set() {
+  local label=$1 precs=$2 spec fx inputs steps name out prec rc=0
+  shift 2
+  for spec in "$@"; do
+    IFS=: read -r fx inputs steps <<<"$spec"
+    name=${label:+$label }$(basename "$fx")
+    for prec in $precs; do
+      out=/tmp/moetrace-forward-${label:+$label-}$(basename "$fx")-$prec.safetensors
+      if ! $MOETRACE forward --device "${FORWARD_DEVICE:-cuda}" --precision $prec -m "$fx/model" --inputs "$inputs" \
+          -o "$out" --generate "$steps" -q; then
+        echo "forward $name $prec: FAILED"; rc=1; continue
       fi
       if [[ $prec == fp32 ]]; then
-        python3 "$ROOT/scripts/compare_forward.py" "$out" "$ref" --label "$(basename "$fx") $prec" || rc=1
-      else
-        python3 "$ROOT/scripts/compare_forward.py" "$out" "$ref" --rtol 5e-2 --min-agreement 0 \
-          --label "$(basename "$fx") $prec" | tail -1
-      fi
-    done
-  done
-  return $rc
-}
-# The MoE language models' fixtures (tests/data/fixtures_lm) the same way: fp32 within 1e-4 and ids
-# identical against transformers; bf16 reported with its top-k ids agreement.
-forward_lm_fixtures() {
-  local fx n out rc=0
-  for fx in "$ROOT"/tests/data/fixtures_lm/*/; do
-    [[ -e $fx/reference.safetensors ]] || continue
-    n=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["generate_new_tokens"])' "$fx/meta.json")
-    for prec in fp32 bf16; do
-      out=/tmp/moetrace-forward-lm-$(basename "$fx")-$prec.safetensors
-      if ! $MOETRACE forward --device cuda --precision $prec -m "$fx/model" --inputs "$fx/inputs.safetensors" \
-          -o "$out" --generate "$n" -q; then
-        echo "forward lm $(basename "$fx") $prec: FAILED"; rc=1; continue
-      fi
-      if [[ $prec == fp32 ]]; then
-        python3 "$ROOT/scripts/compare_forward.py" "$out" "$fx/reference.safetensors" --label "lm $(basename "$fx") $prec" || rc=1
+        python3 "$ROOT/scripts/compare_forward.py" "$out" "$fx/reference.safetensors" --label "$name $prec" || rc=1
       else
         python3 "$ROOT/scripts/compare_forward.py" "$out" "$fx/reference.safetensors" --rtol 5e-2 --min-agreement 0 \
-          --label "lm $(basename "$fx") $prec" | tail -1
+          --label "$name $prec" | tail -1
       fi
     done
   done
   return $rc
 }
+# The Switch fixtures (tests/data/fixtures: generation as long as the reference's) and the language
+# models' (tests/data/fixtures_lm: meta.json's generate_new_tokens), as DIR:INPUTS:STEPS.
+switch_fixtures() {
+  local fx ref
+  for fx in "$ROOT"/tests/data/fixtures/*; do
+    ref=$fx/reference.safetensors
+    [[ -e $ref ]] || continue
+    echo "$fx:$ref:$(python3 -c 'import json,struct,sys; f=open(sys.argv[1],"rb"); n=struct.unpack("<Q",f.read(8))[0]; print(json.loads(f.read(n))["generated_ids"]["shape"][1]-1)' "$ref")"
+  done
+}
+lm_fixtures() {
+  local fx
+  for fx in "$ROOT"/tests/data/fixtures_lm/*; do
+    [[ -e $fx/reference.safetensors ]] || continue
+    echo "$fx:$fx/inputs.safetensors:$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["generate_new_tokens"])' "$fx/meta.json")"
+  done
+}
 if has forward && [[ -x $MOETRACE ]]; then
-  forward_fixtures 2>&1 | tee "$OUT/forward.txt" | grep -E "FAIL|within bounds"
-  forward_lm_fixtures 2>&1 | tee "$OUT/forward_lm.txt" | grep -E "FAIL|within bounds"
+  # shellcheck disable=SC2046  # one word per fixture
+  forward_fixture_set "" "fp32 bf16 faithful" $(switch_fixtures) 2>&1 | tee "$OUT/forward.txt" | grep -E "FAIL|within bounds"
+  # shellcheck disable=SC2046
+  forward_fixture_set lm "fp32 bf16" $(lm_fixtures) 2>&1 | tee "$OUT/forward_lm.txt" | grep -E "FAIL|within bounds"
 fi
 
 # Issue 18's measurement: bench/fidelity.py (a transformers-initialized switch-base-128-shaped
