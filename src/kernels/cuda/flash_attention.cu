@@ -27,10 +27,11 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
          (static_cast<uint32_t>(*reinterpret_cast<uint16_t*>(&hi)) << 16);
 }
 __device__ __forceinline__ uint32_t ld32(const void* p) { return *static_cast<const uint32_t*>(p); }
-// The low half of a pair: what rounding to T left of each value, rounded to T.
+// The low halves of two pairs, packed as pack2 packs (a in the low 16 bits): what rounding each
+// value to T left over, rounded to T.
 template <class T>
-__device__ __forceinline__ uint32_t pack2_lo(float lo, float hi) {
-  return pack2<T>(lo - round_to<T>(lo), hi - round_to<T>(hi));
+__device__ __forceinline__ uint32_t pack2_lo(float a, float b) {
+  return pack2<T>(a - round_to<T>(a), b - round_to<T>(b));
 }
 
 // Grid (ceil(S/64), H, B), 4 warps; warp w owns query rows [64*x + 16*w, +16). Fragment layouts
