@@ -83,6 +83,18 @@ FAITHFUL_VARIANTS = {
     "faithful + h as an fp16 pair": variant("fp16", p="pair16", ctx="pair16", h="pair16"),
 }
 POINT_VARIANTS.update({k: v for k, v in FAITHFUL_VARIANTS.items() if k not in POINT_VARIANTS})
+# `--variants h`: the norm output's pair by consumer (what each costs: the q/k/v GEMM is 3/16 of a
+# dense+sparse block pair's GEMM work at switch-base's shape, a dense FFN's first GEMM 4/16, an
+# expert's first GEMM 4/16 plus its gather).
+H_VARIANTS = {
+    "fp32": variant(None),
+    "fp16 operands, fp32 route (mixed)": variant("fp16"),
+    "mixed, h as an fp16 pair": variant("fp16", h="pair16"),
+    "mixed, h_attn pair (q/k/v operand)": variant("fp16", h_attn="pair16"),
+    "mixed, h_dense pair (dense FFN in)": variant("fp16", h_dense="pair16"),
+    "mixed, h_expert pair (expert FFN in)": variant("fp16", h_expert="pair16"),
+    "mixed, h_attn + h_dense pairs (cuBLAS)": variant("fp16", h_attn="pair16", h_dense="pair16"),
+}
 
 
 def main(argv=None) -> int:
@@ -97,12 +109,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None,
                     help="a saved Switch checkpoint (config.json + safetensors) to take the weights from "
                          "instead of the HF-init random ones (--experts/--layers/--seed are then unused)")
-    ap.add_argument("--variants", choices=("all", "points", "faithful"), default="all",
+    ap.add_argument("--variants", choices=("all", "points", "faithful", "h"), default="all",
                     help="all: the table of docs/PERFORMANCE.md; points: mixed with one rounding point at a "
                          "time in fp32 or as a bf16 pair, and faithful's; faithful: mixed, faithful and "
-                         "its pairs apart")
+                         "its pairs apart; h: the norm output's pair by consumer")
     a = ap.parse_args(argv)
-    variants = {"all": VARIANTS, "points": POINT_VARIANTS, "faithful": FAITHFUL_VARIANTS}[a.variants]
+    variants = {"all": VARIANTS, "points": POINT_VARIANTS, "faithful": FAITHFUL_VARIANTS,
+                "h": H_VARIANTS}[a.variants]
 
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
@@ -279,6 +292,9 @@ def forward(m: Model, ids, mask, rounding):
     torch = m.torch
     r = {p: rounder(k, torch) for p, k in rounding.items()}
     R = lambda p, x: r[p](x) if p in r else x
+    # The norm output by consumer (h_attn: the q/k/v GEMM's operand, h_dense / h_expert: a dense or
+    # an expert FFN's first GEMM's); each defaults to h's rounding.
+    Rh = lambda p, x: r[p](x) if p in r else R("h", x)
     B, S = ids.shape
     H, dk, d, E = m.H, m.dk, m.d, m.E
     X = m.emb[ids]
@@ -288,12 +304,12 @@ def forward(m: Model, ids, mask, rounding):
     norm = lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps))
     out = []
     for b in m.blocks:
-        h = R("h", norm(X, b["ln_attn"]))
+        h = Rh("h_attn", norm(X, b["ln_attn"]))
         q, k, v = (R("qkv", h @ b[n].T).view(B, S, H, dk).transpose(1, 2) for n in "qkv")
         p = R("p", torch.softmax(q @ k.transpose(-1, -2) + bias + neg, -1))
         X = X + R("ctx", (p @ v).transpose(1, 2).reshape(B, S, H * dk)) @ b["o"].T
         hf = norm(X, b["ln_ff"])
-        h = R("h", hf)
+        h = Rh("h_expert" if "router" in b else "h_dense", hf)
         if "router" not in b:
             X = X + R("ffn", torch.relu(h @ b["wi"].T)) @ b["wo"].T
             continue
