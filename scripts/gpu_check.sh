@@ -281,7 +281,7 @@ if has fidelity && [[ -x $MOETRACE ]]; then
     # On fidelity.py's own weights (--model): the emulation's agreement beside the engine's, then
     # each rounding point's share of what `mixed` loses.
     st=$(ls -d /tmp/moetrace_fidelity/*fp32* 2>/dev/null | head -1)
-    for v in ${ROUNDING_VARIANTS:-all points}; do
+    for v in ${ROUNDING_VARIANTS:-all points h}; do
       [[ -n $st ]] && PYTHONUNBUFFERED=1 timeout 200 python3 "$ROOT/bench/rounding_points.py" "$st" --variants $v \
         --model /tmp/moetrace_fidelity/model --out "$OUT/rounding_$v.json" 2>&1 | tee "$OUT/rounding_$v.log" | tail -14
     done
