@@ -66,6 +66,26 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return warp_sum(r);
 }
 
+// The router rows of the MoE kernels (moe.cu, lm.cu): one warp holds a row of E <= 32·N logits,
+// lane l the experts u·32 + l (-inf past E). Replaces them by exp(v - max) and returns the warp's
+// sum of those (every lane), so that v[u] / sum is the float32 softmax.
+template <int N>
+__device__ __forceinline__ float warp_softmax_exp(float (&v)[N], int E, int lane) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int u = 0; u < N; ++u) mx = fmaxf(mx, v[u]);
+  mx = warp_max(mx);
+  float sum = 0.f;
+#pragma unroll
+  for (int u = 0; u < N; ++u) {
+    if (u * 32 + lane < E) {
+      v[u] = expf(v[u] - mx);
+      sum += v[u];
+    }
+  }
+  return warp_sum(sum);
+}
+
 // The warp's largest value and its index, the lowest index among equal values (torch's and
 // std::max_element's choice), in every lane.
 template <class I>

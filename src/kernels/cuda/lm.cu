@@ -165,24 +165,12 @@ __global__ void __launch_bounds__(kTopkWarps * 32)
   const int lane = threadIdx.x % 32;
   const float* l = logits + t * E;
   float p[kMaxExpertsPerLane];
-  float mx = -INFINITY;
 #pragma unroll
   for (int u = 0; u < kMaxExpertsPerLane; ++u) {
     const int e = u * 32 + lane;
     p[u] = e < E ? l[e] : -INFINITY;
-    mx = fmaxf(mx, p[u]);
   }
-  mx = warp_max(mx);
-  float sum = 0.f;
-#pragma unroll
-  for (int u = 0; u < kMaxExpertsPerLane; ++u) {
-    const int e = u * 32 + lane;
-    if (e < E) {
-      p[u] = expf(p[u] - mx);
-      sum += p[u];
-    }
-  }
-  sum = warp_sum(sum);
+  const float sum = warp_softmax_exp(p, E, lane);
 #pragma unroll
   for (int u = 0; u < kMaxExpertsPerLane; ++u) p[u] = u * 32 + lane < E ? p[u] / sum : -INFINITY;
   int32_t* ex = expert + t * k;

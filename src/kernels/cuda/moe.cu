@@ -31,28 +31,16 @@ __global__ void __launch_bounds__(kRouteThreads)
     const int64_t t = static_cast<int64_t>(b) * S + s;
     const float* l = logits + t * E;
     float v[kMaxExpertsPerLane];
-    float mx = -INFINITY;
 #pragma unroll
     for (int u = 0; u < kMaxExpertsPerLane; ++u) {
       const int e = u * 32 + lane;
       v[u] = e < E ? l[e] : -INFINITY;
-      mx = fmaxf(mx, v[u]);
       if (logits_f16 && e < E) {
         const __half hv = __float2half_rn(v[u]);
         logits_f16[t * E + e] = *reinterpret_cast<const uint16_t*>(&hv);
       }
     }
-    mx = warp_max(mx);
-    float sum = 0.f;
-#pragma unroll
-    for (int u = 0; u < kMaxExpertsPerLane; ++u) {
-      const int e = u * 32 + lane;
-      if (e < E) {
-        v[u] = expf(v[u] - mx);
-        sum += v[u];
-      }
-    }
-    sum = warp_sum(sum);
+    const float sum = warp_softmax_exp(v, E, lane);
     // argmax of the probabilities as T holds them (the activation dtype as in transformers, or
     // float32 for a decision in float32); lowest index wins ties.
     float best = -1.f;
