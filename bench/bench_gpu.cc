@@ -572,7 +572,7 @@ int main_impl(int argc, char** argv) {
   j["date"] = bench::today_utc();
   j["gpu"] = std::string(cuda::device_name());
   j["cpu"] = bench::cpu_model();
-  j["precision"] = a.precision_name == "mixed" || a.precision_name == "faithful"
+  j["precision"] = precision_mode(a.precision_name).beyond_operands()
                        ? a.precision_name
                        : std::string(dtype_name(a.precision));
   const std::string model = a.model.empty() ? "switch-base-" + std::to_string(a.experts) : a.model;

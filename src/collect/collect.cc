@@ -327,7 +327,7 @@ StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc,
   if (dev.cuda) {
     ss.engine["precision"] = o.precision;
   } else {
-    if (o.precision == "mixed" || o.precision == "faithful")
+    if (precision_mode(o.precision).beyond_operands())
       log_info("--precision ", o.precision, ": the CPU engine computes everything in fp32, so ",
                o.precision, " is fp32");
     ss.engine["precision"] = "fp32";

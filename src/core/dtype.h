@@ -50,6 +50,9 @@ struct PrecisionMode {
   DType operands = DType::kBF16;
   bool fp32_routing = false;
   bool attention_pairs = false;
+  // The name asks for more than its operand dtype (mixed, faithful): what the CPU engine, which
+  // computes in fp32, says it ignores, and what bench_gpu records by name.
+  bool beyond_operands() const { return fp32_routing || attention_pairs; }
 };
 // Error "<what> '<name>': expected bf16, fp16, fp32, mixed or faithful" for any other name.
 PrecisionMode precision_mode(std::string_view name, std::string_view what = "precision");

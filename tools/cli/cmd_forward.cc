@@ -48,7 +48,7 @@ void run(const ForwardOptions& o) {
   eo.precision = pm.operands;
   eo.fp32_routing = pm.fp32_routing;
   eo.attention_pairs = pm.attention_pairs;
-  if (!eo.device.cuda && (precision == "mixed" || precision == "faithful")) {
+  if (!eo.device.cuda && pm.beyond_operands()) {
     log_info("--precision ", precision, ": the CPU engine computes everything in fp32, so ",
              precision, " is fp32");
     eo.precision = DType::kF32;
