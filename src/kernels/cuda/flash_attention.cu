@@ -33,6 +33,16 @@ template <class T>
 __device__ __forceinline__ uint32_t pack2_lo(float a, float b) {
   return pack2<T>(a - round_to<T>(a), b - round_to<T>(b));
 }
+// The A fragment of P·V for the 16 keys kk·16 … kk·16+15 from the probabilities s: their values
+// rounded to T, or (kLo) the low halves of their pairs.
+template <class T, bool kLo>
+__device__ __forceinline__ void probs_fragment(const float (&s)[8][4], int kk, uint32_t (&a)[4]) {
+  auto pack = [](float x, float y) { return kLo ? pack2_lo<T>(x, y) : pack2<T>(x, y); };
+  a[0] = pack(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
 
 // Grid (ceil(S/64), H, B), 4 warps; warp w owns query rows [64*x + 16*w, +16). Fragment layouts
 // are those of the PTX ISA for m16n8k16: g = lane/4 picks the row (and row + 8), t = lane%4 the
@@ -145,17 +155,9 @@ __global__ void __launch_bounds__(128)
     }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
-                              pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      uint32_t pl[4] = {0u, 0u, 0u, 0u};
-      if constexpr (kPairs) {
-        pl[0] = pack2_lo<T>(s[2 * kk][0], s[2 * kk][1]);
-        pl[1] = pack2_lo<T>(s[2 * kk][2], s[2 * kk][3]);
-        pl[2] = pack2_lo<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pl[3] = pack2_lo<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      }
+      uint32_t pa[4], pl[4];
+      probs_fragment<T, false>(s, kk, pa);
+      if constexpr (kPairs) probs_fragment<T, true>(s, kk, pl);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
         const int kr = kk * 16 + t * 2, n = nt * 8 + g;
