@@ -19,8 +19,6 @@ decompress every read).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import sys
@@ -29,6 +27,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_bench_util import now_utc, write_json  # noqa: E402  (no torch needed for these)
 
 CODECS = (("zstd", 1), ("zstd", 3), ("lz4", None), ("snappy", None))
 
@@ -115,12 +115,9 @@ def main(argv=None) -> int:
             rows.append(r)
             print(f"{name:10s} {layout:14s} {r['ratio']:6.3f} {r['compress_mb_s']:14,.0f} "
                   f"{r['decompress_mb_s']:16,.0f} {logical:13.2f} {r['gain']:7.2f}x")
-    out = {"benchmark": "codec_bench", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": platform.node(), "cpu": platform.processor() or platform.machine(), "store": a.store,
-           "bytes": int(logits.nbytes), "disk_gbps": a.disk_gbps, "cores": a.cores, "rows": rows}
-    with open(a.json, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"JSON: {a.json}")
+    write_json(a.json, {"benchmark": "codec_bench", "date": now_utc(), "machine": platform.node(),
+                        "cpu": platform.processor() or platform.machine(), "store": a.store,
+                        "bytes": int(logits.nbytes), "disk_gbps": a.disk_gbps, "cores": a.cores, "rows": rows})
     return 0
 
 
