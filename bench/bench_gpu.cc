@@ -4,11 +4,12 @@
 //   1x128, 32x256, 128x256 (random ids) and the real-text mix (the file bench/hf_switch_bench.py
 //   --write-mix writes: one sample per line, T5 ids), 128 samples per batch after sorting by
 //   length; `mix-collect`: the same texts batched as `moetrace collect` batches them (windows of
-//   1024 samples in mix order, collect's default --samples-per-shard; length_batches of
-//   model/engine_io.h with --batch-tokens and --batch-overhead), the mix repeated to --mix-windows
-//   windows so that the pipeline stays full; `mix-collect@W`: windows of W samples (the same
-//   samples in all); `mix-collect-greedy[@W]`: the baseline, collect's rule before the cost model
-//   (each batch filled from its longest sample up to --batch-tokens).
+//   1024 samples in mix order: one shard of collect's default --samples-per-shard, its window
+//   before --batch-window; length_batches of model/engine_io.h with --batch-tokens and
+//   --batch-overhead), the mix repeated to --mix-windows windows so that the pipeline stays full;
+//   `mix-collect@W`: windows of W samples (the same samples in all; `mix-collect@4096` is collect's
+//   default window on CUDA for this shape); `mix-collect-greedy[@W]`: the baseline, collect's rule
+//   before the cost model (each batch filled from its longest sample up to --batch-tokens).
 // Also: the bf16 matrix-product ceiling of this GPU (cuBLASLt 8192³), the achieved fraction of it,
 // GPU memory, and with --parity N the bf16-vs-CPU-fp32 routing comparison on N real samples.
 // With --generate N: greedy generation (encode + generate(N, min N), the decoder's router logits

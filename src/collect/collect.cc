@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <fstream>
 #include <numeric>
 #include <optional>
 #include <thread>
@@ -172,6 +173,7 @@ const char* engine_option(const std::string& key) {
   if (key == "device") return "--device";
   if (key == "threads") return "--threads";
   if (key == "batch_tokens") return "--batch-tokens";
+  if (key == "batch_window") return "--batch-window";
   if (key == "precision") return "--precision";
   return nullptr;  // blas: a property of the build and the machine
 }
@@ -232,6 +234,12 @@ void check_options(const CollectOptions& o) {
   precision_mode(o.precision, "--precision");  // the one list of precision names
   if (o.decoder && o.max_new_tokens < 1)
     fail("--max-new-tokens ", o.max_new_tokens, ": expected at least 1 with --decoder");
+  if (o.samples_per_shard < 1)
+    fail("--samples-per-shard ", o.samples_per_shard, ": expected at least 1");
+  if (o.batch_window < 0 || o.batch_window % o.samples_per_shard != 0)
+    fail("--batch-window ", o.batch_window,
+         ": expected a positive multiple of --samples-per-shard ", o.samples_per_shard,
+         " (or 0: automatic)");
 }
 
 // The ids collect needs of a model: the padding of its batches (any id in the vocabulary; the
@@ -281,10 +289,35 @@ CaptureLayout capture_layout(const CollectOptions& o, const ModelChoice& mc) {
   return layout;
 }
 
+// ---- the batching window (docs/TRACE_FORMAT.md, "Batching windows") ----------------------------
+
+// The window a resumed store was collected with: its manifest's engine.batch_window, or one shard
+// for a store written before that field (every window was one shard). nullopt: nothing to resume,
+// or a manifest the resume checks refuse anyway.
+std::optional<int64_t> stored_batch_window(const fs::path& dir, const CollectOptions& o) {
+  std::error_code ec;
+  if (!o.resume || !fs::exists(dir / "manifest.json", ec)) return std::nullopt;
+  std::ifstream in(dir / "manifest.json");
+  const json m = json::parse(in, nullptr, false);
+  if (m.is_discarded() || !m.is_object()) return std::nullopt;
+  const json e = m.value("engine", json());
+  if (e.is_object() && e.contains("batch_window") && e["batch_window"].is_number_integer())
+    return e["batch_window"].get<int64_t>();
+  return o.samples_per_shard;
+}
+
+// --batch-window: as given; resuming without it, the store's; else default_batch_window().
+int64_t batch_window(const CollectOptions& o, const CaptureLayout& c, bool cuda,
+                     const fs::path& dir) {
+  if (o.batch_window > 0) return o.batch_window;
+  if (const std::optional<int64_t> stored = stored_batch_window(dir, o)) return *stored;
+  return default_batch_window(o, c, cuda);
+}
+
 StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc,
                              const TextTokenizer& tok, const Plan& plan,
                              const CaptureLayout& layout, const DeviceChoice& dev,
-                             const BatchBudget& budget) {
+                             const BatchBudget& budget, int64_t window) {
   StoreSettings ss;
   ss.settings = {
       {"mode", o.mode},
@@ -323,7 +356,8 @@ StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc,
   // What changes the numbers besides the settings: a resume must match it (check_resume_engine).
   ss.engine = {{"device", dev.cuda ? "cuda" : "cpu"},
                {"batch_tokens", budget.tokens},
-               {"batch_overhead_tokens", budget.overhead_tokens}};
+               {"batch_overhead_tokens", budget.overhead_tokens},
+               {"batch_window", window}};
   if (dev.cuda) {
     ss.engine["precision"] = o.precision;
   } else {
@@ -338,10 +372,10 @@ StoreSettings store_settings(const CollectOptions& o, const ModelChoice& mc,
 }
 
 // A rank collects its block of the global plan (settings.num_samples stays global).
-void take_part(Plan& plan, StoreSettings& ss, const CollectOptions& o) {
+void take_part(Plan& plan, StoreSettings& ss, const CollectOptions& o, int64_t window) {
   const LaunchInfo& launch = o.launch;
-  ss.part = plan_part(static_cast<int64_t>(plan.items.size()), o.samples_per_shard, launch.rank,
-                      launch.world_size);
+  ss.part =
+      plan_part(static_cast<int64_t>(plan.items.size()), window, launch.rank, launch.world_size);
   auto& items = plan.items;
   const auto first = static_cast<std::ptrdiff_t>(ss.part->first_sample);
   items.erase(items.begin() + first + static_cast<std::ptrdiff_t>(ss.part->num_samples),
@@ -354,7 +388,7 @@ void take_part(Plan& plan, StoreSettings& ss, const CollectOptions& o) {
 // A resume is checked before the engine starts: other settings are refused at once. Returns true
 // when the store already holds every planned sample (nothing to do).
 bool check_resume_store(const fs::path& dir, StoreSettings& ss, int64_t planned_here,
-                        const CollectOptions& o, bool parallel) {
+                        int64_t window, const CollectOptions& o, bool parallel) {
   std::error_code ec;
   if (!o.resume || !fs::exists(dir / "manifest.json", ec)) return false;
   const json m = check_resume(dir, ss);
@@ -364,16 +398,20 @@ bool check_resume_store(const fs::path& dir, StoreSettings& ss, int64_t planned_
              m.value("total_traces", int64_t{0}), " traces); nothing to do");
     return true;
   }
-  // Only an engine that computes new samples must match the store's.
-  check_resume_engine(dir, m.value("engine", json()), ss.engine);
+  // Only an engine that computes new samples must match the store's. A store written before
+  // engine.batch_window batched each shard on its own.
+  json engine = m.value("engine", json());
+  if (engine.is_object() && !engine.contains("batch_window"))
+    engine["batch_window"] = o.samples_per_shard;
+  check_resume_engine(dir, engine, ss.engine);
   // Extending a store past the end of the plan that wrote it: that plan's last window was cut
   // short, so the samples of it in the store were batched otherwise than this plan batches them;
-  // they are computed again (docs/TRACE_FORMAT.md).
+  // they are computed again, from the window's first shard (docs/TRACE_FORMAT.md).
   const json& had = m.contains("settings") ? m["settings"] : json();
   const int64_t planned = had.is_object() ? had.value("num_samples", int64_t{-1}) : -1;
-  const int64_t cut = planned % o.samples_per_shard;
-  ss.redo_partial_shard =
-      !parallel && planned > 0 && planned < planned_here && cut != 0 && have > planned - cut;
+  const int64_t cut = planned % window;
+  if (!parallel && planned > 0 && planned < planned_here && cut != 0 && have > planned - cut)
+    ss.redo_from_sample = planned - cut;
   return false;
 }
 
@@ -450,10 +488,11 @@ CollectResult run_collect(const CollectOptions& o) {
   Plan plan = plan_samples(o, mc, L);
 
   // The store's settings; a rank's part; a resume checked before the engine starts.
-  StoreSettings ss = store_settings(o, mc, *tok, plan, layout, dev, budget);
-  if (parallel) take_part(plan, ss, o);
+  const int64_t window = batch_window(o, layout, dev.cuda, store_dir);
+  StoreSettings ss = store_settings(o, mc, *tok, plan, layout, dev, budget, window);
+  if (parallel) take_part(plan, ss, o, window);
   std::vector<WorkItem>& items = plan.items;
-  if (check_resume_store(store_dir, ss, static_cast<int64_t>(items.size()), o, parallel)) {
+  if (check_resume_store(store_dir, ss, static_cast<int64_t>(items.size()), window, o, parallel)) {
     if (parallel) assemble_after_rank(o.output, launch);
     return CollectResult{};
   }
@@ -488,7 +527,10 @@ CollectResult run_collect(const CollectOptions& o) {
 
   // The stages. A resumed run starts at the window of its first uncommitted sample and writes from
   // that sample on.
-  const auto per_window = static_cast<size_t>(o.samples_per_shard);
+  if (window != o.samples_per_shard)
+    log_info("batching windows of ", window, " samples (", window / o.samples_per_shard,
+             " shards)");
+  const auto per_window = static_cast<size_t>(window);
   const size_t first_window = static_cast<size_t>(start) - static_cast<size_t>(start) % per_window;
   const unsigned tok_threads =
       dev.cuda ? std::clamp(std::thread::hardware_concurrency(), 2u, 10u) - 1 : 1;

@@ -47,6 +47,8 @@ struct CollectOptions {
   bool decoder = false;
   int max_new_tokens = 32;
   int64_t samples_per_shard = 1024;
+  // --batch-window: how many samples (whole shards) are batched together; 0: auto_batch_window().
+  int64_t batch_window = 0;
   // The fidelity audit (collect/audit.h): share of the samples re-run at fp32 once the store is
   // complete (at least one batch of them); 0 = off.
   double audit = 0.01;

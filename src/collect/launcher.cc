@@ -179,16 +179,16 @@ bool mpi_wait_for_all_ranks(const LaunchInfo& l) {
 #endif
 }
 
-StorePart plan_part(int64_t total, int64_t samples_per_shard, int rank, int world_size) {
-  MT_ASSERT(samples_per_shard > 0 && world_size > 0 && rank >= 0 && rank < world_size);
-  const int64_t shards = (total + samples_per_shard - 1) / samples_per_shard;
-  const int64_t k0 = shards * rank / world_size, k1 = shards * (rank + 1) / world_size;
+StorePart plan_part(int64_t total, int64_t window, int rank, int world_size) {
+  MT_ASSERT(window > 0 && world_size > 0 && rank >= 0 && rank < world_size);
+  const int64_t windows = (total + window - 1) / window;
+  const int64_t k0 = windows * rank / world_size, k1 = windows * (rank + 1) / world_size;
   StorePart p;
   p.rank = rank;
   p.world_size = world_size;
-  // k0 < shards when there are any, so every part, even an empty one, starts a shard.
-  p.first_sample = k0 * samples_per_shard;
-  p.num_samples = std::min(total, k1 * samples_per_shard) - p.first_sample;
+  // k0 < windows when there are any, so every part, even an empty one, starts a window.
+  p.first_sample = k0 * window;
+  p.num_samples = std::min(total, k1 * window) - p.first_sample;
   p.total_samples = total;
   return p;
 }

@@ -58,11 +58,12 @@ bool mpi_wait_for_all_ranks(const LaunchInfo& l);
 bool built_with_mpi();
 
 // Rank `rank` of `world_size`'s share of a plan of `total` samples: a contiguous block of whole
-// shards (ranks take floor(S·r/W) .. floor(S·(r+1)/W) of the S = ceil(total / samples_per_shard)
-// shards), so that its shards are byte for byte those of a single process and the merged store
-// keeps the single-process sample order. Ranks differ by one shard at most; with fewer shards than
-// ranks some get none.
-StorePart plan_part(int64_t total, int64_t samples_per_shard, int rank, int world_size);
+// batching windows of `window` samples (a multiple of samples_per_shard; ranks take
+// floor(N·r/W) .. floor(N·(r+1)/W) of the N = ceil(total / window) windows), so that its batches,
+// and so its shards, are byte for byte those of a single process and the merged store keeps the
+// single-process sample order. Ranks differ by one window at most; with fewer windows than ranks
+// some get none.
+StorePart plan_part(int64_t total, int64_t window, int rank, int world_size);
 
 // After rank l.rank committed its part: under MPI (built with it and launched by mpirun) waits for
 // every rank and lets rank 0 merge; otherwise tries merge_store() at once, which succeeds for the

@@ -178,6 +178,26 @@ std::vector<WindowBatch> window_batches(const Window& win, const BatchBudget& bu
   return out;
 }
 
+int64_t sample_bytes_bound(const CollectOptions& o, const CaptureLayout& c) {
+  int64_t row = c.top_k * 8 + 1;  // expert, gate, dropped
+  if (o.logits_topk > 0)
+    row += o.logits_topk * 8 + 4;  // F32 values and I32 ids, F32 log-sum-exp
+  else
+    row += c.E * (o.logits_dtype == DType::kF16 ? 2 : 4);  // as it crosses the bus (request())
+  if (o.hidden_dtype) row += c.d * static_cast<int64_t>(dtype_size(*o.hidden_dtype));
+  int64_t rows = o.max_length * static_cast<int64_t>(c.enc_layers.size());
+  if (o.decoder) rows += o.max_new_tokens * static_cast<int64_t>(c.dec_layers.size());
+  return rows * row + o.max_length * 4;  // + the token ids
+}
+
+int64_t default_batch_window(const CollectOptions& o, const CaptureLayout& c, bool cuda) {
+  const int64_t shard = o.samples_per_shard;
+  if (!cuda) return shard;
+  int64_t shards = std::max<int64_t>(1, kCudaWindowSamples / shard);
+  while (shards > 1 && shards * shard * sample_bytes_bound(o, c) > kCudaWindowBytes) --shards;
+  return shards * shard;
+}
+
 void capture_samples(const CapturedBatch& r, const CaptureLayout& c, Window& win,
                      const std::vector<size_t>& members) {
   const auto enc = layer_views(r, c.prompt_stack, c.enc_layers, c.hidden, c.dropped);

@@ -1,7 +1,7 @@
 // The stages of `moetrace collect` (run_collect in collect.cc strings them together):
 //
 //   plan      plan_samples(): which samples, real and synthetic, in store order
-//   tokenize  TokenizeStage: windows of one shard's samples, tokenized on their own thread
+//   tokenize  TokenizeStage: windows of whole shards' samples, tokenized on their own thread
 //   batch     window_batches(): a window's real samples as length-bucketed, padded batches
 //   engine    EngineStage: batches through Engine::submit/poll (model/engine.h), every device
 //   capture   capture_samples(): a captured batch's rows into per-sample data
@@ -61,11 +61,12 @@ Plan plan_samples(const CollectOptions& o, const ModelChoice& mc, int64_t L);
 
 // ---- tokenize: windows of samples, on their own thread -------------------------------------------
 
-// Tokenizes window after window (at most two ahead) while the engine runs. A window is one shard's
-// samples, so batches (and with them the float rounding of every logit) depend only on the plan: a
-// resumed run or a rank of a data-parallel run (whose part starts at a shard boundary) recomputes
-// exactly the batches of one uninterrupted process. With the GPU engine, each window is tokenized
-// by several threads (one would not keep up).
+// Tokenizes window after window (at most two ahead) while the engine runs. A window is the samples
+// of --batch-window / --samples-per-shard whole shards, the same for every run of a store, so
+// batches (and with them the float rounding of every logit) depend only on the plan: a resumed run
+// or a rank of a data-parallel run (whose part starts at a window boundary) recomputes exactly the
+// batches of one uninterrupted process. With the GPU engine, each window is tokenized by several
+// threads (one would not keep up).
 class TokenizeStage {
  public:
   using Span = std::pair<size_t, size_t>;  // [begin, end) of the items
@@ -203,6 +204,22 @@ struct CaptureLayout {
     return r;
   }
 };
+
+// What an automatic window on CUDA aims at: 4,096 samples give the length buckets enough texts of
+// each length that real text pads 12% instead of 24.5% (docs/PERFORMANCE.md, 2026-12-07), while a
+// window's captured data, which waits in host memory until its last batch is back, stays bounded.
+constexpr int64_t kCudaWindowSamples = 4096;
+constexpr int64_t kCudaWindowBytes = int64_t{2} << 30;
+
+// The most host memory one sample's captured data can take between the engine and the store
+// (--max-length tokens, every generation step).
+int64_t sample_bytes_bound(const CollectOptions& o, const CaptureLayout& c);
+
+// collect's window without --batch-window (docs/TRACE_FORMAT.md, "Batching windows"): one shard on
+// the CPU (its batches are cache-sized: a longer window would only hold more in memory); on CUDA
+// the most whole shards up to kCudaWindowSamples whose captured data stays within
+// kCudaWindowBytes, at least one.
+int64_t default_batch_window(const CollectOptions& o, const CaptureLayout& c, bool cuda);
 
 // A captured batch into its samples' SampleData (win->data[members[b]]), in parallel over samples.
 void capture_samples(const CapturedBatch& r, const CaptureLayout& c, Window& win,

@@ -137,11 +137,12 @@ struct StoreSettings {
   // precision, BLAS); null = none. Not compared by TraceWriter: collect refuses a resume that
   // differs, naming the option.
   nlohmann::json engine;
-  // kResume: a partial last shard is not loaded back; its samples are added again from its first
-  // one (the caller recomputes them) and the new shard replaces it, listed until then. For a store
-  // extended beyond the plan that wrote it: that plan's last window was cut short, so its batches
-  // (and the logits' rounding) differ from those of the larger plan.
-  bool redo_partial_shard = false;
+  // kResume, >= 0: the committed shards from this sample on (a shard boundary) are computed again:
+  // their samples are added again from this one (the caller recomputes them), and they stay
+  // listed until the first new shard replaces them. For a store extended beyond the plan that
+  // wrote it: that plan's last batching window was cut short, so its batches (and the logits'
+  // rounding) differ from those of the larger plan. -1: none.
+  int64_t redo_from_sample = -1;
   // Set for one rank's store of a data-parallel collection.
   std::optional<StorePart> part;
 };
@@ -181,7 +182,8 @@ class TraceWriter {
   void add(std::span<const SampleRecord> samples);
   // Waits until every queued shard is committed (durable and listed), or rethrows its error.
   void wait_for_commits();
-  // Waits for queued commits, then commits the current partial shard now (the Ctrl-C path).
+  // Waits for queued commits, then commits the current partial shard now (the Ctrl-C path),
+  // unless it would replace shards being computed again (redo_from_sample) by fewer samples.
   void commit_partial();
   // Commits the partial shard, waits for the commit threads, and writes the manifest with
   // complete=true; collection_time grows by collection_seconds_this_run.
@@ -190,6 +192,7 @@ class TraceWriter {
  private:
   struct Impl;
   explicit TraceWriter(std::unique_ptr<Impl> impl);
+  void commit_cur();  // waits for queued commits, commits the partial shard if it grew
   std::unique_ptr<Impl> impl_;
 };
 

@@ -415,10 +415,21 @@ struct TraceWriter::Impl {
                              manifest(complete, collection_time).dump(2) + "\n");
   }
 
-  // Writes buf as shard buf.index: .tmp- file, fsync, rename, manifest. A shard that replaces the
-  // committed partial shard of the same index is first dropped from the manifest, so a crash in
-  // between leaves a valid (shorter) store rather than a manifest naming a changed file.
+  // Writes buf as shard buf.index: .tmp- file, fsync, rename, manifest. A shard that replaces
+  // committed ones (the partial shard of the same index, or the shards of a window computed again:
+  // redo_from_sample) first drops them from the manifest, so a crash in between leaves a valid
+  // (shorter) store rather than a manifest naming a changed file.
   void commit(const ShardBuf& b) { publish(b, prepare(b)); }
+
+  // Samples listed from shard `index` on: what publishing a shard of that index replaces.
+  int64_t listed_from(int64_t index) const {
+    std::lock_guard<std::mutex> lock(mu);
+    int64_t n = 0;
+    for (size_t k = static_cast<size_t>(std::max<int64_t>(0, index - first_shard));
+         k < shards.size(); ++k)
+      n += shards[k].num_samples;
+    return n;
+  }
 
   // Writes buf to its .tmp- file, fsync'ed, and returns its manifest entry (any thread).
   ShardEntry prepare(const ShardBuf& b) const {
@@ -501,17 +512,14 @@ struct TraceWriter::Impl {
       std::lock_guard<std::mutex> lock(mu);
       const auto committed = static_cast<int64_t>(shards.size());
       const int64_t k = b.index - first_shard;  // position in this store's shard list
-      MT_ASSERT(k == committed || k == committed - 1);
-      replaces = k == committed - 1;
-    }
-    if (replaces) {
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        shards.pop_back();
-        shard_stats.pop_back();
+      MT_ASSERT(k >= 0 && k <= committed);
+      replaces = k < committed;
+      if (replaces) {
+        shards.resize(static_cast<size_t>(k));
+        shard_stats.resize(static_cast<size_t>(k));
       }
-      write_manifest(false, elapsed());
     }
+    if (replaces) write_manifest(false, elapsed());
     if (::rename(tmp.c_str(), dst.c_str()) != 0) {
       const int err = errno;
       std::error_code ec;
@@ -870,14 +878,16 @@ struct TraceWriter::Impl {
     // Every committed shard must be intact: resuming on top of a damaged one would hide it.
     std::set<std::string> listed;
     const size_t n_shards = m["shards"].size();
-    int64_t next = base;
+    int64_t next = base;        // the first sample not kept
+    int64_t listed_end = base;  // the first sample after the shards checked so far
     for (size_t k = 0; k < n_shards; ++k) {
       const std::string ew = what + ": shards[" + std::to_string(k) + "]";
       ShardEntry e = trace::shard_entry_from_json(m["shards"][k], ew);
       const std::string want = trace::shard_file_name(first_shard + static_cast<int64_t>(k));
-      if (e.file != want || e.first_sample != next) {
-        fail(ew, ": expected ", want, " starting at sample ", next);
+      if (e.file != want || e.first_sample != listed_end) {
+        fail(ew, ": expected ", want, " starting at sample ", listed_end);
       }
+      listed_end += e.num_samples;
       if (k + 1 < n_shards && e.num_samples != layout.samples_per_shard) {
         fail(ew, ": holds ", e.num_samples, " samples; only the last shard may hold fewer than ",
              layout.samples_per_shard);
@@ -903,9 +913,10 @@ struct TraceWriter::Impl {
         damaged("its sample or token counts differ from the manifest");
       }
       const bool partial = k + 1 == n_shards && e.num_samples < layout.samples_per_shard;
-      // Redone: the shard stays listed until the new one of the same index replaces it, but its
-      // samples are added again from its first one.
-      const bool redo = partial && settings.redo_partial_shard;
+      // Redone: the shard stays listed until the first new shard replaces it and those after it
+      // (publish()), but its samples are added again.
+      const bool redo =
+          settings.redo_from_sample >= 0 && e.first_sample >= settings.redo_from_sample;
       if (!redo) {
         for (const auto& id : meta.sample_ids) {
           if (!ids.insert(id).second) damaged("sample id " + id + " appears twice in the store");
@@ -915,7 +926,7 @@ struct TraceWriter::Impl {
       shards.push_back(e);
       shard_stats.push_back(st);
       if (redo) {
-        cur = new_buf(first_shard + static_cast<int64_t>(k));
+        if (!cur) cur = new_buf(first_shard + static_cast<int64_t>(k));
         log_info("trace store: ", e.file, " (", e.num_samples,
                  " samples) is computed again with the samples after it");
       } else {
@@ -1070,6 +1081,15 @@ void TraceWriter::commit_partial() {
   Impl& m = *impl_;
   if (m.finished) return;
   m.drain();
+  // Shards being computed again (redo_from_sample) stay as they are until the new ones hold at
+  // least their samples: an interrupted redo loses nothing, and the next resume redoes them.
+  if (m.cur->num_samples() < m.listed_from(m.cur->index)) return;
+  commit_cur();
+}
+
+void TraceWriter::commit_cur() {
+  Impl& m = *impl_;
+  m.drain();
   if (m.cur->num_samples() > m.cur_durable) {
     m.commit(*m.cur);
     m.cur_durable = m.cur->num_samples();
@@ -1096,7 +1116,7 @@ void set_store_fidelity(const fs::path& dir, const Fidelity& f) {
 void TraceWriter::finish(double collection_seconds_this_run) {
   Impl& m = *impl_;
   if (m.finished) fail(m.dir.string(), ": finish() called twice");
-  commit_partial();
+  commit_cur();
   m.stop_threads();
   m.write_manifest(true, m.prior_time + std::max(0.0, collection_seconds_this_run));
   m.finished = true;

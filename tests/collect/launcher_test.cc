@@ -135,25 +135,36 @@ TEST(Launcher, InconsistentValuesNameTheVariable) {
   EXPECT_NE(error_of({}, f).find("--rank -1"), std::string::npos);
 }
 
-TEST(PlanPart, WholeShardsTileThePlan) {
-  for (int64_t total : {0, 1, 15, 16, 17, 100, 1000}) {
-    for (int world : {1, 2, 3, 7}) {
-      int64_t next = 0;
-      for (int r = 0; r < world; ++r) {
-        const StorePart p = plan_part(total, 16, r, world);
-        EXPECT_EQ(p.rank, r);
-        EXPECT_EQ(p.world_size, world);
-        EXPECT_EQ(p.total_samples, total);
-        EXPECT_EQ(p.first_sample % 16, 0) << total << " " << world << " " << r;
-        if (p.num_samples > 0) {
-          EXPECT_EQ(p.first_sample, next) << total << " " << world << " " << r;
+TEST(PlanPart, WholeWindowsTileThePlan) {
+  for (int64_t window : {16, 48}) {
+    for (int64_t total : {0, 1, 15, 16, 17, 100, 1000}) {
+      for (int world : {1, 2, 3, 7}) {
+        int64_t next = 0;
+        for (int r = 0; r < world; ++r) {
+          const StorePart p = plan_part(total, window, r, world);
+          const std::string what = std::to_string(window) + " " + std::to_string(total) + " " +
+                                   std::to_string(world) + " " + std::to_string(r);
+          EXPECT_EQ(p.rank, r);
+          EXPECT_EQ(p.world_size, world);
+          EXPECT_EQ(p.total_samples, total);
+          EXPECT_EQ(p.first_sample % window, 0) << what;
+          if (p.num_samples > 0) {
+            EXPECT_EQ(p.first_sample, next) << what;
+          }
+          // Every part but the last ends at a window boundary: its batches are one process's.
+          if (p.first_sample + p.num_samples < total) {
+            EXPECT_EQ(p.num_samples % window, 0) << what;
+          }
+          EXPECT_GE(p.num_samples, 0);
+          next += p.num_samples;
         }
-        EXPECT_GE(p.num_samples, 0);
-        next += p.num_samples;
+        EXPECT_EQ(next, total) << window << " " << total << " " << world;
       }
-      EXPECT_EQ(next, total) << total << " " << world;
     }
   }
+  // 100 samples in windows of 48 (three shards of 16): 3 windows, one per rank.
+  EXPECT_EQ(plan_part(100, 48, 1, 3).first_sample, 48);
+  EXPECT_EQ(plan_part(100, 48, 2, 3).num_samples, 4);
   // 100 samples = 7 shards over 3 ranks: 2, 2 and 3 shards.
   EXPECT_EQ(plan_part(100, 16, 0, 3).num_samples, 32);
   EXPECT_EQ(plan_part(100, 16, 1, 3).first_sample, 32);

@@ -90,11 +90,13 @@ def test_same_seed_same_store_and_other_seed_differs(cli, tmp_path):
         assert np.array_equal(sa.sample(i).layer("enc.3").dropped, sb.sample(i).layer("enc.3").dropped)
 
 
-@pytest.mark.parametrize("kill_points", [[1], [7, 13], [16, 3, 29]])
-def test_resume_after_kill9_equals_uninterrupted(cli, tmp_path, kill_points):
+@pytest.mark.parametrize("kill_points,window", [([1], 16), ([7, 13], 16), ([16, 3, 29], 16), ([20, 40], 48)])
+def test_resume_after_kill9_equals_uninterrupted(cli, tmp_path, kill_points, window):
     """Kill -9 right after the N-th sample of a run reached the writer (inside a shard, at a shard
-    boundary, during a background commit), resume until done: the same shards as one clean run."""
-    args = ["--traces", 200, "--samples-per-shard", 16, "--logits", "f32", "--hidden", "bf16", "--seed", 3]
+    boundary, during a background commit, inside a window of three shards), resume until done: the
+    same shards as one clean run."""
+    args = ["--traces", 200, "--samples-per-shard", 16, "--batch-window", window, "--logits", "f32", "--hidden",
+            "bf16", "--seed", 3]
     clean = tmp_path / "clean"
     collect(cli, clean, *args)
     out = tmp_path / "killed"

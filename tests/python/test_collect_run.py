@@ -346,3 +346,80 @@ def test_store_without_engine_field_resumes_as_before(cli, tmp_path):
     collect(cli, out, "--traces", 120, "--samples-per-shard", 4, "--resume", threads=2)
     assert manifest(out)["complete"] is True
     verify(cli, out)
+
+
+# --- D: batching windows of several shards (--batch-window, docs/TRACE_FORMAT.md) -----------------
+
+def killed_run(cli, out, *extra, after):
+    """A run killed with kill -9 right after its `after`-th sample reached the writer."""
+    cmd = args(cli, out, *extra, "--no-progress")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                          env=env(MOETRACE_FAULT_KILL_AFTER=str(after)))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert manifest(out)["complete"] is False
+    return proc
+
+
+def test_batch_window_is_recorded_and_a_resume_keeps_it(cli, tmp_path):
+    common = ["--traces", 120, "--samples-per-shard", 4, "--seed", 2]
+    # The CPU's default: one shard per window.
+    collect(cli, tmp_path / "default", *common)
+    assert manifest(tmp_path / "default")["engine"]["batch_window"] == 4
+    clean, out = tmp_path / "clean", tmp_path / "store"
+    proc = collect(cli, clean, *common, "--batch-window", 12)
+    assert manifest(clean)["engine"]["batch_window"] == 12
+    assert "batching windows of 12 samples (3 shards)" in proc.stderr, proc.stderr
+    # Killed in the second shard of the second window; resumed without the option: the store's.
+    killed_run(cli, out, *common, "--batch-window", 12, after=19)
+    refused = collect(cli, out, *common, "--resume", "--batch-window", 4, check=False)
+    errs = error_lines(refused.stderr)
+    assert refused.returncode != 0 and len(errs) == 1, refused.stderr
+    assert "collected with --batch-window 12, this run has --batch-window 4" in errs[0], errs[0]
+    resumed = collect(cli, out, *common, "--resume")
+    assert "batching windows of 12 samples (3 shards)" in resumed.stderr, resumed.stderr
+    assert shard_digests(out) == shard_digests(clean)
+    verify(cli, out)
+
+
+def test_store_without_batch_window_resumes_with_one_shard_per_window(cli, tmp_path):
+    common = ["--traces", 120, "--samples-per-shard", 4, "--seed", 2]
+    clean, out = tmp_path / "clean", tmp_path / "store"
+    collect(cli, clean, *common)
+    killed_run(cli, out, *common, after=9)
+    m = manifest(out)
+    m["engine"].pop("batch_window")  # as written before the field existed
+    (out / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    refused = collect(cli, out, *common, "--resume", "--batch-window", 8, check=False)
+    errs = error_lines(refused.stderr)
+    assert refused.returncode != 0 and len(errs) == 1, refused.stderr
+    assert "collected with --batch-window 4, this run has --batch-window 8" in errs[0], errs[0]
+    collect(cli, out, *common, "--resume")
+    assert shard_digests(out) == shard_digests(clean)
+
+
+def test_resume_with_more_traces_redoes_every_shard_of_the_cut_window(cli, tmp_path):
+    # Windows of 12 = 3 shards of 4. 39 samples (78 traces, 2 MoE layers) end 3 samples into the
+    # window [36, 48), 42 samples 6 into it: extended, shards 9 and 10 (samples 36..41) are redone.
+    common = ["--samples-per-shard", 4, "--batch-window", 12, "--seed", 11, "--mode", "mixed",
+              "--real-ratio", 0.7]
+    clean, big = tmp_path / "clean", tmp_path / "big"
+    collect(cli, clean, "--traces", 150, *common)
+    collect(cli, big, "--traces", 84, *common)
+    assert [s["num_samples"] for s in manifest(big)["shards"]][-2:] == [4, 2]
+    before = shard_digests(big)
+    proc = collect(cli, big, "--traces", 150, *common, "--resume")
+    redone = [l for l in proc.stderr.splitlines() if "is computed again" in l]
+    assert len(redone) == 2 and "shard-00009" in redone[0] and "shard-00010" in redone[1], proc.stderr
+    after = shard_digests(big)
+    assert after == shard_digests(clean) and after[:9] == before[:9]
+    verify(cli, big)
+
+
+def test_batch_window_must_be_whole_shards(cli, tmp_path):
+    for value in (6, -4):
+        proc = collect(cli, tmp_path / "store", "--traces", 12, "--samples-per-shard", 4, "--batch-window", value,
+                       check=False)
+        errs = error_lines(proc.stderr)
+        assert proc.returncode != 0 and len(errs) == 1, proc.stderr
+        assert f"--batch-window {value}: expected a positive multiple of --samples-per-shard 4" in errs[0], errs[0]
+        assert not (tmp_path / "store").exists()

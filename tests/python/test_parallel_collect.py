@@ -200,6 +200,25 @@ def test_killed_rank_blocks_the_merge_until_resumed(cli, tmp_path, single_stores
     assert_same_store(single_stores("mixed"), str(out))
 
 
+def test_parts_of_whole_windows_merge_into_the_single_process_store(cli, tmp_path):
+    # Windows of 48 samples (3 shards of 16): 100 samples are 3 windows, one per rank; a rank killed
+    # inside the second shard of its window resumes to the same bytes.
+    window = ["--batch-window", 48]
+    single = tmp_path / "single"
+    proc = subprocess.run(command(cli, single, "mixed", *window), capture_output=True, text=True, cwd=REPO,
+                          env=base_env())
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "store"
+    results = run_ranks(cli, out, "mixed", 3, extra=window, kill={1: 20})
+    assert results[1][0] == -signal.SIGKILL, results[1][1]
+    parts = [json.load(open(out / "ranks" / f"rank-{r:05d}-of-00003" / "manifest.json"))["part"]
+             for r in range(3)]
+    assert [(p["first_sample"], p["num_samples"]) for p in parts] == [(0, 48), (48, 48), (96, 4)]
+    assert_ok(run_ranks(cli, out, "mixed", 3, ranks=[1], extra=[*window, "--resume"]))
+    verify(cli, out)
+    assert_same_store(str(single), str(out))
+
+
 def test_merge_is_idempotent_and_refuses_what_it_cannot_merge(cli, tmp_path, single_stores):
     out = tmp_path / "store"
     assert_ok(run_ranks(cli, out, "real", 2))

@@ -91,6 +91,11 @@ const RegisterCommand reg([](CLI::App& app) {
                       std::to_string(kBatchOverheadTokensCpu) + " on cpu, " +
                       std::to_string(kBatchOverheadTokensCuda) + " on cuda)")
       ->group(ge);
+  sub->add_option("--batch-window", o.batch_window,
+                  "samples whose real texts are batched together, by length: a multiple of "
+                  "--samples-per-shard (default: one shard on cpu; on cuda as many shards as fit "
+                  "4096 samples and 2 GiB of captured data; a resumed store keeps its own)")
+      ->group(ge);
   sub->add_option("--precision", o.precision,
                   "cuda: bf16 | fp16 | fp32 | mixed | faithful (router logits always fp32; mixed: "
                   "fp16 GEMM operands, routing decided in fp32; faithful: mixed with the attention "
