@@ -391,6 +391,14 @@ PY
   $MOETRACE collect --device cuda --model random:switch-base-128 --traces 10000 "${data[@]}" --no-progress \
     --output $S/seed 2>&1 | tee "$OUT/collect_seed.log" | grep -E "timing|samples,|error|GPU in" | tail -5
   $MOETRACE verify $S/seed 2>&1 | tail -2 | tee -a "$OUT/collect_seed.log"
+  echo "== batching windows on real text: 60000 traces with collect's default window (4096 samples on"
+  echo "   cuda) and with --batch-window 1024 (one shard: the window before), same call"
+  for w in 0 1024; do
+    $MOETRACE collect --device cuda --model random:switch-base-128 --traces 60000 "${data[@]}" --no-progress \
+      --batch-window $w --output $S/window-$w 2>&1 | tee "$OUT/collect_window_$w.log" |
+      grep -E "batching windows|timing|error" | tail -2
+    rm -rf $S/window-$w
+  done
   echo "== the same with --hidden bf16 (the router inputs too)"
   $MOETRACE collect --device cuda --model random:switch-base-128 --traces 10000 "${data[@]}" --no-progress \
     --hidden bf16 --output $S/seed-hidden 2>&1 | tee "$OUT/collect_seed_hidden.log" | grep -E "timing|error" | tail -2

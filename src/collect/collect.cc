@@ -627,6 +627,13 @@ CollectResult run_collect(const CollectOptions& o) {
   log_info("loop breakdown: engine (submit, wait, copy out) ", result.engine_seconds,
            " s, waiting for the tokenizer ", lr.wait_seconds, " s, handing samples to the store ",
            store.seconds(), " s");
+  if (engine_stage.batches() > 0) {  // what --batch-window, --batch-tokens and --batch-overhead did
+    const double padded = static_cast<double>(engine_stage.padded_tokens());
+    log_info("batches: ", engine_stage.batches(), " from windows of ", window, " samples, ",
+             engine_stage.padded_tokens(), " prompt tokens computed, padding ",
+             fixed1(100.0 * (padded - static_cast<double>(engine_stage.real_tokens())) / padded),
+             "%");
+  }
   print_collect_summary(store_dir, stderr);
   if (parallel) assemble_after_rank(o.output, launch);
   log_info("Output: ", store_dir.string(), " (", human_bytes(store_bytes(store_dir)), ")");

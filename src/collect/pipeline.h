@@ -243,6 +243,9 @@ class EngineStage {
     const double t0 = progress_clock();
     if (engine_.in_flight() == engine_.slots()) capture(engine_.poll(true));
     engine_.submit(wb.batch, request_, max_new_tokens_);
+    ++batches_;
+    padded_tokens_ += wb.batch.B * wb.batch.S;
+    for (size_t j : wb.members) real_tokens_ += static_cast<int64_t>(win.items[j].ids.size());
     tickets_.push_back(Ticket{&win, std::move(wb.members)});
     ++win.outstanding;
     seconds_ += progress_clock() - t0;
@@ -254,6 +257,10 @@ class EngineStage {
     seconds_ += progress_clock() - t0;
   }
   double seconds() const { return seconds_; }  // submit, wait, copy out
+  // Batches submitted, and their tokens: B × S computed, of which real (the rest is padding).
+  int64_t batches() const { return batches_; }
+  int64_t padded_tokens() const { return padded_tokens_; }
+  int64_t real_tokens() const { return real_tokens_; }
 
  private:
   struct Ticket {
@@ -277,6 +284,7 @@ class EngineStage {
   Progress& progress_;
   std::deque<Ticket> tickets_;
   double seconds_ = 0;
+  int64_t batches_ = 0, padded_tokens_ = 0, real_tokens_ = 0;
 };
 
 // ---- store: finished windows into the trace store, on their own thread ---------------------------

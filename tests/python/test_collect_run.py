@@ -423,3 +423,23 @@ def test_batch_window_must_be_whole_shards(cli, tmp_path):
         assert proc.returncode != 0 and len(errs) == 1, proc.stderr
         assert f"--batch-window {value}: expected a positive multiple of --samples-per-shard 4" in errs[0], errs[0]
         assert not (tmp_path / "store").exists()
+
+
+def test_log_says_how_the_windows_were_batched(cli, tmp_path):
+    """One line with the batches, the window, the prompt tokens computed and the share of padding."""
+    pattern = re.compile(r"batches: (\d+) from windows of 8 samples, (\d+) prompt tokens computed, padding "
+                         r"(\d+\.\d)%$")
+    for overhead, padded in ((0, False), (1000000, True)):
+        out = tmp_path / f"store-{overhead}"
+        proc = collect(cli, out, "--traces", 120, "--samples-per-shard", 8, "--batch-overhead", overhead)
+        lines = [l for l in proc.stderr.splitlines() if "batches: " in l]
+        assert len(lines) == 1, proc.stderr
+        found = pattern.search(lines[0])
+        assert found, lines[0]
+        batches, computed, share = int(found[1]), int(found[2]), float(found[3])
+        real = manifest(out)["num_tokens"]  # --mode real: every stored token went through a batch
+        if not padded:  # no cost for another batch: one length per batch, nothing padded
+            assert computed == real and share == 0.0, lines[0]
+        else:  # a batch costs more than any padding: few batches, padded to their longest sample
+            assert computed > real and share == pytest.approx(100 * (computed - real) / computed, abs=0.05)
+        assert 1 <= batches <= 60

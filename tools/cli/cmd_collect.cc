@@ -93,8 +93,8 @@ const RegisterCommand reg([](CLI::App& app) {
       ->group(ge);
   sub->add_option("--batch-window", o.batch_window,
                   "samples whose real texts are batched together, by length: a multiple of "
-                  "--samples-per-shard (default: one shard on cpu; on cuda as many shards as fit "
-                  "4096 samples and 2 GiB of captured data; a resumed store keeps its own)")
+                  "--samples-per-shard (0 or absent: one shard on cpu; on cuda as many shards as "
+                  "fit 4096 samples and 2 GiB of captured data; a resumed store keeps its own)")
       ->group(ge);
   sub->add_option("--precision", o.precision,
                   "cuda: bf16 | fp16 | fp32 | mixed | faithful (router logits always fp32; mixed: "
