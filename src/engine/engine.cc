@@ -32,35 +32,47 @@ int visible_cuda_devices() {
 #endif
 }
 
+namespace {
+
+// The CPU engines compute in fp32 only.
+void check_cpu_precision(const EngineOptions& options) {
+  if (options.precision != DType::kF32)
+    fail("--precision ", precision_name(options.precision),
+         ": the CPU engine computes in fp32 only; use --precision fp32 or a GPU");
+}
+
+#ifndef MOETRACE_WITH_CUDA
+[[noreturn]] void fail_without_cuda(const EngineOptions& options) {
+  fail("--device ", options.device.name(),
+       ": this moetrace was built without the CUDA backend (no nvcc found); use --device cpu");
+}
+#endif
+
+}  // namespace
+
 std::unique_ptr<Engine> make_engine(const EngineOptions& options, const SwitchConfig& config,
                                     std::shared_ptr<TensorSource> weights) {
   if (!options.device.cuda) {
-    if (options.precision != DType::kF32)
-      fail("--precision ", precision_name(options.precision),
-           ": the CPU engine computes in fp32 only; use --precision fp32 or a GPU");
+    check_cpu_precision(options);
     return cpu_engine(SwitchModel::from_source(config, std::move(weights), options.load));
   }
 #ifdef MOETRACE_WITH_CUDA
   return make_cuda_engine(options, config, std::move(weights));
 #else
-  fail("--device ", options.device.name(),
-       ": this moetrace was built without the CUDA backend (no nvcc found); use --device cpu");
+  fail_without_cuda(options);
 #endif
 }
 
 std::unique_ptr<Engine> make_lm_engine(const EngineOptions& options,
                                        const std::filesystem::path& dir) {
   if (!options.device.cuda) {
-    if (options.precision != DType::kF32)
-      fail("--precision ", precision_name(options.precision),
-           ": the CPU engine computes in fp32 only; use --precision fp32 or a GPU");
+    check_cpu_precision(options);
     return lm_cpu_engine(LmModel::load(dir));
   }
 #ifdef MOETRACE_WITH_CUDA
   return make_cuda_lm_engine(options, dir);
 #else
-  fail("--device ", options.device.name(),
-       ": this moetrace was built without the CUDA backend (no nvcc found); use --device cpu");
+  fail_without_cuda(options);
 #endif
 }
 
@@ -68,9 +80,7 @@ std::map<std::string, Tensor> lm_forward(const EngineOptions& options,
                                          const std::filesystem::path& dir, const ForwardInputs& in,
                                          int64_t generate) {
   if (!options.device.cuda) {
-    if (options.precision != DType::kF32)
-      fail("--precision ", precision_name(options.precision),
-           ": the CPU engine computes in fp32 only; use --precision fp32 or a GPU");
+    check_cpu_precision(options);
     const auto model = LmModel::load(dir);
     log_info(model->config().summary(), "; experts ", model->weights().expert_layout);
     return run_lm_forward(*model, in, generate);
@@ -78,8 +88,7 @@ std::map<std::string, Tensor> lm_forward(const EngineOptions& options,
 #ifdef MOETRACE_WITH_CUDA
   return cuda_lm_forward(options, dir, in, generate);
 #else
-  fail("--device ", options.device.name(),
-       ": this moetrace was built without the CUDA backend (no nvcc found); use --device cpu");
+  fail_without_cuda(options);
 #endif
 }
 
