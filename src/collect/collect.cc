@@ -291,26 +291,34 @@ CaptureLayout capture_layout(const CollectOptions& o, const ModelChoice& mc) {
 
 // ---- the batching window (docs/TRACE_FORMAT.md, "Batching windows") ----------------------------
 
-// The window a resumed store was collected with: its manifest's engine.batch_window, or one shard
-// for a store written before that field (every window was one shard). nullopt: nothing to resume,
-// or a manifest the resume checks refuse anyway.
+// The window a resumed store was collected with: its manifest's engine.batch_window (refused unless
+// whole shards), or one shard for a store written before that field (every window was one shard).
+// nullopt: nothing to resume, or a manifest the resume checks refuse anyway.
 std::optional<int64_t> stored_batch_window(const fs::path& dir, const CollectOptions& o) {
   std::error_code ec;
-  if (!o.resume || !fs::exists(dir / "manifest.json", ec)) return std::nullopt;
-  std::ifstream in(dir / "manifest.json");
+  const fs::path path = dir / "manifest.json";
+  if (!o.resume || !fs::exists(path, ec)) return std::nullopt;
+  std::ifstream in(path);
   const json m = json::parse(in, nullptr, false);
   if (m.is_discarded() || !m.is_object()) return std::nullopt;
+  const json shard = m.value("samples_per_shard", json());
+  if (!shard.is_number_integer() || shard.get<int64_t>() < 1) return std::nullopt;
   const json e = m.value("engine", json());
-  if (e.is_object() && e.contains("batch_window") && e["batch_window"].is_number_integer())
-    return e["batch_window"].get<int64_t>();
-  return o.samples_per_shard;
+  if (!e.is_object() || !e.contains("batch_window")) return shard.get<int64_t>();
+  const json& w = e["batch_window"];
+  if (!w.is_number_integer() || w.get<int64_t>() < 1 ||
+      w.get<int64_t>() % shard.get<int64_t>() != 0)
+    fail(path.string(), ": engine.batch_window must be a positive multiple of samples_per_shard ",
+         shard.get<int64_t>(), ", got ", w.dump(), "; the store is damaged, use --overwrite");
+  return w.get<int64_t>();
 }
 
 // --batch-window: as given; resuming without it, the store's; else default_batch_window().
 int64_t batch_window(const CollectOptions& o, const CaptureLayout& c, bool cuda,
                      const fs::path& dir) {
+  const std::optional<int64_t> stored = stored_batch_window(dir, o);  // checked either way
   if (o.batch_window > 0) return o.batch_window;
-  if (const std::optional<int64_t> stored = stored_batch_window(dir, o)) return *stored;
+  if (stored) return *stored;
   return default_batch_window(o, c, cuda);
 }
 

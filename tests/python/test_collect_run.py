@@ -443,3 +443,19 @@ def test_log_says_how_the_windows_were_batched(cli, tmp_path):
         else:  # a batch costs more than any padding: few batches, padded to their longest sample
             assert computed > real and share == pytest.approx(100 * (computed - real) / computed, abs=0.05)
         assert 1 <= batches <= 60
+
+
+def test_resume_refuses_a_damaged_batch_window(cli, tmp_path):
+    common = ["--traces", 120, "--samples-per-shard", 4]
+    out = tmp_path / "store"
+    killed_run(cli, out, *common, after=9)
+    m = manifest(out)
+    for bad in (0, 6, "8"):
+        m["engine"]["batch_window"] = bad
+        (out / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+        for extra in ([], ["--batch-window", 4]):
+            proc = collect(cli, out, *common, "--resume", *extra, check=False)
+            errs = error_lines(proc.stderr)
+            assert proc.returncode != 0 and len(errs) == 1, proc.stderr
+            assert "manifest.json: engine.batch_window must be a positive multiple of samples_per_shard 4, got " \
+                   f"{json.dumps(bad)}" in errs[0], errs[0]
