@@ -96,6 +96,9 @@ H_VARIANTS = {
     "mixed, h_attn + h_dense pairs (cuBLAS)": variant("fp16", h_attn="pair16", h_dense="pair16"),
 }
 
+# `--variants mixed`: fp32 and mixed alone, for mixed's spread over weight draws (fidelity.py --seed N).
+MIXED_VARIANTS = {k: FAITHFUL_VARIANTS[k] for k in ("fp32", "fp16 operands, fp32 route (mixed)")}
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,13 +112,14 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None,
                     help="a saved Switch checkpoint (config.json + safetensors) to take the weights from "
                          "instead of the HF-init random ones (--experts/--layers/--seed are then unused)")
-    ap.add_argument("--variants", choices=("all", "points", "faithful", "h"), default="all",
+    ap.add_argument("--variants", choices=("all", "points", "faithful", "h", "mixed"), default="all",
                     help="all: the table of docs/PERFORMANCE.md; points: mixed with one rounding point at a "
                          "time in fp32 or as a bf16 pair, and faithful's; faithful: mixed, faithful and "
-                         "its pairs apart; h: the norm output's pair by consumer")
+                         "its pairs apart; h: the norm output's pair by consumer; mixed: fp32 and mixed "
+                         "only (the spread over weight draws)")
     a = ap.parse_args(argv)
     variants = {"all": VARIANTS, "points": POINT_VARIANTS, "faithful": FAITHFUL_VARIANTS,
-                "h": H_VARIANTS}[a.variants]
+                "h": H_VARIANTS, "mixed": MIXED_VARIANTS}[a.variants]
 
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))

@@ -13,6 +13,11 @@
 # the backend test, and bench/bench_lm_gpu (OLMoE-1B-7B and Mixtral-8x7B prefill, LM_BENCH_ARGS
 # passed on); e.g. `bash scripts/gpu_check.sh env build lm`.
 #
+# Knobs: FIDELITY_ARGS (more bench/fidelity.py options, e.g. --precisions fp32,mixed,faithful),
+# FIDELITY_SEEDS ("1 2": more weight draws of the same measurement), ROUNDING_VARIANTS (default
+# "all points h"), PRECISION_SHAPES (the precisions step's bench_gpu shapes), FORWARD_DEVICE=cpu
+# (the forward step on the CPU engine, to check the step itself here).
+#
 # The device image is bare and offline: the carried bundle supplies what it lacks (OpenBLAS,
 # SentencePiece, CLI11, ...) and the image's pyarrow wheel supplies Arrow C++, so the whole project
 # (the `moetrace` CLI included) is built there; if that fails, the GPU engine's part alone (core, io,
@@ -286,6 +291,15 @@ if has fidelity && [[ -x $MOETRACE ]]; then
         --model /tmp/moetrace_fidelity/model --out "$OUT/rounding_$v.json" 2>&1 | tee "$OUT/rounding_$v.log" | tail -14
     done
   fi
+  # More weight draws (FIDELITY_SEEDS="1 2"): mixed's agreement differs by draw (0.17 points between
+  # the CUDA-initialized seed 0 and three CPU-initialized draws, docs/PERFORMANCE.md 2026-12-08).
+  for seed in ${FIDELITY_SEEDS:-}; do
+    PYTHONUNBUFFERED=1 timeout 420 python3 "$ROOT/bench/fidelity.py" --device cuda --experts 128 --layers 12 \
+      --d-model 768 --samples 600 --seed "$seed" --precisions fp32,bf16,mixed,faithful --cli "$MOETRACE" \
+      --work /tmp/moetrace_fidelity_s$seed --json "$OUT/fidelity_seed$seed.json" 2>&1 |
+      tee "$OUT/fidelity_seed$seed.log" | grep -E "vs moetrace fp32|tokens/s" | head -12
+    rm -rf /tmp/moetrace_fidelity_s$seed
+  done
 fi
 
 # The baselines beside every GPU table (docs/GPU.md "Baselines"): the strong PyTorch Switch encoder,
