@@ -98,6 +98,15 @@ H_VARIANTS = {
 
 # `--variants mixed`: fp32 and mixed alone, for mixed's spread over weight draws (fidelity.py --seed N).
 MIXED_VARIANTS = {k: FAITHFUL_VARIANTS[k] for k in ("fp32", "fp16 operands, fp32 route (mixed)")}
+# `--variants depth`: mixed with h's pair in some encoder blocks only (a pair's cost is paid per block):
+# "blocks" [lo, hi) of the 12 takes the pair, the others mixed's fp16 h.
+DEPTH_VARIANTS = {
+    "fp32": variant(None),
+    "mixed, h pair in every block": dict(variant("fp16"), pair_blocks=(0, 1 << 30)),
+    "mixed, h pair in blocks 0-5": dict(variant("fp16"), pair_blocks=(0, 6)),
+    "mixed, h pair in blocks 6-11": dict(variant("fp16"), pair_blocks=(6, 12)),
+    "mixed, h pair in blocks 10-11": dict(variant("fp16"), pair_blocks=(10, 12)),
+}
 
 
 def main(argv=None) -> int:
@@ -112,14 +121,14 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None,
                     help="a saved Switch checkpoint (config.json + safetensors) to take the weights from "
                          "instead of the HF-init random ones (--experts/--layers/--seed are then unused)")
-    ap.add_argument("--variants", choices=("all", "points", "faithful", "h", "mixed"), default="all",
+    ap.add_argument("--variants", choices=("all", "points", "faithful", "h", "mixed", "depth"), default="all",
                     help="all: the table of docs/PERFORMANCE.md; points: mixed with one rounding point at a "
                          "time in fp32 or as a bf16 pair, and faithful's; faithful: mixed, faithful and "
                          "its pairs apart; h: the norm output's pair by consumer; mixed: fp32 and mixed "
-                         "only (the spread over weight draws)")
+                         "only (the spread over weight draws); depth: h's pair in some blocks only")
     a = ap.parse_args(argv)
     variants = {"all": VARIANTS, "points": POINT_VARIANTS, "faithful": FAITHFUL_VARIANTS,
-                "h": H_VARIANTS, "mixed": MIXED_VARIANTS}[a.variants]
+                "h": H_VARIANTS, "mixed": MIXED_VARIANTS, "depth": DEPTH_VARIANTS}[a.variants]
 
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
@@ -294,11 +303,14 @@ def bucket(rp, torch, num_buckets=32, max_distance=128):
 
 def forward(m: Model, ids, mask, rounding):
     torch = m.torch
+    rounding = dict(rounding)
+    lo, hi = rounding.pop("pair_blocks", (0, 0))  # blocks whose h is an fp16 pair (depth variants)
     r = {p: rounder(k, torch) for p, k in rounding.items()}
+    pair = rounder("pair16", torch)
     R = lambda p, x: r[p](x) if p in r else x
     # The norm output by consumer (h_attn: the q/k/v GEMM's operand, h_dense / h_expert: a dense or
     # an expert FFN's first GEMM's); each defaults to h's rounding.
-    Rh = lambda p, x: r[p](x) if p in r else R("h", x)
+    Rh = lambda p, x: pair(x) if lo <= i < hi else r[p](x) if p in r else R("h", x)
     B, S = ids.shape
     H, dk, d, E = m.H, m.dk, m.d, m.E
     X = m.emb[ids]
@@ -307,7 +319,7 @@ def forward(m: Model, ids, mask, rounding):
     neg = torch.where(mask[:, None, None, :] > 0, 0.0, torch.finfo(torch.float32).min)
     norm = lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + m.eps))
     out = []
-    for b in m.blocks:
+    for i, b in enumerate(m.blocks):
         h = Rh("h_attn", norm(X, b["ln_attn"]))
         q, k, v = (R("qkv", h @ b[n].T).view(B, S, H, dk).transpose(1, 2) for n in "qkv")
         p = R("p", torch.softmax(q @ k.transpose(-1, -2) + bias + neg, -1))
