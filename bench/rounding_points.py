@@ -106,6 +106,8 @@ DEPTH_VARIANTS = {
     "mixed, h pair in blocks 0-5": dict(variant("fp16"), pair_blocks=(0, 6)),
     "mixed, h pair in blocks 6-11": dict(variant("fp16"), pair_blocks=(6, 12)),
     "mixed, h pair in blocks 10-11": dict(variant("fp16"), pair_blocks=(10, 12)),
+    "mixed, h pair in blocks 0-2": dict(variant("fp16"), pair_blocks=(0, 3)),
+    "mixed, h pair in blocks 0-1": dict(variant("fp16"), pair_blocks=(0, 2)),
 }
 
 
