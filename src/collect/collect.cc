@@ -291,9 +291,21 @@ CaptureLayout capture_layout(const CollectOptions& o, const ModelChoice& mc) {
 
 // ---- the batching window (docs/TRACE_FORMAT.md, "Batching windows") ----------------------------
 
-// The window a resumed store was collected with: its manifest's engine.batch_window (refused unless
-// whole shards), or one shard for a store written before that field (every window was one shard).
-// nullopt: nothing to resume, or a manifest the resume checks refuse anyway.
+// The window of the store whose manifest is m (at `what`): engine.batch_window, or one shard of
+// `shard` samples for a store written before that field (every window was one shard). A value that
+// is not whole shards is refused.
+int64_t manifest_batch_window(const json& m, int64_t shard, const std::string& what) {
+  const json e = m.value("engine", json());
+  if (!e.is_object() || !e.contains("batch_window")) return shard;
+  const json& w = e["batch_window"];
+  if (!w.is_number_integer() || w.get<int64_t>() < 1 || w.get<int64_t>() % shard != 0)
+    fail(what, ": engine.batch_window must be a positive multiple of samples_per_shard ", shard,
+         ", got ", w.dump(), "; the store is damaged, use --overwrite");
+  return w.get<int64_t>();
+}
+
+// The window a resumed store was collected with (manifest_batch_window). nullopt: nothing to
+// resume, or a manifest the resume checks refuse anyway.
 std::optional<int64_t> stored_batch_window(const fs::path& dir, const CollectOptions& o) {
   std::error_code ec;
   const fs::path path = dir / "manifest.json";
@@ -303,14 +315,7 @@ std::optional<int64_t> stored_batch_window(const fs::path& dir, const CollectOpt
   if (m.is_discarded() || !m.is_object()) return std::nullopt;
   const json shard = m.value("samples_per_shard", json());
   if (!shard.is_number_integer() || shard.get<int64_t>() < 1) return std::nullopt;
-  const json e = m.value("engine", json());
-  if (!e.is_object() || !e.contains("batch_window")) return shard.get<int64_t>();
-  const json& w = e["batch_window"];
-  if (!w.is_number_integer() || w.get<int64_t>() < 1 ||
-      w.get<int64_t>() % shard.get<int64_t>() != 0)
-    fail(path.string(), ": engine.batch_window must be a positive multiple of samples_per_shard ",
-         shard.get<int64_t>(), ", got ", w.dump(), "; the store is damaged, use --overwrite");
-  return w.get<int64_t>();
+  return manifest_batch_window(m, shard.get<int64_t>(), path.string());
 }
 
 // --batch-window: as given; resuming without it, the store's; else default_batch_window().
@@ -406,11 +411,12 @@ bool check_resume_store(const fs::path& dir, StoreSettings& ss, int64_t planned_
              m.value("total_traces", int64_t{0}), " traces); nothing to do");
     return true;
   }
-  // Only an engine that computes new samples must match the store's. A store written before
-  // engine.batch_window batched each shard on its own.
+  // Only an engine that computes new samples must match the store's, its window included (one
+  // shard for a store written before engine.batch_window).
   json engine = m.value("engine", json());
-  if (engine.is_object() && !engine.contains("batch_window"))
-    engine["batch_window"] = o.samples_per_shard;
+  if (engine.is_object())
+    engine["batch_window"] =
+        manifest_batch_window(m, o.samples_per_shard, (dir / "manifest.json").string());
   check_resume_engine(dir, engine, ss.engine);
   // Extending a store past the end of the plan that wrote it: that plan's last window was cut
   // short, so the samples of it in the store were batched otherwise than this plan batches them;

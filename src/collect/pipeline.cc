@@ -183,7 +183,7 @@ int64_t sample_bytes_bound(const CollectOptions& o, const CaptureLayout& c) {
   if (o.logits_topk > 0)
     row += o.logits_topk * 8 + 4;  // F32 values and I32 ids, F32 log-sum-exp
   else
-    row += c.E * (o.logits_dtype == DType::kF16 ? 2 : 4);  // as it crosses the bus (request())
+    row += c.E * static_cast<int64_t>(dtype_size(c.captured_logits(o.logits_dtype)));
   if (o.hidden_dtype) row += c.d * static_cast<int64_t>(dtype_size(*o.hidden_dtype));
   int64_t rows = o.max_length * static_cast<int64_t>(c.enc_layers.size());
   if (o.decoder) rows += o.max_new_tokens * static_cast<int64_t>(c.dec_layers.size());

@@ -188,13 +188,16 @@ struct CaptureLayout {
   // same code for every engine; a GPU-side top-K would move fewer bytes over PCIe).
   int logits_topk = 0;
 
-  // Every stored field of every layer. F16 logits may cross the GPU's bus as they are; other
-  // store dtypes, and the top-K, are made from exact F32.
+  // The dtype the router logits are captured in: F16 logits may cross the GPU's bus as they are;
+  // other store dtypes, and the top-K, are made from exact F32.
+  DType captured_logits(DType store_logits) const {
+    return store_logits == DType::kF16 && logits_topk == 0 ? DType::kF16 : DType::kF32;
+  }
+  // Every stored field of every layer.
   KeyRequest request(DType store_logits, std::optional<DType> store_hidden) const {
     KeyRequest r;
     auto add = [&](keys::Stack s, int block) {
-      r.add(keys::tensor(s, block, keys::kRouterLogits),
-            store_logits == DType::kF16 && logits_topk == 0 ? DType::kF16 : DType::kF32);
+      r.add(keys::tensor(s, block, keys::kRouterLogits), captured_logits(store_logits));
       for (std::string_view f : {keys::kExpert, keys::kGate}) r.add(keys::tensor(s, block, f));
       if (dropped) r.add(keys::tensor(s, block, keys::kDropped));
       if (store_hidden) r.add(keys::tensor(s, block, keys::kHidden), *store_hidden);
@@ -243,10 +246,12 @@ class EngineStage {
     const double t0 = progress_clock();
     if (engine_.in_flight() == engine_.slots()) capture(engine_.poll(true));
     engine_.submit(wb.batch, request_, max_new_tokens_);
+    int64_t real = 0;
+    for (size_t j : wb.members) real += static_cast<int64_t>(win.items[j].ids.size());
     ++batches_;
     padded_tokens_ += wb.batch.B * wb.batch.S;
-    for (size_t j : wb.members) real_tokens_ += static_cast<int64_t>(win.items[j].ids.size());
-    tickets_.push_back(Ticket{&win, std::move(wb.members)});
+    real_tokens_ += real;
+    tickets_.push_back(Ticket{&win, std::move(wb.members), real});
     ++win.outstanding;
     seconds_ += progress_clock() - t0;
   }
@@ -266,14 +271,13 @@ class EngineStage {
   struct Ticket {
     Window* window;
     std::vector<size_t> members;
+    int64_t real_tokens;  // the members' unpadded tokens
   };
   void capture(std::unique_ptr<CapturedBatch> r) {
     Ticket t = std::move(tickets_.front());
     tickets_.pop_front();
     capture_samples(*r, layout_, *t.window, t.members);
-    int64_t real_tokens = 0;
-    for (size_t j : t.members) real_tokens += static_cast<int64_t>(t.window->items[j].ids.size());
-    progress_.batch_done(r->B, real_tokens, t.window->items[t.members.front()].dataset);
+    progress_.batch_done(r->B, t.real_tokens, t.window->items[t.members.front()].dataset);
     --t.window->outstanding;
   }
 
